@@ -1,0 +1,1 @@
+"""Backends: ``reference`` (the NumPy interpreter, the oracle); TVM backends arrive beside it."""

@@ -1,0 +1,94 @@
+"""The reference interpreter: runs any graph, at any stage of the pipeline, with NumPy.
+
+It is the oracle every optimization and every compiled kernel is checked against, so it stays
+small: bind the inputs, walk the nodes in order applying each op's reference function, check each
+result's shape against the node's type, drop values after their last use.  Every floating-point
+value is held in the dtype asked for (float32, or float64 for verification).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..inputs import bind_dims
+from ..ir import Graph, Node
+from ..ir import dims as D
+from ..weights import check_params
+
+#: Attributes that may hold symbolic dims, evaluated once the inputs bind them.
+DIM_ATTRS = ("shape", "n", "start", "stop")
+
+
+class InterpreterError(RuntimeError):
+    """An op failed while running; the message names the node and the model line that made it."""
+
+
+def bind_attrs(attrs: dict, bindings: Mapping[str, int]) -> dict:
+    """``attrs`` with symbolic dims replaced by their values."""
+    out = dict(attrs)
+    for key in DIM_ATTRS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = D.evaluate(value, bindings)
+        elif isinstance(value, (list, tuple)):
+            out[key] = type(value)(D.evaluate(v, bindings) if isinstance(v, str) else v for v in value)
+    return out
+
+
+def describe(g: Graph, n: Node) -> str:
+    args = ", ".join(f"%{g.node(o).name}" for o in g.operands(n.id))
+    where = n.where()
+    return f"%{n.name} = {n.op}({args})" + (f" ({where})" if where else "")
+
+
+def last_uses(g: Graph, order: list[int]) -> dict[int, int]:
+    """For each node, the position in ``order`` of its last user (outputs live to the end)."""
+    pos = {nid: i for i, nid in enumerate(order)}
+    last = {nid: max((pos[u] for u in g.users(nid)), default=pos[nid]) for nid in order}
+    for _, o in g.outputs:
+        last[o] = len(order)
+    return last
+
+
+def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], *,
+        dtype: str = "float32",
+        observe: Callable[[Node, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+    """Run ``g`` on ``inputs`` and ``params``; returns the outputs by name.
+
+    ``dtype`` is the floating-point type of every computed value; ``observe(node, value)`` is
+    called with each node's value (the per-node comparisons of ``attngraph verify`` use it)."""
+    bindings = bind_dims(g.input_types(), inputs)
+    check_params(g, params)
+    order = g.topo_order()
+    last = last_uses(g, order)
+    env: dict[int, np.ndarray] = {}
+    for i, nid in enumerate(order):
+        n = g.node(nid)
+        try:
+            if n.op == "input":
+                value = np.asarray(inputs[n.name])
+            elif n.op == "param":
+                value = np.asarray(params[n.name])
+            else:
+                args = [env[o] for o in g.operands(nid)]
+                value = np.asarray(n.opdef.ref(*args, **bind_attrs(n.attrs, bindings)))
+            if value.dtype.kind == "f":
+                value = value.astype(dtype, copy=False)
+            elif value.dtype.name != n.type.dtype:
+                value = value.astype(n.type.dtype)
+            want = n.type.concrete(bindings)
+            if value.shape != want:
+                raise InterpreterError(f"produced shape {value.shape}, but its type says {n.type} = {want}")
+        except Exception as e:  # noqa: BLE001 - re-raised with the node's context
+            raise InterpreterError(f"while executing {describe(g, n)}: {type(e).__name__}: {e}") from e
+        env[nid] = value
+        if observe is not None:
+            observe(n, value)
+        for o in set(g.operands(nid)):
+            if last[o] == i:
+                del env[o]
+        if last[nid] == i:  # never used: drop at once
+            del env[nid]
+    return {name: env[o] for name, o in g.outputs}

@@ -1,0 +1,124 @@
+"""The ``attngraph`` command line."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+
+import click
+import numpy as np
+
+from . import models
+from .backends.reference import InterpreterError
+from .inputs import InputError, random_inputs
+from .ir import GraphError, to_dot, to_text
+from .models import ModelNotFound
+from .nn import TraceError
+from .weights import WeightsError, init_params, load_weights, save_weights
+
+#: Errors whose message is the whole story: shown without a traceback.
+USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError)
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def parse_dims(values) -> dict[str, int]:
+    dims = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise click.BadParameter(f"expected NAME=INT, got {item!r}", param_hint="--dim")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def input_meta(graph):
+    return {graph.node(i).name: graph.node(i).meta for i in graph.inputs}
+
+
+@click.group()
+@click.version_option(package_name="attngraph")
+def main():
+    """attngraph: Transformer models as graphs, optimized and compiled with TVM."""
+
+
+@main.command("models")
+def list_models():
+    """List the models in the zoo."""
+    for name in models.names():
+        click.echo(name)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg"]), default="text", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@user_errors
+def show(model, fmt, output):
+    """Print MODEL's graph (a zoo name or path/to/file.py:factory)."""
+    graph = models.load_graph(model)
+    if fmt == "text":
+        text = to_text(graph)
+    else:
+        text = to_dot(graph)
+        if fmt == "svg":
+            dot = shutil.which("dot")
+            if dot is None:
+                raise click.ClickException("--format svg needs Graphviz's 'dot' program "
+                                           "(Debian: apt-get install graphviz); --format dot works without it")
+            text = subprocess.run([dot, "-Tsvg"], input=text, capture_output=True, text=True, check=True).stdout
+    if output:
+        with open(output, "w") as f:
+            f.write(text + ("\n" if not text.endswith("\n") else ""))
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", type=click.Choice(["numpy"]), default="numpy", show_default=True,
+              help="Where to run: numpy is the reference interpreter.")
+@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
+              help=".npz with one array per model input; random inputs if omitted.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
+@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
+              help=".safetensors or .npz weights; seeded random weights if omitted.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Size of a symbolic dim for random inputs.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@user_errors
+def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype):
+    """Run MODEL on inputs and print (or save) its outputs."""
+    from .backends import reference
+    graph = models.load_graph(model)
+    params = load_weights(weights_path) if weights_path else init_params(graph, seed)
+    if inputs_path:
+        with np.load(inputs_path, allow_pickle=False) as z:
+            inputs = {k: z[k] for k in z.files}
+    else:
+        sizes = {**graph.meta.get("dims", {}), **parse_dims(dims)}
+        inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
+    outputs = reference.run(graph, inputs, params, dtype=dtype)
+    for name, value in outputs.items():
+        finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
+        stats = f"mean {finite.mean():.6g}, min {finite.min():.6g}, max {finite.max():.6g}" if finite.size else "no finite values"
+        click.echo(f"{name}: {value.dtype}{list(value.shape)}  {stats}")
+    if output_path:
+        np.savez(output_path, **outputs)
+        click.echo(f"wrote {output_path}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

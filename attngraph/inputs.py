@@ -1,0 +1,76 @@
+"""Model inputs: checking them against a signature (binding the symbolic dims) and making random
+ones that respect each input's declared range."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .ir import TensorType
+from .ir import dims as D
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the model's signature."""
+
+
+def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Check names, ranks, dtypes and dims of ``inputs``; return the symbolic dims' values."""
+    missing = sorted(set(signature) - set(inputs))
+    extra = sorted(set(inputs) - set(signature))
+    if missing or extra:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unexpected {', '.join(extra)}"] if extra else [])
+        raise InputError(f"inputs do not match the model ({'; '.join(parts)}); expected "
+                         + ", ".join(f"{n}: {t}" for n, t in signature.items()))
+    bindings: dict[str, int] = {}
+    where: dict[str, str] = {}
+    arrays = {name: np.asarray(inputs[name]) for name in signature}
+    for name, ty in signature.items():
+        value = arrays[name]
+        if value.ndim != ty.rank:
+            raise InputError(f"input {name!r} has shape {value.shape}, expected rank {ty.rank} ({ty})")
+        kind = np.dtype(ty.dtype).kind
+        if value.dtype.kind != kind and not (kind == "f" and value.dtype.kind in "iu") \
+                and not (kind == "i" and value.dtype.kind == "u"):
+            raise InputError(f"input {name!r} has dtype {value.dtype}, expected {ty.dtype}")
+        # A plain symbol takes its value from the first input that has it...
+        for axis, (dim, size) in enumerate(zip(ty.shape, value.shape)):
+            if isinstance(dim, str) and D.symbols(dim) == {dim} and dim not in bindings:
+                if size < 1:
+                    raise InputError(f"input {name!r}: dim {dim} (axis {axis}) must be at least 1, got {size}")
+                bindings[dim] = int(size)
+                where[dim] = f"input {name!r} axis {axis}"
+    # ...and every dim of every input must then agree with those values.
+    for name, ty in signature.items():
+        for axis, (dim, size) in enumerate(zip(ty.shape, arrays[name].shape)):
+            try:
+                want = D.evaluate(dim, bindings)
+            except D.DimError as e:
+                raise InputError(f"input {name!r} axis {axis}: {e}") from None
+            if want != size:
+                source = f" (from {where[dim]})" if dim in where else ""
+                raise InputError(f"input {name!r} has shape {arrays[name].shape}, expected {ty}: "
+                                 f"axis {axis} is {size} but {dim} = {want}{source}")
+    return bindings
+
+
+def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], seed: int = 0,
+                  meta: Mapping[str, dict] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs: floats from N(0, 1), integers in the input's ``[low, high)`` range, bools False."""
+    rng = np.random.default_rng(seed)
+    meta = meta or {}
+    out = {}
+    for name, ty in signature.items():
+        try:
+            shape = ty.concrete(dims)
+        except D.DimError as e:
+            raise InputError(f"input {name!r}: {e}; give it with --dim NAME=VALUE") from None
+        info = meta.get(name, {})
+        if ty.is_float:
+            out[name] = rng.standard_normal(shape).astype(ty.dtype)
+        elif ty.dtype == "bool":
+            out[name] = np.zeros(shape, bool)
+        else:
+            out[name] = rng.integers(info.get("low", 0), info.get("high", 2), shape).astype(ty.dtype)
+    return out

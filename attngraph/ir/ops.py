@@ -1,0 +1,444 @@
+"""The op registry: each op is defined in one place.
+
+An ``OpDef`` holds an op's name, its group (so rewrite rules can say "any elementwise op"), its
+arity, its default attributes, its type rule and its reference semantics in NumPy.  The reference
+interpreter, shape inference and the passes all read this table; backends add their lowerings
+beside it in their own tables.
+
+Adding an op is adding one ``@op`` function below (or in ``fused.py`` for ops that only passes create).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import dims as D
+from .dims import Dim
+from .types import TensorType, check_dtype
+
+
+class ShapeError(ValueError):
+    """Operand types that an op does not accept."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    group: str
+    arity: int | None  # None: variadic
+    infer: Callable[[list[TensorType], dict], TensorType]
+    ref: Callable[..., np.ndarray]
+    defaults: dict = field(default_factory=dict)
+    doc: str = ""
+
+
+REGISTRY: dict[str, OpDef] = {}
+
+SOURCE_OPS = ("input", "param", "const")
+UNARY, BINARY, COMPARE, REDUCE, LAYOUT, NN, SOURCE, FUSED = (
+    "unary", "binary", "compare", "reduce", "layout", "nn", "source", "fused")
+ELEMENTWISE_GROUPS = (UNARY, BINARY, COMPARE)
+
+
+def op(name: str, group: str, arity: int | None, infer, **defaults):
+    """Register ``fn`` (the NumPy reference) as op ``name``."""
+    def register(fn):
+        if name in REGISTRY:
+            raise ValueError(f"op {name!r} registered twice")
+        REGISTRY[name] = OpDef(name, group, arity, infer, fn, dict(defaults), (fn.__doc__ or "").strip())
+        return fn
+    return register
+
+
+def get(name: str) -> OpDef:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+
+
+def is_elementwise(name: str) -> bool:
+    return get(name).group in ELEMENTWISE_GROUPS
+
+
+# ----------------------------------------------------------------------------------------------
+# Type rules shared by several ops.
+
+def _axis(axis: int, rank: int) -> int:
+    if not -rank <= axis < rank:
+        raise ShapeError(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
+def broadcast_shapes(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
+    """NumPy broadcasting over possibly symbolic dims (equal, or one of them is 1)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dim: Dim = 1
+        for s in shapes:
+            d = s[i - rank + len(s)] if i - rank + len(s) >= 0 else 1
+            if d == 1:
+                continue
+            if dim != 1 and d != dim:
+                raise ShapeError("shapes " + " and ".join(f"({', '.join(map(str, s))})" for s in shapes)
+                                 + f" do not broadcast: dim {d} vs {dim}")
+            dim = d
+        out.append(dim)
+    return tuple(out)
+
+
+def _same_dtype(types: Sequence[TensorType]) -> str:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) != 1:
+        raise ShapeError(f"operand dtypes differ: {', '.join(t.dtype for t in types)}")
+    return dtypes.pop()
+
+
+def infer_unary(types, attrs):
+    (x,) = types
+    if not x.is_float:
+        raise ShapeError(f"expects a floating-point operand, got {x.dtype}")
+    return x
+
+
+def infer_binary(types, attrs):
+    return TensorType(broadcast_shapes(*(t.shape for t in types)), _same_dtype(types))
+
+
+def infer_compare(types, attrs):
+    _same_dtype(types)
+    return TensorType(broadcast_shapes(*(t.shape for t in types)), "bool")
+
+
+def infer_source(types, attrs):
+    return attrs["type"]
+
+
+def infer_same(types, attrs):
+    return types[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources.  Their values come from outside: graph inputs, weights, or the attribute ``value``.
+
+@op("input", SOURCE, 0, infer_source)
+def _input():
+    """A graph input; the interpreter reads it from the inputs it is given."""
+    raise RuntimeError("input nodes are bound by the interpreter")
+
+
+@op("param", SOURCE, 0, infer_source)
+def _param():
+    """A named weight; the interpreter reads it from the parameters it is given."""
+    raise RuntimeError("param nodes are bound by the interpreter")
+
+
+def _infer_const(types, attrs):
+    value = attrs["value"]
+    return TensorType(value.shape, check_dtype(value.dtype))
+
+
+@op("const", SOURCE, 0, _infer_const)
+def const(*, value):
+    """A constant tensor held in the graph."""
+    return value
+
+
+def _infer_arange(types, attrs):
+    return TensorType((attrs["n"],), attrs.get("dtype", "int64"))
+
+
+@op("arange", SOURCE, 0, _infer_arange, dtype="int64")
+def arange(*, n, dtype="int64"):
+    """0, 1, ..., n-1 where n may be a symbolic dim (bound at run time)."""
+    return np.arange(n, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise.
+
+def _erf(x):
+    from scipy.special import erf
+    return erf(x)
+
+
+def _unary(name, fn, doc):
+    def ref(x):
+        return fn(x).astype(x.dtype, copy=False)
+    ref.__doc__ = doc
+    op(name, UNARY, 1, infer_unary)(ref)
+
+
+_unary("neg", np.negative, "-x")
+_unary("exp", np.exp, "e**x")
+_unary("log", np.log, "natural log")
+_unary("sqrt", np.sqrt, "square root")
+_unary("rsqrt", lambda x: 1.0 / np.sqrt(x), "1/sqrt(x)")
+_unary("tanh", np.tanh, "hyperbolic tangent")
+_unary("erf", _erf, "the error function")
+_unary("sin", np.sin, "sine")
+_unary("cos", np.cos, "cosine")
+_unary("relu", lambda x: np.maximum(x, 0), "max(x, 0)")
+
+
+@op("gelu", UNARY, 1, infer_unary, approximate="none")
+def gelu(x, *, approximate="none"):
+    """x * Phi(x): exact (erf) or the tanh approximation."""
+    if approximate == "tanh":
+        c = np.sqrt(2.0 / np.pi)
+        return (0.5 * x * (1.0 + np.tanh(c * (x + 0.044715 * x ** 3)))).astype(x.dtype)
+    return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))).astype(x.dtype)
+
+
+@op("cast", UNARY, 1, lambda types, attrs: types[0].with_dtype(attrs["dtype"]))
+def cast(x, *, dtype):
+    """Convert to ``dtype``."""
+    return x.astype(dtype)
+
+
+def _binary(name, fn, doc):
+    def ref(a, b):
+        return np.asarray(fn(a, b)).astype(np.result_type(a, b), copy=False)
+    ref.__doc__ = doc
+    op(name, BINARY, 2, infer_binary)(ref)
+
+
+_binary("add", np.add, "a + b")
+_binary("sub", np.subtract, "a - b")
+_binary("mul", np.multiply, "a * b")
+_binary("div", np.divide, "a / b (true division)")
+_binary("maximum", np.maximum, "elementwise max")
+
+
+def _compare(name, fn, doc):
+    def ref(a, b):
+        return fn(a, b)
+    ref.__doc__ = doc
+    op(name, COMPARE, 2, infer_compare)(ref)
+
+
+_compare("eq", np.equal, "a == b")
+_compare("ne", np.not_equal, "a != b")
+_compare("lt", np.less, "a < b")
+_compare("le", np.less_equal, "a <= b")
+_compare("gt", np.greater, "a > b")
+_compare("ge", np.greater_equal, "a >= b")
+_compare("logical_and", np.logical_and, "a and b")
+_compare("logical_or", np.logical_or, "a or b")
+
+
+def _infer_where(types, attrs):
+    cond, a, b = types
+    if cond.dtype != "bool":
+        raise ShapeError(f"condition must be bool, got {cond.dtype}")
+    return TensorType(broadcast_shapes(cond.shape, a.shape, b.shape), _same_dtype([a, b]))
+
+
+@op("where", BINARY, 3, _infer_where)
+def where(cond, a, b):
+    """cond ? a : b, broadcasting."""
+    return np.where(cond, a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Contractions and normalizations.
+
+def _infer_matmul(types, attrs):
+    a, b = types
+    if a.rank < 2 or b.rank < 2:
+        raise ShapeError(f"matmul needs operands of rank >= 2, got {a} and {b}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ShapeError(f"contracting dims differ: {a} @ {b} ({a.shape[-1]} vs {b.shape[-2]})")
+    batch = broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return TensorType(batch + (a.shape[-2], b.shape[-1]), _same_dtype(types))
+
+
+@op("matmul", NN, 2, _infer_matmul)
+def matmul(a, b):
+    """Batched matrix product with broadcasting batch dims, as ``np.matmul``."""
+    return np.matmul(a, b)
+
+
+def _infer_softmax(types, attrs):
+    x = infer_unary(types, attrs)
+    _axis(attrs["axis"], x.rank)
+    return x
+
+
+@op("softmax", NN, 1, _infer_softmax, axis=-1)
+def softmax(x, *, axis=-1):
+    """exp(x - max) / sum(exp(x - max)) along ``axis``; rows of all -inf give NaN, as in PyTorch."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+@op("log_softmax", NN, 1, _infer_softmax, axis=-1)
+def log_softmax(x, *, axis=-1):
+    """x - logsumexp(x) along ``axis``."""
+    m = np.max(x, axis=axis, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def _infer_layer_norm(types, attrs):
+    x, gamma, beta = types
+    infer_unary([x], attrs)
+    d = x.shape[-1]
+    for name, t in (("weight", gamma), ("bias", beta)):
+        if t.shape != (d,):
+            raise ShapeError(f"layer_norm {name} must have shape ({d},), got {t}")
+    _same_dtype(types)
+    return x
+
+
+@op("layer_norm", NN, 3, _infer_layer_norm, eps=1e-5)
+def layer_norm(x, gamma, beta, *, eps=1e-5):
+    """(x - mean) / sqrt(var + eps) * gamma + beta over the last axis (biased variance)."""
+    mean = np.mean(x, axis=-1, keepdims=True)
+    var = np.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+def _infer_reduce(types, attrs):
+    (x,) = types
+    axes = {_axis(a, x.rank) for a in attrs["axes"]}
+    keep = attrs.get("keepdims", False)
+    shape = [1 if i in axes else d for i, d in enumerate(x.shape)] if keep else \
+        [d for i, d in enumerate(x.shape) if i not in axes]
+    return x.with_shape(shape)
+
+
+def _reduce(name, fn, doc):
+    def ref(x, *, axes, keepdims=False):
+        return fn(x, axis=tuple(axes), keepdims=keepdims).astype(x.dtype, copy=False)
+    ref.__doc__ = doc
+    op(name, REDUCE, 1, _infer_reduce, keepdims=False)(ref)
+
+
+_reduce("reduce_sum", np.sum, "sum over ``axes``")
+_reduce("reduce_mean", np.mean, "mean over ``axes``")
+_reduce("reduce_max", np.max, "max over ``axes``")
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout.
+
+def resolve_reshape(in_shape: Sequence[Dim], shape: Sequence[Dim]) -> tuple[Dim, ...]:
+    """The target shape of a reshape with at most one -1 resolved; checks the element count."""
+    shape = [D.canonical(d) for d in shape]
+    total = D.product(in_shape)
+    holes = [i for i, d in enumerate(shape) if d == -1]
+    if len(holes) > 1:
+        raise ShapeError(f"reshape to {tuple(shape)}: at most one -1 allowed")
+    if holes:
+        known = D.product(d for d in shape if d != -1)
+        rest = D.divide(total, known)
+        if rest is None:
+            raise ShapeError(f"cannot reshape ({', '.join(map(str, in_shape))}) to {tuple(shape)}: "
+                             f"{total} elements are not divisible by {known}")
+        shape[holes[0]] = rest
+    if D.product(shape) != total:
+        raise ShapeError(f"cannot reshape ({', '.join(map(str, in_shape))}) "
+                         f"to ({', '.join(map(str, shape))}): element counts {total} and "
+                         f"{D.product(shape)} differ")
+    return tuple(shape)
+
+
+@op("reshape", LAYOUT, 1, lambda types, attrs: types[0].with_shape(resolve_reshape(types[0].shape, attrs["shape"])))
+def reshape(x, *, shape):
+    """Reshape (row-major); the target shape's symbolic dims are bound by the interpreter."""
+    return np.reshape(x, shape)
+
+
+def _infer_transpose(types, attrs):
+    (x,) = types
+    perm = tuple(attrs["perm"])
+    if sorted(perm) != list(range(x.rank)):
+        raise ShapeError(f"transpose perm {perm} is not a permutation of {x.rank} axes")
+    return x.with_shape([x.shape[p] for p in perm])
+
+
+@op("transpose", LAYOUT, 1, _infer_transpose)
+def transpose(x, *, perm):
+    """Permute axes."""
+    return np.transpose(x, perm)
+
+
+def _infer_slice(types, attrs):
+    (x,) = types
+    axis = _axis(attrs["axis"], x.rank)
+    start, stop, step = attrs.get("start", 0), attrs.get("stop"), attrs.get("step", 1)
+    size = x.shape[axis]
+    stop = size if stop is None else stop
+    if step < 1:
+        raise ShapeError(f"slice step must be positive, got {step}")
+    for name, v in (("start", start), ("stop", stop)):
+        if isinstance(v, int) and v < 0:
+            raise ShapeError(f"slice {name} {v} is negative; use an explicit offset")
+    if isinstance(size, int) and isinstance(stop, int) and stop > size:
+        raise ShapeError(f"slice stop {stop} is past the end of axis {axis} of size {size}")
+    length = D.sub(stop, start)
+    if step != 1:
+        if not isinstance(length, int):
+            raise ShapeError("a slice with step > 1 needs static bounds")
+        length = (length + step - 1) // step
+    if isinstance(length, int) and length < 0:
+        raise ShapeError(f"slice [{start}:{stop}] is empty or reversed")
+    shape = list(x.shape)
+    shape[axis] = length
+    return x.with_shape(shape)
+
+
+@op("slice", LAYOUT, 1, _infer_slice, start=0, stop=None, step=1)
+def slice_(x, *, axis, start=0, stop=None, step=1):
+    """x[..., start:stop:step, ...] along ``axis``; symbolic bounds are bound by the interpreter."""
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(start, stop, step)
+    return x[tuple(index)]
+
+
+def _infer_concat(types, attrs):
+    if not types:
+        raise ShapeError("concat needs at least one operand")
+    axis = _axis(attrs["axis"], types[0].rank)
+    dtype = _same_dtype(types)
+    total: Dim = 0
+    for t in types:
+        if t.rank != types[0].rank or any(a != b for i, (a, b) in enumerate(zip(t.shape, types[0].shape)) if i != axis):
+            raise ShapeError(f"concat along axis {axis}: shapes {', '.join(str(t) for t in types)} differ off-axis")
+        total = D.add(total, t.shape[axis])
+    shape = list(types[0].shape)
+    shape[axis] = total
+    return TensorType(tuple(shape), dtype)
+
+
+@op("concat", LAYOUT, None, _infer_concat)
+def concat(*xs, axis):
+    """Join along ``axis``."""
+    return np.concatenate(xs, axis=axis)
+
+
+def _infer_gather(types, attrs):
+    table, idx = types
+    if idx.dtype not in ("int32", "int64"):
+        raise ShapeError(f"gather indices must be integers, got {idx.dtype}")
+    if table.rank < 1:
+        raise ShapeError("gather table must have rank >= 1")
+    return TensorType(idx.shape + table.shape[1:], table.dtype)
+
+
+class IndexOutOfRange(IndexError):
+    """An index (a token id, say) outside the table it looks up."""
+
+
+@op("gather", LAYOUT, 2, _infer_gather)
+def gather(table, idx):
+    """table[idx] along axis 0 (an embedding lookup); an index out of range is an error."""
+    if idx.size and (idx.min() < 0 or idx.max() >= table.shape[0]):
+        bad = idx[(idx < 0) | (idx >= table.shape[0])].ravel()[0]
+        raise IndexOutOfRange(f"index {bad} is out of range for a table of {table.shape[0]} rows")
+    return np.take(table, idx, axis=0)

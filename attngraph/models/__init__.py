@@ -1,0 +1,71 @@
+"""The model zoo, by name, and user models given as ``path/to/file.py:factory``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from typing import Callable
+
+from .transformer import Transformer, TransformerEncoderModel
+
+
+class ModelNotFound(LookupError):
+    """An unknown model name or an unloadable ``file.py:factory``."""
+
+
+ZOO: dict[str, Callable] = {
+    "transformer-tiny": lambda: Transformer(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                                            max_len=128, name="transformer-tiny"),
+    "transformer-base": lambda: Transformer(37000, 512, 8, 2048, 6, name="transformer-base"),
+    "transformer-big": lambda: Transformer(37000, 1024, 16, 4096, 6, name="transformer-big"),
+    "encoder-tiny": lambda: TransformerEncoderModel(32, 4, 64, 2, name="encoder-tiny"),
+    "transformer-base-encoder": lambda: TransformerEncoderModel(512, 8, 2048, 6, name="transformer-base-encoder"),
+    "transformer-base-encoder-layer": lambda: TransformerEncoderModel(512, 8, 2048, 1, name="transformer-base-encoder-layer"),
+}
+
+
+def names() -> list[str]:
+    return sorted(ZOO)
+
+
+def _load_factory(spec: str):
+    path, _, factory = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise ModelNotFound(f"model file {path!r} not found (from {spec!r})")
+    modname = "attngraph_user_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    module_spec = importlib.util.spec_from_file_location(modname, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ModelNotFound(f"importing {path} failed: {type(e).__name__}: {e}") from e
+    fn = getattr(module, factory, None)
+    if fn is None:
+        found = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
+        raise ModelNotFound(f"{path} has no {factory!r}; callables there: {', '.join(found) or 'none'}")
+    return fn
+
+
+def get(spec: str):
+    """A model instance: a zoo name (``transformer-base``) or ``path/to/file.py:factory``."""
+    if spec in ZOO:
+        return ZOO[spec]()
+    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        model = _load_factory(spec)()
+        if not hasattr(model, "name"):
+            model.name = spec.rpartition(":")[2]
+        return model
+    close = difflib.get_close_matches(spec, ZOO, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFound(f"unknown model {spec!r}.{hint} Known models: {', '.join(names())}; "
+                        f"or give your own as path/to/file.py:factory")
+
+
+def load_graph(spec: str):
+    """The traced graph of a zoo model or ``file.py:factory``."""
+    from ..nn import trace
+    return trace(get(spec))
+
+
+__all__ = ["load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]

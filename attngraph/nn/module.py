@@ -1,0 +1,126 @@
+"""``Module`` and ``Parameter``: models written the way PyTorch users write them.
+
+A module's parameters live at dotted paths (``encoder.layers.0.self_attn.q_proj.weight``) found by
+walking its attributes.  A parameter is a declaration (shape, dtype, how to initialize it); its
+values live outside the graph, in a weights dict keyed by those paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from ..ir import TensorType
+from ..ir.dims import Dim
+from .tensor import TensorOps, Tensor, _TRACERS, current_tracer
+
+
+class Parameter(TensorOps):
+    """A named weight.  ``init`` says how ``attngraph.weights.init_params`` fills it:
+    ``("normal", std)``, ``("uniform", bound)``, ``("xavier_uniform",)``, ``("zeros",)`` or ``("ones",)``."""
+
+    def __init__(self, shape, dtype: str = "float32", init=("xavier_uniform",)):
+        self.shape_ = tuple(int(d) for d in shape)
+        self.dtype_ = dtype
+        self.init = tuple(init)
+
+    @property
+    def shape(self):
+        return self.shape_
+
+    @property
+    def dtype(self):
+        return self.dtype_
+
+    def _traced(self) -> Tensor:
+        return current_tracer().param(self)
+
+    def __repr__(self) -> str:
+        return f"Parameter({TensorType(self.shape_, self.dtype_)}, init={self.init})"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input: its shape (with symbolic dims), dtype and, for integers, the valid range
+    ``[low, high)`` (token ids, say) that random test inputs are drawn from."""
+
+    shape: tuple[Dim, ...]
+    dtype: str = "float32"
+    low: int | None = None
+    high: int | None = None
+    kind: str | None = None  # e.g. "tokens", "padding_mask": how example inputs are made
+
+    @property
+    def type(self) -> TensorType:
+        return TensorType(tuple(self.shape), self.dtype)
+
+    def meta(self) -> dict:
+        return {k: v for k, v in (("low", self.low), ("high", self.high), ("kind", self.kind)) if v is not None}
+
+
+class Module:
+    """Base class for layers and models: assign Parameters and Modules as attributes, write ``forward``."""
+
+    def __init__(self):
+        object.__setattr__(self, "_params", {})
+        object.__setattr__(self, "_modules", {})
+
+    def __setattr__(self, name, value):
+        if "_params" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                                 f"before assigning {name!r}")
+        self._params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            self._params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """Every parameter once, at the first path that reaches it (shared weights keep one name)."""
+        seen = set()
+        for mname, m in self.named_modules(prefix):
+            for pname, p in m._params.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{mname}.{pname}" if mname else pname), p
+
+    def parameter_types(self) -> dict[str, TensorType]:
+        return {n: TensorType(p.shape, p.dtype) for n, p in self.named_parameters()}
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} has no forward()")
+
+    def __call__(self, *args, **kwargs):
+        if not _TRACERS:
+            return self.forward(*args, **kwargs)  # raises a clear TraceError on the first op
+        tracer = current_tracer()
+        tracer.scope.append(tracer.module_names.get(id(self), ""))
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            tracer.scope.pop()
+
+
+class ModuleList(Module):
+    """Submodules at paths ``0``, ``1``, ... (as ``torch.nn.ModuleList``)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]

@@ -1,0 +1,326 @@
+"""Tracing: symbolic tensors that record ops into the graph being built.
+
+Inside ``attngraph.trace`` every operation on a ``Tensor`` (``+``, ``@``, ``softmax``, ...) adds a
+node to the current graph, tagged with the user's source line and the module it runs in.  Outside a
+trace, tensors do not exist: the DSL only describes computation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..ir import Graph, GraphError, TensorType
+from ..ir.dims import Dim
+
+
+class TraceError(RuntimeError):
+    """Misuse of the DSL: a tensor op outside a trace, a bad output, a tensor from another trace."""
+
+
+_TRACERS: list["Tracer"] = []
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Frames from these files are machinery, not the model: the recorded line is the first frame
+# outside them (a layer in nn/layers.py counts as model code: it is where the op was written).
+_MACHINERY = {os.path.join(_PKG_DIR, "nn", f) for f in ("tensor.py", "functional.py", "module.py")}
+
+
+def _user_location() -> str:
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename in _MACHINERY
+                                 or frame.f_code.co_filename.startswith(os.path.join(_PKG_DIR, "ir"))):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    path = frame.f_code.co_filename
+    rel = os.path.relpath(path) if not path.startswith("<") else path
+    if not rel.startswith(".."):
+        path = rel
+    return f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+
+class Tracer:
+    """The state of one trace: the graph, the parameter nodes made so far, the module scope."""
+
+    def __init__(self, graph: Graph, param_names: Mapping[int, str], module_names: Mapping[int, str]):
+        self.graph = graph
+        self.param_names = dict(param_names)
+        self.module_names = dict(module_names)
+        self.param_nodes: dict[int, "Tensor"] = {}
+        self.scope: list[str] = []
+
+    def emit(self, op: str, operands: Sequence["Tensor"] = (), attrs: dict | None = None,
+             name: str | None = None) -> "Tensor":
+        ids = []
+        for t in operands:
+            if t.tracer is not self:
+                raise TraceError(f"{op}: operand %{t.node.name} belongs to another trace")
+            ids.append(t.id)
+        meta = {"loc": _user_location()}
+        if self.scope and self.scope[-1]:
+            meta["scope"] = self.scope[-1]
+        nid = self.graph.add(op, ids, attrs, name=name, meta=meta)
+        return Tensor(self, nid)
+
+    def param(self, p) -> "Tensor":
+        if id(p) not in self.param_nodes:
+            if id(p) not in self.param_names:
+                raise TraceError("a Parameter that is not an attribute of the traced module (or of one "
+                                 "of its submodules) was used; assign it to a module attribute")
+            name = self.param_names[id(p)]
+            nid = self.graph.add("param", (), {"type": TensorType(p.shape, p.dtype)}, name=name,
+                                 meta={"init": p.init})
+            self.param_nodes[id(p)] = Tensor(self, nid)
+        return self.param_nodes[id(p)]
+
+
+def current_tracer() -> Tracer:
+    if not _TRACERS:
+        raise TraceError("tensor operations only work while tracing; call attngraph.trace(module)")
+    return _TRACERS[-1]
+
+
+def as_tensor(x, like: "Tensor | None" = None) -> "Tensor":
+    """A traced tensor for ``x``: a Tensor, a Parameter, or a Python/NumPy constant."""
+    if isinstance(x, Tensor):
+        return x
+    if hasattr(x, "_traced"):
+        return x._traced()
+    tracer = current_tracer()
+    if isinstance(x, (bool, int, float, np.number, np.ndarray)):
+        value = np.asarray(x)
+        if like is not None and not isinstance(x, np.ndarray):
+            value = value.astype(like.dtype)
+        elif value.dtype == np.float64:
+            value = value.astype(np.float32)
+        return tracer.emit("const", (), {"value": value})
+    raise TraceError(f"cannot use {type(x).__name__} {x!r} as a tensor")
+
+
+class TensorOps:
+    """Operators and methods shared by ``Tensor`` and ``Parameter``; each records one or more ops."""
+
+    def _traced(self) -> "Tensor":  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    # properties
+    @property
+    def type(self) -> TensorType:
+        return self._traced().node.type
+
+    @property
+    def shape(self) -> tuple[Dim, ...]:
+        return self.type.shape
+
+    @property
+    def dtype(self) -> str:
+        return self.type.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.type.rank
+
+    # arithmetic
+    def _binary(self, op, other, reverse=False):
+        a = self._traced()
+        b = as_tensor(other, like=a)
+        return a.tracer.emit(op, (b, a) if reverse else (a, b))
+
+    def __add__(self, o): return self._binary("add", o)
+    def __radd__(self, o): return self._binary("add", o, True)
+    def __sub__(self, o): return self._binary("sub", o)
+    def __rsub__(self, o): return self._binary("sub", o, True)
+    def __mul__(self, o): return self._binary("mul", o)
+    def __rmul__(self, o): return self._binary("mul", o, True)
+    def __truediv__(self, o): return self._binary("div", o)
+    def __rtruediv__(self, o): return self._binary("div", o, True)
+    def __matmul__(self, o): return self._binary("matmul", o)
+    def __rmatmul__(self, o): return self._binary("matmul", o, True)
+    def __lt__(self, o): return self._binary("lt", o)
+    def __le__(self, o): return self._binary("le", o)
+    def __gt__(self, o): return self._binary("gt", o)
+    def __ge__(self, o): return self._binary("ge", o)
+    def eq(self, o): return self._binary("eq", o)
+    def ne(self, o): return self._binary("ne", o)
+    def __and__(self, o): return self._binary("logical_and", o)
+    def __or__(self, o): return self._binary("logical_or", o)
+
+    def __neg__(self):
+        t = self._traced()
+        return t.tracer.emit("neg", (t,))
+
+    def _unary(self, op, **attrs):
+        t = self._traced()
+        return t.tracer.emit(op, (t,), attrs)
+
+    def exp(self): return self._unary("exp")
+    def log(self): return self._unary("log")
+    def sqrt(self): return self._unary("sqrt")
+    def rsqrt(self): return self._unary("rsqrt")
+    def tanh(self): return self._unary("tanh")
+    def relu(self): return self._unary("relu")
+    def softmax(self, axis=-1): return self._unary("softmax", axis=axis)
+    def log_softmax(self, axis=-1): return self._unary("log_softmax", axis=axis)
+    def astype(self, dtype): return self._unary("cast", dtype=dtype)
+
+    def sum(self, axes, keepdims=False): return self._reduce("reduce_sum", axes, keepdims)
+    def mean(self, axes, keepdims=False): return self._reduce("reduce_mean", axes, keepdims)
+    def max(self, axes, keepdims=False): return self._reduce("reduce_max", axes, keepdims)
+
+    def _reduce(self, op, axes, keepdims):
+        axes = (axes,) if isinstance(axes, int) else tuple(axes)
+        return self._unary(op, axes=axes, keepdims=keepdims)
+
+    # layout
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return self._unary("reshape", shape=tuple(shape))
+
+    def permute(self, *perm):
+        if len(perm) == 1 and isinstance(perm[0], (tuple, list)):
+            perm = tuple(perm[0])
+        return self._unary("transpose", perm=tuple(perm))
+
+    def transpose(self, a: int, b: int):
+        """Swap two axes (as ``torch.Tensor.transpose``)."""
+        perm = list(range(self.ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+        return self.permute(perm)
+
+    def unsqueeze(self, axis: int):
+        shape = list(self.shape)
+        axis = axis % (len(shape) + 1)
+        shape.insert(axis, 1)
+        return self.reshape(shape)
+
+    def __getitem__(self, index):
+        """Basic indexing: slices (step >= 1), integers, ``None`` and ``...``."""
+        t = self._traced()
+        index = index if isinstance(index, tuple) else (index,)
+        if sum(i is Ellipsis for i in index) > 1:
+            raise TraceError("only one ... allowed in an index")
+        explicit = sum(i is not None and i is not Ellipsis for i in index)
+        if explicit > t.ndim:
+            raise TraceError(f"too many indices for a tensor of rank {t.ndim}")
+        if Ellipsis in index:
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (t.ndim - explicit) + index[at + 1:]
+        index = index + (slice(None),) * (t.ndim - explicit - sum(i is Ellipsis for i in index))
+        out, axis, new_shape = t, 0, []
+        for i in index:
+            if i is None:
+                new_shape.append(1)
+                continue
+            size = t.shape[axis]
+            if isinstance(i, slice):
+                start, stop, step = i.start or 0, i.stop, i.step or 1
+                if isinstance(size, int):
+                    start, stop, step = slice(start, stop, step).indices(size)
+                    stop = max(stop, start)
+                if (start, stop, step) != (0, size, 1) and not (start == 0 and stop is None and step == 1):
+                    out = out.tracer.emit("slice", (out,), {"axis": axis, "start": start, "stop": stop, "step": step})
+                new_shape.append(out.shape[axis])
+            elif isinstance(i, (int, np.integer)):
+                i = int(i)
+                if isinstance(size, int):
+                    if not -size <= i < size:
+                        raise TraceError(f"index {i} is out of range for axis {axis} of size {size}")
+                    i %= size
+                elif i < 0:
+                    raise TraceError(f"negative index {i} on symbolic axis {axis} ({size})")
+                out = out.tracer.emit("slice", (out,), {"axis": axis, "start": i, "stop": i + 1})
+            else:
+                raise TraceError(f"unsupported index {i!r}; use slices, ints, None or ...")
+            axis += 1
+        if tuple(new_shape) != out.shape:
+            out = out.reshape(new_shape)
+        return out
+
+
+class Tensor(TensorOps):
+    """A value in the graph being traced."""
+
+    __slots__ = ("tracer", "id")
+
+    def __init__(self, tracer: Tracer, nid: int):
+        self.tracer = tracer
+        self.id = nid
+
+    def _traced(self) -> "Tensor":
+        return self
+
+    @property
+    def node(self):
+        return self.tracer.graph.node(self.id)
+
+    def __repr__(self) -> str:
+        return f"Tensor(%{self.node.name}: {self.node.type})"
+
+    def __bool__(self):
+        raise TraceError("a traced Tensor has no truth value: its value is only known when the graph runs")
+
+    def __iter__(self):
+        raise TraceError("a traced Tensor cannot be iterated; index it explicitly")
+
+    __hash__ = object.__hash__
+
+
+def _normalize_spec(name, spec) -> tuple[TensorType, dict]:
+    from .module import InputSpec
+    if isinstance(spec, InputSpec):
+        return spec.type, spec.meta()
+    if isinstance(spec, TensorType):
+        return spec, {}
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (tuple, list)):
+        return TensorType(tuple(spec[0]), spec[1]), {}
+    raise TraceError(f"input {name!r}: expected an InputSpec, a TensorType or (shape, dtype), got {spec!r}")
+
+
+def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = None) -> Graph:
+    """Trace ``module.forward`` into a ``Graph``.
+
+    ``inputs`` maps each forward argument to an ``InputSpec``/``TensorType``/``(shape, dtype)``;
+    shapes may use symbolic dims (``"batch"``, ``"seq"``).  Without it, ``module.input_specs()`` is
+    used.  ``forward`` returns a tensor (output ``"output"``), a tuple (``output0``, ...) or a dict
+    of named tensors.
+    """
+    if inputs is None:
+        if not hasattr(module, "input_specs"):
+            raise TraceError(f"{type(module).__name__} has no input_specs(); pass inputs= to trace()")
+        inputs = module.input_specs()
+    graph = Graph(name or getattr(module, "name", None) or type(module).__name__)
+    param_names = {id(p): n for n, p in module.named_parameters()}
+    module_names: dict[int, str] = {}
+    for n, m in module.named_modules():
+        module_names.setdefault(id(m), n)  # a shared module keeps its first path
+    tracer = Tracer(graph, param_names, module_names)
+    args = {}
+    for arg, spec in inputs.items():
+        ty, meta = _normalize_spec(arg, spec)
+        nid = graph.add("input", (), {"type": ty}, name=arg, meta=meta)
+        args[arg] = Tensor(tracer, nid)
+    _TRACERS.append(tracer)
+    try:
+        out = module(**args)
+    finally:
+        _TRACERS.pop()
+    if isinstance(out, Tensor):
+        outs = [("output", out)]
+    elif isinstance(out, (tuple, list)):
+        outs = [(f"output{i}", o) for i, o in enumerate(out)]
+    elif isinstance(out, dict):
+        outs = list(out.items())
+    else:
+        raise TraceError(f"forward must return a Tensor, a tuple or a dict of Tensors, got {type(out).__name__}")
+    for oname, o in outs:
+        if not isinstance(o, TensorOps):
+            raise TraceError(f"output {oname!r} is {type(o).__name__}, not a Tensor")
+    graph.set_outputs((oname, o._traced().id) for oname, o in outs)
+    if hasattr(module, "default_dims"):
+        graph.meta["dims"] = dict(module.default_dims())
+    graph.validate()
+    return graph
