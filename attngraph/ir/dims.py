@@ -124,6 +124,11 @@ def divide(a: Dim, b: Dim) -> Dim | None:
     return _format(out)
 
 
+def terms(dim: Dim) -> dict[tuple[str, ...], int]:
+    """The polynomial of ``dim`` as {sorted tuple of symbol names: integer coefficient}."""
+    return _parse(dim)
+
+
 def symbols(dim: Dim) -> set[str]:
     return {s for key in _parse(dim) for s in key}
 
