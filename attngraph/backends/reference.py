@@ -54,16 +54,19 @@ def last_uses(g: Graph, order: list[int]) -> dict[int, int]:
 
 def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndarray], *,
         dtype: str = "float32",
-        observe: Callable[[Node, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+        observe: Callable[[Node, np.ndarray], None] | None = None,
+        stats: dict | None = None) -> dict[str, np.ndarray]:
     """Run ``g`` on ``inputs`` and ``params``; returns the outputs by name.
 
     ``dtype`` is the floating-point type of every computed value; ``observe(node, value)`` is
-    called with each node's value (the per-node comparisons of ``attngraph verify`` use it)."""
+    called with each node's value (the per-node comparisons of ``attngraph verify`` use it);
+    ``stats``, if given, receives ``peak_live_values`` and ``peak_live_bytes``."""
     bindings = bind_dims(g.input_types(), inputs)
     check_params(g, params)
     order = g.topo_order()
     last = last_uses(g, order)
     env: dict[int, np.ndarray] = {}
+    peak_values = peak_bytes = 0
     for i, nid in enumerate(order):
         n = g.node(nid)
         try:
@@ -84,6 +87,8 @@ def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndar
         except Exception as e:  # noqa: BLE001 - re-raised with the node's context
             raise InterpreterError(f"while executing {describe(g, n)}: {type(e).__name__}: {e}") from e
         env[nid] = value
+        peak_values = max(peak_values, len(env))
+        peak_bytes = max(peak_bytes, sum(v.nbytes for v in env.values()))
         if observe is not None:
             observe(n, value)
         for o in set(g.operands(nid)):
@@ -91,4 +96,6 @@ def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndar
                 del env[o]
         if last[nid] == i:  # never used: drop at once
             del env[nid]
+    if stats is not None:
+        stats.update(peak_live_values=peak_values, peak_live_bytes=peak_bytes)
     return {name: env[o] for name, o in g.outputs}

@@ -12,7 +12,7 @@ from typing import Iterator
 
 from ..ir import TensorType
 from ..ir.dims import Dim
-from .tensor import TensorOps, Tensor, _TRACERS, current_tracer
+from .tensor import Tensor, TensorOps, current_tracer
 
 
 class Parameter(TensorOps):
@@ -98,9 +98,7 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} has no forward()")
 
     def __call__(self, *args, **kwargs):
-        if not _TRACERS:
-            return self.forward(*args, **kwargs)  # raises a clear TraceError on the first op
-        tracer = current_tracer()
+        tracer = current_tracer()  # a clear TraceError outside attngraph.trace
         tracer.scope.append(tracer.module_names.get(id(self), ""))
         try:
             return self.forward(*args, **kwargs)

@@ -103,6 +103,9 @@ def as_tensor(x, like: "Tensor | None" = None) -> "Tensor":
 class TensorOps:
     """Operators and methods shared by ``Tensor`` and ``Parameter``; each records one or more ops."""
 
+    # NumPy arrays must defer to our reflected operators (``array @ tensor`` records a matmul).
+    __array_ufunc__ = None
+
     def _traced(self) -> "Tensor":  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -206,10 +209,9 @@ class TensorOps:
         explicit = sum(i is not None and i is not Ellipsis for i in index)
         if explicit > t.ndim:
             raise TraceError(f"too many indices for a tensor of rank {t.ndim}")
-        if Ellipsis in index:
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (t.ndim - explicit) + index[at + 1:]
-        index = index + (slice(None),) * (t.ndim - explicit - sum(i is Ellipsis for i in index))
+        rest = (slice(None),) * (t.ndim - explicit)
+        at = next((k for k, i in enumerate(index) if i is Ellipsis), len(index))
+        index = index[:at] + rest + index[at + 1:]
         out, axis, new_shape = t, 0, []
         for i in index:
             if i is None:

@@ -1,0 +1,90 @@
+"""The command line, as a user runs it."""
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import attngraph as ag
+from attngraph.cli import main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_help_for_every_command():
+    for cmd in ["--help", "show --help", "run --help", "models --help"]:
+        r = invoke(*cmd.split())
+        assert r.exit_code == 0 and "Usage:" in r.output
+
+
+def test_show_text_prints_the_whole_graph():
+    r = invoke("show", "transformer-tiny")
+    assert r.exit_code == 0
+    assert r.output.startswith("graph transformer-tiny(%src: i64[batch, src_len], %tgt: i64[batch, tgt_len]) {")
+    assert r.output.count(" = softmax[") == 6  # 2 encoder + 2x2 decoder attentions
+    assert "return log_probs=%log_softmax" in r.output
+
+
+def test_show_transformer_base():
+    r = invoke("show", "transformer-base")
+    assert r.exit_code == 0 and r.output.count(" = softmax[") == 18
+
+
+def test_show_dot_and_svg(tmp_path):
+    r = invoke("show", "encoder-tiny", "--format", "dot")
+    assert r.exit_code == 0 and r.output.startswith('digraph "encoder-tiny"')
+    out = tmp_path / "g.svg"
+    r = invoke("show", "encoder-tiny", "--format", "svg", "-o", str(out))
+    if shutil.which("dot") is None:
+        assert r.exit_code != 0 and "needs Graphviz's 'dot' program" in r.output
+    else:
+        assert r.exit_code == 0 and "<svg" in out.read_text()
+
+
+def test_run_numpy_with_inputs_and_output(tmp_path):
+    g = ag.models.load_graph("transformer-tiny")
+    src = np.array([[5, 6, 7, 8, 0]])
+    tgt = np.array([[1, 2, 3]])
+    np.savez(tmp_path / "in.npz", src=src, tgt=tgt)
+    r = invoke("run", "transformer-tiny", "--target", "numpy", "--inputs", str(tmp_path / "in.npz"),
+               "--output", str(tmp_path / "out.npz"))
+    assert r.exit_code == 0, r.output
+    assert "log_probs: float32[1, 3, 64]" in r.output
+    with np.load(tmp_path / "out.npz") as z:
+        want = ag.reference.run(g, {"src": src, "tgt": tgt}, ag.init_params(g, 0))["log_probs"]
+        np.testing.assert_array_equal(z["log_probs"], want)
+
+
+def test_run_with_weights_and_dims(tmp_path):
+    g = ag.models.load_graph("encoder-tiny")
+    ag.save_weights(str(tmp_path / "w.safetensors"), ag.init_params(g, 5))
+    r = invoke("run", "encoder-tiny", "--weights", str(tmp_path / "w.safetensors"), "--dim", "seq=3",
+               "--dim", "batch=4", "--dtype", "float64")
+    assert r.exit_code == 0 and "y: float64[4, 3, 32]" in r.output
+
+
+@pytest.mark.parametrize("args, match", [
+    (["run", "transformer-bse"], "unknown model 'transformer-bse'. Did you mean transformer-base"),
+    (["run", "encoder-tiny", "--dim", "seq"], "expected NAME=INT"),
+    (["run", "encoder-tiny", "--weights", "missing.safetensors"], "weights file 'missing.safetensors' not found"),
+    (["show", "nofile.py:make"], "model file 'nofile.py' not found"),
+])
+def test_errors_are_one_clear_line(args, match):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0
+    assert match in r.output
+    assert "Traceback" not in r.output
+
+
+def test_console_script_runs_transformer_base():
+    """The README's main job, as a user types it (small dims keep it quick)."""
+    r = subprocess.run([sys.executable, "-m", "attngraph.cli", "run", "transformer-base", "--target", "numpy",
+                        "--dim", "src_len=6", "--dim", "tgt_len=4", "--dim", "batch=1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "log_probs: float32[1, 4, 37000]" in r.stdout

@@ -1,0 +1,136 @@
+"""The DSL: tracing records ops with the user's line and module scope; bad models fail clearly."""
+
+import numpy as np
+import pytest
+
+import attngraph as ag
+from attngraph import nn
+from attngraph.ir import GraphError
+from attngraph.nn import functional as F
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def input_specs(self):
+        return {"x": nn.InputSpec(("batch", 8))}
+
+    def forward(self, x):
+        return F.softmax(self.fc2(F.relu(self.fc1(x))), axis=-1)
+
+
+def test_parameters_have_dotted_paths_and_trace_records_scopes():
+    m = TwoLayer()
+    assert [n for n, _ in m.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    g = ag.trace(m)
+    assert list(g.params) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert g.output_types() == {"output": ag.TensorType(("batch", 4))}
+    scopes = {n.meta.get("scope") for n in g.nodes() if n.op == "matmul"}
+    assert scopes == {"fc1", "fc2"}
+    loc = next(n for n in g.nodes() if n.op == "softmax").meta["loc"]
+    assert loc.endswith("in forward") and "test_dsl.py" in loc
+
+
+def test_shape_error_names_op_shapes_and_user_line():
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter((5, 3))
+
+        def forward(self, x):
+            return x @ self.w  # the line the error must name
+
+    with pytest.raises(GraphError) as err:
+        ag.trace(Bad(), {"x": (("batch", 4), "float32")})
+    msg = str(err.value)
+    assert "matmul(%x: f32[batch, 4], %w: f32[5, 3])" in msg
+    assert "contracting dims differ" in msg
+    assert "test_dsl.py" in msg and "in forward" in msg
+
+
+def test_tensor_ops_outside_trace_are_a_clear_error():
+    with pytest.raises(nn.TraceError, match="only work while tracing"):
+        nn.Linear(2, 2)(np.zeros((1, 2)))
+
+
+def test_forward_must_return_tensors():
+    class NoOut(nn.Module):
+        def forward(self, x):
+            return 3
+
+    with pytest.raises(nn.TraceError, match="must return a Tensor"):
+        ag.trace(NoOut(), {"x": ((2,), "float32")})
+
+
+def test_super_init_is_required():
+    class Forgot(nn.Module):
+        def __init__(self):
+            self.w = nn.Parameter((2,))
+
+    with pytest.raises(AttributeError, match="must call super"):
+        Forgot()
+
+
+def test_indexing_and_layout_methods():
+    class Idx(nn.Module):
+        def forward(self, x):
+            return {"a": x[:, 1:3], "b": x[0], "c": x[None, ..., 2], "d": x.transpose(0, 1).unsqueeze(0),
+                    "e": x[:, :x.shape[1]]}
+
+    g = ag.trace(Idx(), {"x": (("n", 4), "float32")})
+    x = np.arange(12.0).reshape(3, 4)
+    out = ag.reference.run(g, {"x": x}, {}, dtype="float64")
+    np.testing.assert_array_equal(out["a"], x[:, 1:3])
+    np.testing.assert_array_equal(out["b"], x[0])
+    np.testing.assert_array_equal(out["c"], x[None, ..., 2])
+    np.testing.assert_array_equal(out["d"], x.T[None])
+    np.testing.assert_array_equal(out["e"], x)
+    assert g.output_types()["c"].shape == (1, "n")
+
+
+def test_shared_parameters_trace_to_one_node():
+    m = ag.models.get("transformer-tiny")
+    names = [n for n, _ in m.named_parameters()]
+    assert "src_embed.weight" in names and "tgt_embed.weight" not in names
+    g = ag.trace(m)
+    table = g.params["src_embed.weight"]
+    assert len(g.users(table)) == 3  # source lookup, target lookup, output projection
+
+
+def test_model_zoo_and_user_models(tmp_path):
+    assert {"transformer-tiny", "transformer-base", "transformer-big"} <= set(ag.models.names())
+    with pytest.raises(ag.models.ModelNotFound, match="Did you mean transformer-base"):
+        ag.models.get("transformer-bas")
+    f = tmp_path / "mymodel.py"
+    f.write_text("from attngraph import nn\n"
+                 "class M(nn.Module):\n"
+                 "    def __init__(self):\n"
+                 "        super().__init__()\n"
+                 "        self.fc = nn.Linear(3, 2)\n"
+                 "    def input_specs(self):\n"
+                 "        return {'x': nn.InputSpec(('n', 3))}\n"
+                 "    def forward(self, x):\n"
+                 "        return self.fc(x)\n"
+                 "def make():\n"
+                 "    return M()\n")
+    g = ag.models.load_graph(f"{f}:make")
+    assert g.output_types()["output"] == ag.TensorType(("n", 2))
+    with pytest.raises(ag.models.ModelNotFound, match="has no 'nope'; callables there: M, make"):
+        ag.models.get(f"{f}:nope")
+    with pytest.raises(ag.models.ModelNotFound, match="not found"):
+        ag.models.get(f"{tmp_path}/missing.py:make")
+
+
+@pytest.mark.parametrize("name, dims, layers", [("transformer-base", (512, 8, 2048), 6),
+                                                ("transformer-big", (1024, 16, 4096), 6)])
+def test_paper_configurations(name, dims, layers):
+    m = ag.models.get(name)
+    d, h, ff = dims
+    types = m.parameter_types()
+    assert types["encoder.layers.0.ffn.linear1.weight"].shape == (d, ff)
+    assert len(m.encoder.layers) == len(m.decoder.layers) == layers
+    assert m.encoder.layers[0].self_attn.num_heads == h
+    assert f"encoder.layers.{layers - 1}.norm2.weight" in types

@@ -1,0 +1,138 @@
+"""The DSL's Transformer layers against PyTorch's ``torch.nn.Transformer*`` modules, same weights."""
+
+import math
+
+import numpy as np
+import pytest
+
+import attngraph as ag
+from attngraph import nn
+
+torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch==2.13.0 (pip install -e '.[test]')")
+
+D_MODEL, HEADS, D_FF = 32, 4, 64
+RTOL, ATOL = 1e-5, 1e-5  # float32 against float32, summation order differs
+
+
+def t(a):
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def load_mha(tm, p, prefix):
+    """Our q/k/v/out projections ((in, out) weights) into nn.MultiheadAttention's packed (out, in) layout."""
+    tm.in_proj_weight.copy_(t(np.concatenate([p[f"{prefix}.{n}_proj.weight"].T for n in "qkv"])))
+    tm.in_proj_bias.copy_(t(np.concatenate([p[f"{prefix}.{n}_proj.bias"] for n in "qkv"])))
+    tm.out_proj.weight.copy_(t(p[f"{prefix}.out_proj.weight"].T))
+    tm.out_proj.bias.copy_(t(p[f"{prefix}.out_proj.bias"]))
+
+
+def load_layer(tl, p, prefix, decoder):
+    load_mha(tl.self_attn, p, f"{prefix}.self_attn")
+    if decoder:
+        load_mha(tl.multihead_attn, p, f"{prefix}.cross_attn")
+    for i in (1, 2):
+        getattr(tl, f"linear{i}").weight.copy_(t(p[f"{prefix}.ffn.linear{i}.weight"].T))
+        getattr(tl, f"linear{i}").bias.copy_(t(p[f"{prefix}.ffn.linear{i}.bias"]))
+    for i in (1, 2, 3) if decoder else (1, 2):
+        getattr(tl, f"norm{i}").weight.copy_(t(p[f"{prefix}.norm{i}.weight"]))
+        getattr(tl, f"norm{i}").bias.copy_(t(p[f"{prefix}.norm{i}.bias"]))
+
+
+def torch_layer(decoder, norm_first, activation):
+    cls = torch.nn.TransformerDecoderLayer if decoder else torch.nn.TransformerEncoderLayer
+    return cls(D_MODEL, HEADS, D_FF, dropout=0.0, activation=activation, batch_first=True,
+               norm_first=norm_first).eval()
+
+
+class EncLayer(nn.Module):
+    def __init__(self, norm_first, activation):
+        super().__init__()
+        self.layer = nn.EncoderLayer(D_MODEL, HEADS, D_FF, activation, norm_first)
+
+    def forward(self, x, pad):
+        return self.layer(x, pad)
+
+
+class DecLayer(nn.Module):
+    def __init__(self, norm_first, activation):
+        super().__init__()
+        self.layer = nn.DecoderLayer(D_MODEL, HEADS, D_FF, activation, norm_first)
+
+    def forward(self, x, memory, pad):
+        return self.layer(x, memory, pad)
+
+
+def padding(batch, length):
+    pad = np.zeros((batch, length), bool)
+    pad[1, length - 3:] = True  # the second sequence is padded
+    return pad
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_encoder_layer_matches_torch(norm_first, activation):
+    g = ag.trace(EncLayer(norm_first, activation),
+                 {"x": nn.InputSpec(("b", "s", D_MODEL)), "pad": nn.InputSpec(("b", "s"), "bool")})
+    p = ag.init_params(g, seed=3, perturb=True)
+    x = np.random.default_rng(0).standard_normal((2, 9, D_MODEL)).astype(np.float32)
+    pad = padding(2, 9)
+    ours = ag.reference.run(g, {"x": x, "pad": pad}, p)["output"]
+    tl = torch_layer(False, norm_first, activation)
+    with torch.no_grad():
+        load_layer(tl, p, "layer", False)
+        want = tl(t(x), src_key_padding_mask=t(pad)).numpy()
+    np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_decoder_layer_matches_torch(norm_first):
+    g = ag.trace(DecLayer(norm_first, "relu"),
+                 {"x": nn.InputSpec(("b", "t", D_MODEL)), "memory": nn.InputSpec(("b", "s", D_MODEL)),
+                  "pad": nn.InputSpec(("b", "s"), "bool")})
+    p = ag.init_params(g, seed=4, perturb=True)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 7, D_MODEL)).astype(np.float32)
+    memory = rng.standard_normal((2, 9, D_MODEL)).astype(np.float32)
+    pad = padding(2, 9)
+    ours = ag.reference.run(g, {"x": x, "memory": memory, "pad": pad}, p)["output"]
+    tl = torch_layer(True, norm_first, "relu")
+    with torch.no_grad():
+        load_layer(tl, p, "layer", True)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(7)
+        want = tl(t(x), t(memory), tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=t(pad)).numpy()
+    np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL)
+
+
+def test_encoder_decoder_transformer_matches_torch(tiny_graph, tiny_params):
+    """The whole zoo model: embeddings * sqrt(d) + sinusoidal positions, 2+2 post-LN layers, the shared
+    embedding as output projection, log-softmax; the source padded."""
+    model = ag.models.get("transformer-tiny")
+    d, n_layers = model.d_model, len(model.encoder.layers)
+    p = tiny_params
+    rng = np.random.default_rng(2)
+    src = rng.integers(1, 64, (2, 11))
+    src[1, 8:] = 0  # padding
+    tgt = rng.integers(1, 64, (2, 6))
+    ours = ag.reference.run(tiny_graph, {"src": src, "tgt": tgt}, p)["log_probs"]
+
+    def layer(decoder):
+        return torch_layer(decoder, False, "relu")
+
+    enc = torch.nn.TransformerEncoder(layer(False), n_layers, enable_nested_tensor=False).eval()
+    dec = torch.nn.TransformerDecoder(layer(True), n_layers).eval()
+    with torch.no_grad():
+        for i in range(n_layers):
+            load_layer(enc.layers[i], p, f"encoder.layers.{i}", False)
+            load_layer(dec.layers[i], p, f"decoder.layers.{i}", True)
+        table = t(p["src_embed.weight"])
+        pe = t(nn.sinusoidal_table(model.max_len, d).astype(np.float32))
+
+        def embed(tokens):
+            return table[t(tokens)] * math.sqrt(d) + pe[: tokens.shape[1]]
+
+        pad = t(src == 0)
+        memory = enc(embed(src), src_key_padding_mask=pad)
+        causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        y = dec(embed(tgt), memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
+        want = torch.log_softmax(y @ table.T, dim=-1).numpy()
+    np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL)
