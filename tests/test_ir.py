@@ -90,6 +90,7 @@ OP_CASES = [
     ("gather", [A[0], IDX], {}, A[0][IDX]),
     ("cast", [A], {"dtype": "int32"}, A.astype(np.int32)),
     ("arange", [], {"n": 5}, np.arange(5)),
+    ("update_slice", [A, A[:, :1] * 2, np.array(2)], {"axis": 1}, np.concatenate([A[:, :2], A[:, :1] * 2], 1)),
     ("linear", [A, B[0], G[:1].repeat(5)], {"activation": "relu"}, np.maximum(A @ B[0] + G[0], 0)),
     ("add_layer_norm", [A, A, G, BETA], {"eps": 1e-5},
      O.layer_norm(2 * A, G, BETA, eps=1e-5)),
@@ -139,6 +140,11 @@ def test_type_rules_reject_bad_operands(name, types, attrs, match):
 def test_reshape_resolves_minus_one_symbolically():
     assert O.resolve_reshape(("b", "s", 512), ("b", "s", 8, -1)) == ("b", "s", 8, 64)
     assert O.resolve_reshape(("b", "s", 512), (-1, 512)) == ("b*s", 512)
+
+
+def test_update_slice_overflow_is_clear():
+    with pytest.raises(O.IndexOutOfRange, match="writing 2 entries at offset 4 overflows a cache of 5"):
+        O.update_slice(np.zeros((5, 2)), np.ones((2, 2)), np.array(4), axis=0)
 
 
 def test_gather_index_out_of_range_is_clear():

@@ -442,3 +442,30 @@ def gather(table, idx):
         bad = idx[(idx < 0) | (idx >= table.shape[0])].ravel()[0]
         raise IndexOutOfRange(f"index {bad} is out of range for a table of {table.shape[0]} rows")
     return np.take(table, idx, axis=0)
+
+
+def _infer_update_slice(types, attrs):
+    cache, value, offset = types
+    axis = _axis(attrs["axis"], cache.rank)
+    if value.rank != cache.rank or any(a != b for i, (a, b) in enumerate(zip(cache.shape, value.shape)) if i != axis):
+        raise ShapeError(f"update_slice: value {value} must match cache {cache} off axis {axis}")
+    if offset.dtype not in ("int32", "int64") or offset.rank != 0:
+        raise ShapeError(f"update_slice: offset must be an integer scalar, got {offset}")
+    if cache.dtype != value.dtype:
+        raise ShapeError(f"update_slice: cache is {cache.dtype} but value is {value.dtype}")
+    return cache
+
+
+@op("update_slice", LAYOUT, 3, _infer_update_slice)
+def update_slice(cache, value, offset, *, axis):
+    """``cache`` with ``cache[..., offset:offset+len(value), ...] = value`` along ``axis`` (a KV-cache write).
+    Semantically a new tensor; executors may write in place when ``cache`` has no later use."""
+    start = int(offset)
+    if start < 0 or start + value.shape[axis] > cache.shape[axis]:
+        raise IndexOutOfRange(f"writing {value.shape[axis]} entries at offset {start} overflows a cache of "
+                              f"{cache.shape[axis]} along axis {axis}")
+    out = cache.copy()
+    index = [slice(None)] * cache.ndim
+    index[axis] = slice(start, start + value.shape[axis])
+    out[tuple(index)] = value
+    return out

@@ -282,19 +282,25 @@ def _normalize_spec(name, spec) -> tuple[TensorType, dict]:
     raise TraceError(f"input {name!r}: expected an InputSpec, a TensorType or (shape, dtype), got {spec!r}")
 
 
-def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = None) -> Graph:
-    """Trace ``module.forward`` into a ``Graph``.
+def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = None,
+          method: str = "forward") -> Graph:
+    """Trace ``module.forward`` (or another entry ``method``) into a ``Graph``.
 
-    ``inputs`` maps each forward argument to an ``InputSpec``/``TensorType``/``(shape, dtype)``;
-    shapes may use symbolic dims (``"batch"``, ``"seq"``).  Without it, ``module.input_specs()`` is
-    used.  ``forward`` returns a tensor (output ``"output"``), a tuple (``output0``, ...) or a dict
-    of named tensors.
+    ``inputs`` maps each argument to an ``InputSpec``/``TensorType``/``(shape, dtype)``; shapes may
+    use symbolic dims (``"batch"``, ``"seq"``).  Without it, ``module.input_specs()`` is used (for
+    another entry, ``module.input_specs(method)``).  The entry returns a tensor (output
+    ``"output"``), a tuple (``output0``, ...) or a dict of named tensors.
     """
     if inputs is None:
         if not hasattr(module, "input_specs"):
             raise TraceError(f"{type(module).__name__} has no input_specs(); pass inputs= to trace()")
-        inputs = module.input_specs()
+        inputs = module.input_specs() if method == "forward" else module.input_specs(method)
+    entry = getattr(module, method, None)
+    if not callable(entry):
+        raise TraceError(f"{type(module).__name__} has no entry {method!r}")
     graph = Graph(name or getattr(module, "name", None) or type(module).__name__)
+    if method != "forward":
+        graph.name += f".{method}"
     param_names = {id(p): n for n, p in module.named_parameters()}
     module_names: dict[int, str] = {}
     for n, m in module.named_modules():
@@ -307,7 +313,11 @@ def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = No
         args[arg] = Tensor(tracer, nid)
     _TRACERS.append(tracer)
     try:
-        out = module(**args)
+        if method == "forward":
+            out = module(**args)
+        else:  # entered like __call__: the module's own scope
+            tracer.scope.append("")
+            out = entry(**args)
     finally:
         _TRACERS.pop()
     if isinstance(out, Tensor):
@@ -323,6 +333,6 @@ def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = No
             raise TraceError(f"output {oname!r} is {type(o).__name__}, not a Tensor")
     graph.set_outputs((oname, o._traced().id) for oname, o in outs)
     if hasattr(module, "default_dims"):
-        graph.meta["dims"] = dict(module.default_dims())
+        graph.meta["dims"] = dict(module.default_dims() if method == "forward" else module.default_dims(method))
     graph.validate()
     return graph
