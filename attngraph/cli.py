@@ -17,10 +17,12 @@ from .inputs import InputError, random_inputs
 from .ir import GraphError, to_dot, to_text
 from .models import ModelNotFound
 from .nn import TraceError
+from .passes import PassVerificationError
 from .weights import WeightsError, init_params, load_weights, save_weights
 
 #: Errors whose message is the whole story: shown without a traceback.
-USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError)
+USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
+               PassVerificationError)
 
 
 def user_errors(fn):
@@ -60,14 +62,46 @@ def list_models():
         click.echo(name)
 
 
+def optimize_option(fn):
+    """``-O`` and the pass-manager options shared by the commands that optimize."""
+    options = [
+        click.option("-O", "--opt-level", "opt_level", type=click.IntRange(0, 3), default=None,
+                     help="Optimization level 0-3 (show: default 0, the graph as traced)."),
+        click.option("--disable-pass", "disable", multiple=True, metavar="NAME", help="Skip a pass (to bisect)."),
+        click.option("--verify-each", is_flag=True,
+                     help="Run the float64 interpreter after every pass; name the first pass that changes the result."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None):
+    """``graph`` through the pass pipeline at ``opt_level``, and the report (None at -O0 with nothing asked)."""
+    if not opt_level and not verify_each and not print_after:
+        return graph, None
+    from . import passes
+    unknown = [name for name in disable if name not in passes.PASSES]
+    if unknown:
+        raise click.BadParameter(f"unknown pass {', '.join(unknown)}; passes: {', '.join(passes.PASSES)}",
+                                 param_hint="--disable-pass")
+    return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
+                           verify_each=verify_each)
+
+
 @main.command()
 @click.argument("model")
 @click.option("--format", "fmt", type=click.Choice(["text", "dot", "svg"]), default="text", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@optimize_option
+@click.option("--stats", is_flag=True, help="Print what each pass matched, missed and why, and the kernel/memory summary.")
+@click.option("--print-after", metavar="PASS|all", help="Print the IR after this pass (or after every pass).")
 @user_errors
-def show(model, fmt, output):
-    """Print MODEL's graph (a zoo name or path/to/file.py:factory)."""
-    graph = models.load_graph(model)
+def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after):
+    """Print MODEL's graph (a zoo name or path/to/file.py:factory), optionally optimized."""
+    graph, report = optimized(models.load_graph(model), opt_level, disable, verify_each, print_after)
+    if report is not None and (stats or print_after):
+        click.echo(report.format(), err=fmt != "text" and not output)
     if fmt == "text":
         text = to_text(graph)
     else:
@@ -98,11 +132,12 @@ def show(model, fmt, output):
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 @click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Size of a symbolic dim for random inputs.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@optimize_option
 @user_errors
-def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype):
-    """Run MODEL on inputs and print (or save) its outputs."""
+def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
+    """Run MODEL on inputs and print (or save) its outputs (optionally its -O graph)."""
     from .backends import reference
-    graph = models.load_graph(model)
+    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
     params = load_weights(weights_path) if weights_path else init_params(graph, seed)
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:

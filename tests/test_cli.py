@@ -88,3 +88,15 @@ def test_console_script_runs_transformer_base():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "log_probs: float32[1, 4, 37000]" in r.stdout
+
+
+def test_show_optimized_with_stats_and_print_after():
+    r = invoke("show", "transformer-base", "-O3", "--stats")
+    assert r.exit_code == 0, r.output
+    assert "attention            18 match(es)" in r.output
+    assert r.output.count(" = fused_attention[") == 18
+    r = invoke("show", "transformer-tiny", "-O2", "--print-after", "softmax-scaling", "--verify-each")
+    assert r.exit_code == 0, r.output
+    assert "IR after softmax-scaling:" in r.output and "scaled_masked_softmax" in r.output
+    r = CliRunner().invoke(main, ["show", "transformer-tiny", "-O3", "--disable-pass", "nope"])
+    assert r.exit_code != 0 and "unknown pass nope" in r.output

@@ -139,12 +139,14 @@ def _param():
 
 def _infer_const(types, attrs):
     value = attrs["value"]
-    return TensorType(value.shape, check_dtype(value.dtype))
+    return TensorType(value.shape, check_dtype(attrs.get("dtype") or value.dtype))
 
 
-@op("const", SOURCE, 0, _infer_const)
-def const(*, value):
-    """A constant tensor held in the graph."""
+@op("const", SOURCE, 0, _infer_const, dtype=None)
+def const(*, value, dtype=None):
+    """A constant tensor held in the graph.  ``dtype``, when given, is its type while ``value`` may
+    be held more precisely (constant folding keeps float64 values, so folding changes nothing in a
+    float64 run and rounds exactly like the unfolded graph in a float32 one)."""
     return value
 
 
@@ -272,9 +274,10 @@ def _infer_softmax(types, attrs):
 @op("softmax", NN, 1, _infer_softmax, axis=-1)
 def softmax(x, *, axis=-1):
     """exp(x - max) / sum(exp(x - max)) along ``axis``; rows of all -inf give NaN, as in PyTorch."""
-    m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a fully masked row is NaN by definition
+        m = np.max(x, axis=axis, keepdims=True)
+        e = np.exp(x - m)
+        return e / np.sum(e, axis=axis, keepdims=True)
 
 
 @op("log_softmax", NN, 1, _infer_softmax, axis=-1)

@@ -27,7 +27,8 @@ def format_attr(value) -> str:
 
 
 def format_node(g: Graph, n: Node, scope: bool = True) -> str:
-    attrs = {k: v for k, v in n.attrs.items() if not (n.op in ("input", "param") and k == "type")}
+    attrs = {k: v for k, v in n.attrs.items()
+             if not (n.op in ("input", "param") and k == "type") and not (n.op == "const" and v is None)}
     head = n.op
     if attrs:
         head += "[" + ", ".join(f"{k}={format_attr(v)}" for k, v in attrs.items()) + "]"

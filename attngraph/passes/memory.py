@@ -1,0 +1,71 @@
+"""Liveness and the memory plan: first and last use of every value, then buffer reuse."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..ir import Graph
+
+#: Ops whose result is a view of their operand's buffer (no kernel, no storage of its own).
+VIEW_OPS = ("reshape",)
+SOURCE_OPS = ("input", "param", "const")
+
+
+def liveness(g: Graph, order: list[int] | None = None) -> dict[int, tuple[int, int]]:
+    """node -> (position where it is made, position of its last use); outputs live to the end."""
+    order = order or g.topo_order()
+    pos = {nid: i for i, nid in enumerate(order)}
+    live = {}
+    for nid in order:
+        last = max((pos[u] for u in g.users(nid)), default=pos[nid])
+        live[nid] = (pos[nid], len(order) if g.is_output(nid) else last)
+    return live
+
+
+@dataclass
+class MemoryPlan:
+    buffer_of: dict[int, int] = field(default_factory=dict)
+    buffer_bytes: list[int] = field(default_factory=list)
+    naive_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.buffer_bytes)
+
+
+def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None = None) -> MemoryPlan:
+    """Place every computed value in a buffer, reusing a buffer once all values it held are dead.
+
+    Views (reshapes) share their operand's buffer; a buffer is free only after the last use of
+    every value placed in it.  Best fit among free buffers, else a new one."""
+    order = order or g.topo_order()
+    live = liveness(g, order)
+    plan = MemoryPlan()
+    holders: dict[int, list[int]] = {}   # buffer -> values placed in it
+    free: list[int] = []
+    for i, nid in enumerate(order):
+        n = g.node(nid)
+        if n.op in SOURCE_OPS:
+            continue
+        if n.op in VIEW_OPS and g.operands(nid)[0] in plan.buffer_of:
+            buf = plan.buffer_of[g.operands(nid)[0]]
+        else:
+            size = int(np.prod(n.type.concrete(bindings), dtype=np.int64)) * np.dtype(n.type.dtype).itemsize
+            plan.naive_bytes += size
+            fits = [b for b in free if plan.buffer_bytes[b] >= size]
+            if fits:
+                buf = min(fits, key=lambda b: plan.buffer_bytes[b])
+                free.remove(buf)
+            else:
+                buf = len(plan.buffer_bytes)
+                plan.buffer_bytes.append(size)
+        plan.buffer_of[nid] = buf
+        holders.setdefault(buf, []).append(nid)
+        # Release the buffers whose every value has had its last use at this step.
+        for b in {plan.buffer_of[o] for o in g.operands(nid) if o in plan.buffer_of} | {buf}:
+            if b not in free and all(live[v][1] <= i for v in holders[b]):
+                free.append(b)
+    return plan
