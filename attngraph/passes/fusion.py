@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..ir import Graph
+from .memory import weights_only
 from .rewrite import node_if, only_used_by, remove_dead, replace, scalar_const
 
 NEG_INF = float("-inf")
@@ -224,3 +227,65 @@ def residual_layer_norm(g: Graph):
         matches += 1
     remove_dead(g)
     return matches, misses
+
+
+def fold_scale_into_q(g: Graph):
+    """``fused_attention(reshape(linear(x, Wq, bq)), ...; scale=s)`` -> the same with ``Wq*s, bq*s``
+    and scale 1: the softmax scale costs nothing at run time (``Wq*s`` is weights-only)."""
+    matches, misses = 0, []
+    constant = weights_only(g)
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.op != "fused_attention" or n.attrs["scale"] == 1.0:
+            continue
+        q = g.operands(nid)[0]
+        proj = g.operands(q)[0] if g.node(q).op == "reshape" and only_used_by(g, q, nid) else q
+        pn = g.node(proj)
+        if pn.op != "linear" or pn.attrs["activation"] != "none" or not only_used_by(g, proj, q if proj != q else nid):
+            misses.append(f"%{n.name}: Q is not a projection used by this attention alone; scale kept in the kernel")
+            continue
+        if not all(w in constant for w in g.operands(proj)[1:]):
+            misses.append(f"%{n.name}: the Q projection's weights are not parameters; scale kept in the kernel")
+            continue
+        scale = g.add("const", (), {"value": np.asarray(n.attrs["scale"], dtype=np.float64),
+                                    "dtype": pn.type.dtype}, name="q_scale", meta=pn.meta)
+        for i, w in enumerate(g.operands(proj)[1:], start=1):
+            g.set_operand(proj, i, g.add("mul", [w, scale], name="scaled_weight", meta=pn.meta))
+        n.attrs["scale"] = 1.0
+        matches += 1
+    return matches, misses
+
+
+def _parent_scope(g: Graph, nid: int) -> str:
+    return g.node(nid).meta.get("scope", "").rpartition(".")[0]
+
+
+def merge_projections(g: Graph):
+    """Linear projections of one input inside one attention module (Q, K and V of self-attention;
+    K and V of the encoder memory in cross-attention) -> one ``linear`` over the concatenated
+    weights, whose result is sliced per projection along the last axis."""
+    matches, groups = 0, {}
+    for nid in g.topo_order():
+        n = g.node(nid)
+        ops_ = g.operands(nid)
+        if n.op == "linear" and n.attrs["activation"] == "none" and len(ops_) == 3 and _parent_scope(g, nid):
+            groups.setdefault((ops_[0], _parent_scope(g, nid)), []).append(nid)
+    for (x, scope), members in groups.items():
+        if len(members) < 2:
+            continue
+        weights = [g.operands(m)[1] for m in members]
+        biases = [g.operands(m)[2] for m in members]
+        meta = {**g.node(members[0]).meta, "scope": scope}
+        w = g.add("concat", weights, {"axis": 1}, name="merged_weight", meta=meta)
+        b = g.add("concat", biases, {"axis": 0}, name="merged_bias", meta=meta)
+        merged = g.add("linear", [x, w, b], {"activation": "none"}, name="merged_linear", meta=meta)
+        start = 0
+        for m in members:
+            width = g.node(m).type.shape[-1]
+            part = g.add("slice", [merged], {"axis": -1, "start": start, "stop": start + width},
+                         name="projection", meta=g.node(m).meta)
+            g.replace_all_uses(m, part)
+            start += width
+        matches += 1
+    remove_dead(g)
+    return matches, []

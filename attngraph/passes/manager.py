@@ -10,7 +10,7 @@ import numpy as np
 
 from ..ir import Graph, to_text
 from . import cleanup, fusion
-from .memory import SOURCE_OPS, VIEW_OPS, plan_memory
+from .memory import SOURCE_OPS, VIEW_OPS, plan_memory, weights_only
 
 #: name -> pass; a pass rewrites the graph in place and returns (matches, near-misses).
 PASSES: dict[str, Callable] = {
@@ -21,13 +21,17 @@ PASSES: dict[str, Callable] = {
     "attention": fusion.attention,
     "linear-epilogue": fusion.linear_epilogue,
     "residual-layer-norm": fusion.residual_layer_norm,
+    "fold-scale-into-q": fusion.fold_scale_into_q,
+    "merge-projections": fusion.merge_projections,
 }
 
 LEVELS = {
     0: [],
     1: ["dce", "cse", "constant-fold"],
     2: ["dce", "cse", "constant-fold", "softmax-scaling", "linear-epilogue", "residual-layer-norm"],
-    3: ["dce", "cse", "constant-fold", "softmax-scaling", "attention", "linear-epilogue", "residual-layer-norm"],
+    # -O2 keeps the softmax scale in the kernel; -O3 folds it into the Q projection's weights.
+    3: ["dce", "cse", "constant-fold", "softmax-scaling", "attention", "linear-epilogue", "residual-layer-norm",
+        "fold-scale-into-q", "merge-projections"],
 }
 
 
@@ -50,8 +54,9 @@ class PassStat:
 
 
 def kernel_count(g: Graph) -> int:
-    """Ops that need a kernel: everything but sources and views."""
-    return sum(1 for n in g.nodes() if n.op not in SOURCE_OPS and n.op not in VIEW_OPS)
+    """Ops that need a kernel at run time: everything but sources, views and weights-only values."""
+    constant = weights_only(g)
+    return sum(1 for n in g.nodes() if n.op not in SOURCE_OPS and n.op not in VIEW_OPS and n.id not in constant)
 
 
 @dataclass

@@ -14,6 +14,19 @@ VIEW_OPS = ("reshape",)
 SOURCE_OPS = ("input", "param", "const")
 
 
+def weights_only(g: Graph) -> set[int]:
+    """Nodes that depend on parameters and constants alone.  Executors compute them once, when the
+    weights are bound (``W*scale``, ``concat(Wq, Wk, Wv)``), so they are neither kernels nor
+    intermediate memory at run time."""
+    out: set[int] = set()
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.op in ("param", "const") or (n.op not in ("input", "arange") and g.operands(nid)
+                                         and all(o in out for o in g.operands(nid))):
+            out.add(nid)
+    return out
+
+
 def liveness(g: Graph, order: list[int] | None = None) -> dict[int, tuple[int, int]]:
     """node -> (position where it is made, position of its last use); outputs live to the end."""
     order = order or g.topo_order()
@@ -44,11 +57,12 @@ def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None =
     order = order or g.topo_order()
     live = liveness(g, order)
     plan = MemoryPlan()
+    constant = weights_only(g)
     holders: dict[int, list[int]] = {}   # buffer -> values placed in it
     free: list[int] = []
     for i, nid in enumerate(order):
         n = g.node(nid)
-        if n.op in SOURCE_OPS:
+        if n.op in SOURCE_OPS or nid in constant:
             continue
         if n.op in VIEW_OPS and g.operands(nid)[0] in plan.buffer_of:
             buf = plan.buffer_of[g.operands(nid)[0]]
