@@ -79,3 +79,8 @@ def const(value, dtype: str | None = None, name: str | None = None) -> Tensor:
     if dtype is not None:
         value = value.astype(dtype)
     return current_tracer().emit("const", (), {"value": value}, name=name)
+
+
+def update_slice(cache, value, offset, axis: int) -> Tensor:
+    """``cache`` with ``value`` written at ``offset`` (an int64 scalar tensor) along ``axis``."""
+    return _emit("update_slice", [cache, value, offset], axis=axis)

@@ -1,0 +1,94 @@
+"""The TVM backend (llvm): compiled graphs against the float64 interpreter, one build for any
+sequence length, at -O0 (primitive ops) and -O3 (fused ops)."""
+
+import numpy as np
+import pytest
+
+import attngraph as ag
+from attngraph import nn, passes
+from attngraph.backends.tvm import BuildError, compile_graph
+from attngraph.inputs import InputError
+from attngraph.ir.ops import IndexOutOfRange
+from attngraph.nn import functional as F
+
+from conftest import TOLERANCE, example
+
+RTOL, ATOL = TOLERANCE["float32"]
+
+
+def check(model, x, params):
+    want = ag.reference.run(model.graph, x, params, dtype="float64")
+    got = model(x)
+    for name, w in want.items():
+        assert got[name].shape == w.shape
+        np.testing.assert_allclose(got[name], w, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+@pytest.fixture(scope="module", params=[0, 3], ids=["O0", "O3"])
+def tiny_compiled(request):
+    g, _ = passes.optimize(ag.models.load_graph("transformer-tiny"), request.param)
+    params = ag.init_params(g, 0, perturb=True)
+    return compile_graph(g, params), params
+
+
+@pytest.mark.parametrize("dims", [{}, {"batch": 1, "src_len": 1, "tgt_len": 1}, {"batch": 3, "src_len": 23, "tgt_len": 5}])
+def test_transformer_tiny_any_length_one_build(tiny_compiled, dims):
+    model, params = tiny_compiled
+    check(model, example(model.graph, seed=1, **dims), params)
+
+
+def test_o3_build_has_fewer_kernels():
+    g = ag.models.load_graph("encoder-tiny")
+    o3, _ = passes.optimize(g, 3)
+    assert compile_graph(o3, ag.init_params(o3, 0)).kernel_count < compile_graph(g, ag.init_params(g, 0)).kernel_count
+
+
+class EveryOp(nn.Module):
+    """The ops the zoo models do not reach at -O0 or -O3."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter((8, 8))
+
+    def forward(self, x, cache, pos):
+        a = F.gelu(x) + F.gelu(x, "tanh") - F.tanh(x) / (F.exp(-x) + 1.0)
+        b = F.sqrt(x * x + 1.0) * F.rsqrt(x * x + 2.0) + F.erf(x) + (x * x + 1.0).log()
+        c = (a.sum(-1, keepdims=True) + b.mean(-1, keepdims=True)) + x.max(-1, keepdims=True)
+        d = F.where((x > 0.0) & (x < 1.0), -x, c) + F.cast(x > 0.0, "float32")
+        e = F.concat([d[:, :, :3], (d @ self.w)[:, :, 3:]], axis=2)
+        cache = F.update_slice(cache, e[:, :1, :], pos, axis=1)
+        return {"e": e, "sm": F.softmax(e.transpose(1, 2), axis=-1), "cache": cache}
+
+
+def test_remaining_ops_match_the_interpreter():
+    g = ag.trace(EveryOp(), {"x": nn.InputSpec(("b", "s", 8)), "cache": nn.InputSpec(("b", 10, 8)),
+                             "pos": nn.InputSpec((), "int64")})
+    params = ag.init_params(g, 0)
+    model = compile_graph(g, params)
+    rng = np.random.default_rng(0)
+    for s in (1, 4):
+        x = {"x": rng.standard_normal((2, s, 8)).astype(np.float32), "cache": np.zeros((2, 10, 8), np.float32),
+             "pos": np.array(3)}
+        check(model, x, params)
+
+
+def test_token_out_of_vocabulary_is_a_clear_error(tiny_compiled):
+    model, _ = tiny_compiled
+    x = example(model.graph)
+    x["tgt"][1, 2] = 1000
+    with pytest.raises(IndexOutOfRange, match="index 1000 is out of range for a table of 64 rows"):
+        model(x)
+
+
+def test_wrong_input_shape_is_a_clear_error(tiny_compiled):
+    model, _ = tiny_compiled
+    x = example(model.graph)
+    x["tgt"] = x["tgt"][:1]
+    with pytest.raises(InputError, match="batch = 2"):
+        model(x)
+
+
+def test_unknown_target():
+    g = ag.models.load_graph("encoder-tiny")
+    with pytest.raises(BuildError, match="unknown or not yet supported target 'metal'"):
+        compile_graph(g, ag.init_params(g, 0), target="metal")
