@@ -13,6 +13,8 @@ import numpy as np
 
 from . import models
 from .backends.reference import InterpreterError
+from .backends import BuildError
+from .ir.ops import IndexOutOfRange
 from .inputs import InputError, random_inputs
 from .ir import GraphError, to_dot, to_text
 from .models import ModelNotFound
@@ -22,7 +24,7 @@ from .weights import WeightsError, init_params, load_weights, save_weights
 
 #: Errors whose message is the whole story: shown without a traceback.
 USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
-               PassVerificationError)
+               PassVerificationError, BuildError, IndexOutOfRange)
 
 
 def user_errors(fn):
@@ -120,24 +122,23 @@ def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after
         click.echo(text)
 
 
-@main.command()
-@click.argument("model")
-@click.option("--target", type=click.Choice(["numpy"]), default="numpy", show_default=True,
-              help="Where to run: numpy is the reference interpreter.")
-@click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
-              help=".npz with one array per model input; random inputs if omitted.")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
-@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
-              help=".safetensors or .npz weights; seeded random weights if omitted.")
-@click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
-@click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Size of a symbolic dim for random inputs.")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
-@optimize_option
-@user_errors
-def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
-    """Run MODEL on inputs and print (or save) its outputs (optionally its -O graph)."""
-    from .backends import reference
-    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
+def model_options(fn):
+    """The options that say which weights and inputs a model runs on."""
+    options = [
+        click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
+                     help=".npz with one array per model input; random inputs if omitted."),
+        click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
+                     help=".safetensors or .npz weights; seeded random weights if omitted."),
+        click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs."),
+        click.option("--dim", "dims", multiple=True, metavar="NAME=INT", help="Size of a symbolic dim for random inputs."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def prepare(graph, inputs_path, weights_path, seed, dims):
+    """(params, inputs) for ``graph``: loaded from files, or seeded random."""
     params = load_weights(weights_path) if weights_path else init_params(graph, seed)
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:
@@ -145,7 +146,32 @@ def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype
     else:
         sizes = {**graph.meta.get("dims", {}), **parse_dims(dims)}
         inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
-    outputs = reference.run(graph, inputs, params, dtype=dtype)
+    return params, inputs
+
+
+TARGETS = ["numpy", "llvm"]
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", type=click.Choice(TARGETS), default="numpy", show_default=True,
+              help="numpy: the reference interpreter; llvm: compiled with TVM for this CPU.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
+@model_options
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Interpreter precision (numpy target).")
+@optimize_option
+@user_errors
+def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
+    """Run MODEL on inputs and print (or save) its outputs (optionally its -O graph)."""
+    from .backends import reference
+    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
+    params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
+    if target == "numpy":
+        outputs = reference.run(graph, inputs, params, dtype=dtype)
+    else:
+        from .backends.tvm import compile_graph
+        outputs = compile_graph(graph, params, target)(inputs)
     for name, value in outputs.items():
         finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
         stats = f"mean {finite.mean():.6g}, min {finite.min():.6g}, max {finite.max():.6g}" if finite.size else "no finite values"
@@ -153,6 +179,31 @@ def run(model, target, inputs_path, output_path, weights_path, seed, dims, dtype
     if output_path:
         np.savez(output_path, **outputs)
         click.echo(f"wrote {output_path}", err=True)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", type=click.Choice(TARGETS[1:]), default="llvm", show_default=True)
+@model_options
+@optimize_option
+@user_errors
+def verify(model, target, inputs_path, weights_path, seed, dims, opt_level, disable, verify_each):
+    """Compile MODEL and compare it with the float64 interpreter on the same inputs and weights."""
+    import time
+    from .backends import reference
+    from .backends.tvm import compile_graph
+    from .verify import verify_outputs
+    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
+    params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
+    start = time.perf_counter()
+    compiled = compile_graph(graph, params, target)
+    click.echo(f"built {graph.name} for {target} at -O{opt_level or 0}: {compiled.kernel_count} kernel calls, "
+               f"{len(set(compiled.symbol_of.values()))} distinct kernels, {time.perf_counter() - start:.1f} s")
+    checks = verify_outputs(compiled(inputs), reference.run(graph, inputs, params, dtype="float64"))
+    for check in checks:
+        click.echo(str(check))
+    if not all(c.ok for c in checks):
+        raise click.ClickException("compiled outputs differ from the interpreter beyond the tolerance")
 
 
 if __name__ == "__main__":  # pragma: no cover

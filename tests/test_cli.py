@@ -100,3 +100,11 @@ def test_show_optimized_with_stats_and_print_after():
     assert "IR after softmax-scaling:" in r.output and "scaled_masked_softmax" in r.output
     r = CliRunner().invoke(main, ["show", "transformer-tiny", "-O3", "--disable-pass", "nope"])
     assert r.exit_code != 0 and "unknown pass nope" in r.output
+
+
+def test_verify_and_run_compiled():
+    r = invoke("verify", "encoder-tiny", "-O3", "--dim", "seq=5")
+    assert r.exit_code == 0, r.output
+    assert "y: max abs error" in r.output and ": PASS" in r.output
+    r = invoke("run", "encoder-tiny", "--target", "llvm", "--dim", "seq=3")
+    assert r.exit_code == 0 and "y: float32[2, 3, 32]" in r.output

@@ -17,16 +17,13 @@ from ...ir import Graph
 from ...ir.ops import IndexOutOfRange
 from ...passes.memory import SOURCE_OPS, weights_only
 from ...weights import check_params
+from .. import BuildError
 from ..reference import DIM_ATTRS, bind_attrs, describe, last_uses
 from .lowering import LoweringError, lower
 from .shapes import DimVars
 
 VIEW_OPS = ("reshape",)
 TARGETS = ("llvm",)
-
-
-class BuildError(RuntimeError):
-    """A graph that cannot be compiled for the target (names the node and why)."""
 
 
 def llvm_target():
