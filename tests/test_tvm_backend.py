@@ -92,3 +92,12 @@ def test_unknown_target():
     g = ag.models.load_graph("encoder-tiny")
     with pytest.raises(BuildError, match="unknown or not yet supported target 'metal'"):
         compile_graph(g, ag.init_params(g, 0), target="metal")
+
+
+def test_transformer_base_verifies_at_o3():
+    """The README's main job: the paper's base model compiled at -O3 matches the float64 interpreter."""
+    from click.testing import CliRunner
+    from attngraph.cli import main
+    r = CliRunner().invoke(main, ["verify", "transformer-base", "-O3", "--dim", "src_len=9", "--dim", "tgt_len=5"])
+    assert r.exit_code == 0, r.output
+    assert "36 distinct kernels" in r.output and "log_probs: max abs error" in r.output and ": PASS" in r.output
