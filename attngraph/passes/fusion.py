@@ -13,7 +13,7 @@ import numpy as np
 
 from ..ir import Graph
 from .memory import weights_only
-from .rewrite import node_if, only_used_by, remove_dead, replace, scalar_const
+from .rewrite import anchors, node_if, only_used_by, remove_dead, replace, scalar_const
 
 NEG_INF = float("-inf")
 
@@ -78,10 +78,7 @@ def softmax_scaling(g: Graph):
     Matches ``mul(x, 1/sqrt(d))``, ``div(x, sqrt(d))``, the scale on Q or K before the product,
     additive / keep / drop masks (causal masks are keep masks), or none."""
     matches, misses = 0, []
-    for nid in g.topo_order():
-        if nid not in g or g.node(nid).op != "softmax":
-            continue
-        n = g.node(nid)
+    for nid, n in anchors(g, "softmax"):
         if n.attrs["axis"] not in (-1, n.type.rank - 1):
             misses.append(f"%{n.name}: softmax over axis {n.attrs['axis']}, not the last")
             continue
@@ -134,10 +131,7 @@ def attention(g: Graph):
     ``transpose(0,2,1,3)``, the transposes are absorbed: the attention reads and writes the
     projections' (batch, seq, heads, dim) layout directly (``layout='bshd'``)."""
     matches, misses = 0, []
-    for nid in g.topo_order():
-        if nid not in g or g.node(nid).op != "matmul":
-            continue
-        n = g.node(nid)
+    for nid, n in anchors(g, "matmul"):
         p, v = g.operands(nid)
         sms = node_if(g, p, "scaled_masked_softmax")
         if sms is None or n.type.rank != 4:
@@ -176,10 +170,7 @@ def attention(g: Graph):
 def linear_epilogue(g: Graph):
     """``act(x @ W + b)`` with a 2-D weight -> ``linear(x, W, b; activation)``."""
     matches, misses = 0, []
-    for nid in g.topo_order():
-        if nid not in g or g.node(nid).op != "add":
-            continue
-        n = g.node(nid)
+    for nid, n in anchors(g, "add"):
         a, b = g.operands(nid)
         mm, bias = (a, b) if g.node(a).op == "matmul" else (b, a)
         if g.node(mm).op != "matmul":
@@ -208,10 +199,7 @@ def linear_epilogue(g: Graph):
 def residual_layer_norm(g: Graph):
     """``layer_norm(a + b)`` -> ``add_layer_norm(a, b)`` when the sum has no other use."""
     matches, misses = 0, []
-    for nid in g.topo_order():
-        if nid not in g or g.node(nid).op != "layer_norm":
-            continue
-        n = g.node(nid)
+    for nid, n in anchors(g, "layer_norm"):
         s, gamma, beta = g.operands(nid)
         if g.node(s).op != "add":
             continue

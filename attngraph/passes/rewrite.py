@@ -52,3 +52,10 @@ def remove_dead(g: Graph) -> int:
     for nid in dead:
         g.nx.remove_node(nid)
     return len(dead)
+
+
+def anchors(g: Graph, op: str):
+    """(id, node) of every ``op`` node in order, skipping those an earlier rewrite removed."""
+    for nid in g.topo_order():
+        if nid in g and g.node(nid).op == op:
+            yield nid, g.node(nid)
