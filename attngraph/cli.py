@@ -13,6 +13,7 @@ import numpy as np
 
 from . import models
 from .backends.reference import InterpreterError
+from .artifact import ArtifactError
 from .backends import BuildError
 from .ir.ops import IndexOutOfRange
 from .inputs import InputError, random_inputs
@@ -24,7 +25,7 @@ from .weights import WeightsError, init_params, load_weights, save_weights
 
 #: Errors whose message is the whole story: shown without a traceback.
 USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
-               PassVerificationError, BuildError, IndexOutOfRange)
+               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError)
 
 
 def user_errors(fn):
@@ -137,9 +138,12 @@ def model_options(fn):
     return fn
 
 
-def prepare(graph, inputs_path, weights_path, seed, dims):
-    """(params, inputs) for ``graph``: loaded from files, or seeded random."""
-    params = load_weights(weights_path) if weights_path else init_params(graph, seed)
+def prepare(graph, inputs_path, weights_path, seed, dims, params=None):
+    """(params, inputs) for ``graph``: loaded from files, or seeded random (``params`` if given)."""
+    if params is None:
+        params = load_weights(weights_path) if weights_path else init_params(graph, seed)
+    elif weights_path:
+        raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
@@ -147,6 +151,11 @@ def prepare(graph, inputs_path, weights_path, seed, dims):
         sizes = {**graph.meta.get("dims", {}), **parse_dims(dims)}
         inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
     return params, inputs
+
+
+def load_artifact(path):
+    from .artifact import load
+    return load(path)
 
 
 TARGETS = ["numpy", "llvm"]
@@ -163,13 +172,20 @@ TARGETS = ["numpy", "llvm"]
 @optimize_option
 @user_errors
 def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
-    """Run MODEL on inputs and print (or save) its outputs (optionally its -O graph)."""
+    """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
+    from .artifact import is_artifact
     from .backends import reference
-    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
-    params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
+    if is_artifact(model):
+        compiled = load_artifact(model)
+        _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)
+        outputs = compiled(inputs)
+        target = None
+    else:
+        graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
+        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
     if target == "numpy":
         outputs = reference.run(graph, inputs, params, dtype=dtype)
-    else:
+    elif target is not None:
         from .backends.tvm import compile_graph
         outputs = compile_graph(graph, params, target)(inputs)
     for name, value in outputs.items():
@@ -188,22 +204,53 @@ def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype
 @optimize_option
 @user_errors
 def verify(model, target, inputs_path, weights_path, seed, dims, opt_level, disable, verify_each):
-    """Compile MODEL and compare it with the float64 interpreter on the same inputs and weights."""
+    """Compile MODEL (or load an artifact DIR) and compare it with the float64 interpreter on the same
+    inputs and weights."""
     import time
+    from .artifact import is_artifact
     from .backends import reference
     from .backends.tvm import compile_graph
     from .verify import verify_outputs
-    graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
-    params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
     start = time.perf_counter()
-    compiled = compile_graph(graph, params, target)
-    click.echo(f"built {graph.name} for {target} at -O{opt_level or 0}: {compiled.kernel_count} kernel calls, "
-               f"{len(set(compiled.symbol_of.values()))} distinct kernels, {time.perf_counter() - start:.1f} s")
+    if is_artifact(model):
+        compiled = load_artifact(model)
+        graph = compiled.graph
+        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, compiled.params)
+        click.echo(f"loaded {model}: {compiled.manifest['model']} for {compiled.manifest['target']} at "
+                   f"-O{compiled.manifest['opt_level']}, {time.perf_counter() - start:.1f} s")
+    else:
+        graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
+        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
+        compiled = compile_graph(graph, params, target)
+        click.echo(f"built {graph.name} for {target} at -O{opt_level or 0}: {compiled.kernel_count} kernel calls, "
+                   f"{len(set(compiled.symbol_of.values()))} distinct kernels, {time.perf_counter() - start:.1f} s")
     checks = verify_outputs(compiled(inputs), reference.run(graph, inputs, params, dtype="float64"))
     for check in checks:
         click.echo(str(check))
     if not all(c.ok for c in checks):
         raise click.ClickException("compiled outputs differ from the interpreter beyond the tolerance")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--target", type=click.Choice(TARGETS[1:]), default="llvm", show_default=True)
+@click.option("-O", "--opt-level", "opt_level", type=click.IntRange(0, 3), default=3, show_default=True)
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="The artifact directory to write.")
+@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
+              help=".safetensors or .npz weights; seeded random weights if omitted.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights.")
+@user_errors
+def build(model, target, opt_level, out_dir, weights_path, seed):
+    """Optimize and compile MODEL into an artifact directory (run it with attngraph run DIR)."""
+    import time
+    from .artifact import build as build_artifact
+    graph = models.load_graph(model)
+    params = load_weights(weights_path) if weights_path else init_params(graph, seed)
+    start = time.perf_counter()
+    manifest = build_artifact(graph, params, out_dir, target, opt_level)
+    click.echo(f"built {manifest['model']} for {target} at -O{opt_level} in {time.perf_counter() - start:.1f} s: "
+               f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> {out_dir}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,7 +76,7 @@ def check_params(model, params: Mapping[str, np.ndarray]) -> None:
 
 def save_weights(path: str, params: Mapping[str, np.ndarray]) -> None:
     """Write ``.safetensors`` (default) or ``.npz``."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+    arrays = {k: np.require(v, requirements="C") for k, v in params.items()}  # keeps 0-d arrays 0-d
     if path.endswith(".npz"):
         np.savez(path, **arrays)
     else:

@@ -85,13 +85,13 @@ def build_module(g: Graph, target=None):
 class CompiledModel:
     """A graph compiled for the CPU: call it with NumPy inputs, get NumPy outputs."""
 
-    def __init__(self, g: Graph, params: Mapping[str, np.ndarray], target=None):
+    def __init__(self, g: Graph, params: Mapping[str, np.ndarray], module, symbol_of: Mapping[int, str]):
         import tvm
         from ...passes.cleanup import dead_code
         from ..reference import run as interpret
         check_params(g, params)
         self.graph = g
-        self.module, self.symbol_of = build_module(g, target)
+        self.module, self.symbol_of = module, dict(symbol_of)
         self.order = g.topo_order()
         self.last = last_uses(g, self.order)
         self.constant = weights_only(g)
@@ -162,4 +162,4 @@ def compile_graph(g: Graph, params: Mapping[str, np.ndarray], target: str = "llv
     """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``."""
     if target not in TARGETS:
         raise BuildError(f"unknown or not yet supported target {target!r}; available here: {', '.join(TARGETS)}")
-    return CompiledModel(g, params)
+    return CompiledModel(g, params, *build_module(g))
