@@ -2,11 +2,11 @@
 the compiled numerics against a NumPy reference interpreter."""
 
 from . import ir, models, nn
+from .artifact import ArtifactError, build, load
 from .backends import reference
 from .inputs import InputError, random_inputs
 from .ir import Graph, TensorType
 from .nn import InputSpec, Module, Parameter, trace
-from .artifact import ArtifactError, build, load
 from .weights import WeightsError, init_params, load_weights, save_weights
 
 __version__ = "0.1.0"

@@ -17,8 +17,7 @@ import platform
 import numpy as np
 
 from .backends import BuildError
-from .ir import Graph
-from .ir import serialize
+from .ir import Graph, serialize
 
 FILES = ("manifest.json", "graph.json", "weights.safetensors", "kernels.so")
 FORMAT = 1
@@ -30,6 +29,7 @@ class ArtifactError(RuntimeError):
 
 def _versions() -> dict:
     import tvm
+
     from . import __version__
     return {"attngraph": __version__, "tvm": tvm.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
@@ -76,6 +76,7 @@ def load(path: str):
     """The compiled model in ``path``: ``model(inputs: dict) -> dict`` of NumPy arrays; ``model.graph``,
     ``model.manifest`` and ``model.params`` describe it."""
     import tvm
+
     from .backends.tvm.build import CompiledModel
     from .weights import WeightsError, load_weights
     if not os.path.isdir(path):

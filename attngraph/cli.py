@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import subprocess
 import sys
@@ -12,16 +11,16 @@ import click
 import numpy as np
 
 from . import models
-from .backends.reference import InterpreterError
 from .artifact import ArtifactError
 from .backends import BuildError
-from .ir.ops import IndexOutOfRange
+from .backends.reference import InterpreterError
 from .inputs import InputError, random_inputs
 from .ir import GraphError, to_dot, to_text
+from .ir.ops import IndexOutOfRange
 from .models import ModelNotFound
 from .nn import TraceError
 from .passes import PassVerificationError
-from .weights import WeightsError, init_params, load_weights, save_weights
+from .weights import WeightsError, init_params, load_weights
 
 #: Errors whose message is the whole story: shown without a traceback.
 USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
@@ -207,6 +206,7 @@ def verify(model, target, inputs_path, weights_path, seed, dims, opt_level, disa
     """Compile MODEL (or load an artifact DIR) and compare it with the float64 interpreter on the same
     inputs and weights."""
     import time
+
     from .artifact import is_artifact
     from .backends import reference
     from .backends.tvm import compile_graph
@@ -244,6 +244,7 @@ def verify(model, target, inputs_path, weights_path, seed, dims, opt_level, disa
 def build(model, target, opt_level, out_dir, weights_path, seed):
     """Optimize and compile MODEL into an artifact directory (run it with attngraph run DIR)."""
     import time
+
     from .artifact import build as build_artifact
     graph = models.load_graph(model)
     params = load_weights(weights_path) if weights_path else init_params(graph, seed)

@@ -8,11 +8,10 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import example
 
 import attngraph as ag
 from attngraph.cli import main
-
-from conftest import example
 
 
 @pytest.fixture(scope="module")

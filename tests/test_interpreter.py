@@ -4,14 +4,12 @@ import math
 
 import numpy as np
 import pytest
+from conftest import example
 
 import attngraph as ag
 from attngraph import nn
 from attngraph.backends.reference import InterpreterError
 from attngraph.inputs import InputError
-from attngraph.nn import functional as F
-
-from conftest import example
 
 
 def softmax(x):

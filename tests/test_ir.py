@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from attngraph.ir import Graph, GraphError, TensorType, dims as D, ops as O, to_dot, to_text
+from attngraph.ir import Graph, GraphError, TensorType, to_dot, to_text
+from attngraph.ir import dims as D
 from attngraph.ir import fused as FU
-
+from attngraph.ir import ops as O
 
 # -- dims ---------------------------------------------------------------------------------------
 

@@ -5,14 +5,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from conftest import example
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attngraph as ag
 from attngraph import nn, passes
 from attngraph.nn import functional as F
 from attngraph.passes import PassVerificationError
-
-from conftest import example
 
 
 def run64(g, params, inputs):

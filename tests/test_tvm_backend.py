@@ -3,6 +3,7 @@ sequence length, at -O0 (primitive ops) and -O3 (fused ops)."""
 
 import numpy as np
 import pytest
+from conftest import TOLERANCE, example
 
 import attngraph as ag
 from attngraph import nn, passes
@@ -10,8 +11,6 @@ from attngraph.backends.tvm import BuildError, compile_graph
 from attngraph.inputs import InputError
 from attngraph.ir.ops import IndexOutOfRange
 from attngraph.nn import functional as F
-
-from conftest import TOLERANCE, example
 
 RTOL, ATOL = TOLERANCE["float32"]
 
@@ -97,6 +96,7 @@ def test_unknown_target():
 def test_transformer_base_verifies_at_o3():
     """The README's main job: the paper's base model compiled at -O3 matches the float64 interpreter."""
     from click.testing import CliRunner
+
     from attngraph.cli import main
     r = CliRunner().invoke(main, ["verify", "transformer-base", "-O3", "--dim", "src_len=9", "--dim", "tgt_len=5"])
     assert r.exit_code == 0, r.output

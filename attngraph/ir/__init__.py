@@ -1,7 +1,10 @@
 """The IR: tensor types with symbolic dims, the op registry, and the graph."""
 
-from . import dims, ops
-from . import fused  # noqa: F401  (registers the fused ops)
+from . import (
+           dims,
+           fused,  # noqa: F401  (registers the fused ops)
+           ops,
+)
 from .graph import Graph, GraphError, Node
 from .ops import REGISTRY, OpDef, ShapeError
 from .printer import to_dot, to_text

@@ -11,7 +11,7 @@ Adding an op is adding one ``@op`` function below (or in ``fused.py`` for ops th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

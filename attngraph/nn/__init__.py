@@ -1,9 +1,21 @@
 """The DSL: ``Module``, ``Parameter``, layers and functions over traced tensors."""
 
 from . import functional
-from .layers import (Decoder, DecoderLayer, Embedding, Encoder, EncoderLayer, FeedForward,
-                     LayerNorm, LearnedPositionalEmbedding, Linear, MultiHeadAttention,
-                     SinusoidalPositionalEncoding, causal_mask, sinusoidal_table)
+from .layers import (
+                     Decoder,
+                     DecoderLayer,
+                     Embedding,
+                     Encoder,
+                     EncoderLayer,
+                     FeedForward,
+                     LayerNorm,
+                     LearnedPositionalEmbedding,
+                     Linear,
+                     MultiHeadAttention,
+                     SinusoidalPositionalEncoding,
+                     causal_mask,
+                     sinusoidal_table,
+)
 from .module import InputSpec, Module, ModuleList, Parameter
 from .tensor import Tensor, TraceError, trace
 

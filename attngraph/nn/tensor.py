@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..ir import Graph, GraphError, TensorType
+from ..ir import Graph, TensorType
 from ..ir.dims import Dim
 
 

@@ -87,6 +87,7 @@ class CompiledModel:
 
     def __init__(self, g: Graph, params: Mapping[str, np.ndarray], module, symbol_of: Mapping[int, str]):
         import tvm
+
         from ...passes.cleanup import dead_code
         from ..reference import run as interpret
         check_params(g, params)
