@@ -1,10 +1,6 @@
 """The IR: tensor types with symbolic dims, the op registry, and the graph."""
 
-from . import (
-           dims,
-           fused,  # noqa: F401  (registers the fused ops)
-           ops,
-)
+from . import dims, fused, ops  # noqa: F401  (importing fused registers the fused ops)
 from .graph import Graph, GraphError, Node
 from .ops import REGISTRY, OpDef, ShapeError
 from .printer import to_dot, to_text
