@@ -1,0 +1,134 @@
+"""Hand-scheduled CPU kernels for the llvm target: ``cpu_kernel(op, attrs, in_types, out_type, dim_vars, target)``.
+
+Each kernel is a complete, scheduled ``tvm.tirx.PrimFunc`` whose parameters are the operands in order,
+then the output, with shapes ``dim_vars.shape(t.shape)``; ``None`` means "use the generic lowering".
+Symbolic dims (batch, seq) are never split by a factor that must divide them: tiles over a symbolic
+extent are computed in full on clamped reads (row ``min(m, M - 1)``, always a valid address) into a
+register tile, and only the write back is predicated, so the inner loops have no branches.
+
+Kernels (float32 and float64):
+- ``matmul`` with a 2-D right operand and fused ``linear``: x (..., K) @ W (K, N), leading dims flattened
+  to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, te, tirx
+
+from ...ir import TensorType
+from .lowering import ACTIVATIONS
+from .shapes import DimVars
+
+FLOATS = ("float32", "float64")
+
+# Register tile of the matmul: TILE_M rows x TILE_N columns of accumulators.  4 x 16 float32 is
+# 8 AVX2 registers of accumulators, leaving room for the B row and the broadcast A value; measured
+# here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
+TILE_M, TILE_N = 4, 16
+# Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
+MAX_STACK_PANEL_BYTES = 256 * 1024
+
+
+def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
+               dim_vars: DimVars, target) -> tirx.PrimFunc | None:
+    """A scheduled PrimFunc for ``op`` on these types, or None when the generic lowering must do."""
+    if out_type.dtype not in FLOATS or any(t.dtype != out_type.dtype for t in in_types[:2]):
+        return None
+    if op == "matmul" and _is_dense(in_types):
+        return dense(in_types, out_type, dim_vars, bias=False, activation="none")
+    if op == "linear" and _is_dense(in_types):
+        return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
+                     activation=attrs.get("activation", "none"))
+    return None
+
+
+def _is_dense(in_types) -> bool:
+    """x (..., K) @ W (K, N) with a static K and N and at least one leading dim in x."""
+    x, w = in_types[0], in_types[1]
+    return (w.rank == 2 and x.rank >= 2 and isinstance(w.shape[0], int) and isinstance(w.shape[1], int)
+            and x.shape[-1] == w.shape[0])
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", v)
+
+
+def _unravel(m, dims) -> tuple:
+    """Row-major index tuple of the flat index ``m`` over ``dims``."""
+    idx = []
+    for d in reversed(dims[1:]):
+        idx.append(m % d)
+        m = m // d
+    idx.append(m)
+    return tuple(reversed(idx))
+
+
+def _read_index(sch, block, name: str) -> int:
+    """Position of buffer ``name`` among the reads of ``block``."""
+    return [r.source.name for r in sch.get(block).reads].index(name)
+
+
+def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str) -> tirx.PrimFunc:
+    """activation(x @ W [+ b]) for x (..., K) and W (K, N), leading dims of x flattened into M.
+
+    Loop nest: N panels of TILE_N columns in parallel; in each, the K x TILE_N panel of W is packed
+    contiguous once, then every TILE_M-row block of x runs a K loop of rank-1 updates into a register
+    tile, and the write back applies bias and activation.  M is symbolic: it is padded up to a
+    multiple of TILE_M with clamped reads (see the module docstring); N need not divide TILE_N either.
+    """
+    x_t, w_t = in_types[0], in_types[1]
+    dtype = out_type.dtype
+    lead = dim_vars.shape(x_t.shape[:-1])
+    K, N = w_t.shape
+    M = lead[0]
+    for d in lead[1:]:
+        M = M * d
+    panels = (N + TILE_N - 1) // TILE_N
+    m_pad = M + (TILE_M - 1)  # room for the last, partial row tile
+    # Flat 2-D views for the compute; the parameters get their N-D shapes back at the end.
+    X = te.placeholder((M, _i64(K)), dtype, name="in0")
+    W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
+    B = te.placeholder((_i64(N),), dtype, name="in2") if bias else None
+    packed = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
+                        lambda p, k, c: W[k, tirx.min(p * TILE_N + c, _i64(N - 1))], name="packed")
+    k = te.reduce_axis((0, _i64(K)), name="k")
+    acc = te.compute((m_pad, _i64(panels * TILE_N)),
+                     lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * packed[n // TILE_N, k, n % TILE_N], axis=k),
+                     name="acc")
+    act = ACTIVATIONS[activation]
+    if bias:
+        out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n]), name="out")
+    else:
+        out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n]), name="out")
+    f = te.create_prim_func([X, W] + ([B] if bias else []) + [out])
+
+    sch = s_tir.Schedule(f)
+    ob = sch.get_sblock("out")
+    m, n = sch.get_loops(ob)
+    mo, mi = sch.split(m, [None, TILE_M])
+    no, ni = sch.split(n, [None, TILE_N])
+    sch.reorder(no, mo, mi, ni)
+    ab = sch.get_sblock("acc")
+    sch.compute_at(ab, mo)
+    sch.set_scope(ab, 0, "local")
+    am, an, ak = sch.get_loops(ab)[-3:]
+    sch.reorder(ak, am, an)
+    sch.unroll(am)
+    sch.vectorize(an)
+    pb = sch.get_sblock("packed")
+    sch.compute_at(pb, no)
+    sch.vectorize(sch.get_loops(pb)[-1])
+    itemsize = 8 if dtype == "float64" else 4
+    if K * TILE_N * itemsize <= MAX_STACK_PANEL_BYTES:
+        # One panel per worker iteration, on its stack: no per-call heap buffer of K x N.
+        sch.set_scope(pb, 0, "local")
+    sch.vectorize(ni)
+    sch.parallel(no)
+    init = sch.decompose_reduction(ab, ak)  # last: needs the update loops already scheduled
+    sch.vectorize(sch.get_loops(init)[-1])
+    if len(lead) > 1:
+        # Give x and the output their N-D shapes (dims shared with the graph's other kernels).
+        sch.transform_layout(ob, ("write", 0), lambda m, n: _unravel(m, lead) + (n,))
+        ub = sch.get_sblock("acc_update")
+        sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, k: _unravel(m, lead) + (k,))
+    return sch.mod["main"]

@@ -1,0 +1,104 @@
+"""The hand-scheduled CPU kernels against the NumPy reference functions, in float64.
+
+Each kernel is built once with symbolic dims and run at several sizes: 1, sizes that are not
+multiples of the tile factors, and a size spanning several tiles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from attngraph.backends.tvm.build import llvm_target  # noqa: E402
+from attngraph.backends.tvm.cpu_kernels import cpu_kernel  # noqa: E402
+from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
+from attngraph.ir import TensorType  # noqa: E402
+from attngraph.ir import dims as D  # noqa: E402
+from attngraph.ir import ops as O  # noqa: E402
+
+from conftest import TOLERANCE  # noqa: E402
+
+TARGET = llvm_target()
+
+
+def build(op: str, attrs: dict, in_types: list[TensorType]):
+    """(compiled function, output type, full attrs) for the scheduled kernel of ``op``."""
+    opdef = O.get(op)
+    attrs = {**opdef.defaults, **attrs}
+    out_type = opdef.infer(in_types, attrs)
+    f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), TARGET)
+    assert f is not None, f"no scheduled kernel for {op} {in_types}"
+    ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=TARGET)
+    return ex["k"], out_type, attrs
+
+
+def random(t: TensorType, sizes: dict, rng) -> np.ndarray:
+    shape = tuple(D.evaluate(d, sizes) for d in t.shape)
+    if t.dtype == "bool":
+        return rng.random(shape) < 0.3
+    return rng.standard_normal(shape).astype(t.dtype)
+
+
+def check(op: str, attrs: dict, in_types: list[TensorType], size_list: list[dict], seed=0):
+    """Run the kernel at every binding in ``size_list`` and compare with the float64 reference."""
+    fn, out_type, attrs = build(op, attrs, in_types)
+    rtol, atol = TOLERANCE[out_type.dtype]
+    rng = np.random.default_rng(seed)
+    for sizes in size_list:
+        args = [random(t, sizes, rng) for t in in_types]
+        want = O.get(op).ref(*[a.astype("float64") if a.dtype != bool else a for a in args], **attrs)
+        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in out_type.shape), out_type.dtype, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=rtol, atol=atol, err_msg=f"{op} at {sizes}")
+
+
+T = TensorType
+SEQS = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 3, "seq": 45}]
+
+
+@pytest.mark.parametrize("k,n", [(32, 48), (24, 20), (64, 1)])
+def test_matmul_dense_symbolic_rows(k, n):
+    # N = 20 and 1 are not multiples of the 16-column tile; M = 1, 14, 135 not of the 4-row tile.
+    check("matmul", {}, [T(("batch", "seq", k), "float32"), T((k, n), "float32")], SEQS)
+
+
+def test_matmul_dense_2d_and_3_leading_dims():
+    check("matmul", {}, [T(("seq", 40), "float32"), T((40, 32), "float32")], [{"seq": 1}, {"seq": 9}])
+    check("matmul", {}, [T(("batch", 3, "seq", 16), "float32"), T((16, 16), "float32")],
+          [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 5}])
+
+
+def test_matmul_dense_float64():
+    fn, out_type, _ = build("matmul", {}, [T(("seq", 24), "float64"), T((24, 17), "float64")])
+    assert out_type.dtype == "float64"
+    check("matmul", {}, [T(("seq", 24), "float64"), T((24, 17), "float64")], [{"seq": 6}])
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh"])
+def test_linear_epilogues(activation):
+    check("linear", {"activation": activation},
+          [T(("batch", "seq", 32), "float32"), T((32, 40), "float32"), T((40,), "float32")], SEQS)
+
+
+def test_linear_without_bias():
+    check("linear", {"activation": "relu"}, [T(("batch", "seq", 16), "float32"), T((16, 16), "float32")], SEQS)
+
+
+def test_params_have_the_graph_shapes():
+    dv = DimVars()
+    x, w, b = T(("batch", "seq", 32), "float32"), T((32, 48), "float32"), T((48,), "float32")
+    out = T(("batch", "seq", 48), "float32")
+    f = cpu_kernel("linear", {"activation": "none"}, [x, w, b], out, dv, TARGET)
+    shapes = [[str(s) if isinstance(s, tvm.tirx.Var) else int(s) for s in p.shape] for p in f.params]
+    assert shapes == [["batch", "seq", 32], [32, 48], [48], ["batch", "seq", 48]]
+    # The dims are the graph's shared vars, not fresh ones.
+    assert f.params[0].shape[0].same_as(dv.var("batch"))
+
+
+def test_no_kernel_where_generic_lowering_must_do():
+    dv = DimVars()
+    i32 = T(("seq", 8), "int32")
+    assert cpu_kernel("matmul", {}, [i32, T((8, 8), "int32")], i32, dv, TARGET) is None
+    assert cpu_kernel("gather", {}, [i32], i32, dv, TARGET) is None
