@@ -102,3 +102,45 @@ def test_no_kernel_where_generic_lowering_must_do():
     i32 = T(("seq", 8), "int32")
     assert cpu_kernel("matmul", {}, [i32, T((8, 8), "int32")], i32, dv, TARGET) is None
     assert cpu_kernel("gather", {}, [i32], i32, dv, TARGET) is None
+
+
+ROWS = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 5}, {"batch": 1, "seq": 33}]
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_rows(op):
+    check(op, {"axis": -1}, [T(("batch", 4, "seq", "seq"), "float32")], ROWS)
+
+
+def test_scaled_masked_softmax_with_every_mask_kind():
+    scores = T(("batch", 2, "seq", "seq"), "float32")
+    masks = [T(("seq", "seq"), "float32"), T(("batch", 1, 1, "seq"), "bool"), T((1, 1, "seq", "seq"), "bool")]
+    # Rows fully masked give NaN in the reference and in the kernel alike (assert_allclose matches NaNs).
+    check("scaled_masked_softmax", {"scale": 0.125, "mask_kinds": ("additive", "drop", "keep")},
+          [scores] + masks, ROWS)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_layer_norms(op):
+    x = T(("batch", "seq", 48), "float32")
+    types = [x, T((48,), "float32"), T((48,), "float32")]
+    if op == "add_layer_norm":
+        types.insert(1, x)
+    check(op, {"eps": 1e-5}, types, ROWS)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_fused_attention_layouts_and_masks(layout):
+    qkv = T(("batch", 3, "seq", 16) if layout == "bhsd" else ("batch", "seq", 3, 16), "float32")
+    masks = [T(("seq", "seq"), "bool"), T(("batch", 1, 1, "seq"), "bool")]
+    check("fused_attention", {"scale": 0.25, "mask_kinds": ("keep", "drop"), "layout": layout},
+          [qkv, qkv, qkv] + masks, ROWS)
+
+
+def test_fused_attention_cross_lengths_and_additive_mask():
+    q = T(("batch", 2, "tgt", 8), "float32")
+    kv = T(("batch", 2, "src", 8), "float32")
+    sizes = [{"batch": 1, "tgt": 1, "src": 1}, {"batch": 2, "tgt": 3, "src": 19}]
+    check("fused_attention", {"scale": 0.5, "mask_kinds": ("additive",)},
+          [q, kv, kv, T(("tgt", "src"), "float32")], sizes)
+    check("fused_attention", {"scale": 0.5}, [q, kv, kv], sizes)

@@ -9,6 +9,10 @@ register tile, and only the write back is predicated, so the inner loops have no
 Kernels (float32 and float64):
 - ``matmul`` with a 2-D right operand and fused ``linear``: x (..., K) @ W (K, N), leading dims flattened
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
+- ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm`` and
+  ``fused_attention``: the generic tensor expression scheduled row by row (``rowwise``): rows in
+  parallel, every intermediate computed for one row at a time (a score row of attention is the only
+  score storage: the full score matrix never exists), elementwise stages vectorized.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from ...ir import TensorType
-from .lowering import ACTIVATIONS
+from .lowering import ACTIVATIONS, lower
 from .shapes import DimVars
 
 FLOATS = ("float32", "float64")
@@ -25,6 +29,7 @@ FLOATS = ("float32", "float64")
 # 8 AVX2 registers of accumulators, leaving room for the B row and the broadcast A value; measured
 # here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
 TILE_M, TILE_N = 4, 16
+COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
 
@@ -39,7 +44,14 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
     if op == "linear" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
+    if op in ROWWISE and out_type.rank >= 2 and (op != "softmax" and op != "log_softmax"
+                                                 or attrs.get("axis", -1) in (-1, out_type.rank - 1)):
+        return rowwise(op, attrs, in_types, out_type, dim_vars)
     return None
+
+
+# Ops whose every output row depends on one row of the inputs (attention: one query row).
+ROWWISE = ("softmax", "log_softmax", "scaled_masked_softmax", "layer_norm", "add_layer_norm", "fused_attention")
 
 
 def _is_dense(in_types) -> bool:
@@ -132,3 +144,68 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, k: _unravel(m, lead) + (k,))
     return sch.mod["main"]
+
+
+def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
+    """The generic lowering of ``op`` scheduled one output row at a time, rows in parallel.
+
+    Every stage before the output is computed at the row loop, so its buffer is one row (for
+    attention, one row of scores: O(k_len) memory per worker instead of the (b, h, q, k) matrix).
+    Pure index stages (layout swaps, the masked scores) are inlined into their readers.
+    """
+    phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
+    out = lower(op, attrs, phs, out_type, dim_vars, name="out")
+    sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
+    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    for name in stages:
+        # Reads of the inputs in another order, and the scaled, masked scores: cheaper to recompute
+        # at the use than to store.
+        if name.endswith("_bhsd") or name == "out_scores" and op == "fused_attention":
+            sch.compute_inline(sch.get_sblock(name))
+    last = stages[-1]  # the stage writing the output ("out", or "out_pv" for bhsd attention)
+    ob = sch.get_sblock(last)
+    loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
+    row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(row)
+    if not _is_reduction(sch, ob):
+        _vectorize_static(sch, sch.get_loops(ob)[-1])
+    for name in reversed([n for n in stages if _has_block(sch, n) and n != last]):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, row, preserve_unit_loops=True)
+    for name in [n for n in stages if _has_block(sch, n)]:
+        blk = sch.get_sblock(name)
+        inner = sch.get_loops(blk)[-1]
+        if _is_reduction(sch, blk):
+            if name == "out_pv":
+                _vectorize_weighted_sum(sch, blk)
+        elif name != last:
+            _vectorize_static(sch, inner)
+    return sch.mod["main"]
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - get_sblock raises a generic error for a missing block
+        return False
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(v.iter_type == COMM_REDUCE for v in sch.get(block).iter_vars)
+
+
+def _vectorize_static(sch, loop):
+    """Vectorize ``loop`` when its extent is static (TVM cannot vectorize a symbolic extent for x86;
+    LLVM's own loop vectorizer still sees those loops)."""
+    if isinstance(sch.get(loop).extent, tirx.IntImm):
+        sch.vectorize(loop)
+
+
+def _vectorize_weighted_sum(sch, block):
+    """P @ V for one query row: loop the keys outside, vectorize over the head dim inside."""
+    d, r = sch.get_loops(block)[-2:]
+    sch.reorder(r, d)
+    _vectorize_static(sch, d)
+    init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
+    _vectorize_static(sch, sch.get_loops(init)[-1])
