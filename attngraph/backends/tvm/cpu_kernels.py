@@ -165,16 +165,29 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
     last = stages[-1]  # the stage writing the output ("out", or "out_pv" for bhsd attention)
     ob = sch.get_sblock(last)
     loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
-    row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    sch.parallel(row)
+    if op == "fused_attention":
+        # (batch, heads) in parallel, query rows inside: K is transposed once per head (below).
+        b, *mid = loops
+        h, m = (mid[1], mid[0]) if attrs.get("layout") == "bshd" else (mid[0], mid[1])
+        sch.reorder(b, h, m)
+        head = sch.fuse(b, h)
+        sch.parallel(head)
+        row = m
+    else:
+        row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        sch.parallel(row)
     if not _is_reduction(sch, ob):
         _vectorize_static(sch, sch.get_loops(ob)[-1])
     for name in reversed([n for n in stages if _has_block(sch, n) and n != last]):
         blk = sch.get_sblock(name)
         sch.compute_at(blk, row, preserve_unit_loops=True)
+    if op == "fused_attention":
+        _transposed_keys(sch, head, attrs.get("layout", "bhsd"))
     for name in [n for n in stages if _has_block(sch, n)]:
         blk = sch.get_sblock(name)
         inner = sch.get_loops(blk)[-1]
+        if name == "out_qk":
+            continue
         if _is_reduction(sch, blk):
             if name == "out_pv":
                 _vectorize_weighted_sum(sch, blk)
@@ -193,6 +206,21 @@ def _has_block(sch, name: str) -> bool:
 
 def _is_reduction(sch, block) -> bool:
     return any(v.iter_type == COMM_REDUCE for v in sch.get(block).iter_vars)
+
+
+def _transposed_keys(sch, head, layout: str):
+    """Q K^T with the keys innermost: K copied once per head as (d, k_len), so that every score row
+    is a sum over d of q[r] * K^T[r, :], contiguous along the keys (LLVM vectorizes that loop)."""
+    qk = sch.get_sblock("out_qk")
+    kc = sch.cache_read(qk, _read_index(sch, qk, "in1"), "global")
+    sch.compute_at(kc, head)
+    if layout == "bshd":
+        sch.transform_layout(kc, ("write", 0), lambda b, n, h, r: (b, h, r, n))
+    else:
+        sch.transform_layout(kc, ("write", 0), lambda b, h, n, r: (b, h, r, n))
+    n, r = sch.get_loops(qk)[-2:]
+    sch.reorder(r, n)
+    sch.decompose_reduction(qk, r)
 
 
 def _vectorize_static(sch, loop):
