@@ -162,7 +162,11 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
         # at the use than to store.
         if name.endswith("_bhsd") or name == "out_scores" and op == "fused_attention":
             sch.compute_inline(sch.get_sblock(name))
-    last = stages[-1]  # the stage writing the output ("out", or "out_pv" for bhsd attention)
+    for name in stages[:-1]:
+        if _has_block(sch, name) and name not in ("out_qk", "out_pv") and _is_reduction(sch, sch.get_sblock(name)):
+            _split_row_reduction(sch, sch.get_sblock(name))
+    last = stages[-1]
+    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]  # the stage writing the output ("out", or "out_pv" for bhsd attention)
     ob = sch.get_sblock(last)
     loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
     if op == "fused_attention":
@@ -188,7 +192,16 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
         inner = sch.get_loops(blk)[-1]
         if name == "out_qk":
             continue
-        if _is_reduction(sch, blk):
+        if name.endswith("_rf"):
+            # compute_at ordered the loops as the block's iters: lanes, (unit row loops), reduction.
+            loops = sch.get_loops(blk)
+            depth = 1 + [sch.get(lp).same_as(sch.get(row)) for lp in loops].index(True)
+            below = loops[depth:]
+            ri, ro = below[0], below[-1]
+            sch.reorder(ro, ri)
+            sch.vectorize(ri)
+            sch.decompose_reduction(blk, ro)
+        elif _is_reduction(sch, blk):
             if name == "out_pv":
                 _vectorize_weighted_sum(sch, blk)
         elif name != last:
@@ -221,6 +234,17 @@ def _transposed_keys(sch, head, layout: str):
     n, r = sch.get_loops(qk)[-2:]
     sch.reorder(r, n)
     sch.decompose_reduction(qk, r)
+
+
+def _split_row_reduction(sch, block, lanes: int = 8):
+    """A row sum or max over a static extent as ``lanes`` interleaved partial results (rfactor):
+    a vector of independent accumulators instead of one serial dependency chain (float adds are
+    not reassociated by the compiler, so a plain reduction loop runs at one add per latency)."""
+    r = sch.get_loops(block)[-1]
+    extent = sch.get(r).extent
+    if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
+        _, ri = sch.split(r, [None, lanes])
+        sch.rfactor(ri, factor_axis=0)
 
 
 def _vectorize_static(sch, loop):
