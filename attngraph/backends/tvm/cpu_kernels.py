@@ -11,8 +11,11 @@ Kernels (float32 and float64):
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
 - ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm`` and
   ``fused_attention``: the generic tensor expression scheduled row by row (``rowwise``): rows in
-  parallel, every intermediate computed for one row at a time (a score row of attention is the only
-  score storage: the full score matrix never exists), elementwise stages vectorized.
+  parallel (attention: (batch, heads) in parallel, K transposed once per head, query rows inside),
+  every intermediate computed for one row at a time (a score row of attention is the only score
+  storage: the full score matrix never exists), row sums over a static extent in 8 vector lanes,
+  float32 ``exp`` as a vectorizable polynomial.  Attention is row-at-a-time, not yet the tiled
+  online-softmax (flash) form: the score row is O(k_len) per worker.
 """
 
 from __future__ import annotations
