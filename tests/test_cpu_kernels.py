@@ -142,3 +142,14 @@ def test_fused_attention_cross_lengths_and_additive_mask():
     check("fused_attention", {"scale": 0.5, "mask_kinds": ("additive",)},
           [q, kv, kv, T(("tgt", "src"), "float32")], sizes)
     check("fused_attention", {"scale": 0.5}, [q, kv, kv], sizes)
+
+
+def test_batched_matmul_attention_shapes():
+    sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 9}]
+    q = T(("batch", 2, "seq", 8), "float32")
+    kt = T(("batch", 2, 8, "seq"), "float32")
+    p = T(("batch", 2, "seq", "seq"), "float32")
+    check("matmul", {}, [q, kt], sizes)   # scores: N = seq, symbolic
+    check("matmul", {}, [p, q], sizes)    # P @ V: N = head dim, static
+    # Broadcast batch dims and a symbolic right operand.
+    check("matmul", {}, [T(("batch", 1, "seq", 8), "float32"), T((2, 8, "seq"), "float32")], sizes)

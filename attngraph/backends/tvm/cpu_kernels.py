@@ -9,6 +9,8 @@ register tile, and only the write back is predicated, so the inner loops have no
 Kernels (float32 and float64):
 - ``matmul`` with a 2-D right operand and fused ``linear``: x (..., K) @ W (K, N), leading dims flattened
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
+- batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a
+  sum over K of a[k] * b[k, :], vectorized along N.
 - ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm`` and
   ``fused_attention``: the generic tensor expression scheduled row by row (``rowwise``): rows in
   parallel (attention: (batch, heads) in parallel, K transposed once per head, query rows inside),
@@ -44,6 +46,8 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
         return None
     if op == "matmul" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=False, activation="none")
+    if op == "matmul" and min(t.rank for t in in_types) >= 2:
+        return batched_matmul(in_types, out_type, dim_vars)
     if op == "linear" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
@@ -146,6 +150,22 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         sch.transform_layout(ob, ("write", 0), lambda m, n: _unravel(m, lead) + (n,))
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, k: _unravel(m, lead) + (k,))
+    return sch.mod["main"]
+
+
+def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
+    """a (..., M, K) @ b (..., K, N) with batch dims broadcast (attention's Q K^T and P V when not
+    fused): every output row in parallel, as a sum over K of a[k] * b[k, :], contiguous along N
+    (vectorized when N is static, left to LLVM's loop vectorizer when N is a sequence length)."""
+    phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
+    out = lower("matmul", {}, phs, out_type, dim_vars, name="out")
+    sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
+    ob = sch.get_sblock("out")
+    loops = sch.get_loops(ob)
+    rows = loops[:out_type.rank - 1]
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.parallel(row)
+    _vectorize_weighted_sum(sch, ob)
     return sch.mod["main"]
 
 
