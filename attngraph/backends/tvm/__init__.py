@@ -1,5 +1,9 @@
-"""The TVM backend: lowering to tensor expressions, build, and an in-process executor (llvm)."""
+"""The TVM backend: lowering to tensor expressions, schedules, build, compile cache, and the
+executor that runs a kernel plan over planned buffers (llvm now; the GPU targets plug in beside)."""
 
-from .build import BuildError, CompiledModel, compile_graph
+from .. import BuildError
+from .build import TARGETS, Kernels, KernelSpec, build_kernels, compile_graph, plan_kernels
+from .executor import CompiledModel, Device, TVMDevice
 
-__all__ = ["BuildError", "CompiledModel", "compile_graph"]
+__all__ = ["BuildError", "TARGETS", "Kernels", "KernelSpec", "build_kernels", "compile_graph", "plan_kernels",
+           "CompiledModel", "Device", "TVMDevice"]

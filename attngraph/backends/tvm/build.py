@@ -1,166 +1,226 @@
-"""Compile a graph for TVM's LLVM (CPU) target and run it in-process.
+"""Compile a graph's kernels with TVM into one library.
 
-One PrimFunc per kernel node, deduplicated by (op, attributes, operand and result types), all in
-one TVM module.  Weights-only values (``W*scale``, ``concat(Wq, Wk, Wv)``) are computed once when
-weights are bound; reshapes are views; every other node is one kernel call.
+Every node that is not a source, a view (reshape) or a weights-only value is one kernel call.  Calls
+with identical (op, attributes, operand and result types) share one PrimFunc, so the 6 (or 12)
+layers of a Transformer compile a few dozen distinct kernels.  Each kernel is the hand-scheduled
+one from ``cpu_kernels`` where it has one, else the generic lowering (``lowering.py``) with the
+generic schedule (``schedule.py``).  All dims stay symbolic: one build serves any batch and length.
+The compiled library is cached by what it is built from (``cache.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Mapping
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
-import numpy as np
-
-from ...inputs import bind_dims
-from ...ir import Graph
-from ...ir.ops import IndexOutOfRange
-from ...passes.memory import SOURCE_OPS, weights_only
-from ...weights import check_params
+from ...ir import Graph, TensorType
+from ...passes.memory import SOURCE_OPS, VIEW_OPS, weights_only
 from .. import BuildError
-from ..reference import DIM_ATTRS, bind_attrs, describe, last_uses
-from .lowering import LoweringError, lower
-from .shapes import DimVars
+from ..reference import DIM_ATTRS, describe
+from . import cache
+from .executor import CompiledModel, TVMDevice
+from .lowering import lower
+from .progress import Progress
+from .schedule import schedule_generic
+from .shapes import DimVars, scalar_dims
 
-VIEW_OPS = ("reshape",)
+#: Targets this backend compiles for here (the GPU targets plug in beside llvm).
 TARGETS = ("llvm",)
 
 
+class KernelSpec(NamedTuple):
+    """One distinct kernel: what it computes and on which types (its dims symbolic)."""
+    name: str
+    op: str
+    attrs: dict
+    in_types: tuple
+    out_type: TensorType
+
+
 def llvm_target():
-    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA."""
+    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA (5x slower)."""
     import tvm
     return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
 
 
-def _key(n, operand_types):
-    def norm(v):
-        if isinstance(v, np.ndarray):
-            return (v.dtype.str, v.shape, v.tobytes())
-        if isinstance(v, (list, tuple)):
-            return tuple(norm(x) for x in v)
-        return v
-    return (n.op, tuple(sorted((k, norm(v)) for k, v in n.attrs.items())), tuple(operand_types), n.type)
+def resolve_target(name: str):
+    """The TVM target for a target name; an unknown name is an error listing the known ones."""
+    if name not in TARGETS:
+        raise BuildError(f"unknown or not yet supported target {name!r}; available here: {', '.join(TARGETS)}")
+    return llvm_target()
 
 
-def kernel_nodes(g: Graph, constant: set[int]) -> list[int]:
-    return [nid for nid in g.topo_order()
-            if g.node(nid).op not in SOURCE_OPS + VIEW_OPS and nid not in constant]
+def ensure_threads() -> None:
+    """Use every core: TVM's thread pool defaults to one thread on this kind of machine.  Must run
+    before the first parallel kernel starts the pool."""
+    if os.environ.get("TVM_NUM_THREADS") is None:
+        os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                            else os.cpu_count() or 1)
 
 
-def _symbolic_attrs_ok(n) -> bool:
-    # Symbolic attribute values must be visible to the kernel through a buffer shape.
-    return all(not isinstance(n.attrs.get(k), str) for k in DIM_ATTRS if k not in ("shape", "n", "stop"))
+def kernel_nodes(g: Graph, constant: set[int] | None = None) -> list[int]:
+    """The nodes of ``g`` that run as kernels, in execution order."""
+    constant = weights_only(g) if constant is None else constant
+    return [nid for nid in g.topo_order() if g.node(nid).op not in SOURCE_OPS + VIEW_OPS and nid not in constant]
+
+
+def _dedup_key(op, attrs, in_types, out_type) -> str:
+    return json.dumps([op, cache._canonical(attrs), [str(t) for t in in_types], str(out_type)], sort_keys=True)
+
+
+def plan_kernels(g: Graph) -> tuple[list[KernelSpec], dict[int, str]]:
+    """(the distinct kernels of ``g``, {node id: kernel name}) for every kernel node."""
+    specs: dict[str, KernelSpec] = {}
+    symbol_of = {}
+    for nid in kernel_nodes(g):
+        n = g.node(nid)
+        in_types = tuple(g.node(o).type for o in g.operands(nid))
+        for key in DIM_ATTRS:
+            # Symbolic sizes reach a kernel only through its buffers' shapes; a symbolic start does not.
+            if key not in ("shape", "n", "stop") and isinstance(n.attrs.get(key), str):
+                raise BuildError(f"cannot lower {describe(g, n)}: a symbolic {key!r} is not supported by the TVM backend")
+        key = _dedup_key(n.op, n.attrs, in_types, n.type)
+        if key not in specs:
+            specs[key] = KernelSpec(f"k{len(specs)}_{n.op}", n.op, dict(n.attrs), in_types, n.type)
+        symbol_of[nid] = specs[key].name
+    return list(specs.values()), symbol_of
+
+
+def _hand_scheduled(spec: KernelSpec, dv: DimVars, target):
+    try:
+        from .cpu_kernels import cpu_kernel
+    except ImportError:
+        return None
+    try:
+        return cpu_kernel(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, target)
+    except Exception as e:  # noqa: BLE001 - the generic kernel is always correct; say why it was used
+        warnings.warn(f"hand-scheduled {spec.op} kernel failed for {[str(t) for t in spec.in_types]} "
+                      f"({type(e).__name__}: {e}); using the generic kernel", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def generic_func(spec: KernelSpec, dv: DimVars, schedule: bool = True):
+    """The generic lowering of ``spec`` as a PrimFunc (params: operands in order, then the output)."""
+    from tvm import te
+    phs = [te.placeholder(dv.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(spec.in_types)]
+    out = lower(spec.op, spec.attrs, phs, spec.out_type, dv, name="out")
+    func = te.create_prim_func(phs + [out])
+    return schedule_generic(func) if schedule else func
+
+
+def kernel_func(spec: KernelSpec, dv: DimVars, target, generic: bool = False, tuned=None):
+    """The scheduled PrimFunc of ``spec``: a tuned schedule (``tuned(spec, func)``) if one applies,
+    else the hand-scheduled CPU kernel, else the generic one."""
+    func = None
+    if tuned is not None:
+        func = tuned(spec, generic_func(spec, dv, schedule=False))
+    if func is None and not generic and target.kind.name == "llvm":
+        func = _hand_scheduled(spec, dv, target)
+    if func is None:
+        func = generic_func(spec, dv)
+    scalars = scalar_dims(spec.in_types + (spec.out_type,))
+    if scalars:  # dims no buffer shape binds become int64 arguments after the output
+        from tvm import tirx
+        func = tirx.PrimFunc(list(func.params) + [dv.var(d) for d in scalars], func.body, func.ret_type, func.attrs)
+    return func.with_attr("global_symbol", spec.name)
+
+
+@dataclass
+class Kernels:
+    """A compiled kernel library: ``module[name]`` is each kernel's function."""
+    module: object
+    library: str | None  # the .so the module was loaded from (None: nothing to compile)
+    specs: list[KernelSpec]
+    symbol_of: dict[int, str]
+    target: str
+    cached: bool = False
+    seconds: dict = field(default_factory=dict)
+
+
+def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None = None, generic: bool = False,
+                  tuning_db: str | None = None) -> Kernels:
+    """Compile every kernel of ``g`` for ``target`` into one library (or load it from the cache)."""
+    import tvm
+    ensure_threads()
+    tgt = resolve_target(target)
+    progress = progress or Progress(enabled=False)
+    specs, symbol_of = plan_kernels(g)
+    kernels = Kernels(None, None, specs, symbol_of, target)
+    if not specs:
+        return kernels
+    tuned, extra = None, f"generic={generic}"
+    if tuning_db:
+        from .tune import TunedSchedules
+        tuned = TunedSchedules(tuning_db, tgt)
+        extra += f";tuning={tuned.fingerprint()}"
+    key = cache.module_key([tuple(s) for s in specs], str(tgt), extra)
+    path = cache.lookup(key)
+    if path is not None:
+        kernels.module, kernels.library, kernels.cached = tvm.runtime.load_module(path), path, True
+        return kernels
+    start = time.perf_counter()
+    dv = DimVars()
+    funcs = {}
+    progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
+    for spec in specs:
+        try:
+            funcs[spec.name] = kernel_func(spec, dv, tgt, generic, tuned)
+        except BuildError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the node's context
+            nid = next(nid for nid, name in symbol_of.items() if name == spec.name)
+            raise BuildError(f"cannot lower {describe(g, g.node(nid))}: {type(e).__name__}: {e}") from e
+        progress.advance()
+    kernels.seconds["lower"] = time.perf_counter() - start
+    progress.stage(f"compiling {len(funcs)} kernels for {target} (LLVM)")
+    start = time.perf_counter()
+    executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
+    kernels.seconds["compile"] = time.perf_counter() - start
+    progress.stage("linking kernels.so")
+    start = time.perf_counter()
+    path = cache.store(key, executable.export_library, sorted(funcs))
+    if path is None:  # caching off: a private temporary library
+        path = os.path.join(tempfile.mkdtemp(prefix="attngraph-"), "kernels.so")
+        executable.export_library(path)
+    kernels.seconds["link"] = time.perf_counter() - start
+    kernels.module, kernels.library = tvm.runtime.load_module(path), path
+    return kernels
+
+
+def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress | None = None,
+                  generic: bool = False, tuning_db: str | None = None):
+    """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``:
+    a ``CompiledModel`` taking and returning NumPy arrays."""
+    kernels = build_kernels(g, target, progress=progress, generic=generic, tuning_db=tuning_db)
+    model = CompiledModel(g, params, TVMDevice(kernels.module), kernels.symbol_of, target=target)
+    model.kernels = kernels
+    return model
+
+
+class _Library:
+    """A loaded kernel library that can be written elsewhere (a copy of its .so)."""
+
+    def __init__(self, kernels: Kernels):
+        self.kernels = kernels
+
+    def __getitem__(self, name):
+        return self.kernels.module[name]
+
+    def implements_function(self, name) -> bool:
+        return self.kernels.module.implements_function(name)
+
+    def export_library(self, path: str) -> None:
+        import shutil
+        shutil.copyfile(self.kernels.library, path)
 
 
 def build_module(g: Graph, target=None):
-    """(the compiled TVM module, {node id: function name}) for every kernel node of ``g``."""
-    import tvm
-    from tvm import te
-    if os.environ.get("TVM_NUM_THREADS") is None:
-        os.environ["TVM_NUM_THREADS"] = str(os.cpu_count() or 1)
-    target = target or llvm_target()
-    constant = weights_only(g)
-    dv = DimVars()
-    funcs, symbol_of, by_key = {}, {}, {}
-    for nid in kernel_nodes(g, constant):
-        n = g.node(nid)
-        types = [g.node(o).type for o in g.operands(nid)]
-        key = _key(n, types)
-        if key not in by_key:
-            name = f"k{len(by_key)}_{n.op}"
-            phs = [te.placeholder(dv.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(types)]
-            try:
-                if not _symbolic_attrs_ok(n):
-                    raise LoweringError("symbolic slice starts are not lowered")
-                out = lower(n.op, n.attrs, phs, n.type, dv, name="out")
-                funcs[name] = te.create_prim_func(phs + [out]).with_attr("global_symbol", name)
-            except Exception as e:  # noqa: BLE001 - re-raised with the node's context
-                raise BuildError(f"cannot lower {describe(g, n)}: {type(e).__name__}: {e}") from e
-            by_key[key] = name
-        symbol_of[nid] = by_key[key]
-    module = tvm.compile(tvm.IRModule(funcs), target=target) if funcs else None
-    return module, symbol_of
-
-
-class CompiledModel:
-    """A graph compiled for the CPU: call it with NumPy inputs, get NumPy outputs."""
-
-    def __init__(self, g: Graph, params: Mapping[str, np.ndarray], module, symbol_of: Mapping[int, str]):
-        import tvm
-
-        from ...passes.cleanup import dead_code
-        from ..reference import run as interpret
-        check_params(g, params)
-        self.graph = g
-        self.module, self.symbol_of = module, dict(symbol_of)
-        self.order = g.topo_order()
-        self.last = last_uses(g, self.order)
-        self.constant = weights_only(g)
-        # Weights-only values, once: a graph of just them, run by the interpreter.
-        self.values = {}
-        wanted = [nid for nid in self.constant if any(u not in self.constant for u in g.users(nid)) or g.is_output(nid)]
-        if wanted:
-            sub = g.copy()
-            sub.set_outputs([(str(nid), nid) for nid in wanted])
-            dead_code(sub)
-            for i in list(sub.inputs):  # weights-only values never read an input
-                sub.remove(i)
-            computed = interpret(sub, {}, {k: v for k, v in params.items() if k in sub.params})
-            for nid in wanted:
-                value = np.require(computed[str(nid)].astype(g.node(nid).type.dtype), requirements="C")
-                self.values[nid] = tvm.runtime.tensor(value)
-        self.funcs = {name: self.module[name] for name in set(self.symbol_of.values())} if self.module else {}
-
-    @property
-    def kernel_count(self) -> int:
-        return len(self.symbol_of)
-
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import tvm
-        g = self.graph
-        bindings = bind_dims(g.input_types(), inputs)
-        env = dict(self.values)
-        for i, nid in enumerate(self.order):
-            n = g.node(nid)
-            if nid in env or nid in self.constant:
-                pass  # bound with the weights (or only feeding other weights-only values)
-            elif n.op == "input":
-                env[nid] = tvm.runtime.tensor(np.require(np.asarray(inputs[n.name]).astype(n.type.dtype), requirements="C"))
-            elif n.op in VIEW_OPS:
-                shape = bind_attrs(n.attrs, bindings)["shape"]
-                env[nid] = env[g.operands(nid)[0]]._create_view(n.type.concrete(bindings) if -1 in shape else shape)
-            else:
-                args = [env[o] for o in g.operands(nid)]
-                if n.op == "gather":
-                    self._check_indices(n, args[0].shape[0], args[1])
-                if n.op == "update_slice":
-                    self._check_offset(n, args)
-                out = tvm.runtime.empty(n.type.concrete(bindings), n.type.dtype)
-                self.funcs[self.symbol_of[nid]](*args, out)
-                env[nid] = out
-            for o in set(g.operands(nid)):
-                if self.last[o] == i and o not in self.values:
-                    env.pop(o, None)
-        return {name: env[o].numpy() for name, o in g.outputs}
-
-    def _check_indices(self, n, rows, idx):
-        # Checked on the host before the call: an out-of-range id must never read past the table.
-        values = idx.numpy()
-        if values.size and (values.min() < 0 or values.max() >= rows):
-            bad = values[(values < 0) | (values >= rows)].ravel()[0]
-            raise IndexOutOfRange(f"{describe(self.graph, n)}: index {bad} is out of range for a table of {rows} rows")
-
-    def _check_offset(self, n, args):
-        cache, value, offset = args
-        axis = n.attrs["axis"] % len(cache.shape)
-        start = int(offset.numpy())
-        if start < 0 or start + value.shape[axis] > cache.shape[axis]:
-            raise IndexOutOfRange(f"{describe(self.graph, n)}: writing {value.shape[axis]} entries at offset "
-                                  f"{start} overflows a cache of {cache.shape[axis]}")
-
-
-def compile_graph(g: Graph, params: Mapping[str, np.ndarray], target: str = "llvm") -> CompiledModel:
-    """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``."""
-    if target not in TARGETS:
-        raise BuildError(f"unknown or not yet supported target {target!r}; available here: {', '.join(TARGETS)}")
-    return CompiledModel(g, params, *build_module(g))
+    """(the kernel library, {node id: kernel name}): the interface ``attngraph/artifact.py`` uses
+    until it re-exports ``attngraph.api`` (see ``build_kernels`` for everything else)."""
+    kernels = build_kernels(g, "llvm")
+    return (_Library(kernels) if kernels.module is not None else None), kernels.symbol_of

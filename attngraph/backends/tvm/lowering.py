@@ -90,16 +90,26 @@ def _bcast_batch(t: te.Tensor, out_rank: int):
     return read
 
 
-def _softmax_last(x: te.Tensor, name: str, log: bool = False):
-    *lead, n = x.shape
+def _softmax(x: te.Tensor, name: str, log: bool = False, axis: int = -1):
+    """softmax (or log-softmax) of ``x`` along ``axis``: max, exp, sum, normalize."""
+    rank = len(x.shape)
+    axis %= rank
+    n = x.shape[axis]
+
+    def red(i):  # output index i without the reduced axis
+        return tuple(i[a] for a in range(rank) if a != axis)
+    lead = [d for a, d in enumerate(x.shape) if a != axis]
+
+    def lead_row(j, k):  # the row element k for a reduced-shape index j
+        return tuple(list(j[:axis]) + [k] + list(j[axis:]))
     k1 = te.reduce_axis((0, n), name="k1")
-    mx = te.compute(lead, lambda *i: te.max(x[i + (k1,)], axis=k1), name=f"{name}_max")
-    e = te.compute(x.shape, lambda *i: tirx.exp(x[i] - mx[i[:-1]]), name=f"{name}_exp")
+    mx = te.compute(lead, lambda *j: te.max(x[lead_row(j, k1)], axis=k1), name=f"{name}_max")
+    e = te.compute(x.shape, lambda *i: tirx.exp(x[i] - mx[red(i)]), name=f"{name}_exp")
     k2 = te.reduce_axis((0, n), name="k2")
-    sm = te.compute(lead, lambda *i: te.sum(e[i + (k2,)], axis=k2), name=f"{name}_sum")
+    sm = te.compute(lead, lambda *j: te.sum(e[lead_row(j, k2)], axis=k2), name=f"{name}_sum")
     if log:
-        return te.compute(x.shape, lambda *i: x[i] - mx[i[:-1]] - tirx.log(sm[i[:-1]]), name=name)
-    return te.compute(x.shape, lambda *i: e[i] / sm[i[:-1]], name=name)
+        return te.compute(x.shape, lambda *i: x[i] - mx[red(i)] - tirx.log(sm[red(i)]), name=name)
+    return te.compute(x.shape, lambda *i: e[i] / sm[red(i)], name=name)
 
 
 def _layer_norm(x: te.Tensor, gamma, beta, eps, name):
@@ -160,9 +170,7 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         act = ACTIVATIONS[attrs["activation"]]
         return te.compute(shape, lambda *i: act(y[i] + bias[i[-1]] if bias is not None else y[i]), name=name)
     if op in ("softmax", "log_softmax"):
-        if attrs["axis"] not in (-1, rank - 1):
-            raise LoweringError(f"{op} over axis {attrs['axis']} (only the last axis is lowered)")
-        return _softmax_last(xs[0], name, log=op == "log_softmax")
+        return _softmax(xs[0], name, log=op == "log_softmax", axis=attrs["axis"])
     if op == "layer_norm":
         return _layer_norm(xs[0], xs[1], xs[2], attrs["eps"], name)
     if op == "add_layer_norm":
@@ -171,7 +179,7 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         return _layer_norm(s, xs[2], xs[3], attrs["eps"], name)
     if op == "scaled_masked_softmax":
         s = _masked_scores(xs[0], xs[1:], attrs["mask_kinds"], attrs["scale"], name)
-        return _softmax_last(s, name)
+        return _softmax(s, name)
     if op == "fused_attention":
         q, k, v = xs[:3]
         if attrs["layout"] == "bshd":  # read (b, s, h, d) as (b, h, s, d) without a copy
@@ -180,7 +188,7 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         lk = k.shape[2]
         r = te.reduce_axis((0, d), name="r")
         s = te.compute((b, h, lq, lk), lambda i, j, m, n: te.sum(q[i, j, m, r] * k[i, j, n, r], axis=r), name=f"{name}_qk")
-        p = _softmax_last(_masked_scores(s, xs[3:], attrs["mask_kinds"], attrs["scale"], name), f"{name}_p")
+        p = _softmax(_masked_scores(s, xs[3:], attrs["mask_kinds"], attrs["scale"], name), f"{name}_p")
         r2 = te.reduce_axis((0, lk), name="r2")
         dv_ = v.shape[3]
         o = te.compute((b, h, lq, dv_), lambda i, j, m, n: te.sum(p[i, j, m, r2] * v[i, j, r2, n], axis=r2), name=f"{name}_pv")

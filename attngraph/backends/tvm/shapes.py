@@ -36,3 +36,17 @@ class DimVars:
 
     def shape(self, dims) -> list:
         return [self(d) for d in dims]
+
+
+def scalar_dims(types) -> tuple[str, ...]:
+    """The dim symbols a kernel on ``types`` cannot read off its buffers' shapes: those that occur
+    only inside compound dims (``"s + 1"``, ``"past + seq"``).  Such a kernel takes them as trailing
+    int64 arguments, in this (sorted) order."""
+    used, whole = set(), set()
+    for t in types:
+        for d in t.shape:
+            if isinstance(d, str):
+                used |= D.symbols(d)
+                if D.symbols(d) == {d}:
+                    whole.add(d)
+    return tuple(sorted(used - whole))

@@ -1,0 +1,92 @@
+"""The compile cache: compiled kernel libraries keyed by what they are built from.
+
+A module is fully determined by its distinct kernels (op, attributes, operand and result types, in
+order), the target, the tuning records applied, and the code that lowers and schedules them, so the
+key is a hash of exactly that.  Entries live under ``$ATTNGRAPH_CACHE`` (default
+``~/.cache/attngraph``) as ``kernels/<key>/kernels.so`` plus ``kernels.json`` (the function names); an
+unchanged rebuild loads the library instead of compiling.  ``ATTNGRAPH_CACHE=off`` disables it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+#: The files whose code decides what a kernel compiles to; editing one invalidates the cache.
+_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py")
+
+
+def cache_root() -> str | None:
+    """The cache directory, or None when caching is off."""
+    root = os.environ.get("ATTNGRAPH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "attngraph"))
+    return None if root.lower() in ("off", "0", "none", "") else root
+
+
+def _canonical(value):
+    """A stable, hashable text form of an attribute value (arrays by content)."""
+    if isinstance(value, np.ndarray):
+        return ["ndarray", value.dtype.str, list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, float):
+        return repr(value)  # exact: 1/sqrt(8) must not round to the same key as a nearby scale
+    return value if isinstance(value, (int, str, bool, type(None))) else str(value)
+
+
+def code_fingerprint() -> str:
+    import tvm
+    h = hashlib.sha256(tvm.__version__.encode())
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in _CODE_FILES:
+        path = os.path.join(here, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                h.update(name.encode() + f.read())
+    return h.hexdigest()
+
+
+def module_key(kernels: list[tuple], target: str, extra: str = "") -> str:
+    """The cache key of a module made of ``kernels`` (each ``(name, op, attrs, in_types, out_type)``)."""
+    items = [[name, op, _canonical(attrs), [str(t) for t in ins], str(out)] for name, op, attrs, ins, out in kernels]
+    text = json.dumps({"kernels": items, "target": target, "code": code_fingerprint(), "extra": extra},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def lookup(key: str) -> str | None:
+    """Path of the cached library for ``key``, or None."""
+    root = cache_root()
+    if root is None:
+        return None
+    path = os.path.join(root, "kernels", key, "kernels.so")
+    return path if os.path.isfile(path) and os.path.isfile(os.path.join(root, "kernels", key, "kernels.json")) else None
+
+
+def store(key: str, export, names: list[str]) -> str | None:
+    """Write a library into the cache with ``export(path)``; returns its path (None when caching is off).
+    The entry appears atomically (written aside, then renamed), so a concurrent reader never sees half of it."""
+    root = cache_root()
+    if root is None:
+        return None
+    final = os.path.join(root, "kernels", key)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(final))
+    try:
+        export(os.path.join(staging, "kernels.so"))
+        with open(os.path.join(staging, "kernels.json"), "w") as f:
+            json.dump({"functions": names}, f)
+        try:
+            os.rename(staging, final)
+        except OSError:  # another process stored the same key first: theirs is as good
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return os.path.join(final, "kernels.so")

@@ -1,0 +1,266 @@
+"""The executor: runs a compiled graph's kernel plan over buffers placed by the memory plan.
+
+The plan is a list of steps in execution order: upload an input, make a view (a reshape: the same
+bytes with a new shape), or call a kernel by name on its operands' buffers and its result's buffer.
+Intermediate values live in a few device buffers that ``passes.plan_memory`` assigns by liveness
+(a buffer is reused once every value in it is dead); the buffers persist across calls and grow to
+the largest sizes seen.  Parameters, constants and weights-only values (``W*scale``,
+``concat(Wq, Wk, Wv)``) are computed once by the reference interpreter when the weights are bound,
+and uploaded as constant buffers.
+
+Everything device-specific goes through a small ``Device`` interface, so the same executor runs
+TVM's CPU (and CUDA) runtime now and a wgpu device later.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from ...inputs import bind_dims
+from ...ir import Graph, Node
+from ...ir.ops import IndexOutOfRange
+from ...passes.memory import VIEW_OPS, MemoryPlan, plan_memory, weights_only
+from ...weights import check_params
+from ..reference import bind_attrs, describe
+from .shapes import scalar_dims
+
+
+class Device(Protocol):
+    """What the executor needs from a device.  Buffers and tensors are opaque handles."""
+
+    name: str
+
+    def allocate(self, nbytes: int):
+        """A new buffer of ``nbytes`` bytes (contents undefined)."""
+
+    def view(self, base, shape: tuple, dtype: str):
+        """A tensor of ``shape`` and ``dtype`` over the first bytes of ``base`` (a buffer or a tensor)."""
+
+    def upload(self, array: np.ndarray):
+        """A new tensor holding a copy of ``array``."""
+
+    def download(self, tensor) -> np.ndarray:
+        """A NumPy copy of ``tensor``."""
+
+    def has_kernel(self, name: str) -> bool:
+        """Whether the compiled module has a kernel called ``name``."""
+
+    def call(self, name: str, args: list) -> None:
+        """Run kernel ``name`` on ``args``: operand tensors in order, the output tensor, then as ints
+        the dims no buffer shape gives (``shapes.scalar_dims``; usually none)."""
+
+
+class TVMDevice:
+    """A TVM runtime device (``tvm.cpu()``, ``tvm.cuda()``) running the functions of a loaded module."""
+
+    def __init__(self, module, device=None):
+        import tvm
+        self.module = module
+        self.device = device if device is not None else tvm.cpu()
+        self.name = str(self.device)
+        self._funcs: dict = {}
+
+    def allocate(self, nbytes: int):
+        import tvm
+        return tvm.runtime.empty((max(int(nbytes), 1),), "uint8", self.device)
+
+    def view(self, base, shape, dtype):
+        return base._create_view(tuple(int(s) for s in shape), dtype)
+
+    def upload(self, array):
+        import tvm
+        return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)  # keeps 0-d arrays 0-d
+
+    def download(self, tensor):
+        return tensor.numpy()
+
+    def has_kernel(self, name):
+        return self.module is not None and self.module.implements_function(name)
+
+    def call(self, name, args):
+        func = self._funcs.get(name)
+        if func is None:
+            func = self._funcs[name] = self.module[name]
+        func(*args)
+
+
+@dataclass
+class Step:
+    """One step of the plan: ``kind`` is "input", "view" or "kernel"."""
+    kind: str
+    node: int
+    kernel: str | None = None
+    operands: tuple = ()
+    scalars: tuple = ()  # dims passed as int arguments after the output
+
+
+class CompiledModel:
+    """A compiled graph with its weights bound: call it with NumPy inputs, get NumPy outputs.
+
+    ``model(inputs)`` checks the inputs against the signature (a clear error on a wrong name,
+    shape or dtype), runs the plan, and returns the outputs by name.  ``model.memory(**dims)`` is
+    the memory plan at those dims; ``model.last_peak_bytes`` the planned peak of the last call."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], device: Device, symbol_of: Mapping[int, str],
+                 *, target: str = "llvm"):
+        check_params(graph, params)
+        if not hasattr(device, "call"):  # a TVM module (or None: nothing to compile)
+            device = TVMDevice(device)
+        self.graph, self.device, self.target = graph, device, target
+        self.symbol_of = dict(symbol_of)
+        self.params = dict(params)
+        self.order = graph.topo_order()
+        self.steps = self._plan_steps()
+        missing = sorted({s.kernel for s in self.steps if s.kind == "kernel" and not device.has_kernel(s.kernel)})
+        if missing:
+            raise RuntimeError(f"the compiled module lacks kernels {', '.join(missing)}")
+        self.precomputed = self._precompute_nodes()
+        self.constants = self._bind_constants()
+        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, {node: tensor}), most recent last
+        self._buffers: list = []
+        self._buffer_bytes: list[int] = []
+        self.last_peak_bytes = 0
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _plan_steps(self) -> list[Step]:
+        g = self.graph
+        constant = weights_only(g)
+        steps = []
+        for nid in self.order:
+            n = g.node(nid)
+            if nid in constant or n.op in ("param", "const"):
+                continue
+            if n.op == "input":
+                steps.append(Step("input", nid))
+            elif n.op in VIEW_OPS:
+                steps.append(Step("view", nid, operands=tuple(g.operands(nid))))
+            elif nid in self.symbol_of:
+                types = [g.node(o).type for o in g.operands(nid)] + [n.type]
+                steps.append(Step("kernel", nid, self.symbol_of[nid], tuple(g.operands(nid)), scalar_dims(types)))
+            else:
+                raise RuntimeError(f"no kernel was compiled for {describe(g, n)}")
+        return steps
+
+    def _precompute_nodes(self) -> list[int]:
+        """The weights-only values that a run reads: computed once when the weights are bound."""
+        g = self.graph
+        constant = weights_only(g)
+        return [nid for nid in self.order if nid in constant
+                and (any(u not in constant for u in g.users(nid)) or g.is_output(nid))]
+
+    def _bind_constants(self) -> dict:
+        from ...passes.cleanup import dead_code
+        from ..reference import run as interpret
+        g = self.graph
+        if not self.precomputed:
+            return {}
+        sub = g.copy()
+        sub.set_outputs([(str(nid), nid) for nid in self.precomputed])
+        dead_code(sub)
+        for i in list(sub.inputs):  # weights-only values never read an input
+            sub.remove(i)
+        # In float64, rounded once to each value's dtype: W*scale is then the nearest float32.
+        values = interpret(sub, {}, {k: v for k, v in self.params.items() if k in sub.params}, dtype="float64")
+        return {nid: self.device.upload(values[str(nid)].astype(g.node(nid).type.dtype)) for nid in self.precomputed}
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def memory(self, **dims) -> MemoryPlan:
+        """The memory plan of a run with these symbolic dims (e.g. ``batch=1, seq=128``)."""
+        return plan_memory(self.graph, dims, self.order)
+
+    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict]:
+        """The memory plan at ``dims`` and a tensor view for every planned value, reused across calls."""
+        key = tuple(sorted(dims.items()))
+        if key in self._frames:
+            self._frames.move_to_end(key)
+            return self._frames[key]
+        plan = self.memory(**dims)
+        grown = False
+        for b, nbytes in enumerate(plan.buffer_bytes):
+            if b == len(self._buffers):
+                self._buffers.append(None)
+                self._buffer_bytes.append(0)
+            if self._buffer_bytes[b] < nbytes:
+                self._buffers[b] = self.device.allocate(nbytes)
+                self._buffer_bytes[b] = nbytes
+                grown = True
+        if grown:
+            self._frames.clear()  # their views point into the buffers just replaced
+        g = self.graph
+        views = {}
+        for step in self.steps:
+            if step.kind == "kernel":
+                n = g.node(step.node)
+                views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
+                                                    n.type.concrete(dims), n.type.dtype)
+        self._frames[key] = (plan, views)
+        while len(self._frames) > 8:
+            self._frames.popitem(last=False)
+        return plan, views
+
+    # -- running ------------------------------------------------------------------------------
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], *,
+                 observe: Callable[[Node, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+        """Run on ``inputs`` ({name: array}); ``observe(node, value)`` sees every kernel's result
+        (a download per kernel: for verification, not for speed)."""
+        g = self.graph
+        dims = bind_dims(g.input_types(), inputs)
+        plan, views = self._frame(dims)
+        self.last_peak_bytes = plan.peak_bytes
+        env = dict(self.constants)
+        for step in self.steps:
+            n = g.node(step.node)
+            if step.kind == "input":
+                value = np.asarray(inputs[n.name])
+                if value.dtype != np.dtype(n.type.dtype):
+                    value = value.astype(n.type.dtype)
+                env[step.node] = self.device.upload(value)
+            elif step.kind == "view":
+                shape = bind_attrs(n.attrs, dims)["shape"]
+                if -1 in shape:
+                    shape = n.type.concrete(dims)
+                env[step.node] = self.device.view(env[step.operands[0]], shape, n.type.dtype)
+            else:
+                args = [env[o] for o in step.operands]
+                if n.op == "gather":
+                    self._check_indices(n, args[0].shape[0], args[1], inputs)
+                elif n.op == "update_slice":
+                    self._check_offset(n, args)
+                out = views[step.node]
+                self.device.call(step.kernel, args + [out] + [dims[d] for d in step.scalars])
+                env[step.node] = out
+                if observe is not None:
+                    observe(n, self.device.download(out))
+        return {name: self.device.download(env[o]) for name, o in g.outputs}
+
+    def _check_indices(self, n: Node, rows: int, idx, inputs) -> None:
+        # On the host before the call: an out-of-range id must never read past the table.
+        values = self.device.download(idx)
+        if values.size and (values.min() < 0 or values.max() >= rows):
+            bad = values[(values < 0) | (values >= rows)].ravel()[0]
+            raise IndexOutOfRange(f"{describe(self.graph, n)}: index {bad} is out of range for a table of {rows} rows")
+
+    def _check_offset(self, n: Node, args) -> None:
+        cache, value, offset = args
+        axis = n.attrs["axis"] % len(cache.shape)
+        start = int(self.device.download(offset))
+        if start < 0 or start + value.shape[axis] > cache.shape[axis]:
+            raise IndexOutOfRange(f"{describe(self.graph, n)}: writing {value.shape[axis]} entries at offset "
+                                  f"{start} overflows a cache of {cache.shape[axis]}")
+
+    @property
+    def kernel_count(self) -> int:
+        """Kernel calls per run."""
+        return sum(1 for s in self.steps if s.kind == "kernel")
+
+    @property
+    def constant_bytes(self) -> int:
+        """Bytes of parameters and precomputed weights-only values held by the executor."""
+        return int(sum(np.prod(t.shape, dtype=np.int64) * np.dtype(t.dtype).itemsize for t in self.constants.values()))

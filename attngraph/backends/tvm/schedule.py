@@ -1,0 +1,86 @@
+"""The generic CPU schedule: what every kernel without a hand-written one gets.
+
+Simple but not naive: stages that only move or combine elements are inlined into their readers;
+every remaining stage runs its outer loops in parallel (fused into one parallel loop) and its
+innermost output axis vectorized when that axis has a static extent.  A matmul-like reduction
+(the reduced axis is not the output's last axis) moves the reduction outside the last output axis,
+so the inner loop is a vectorizable row update instead of a dot product.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+#: IterVar types of a block's iterators (tvm/tirx/expr.h).
+SPATIAL, REDUCE = 0, 2
+#: Inner-loop width on AVX2: 8 float32 lanes; a wider static axis is split so LLVM keeps it in registers.
+LANES = 8
+
+
+def schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` (from ``te.create_prim_func``) with the generic CPU schedule applied."""
+    sch = s_tir.Schedule(func)
+    _inline_injective(sch)
+    for block in _stages(sch):
+        _schedule_stage(sch, block)
+    return sch.mod["main"]
+
+
+def _stages(sch):
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction(sch, block) -> bool:
+    return any(v.iter_type == REDUCE for v in sch.get(block).iter_vars)
+
+
+def _inline_injective(sch) -> None:
+    """Inline every intermediate elementwise/layout stage into its readers (recomputing an index
+    shuffle or an exp is cheaper than a round trip through memory)."""
+    stages = _stages(sch)
+    for block in stages[:-1]:
+        if _is_reduction(sch, block):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - not inlinable (e.g. read by a reduction's init); left as a stage
+            pass
+
+
+def _static(sch, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return extent.value if isinstance(extent, tirx.IntImm) else None
+
+
+def _schedule_stage(sch, block) -> None:
+    iters = sch.get(block).iter_vars
+    loops = sch.get_loops(block)
+    spatial = [lp for lp, v in zip(loops, iters) if v.iter_type == SPATIAL]
+    reduce_ = [lp for lp, v in zip(loops, iters) if v.iter_type == REDUCE]
+    if not spatial:
+        return  # a scalar result: nothing to spread
+    inner = spatial[-1]
+    outer = spatial[:-1]
+    if reduce_ and len(spatial) >= 2 and _static(sch, inner):
+        # matmul-like: (..., i, j, k) -> (..., i, k, j): the inner loop updates a row of outputs.
+        sch.reorder(*reduce_, inner)
+    elif reduce_:
+        outer, inner = spatial, None  # reduction over the last axis: rows in parallel, reduce inside
+    if outer:
+        par = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(par)
+    elif inner is not None and _static(sch, inner) is None:
+        sch.parallel(inner)  # a single symbolic axis: parallel, not vectorizable
+        inner = None
+    if inner is not None and _static(sch, inner):
+        extent = _static(sch, inner)
+        if extent > LANES and extent % LANES == 0:
+            _, inner = sch.split(inner, [None, LANES])
+        if extent <= LANES or extent % LANES == 0:
+            sch.vectorize(inner)
+    if reduce_ and inner is not None:
+        # After vectorize: decompose_reduction refuses loops not yet scheduled the way it expects.
+        init = sch.decompose_reduction(block, reduce_[0])
+        init_inner = sch.get_loops(init)[-1]
+        if _static(sch, init_inner) and _static(sch, init_inner) <= LANES:
+            sch.vectorize(init_inner)

@@ -1,0 +1,153 @@
+"""Every op through the TVM backend against its NumPy reference in float64, one line per op.
+
+Each kernel is built once with symbolic dims (b, s) and run at two sizes, both through the generic
+lowering and schedule (``generic``) and through the kernel a build picks (hand-scheduled where one
+exists).  Tolerance: the float32 one of ``attngraph.verify`` (rtol 1e-4, atol 1e-5); -inf entries
+must be in the same places.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from attngraph.backends.reference import bind_attrs  # noqa: E402
+from attngraph.backends.tvm.build import KernelSpec, kernel_func, llvm_target  # noqa: E402
+from attngraph.backends.tvm.shapes import DimVars, scalar_dims  # noqa: E402
+from attngraph.ir import TensorType  # noqa: E402
+from attngraph.ir import dims as D  # noqa: E402
+from attngraph.ir import ops as O  # noqa: E402
+from attngraph.verify import compare  # noqa: E402
+
+TARGET = llvm_target()
+SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})
+
+
+def T(*shape, dtype="float32"):
+    return TensorType(shape, dtype)
+
+
+BOOL, I64 = "bool", "int64"
+X = T("b", "s", 8)
+
+# (op, attrs, operand types).  The ids name the op and a hint of the case.
+CASES = [
+    ("neg", {}, [X]), ("exp", {}, [X]), ("log", {}, [X]), ("sqrt", {}, [X]), ("rsqrt", {}, [X]),
+    ("tanh", {}, [X]), ("erf", {}, [X]), ("sin", {}, [X]), ("cos", {}, [X]), ("relu", {}, [X]),
+    ("gelu", {}, [X]), ("gelu", {"approximate": "tanh"}, [X]),
+    ("cast", {"dtype": "float32"}, [T("b", "s", 8, dtype=BOOL)]), ("cast", {"dtype": "float64"}, [X]),
+    ("add", {}, [X, T(8)]), ("sub", {}, [X, T("b", 1, 8)]), ("mul", {}, [X, T()]), ("div", {}, [X, T("s", 1)]),
+    ("maximum", {}, [X, X]),
+    ("eq", {}, [T("b", "s", dtype=I64), T(dtype=I64)]), ("ne", {}, [X, X]), ("lt", {}, [X, T(8)]),
+    ("le", {}, [X, X]), ("gt", {}, [X, T()]), ("ge", {}, [X, X]),
+    ("logical_and", {}, [T("b", "s", dtype=BOOL), T("s", dtype=BOOL)]),
+    ("logical_or", {}, [T("b", "s", dtype=BOOL), T("b", "s", dtype=BOOL)]),
+    ("where", {}, [T("b", 1, 8, dtype=BOOL), X, T()]),
+    ("matmul", {}, [X, T(8, 12)]),
+    ("matmul", {}, [T("b", 2, "s", 4), T("b", 2, 4, "s")]),
+    ("matmul", {}, [T("b", 2, "s", "s"), T("b", 2, "s", 4)]),
+    ("matmul", {}, [T("s", 8), T(8, "s")]),
+    ("linear", {}, [X, T(8, 12)]), ("linear", {"activation": "relu"}, [X, T(8, 12), T(12)]),
+    ("linear", {"activation": "gelu"}, [X, T(8, 5), T(5)]), ("linear", {"activation": "gelu_tanh"}, [X, T(8, 4), T(4)]),
+    ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
+    ("layer_norm", {"eps": 1e-5}, [X, T(8), T(8)]),
+    ("add_layer_norm", {"eps": 1e-6}, [X, X, T(8), T(8)]),
+    ("scaled_masked_softmax", {"scale": 0.35}, [T("b", 2, "s", "s")]),
+    ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
+     [T("b", 2, "s", "s"), T("b", 1, 1, "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.5}, [T("b", 2, "s", 4)] * 3),
+    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "layout": "bshd"},
+     [T("b", "s", 2, 4)] * 3 + [T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.3, "mask_kinds": ("additive",)},
+     [T("b", 2, "s", 4), T("b", 2, 5, 4), T("b", 2, 5, 4), T("b", 1, 1, 5)]),
+    ("reduce_sum", {"axes": (-1,)}, [X]), ("reduce_mean", {"axes": (1,), "keepdims": True}, [X]),
+    ("reduce_max", {"axes": (0, 2)}, [X]),
+    ("transpose", {"perm": (0, 2, 1)}, [X]), ("transpose", {"perm": (1, 0, 2)}, [X]),
+    ("reshape", {"shape": ("b", "s", 2, 4)}, [X]),
+    ("slice", {"axis": 2, "start": 1, "stop": 7, "step": 2}, [X]), ("slice", {"axis": 1, "start": 0, "stop": 1}, [X]),
+    ("slice", {"axis": 1, "start": 1, "stop": "s"}, [T("b", "s + 1", 8)]),
+    ("concat", {"axis": 2}, [T("b", "s", 3), T("b", "s", 5)]), ("concat", {"axis": 1}, [X, T("b", 2, 8), X]),
+    ("gather", {}, [T(10, 8), T("b", "s", dtype=I64)]),
+    ("arange", {"n": "s"}, []),
+    ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
+]
+
+
+def _id(case):
+    op, attrs, types = case
+    hint = ",".join(f"{k}={v}" for k, v in attrs.items() if k not in ("eps",))
+    return f"{op}[{hint}]({';'.join(str(t) for t in types)})"
+
+
+def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
+    shape = tuple(D.evaluate(d, sizes) for d in t.shape)
+    if t.dtype == BOOL:
+        return rng.random(shape) < 0.4
+    if t.dtype == I64:
+        if op == "gather":
+            return rng.integers(0, 10, shape)
+        if op == "update_slice":
+            return np.array(3)
+        return rng.integers(0, 3, shape)
+    x = rng.standard_normal(shape).astype(t.dtype)
+    return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt") else x
+
+
+def build(case, generic: bool):
+    op, attrs, types = case
+    opdef = O.get(op)
+    attrs = {**opdef.defaults, **attrs}
+    out_type = opdef.infer(list(types), attrs)
+    spec = KernelSpec("k", op, attrs, tuple(types), out_type)
+    func = kernel_func(spec, DimVars(), TARGET, generic=generic)
+    return tvm.compile(tvm.IRModule({"k": func}), target=TARGET)["k"], attrs, out_type
+
+
+def run_case(case, generic: bool):
+    op, _, types = case
+    fn, attrs, out_type = build(case, generic)
+    rng = np.random.default_rng(0)
+    for sizes in SIZES:
+        args = [operand(t, op, sizes, rng) for t in types]
+        # No fully masked score row (its softmax is NaN by definition): key 0 is always kept.
+        if op in ("scaled_masked_softmax", "fused_attention"):
+            kinds = attrs["mask_kinds"]
+            first = 1 if op == "scaled_masked_softmax" else 3
+            for kind, j in zip(kinds, range(first, len(args))):
+                if kind == "keep":
+                    args[j][..., 0] = True
+                elif kind == "drop":
+                    args[j][..., 0] = False
+        want = opdef_ref(op, args, attrs, sizes)
+        out = tvm.runtime.empty(out_type.concrete(sizes), out_type.dtype)
+        scalars = [sizes[d] for d in scalar_dims(list(types) + [out_type])]
+        fn(*[tvm.runtime.tensor(np.require(a, requirements="C")) for a in args], out, *scalars)
+        got = out.numpy()
+        assert got.shape == want.shape and got.dtype == np.dtype(out_type.dtype)
+        if got.dtype.kind == "f":
+            check = compare(op, got, want)
+            assert check.ok, f"{check} at {sizes}"
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=f"{op} at {sizes}")
+
+
+def opdef_ref(op, args, attrs, sizes):
+    """The reference result in float64 (integer and bool operands as they are)."""
+    wide = [a.astype(np.float64) if a.dtype.kind == "f" else a for a in args]
+    return np.asarray(O.get(op).ref(*wide, **bind_attrs(attrs, sizes)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_generic_lowering(case):
+    run_case(case, generic=True)
+
+
+HAND = [c for c in CASES if c[0] in ("matmul", "linear", "softmax", "log_softmax", "layer_norm", "add_layer_norm",
+                                       "scaled_masked_softmax", "fused_attention")]
+
+
+@pytest.mark.parametrize("case", HAND, ids=[_id(c) for c in HAND])
+def test_kernel_a_build_picks(case):
+    run_case(case, generic=False)
