@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 from .. import nn
+from ..ir import dims as D
+from ..nn import cache as C
 from ..nn import functional as F
 
 
@@ -30,14 +32,29 @@ class Transformer(nn.Module):
         self.encoder = nn.Encoder(num_layers, d_model, num_heads, d_ff, activation, norm_first)
         self.decoder = nn.Decoder(num_layers, d_model, num_heads, d_ff, activation, norm_first)
         self.generator = None if share_embeddings else nn.Linear(d_model, self.tgt_vocab, bias=False)
+        #: positions the decode-step caches hold: fixed when ``decode_step`` is traced (built).
+        self.cache_len = min(max_len, 256)
 
-    def input_specs(self):
+    def input_specs(self, method="forward"):
         tokens = dict(dtype="int64", low=1 if self.pad_id == 0 else 0, kind="tokens")
-        return {"src": nn.InputSpec(("batch", "src_len"), high=self.src_vocab, **tokens),
-                "tgt": nn.InputSpec(("batch", "tgt_len"), high=self.tgt_vocab, **tokens)}
+        src = nn.InputSpec(("batch", "src_len"), high=self.src_vocab, **tokens)
+        if method == "forward":
+            return {"src": src, "tgt": nn.InputSpec(("batch", "tgt_len"), high=self.tgt_vocab, **tokens)}
+        if method == "encode_entry":
+            return {"src": src}
+        if method == "decode_step":
+            specs = {"tokens": nn.InputSpec(("batch", "step"), high=self.tgt_vocab, **tokens),
+                     "pos": nn.InputSpec((), "int64", low=0, high=self.cache_len, kind="position"),
+                     "src_pad": nn.InputSpec(("batch", "src_len"), "bool", kind="padding_mask")}
+            specs.update({n: nn.InputSpec(t.shape, t.dtype) for n, t in self.cache_types().items()})
+            specs.update({n: nn.InputSpec(t.shape, t.dtype) for n, t in self.cross_types().items()})
+            return specs
+        if method == "reorder_cache":
+            return C.Reorder(self.cache_types()).input_specs()
+        raise ValueError(f"{self.name} has no entry {method!r}")
 
-    def default_dims(self):
-        return {"batch": 2, "src_len": 16, "tgt_len": 12}
+    def default_dims(self, method="forward"):
+        return {"batch": 2, "src_len": 16, "tgt_len": 12, "step": 1, "rows": 2}
 
     def embed(self, table, tokens):
         scale = math.sqrt(self.d_model)
@@ -56,6 +73,49 @@ class Transformer(nn.Module):
         memory, src_pad = self.encode(src)
         y = self.decoder(self.embed(self.tgt_embed, tgt), memory, src_pad)
         return {"log_probs": F.log_softmax(self.project(y), axis=-1)}
+
+    # -- incremental decoding: the entries ``attngraph.generate`` runs ----------------------------
+
+    def cache_types(self) -> dict:
+        """The self-attention caches the decode step reads and returns, by name (``cache.0.k``, ...)."""
+        if self.cache_len > self.max_len:
+            raise ValueError(f"cache_len {self.cache_len} is past the {self.max_len} positions {self.name} encodes")
+        attn = [layer.self_attn for layer in self.decoder.layers]
+        return {name: C.cache_type(a, self.cache_len) for a, kv in zip(attn, C.cache_names(len(attn))) for name in kv}
+
+    def cross_types(self) -> dict:
+        """Each decoder layer's cross-attention keys and values of the memory (``cross.0.k``, ...)."""
+        return {f"cross.{i}.{kv}": C.cache_type(layer.cross_attn, "src_len")
+                for i, layer in enumerate(self.decoder.layers) for kv in "kv"}
+
+    def encode_entry(self, src):
+        """Once per source: the memory, its padding mask and every decoder layer's cross-attention
+        keys and values (batch, src_len, heads, head_dim), which each decode step then reads."""
+        memory, src_pad = self.encode(src)
+        out = {"memory": memory, "src_pad": src_pad}
+        for i, layer in enumerate(self.decoder.layers):
+            out[f"cross.{i}.k"], out[f"cross.{i}.v"] = C.project_kv(layer.cross_attn, memory)
+        return out
+
+    def decode_step(self, tokens, pos, src_pad, **state):
+        """The decoder on the new target tokens (batch, step) at positions ``pos ..`` (``pos`` an
+        int64 scalar), reading and updating the self-attention caches: the next-token log-probs
+        of the last new position (batch, vocab) and the updated caches under their input names."""
+        step = tokens.shape[1]
+        x = self.tgt_embed(tokens) * math.sqrt(self.d_model) + self.positions(step, pos)
+        out = {}
+        for i, (layer, (k, v)) in enumerate(zip(self.decoder.layers, C.cache_names(len(self.decoder.layers)))):
+            x, out[k], out[v] = C.decoder_layer_step(layer, x, pos, state[k], state[v],
+                                                     state[f"cross.{i}.k"], state[f"cross.{i}.v"], src_pad)
+        if self.decoder.norm is not None:
+            x = self.decoder.norm(x)
+        last = x[:, D.sub(step, 1):] if step != 1 else x
+        log_probs = F.log_softmax(self.project(last), axis=-1)
+        return {"log_probs": log_probs.reshape(log_probs.shape[0], self.tgt_vocab), **out}
+
+    def reorder_cache(self, indices, **caches):
+        """The caches' rows in the order ``indices`` (beam search follows its surviving beams)."""
+        return {n: F.gather(caches[n], indices) for n in self.cache_types()}
 
 
 class TransformerEncoderModel(nn.Module):
