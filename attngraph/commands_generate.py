@@ -1,0 +1,100 @@
+"""``attngraph generate``: greedy or beam-search decoding from the command line.
+
+Registered in ``attngraph.cli`` with ``main.add_command(generate)``."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+
+import click
+
+from . import models
+from .generate import CompiledStepper, GenerationError, InterpreterStepper, beam_search, greedy_search, is_generation_dir
+from .weights import init_params, load_weights
+
+
+def user_errors(fn):
+    """Errors whose message is the whole story (``cli.USER_ERRORS`` and ``GenerationError``) as a
+    one-line click error.  ``cli`` is imported at call time: it imports this module to register it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .cli import USER_ERRORS
+        try:
+            return fn(*args, **kwargs)
+        except (*USER_ERRORS, GenerationError) as e:
+            raise click.ClickException(str(e)) from None
+    return wrapper
+
+
+def parse_tokens(text: str) -> list[int]:
+    """``"3 14 15"`` (or ``"3,14,15"``) -> ``[3, 14, 15]``; anything else is a clear error."""
+    parts = text.replace(",", " ").split()
+    if not parts or not all(p.lstrip("-").isdigit() for p in parts):
+        raise click.BadParameter(f"expected token ids separated by spaces, got {text!r}", param_hint="--input")
+    return [int(p) for p in parts]
+
+
+@click.command()
+@click.argument("model")
+@click.option("--input", "inputs", multiple=True, required=True, metavar='"ID ID ..."',
+              help="A source sentence (encoder-decoder) or a prompt (decoder-only) as token ids; repeat for a batch.")
+@click.option("--beam", default=1, show_default=True, type=click.IntRange(1), help="Beam size; 1 is greedy decoding.")
+@click.option("--max-len", "max_len", default=32, show_default=True, type=click.IntRange(1),
+              help="Most tokens to generate per source.")
+@click.option("--eos", "eos_id", type=int, default=2, show_default=True, help="End-of-sequence token id; -1 for none.")
+@click.option("--bos", "bos_id", type=int, default=1, show_default=True,
+              help="Token the decoder starts from (encoder-decoder models).")
+@click.option("--alpha", default=0.6, show_default=True, help="Length penalty exponent: ((5+len)/6)^alpha.")
+@click.option("--no-early-stop", "no_early_stop", is_flag=True,
+              help="Keep searching while a live beam can still beat the finished ones.")
+@click.option("--nbest", is_flag=True, help="Print every beam, not only the best.")
+@click.option("--target", type=click.Choice(["numpy", "llvm"]), default="numpy", show_default=True,
+              help="numpy: the reference interpreter; llvm: the entries compiled with TVM.")
+@click.option("--cache-len", "cache_len", type=click.IntRange(1),
+              help="Positions each decoder cache holds (default: the prefix plus --max-len).")
+@click.option("--save", "save_dir", type=click.Path(file_okay=False),
+              help="With --target llvm: keep the compiled entries in this directory (reuse it as MODEL).")
+@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
+              help=".safetensors or .npz weights; seeded random weights if omitted.")
+@click.option("--seed", default=0, show_default=True, help="Seed for random weights.")
+@user_errors
+def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop, nbest, target, cache_len,
+             save_dir, weights_path, seed):
+    """Generate from MODEL (a model, or a DIR of compiled entries from --save) for each --input."""
+    sources = [parse_tokens(text) for text in inputs]
+    eos = None if eos_id < 0 else eos_id
+    start = time.perf_counter()
+    if is_generation_dir(model):
+        if weights_path:
+            raise click.BadParameter("compiled entries carry their weights; rebuild them to change them",
+                                     param_hint="--weights")
+        stepper = CompiledStepper(model)
+    else:
+        module = models.get(model)
+        params = load_weights(weights_path) if weights_path else init_params(module, seed)
+        if cache_len is None:
+            prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
+            cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
+        if target == "numpy":
+            stepper = InterpreterStepper(module, params, cache_len)
+        else:
+            out_dir = save_dir or tempfile.mkdtemp(prefix="attngraph-generate-")
+            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len)
+            stepper = CompiledStepper(out_dir)
+    ready = time.perf_counter()
+    if beam == 1:
+        results = [[h] for h in greedy_search(stepper, sources, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha)]
+    else:
+        results = beam_search(stepper, sources, beam, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha,
+                              early_stopping=not no_early_stop)
+    done = time.perf_counter()
+    for i, hyps in enumerate(results):
+        for rank, h in enumerate(hyps if nbest else hyps[:1]):
+            label = f"{i}" if not nbest else f"{i}.{rank}"
+            end = "" if h.finished else "  (no EOS)"
+            click.echo(f"{label}: {' '.join(map(str, h.tokens))}  [log-prob {h.log_prob:.4f}, score {h.score:.4f}]{end}")
+    tokens = sum(len(h[0].tokens) for h in results)
+    click.echo(f"{stepper.info.name}: {len(sources)} source(s), beam {beam}, cache {stepper.info.cache_len}: "
+               f"setup {ready - start:.2f} s, search {done - ready:.2f} s ({tokens} tokens)", err=True)
