@@ -4,8 +4,8 @@ A model that generates has entries beside ``forward`` (see ``attngraph.nn.cache`
 
 - ``encode_entry(src)`` (encoder-decoder models only): once per source, the memory's padding mask
   and every decoder layer's cross-attention keys and values;
-- ``decode_step(tokens, pos, **state)``: the new token(s) at positions ``pos ..`` to the next-token
-  log-probs and the updated self-attention caches (``cache.0.k``, ...), preallocated to
+- ``decode_step(tokens, pos, **state)``: the new token(s) at positions ``pos ..`` to their
+  next-token log-probs and the updated self-attention caches (``cache.0.k``, ...), preallocated to
   ``cache_len`` positions fixed when the entry is traced (built);
 - ``reorder_cache(indices, **caches)``: the caches' rows gathered along the batch (beam search).
 
@@ -136,7 +136,9 @@ class EntryStepper:
             raise GenerationError(f"positions {pos}..{pos + tokens.shape[1] - 1} are past the cache of "
                                   f"{self.info.cache_len} positions (built with cache_len={self.info.cache_len})")
         out = self.entries["decode_step"]({"tokens": tokens, "pos": np.int64(pos), **state})
-        return np.asarray(out["log_probs"]), {**state, **{n: out[n] for n in self.info.caches}}
+        # The entry gives every new position's log-probs (no symbolic slice to lower); the next
+        # token only needs the last.
+        return np.asarray(out["log_probs"])[:, -1], {**state, **{n: out[n] for n in self.info.caches}}
 
     def reorder(self, state, indices):
         out = self.entries["reorder_cache"]({"indices": np.asarray(indices, np.int64),

@@ -5,7 +5,6 @@ token embedding."""
 from __future__ import annotations
 
 from .. import nn
-from ..ir import dims as D
 from ..nn import cache as C
 from ..nn import functional as F
 
@@ -85,16 +84,14 @@ class GPT(nn.Module):
 
     def decode_step(self, tokens, pos, **caches):
         """The model on the new tokens (batch, step) at positions ``pos ..`` (an int64 scalar), reading
-        and updating the caches: the next-token log-probs of the last new position (batch, vocab)
+        and updating the caches: the next-token log-probs of the new positions (batch, step, vocab)
         and the updated caches under their input names."""
         step = tokens.shape[1]
         x = self.tok_embed(tokens) + self.pos_embed(step, pos)
         out = {}
         for layer, (k, v) in zip(self.layers, C.cache_names(len(self.layers))):
             x, out[k], out[v] = layer.step(x, pos, caches[k], caches[v])
-        last = x[:, D.sub(step, 1):] if step != 1 else x
-        log_probs = F.log_softmax(self.logits(last), axis=-1)
-        return {"log_probs": log_probs.reshape(log_probs.shape[0], self.vocab), **out}
+        return {"log_probs": F.log_softmax(self.logits(x), axis=-1), **out}
 
     def reorder_cache(self, indices, **caches):
         """The caches' rows in the order ``indices`` (beam search follows its surviving beams)."""

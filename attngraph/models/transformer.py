@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from .. import nn
-from ..ir import dims as D
 from ..nn import cache as C
 from ..nn import functional as F
 
@@ -100,7 +99,7 @@ class Transformer(nn.Module):
     def decode_step(self, tokens, pos, src_pad, **state):
         """The decoder on the new target tokens (batch, step) at positions ``pos ..`` (``pos`` an
         int64 scalar), reading and updating the self-attention caches: the next-token log-probs
-        of the last new position (batch, vocab) and the updated caches under their input names."""
+        of the new positions (batch, step, vocab) and the updated caches under their input names."""
         step = tokens.shape[1]
         x = self.tgt_embed(tokens) * math.sqrt(self.d_model) + self.positions(step, pos)
         out = {}
@@ -109,9 +108,7 @@ class Transformer(nn.Module):
                                                      state[f"cross.{i}.k"], state[f"cross.{i}.v"], src_pad)
         if self.decoder.norm is not None:
             x = self.decoder.norm(x)
-        last = x[:, D.sub(step, 1):] if step != 1 else x
-        log_probs = F.log_softmax(self.project(last), axis=-1)
-        return {"log_probs": log_probs.reshape(log_probs.shape[0], self.tgt_vocab), **out}
+        return {"log_probs": F.log_softmax(self.project(x), axis=-1), **out}
 
     def reorder_cache(self, indices, **caches):
         """The caches' rows in the order ``indices`` (beam search follows its surviving beams)."""
