@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 
-tvm = pytest.importorskip("tvm")
-
-from attngraph.backends.reference import bind_attrs  # noqa: E402
-from attngraph.backends.tvm.build import KernelSpec, kernel_func, llvm_target  # noqa: E402
-from attngraph.backends.tvm.shapes import DimVars, scalar_dims  # noqa: E402
-from attngraph.ir import TensorType  # noqa: E402
-from attngraph.ir import dims as D  # noqa: E402
-from attngraph.ir import ops as O  # noqa: E402
-from attngraph.verify import compare  # noqa: E402
+from attngraph.backends.reference import bind_attrs
+from attngraph.backends.tvm.build import KernelSpec, kernel_func, llvm_target
+from attngraph.backends.tvm.shapes import DimVars, scalar_dims
+from attngraph.ir import TensorType
+from attngraph.ir import dims as D
+from attngraph.ir import ops as O
+from attngraph.verify import compare
 
 TARGET = llvm_target()
 SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})

@@ -113,13 +113,11 @@ def generic_func(spec: KernelSpec, dv: DimVars, schedule: bool = True):
     return schedule_generic(func) if schedule else func
 
 
-def kernel_func(spec: KernelSpec, dv: DimVars, target, generic: bool = False, tuned=None):
-    """The scheduled PrimFunc of ``spec``: a tuned schedule (``tuned(spec, func)``) if one applies,
-    else the hand-scheduled CPU kernel, else the generic one."""
+def kernel_func(spec: KernelSpec, dv: DimVars, target, generic: bool = False):
+    """The scheduled PrimFunc of ``spec``: the hand-scheduled CPU kernel if there is one (and not
+    ``generic``), else the generic lowering with the generic schedule."""
     func = None
-    if tuned is not None:
-        func = tuned(spec, generic_func(spec, dv, schedule=False))
-    if func is None and not generic and target.kind.name == "llvm":
+    if not generic and target.kind.name == "llvm":
         func = _hand_scheduled(spec, dv, target)
     if func is None:
         func = generic_func(spec, dv)
@@ -138,6 +136,8 @@ class Kernels:
     specs: list[KernelSpec]
     symbol_of: dict[int, str]
     target: str
+    #: kernel name -> [(dims, variant name)]: tuned static variants, used when a run's dims match
+    variants: dict = field(default_factory=dict)
     cached: bool = False
     seconds: dict = field(default_factory=dict)
 
@@ -156,8 +156,16 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     tuned, extra = None, f"generic={generic}"
     if tuning_db:
         from .tune import TunedSchedules
-        tuned = TunedSchedules(tuning_db, tgt)
+        try:
+            tuned = TunedSchedules(tuning_db, tgt)
+        except FileNotFoundError as e:
+            raise BuildError(str(e)) from None
         extra += f";tuning={tuned.fingerprint()}"
+        for spec in specs:
+            sizes = tuned.variants(spec)
+            if sizes:
+                kernels.variants[spec.name] = [(d, spec.name + "__" + "_".join(f"{k}{v}" for k, v in d.items()))
+                                               for d in sizes]
     key = cache.module_key([tuple(s) for s in specs], str(tgt), extra)
     path = cache.lookup(key)
     if path is not None:
@@ -169,10 +177,12 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
     for spec in specs:
         try:
-            funcs[spec.name] = kernel_func(spec, dv, tgt, generic, tuned)
+            funcs[spec.name] = kernel_func(spec, dv, tgt, generic)
+            for sizes, name in kernels.variants.get(spec.name, ()):
+                funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
         except BuildError:
             raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the node's context
+        except Exception as e:  # re-raised with the node's context
             nid = next(nid for nid, name in symbol_of.items() if name == spec.name)
             raise BuildError(f"cannot lower {describe(g, g.node(nid))}: {type(e).__name__}: {e}") from e
         progress.advance()
@@ -197,7 +207,8 @@ def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress 
     """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``:
     a ``CompiledModel`` taking and returning NumPy arrays."""
     kernels = build_kernels(g, target, progress=progress, generic=generic, tuning_db=tuning_db)
-    model = CompiledModel(g, params, TVMDevice(kernels.module), kernels.symbol_of, target=target)
+    model = CompiledModel(g, params, TVMDevice(kernels.module), kernels.symbol_of, target=target,
+                          variants=kernels.variants)
     model.kernels = kernels
     return model
 

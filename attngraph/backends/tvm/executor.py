@@ -15,8 +15,9 @@ TVM's CPU (and CUDA) runtime now and a wgpu device later.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -106,16 +107,20 @@ class CompiledModel:
     the memory plan at those dims; ``model.last_peak_bytes`` the planned peak of the last call."""
 
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], device: Device, symbol_of: Mapping[int, str],
-                 *, target: str = "llvm"):
+                 *, target: str = "llvm", variants: Mapping[str, list] | None = None):
         check_params(graph, params)
         if not hasattr(device, "call"):  # a TVM module (or None: nothing to compile)
             device = TVMDevice(device)
         self.graph, self.device, self.target = graph, device, target
         self.symbol_of = dict(symbol_of)
+        # kernel -> [(dims, name)]: static variants (tuned at those dims) called instead when a run's dims match
+        self.variants = {k: [(dict(d), name) for d, name in v] for k, v in (variants or {}).items()}
         self.params = dict(params)
         self.order = graph.topo_order()
         self.steps = self._plan_steps()
-        missing = sorted({s.kernel for s in self.steps if s.kind == "kernel" and not device.has_kernel(s.kernel)})
+        wanted = {s.kernel for s in self.steps if s.kind == "kernel"}
+        wanted |= {name for k in wanted for _, name in self.variants.get(k, ())}
+        missing = sorted(k for k in wanted if not device.has_kernel(k))
         if missing:
             raise RuntimeError(f"the compiled module lacks kernels {', '.join(missing)}")
         self.precomputed = self._precompute_nodes()
@@ -174,8 +179,9 @@ class CompiledModel:
         """The memory plan of a run with these symbolic dims (e.g. ``batch=1, seq=128``)."""
         return plan_memory(self.graph, dims, self.order)
 
-    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict]:
-        """The memory plan at ``dims`` and a tensor view for every planned value, reused across calls."""
+    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, dict]:
+        """The memory plan at ``dims``, a tensor view for every planned value, and the kernel each
+        step calls at these dims; reused across calls."""
         key = tuple(sorted(dims.items()))
         if key in self._frames:
             self._frames.move_to_end(key)
@@ -193,16 +199,18 @@ class CompiledModel:
         if grown:
             self._frames.clear()  # their views point into the buffers just replaced
         g = self.graph
-        views = {}
+        views, kernels = {}, {}
         for step in self.steps:
             if step.kind == "kernel":
                 n = g.node(step.node)
                 views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
                                                     n.type.concrete(dims), n.type.dtype)
-        self._frames[key] = (plan, views)
+                kernels[step.node] = next((name for d, name in self.variants.get(step.kernel, ())
+                                           if all(dims.get(k) == v for k, v in d.items())), step.kernel)
+        self._frames[key] = (plan, views, kernels)
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
-        return plan, views
+        return plan, views, kernels
 
     # -- running ------------------------------------------------------------------------------
 
@@ -212,7 +220,7 @@ class CompiledModel:
         (a download per kernel: for verification, not for speed)."""
         g = self.graph
         dims = bind_dims(g.input_types(), inputs)
-        plan, views = self._frame(dims)
+        plan, views, kernels = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
         env = dict(self.constants)
         for step in self.steps:
@@ -234,11 +242,24 @@ class CompiledModel:
                 elif n.op == "update_slice":
                     self._check_offset(n, args)
                 out = views[step.node]
-                self.device.call(step.kernel, args + [out] + [dims[d] for d in step.scalars])
+                # A static variant takes no dim arguments: its sizes are constants.
+                name = kernels[step.node]
+                self.device.call(name, args + [out] + ([dims[d] for d in step.scalars] if name == step.kernel else []))
                 env[step.node] = out
                 if observe is not None:
                     observe(n, self.device.download(out))
         return {name: self.device.download(env[o]) for name, o in g.outputs}
+
+    def run_kernel(self, nid: int, operands: list[np.ndarray], dims: Mapping[str, int]) -> np.ndarray:
+        """Node ``nid``'s kernel alone on ``operands`` (cast to the operands' dtypes): to tell a wrong
+        kernel from error carried in by its inputs."""
+        g = self.graph
+        step = next(s for s in self.steps if s.node == nid and s.kind == "kernel")
+        n = g.node(nid)
+        args = [self.device.upload(np.asarray(v).astype(g.node(o).type.dtype)) for o, v in zip(step.operands, operands)]
+        out = self.device.upload(np.empty(n.type.concrete(dims), n.type.dtype))
+        self.device.call(step.kernel, args + [out] + [dims[d] for d in step.scalars])
+        return self.device.download(out)
 
     def _check_indices(self, n: Node, rows: int, idx, inputs) -> None:
         # On the host before the call: an out-of-range id must never read past the table.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Self
 
 
 class Progress:
@@ -21,7 +22,7 @@ class Progress:
         self._task = None
         self._label, self._total, self._done = "", None, 0
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Self:
         self._start = time.perf_counter()
         return self
 

@@ -43,7 +43,7 @@ def _inline_injective(sch) -> None:
             continue
         try:
             sch.compute_inline(block)
-        except Exception:  # noqa: BLE001 - not inlinable (e.g. read by a reduction's init); left as a stage
+        except Exception:  # noqa: BLE001, S110 - not inlinable (e.g. read by a reduction's init): stays a stage
             pass
 
 

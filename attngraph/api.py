@@ -1,0 +1,193 @@
+"""The public compile API: ``build`` a model into an artifact, ``load`` it back, ``compile`` it in
+memory, and ``verify`` compiled numerics against the float64 interpreter.
+
+    manifest = attngraph.build("transformer-base", out_dir="art", target="llvm", opt_level=3)
+    model = attngraph.load("art");  outputs = model({"src": src, "tgt": tgt})
+    report = attngraph.verify("art", per_node=True);  print(report.format())
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import BuildError
+from .backends.tvm.artifact import (
+    ArtifactError,
+    is_artifact,
+    load_artifact,
+    manifest_of,
+    write_artifact,
+)
+from .ir import Graph
+from .verify import OutputCheck, compare, verify_outputs
+
+__all__ = ["ArtifactError", "BuildError", "NodeCheck", "VerifyReport", "build", "compile", "load", "verify"]
+
+
+def _graph_of(model) -> Graph:
+    """A Graph from a Graph, a zoo name / ``file.py:factory``, or a DSL Module."""
+    from . import models
+    from .nn import Module, trace
+    if isinstance(model, Graph):
+        return model
+    if isinstance(model, str):
+        return models.load_graph(model)
+    if isinstance(model, Module):
+        return trace(model)
+    raise TypeError(f"expected a Graph, a model name or an attngraph.nn.Module, got {type(model).__name__}")
+
+
+def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
+            seed: int = 0, progress=None, tuning_db: str | None = None):
+    """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
+    ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
+    weights; ``tuning_db`` is a MetaSchedule database written by ``attngraph tune``."""
+    from .backends.tvm.build import compile_graph, resolve_target
+    from .passes import optimize
+    from .weights import check_params, init_params
+    resolve_target(target)  # an unknown target fails before any work
+    graph = _graph_of(model)
+    params = init_params(graph, seed) if params is None else params
+    check_params(graph, params)
+    g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
+    compiled = compile_graph(g, {k: v for k, v in params.items() if k in g.params}, target,
+                             progress=progress, tuning_db=tuning_db)
+    compiled.model_name, compiled.opt_level = graph.name, opt_level
+    return compiled
+
+
+def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | None = None, target: str = "llvm",
+          opt_level: int = 3, *, seed: int = 0, progress=None, tuning_db: str | None = None) -> dict:
+    """Optimize and compile ``model`` and write the artifact directory ``out_dir`` (manifest,
+    kernels.so, weights.safetensors, graph.json).  Returns the manifest, with the build's timings
+    under ``"build"``."""
+    if not out_dir:
+        raise ValueError("build needs out_dir, the artifact directory to write")
+    start = time.perf_counter()
+    compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
+                       tuning_db=tuning_db)
+    kernels = compiled.kernels
+    manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
+    manifest = write_artifact(out_dir, compiled, kernels, manifest)
+    manifest["build"] = {"seconds": round(time.perf_counter() - start, 3), "cached": kernels.cached,
+                         **{k: round(v, 3) for k, v in kernels.seconds.items()}}
+    return manifest
+
+
+def load(path: str):
+    """The compiled model in artifact directory ``path``: ``model(inputs) -> outputs`` with NumPy
+    arrays by name; wrong input names, shapes or dtypes are an ``InputError``.  Works in a fresh
+    process (it needs only TVM's runtime, NumPy and safetensors)."""
+    return load_artifact(path)
+
+
+@dataclass
+class NodeCheck:
+    """One kernel's result in the compiled run against the interpreter's value of the same node."""
+    node: str
+    op: str
+    kernel: str
+    check: OutputCheck
+    alone: OutputCheck | None = None  # the kernel run on the interpreter's operands (first divergence only)
+
+
+@dataclass
+class VerifyReport:
+    model: str
+    target: str
+    opt_level: int
+    dims: dict
+    outputs: list[OutputCheck]
+    nodes: list[NodeCheck] = field(default_factory=list)
+    build: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.outputs)
+
+    @property
+    def first_divergence(self) -> NodeCheck | None:
+        return next((n for n in self.nodes if not n.check.ok), None)
+
+    def format(self) -> str:
+        """The report as text: build line, one line per output, and the per-node verdict."""
+        lines = [self.build] if self.build else []
+        lines.append(f"compared with the float64 interpreter at {', '.join(f'{k}={v}' for k, v in self.dims.items())}")
+        lines += [str(c) for c in self.outputs]
+        if self.nodes:
+            bad = self.first_divergence
+            worst = max(self.nodes, key=lambda n: n.check.max_rel if np.isfinite(n.check.max_rel) else np.inf)
+            lines.append(f"per node: {len(self.nodes)} kernel results compared; largest relative error "
+                         f"{worst.check.max_rel:.3g} at %{worst.node} ({worst.op})")
+            if bad is None:
+                lines.append("per node: every kernel result is within tolerance")
+            else:
+                lines.append(f"per node: first divergence at %{bad.node} = {bad.op} (kernel {bad.kernel}): {bad.check}")
+                if bad.alone is not None:
+                    verdict = ("the kernel alone is within tolerance, so the error was carried in from earlier "
+                               "nodes' rounding" if bad.alone.ok else "the kernel alone is wrong")
+                    lines.append(f"  run alone on the interpreter's operands: max abs error {bad.alone.max_abs:.3g}, "
+                                 f"max rel error {bad.alone.max_rel:.3g}: {verdict}")
+        lines.append("PASS" if self.ok else "FAIL: compiled outputs differ from the interpreter beyond the tolerance")
+        return "\n".join(lines)
+
+
+def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[str, np.ndarray] | None = None,
+           inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
+           per_node: bool = False, progress=None) -> VerifyReport:
+    """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
+    on the same inputs and weights (given, or seeded random at the model's default ``dims``).
+
+    Each output: max abs and rel error and pass/fail at the tolerance of its dtype
+    (``attngraph.verify.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
+    places.  ``per_node``: every kernel's result against the interpreter's value of the same node;
+    the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
+    from rounding carried in from earlier nodes."""
+    from .backends import reference
+    from .inputs import bind_dims, random_inputs
+    start = time.perf_counter()
+    if isinstance(model, str) and is_artifact(model):
+        if params is not None:
+            raise ValueError("an artifact carries its weights; rebuild it to change them")
+        compiled = load_artifact(model)
+        m = compiled.manifest
+        name, target, opt_level = m["model"], m["target"], m["opt_level"]
+        how = f"loaded {model}: {name} for {target} at -O{opt_level}"
+    else:
+        compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress)
+        name = compiled.model_name
+        k = compiled.kernels
+        how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "
+               f"{len(k.specs)} distinct kernels" + (" (from the compile cache)" if k.cached else ""))
+    how += f", {time.perf_counter() - start:.1f} s"
+    graph, params = compiled.graph, compiled.params
+    if inputs is None:
+        sizes = {**graph.meta.get("dims", {}), **(dims or {})}
+        meta = {graph.node(i).name: graph.node(i).meta for i in graph.inputs}
+        inputs = random_inputs(graph.input_types(), sizes, seed, meta)
+    bound = bind_dims(graph.input_types(), inputs)
+    got_nodes, want_nodes = {}, {}
+    observe_got = (lambda n, v: got_nodes.__setitem__(n.id, v)) if per_node else None
+    observe_want = (lambda n, v: want_nodes.__setitem__(n.id, v)) if per_node else None
+    got = compiled(inputs, observe=observe_got)
+    want = reference.run(graph, inputs, params, dtype="float64", observe=observe_want)
+    report = VerifyReport(name, target, opt_level, bound, verify_outputs(got, want), build=how)
+    if per_node:
+        for step in compiled.steps:
+            if step.kind != "kernel":
+                continue
+            n = graph.node(step.node)
+            check = compare(n.name, got_nodes[step.node], want_nodes[step.node])
+            report.nodes.append(NodeCheck(n.name, n.op, step.kernel, check))
+        bad = report.first_divergence
+        if bad is not None:
+            nid = next(s.node for s in compiled.steps if s.kind == "kernel" and graph.node(s.node).name == bad.node)
+            operands = [want_nodes[o] for o in graph.operands(nid)]
+            alone = compiled.run_kernel(nid, operands, bound)
+            bad.alone = compare(bad.node, alone, want_nodes[nid])
+    return report
+

@@ -1,0 +1,177 @@
+"""attngraph.build / load / verify and the build, verify commands: artifacts written once, loaded in
+a fresh process, verified per output and per node; the compile cache; bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TOLERANCE, example
+
+import attngraph as ag
+from attngraph import api
+from attngraph.backends.tvm import BuildError, TVMDevice
+from attngraph.backends.tvm.artifact import ArtifactError
+from attngraph.commands_tvm import build as build_cmd
+from attngraph.commands_tvm import verify as verify_cmd
+from attngraph.inputs import InputError
+from attngraph.ir.ops import IndexOutOfRange
+
+RTOL, ATOL = TOLERANCE["float32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory):
+    g = ag.models.load_graph("transformer-tiny")
+    params = ag.init_params(g, 7, perturb=True)
+    out = str(tmp_path_factory.mktemp("art") / "tiny")
+    manifest = api.build(g, params, out, "llvm", 3)
+    return out, g, params, manifest
+
+
+def test_manifest_describes_the_build(tiny_artifact):
+    out = tiny_artifact[0]
+    assert sorted(os.listdir(out)) == ["graph.json", "kernels.so", "manifest.json", "weights.safetensors"]
+    with open(os.path.join(out, "manifest.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["inputs"]["src"] == {"shape": ["batch", "src_len"], "dtype": "int64"}
+    assert on_disk["outputs"]["log_probs"]["shape"] == ["batch", "tgt_len", 64]
+    assert on_disk["target"] == "llvm" and on_disk["opt_level"] == 3
+    assert set(on_disk["versions"]) >= {"attngraph", "tvm", "numpy"}
+    ops = [k["op"] for k in on_disk["kernel_plan"]]
+    assert ops.count("fused_attention") == 6
+    assert len(on_disk["kernels"]) < len(on_disk["kernel_plan"])  # the layers share kernels
+    assert on_disk["precomputed"] and on_disk["memory_plan"]["peak_bytes"] <= on_disk["memory_plan"]["naive_bytes"]
+    assert on_disk["files"]["kernels.so"]["bytes"] == os.path.getsize(os.path.join(out, "kernels.so"))
+
+
+def test_loaded_artifact_matches_the_interpreter_at_several_lengths(tiny_artifact):
+    out, g, params, _ = tiny_artifact
+    model = api.load(out)
+    for dims in ({"batch": 1, "src_len": 1, "tgt_len": 1}, {"batch": 3, "src_len": 21, "tgt_len": 6}, {}):
+        x = example(g, seed=2, **dims)
+        want = ag.reference.run(g, x, params, dtype="float64")["log_probs"]
+        np.testing.assert_allclose(model(x)["log_probs"], want, rtol=RTOL, atol=ATOL)
+        assert model.last_peak_bytes > 0
+
+
+def test_fresh_process_gives_the_same_outputs(tiny_artifact, tmp_path):
+    out, g, _, _ = tiny_artifact
+    x = example(g, seed=3, batch=2, src_len=9, tgt_len=4)
+    here = api.load(out)(x)["log_probs"]
+    np.savez(tmp_path / "in.npz", **x)
+    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
+            "np.save(sys.argv[3], api.load(sys.argv[1])(x)['log_probs'])")
+    subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "in.npz"), str(tmp_path / "y.npy")],
+                   check=True, timeout=300)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), here)
+
+
+def test_memory_plan_reuses_buffers(tiny_artifact):
+    model = api.load(tiny_artifact[0])
+    small, large = model.memory(batch=1, src_len=4, tgt_len=4), model.memory(batch=4, src_len=64, tgt_len=64)
+    assert 0 < small.peak_bytes < large.peak_bytes < large.naive_bytes
+    assert len(large.buffer_bytes) < model.kernel_count  # buffers are shared by values that do not overlap
+
+
+def test_rebuild_comes_from_the_compile_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGRAPH_CACHE", str(tmp_path / "cache"))
+    first = api.build("encoder-tiny", out_dir=str(tmp_path / "a"), opt_level=3)
+    again = api.build("encoder-tiny", out_dir=str(tmp_path / "b"), opt_level=3)
+    assert not first["build"]["cached"] and again["build"]["cached"]
+    assert again["build"]["seconds"] < first["build"]["seconds"]
+    other = api.build("encoder-tiny", out_dir=str(tmp_path / "c"), opt_level=0)
+    assert not other["build"]["cached"]  # different graph: different kernels
+
+
+def _write(path: str, data: bytes, mode: str) -> None:
+    with open(path, mode) as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: os.remove(os.path.join(d, "kernels.so")), "incomplete: kernels.so missing; rebuild it"),
+    (lambda d: os.remove(os.path.join(d, "manifest.json")), "incomplete: manifest.json missing"),
+    (lambda d: _write(os.path.join(d, "graph.json"), b" ", "ab"), "corrupted: graph.json has"),
+    (lambda d: _write(os.path.join(d, "manifest.json"), b"{", "wb"), "corrupted"),
+    (lambda d: _write(os.path.join(d, "weights.safetensors"), b"junk", "r+b"), "corrupted"),
+    (lambda d: _write(os.path.join(d, "kernels.so"), b"junk", "r+b"), "kernels.so does not match its checksum"),
+])
+def test_damaged_artifacts_are_clear_errors(tiny_artifact, tmp_path, damage, match):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(tiny_artifact[0], copy)
+    damage(copy)
+    with pytest.raises(ArtifactError, match=match):
+        api.load(copy)
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(ArtifactError, match="not a directory; build one with: attngraph build MODEL"):
+        api.load(str(tmp_path / "nothing"))
+
+
+def test_bad_inputs_to_a_compiled_model(tiny_artifact):
+    model = api.load(tiny_artifact[0])
+    x = example(model.graph)
+    with pytest.raises(InputError, match="batch = 2"):
+        model({**x, "tgt": x["tgt"][:1]})
+    with pytest.raises(InputError, match="dtype float32, expected int64"):
+        model({**x, "tgt": x["tgt"].astype(np.float32)})
+    with pytest.raises(InputError, match="missing tgt"):
+        model({"src": x["src"]})
+    bad = x["tgt"].copy()
+    bad[0, 0] = 64
+    with pytest.raises(IndexOutOfRange, match="index 64 is out of range for a table of 64 rows"):
+        model({**x, "tgt": bad})
+
+
+def test_unknown_target_lists_the_known_ones(tmp_path):
+    with pytest.raises(BuildError, match="unknown or not yet supported target 'metal'; available here: llvm"):
+        api.build("encoder-tiny", out_dir=str(tmp_path / "x"), target="metal")
+    r = CliRunner().invoke(build_cmd, ["encoder-tiny", "--target", "metal", "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "available here: llvm" in r.output
+
+
+def test_verify_reports_each_output_and_every_node():
+    report = api.verify("transformer-tiny", opt_level=0, per_node=True, dims={"src_len": 7, "tgt_len": 3})
+    assert report.ok and report.first_divergence is None
+    assert [c.name for c in report.outputs] == ["log_probs"]
+    assert len(report.nodes) > 50 and all(n.check.ok for n in report.nodes)
+    text = report.format()
+    assert "log_probs: max abs error" in text and "every kernel result is within tolerance" in text
+
+
+def test_per_node_names_the_first_kernel_that_diverges(monkeypatch):
+    real_call = TVMDevice.call
+
+    def broken(self, name, args):  # every layer-norm kernel adds 0.01 to its first output
+        real_call(self, name, args)
+        if "layer_norm" in name:
+            out = [a for a in args if not isinstance(a, int)][-1]  # the output; dim ints come after it
+            value = out.numpy()
+            value.flat[0] += 0.01
+            out.copyfrom(value)
+    monkeypatch.setattr(TVMDevice, "call", broken)
+    report = api.verify("encoder-tiny", opt_level=0, per_node=True)
+    assert not report.ok
+    bad = report.first_divergence
+    assert bad.op == "layer_norm" and bad.alone is not None and not bad.alone.ok
+    assert "first divergence at %" in report.format() and "the kernel alone is wrong" in report.format()
+
+
+def test_cli_build_and_verify(tmp_path):
+    out = str(tmp_path / "enc")
+    r = CliRunner().invoke(build_cmd, ["encoder-tiny", "-O3", "-o", out])
+    assert r.exit_code == 0, r.output
+    assert "distinct kernels" in r.output and "memory at batch=2, seq=16: peak" in r.output
+    r = CliRunner().invoke(verify_cmd, [out, "--dim", "seq=5", "--per-node"])
+    assert r.exit_code == 0, r.output
+    assert "seq=5" in r.output and "y: max abs error" in r.output and r.output.strip().endswith("PASS")
+    r = CliRunner().invoke(verify_cmd, ["encoder-tiny", "-O0"])
+    assert r.exit_code == 0 and "built encoder-tiny for llvm at -O0" in r.output, r.output
