@@ -113,19 +113,31 @@ def generic_func(spec: KernelSpec, dv: DimVars, schedule: bool = True):
     return schedule_generic(func) if schedule else func
 
 
+def _finish(func, spec: KernelSpec, dv: DimVars):
+    """``func`` as kernel ``spec.name``, taking the dims no buffer shape binds as int64 arguments."""
+    scalars = scalar_dims(spec.in_types + (spec.out_type,))
+    if scalars:  # after the output, in scalar_dims' order
+        from tvm import tirx
+        func = tirx.PrimFunc(list(func.params) + [dv.var(d) for d in scalars], func.body, func.ret_type, func.attrs)
+    return func.with_attr("global_symbol", spec.name)
+
+
 def kernel_func(spec: KernelSpec, dv: DimVars, target, generic: bool = False):
     """The scheduled PrimFunc of ``spec``: the hand-scheduled CPU kernel if there is one (and not
     ``generic``), else the generic lowering with the generic schedule."""
     func = None
     if not generic and target.kind.name == "llvm":
         func = _hand_scheduled(spec, dv, target)
-    if func is None:
-        func = generic_func(spec, dv)
-    scalars = scalar_dims(spec.in_types + (spec.out_type,))
-    if scalars:  # dims no buffer shape binds become int64 arguments after the output
-        from tvm import tirx
-        func = tirx.PrimFunc(list(func.params) + [dv.var(d) for d in scalars], func.body, func.ret_type, func.attrs)
-    return func.with_attr("global_symbol", spec.name)
+    return _finish(func if func is not None else generic_func(spec, dv), spec, dv)
+
+
+def _compiles(func, target) -> bool:
+    import tvm
+    try:
+        tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: do not use this kernel
+        return False
 
 
 @dataclass
@@ -173,11 +185,14 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
         return kernels
     start = time.perf_counter()
     dv = DimVars()
-    funcs = {}
+    funcs, hand = {}, set()
     progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
     for spec in specs:
         try:
-            funcs[spec.name] = kernel_func(spec, dv, tgt, generic)
+            func = None if generic or tgt.kind.name != "llvm" else _hand_scheduled(spec, dv, tgt)
+            if func is not None:
+                hand.add(spec.name)
+            funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv), spec, dv)
             for sizes, name in kernels.variants.get(spec.name, ()):
                 funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
         except BuildError:
@@ -189,7 +204,21 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     kernels.seconds["lower"] = time.perf_counter() - start
     progress.stage(f"compiling {len(funcs)} kernels for {target} (LLVM)")
     start = time.perf_counter()
-    executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
+    try:
+        executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
+    except Exception as e:
+        # A hand-scheduled kernel that TVM cannot compile must not sink the build: find it (one
+        # compile per hand-scheduled kernel, only on this path), say so, use the generic kernel.
+        broken = [name for name in sorted(hand) if not _compiles(funcs[name], tgt)]
+        if not broken:
+            raise BuildError(f"TVM could not compile the kernels of {g.name}: {type(e).__name__}: {e}") from e
+        for spec in specs:
+            if spec.name in broken:
+                warnings.warn(f"hand-scheduled kernel {spec.name} ({spec.op} on "
+                              f"{', '.join(str(t) for t in spec.in_types)}) does not compile; using the generic kernel",
+                              RuntimeWarning, stacklevel=2)
+                funcs[spec.name] = _finish(generic_func(spec, dv), spec, dv)
+        executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
     kernels.seconds["compile"] = time.perf_counter() - start
     progress.stage("linking kernels.so")
     start = time.perf_counter()

@@ -14,6 +14,7 @@ TVM's CPU (and CUDA) runtime now and a wgpu device later.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,33 @@ class TVMDevice:
         if func is None:
             func = self._funcs[name] = self.module[name]
         func(*args)
+
+
+@dataclass
+class KernelTime:
+    """One kernel call's median time and its floating-point operations (0 where not counted)."""
+    node: str
+    op: str
+    kernel: str
+    seconds: float
+    flops: int
+
+    @property
+    def gflops(self) -> float:
+        return self.flops / self.seconds / 1e9 if self.seconds > 0 else 0.0
+
+
+def flops(op: str, attrs: dict, in_shapes: list[tuple], out_shape: tuple) -> int:
+    """Multiply-add work of the ops that dominate a Transformer (2 flops per multiply-add):
+    matmul / linear and fused attention; 0 for the memory-bound rest."""
+    size = int(np.prod(out_shape, dtype=np.int64))
+    if op in ("matmul", "linear"):
+        return 2 * size * int(in_shapes[0][-1])
+    if op == "fused_attention":
+        q, k = in_shapes[0], in_shapes[1]
+        lk = k[1] if attrs.get("layout") == "bshd" else k[2]
+        return 2 * size * int(lk) + 2 * size // int(out_shape[-1]) * int(lk) * int(q[-1])
+    return 0
 
 
 @dataclass
@@ -215,9 +243,11 @@ class CompiledModel:
     # -- running ------------------------------------------------------------------------------
 
     def __call__(self, inputs: Mapping[str, np.ndarray], *,
-                 observe: Callable[[Node, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+                 observe: Callable[[Node, np.ndarray], None] | None = None,
+                 times: dict | None = None) -> dict[str, np.ndarray]:
         """Run on ``inputs`` ({name: array}); ``observe(node, value)`` sees every kernel's result
-        (a download per kernel: for verification, not for speed)."""
+        (a download per kernel: for verification, not for speed); ``times``, if given, collects
+        each kernel call's seconds by node."""
         g = self.graph
         dims = bind_dims(g.input_types(), inputs)
         plan, views, kernels = self._frame(dims)
@@ -244,11 +274,32 @@ class CompiledModel:
                 out = views[step.node]
                 # A static variant takes no dim arguments: its sizes are constants.
                 name = kernels[step.node]
+                start = time.perf_counter()
                 self.device.call(name, args + [out] + ([dims[d] for d in step.scalars] if name == step.kernel else []))
+                if times is not None:
+                    times.setdefault(step.node, []).append(time.perf_counter() - start)
                 env[step.node] = out
                 if observe is not None:
                     observe(n, self.device.download(out))
         return {name: self.device.download(env[o]) for name, o in g.outputs}
+
+    def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 3) -> list[KernelTime]:
+        """Per kernel call: its median wall time over ``repeat`` runs and its floating-point work.
+        Each call is timed on its own (CPU kernels run synchronously): it shows where the time goes;
+        whole-model calls give the end-to-end figures."""
+        g = self.graph
+        times: dict[int, list[float]] = {}
+        for _ in range(repeat):
+            self(inputs, times=times)
+        dims = bind_dims(g.input_types(), inputs)
+        out = []
+        for step in self.steps:
+            if step.kind == "kernel":
+                n = g.node(step.node)
+                shapes = [g.node(o).type.concrete(dims) for o in step.operands]
+                out.append(KernelTime(n.name, n.op, step.kernel, float(np.median(times[step.node])),
+                                      flops(n.op, n.attrs, shapes, n.type.concrete(dims))))
+        return out
 
     def run_kernel(self, nid: int, operands: list[np.ndarray], dims: Mapping[str, int]) -> np.ndarray:
         """Node ``nid``'s kernel alone on ``operands`` (cast to the operands' dtypes): to tell a wrong

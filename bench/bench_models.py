@@ -1,0 +1,205 @@
+"""End-to-end speed of compiled encoders: attngraph against PyTorch eager, torch.compile and ONNX
+Runtime, side by side in one run, on the same inputs and weights and the same thread count.
+
+    python bench/bench_models.py                      # every model and case (several minutes)
+    python bench/bench_models.py --model bert-size --case 1x128 --engines attngraph,ort
+
+Models: the transformer-base encoder (6 layers, d 512, FFN 2048, 8 heads), one transformer-base
+encoder layer, and a BERT-size encoder (6 layers, d 384, FFN 1536, 12 heads); post-LN, ReLU.
+Cases: batch x sequence.  For each case: every engine's median time, its share of this machine's
+float32 peak, and attngraph's ratio to the best peer (below 1.0: attngraph is faster).  Then the
+attngraph build's matmul kernels, each timed alone, in GFLOP/s and share of peak.  Outputs are
+checked against PyTorch eager first (max abs difference printed), so every engine computes the same
+thing.  The machine may be shared: quote best-of figures and repeat what matters.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "2"))
+# Same thread count for every engine; set before numpy/torch start their pools.
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# 2 cores x 2 FMA units x 8 float32 lanes x 2 flops x ~3.1 GHz, as measured on this machine's kind.
+PEAK_GFLOPS = 198.0
+
+#: name -> (d_model, heads, d_ff, layers)
+MODELS = {
+    "transformer-base-encoder": (512, 8, 2048, 6),
+    "transformer-base-layer": (512, 8, 2048, 1),
+    "bert-size": (384, 12, 1536, 6),
+}
+CASES = ((1, 128), (8, 128), (1, 512), (8, 512))
+ENGINES = ("attngraph", "torch", "torch.compile", "ort")
+
+
+def model_flops(d: int, ff: int, layers: int, batch: int, seq: int) -> float:
+    """Multiply-add work of the encoder (2 flops each): projections, FFN, scores and weighted sum."""
+    tokens = batch * seq
+    per_layer = 2 * tokens * (4 * d * d + 2 * d * ff) + 2 * 2 * batch * seq * seq * d
+    return float(per_layer * layers)
+
+
+def median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def torch_encoder(params: dict, d: int, heads: int, ff: int, layers: int):
+    """torch.nn.TransformerEncoder with attngraph's weights (ours are (in, out); torch's (out, in))."""
+    import torch
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, activation="relu", batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        for i, tl in enumerate(enc.layers):
+            p = f"encoder.layers.{i}"
+            a = tl.self_attn
+            a.in_proj_weight.copy_(t(np.concatenate([params[f"{p}.self_attn.{n}_proj.weight"].T for n in "qkv"])))
+            a.in_proj_bias.copy_(t(np.concatenate([params[f"{p}.self_attn.{n}_proj.bias"] for n in "qkv"])))
+            a.out_proj.weight.copy_(t(params[f"{p}.self_attn.out_proj.weight"].T))
+            a.out_proj.bias.copy_(t(params[f"{p}.self_attn.out_proj.bias"]))
+            for j in (1, 2):
+                getattr(tl, f"linear{j}").weight.copy_(t(params[f"{p}.ffn.linear{j}.weight"].T))
+                getattr(tl, f"linear{j}").bias.copy_(t(params[f"{p}.ffn.linear{j}.bias"]))
+                getattr(tl, f"norm{j}").weight.copy_(t(params[f"{p}.norm{j}.weight"]))
+                getattr(tl, f"norm{j}").bias.copy_(t(params[f"{p}.norm{j}.bias"]))
+    return enc
+
+
+def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str):
+    """An ONNX Runtime session of ``enc`` at this batch and sequence (the exported attention bakes
+    its shapes in), with ORT's transformer fusions applied when its optimizer accepts the model."""
+    import onnxruntime as ort
+    import torch
+    path = os.path.join(workdir, f"encoder-{batch}x{seq}.onnx")
+    x = torch.zeros(batch, seq, d)
+    # The exporter cannot trace PyTorch's fused encoder-layer fast path: export the plain ops.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(enc, (x,), path, dynamo=False, input_names=["x"], output_names=["y"], opset_version=17)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    fused = "plain"
+    try:
+        from onnxruntime.transformers import optimizer
+        opt = optimizer.optimize_model(path, model_type="bert", num_heads=heads, hidden_size=d)
+        opt.save_model_to_file(path + ".opt")
+        path, fused = path + ".opt", "transformers optimizer"
+    except Exception as e:  # noqa: BLE001 - plain ORT is still a fair peer; say which one ran
+        fused = f"plain (optimizer failed: {type(e).__name__})"
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), fused
+
+
+def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
+    import torch
+
+    from attngraph import api, init_params
+    from attngraph.models.transformer import TransformerEncoderModel
+    from attngraph.nn import trace
+    torch.set_num_threads(THREADS)
+    d, heads, ff, layers = MODELS[name]
+    graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
+    params = init_params(graph, 0, perturb=True)
+    start = time.perf_counter()
+    compiled = api.compile(graph, params, opt_level=3)
+    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 build "
+          f"{time.perf_counter() - start:.1f} s ({len(compiled.kernels.specs)} distinct kernels, "
+          f"{compiled.kernel_count} calls{', cached' if compiled.kernels.cached else ''}); {THREADS} threads")
+    enc = torch_encoder(params, d, heads, ff, layers)
+    runners = {}
+    with torch.no_grad():
+        if "torch.compile" in engines:
+            compiled_torch = torch.compile(enc)
+        workdir = tempfile.mkdtemp(prefix="bench-ort-")
+        rows = []
+        for batch, seq in cases:
+            session, ort_kind = ort_session(enc, d, heads, batch, seq, workdir) if "ort" in engines else (None, "")
+            x = np.random.default_rng(1).standard_normal((batch, seq, d)).astype(np.float32)
+            xt = torch.from_numpy(x)
+            want = enc(xt).numpy()
+            runners = {"attngraph": lambda x=x: compiled({"x": x}),
+                       "torch": lambda xt=xt: enc(xt)}
+            if "torch.compile" in engines:
+                runners["torch.compile"] = lambda xt=xt: compiled_torch(xt)
+            if session is not None:
+                runners["ort"] = lambda x=x: session.run(None, {"x": x})
+            diffs = {"attngraph": float(np.abs(compiled({"x": x})["y"] - want).max())}
+            if session is not None:
+                diffs["ort"] = float(np.abs(session.run(None, {"x": x})[0] - want).max())
+            flops = model_flops(d, ff, layers, batch, seq)
+            ms = {e: median_ms(runners[e], repeat) for e in engines if e in runners}
+            peers = {e: t for e, t in ms.items() if e != "attngraph"}
+            best = min(peers, key=peers.get) if peers else None
+            row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
+                   "ratio": ms["attngraph"] / peers[best] if best and "attngraph" in ms else None}
+            rows.append(row)
+            cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / PEAK_GFLOPS:4.0%})" for e, t in ms.items())
+            ratio = f"ratio vs best peer ({best}) {row['ratio']:.2f}" if row["ratio"] else ""
+            print(f"batch {batch:2d} seq {seq:4d}: {cells}  {ratio}  "
+                  f"[max |diff| vs torch: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
+                  + (f" [ONNX Runtime: {ort_kind}]" if session is not None else ""), flush=True)
+            if "attngraph" in engines:
+                print_kernels(compiled, {"x": x})
+    return rows
+
+
+def print_kernels(compiled, inputs) -> None:
+    """The attngraph build's matmul kernels at these inputs, each timed alone, by distinct kernel."""
+    per: dict = {}
+    for k in compiled.profile(inputs, repeat=3):
+        if k.flops:
+            t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
+            per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
+    total = sum(t for t, _, _ in per.values())
+    for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][1]):
+        gf = f / t / 1e9
+        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.2f} ms  {gf:6.1f} GFLOP/s ({gf / PEAK_GFLOPS:4.0%} of peak)"
+              f"  {t / total:4.0%} of kernel time")
+
+
+@click.command()
+@click.option("--model", "model_names", multiple=True, type=click.Choice(list(MODELS)), help="Default: all.")
+@click.option("--case", "case_names", multiple=True, metavar="BxS", help="batch x sequence, e.g. 8x128. Default: all.")
+@click.option("--engines", default=",".join(ENGINES), show_default=True)
+@click.option("--repeat", default=5, show_default=True)
+def main(model_names, case_names, engines, repeat):
+    """Benchmark attngraph against PyTorch eager, torch.compile and ONNX Runtime."""
+    cases = [tuple(int(v) for v in c.split("x")) for c in case_names] or list(CASES)
+    engines = [e for e in engines.split(",") if e]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
+    rows = []
+    for name in model_names or MODELS:
+        rows += bench_model(name, cases, engines, repeat)
+    ratios = [r["ratio"] for r in rows if r["ratio"]]
+    if ratios:
+        print(f"\nattngraph / best peer: median {np.median(ratios):.2f}, worst {max(ratios):.2f} "
+              f"over {len(ratios)} cases ({sum(r < 1 for r in ratios)} faster than every peer)")
+
+
+if __name__ == "__main__":
+    main()
