@@ -11,7 +11,14 @@ import time
 import click
 
 from . import models
-from .generate import CompiledStepper, GenerationError, InterpreterStepper, beam_search, greedy_search, is_generation_dir
+from .generate import (
+    CompiledStepper,
+    GenerationError,
+    InterpreterStepper,
+    beam_search,
+    greedy_search,
+    is_generation_dir,
+)
 from .weights import init_params, load_weights
 
 

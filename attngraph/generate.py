@@ -21,7 +21,6 @@ used with alpha 0.6; ``len`` counts the generated tokens, EOS included.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol, Sequence

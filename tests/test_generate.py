@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TOLERANCE
 
 import attngraph as ag
 from attngraph import generate as G
@@ -14,9 +15,6 @@ from attngraph.commands_generate import generate as generate_command
 from attngraph.models.gpt import GPT
 from attngraph.models.gpt import ZOO as GPT_ZOO
 from attngraph.passes import optimize
-
-from conftest import TOLERANCE
-
 
 
 def small_models():
@@ -223,7 +221,7 @@ def test_beam_search_agrees_with_a_plain_beam_search(kind, beam, alpha, early):
     eos = pick_eos(G.greedy_search(stepper, sources, max_len), max_len)
     got = G.beam_search(stepper, sources, beam, max_len, eos_id=eos, alpha=alpha, early_stopping=early)
     for source, hyps in zip(sources, got):
-        want, _ = reference_beam_search(lambda t: full(source, t), beam, max_len, eos, alpha, early)
+        want, _ = reference_beam_search(lambda t, source=source: full(source, t), beam, max_len, eos, alpha, early)
         assert [h.tokens for h in hyps] == [list(w[1]) for w in want]
         assert [h.finished for h in hyps] == [w[3] for w in want]
         np.testing.assert_allclose([h.score for h in hyps], [w[0] for w in want], rtol=1e-9, atol=1e-9)
@@ -242,7 +240,7 @@ def test_beam_search_breaks_ties_like_the_plain_search():
     got = G.beam_search(stepper, sources, beam, max_len, eos_id=eos, alpha=0.6, early_stopping=False)
     total_ties = 0
     for source, hyps in zip(sources, got):
-        want, seen = reference_beam_search(lambda t: full(source, t), beam, max_len, eos, 0.6, False)
+        want, seen = reference_beam_search(lambda t, source=source: full(source, t), beam, max_len, eos, 0.6, False)
         total_ties += seen["ties"]
         assert [h.tokens for h in hyps] == [list(w[1]) for w in want]
     assert total_ties > 0, "the tied embedding rows should produce tied candidates"
@@ -263,7 +261,7 @@ def test_an_eos_ranked_past_the_beam_does_not_finish(kind, seed, eos, early):
     got = G.beam_search(stepper, sources, beam, max_len, eos_id=eos, alpha=0.6, early_stopping=early)
     late = 0
     for source, hyps in zip(sources, got):
-        want, seen = reference_beam_search(lambda t: full(source, t), beam, max_len, eos, 0.6, early)
+        want, seen = reference_beam_search(lambda t, source=source: full(source, t), beam, max_len, eos, 0.6, early)
         late += seen["late_eos"]
         assert [(h.tokens, h.finished) for h in hyps] == [(list(w[1]), w[3]) for w in want]
     assert late > 0
