@@ -54,7 +54,8 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     params = init_params(graph, seed) if params is None else params
     check_params(graph, params)
     g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
-    compiled = compile_graph(g, {k: v for k, v in params.items() if k in g.params}, target,
+    used = g.params  # a property that walks the graph: once, not per parameter
+    compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, target,
                              progress=progress, tuning_db=tuning_db)
     compiled.model_name, compiled.opt_level = graph.name, opt_level
     return compiled

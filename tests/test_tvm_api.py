@@ -175,3 +175,18 @@ def test_cli_build_and_verify(tmp_path):
     assert "seq=5" in r.output and "y: max abs error" in r.output and r.output.strip().endswith("PASS")
     r = CliRunner().invoke(verify_cmd, ["encoder-tiny", "-O0"])
     assert r.exit_code == 0 and "built encoder-tiny for llvm at -O0" in r.output, r.output
+
+
+def test_progress_stays_silent_for_quick_work_and_shows_for_slow():
+    import time
+
+    from attngraph.backends.tvm.progress import Progress
+    with Progress(enabled=True, delay=10) as quick:
+        quick.stage("lowering", total=3)
+        quick.advance()
+        assert quick._bar is None  # nothing drawn within the delay
+    with Progress(enabled=True, delay=0.01) as slow:
+        time.sleep(0.02)
+        slow.stage("compiling")
+        assert slow._bar is not None
+    assert slow._bar is None  # stopped on exit

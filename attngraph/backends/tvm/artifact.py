@@ -86,7 +86,8 @@ def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifes
     if os.path.exists(os.path.join(out_dir, "manifest.json")):
         os.remove(os.path.join(out_dir, "manifest.json"))
     obj, arrays = serialize.to_json(g)
-    tensors = {k: v for k, v in model.params.items() if k in g.params}
+    used = g.params  # a property that walks the graph: once, not per parameter
+    tensors = {k: v for k, v in model.params.items() if k in used}
     tensors.update(arrays)
     save_weights(os.path.join(out_dir, "weights.safetensors"), tensors)
     with open(os.path.join(out_dir, "graph.json"), "w") as f:

@@ -27,7 +27,7 @@ from ...ir import Graph, Node
 from ...ir.ops import IndexOutOfRange
 from ...passes.memory import VIEW_OPS, MemoryPlan, plan_memory, weights_only
 from ...weights import check_params
-from ..reference import bind_attrs, describe
+from ..reference import describe
 from .shapes import scalar_dims
 
 
@@ -190,16 +190,20 @@ class CompiledModel:
         from ...passes.cleanup import dead_code
         from ..reference import run as interpret
         g = self.graph
-        if not self.precomputed:
-            return {}
-        sub = g.copy()
-        sub.set_outputs([(str(nid), nid) for nid in self.precomputed])
-        dead_code(sub)
-        for i in list(sub.inputs):  # weights-only values never read an input
-            sub.remove(i)
-        # In float64, rounded once to each value's dtype: W*scale is then the nearest float32.
-        values = interpret(sub, {}, {k: v for k, v in self.params.items() if k in sub.params}, dtype="float64")
-        return {nid: self.device.upload(values[str(nid)].astype(g.node(nid).type.dtype)) for nid in self.precomputed}
+        values = {nid: np.asarray(self.params[g.node(nid).name]) for nid in self.precomputed
+                  if g.node(nid).op == "param"}
+        computed = [nid for nid in self.precomputed if nid not in values]
+        if computed:
+            sub = g.copy()
+            sub.set_outputs([(str(nid), nid) for nid in computed])
+            dead_code(sub)
+            for i in list(sub.inputs):  # weights-only values never read an input
+                sub.remove(i)
+            # In float64, rounded once to each value's dtype: W*scale is then the nearest float32.
+            used = sub.params  # a property that walks the graph: once, not per parameter
+            out = interpret(sub, {}, {k: v for k, v in self.params.items() if k in used}, dtype="float64")
+            values.update((nid, out[str(nid)]) for nid in computed)
+        return {nid: self.device.upload(np.asarray(v, dtype=g.node(nid).type.dtype)) for nid, v in values.items()}
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -229,7 +233,9 @@ class CompiledModel:
         g = self.graph
         views, kernels = {}, {}
         for step in self.steps:
-            if step.kind == "kernel":
+            if step.kind == "view":  # the shape only: a view of this step's operand is made per call
+                views[step.node] = g.node(step.node).type.concrete(dims)
+            elif step.kind == "kernel":
                 n = g.node(step.node)
                 views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
                                                     n.type.concrete(dims), n.type.dtype)
@@ -261,10 +267,7 @@ class CompiledModel:
                     value = value.astype(n.type.dtype)
                 env[step.node] = self.device.upload(value)
             elif step.kind == "view":
-                shape = bind_attrs(n.attrs, dims)["shape"]
-                if -1 in shape:
-                    shape = n.type.concrete(dims)
-                env[step.node] = self.device.view(env[step.operands[0]], shape, n.type.dtype)
+                env[step.node] = self.device.view(env[step.operands[0]], views[step.node], n.type.dtype)
             else:
                 args = [env[o] for o in step.operands]
                 if n.op == "gather":
