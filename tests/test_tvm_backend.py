@@ -101,3 +101,14 @@ def test_transformer_base_verifies_at_o3():
     r = CliRunner().invoke(main, ["verify", "transformer-base", "-O3", "--dim", "src_len=9", "--dim", "tgt_len=5"])
     assert r.exit_code == 0, r.output
     assert "36 distinct kernels" in r.output and "log_probs: max abs error" in r.output and ": PASS" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("level", [0, 3], ids=["O0", "O3"])
+@pytest.mark.parametrize("name", ag.models.names())
+def test_every_zoo_model_verifies(name, level):
+    """attngraph verify for the whole zoo: every output within the float32 tolerance of the float64
+    interpreter (full-size models: minutes in all)."""
+    from attngraph import api
+    report = api.verify(name, opt_level=level, dims={"src_len": 9, "tgt_len": 5, "seq": 9})
+    assert report.ok, report.format()

@@ -1,13 +1,13 @@
 """A progress display for builds that take more than a moment.
 
 Nothing is drawn for the first ``delay`` seconds, so a cached or tiny build stays silent; after
-that a rich progress bar on stderr shows the current stage.  Off when stderr is not a terminal
-(tests, logs, pipes)."""
+that (a timer fires even in the middle of one long step, such as LLVM compiling) a rich progress
+bar on stderr shows the current stage.  Off when stderr is not a terminal (tests, logs, pipes)."""
 
 from __future__ import annotations
 
 import sys
-import time
+import threading
 from typing import Self
 
 
@@ -17,44 +17,50 @@ class Progress:
     def __init__(self, enabled: bool | None = None, delay: float = 0.5):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.delay = delay
-        self._start = time.perf_counter()
         self._bar = None
         self._task = None
+        self._timer = None
+        self._lock = threading.Lock()
         self._label, self._total, self._done = "", None, 0
 
     def __enter__(self) -> Self:
-        self._start = time.perf_counter()
+        if self.enabled:
+            self._timer = threading.Timer(self.delay, self._show)
+            self._timer.daemon = True
+            self._timer.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None
+            self.enabled = False  # a late timer must not draw after the work is done
 
     def stage(self, label: str, total: int | None = None) -> None:
         """Start a new stage (``total`` steps, or None for one step of unknown length)."""
-        self._label, self._total, self._done = label, total, 0
-        self._refresh(new_stage=True)
+        with self._lock:
+            self._label, self._total, self._done = label, total, 0
+            if self._bar is not None:
+                self._bar.remove_task(self._task)
+                self._task = self._bar.add_task(label, total=total)
 
     def advance(self, steps: int = 1) -> None:
-        self._done += steps
-        self._refresh()
+        with self._lock:
+            self._done += steps
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self._done)
 
-    def _refresh(self, new_stage: bool = False) -> None:
-        if not self.enabled:
-            return
-        if self._bar is None:
-            if time.perf_counter() - self._start < self.delay:
+    def _show(self) -> None:
+        from rich import progress as rp
+        from rich.console import Console
+        with self._lock:
+            if not self.enabled or self._bar is not None:
                 return
-            from rich import progress as rp
-            from rich.console import Console
             self._bar = rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
                                     rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
                                     console=Console(stderr=True), transient=True)
             self._bar.start()
-            new_stage = True
-        if new_stage:
-            if self._task is not None:
-                self._bar.remove_task(self._task)
-            self._task = self._bar.add_task(self._label, total=self._total)
-        self._bar.update(self._task, completed=self._done)
+            self._task = self._bar.add_task(self._label, total=self._total, completed=self._done)
