@@ -23,9 +23,11 @@ import numpy as np
 from ...ir import serialize
 from ...weights import WeightsError, load_weights, save_weights
 from .build import Kernels
-from .executor import CompiledModel, TVMDevice
+from .executor import CompiledModel
+from .targets import TARGET_SPECS, get_target
 
-FILES = ("manifest.json", "graph.json", "weights.safetensors", "kernels.so")
+#: The files every artifact has; the kernel library (kernels.so for llvm) is named by the target.
+FILES = ("manifest.json", "graph.json", "weights.safetensors")
 FORMAT = 2
 
 
@@ -92,14 +94,15 @@ def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifes
     save_weights(os.path.join(out_dir, "weights.safetensors"), tensors)
     with open(os.path.join(out_dir, "graph.json"), "w") as f:
         json.dump(obj, f)
-    so = os.path.join(out_dir, "kernels.so")
+    library = get_target(kernels.target).library_name
     if kernels.library is not None:
-        shutil.copyfile(kernels.library, so)
+        shutil.copyfile(kernels.library, os.path.join(out_dir, library))
     else:  # nothing to compute at run time (a graph of views and weights): an empty library marker
-        open(so, "wb").close()
-    manifest = dict(manifest, files={f: {"bytes": os.path.getsize(os.path.join(out_dir, f)),
-                                          "sha256": _sha256(os.path.join(out_dir, f))}
-                                      for f in FILES if f != "manifest.json"})
+        open(os.path.join(out_dir, library), "wb").close()
+    files = [f for f in FILES if f != "manifest.json"] + [library]
+    manifest = dict(manifest, library=library,
+                    files={f: {"bytes": os.path.getsize(os.path.join(out_dir, f)),
+                               "sha256": _sha256(os.path.join(out_dir, f))} for f in files})
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
@@ -126,9 +129,7 @@ def _check_files(path: str, manifest: dict) -> None:
 def load_artifact(path: str) -> CompiledModel:
     """The compiled model in ``path``: ``model(inputs) -> outputs`` (NumPy arrays by name), with
     ``model.graph``, ``model.params`` and ``model.manifest``."""
-    import tvm
-
-    from .build import ensure_threads
+    from .targets import ensure_threads
     rebuild = "rebuild it with: attngraph build MODEL -o " + path
     if not os.path.isdir(path):
         raise ArtifactError(f"{path!r} is not a directory; build one with: attngraph build MODEL -o {path}")
@@ -145,6 +146,13 @@ def load_artifact(path: str) -> CompiledModel:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"artifact {path!r} has format {manifest.get('format')}, this attngraph reads {FORMAT}; "
                             f"{rebuild}")
+    target = manifest.get("target")
+    if target not in TARGET_SPECS:
+        raise ArtifactError(f"artifact {path!r} was built for target {target!r}, which this installation cannot run "
+                            f"(targets here: {', '.join(TARGET_SPECS)})")
+    library = manifest.get("library", "kernels.so")
+    if not os.path.isfile(os.path.join(path, library)):
+        raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")
     _check_files(path, manifest)
     try:
         with open(os.path.join(path, "graph.json")) as f:
@@ -157,16 +165,13 @@ def load_artifact(path: str) -> CompiledModel:
     except (ValueError, KeyError, TypeError, WeightsError) as e:
         raise ArtifactError(f"artifact {path!r} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
     ensure_threads()
-    module = None
-    if symbol_of:
-        try:
-            module = tvm.runtime.load_module(os.path.join(path, "kernels.so"))
-        except Exception as e:  # noqa: BLE001 - the loader's own message is kept
-            raise ArtifactError(f"cannot load {path}/kernels.so ({e}); {rebuild}") from None
+    try:
+        device = get_target(target).open_device(os.path.join(path, library) if symbol_of else None)
+    except Exception as e:  # noqa: BLE001 - the loader's own message is kept
+        raise ArtifactError(f"cannot load {path}/{library} ({e}); {rebuild}") from None
     params = {k: v for k, v in tensors.items() if not k.startswith("__const__.")}
     try:
-        model = CompiledModel(graph, params, TVMDevice(module), symbol_of, target=manifest.get("target", "llvm"),
-                              variants=variants)
+        model = CompiledModel(graph, params, device, symbol_of, target=target, variants=variants)
     except (RuntimeError, WeightsError) as e:
         raise ArtifactError(f"artifact {path!r} does not fit together ({e}); {rebuild}") from None
     model.manifest = manifest

@@ -23,14 +23,14 @@ from ...passes.memory import SOURCE_OPS, VIEW_OPS, weights_only
 from .. import BuildError
 from ..reference import DIM_ATTRS, describe
 from . import cache
-from .executor import CompiledModel, TVMDevice
+from .executor import CompiledModel
 from .lowering import lower
 from .progress import Progress
-from .schedule import schedule_generic
 from .shapes import DimVars, scalar_dims
+from .targets import TARGETS, ensure_threads, get_target, llvm_target
 
-#: Targets this backend compiles for here (the GPU targets plug in beside llvm).
-TARGETS = ("llvm",)
+__all__ = ["TARGETS", "KernelSpec", "Kernels", "build_kernels", "compile_graph", "ensure_threads", "generic_func",
+           "kernel_func", "kernel_nodes", "llvm_target", "plan_kernels", "resolve_target"]
 
 
 class KernelSpec(NamedTuple):
@@ -42,25 +42,9 @@ class KernelSpec(NamedTuple):
     out_type: TensorType
 
 
-def llvm_target():
-    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA (5x slower)."""
-    import tvm
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
-
-
 def resolve_target(name: str):
     """The TVM target for a target name; an unknown name is an error listing the known ones."""
-    if name not in TARGETS:
-        raise BuildError(f"unknown or not yet supported target {name!r}; available here: {', '.join(TARGETS)}")
-    return llvm_target()
-
-
-def ensure_threads() -> None:
-    """Use every core: TVM's thread pool defaults to one thread on this kind of machine.  Must run
-    before the first parallel kernel starts the pool."""
-    if os.environ.get("TVM_NUM_THREADS") is None:
-        os.environ["TVM_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                            else os.cpu_count() or 1)
+    return get_target(name).make_target()
 
 
 def kernel_nodes(g: Graph, constant: set[int] | None = None) -> list[int]:
@@ -92,25 +76,25 @@ def plan_kernels(g: Graph) -> tuple[list[KernelSpec], dict[int, str]]:
 
 
 def _hand_scheduled(spec: KernelSpec, dv: DimVars, target):
-    try:
-        from .cpu_kernels import cpu_kernel
-    except ImportError:
+    hand_kernel = get_target(target.kind.name).hand_kernel if target.kind.name in TARGETS else None
+    if hand_kernel is None:
         return None
     try:
-        return cpu_kernel(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, target)
+        return hand_kernel(spec, dv, target)
     except Exception as e:  # noqa: BLE001 - the generic kernel is always correct; say why it was used
         warnings.warn(f"hand-scheduled {spec.op} kernel failed for {[str(t) for t in spec.in_types]} "
                       f"({type(e).__name__}: {e}); using the generic kernel", RuntimeWarning, stacklevel=3)
         return None
 
 
-def generic_func(spec: KernelSpec, dv: DimVars, schedule: bool = True):
-    """The generic lowering of ``spec`` as a PrimFunc (params: operands in order, then the output)."""
+def generic_func(spec: KernelSpec, dv: DimVars, target=None):
+    """The generic lowering of ``spec`` as a PrimFunc (params: operands in order, then the output),
+    with ``target``'s generic schedule (unscheduled when ``target`` is None)."""
     from tvm import te
     phs = [te.placeholder(dv.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(spec.in_types)]
     out = lower(spec.op, spec.attrs, phs, spec.out_type, dv, name="out")
     func = te.create_prim_func(phs + [out])
-    return schedule_generic(func) if schedule else func
+    return func if target is None else get_target(target.kind.name).schedule(func, target)
 
 
 def _finish(func, spec: KernelSpec, dv: DimVars):
@@ -123,18 +107,16 @@ def _finish(func, spec: KernelSpec, dv: DimVars):
 
 
 def kernel_func(spec: KernelSpec, dv: DimVars, target, generic: bool = False):
-    """The scheduled PrimFunc of ``spec``: the hand-scheduled CPU kernel if there is one (and not
-    ``generic``), else the generic lowering with the generic schedule."""
-    func = None
-    if not generic and target.kind.name == "llvm":
-        func = _hand_scheduled(spec, dv, target)
-    return _finish(func if func is not None else generic_func(spec, dv), spec, dv)
+    """The scheduled PrimFunc of ``spec``: the target's hand-scheduled kernel if it has one (and not
+    ``generic``), else the generic lowering with the target's generic schedule."""
+    func = None if generic else _hand_scheduled(spec, dv, target)
+    return _finish(func if func is not None else generic_func(spec, dv, target), spec, dv)
 
 
-def _compiles(func, target) -> bool:
+def _compiles(func, target, compile_module) -> bool:
     import tvm
     try:
-        tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=target)
+        compile_module(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target)
         return True
     except Exception:  # noqa: BLE001 - any failure means: do not use this kernel
         return False
@@ -142,9 +124,9 @@ def _compiles(func, target) -> bool:
 
 @dataclass
 class Kernels:
-    """A compiled kernel library: ``module[name]`` is each kernel's function."""
-    module: object
-    library: str | None  # the .so the module was loaded from (None: nothing to compile)
+    """A compiled kernel library and the device that runs it."""
+    device: object  # an executor.Device running the library's kernels
+    library: str | None  # the library file (None: nothing to compile)
     specs: list[KernelSpec]
     symbol_of: dict[int, str]
     target: str
@@ -159,11 +141,13 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     """Compile every kernel of ``g`` for ``target`` into one library (or load it from the cache)."""
     import tvm
     ensure_threads()
-    tgt = resolve_target(target)
+    tspec = get_target(target)
+    tgt = tspec.make_target()
     progress = progress or Progress(enabled=False)
     specs, symbol_of = plan_kernels(g)
     kernels = Kernels(None, None, specs, symbol_of, target)
     if not specs:
+        kernels.device = tspec.open_device(None)
         return kernels
     tuned, extra = None, f"generic={generic}"
     if tuning_db:
@@ -179,9 +163,9 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
                 kernels.variants[spec.name] = [(d, spec.name + "__" + "_".join(f"{k}{v}" for k, v in d.items()))
                                                for d in sizes]
     key = cache.module_key([tuple(s) for s in specs], str(tgt), extra)
-    path = cache.lookup(key)
+    path = cache.lookup(key, tspec.library_name)
     if path is not None:
-        kernels.module, kernels.library, kernels.cached = tvm.runtime.load_module(path), path, True
+        kernels.device, kernels.library, kernels.cached = tspec.open_device(path), path, True
         return kernels
     start = time.perf_counter()
     dv = DimVars()
@@ -189,10 +173,10 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
     for spec in specs:
         try:
-            func = None if generic or tgt.kind.name != "llvm" else _hand_scheduled(spec, dv, tgt)
+            func = None if generic else _hand_scheduled(spec, dv, tgt)
             if func is not None:
                 hand.add(spec.name)
-            funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv), spec, dv)
+            funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv, tgt), spec, dv)
             for sizes, name in kernels.variants.get(spec.name, ()):
                 funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
         except BuildError:
@@ -202,14 +186,15 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
             raise BuildError(f"cannot lower {describe(g, g.node(nid))}: {type(e).__name__}: {e}") from e
         progress.advance()
     kernels.seconds["lower"] = time.perf_counter() - start
-    progress.stage(f"compiling {len(funcs)} kernels for {target} (LLVM)")
+    progress.stage(f"compiling {len(funcs)} kernels for {target}")
     start = time.perf_counter()
+    compile_module = tspec.compile or (lambda mod, t: tvm.compile(mod, target=t))
     try:
-        executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
+        executable = compile_module(tvm.IRModule(funcs), tgt)
     except Exception as e:
         # A hand-scheduled kernel that TVM cannot compile must not sink the build: find it (one
         # compile per hand-scheduled kernel, only on this path), say so, use the generic kernel.
-        broken = [name for name in sorted(hand) if not _compiles(funcs[name], tgt)]
+        broken = [name for name in sorted(hand) if not _compiles(funcs[name], tgt, compile_module)]
         if not broken:
             raise BuildError(f"TVM could not compile the kernels of {g.name}: {type(e).__name__}: {e}") from e
         for spec in specs:
@@ -217,17 +202,17 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
                 warnings.warn(f"hand-scheduled kernel {spec.name} ({spec.op} on "
                               f"{', '.join(str(t) for t in spec.in_types)}) does not compile; using the generic kernel",
                               RuntimeWarning, stacklevel=2)
-                funcs[spec.name] = _finish(generic_func(spec, dv), spec, dv)
-        executable = tvm.compile(tvm.IRModule(funcs), target=tgt)
+                funcs[spec.name] = _finish(generic_func(spec, dv, tgt), spec, dv)
+        executable = compile_module(tvm.IRModule(funcs), tgt)
     kernels.seconds["compile"] = time.perf_counter() - start
-    progress.stage("linking kernels.so")
+    progress.stage(f"linking {tspec.library_name}")
     start = time.perf_counter()
-    path = cache.store(key, executable.export_library, sorted(funcs))
+    path = cache.store(key, executable.export_library, sorted(funcs), tspec.library_name)
     if path is None:  # caching off: a private temporary library
-        path = os.path.join(tempfile.mkdtemp(prefix="attngraph-"), "kernels.so")
+        path = os.path.join(tempfile.mkdtemp(prefix="attngraph-"), tspec.library_name)
         executable.export_library(path)
     kernels.seconds["link"] = time.perf_counter() - start
-    kernels.module, kernels.library = tvm.runtime.load_module(path), path
+    kernels.device, kernels.library = tspec.open_device(path), path
     return kernels
 
 
@@ -236,8 +221,7 @@ def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress 
     """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``:
     a ``CompiledModel`` taking and returning NumPy arrays."""
     kernels = build_kernels(g, target, progress=progress, generic=generic, tuning_db=tuning_db)
-    model = CompiledModel(g, params, TVMDevice(kernels.module), kernels.symbol_of, target=target,
-                          variants=kernels.variants)
+    model = CompiledModel(g, params, kernels.device, kernels.symbol_of, target=target, variants=kernels.variants)
     model.kernels = kernels
     return model
 
@@ -249,10 +233,10 @@ class _Library:
         self.kernels = kernels
 
     def __getitem__(self, name):
-        return self.kernels.module[name]
+        return self.kernels.device.module[name]
 
     def implements_function(self, name) -> bool:
-        return self.kernels.module.implements_function(name)
+        return self.kernels.device.module.implements_function(name)
 
     def export_library(self, path: str) -> None:
         import shutil
@@ -263,4 +247,4 @@ def build_module(g: Graph, target=None):
     """(the kernel library, {node id: kernel name}): the interface ``attngraph/artifact.py`` uses
     until it re-exports ``attngraph.api`` (see ``build_kernels`` for everything else)."""
     kernels = build_kernels(g, "llvm")
-    return (_Library(kernels) if kernels.module is not None else None), kernels.symbol_of
+    return (_Library(kernels) if kernels.library is not None else None), kernels.symbol_of

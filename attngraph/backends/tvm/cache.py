@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 
 #: The files whose code decides what a kernel compiles to; editing one invalidates the cache.
-_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py")
+_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py", "targets.py")
 
 
 def cache_root() -> str | None:
@@ -60,16 +60,16 @@ def module_key(kernels: list[tuple], target: str, extra: str = "") -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def lookup(key: str) -> str | None:
+def lookup(key: str, library_name: str = "kernels.so") -> str | None:
     """Path of the cached library for ``key``, or None."""
     root = cache_root()
     if root is None:
         return None
-    path = os.path.join(root, "kernels", key, "kernels.so")
+    path = os.path.join(root, "kernels", key, library_name)
     return path if os.path.isfile(path) and os.path.isfile(os.path.join(root, "kernels", key, "kernels.json")) else None
 
 
-def store(key: str, export, names: list[str]) -> str | None:
+def store(key: str, export, names: list[str], library_name: str = "kernels.so") -> str | None:
     """Write a library into the cache with ``export(path)``; returns its path (None when caching is off).
     The entry appears atomically (written aside, then renamed), so a concurrent reader never sees half of it."""
     root = cache_root()
@@ -79,7 +79,7 @@ def store(key: str, export, names: list[str]) -> str | None:
     os.makedirs(os.path.dirname(final), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(final))
     try:
-        export(os.path.join(staging, "kernels.so"))
+        export(os.path.join(staging, library_name))
         with open(os.path.join(staging, "kernels.json"), "w") as f:
             json.dump({"functions": names}, f)
         try:
@@ -89,4 +89,4 @@ def store(key: str, export, names: list[str]) -> str | None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return os.path.join(final, "kernels.so")
+    return os.path.join(final, library_name)

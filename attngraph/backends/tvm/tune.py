@@ -60,7 +60,7 @@ def _sizes_key(spec: KernelSpec, sizes: dict) -> dict:
 
 def _static_module(spec: KernelSpec, sizes: dict):
     import tvm
-    func = generic_func(spec, StaticDims(sizes), schedule=False)
+    func = generic_func(spec, StaticDims(sizes))
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
