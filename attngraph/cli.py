@@ -254,5 +254,10 @@ def build(model, target, opt_level, out_dir, weights_path, seed):
                f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> {out_dir}")
 
 
+from .commands_generate import generate as _generate  # noqa: E402  (imports cli lazily: no cycle)
+
+main.add_command(_generate)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -7,6 +7,8 @@ import importlib.util
 import os
 from typing import Callable
 
+from .gpt import GPT
+from .gpt import ZOO as GPT_ZOO
 from .transformer import Transformer, TransformerEncoderModel
 
 
@@ -23,6 +25,7 @@ ZOO: dict[str, Callable] = {
     "transformer-base-encoder": lambda: TransformerEncoderModel(512, 8, 2048, 6, name="transformer-base-encoder"),
     "transformer-base-encoder-layer": lambda: TransformerEncoderModel(512, 8, 2048, 1, name="transformer-base-encoder-layer"),
 }
+ZOO.update(GPT_ZOO)
 
 
 def names() -> list[str]:
@@ -68,4 +71,4 @@ def load_graph(spec: str):
     return trace(get(spec))
 
 
-__all__ = ["load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
+__all__ = ["GPT", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
