@@ -132,7 +132,8 @@ class CompiledModel:
 
     ``model(inputs)`` checks the inputs against the signature (a clear error on a wrong name,
     shape or dtype), runs the plan, and returns the outputs by name.  ``model.memory(**dims)`` is
-    the memory plan at those dims; ``model.last_peak_bytes`` the planned peak of the last call."""
+    the memory plan at those dims; ``model.last_peak_bytes`` the planned peak of the last call.
+    One call at a time: the intermediate buffers are shared between calls (not thread-safe)."""
 
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], device: Device, symbol_of: Mapping[int, str],
                  *, target: str = "llvm", variants: Mapping[str, list] | None = None):
@@ -153,7 +154,7 @@ class CompiledModel:
             raise RuntimeError(f"the compiled module lacks kernels {', '.join(missing)}")
         self.precomputed = self._precompute_nodes()
         self.constants = self._bind_constants()
-        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, {node: tensor}), most recent last
+        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
         self._buffers: list = []
         self._buffer_bytes: list[int] = []
         self.last_peak_bytes = 0
