@@ -175,6 +175,12 @@ def test_cli_build_and_verify(tmp_path):
     assert "seq=5" in r.output and "y: max abs error" in r.output and r.output.strip().endswith("PASS")
     r = CliRunner().invoke(verify_cmd, ["encoder-tiny", "-O0"])
     assert r.exit_code == 0 and "built encoder-tiny for llvm at -O0" in r.output, r.output
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 3, 32), np.float32))
+    r = CliRunner().invoke(verify_cmd, [out, "--inputs", str(tmp_path / "in.npz")])
+    assert r.exit_code == 0 and "batch=1, seq=3" in r.output, r.output
+    np.savez(tmp_path / "bad.npz", x=np.ones((1, 3, 31), np.float32))
+    r = CliRunner().invoke(verify_cmd, [out, "--inputs", str(tmp_path / "bad.npz")])
+    assert r.exit_code != 0 and "input 'x' has shape (1, 3, 31)" in r.output, r.output
 
 
 def test_progress_stays_silent_for_quick_work_and_shows_for_slow():
