@@ -51,6 +51,9 @@ def model_flops(d: int, ff: int, layers: int, batch: int, seq: int) -> float:
 
 
 def median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    # Let the previous engine's worker threads stop spinning (OpenMP and ORT pools busy-wait for a
+    # while after their work), so that no engine is timed against another one's idle spin.
+    time.sleep(0.3)
     for _ in range(warmup):
         fn()
     times = []
@@ -169,7 +172,9 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
 def print_kernels(compiled, inputs) -> None:
     """The attngraph build's matmul kernels at these inputs, each timed alone, by distinct kernel."""
     per: dict = {}
-    for k in compiled.profile(inputs, repeat=3):
+    time.sleep(0.3)  # as in median_ms: the peers' thread pools go quiet first
+    compiled(inputs)
+    for k in compiled.profile(inputs, repeat=5):
         if k.flops:
             t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
             per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
