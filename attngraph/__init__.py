@@ -2,8 +2,7 @@
 the compiled numerics against a NumPy reference interpreter."""
 
 from . import ir, models, nn
-from .artifact import ArtifactError, build, load
-from .backends import reference
+from .backends import ArtifactError, reference
 from .inputs import InputError, random_inputs
 from .ir import Graph, TensorType
 from .nn import InputSpec, Module, Parameter, trace
@@ -11,6 +10,16 @@ from .weights import WeightsError, init_params, load_weights, save_weights
 
 __version__ = "0.1.0"
 
-__all__ = ["ArtifactError", "build", "load", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
+_COMPILE_API = ("build", "compile", "load", "verify")
+
+
+def __getattr__(name):
+    # The compile API imports TVM (seconds): only when it is used, so that `show` and `run` start fast.
+    if name in _COMPILE_API:
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'attngraph' has no attribute {name!r}")
+
+__all__ = ["ArtifactError", "build", "compile", "load", "verify", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
            "InputSpec", "Module", "Parameter", "trace", "WeightsError", "init_params", "load_weights",
            "save_weights", "__version__"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 import sys
@@ -11,40 +10,11 @@ import click
 import numpy as np
 
 from . import models
-from .artifact import ArtifactError
-from .backends import BuildError
-from .backends.reference import InterpreterError
-from .inputs import InputError, random_inputs
-from .ir import GraphError, to_dot, to_text
-from .ir.ops import IndexOutOfRange
-from .models import ModelNotFound
-from .nn import TraceError
-from .passes import PassVerificationError
-from .weights import WeightsError, init_params, load_weights
-
-#: Errors whose message is the whole story: shown without a traceback.
-USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
-               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError)
-
-
-def user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
-
-
-def parse_dims(values) -> dict[str, int]:
-    dims = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise click.BadParameter(f"expected NAME=INT, got {item!r}", param_hint="--dim")
-        dims[name.strip()] = int(value)
-    return dims
+from .backends import is_artifact
+from .cli_common import parse_dims, user_errors
+from .inputs import random_inputs
+from .ir import to_dot, to_text
+from .weights import init_params, load_weights
 
 
 def input_meta(graph):
@@ -152,11 +122,6 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None):
     return params, inputs
 
 
-def load_artifact(path):
-    from .artifact import load
-    return load(path)
-
-
 TARGETS = ["numpy", "llvm"]
 
 
@@ -172,10 +137,10 @@ TARGETS = ["numpy", "llvm"]
 @user_errors
 def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
     """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
-    from .artifact import is_artifact
     from .backends import reference
     if is_artifact(model):
-        compiled = load_artifact(model)
+        from .api import load
+        compiled = load(model)
         _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)
         outputs = compiled(inputs)
         target = None
@@ -196,63 +161,10 @@ def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype
         click.echo(f"wrote {output_path}", err=True)
 
 
-@main.command()
-@click.argument("model")
-@click.option("--target", type=click.Choice(TARGETS[1:]), default="llvm", show_default=True)
-@model_options
-@optimize_option
-@user_errors
-def verify(model, target, inputs_path, weights_path, seed, dims, opt_level, disable, verify_each):
-    """Compile MODEL (or load an artifact DIR) and compare it with the float64 interpreter on the same
-    inputs and weights."""
-    import time
+from .commands_tvm import COMMANDS  # noqa: E402  (build, verify, tune)
 
-    from .artifact import is_artifact
-    from .backends import reference
-    from .backends.tvm import compile_graph
-    from .verify import verify_outputs
-    start = time.perf_counter()
-    if is_artifact(model):
-        compiled = load_artifact(model)
-        graph = compiled.graph
-        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, compiled.params)
-        click.echo(f"loaded {model}: {compiled.manifest['model']} for {compiled.manifest['target']} at "
-                   f"-O{compiled.manifest['opt_level']}, {time.perf_counter() - start:.1f} s")
-    else:
-        graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
-        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
-        compiled = compile_graph(graph, params, target)
-        click.echo(f"built {graph.name} for {target} at -O{opt_level or 0}: {compiled.kernel_count} kernel calls, "
-                   f"{len(set(compiled.symbol_of.values()))} distinct kernels, {time.perf_counter() - start:.1f} s")
-    checks = verify_outputs(compiled(inputs), reference.run(graph, inputs, params, dtype="float64"))
-    for check in checks:
-        click.echo(str(check))
-    if not all(c.ok for c in checks):
-        raise click.ClickException("compiled outputs differ from the interpreter beyond the tolerance")
-
-
-@main.command()
-@click.argument("model")
-@click.option("--target", type=click.Choice(TARGETS[1:]), default="llvm", show_default=True)
-@click.option("-O", "--opt-level", "opt_level", type=click.IntRange(0, 3), default=3, show_default=True)
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="The artifact directory to write.")
-@click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
-              help=".safetensors or .npz weights; seeded random weights if omitted.")
-@click.option("--seed", default=0, show_default=True, help="Seed for random weights.")
-@user_errors
-def build(model, target, opt_level, out_dir, weights_path, seed):
-    """Optimize and compile MODEL into an artifact directory (run it with attngraph run DIR)."""
-    import time
-
-    from .artifact import build as build_artifact
-    graph = models.load_graph(model)
-    params = load_weights(weights_path) if weights_path else init_params(graph, seed)
-    start = time.perf_counter()
-    manifest = build_artifact(graph, params, out_dir, target, opt_level)
-    click.echo(f"built {manifest['model']} for {target} at -O{opt_level} in {time.perf_counter() - start:.1f} s: "
-               f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> {out_dir}")
-
+for _command in COMMANDS:
+    main.add_command(_command)
 
 from .commands_generate import generate as _generate  # noqa: E402  (imports cli lazily: no cycle)
 

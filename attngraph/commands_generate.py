@@ -11,6 +11,7 @@ import time
 import click
 
 from . import models
+from .cli_common import USER_ERRORS
 from .generate import (
     CompiledStepper,
     GenerationError,
@@ -23,11 +24,10 @@ from .weights import init_params, load_weights
 
 
 def user_errors(fn):
-    """Errors whose message is the whole story (``cli.USER_ERRORS`` and ``GenerationError``) as a
-    one-line click error.  ``cli`` is imported at call time: it imports this module to register it."""
+    """Errors whose message is the whole story (``USER_ERRORS`` and ``GenerationError``) as a
+    one-line click error."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .cli import USER_ERRORS
         try:
             return fn(*args, **kwargs)
         except (*USER_ERRORS, GenerationError) as e:

@@ -6,41 +6,13 @@ does not import ``cli.py``, so either can be imported first.
 
 from __future__ import annotations
 
-import functools
 import time
 
 import click
 import numpy as np
 
-from .backends import BuildError
-from .backends.tvm.artifact import ArtifactError, is_artifact
-from .inputs import InputError
-from .ir.ops import IndexOutOfRange
-from .models import ModelNotFound
-from .weights import WeightsError
-
-#: Errors whose message is the whole story: shown without a traceback.
-USER_ERRORS = (ModelNotFound, WeightsError, InputError, BuildError, IndexOutOfRange, ArtifactError)
-
-
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
-
-
-def _parse_dims(values) -> dict[str, int]:
-    dims = {}
-    for item in values:
-        name, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise click.BadParameter(f"expected NAME=INT, got {item!r}", param_hint="--dim")
-        dims[name.strip()] = int(value)
-    return dims
+from .backends import is_artifact
+from .cli_common import parse_dims, user_errors
 
 
 def _mib(nbytes: int) -> str:
@@ -66,7 +38,7 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Seed fo
 @seed_option
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="Use the schedules recorded by 'attngraph tune' in this database (default: none).")
-@_user_errors
+@user_errors
 def build(model, target, opt_level, out_dir, weights_path, seed, tuning_db):
     """Optimize and compile MODEL into an artifact directory: manifest.json, kernels.so,
     weights.safetensors, graph.json.  Run it with 'attngraph run DIR', check it with
@@ -102,7 +74,7 @@ def build(model, target, opt_level, out_dir, weights_path, seed, tuning_db):
 @click.option("--per-node", is_flag=True,
               help="Compare every kernel's result with the interpreter's value of the same node; name the first "
                    "that diverges.")
-@_user_errors
+@user_errors
 def verify(model, target, opt_level, inputs_path, weights_path, seed, dims, per_node):
     """Compile MODEL (or load an artifact DIR) and compare its outputs with the float64 interpreter
     on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
@@ -119,7 +91,7 @@ def verify(model, target, opt_level, inputs_path, weights_path, seed, dims, per_
             inputs = {k: z[k] for k in z.files}
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
-                            dims=_parse_dims(dims), seed=seed, per_node=per_node, progress=progress)
+                            dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)
@@ -136,7 +108,7 @@ def verify(model, target, opt_level, inputs_path, weights_path, seed, dims, per_
               help="Sizes the kernels are tuned at (default: the model's default dims).")
 @click.option("--db", "tuning_db", type=click.Path(file_okay=False), default=None,
               help="Database directory (default: $ATTNGRAPH_CACHE/tuning/MODEL-TARGET).")
-@_user_errors
+@user_errors
 def tune(model, target, opt_level, trials, only, dims, tuning_db):
     """Auto-tune MODEL's kernels with TVM MetaSchedule (slow: minutes per kernel) and record the best
     schedules; 'attngraph build --tuning-db DB' then uses them wherever one beats the built-in
@@ -146,7 +118,7 @@ def tune(model, target, opt_level, trials, only, dims, tuning_db):
     from .passes import optimize
     graph = models.load_graph(model)
     g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
-    sizes = {**graph.meta.get("dims", {}), **_parse_dims(dims)}
+    sizes = {**graph.meta.get("dims", {}), **parse_dims(dims)}
     tuning_db = tuning_db or default_db(graph.name, target)
     start = time.perf_counter()
     results = tune_graph(g, sizes, tuning_db, target=target, trials=trials, ops=only,

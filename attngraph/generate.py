@@ -196,7 +196,7 @@ class CompiledStepper(EntryStepper):
     def build(model, params: Mapping[str, np.ndarray], out_dir: str, target: str = "llvm", opt_level: int = 3,
               cache_len: int | None = None) -> dict:
         """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written."""
-        from .artifact import build
+        from .api import build
         graphs = trace_entries(model, cache_len)
         info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
         os.makedirs(out_dir, exist_ok=True)
@@ -209,7 +209,7 @@ class CompiledStepper(EntryStepper):
         return manifest
 
     def __init__(self, path: str):
-        from .artifact import ArtifactError, load
+        from .api import ArtifactError, load
         manifest_path = os.path.join(path, MANIFEST)
         if not os.path.isfile(manifest_path):
             raise ArtifactError(f"{path!r} holds no generation entries ({MANIFEST} missing); build them with "

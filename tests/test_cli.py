@@ -108,3 +108,15 @@ def test_verify_and_run_compiled():
     assert "y: max abs error" in r.output and ": PASS" in r.output
     r = invoke("run", "encoder-tiny", "--target", "llvm", "--dim", "seq=3")
     assert r.exit_code == 0 and "y: float32[2, 3, 32]" in r.output
+
+
+def test_build_then_run_the_artifact_dir(tmp_path):
+    """build, verify and tune are registered on the main command; run takes an artifact DIR."""
+    out = str(tmp_path / "enc")
+    r = invoke("build", "encoder-tiny", "-o", out)
+    assert r.exit_code == 0 and "distinct kernels" in r.output, r.output
+    r = invoke("run", out, "--dim", "seq=5", "--output", str(tmp_path / "y.npz"))
+    assert r.exit_code == 0 and "y: float32[2, 5, 32]" in r.output, r.output
+    with np.load(tmp_path / "y.npz") as z:
+        assert z["y"].shape == (2, 5, 32)
+    assert invoke("tune", "--help").exit_code == 0

@@ -1,5 +1,17 @@
 """Backends: ``reference`` (the NumPy interpreter, the oracle) and ``tvm`` (compiled kernels)."""
 
 
+import os
+
+
 class BuildError(RuntimeError):
     """A graph that cannot be compiled for the target (names the node and why)."""
+
+
+class ArtifactError(RuntimeError):
+    """A missing, incomplete or corrupted artifact directory."""
+
+
+def is_artifact(path: str) -> bool:
+    """Whether ``path`` looks like an artifact directory (rather than a model name)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))

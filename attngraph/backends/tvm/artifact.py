@@ -22,6 +22,7 @@ import numpy as np
 
 from ...ir import serialize
 from ...weights import WeightsError, load_weights, save_weights
+from .. import ArtifactError, is_artifact  # noqa: F401  (re-exported)
 from .build import Kernels
 from .executor import CompiledModel
 from .targets import TARGET_SPECS, get_target
@@ -29,10 +30,6 @@ from .targets import TARGET_SPECS, get_target
 #: The files every artifact has; the kernel library (kernels.so for llvm) is named by the target.
 FILES = ("manifest.json", "graph.json", "weights.safetensors")
 FORMAT = 2
-
-
-class ArtifactError(RuntimeError):
-    """A missing, incomplete or corrupted artifact directory."""
 
 
 def versions() -> dict:
@@ -106,11 +103,6 @@ def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifes
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
-
-
-def is_artifact(path: str) -> bool:
-    """Whether ``path`` looks like an artifact directory (rather than a model name)."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))
 
 
 def _check_files(path: str, manifest: dict) -> None:

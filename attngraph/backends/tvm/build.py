@@ -224,27 +224,3 @@ def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress 
     model = CompiledModel(g, params, kernels.device, kernels.symbol_of, target=target, variants=kernels.variants)
     model.kernels = kernels
     return model
-
-
-class _Library:
-    """A loaded kernel library that can be written elsewhere (a copy of its .so)."""
-
-    def __init__(self, kernels: Kernels):
-        self.kernels = kernels
-
-    def __getitem__(self, name):
-        return self.kernels.device.module[name]
-
-    def implements_function(self, name) -> bool:
-        return self.kernels.device.module.implements_function(name)
-
-    def export_library(self, path: str) -> None:
-        import shutil
-        shutil.copyfile(self.kernels.library, path)
-
-
-def build_module(g: Graph, target=None):
-    """(the kernel library, {node id: kernel name}): the interface ``attngraph/artifact.py`` uses
-    until it re-exports ``attngraph.api`` (see ``build_kernels`` for everything else)."""
-    kernels = build_kernels(g, "llvm")
-    return (_Library(kernels) if kernels.library is not None else None), kernels.symbol_of

@@ -29,7 +29,13 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import BuildError
-from .gpu import GPUUnavailable, default_rules, require_device_kernels, schedule_func, webgpu_target
+from .gpu import (
+    GPUUnavailable,
+    default_rules,
+    require_device_kernels,
+    schedule_func,
+    webgpu_target,
+)
 from .targets import TargetSpec, register_target
 
 #: The file a vulkan (WGSL) build's kernels are stored in, inside an artifact or the compile cache.
