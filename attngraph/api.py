@@ -28,16 +28,17 @@ from .verify import OutputCheck, compare, verify_outputs
 __all__ = ["ArtifactError", "BuildError", "NodeCheck", "VerifyReport", "build", "compile", "load", "verify"]
 
 
-def _graph_of(model) -> Graph:
-    """A Graph from a Graph, a zoo name / ``file.py:factory``, or a DSL Module."""
+def _graph_of(model) -> tuple[Graph, object]:
+    """(graph, the Module it was traced from or None) for a Graph, a zoo name / ``file.py:factory``,
+    or a DSL Module."""
     from . import models
     from .nn import Module, trace
     if isinstance(model, Graph):
-        return model
+        return model, None
     if isinstance(model, str):
-        return models.load_graph(model)
+        model = models.get(model)
     if isinstance(model, Module):
-        return trace(model)
+        return trace(model), model
     raise TypeError(f"expected a Graph, a model name or an attngraph.nn.Module, got {type(model).__name__}")
 
 
@@ -45,19 +46,22 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
             seed: int = 0, progress=None, tuning_db: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
-    weights; ``tuning_db`` is a MetaSchedule database written by ``attngraph tune``."""
+    weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
+    a MetaSchedule database written by ``attngraph tune``."""
     from .backends.tvm.build import compile_graph, resolve_target
     from .passes import optimize
-    from .weights import check_params, init_params
+    from .weights import check_params, default_params
     resolve_target(target)  # an unknown target fails before any work
-    graph = _graph_of(model)
-    params = init_params(graph, seed) if params is None else params
+    graph, module = _graph_of(model)
+    #: where the weights came from when none were given: a checkpoint path, or None (seeded random)
+    weights_from = getattr(module, "checkpoint", None) if params is None else None
+    params = default_params(module if module is not None else graph, seed) if params is None else params
     check_params(graph, params)
     g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
     used = g.params  # a property that walks the graph: once, not per parameter
     compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, target,
                              progress=progress, tuning_db=tuning_db)
-    compiled.model_name, compiled.opt_level = graph.name, opt_level
+    compiled.model_name, compiled.opt_level, compiled.weights_from = graph.name, opt_level, weights_from
     return compiled
 
 
@@ -163,7 +167,8 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
         name = compiled.model_name
         k = compiled.kernels
         how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "
-               f"{len(k.specs)} distinct kernels" + (" (from the compile cache)" if k.cached else ""))
+               f"{len(k.specs)} distinct kernels" + (" (from the compile cache)" if k.cached else "")
+               + (f", weights of the checkpoint {compiled.weights_from}" if compiled.weights_from else ""))
     how += f", {time.perf_counter() - start:.1f} s"
     graph, params = compiled.graph, compiled.params
     if inputs is None:

@@ -14,7 +14,8 @@ from .backends import is_artifact
 from .cli_common import parse_dims, user_errors
 from .inputs import random_inputs
 from .ir import to_dot, to_text
-from .weights import init_params, load_weights
+from .nn import trace
+from .weights import default_params, load_weights
 
 
 def input_meta(graph):
@@ -107,10 +108,11 @@ def model_options(fn):
     return fn
 
 
-def prepare(graph, inputs_path, weights_path, seed, dims, params=None):
-    """(params, inputs) for ``graph``: loaded from files, or seeded random (``params`` if given)."""
+def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=None):
+    """(params, inputs) for ``graph``: loaded from files, or the model's own (``params`` if given;
+    ``module.default_params``: a real checkpoint), or seeded random."""
     if params is None:
-        params = load_weights(weights_path) if weights_path else init_params(graph, seed)
+        params = load_weights(weights_path) if weights_path else default_params(module or graph, seed)
     elif weights_path:
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
     if inputs_path:
@@ -145,8 +147,9 @@ def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype
         outputs = compiled(inputs)
         target = None
     else:
-        graph, _ = optimized(models.load_graph(model), opt_level, disable, verify_each)
-        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims)
+        module = models.get(model)
+        graph, _ = optimized(trace(module), opt_level, disable, verify_each)
+        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, module=module)
     if target == "numpy":
         outputs = reference.run(graph, inputs, params, dtype=dtype)
     elif target is not None:
@@ -169,6 +172,10 @@ for _command in COMMANDS:
 from .commands_generate import generate as _generate  # noqa: E402  (imports cli lazily: no cycle)
 
 main.add_command(_generate)
+
+from .commands_embed import embed as _embed  # noqa: E402
+
+main.add_command(_embed)
 
 
 if __name__ == "__main__":  # pragma: no cover

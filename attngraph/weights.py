@@ -55,6 +55,13 @@ def init_params(model, seed: int = 0, perturb: bool = False) -> dict[str, np.nda
     return out
 
 
+def default_params(model, seed: int = 0) -> dict[str, np.ndarray]:
+    """The weights ``model`` runs on when the user gives none: its own when it has them (a zoo model
+    backed by a real checkpoint defines ``default_params(seed)``), else ``init_params(model, seed)``."""
+    own = getattr(model, "default_params", None)
+    return own(seed) if callable(own) else init_params(model, seed)
+
+
 def check_params(model, params: Mapping[str, np.ndarray]) -> None:
     """Raise ``WeightsError`` naming every missing, unexpected or wrongly shaped/typed tensor."""
     specs = _param_specs(model)

@@ -7,6 +7,8 @@ import importlib.util
 import os
 from typing import Callable
 
+from .bert import ZOO as BERT_ZOO
+from .bert import BertModel
 from .gpt import GPT
 from .gpt import ZOO as GPT_ZOO
 from .transformer import Transformer, TransformerEncoderModel
@@ -26,6 +28,7 @@ ZOO: dict[str, Callable] = {
     "transformer-base-encoder-layer": lambda: TransformerEncoderModel(512, 8, 2048, 1, name="transformer-base-encoder-layer"),
 }
 ZOO.update(GPT_ZOO)
+ZOO.update(BERT_ZOO)
 
 
 def names() -> list[str]:
@@ -71,4 +74,4 @@ def load_graph(spec: str):
     return trace(get(spec))
 
 
-__all__ = ["GPT", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
+__all__ = ["BertModel", "GPT", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
