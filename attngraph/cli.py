@@ -124,13 +124,14 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
     return params, inputs
 
 
-TARGETS = ["numpy", "llvm"]
+TARGETS = ["numpy", "llvm", "cuda", "vulkan"]
 
 
 @main.command()
 @click.argument("model")
 @click.option("--target", type=click.Choice(TARGETS), default="numpy", show_default=True,
-              help="numpy: the reference interpreter; llvm: compiled with TVM for this CPU.")
+              help="numpy: the reference interpreter; llvm: compiled with TVM for this CPU; cuda, vulkan: "
+                   "compiled with TVM for the GPU ('attngraph targets' says which run here).")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @model_options
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,

@@ -8,7 +8,7 @@ import functools
 
 import click
 
-from .backends import ArtifactError, BuildError
+from .backends import ArtifactError, BuildError, DeviceUnavailable
 from .backends.reference import InterpreterError
 from .inputs import InputError
 from .ir import GraphError
@@ -20,7 +20,7 @@ from .weights import WeightsError
 
 #: Errors whose message is the whole story: shown without a traceback.
 USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
-               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError)
+               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError, DeviceUnavailable)
 
 
 def user_errors(fn):

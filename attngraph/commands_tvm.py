@@ -20,7 +20,22 @@ def _mib(nbytes: int) -> str:
 
 
 target_option = click.option("--target", default="llvm", show_default=True, metavar="TARGET",
-                              help="Compile target (llvm: this CPU with its vector units).")
+                              help="Compile target: llvm (this CPU with its vector units), cuda (NVIDIA GPUs; "
+                                   "cuda:sm_90 or --arch for another architecture), vulkan (any Vulkan driver; "
+                                   "'attngraph targets' says which run here).")
+arch_option = click.option("--arch", default=None, metavar="SM",
+                            help="CUDA architecture for --target cuda (sm_80 by default; sm_86, sm_89, sm_90, ...).")
+
+
+def target_name(target: str, arch: str | None) -> str:
+    """The target name for ``--target`` and ``--arch`` (``cuda`` with ``--arch sm_90``: ``cuda:sm_90``)."""
+    if arch is None:
+        return target
+    if target.partition(":")[0] != "cuda":
+        raise click.BadParameter(f"--arch is for --target cuda, not {target!r}", param_hint="--arch")
+    if ":" in target and target != f"cuda:{arch}":
+        raise click.BadParameter(f"--target {target} and --arch {arch} disagree", param_hint="--arch")
+    return f"cuda:{arch}"
 level_option = click.option("-O", "--opt-level", "opt_level", type=click.IntRange(0, 3), default=3, show_default=True,
                             help="Optimization level of the graph passes.")
 weights_option = click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False),
@@ -28,9 +43,23 @@ weights_option = click.option("--weights", "weights_path", type=click.Path(exist
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 
 
+def device_source(out_dir: str, manifest: dict) -> str:
+    """The generated device source of the artifact in ``out_dir``: CUDA C, or every kernel's WGSL."""
+    import os
+
+    from .backends.tvm.targets import get_target
+    spec = get_target(manifest["target"])
+    if spec.source_file:
+        with open(os.path.join(out_dir, spec.source_file)) as f:
+            return f.read()
+    from .backends.tvm.webgpu import WebGPUModule
+    return WebGPUModule.load(os.path.join(out_dir, manifest["library"])).source()
+
+
 @click.command()
 @click.argument("model")
 @target_option
+@arch_option
 @level_option
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="The artifact directory to write.")
@@ -38,21 +67,28 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Seed fo
 @seed_option
 @click.option("--tuning-db", type=click.Path(file_okay=False), default=None,
               help="Use the schedules recorded by 'attngraph tune' in this database (default: none).")
+@click.option("--dump-source", "dump_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the generated device source (CUDA C for cuda, WGSL for vulkan) to this file.")
 @user_errors
-def build(model, target, opt_level, out_dir, weights_path, seed, tuning_db):
-    """Optimize and compile MODEL into an artifact directory: manifest.json, kernels.so,
-    weights.safetensors, graph.json.  Run it with 'attngraph run DIR', check it with
-    'attngraph verify DIR'.  An unchanged rebuild comes from the compile cache ($ATTNGRAPH_CACHE)."""
+def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path):
+    """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
+    (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
+    'attngraph run DIR', check it with 'attngraph verify DIR'.  An unchanged rebuild comes from the
+    compile cache ($ATTNGRAPH_CACHE).  A GPU target compiles without its GPU; running needs it."""
     from . import api
     from .backends.tvm.progress import Progress
     from .weights import load_weights
+    target = target_name(target, arch)
+    if dump_path and target.partition(":")[0] not in ("cuda", "vulkan"):
+        raise click.BadParameter(f"--dump-source is for the GPU targets (cuda, vulkan), not {target!r}",
+                                 param_hint="--dump-source")
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
                              tuning_db=tuning_db)
     b = manifest["build"]
     how = "from the compile cache" if b["cached"] else \
-        f"lowering {b.get('lower', 0):.1f} s, LLVM {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
+        f"lowering {b.get('lower', 0):.1f} s, compile {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
     click.echo(f"built {manifest['model']} for {target} at -O{opt_level} in {b['seconds']:.1f} s ({how}): "
                f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> {out_dir}")
     plan = manifest.get("memory_plan")
@@ -60,11 +96,24 @@ def build(model, target, opt_level, out_dir, weights_path, seed, tuning_db):
         dims = ", ".join(f"{k}={v}" for k, v in plan["dims"].items())
         click.echo(f"memory at {dims}: peak {_mib(plan['peak_bytes'])} of intermediates in "
                    f"{len(plan['buffer_bytes'])} buffers (without reuse {_mib(plan['naive_bytes'])})")
+    info = manifest.get("target_info") or {}
+    if info:
+        click.echo(f"{target}: " + ", ".join(f"{k} {v}" for k, v in info.items() if k != "code"))
+    if dump_path:
+        with open(dump_path, "w") as f:
+            f.write(device_source(out_dir, manifest))
+        click.echo(f"wrote the generated device source to {dump_path}")
+    if target != "llvm":
+        from .backends.tvm.targets import target_status
+        problem = target_status(target)["run"]
+        if problem:
+            click.echo(f"note: compiled only; it cannot run here: {problem}")
 
 
 @click.command()
 @click.argument("model")
 @target_option
+@arch_option
 @level_option
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
               help=".npz with one array per model input; seeded random inputs if omitted.")
@@ -75,7 +124,7 @@ def build(model, target, opt_level, out_dir, weights_path, seed, tuning_db):
               help="Compare every kernel's result with the interpreter's value of the same node; name the first "
                    "that diverges.")
 @user_errors
-def verify(model, target, opt_level, inputs_path, weights_path, seed, dims, per_node):
+def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node):
     """Compile MODEL (or load an artifact DIR) and compare its outputs with the float64 interpreter
     on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5 (-inf/NaN entries must be in the same places)."""
@@ -84,6 +133,7 @@ def verify(model, target, opt_level, inputs_path, weights_path, seed, dims, per_
     from .weights import load_weights
     if weights_path and is_artifact(model):
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
+    target = target_name(target, arch)
     params = load_weights(weights_path) if weights_path else None
     inputs = None
     if inputs_path:
@@ -129,4 +179,17 @@ def tune(model, target, opt_level, trials, only, dims, tuning_db):
                f"build with: attngraph build {model} --tuning-db {tuning_db} -o DIR")
 
 
-COMMANDS = (build, verify, tune)
+@click.command("targets")
+def targets():
+    """List the compile targets: whether each compiles and runs here, and why not."""
+    from .backends.tvm.targets import KNOWN_TARGETS, target_status
+    for name in KNOWN_TARGETS:
+        status = target_status(name)
+        compiles = "yes" if status["compile"] is None else f"no ({status['compile']})"
+        runs = "yes" if status["run"] is None else f"no ({status['run']})"
+        click.echo(f"{name}:\n  compile here: {compiles}\n  run here: {runs}")
+        if status["note"]:
+            click.echo(f"  {status['note']}")
+
+
+COMMANDS = (build, verify, tune, targets)

@@ -12,6 +12,11 @@ class ArtifactError(RuntimeError):
     """A missing, incomplete or corrupted artifact directory."""
 
 
+class DeviceUnavailable(RuntimeError):
+    """A compiled model that cannot run here: its device (GPU, driver, runtime library) is missing
+    or lacks a feature or limit the kernels need."""
+
+
 def is_artifact(path: str) -> bool:
     """Whether ``path`` looks like an artifact directory (rather than a model name)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "manifest.json"))

@@ -22,10 +22,10 @@ import numpy as np
 
 from ...ir import serialize
 from ...weights import WeightsError, load_weights, save_weights
-from .. import ArtifactError, is_artifact  # noqa: F401  (re-exported)
+from .. import ArtifactError, BuildError, DeviceUnavailable, is_artifact  # noqa: F401  (re-exported)
 from .build import Kernels
 from .executor import CompiledModel
-from .targets import TARGET_SPECS, get_target
+from .targets import KNOWN_TARGETS, get_target
 
 #: The files every artifact has; the kernel library (kernels.so for llvm) is named by the target.
 FILES = ("manifest.json", "graph.json", "weights.safetensors")
@@ -55,6 +55,7 @@ def manifest_of(model: CompiledModel, kernels: Kernels, *, model_name: str, opt_
     dims = g.meta.get("dims", {})
     manifest = {
         "format": FORMAT, "model": model_name, "target": kernels.target, "opt_level": opt_level,
+        "target_info": (get_target(kernels.target).describe or dict)(),
         "inputs": {n: t.to_json() for n, t in g.input_types().items()},
         "outputs": {n: t.to_json() for n, t in g.output_types().items()},
         "kernel_plan": [{"node": name[s.node], "op": g.node(s.node).op, "kernel": s.kernel,
@@ -97,6 +98,11 @@ def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifes
     else:  # nothing to compute at run time (a graph of views and weights): an empty library marker
         open(os.path.join(out_dir, library), "wb").close()
     files = [f for f in FILES if f != "manifest.json"] + [library]
+    source = get_target(kernels.target).source_file  # the generated device source, beside the library
+    beside = os.path.join(os.path.dirname(kernels.library), source) if source and kernels.library else None
+    if beside and os.path.isfile(beside):
+        shutil.copyfile(beside, os.path.join(out_dir, source))
+        files.append(source)
     manifest = dict(manifest, library=library,
                     files={f: {"bytes": os.path.getsize(os.path.join(out_dir, f)),
                                "sha256": _sha256(os.path.join(out_dir, f))} for f in files})
@@ -139,9 +145,11 @@ def load_artifact(path: str) -> CompiledModel:
         raise ArtifactError(f"artifact {path!r} has format {manifest.get('format')}, this attngraph reads {FORMAT}; "
                             f"{rebuild}")
     target = manifest.get("target")
-    if target not in TARGET_SPECS:
+    try:
+        get_target(str(target))  # imports a GPU target's module on first use
+    except BuildError:
         raise ArtifactError(f"artifact {path!r} was built for target {target!r}, which this installation cannot run "
-                            f"(targets here: {', '.join(TARGET_SPECS)})")
+                            f"(targets here: {', '.join(KNOWN_TARGETS)})") from None
     library = manifest.get("library", "kernels.so")
     if not os.path.isfile(os.path.join(path, library)):
         raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")
@@ -159,6 +167,8 @@ def load_artifact(path: str) -> CompiledModel:
     ensure_threads()
     try:
         device = get_target(target).open_device(os.path.join(path, library) if symbol_of else None)
+    except DeviceUnavailable:  # the artifact is fine; this machine cannot run it
+        raise
     except Exception as e:  # noqa: BLE001 - the loader's own message is kept
         raise ArtifactError(f"cannot load {path}/{library} ({e}); {rebuild}") from None
     params = {k: v for k, v in tensors.items() if not k.startswith("__const__.")}

@@ -27,7 +27,7 @@ from .executor import CompiledModel
 from .lowering import lower
 from .progress import Progress
 from .shapes import DimVars, scalar_dims
-from .targets import TARGETS, ensure_threads, get_target, llvm_target
+from .targets import TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
 
 __all__ = ["TARGETS", "KernelSpec", "Kernels", "build_kernels", "compile_graph", "ensure_threads", "generic_func",
            "kernel_func", "kernel_nodes", "llvm_target", "plan_kernels", "resolve_target"]
@@ -76,7 +76,8 @@ def plan_kernels(g: Graph) -> tuple[list[KernelSpec], dict[int, str]]:
 
 
 def _hand_scheduled(spec: KernelSpec, dv: DimVars, target):
-    hand_kernel = get_target(target.kind.name).hand_kernel if target.kind.name in TARGETS else None
+    tspec = spec_for(target)
+    hand_kernel = tspec.hand_kernel if tspec is not None else None
     if hand_kernel is None:
         return None
     try:
@@ -94,7 +95,12 @@ def generic_func(spec: KernelSpec, dv: DimVars, target=None):
     phs = [te.placeholder(dv.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(spec.in_types)]
     out = lower(spec.op, spec.attrs, phs, spec.out_type, dv, name="out")
     func = te.create_prim_func(phs + [out])
-    return func if target is None else get_target(target.kind.name).schedule(func, target)
+    if target is None:
+        return func
+    tspec = spec_for(target)
+    if tspec is None:
+        raise BuildError(f"no attngraph target compiles for TVM target kind {target.kind.name!r}")
+    return tspec.schedule(func, target)
 
 
 def _finish(func, spec: KernelSpec, dv: DimVars):
@@ -147,7 +153,7 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     specs, symbol_of = plan_kernels(g)
     kernels = Kernels(None, None, specs, symbol_of, target)
     if not specs:
-        kernels.device = tspec.open_device(None)
+        kernels.device = open_or_compile_only(tspec, None, ())
         return kernels
     tuned, extra = None, f"generic={generic}"
     if tuning_db:
@@ -165,7 +171,8 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     key = cache.module_key([tuple(s) for s in specs], str(tgt), extra)
     path = cache.lookup(key, tspec.library_name)
     if path is not None:
-        kernels.device, kernels.library, kernels.cached = tspec.open_device(path), path, True
+        kernels.device = open_or_compile_only(tspec, path, cache.functions(path))
+        kernels.library, kernels.cached = path, True
         return kernels
     start = time.perf_counter()
     dv = DimVars()
@@ -212,7 +219,7 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
         path = os.path.join(tempfile.mkdtemp(prefix="attngraph-"), tspec.library_name)
         executable.export_library(path)
     kernels.seconds["link"] = time.perf_counter() - start
-    kernels.device, kernels.library = tspec.open_device(path), path
+    kernels.device, kernels.library = open_or_compile_only(tspec, path, funcs), path
     return kernels
 
 

@@ -18,7 +18,8 @@ import tempfile
 import numpy as np
 
 #: The files whose code decides what a kernel compiles to; editing one invalidates the cache.
-_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py", "targets.py")
+_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py", "targets.py", "gpu.py",
+               "gpu_kernels.py", "webgpu.py")
 
 
 def cache_root() -> str | None:
@@ -67,6 +68,12 @@ def lookup(key: str, library_name: str = "kernels.so") -> str | None:
         return None
     path = os.path.join(root, "kernels", key, library_name)
     return path if os.path.isfile(path) and os.path.isfile(os.path.join(root, "kernels", key, "kernels.json")) else None
+
+
+def functions(path: str) -> list[str]:
+    """The function names of the cached library at ``path`` (from its ``kernels.json``)."""
+    with open(os.path.join(os.path.dirname(path), "kernels.json")) as f:
+        return list(json.load(f)["functions"])
 
 
 def store(key: str, export, names: list[str], library_name: str = "kernels.so") -> str | None:

@@ -20,16 +20,17 @@ import os
 import re
 import shutil
 
-from .. import BuildError
-from .targets import TargetSpec, llvm_target, register_target
+from .. import BuildError, DeviceUnavailable
+from .targets import TargetSpec, llvm_target, register_family, register_target
 
 #: The CUDA architecture a plain ``cuda`` target builds for (A100; runs on H100 as well).
 DEFAULT_ARCH = "sm_80"
 _ARCH = re.compile(r"^sm_\d{2,3}[af]?$")
 
 
-class GPUUnavailable(RuntimeError):
-    """A GPU artifact opened where its device (GPU, driver, runtime library) is missing."""
+class GPUUnavailable(DeviceUnavailable):
+    """A GPU build run where its device (GPU, driver, runtime library) is missing or lacks a
+    feature or limit its kernels need."""
 
 
 def cuda_target(arch: str = DEFAULT_ARCH):
@@ -210,10 +211,65 @@ def open_cuda_device(path: str | None):
     return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cuda(0))
 
 
-def cuda_spec(arch: str = DEFAULT_ARCH) -> TargetSpec:
-    """The ``cuda`` target for ``arch``, for ``register_target`` (``--arch`` registers its own)."""
-    cuda_target(arch)  # a bad arch fails here, not in the middle of a build
-    return TargetSpec("cuda", lambda: cuda_target(arch), schedule_func, None, open_cuda_device)
+#: The CUDA source a cuda build writes beside its library (and into the artifact).
+CUDA_SOURCE = "kernels.cu"
 
 
-register_target(cuda_spec())
+def nvcc_check_enabled() -> bool:
+    """Whether a cuda build compiles its source with nvcc (when nvcc is here; ATTNGRAPH_NVCC_CHECK=0 skips)."""
+    return os.environ.get("ATTNGRAPH_NVCC_CHECK", "1") != "0" and find_nvcc() is not None
+
+
+class CudaLibrary:
+    """A module compiled for CUDA: ``export_library`` writes the TVM library (host code and the
+    embedded CUDA source, compiled on the GPU machine when loaded) and the source beside it."""
+
+    def __init__(self, executable, source: str):
+        self.executable, self.source = executable, source
+
+    def export_library(self, path: str) -> None:
+        self.executable.export_library(path)
+        with open(os.path.join(os.path.dirname(path), CUDA_SOURCE), "w") as f:
+            f.write(self.source)
+
+
+def compile_cuda_module(mod, target) -> CudaLibrary:
+    """``tvm.compile`` for a cuda target (the ``TargetSpec.compile`` hook), then, where nvcc is
+    present, compile the generated source to PTX for the target's arch: a build known to compile."""
+    import tvm
+    require_device_kernels(mod)
+    executable = tvm.compile(mod, target=target)
+    source = cuda_source(executable)
+    if nvcc_check_enabled():
+        check_cuda_source(source, str(target.attrs["arch"]))
+    return CudaLibrary(executable, source)
+
+
+def cuda_availability():
+    """(compile problem, run problem, note) of the cuda target here (``attngraph targets``)."""
+    import tvm
+    compile_problem = None
+    if tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
+        compile_problem = "this TVM has no CUDA code generator (target.build.cuda)"
+    nvcc = find_nvcc()
+    note = (f"nvcc {nvcc}: every build's CUDA source is compiled to PTX as a check" if nvcc else
+            "no nvcc: builds are not checked by compiling their CUDA source here")
+    return compile_problem, cuda_runtime_problem(), note
+
+
+def cuda_spec(arch: str = DEFAULT_ARCH, name: str | None = None) -> TargetSpec:
+    """The target ``cuda`` (``DEFAULT_ARCH``) or ``cuda:ARCH``, for ``register_target``."""
+    if not _ARCH.match(arch):  # a bad arch fails here, not in the middle of a build
+        raise BuildError(f"bad CUDA architecture {arch!r}: expected the form sm_80, sm_86, sm_90, sm_90a")
+    def describe():
+        return {"arch": arch, "path": "tvm-cuda",
+                "code": "CUDA C source in kernels.so, compiled when loaded (NVRTC through cuda-bindings, or nvcc "
+                        "with TVM_CUDA_COMPILE_MODE=nvcc); kernels.cu is a copy",
+                "nvcc_checked": nvcc_check_enabled()}
+    return TargetSpec(name or f"cuda:{arch}", lambda: cuda_target(arch), schedule_func, None, open_cuda_device,
+                      compile=compile_cuda_module, kind="cuda", describe=describe, source_file=CUDA_SOURCE,
+                      availability=cuda_availability)
+
+
+register_target(cuda_spec(DEFAULT_ARCH, "cuda"))
+register_family("cuda", cuda_spec)

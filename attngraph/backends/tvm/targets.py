@@ -1,9 +1,10 @@
 """The compile targets, each one entry: how to make the TVM target, which kernels and schedules it
 uses, how its library is compiled, and which device runs it.
 
-Only ``llvm`` is registered here.  A GPU target registers itself the same way from its own module
-(``register_target(TargetSpec("cuda", ...))``): the build, the cache, the artifact and the executor
-then serve it unchanged.
+``llvm`` is registered here.  The GPU targets register themselves from their own modules, imported
+on first use (``get_target("cuda")`` imports ``gpu.py``, ``get_target("vulkan")`` ``webgpu.py``), so
+commands that do not compile never import them: ``cuda`` (``cuda:sm_90`` for another architecture)
+and ``vulkan``.  The build, the cache, the artifact and the executor serve every target the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from .. import BuildError
+from .. import BuildError, DeviceUnavailable
 
 
 @dataclass(frozen=True)
@@ -31,11 +32,27 @@ class TargetSpec:
     compile: Callable | None = None
     #: the library file name inside an artifact
     library_name: str = "kernels.so"
+    #: the kind name of the TVM target ``make_target`` gives, where it differs from ``name`` (the
+    #: vulkan target compiled through WGSL has kind ``webgpu``)
+    kind: str | None = None
+    #: () -> dict of what the manifest should record about how this target built (arch, code path)
+    describe: Callable | None = None
+    #: a file the compile writes beside the library with the generated device source (copied into
+    #: the artifact; ``--dump-source``), or None
+    source_file: str | None = None
+    #: () -> (why it cannot compile here or None, why its builds cannot run here or None, a note)
+    availability: Callable | None = None
 
 
 TARGET_SPECS: dict[str, TargetSpec] = {}
 #: The names of the registered targets (a live view: targets registered later appear in it).
 TARGETS = TARGET_SPECS.keys()
+#: Targets registered by their own module on first use: name -> module (relative to this package).
+LAZY_TARGETS = {"cuda": "gpu", "vulkan": "webgpu"}
+#: Every target name attngraph knows, registered yet or not.
+KNOWN_TARGETS = ("llvm", "cuda", "vulkan")
+#: name -> (option -> TargetSpec): targets with an option in their name (``cuda:sm_90``).
+TARGET_FAMILIES: dict[str, Callable] = {}
 
 
 def register_target(spec: TargetSpec) -> None:
@@ -43,13 +60,97 @@ def register_target(spec: TargetSpec) -> None:
     TARGET_SPECS[spec.name] = spec
 
 
+def register_family(name: str, factory: Callable) -> None:
+    """Targets ``NAME:OPTION`` made by ``factory(OPTION)`` when first asked for (``cuda:sm_90``)."""
+    TARGET_FAMILIES[name] = factory
+
+
 def get_target(name: str) -> TargetSpec:
-    """The target called ``name``; an unknown name is an error listing the known ones."""
+    """The target called ``name`` (``llvm``, ``cuda``, ``cuda:sm_90``, ``vulkan``), importing its
+    module on first use; an unknown name is an error listing the known ones."""
+    if name in TARGET_SPECS:
+        return TARGET_SPECS[name]
+    base, _, option = str(name).partition(":")
+    if base in LAZY_TARGETS and base not in TARGET_SPECS:
+        import importlib
+        importlib.import_module(f".{LAZY_TARGETS[base]}", __package__)
+    if option and base in TARGET_FAMILIES:
+        register_target(TARGET_FAMILIES[base](option))  # raises BuildError on a bad option
     try:
         return TARGET_SPECS[name]
     except KeyError:
-        raise BuildError(f"unknown or not yet supported target {name!r}; available here: "
-                         f"{', '.join(TARGET_SPECS)}") from None
+        raise BuildError(f"unknown or not yet supported target {name!r}; available here: {', '.join(KNOWN_TARGETS)} "
+                         f"(cuda:ARCH for another CUDA architecture, e.g. cuda:sm_90)") from None
+
+
+def spec_for(tvm_target) -> TargetSpec | None:
+    """The registered target whose TVM targets have the kind of ``tvm_target`` (``webgpu`` is the
+    vulkan target's WGSL path); None for a kind no target compiles to."""
+    kind = tvm_target.kind.name
+    for spec in list(TARGET_SPECS.values()):
+        if (spec.kind or spec.name.partition(":")[0]) == kind:
+            return spec
+    return None
+
+
+class CompileOnlyDevice:
+    """The device of a model compiled for a target that cannot run here (a CUDA build on a machine
+    without a GPU): the build and the artifact are complete, and running raises ``DeviceUnavailable``
+    with the reason.  Uploads keep only shape and dtype (the weights stay where they are)."""
+
+    def __init__(self, reason: str, kernels):
+        self.reason, self.kernels, self.name = reason, set(kernels), "unavailable"
+
+    def allocate(self, nbytes: int):
+        return None
+
+    def view(self, base, shape, dtype):
+        return _Placeholder(tuple(int(s) for s in shape), str(dtype))
+
+    def upload(self, array):
+        return _Placeholder(tuple(getattr(array, "shape", ())), str(getattr(array, "dtype", "")))
+
+    def download(self, tensor):
+        raise DeviceUnavailable(self.reason)
+
+    def has_kernel(self, name: str) -> bool:
+        return name in self.kernels
+
+    def call(self, name: str, args: list) -> None:
+        raise DeviceUnavailable(self.reason)
+
+
+@dataclass(frozen=True)
+class _Placeholder:
+    shape: tuple
+    dtype: str
+
+
+def open_or_compile_only(spec: TargetSpec, path: str | None, kernels) -> object:
+    """``spec.open_device(path)``, or where the device is missing here a ``CompileOnlyDevice``
+    (building needs no device; running does, and then says why it cannot)."""
+    try:
+        return spec.open_device(path)
+    except DeviceUnavailable as e:
+        return CompileOnlyDevice(str(e), kernels)
+
+
+def target_status(name: str) -> dict:
+    """Whether target ``name`` compiles and runs here: {"target", "compile", "run", "note"}, where
+    compile / run are None when possible, else the reason (``attngraph targets``)."""
+    try:
+        spec = get_target(name)
+    except Exception as e:  # noqa: BLE001 - a target module that fails to import is the reason itself
+        return {"target": name, "compile": f"{type(e).__name__}: {e}", "run": "cannot compile", "note": ""}
+    if spec.availability is None:
+        return {"target": name, "compile": None, "run": None, "note": ""}
+    compile_problem, run_problem, note = spec.availability()
+    return {"target": name, "compile": compile_problem, "run": run_problem, "note": note}
+
+
+def _llvm_availability():
+    import tvm
+    return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()})"
 
 
 def llvm_target():
@@ -86,4 +187,4 @@ def _open_cpu(path: str | None):
     return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
 
-register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu))
+register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, availability=_llvm_availability))

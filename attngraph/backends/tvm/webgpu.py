@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import BuildError
+from .. import BuildError, DeviceUnavailable
 from .gpu import (
     GPUUnavailable,
     default_rules,
@@ -36,7 +36,7 @@ from .gpu import (
     schedule_func,
     webgpu_target,
 )
-from .targets import TargetSpec, register_target
+from .targets import TargetSpec, llvm_target, register_target
 
 #: The file a vulkan (WGSL) build's kernels are stored in, inside an artifact or the compile cache.
 LIBRARY_NAME = "kernels.wgsl.json"
@@ -166,7 +166,8 @@ class WebGPUModule:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError(f"not a WGSL kernel library of format {FORMAT}")
         kernels = {k["name"]: Kernel(**k) for k in obj["kernels"]}
-        entries = {e["name"]: Entry(**e) for e in obj["entries"]}
+        entries = {e["name"]: Entry(**{**e, "launches": [Launch(**launch) for launch in e["launches"]]})
+                   for e in obj["entries"]}
         return cls(kernels, entries, obj.get("path", "wgsl-wgpu"))
 
     def export_library(self, path: str) -> None:
@@ -200,6 +201,21 @@ def _split_wgsl(source: str) -> dict[str, str]:
     for name, text in zip(parts[1::2], parts[2::2]):
         out[name] = out.get(name, "") + text
     return {k: v.strip() + "\n" for k, v in out.items()}
+
+
+_NONFINITE = {"inff": ("tvm_inf", "0x7f800000u"), "nanf": ("tvm_nan", "0x7fc00000u")}
+
+
+def _fix_wgsl(wgsl: str) -> str:
+    """TVM's WGSL printer writes infinity and NaN as the C literals ``inff`` / ``nanf``, which WGSL
+    lacks (and a WGSL constant expression may not evaluate to either): they become calls of small
+    functions that build the value at run time from its bits (a masked attention score is -inf)."""
+    for literal, (fn, bits) in _NONFINITE.items():
+        pattern = re.compile(rf"\b{literal}\b")
+        if pattern.search(wgsl):
+            wgsl = pattern.sub(f"{fn}()", wgsl)
+            wgsl += f"\nfn {fn}() -> f32 {{\n  var bits = {bits};\n  return bitcast<f32>(bits);\n}}\n"
+    return wgsl
 
 
 def _parse_kernel(name: str, wgsl: str) -> Kernel:
@@ -305,7 +321,7 @@ def compile_webgpu(mod, target=None, *, schedule: bool = False) -> WebGPUModule:
     with tvm.transform.PassContext(instruments=[CaptureSplit()]):
         executable = tvm.compile(mod, target=target)
     from .gpu import device_source
-    sources = _split_wgsl(device_source(executable, "webgpu"))
+    sources = {name: _fix_wgsl(text) for name, text in _split_wgsl(device_source(executable, "webgpu")).items()}
     kernels = {name: _parse_kernel(name, text) for name, text in sources.items()}
     split = captured["mod"]
     device_funcs = {gv.name_hint: f for gv, f in split.functions_items()
@@ -323,25 +339,42 @@ def compile_webgpu(mod, target=None, *, schedule: bool = False) -> WebGPUModule:
 
 def narrow_kernel(spec, dv, target):
     """The ``TargetSpec.hand_kernel`` hook of the vulkan target: a kernel whose operands or result
-    are int64 or bool, lowered with int32 storage (casts to and from the logical dtype happen
-    inside the kernel), GPU-scheduled.  None for every other kernel (the generic path serves it)."""
-    from tvm import te
+    are int64 or bool, lowered for int32 storage, GPU-scheduled; None for every other kernel (the
+    generic path serves it).  WGSL has no 64-bit integers at all, so int64 values are int32 inside
+    the kernel as well (ids, positions and offsets: the device refuses values beyond 32 bits on
+    upload); bool values are read from and written to int32 storage through casts that are inlined
+    into the kernel (a separate cast would be a bool intermediate buffer, which WGSL cannot store)."""
+    from tvm import s_tir, te
 
     from .lowering import lower
     types = list(spec.in_types) + [spec.out_type]
     if all(str(t.dtype) not in STORAGE_DTYPE for t in types):
         return None
+
+    def narrow(t):
+        return t.with_dtype("int32") if t.dtype == "int64" else t
+
     stored = [te.placeholder(dv.shape(t.shape), storage_dtype(t.dtype), name=f"in{i}")
               for i, t in enumerate(spec.in_types)]
-    logical = [s if s.dtype == t.dtype else
-               te.compute(s.shape, lambda *i, s=s, t=t: s(*i).astype(t.dtype), name=f"{s.name}_logical")
-               for s, t in zip(stored, spec.in_types)]
-    out = lower(spec.op, spec.attrs, logical, spec.out_type, dv, name="out_logical")
+    def cast(tensor, dtype, name):  # fcompute takes positional indices only: no default arguments
+        return te.compute(tensor.shape, lambda *i: tensor(*i).astype(dtype), name=name)
+
+    logical = [s if s.dtype == narrow(t).dtype else cast(s, t.dtype, f"in{n}_logical")
+               for n, (s, t) in enumerate(zip(stored, spec.in_types))]
+    casts = [t.op.name for t, s in zip(logical, stored) if t is not s]
+    out = lower(spec.op, spec.attrs, logical, narrow(spec.out_type), dv, name="out_logical")
     dtype = storage_dtype(spec.out_type.dtype)
     if out.dtype != dtype:
-        out = te.compute(out.shape, lambda *i: out(*i).astype(dtype), name="out")
-    func = te.create_prim_func(stored + [out])
-    return schedule_func(func, target)
+        out = cast(out, dtype, "out")
+        casts.append("out_logical")
+    sch = s_tir.Schedule(te.create_prim_func(stored + [out]))
+    for name in casts:
+        block = sch.get_sblock(name)
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - a reduction result: fold the cast into its consumer instead
+            sch.reverse_compute_inline(sch.get_sblock("out"))
+    return schedule_func(sch.mod["main"], target)
 
 
 # -- running on wgpu ----------------------------------------------------------------------------
@@ -657,6 +690,29 @@ def vulkan_path() -> str:
     return "spirv" if spirv_available() else "wgsl-wgpu"
 
 
+def vulkan_availability():
+    """(compile problem, run problem, note) of the vulkan target here (``attngraph targets``)."""
+    import tvm
+    path = vulkan_path()
+    compile_problem = None
+    if path == "wgsl-wgpu" and tvm.get_global_func("target.build.webgpu", allow_missing=True) is None:
+        compile_problem = "this TVM has neither a Vulkan (SPIR-V) nor a WebGPU (WGSL) code generator"
+    run_problem, note = None, f"path {path}"
+    try:
+        if path == "spirv":
+            if not tvm.vulkan(0).exist:
+                run_problem = "TVM's Vulkan runtime finds no Vulkan device"
+        else:
+            info = vulkan_adapter().info
+            kind = str(info.get("adapter_type", ""))
+            note += f": {info.get('device', '?')} ({kind or 'unknown type'})"
+            if "cpu" in kind.lower():
+                note += ", a CPU driver (lavapipe): for correctness, not speed"
+    except DeviceUnavailable as e:
+        run_problem = str(e)
+    return compile_problem, run_problem, note
+
+
 def open_wgsl_device(path: str | None) -> WgpuDevice:
     """The executor device for a WGSL kernel library (``TargetSpec.open_device``)."""
     return WgpuDevice(WebGPUModule.load(path) if path else None)
@@ -673,10 +729,16 @@ def vulkan_spec() -> TargetSpec:
     """The ``vulkan`` target: TVM's SPIR-V code generator where this TVM has one, else WGSL on wgpu."""
     if spirv_available():
         import tvm
-        return TargetSpec("vulkan", lambda: tvm.target.Target("vulkan", host="llvm"), schedule_func, None,
-                          _open_spirv_device)
+        return TargetSpec("vulkan", lambda: tvm.target.Target("vulkan", host=llvm_target()), schedule_func, None,
+                          _open_spirv_device, describe=lambda: {"path": "spirv", "runtime": "tvm-vulkan"},
+                          availability=vulkan_availability)
     return TargetSpec("vulkan", webgpu_target, schedule_func, narrow_kernel, open_wgsl_device,
-                      compile=lambda mod, target: compile_webgpu(mod, target), library_name=LIBRARY_NAME)
+                      compile=lambda mod, target: compile_webgpu(mod, target), library_name=LIBRARY_NAME,
+                      kind="webgpu", describe=_describe_wgsl, availability=vulkan_availability)
+
+
+def _describe_wgsl() -> dict:
+    return {"path": "wgsl-wgpu", "codegen": "tvm-webgpu (WGSL)", "runtime": "wgpu on the Vulkan driver"}
 
 
 register_target(vulkan_spec())
