@@ -188,9 +188,10 @@ class CompiledStepper(EntryStepper):
     """Decode steps on artifacts built by ``attngraph.build``, one per entry, under one directory
     whose ``generate.json`` records the entries and the cache limits.
 
-    For now the compiled model's calling convention is NumPy in, NumPy out, so the state makes a
-    round trip through the host at every step; a device-resident call (inputs and outputs kept as
-    device tensors) would keep the caches where the kernels run without changing this class's users."""
+    The decoding state stays where the kernels run: every entry keeps its state outputs as device
+    tensors (``CompiledModel(..., keep=...)``) and takes them back as inputs without a copy; the
+    decode step writes the new keys and values into the caches in place, and beam search reorders
+    them with the compiled ``reorder_cache`` entry.  Only the log-probs come to the host."""
 
     @staticmethod
     def build(model, params: Mapping[str, np.ndarray], out_dir: str, target: str = "llvm", opt_level: int = 3,
@@ -217,7 +218,13 @@ class CompiledStepper(EntryStepper):
         with open(manifest_path) as f:
             self.manifest = json.load(f)
         self.models = {m: load(os.path.join(path, m)) for m in self.manifest["entries"]}
-        super().__init__(DecoderInfo.from_json(self.manifest["decoder"]), self.models)
+
+        def entry(model) -> Entry:
+            state = tuple(name for name, _ in model.graph.outputs if name != "log_probs")
+            return lambda inputs: model(inputs, keep=state)
+
+        super().__init__(DecoderInfo.from_json(self.manifest["decoder"]),
+                         {m: entry(model) for m, model in self.models.items()})
 
 
 def is_generation_dir(path: str) -> bool:

@@ -15,6 +15,22 @@ class InputError(ValueError):
     """Inputs that do not fit the model's signature."""
 
 
+def is_device_tensor(value) -> bool:
+    """A tensor in a device's memory (a TVM runtime tensor, say), as a compiled model returns with
+    ``keep``: it has a shape and a dtype but is not a NumPy value."""
+    return not isinstance(value, (np.ndarray, np.generic, int, float, bool, list, tuple)) \
+        and hasattr(value, "shape") and hasattr(value, "dtype")
+
+
+class _Described:
+    """Shape and dtype of a device tensor, for checking without copying it to the host."""
+
+    def __init__(self, value):
+        self.shape = tuple(int(d) for d in value.shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(str(value.dtype))
+
+
 def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Check names, ranks, dtypes and dims of ``inputs``; return the symbolic dims' values."""
     missing = sorted(set(signature) - set(inputs))
@@ -25,7 +41,8 @@ def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarr
                          + ", ".join(f"{n}: {t}" for n, t in signature.items()))
     bindings: dict[str, int] = {}
     where: dict[str, str] = {}
-    arrays = {name: np.asarray(inputs[name]) for name in signature}
+    arrays = {name: _Described(inputs[name]) if is_device_tensor(inputs[name]) else np.asarray(inputs[name])
+              for name in signature}
     for name, ty in signature.items():
         value = arrays[name]
         if value.ndim != ty.rank:

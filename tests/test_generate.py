@@ -364,3 +364,33 @@ def test_compiled_steps_match_the_interpreter(tmp_path):
         [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 6, eos_id=2)]
     with pytest.raises(G.GenerationError, match="past the cache of 8"):
         compiled.step(np.array([[1], [1]]), 8, a)
+
+
+def test_compiled_state_stays_on_the_device_and_caches_update_in_place():
+    pytest.importorskip("tvm")
+    from attngraph.inputs import is_device_tensor
+    model = tiny("gpt")
+    params = params_of(model)
+    g = G.trace_entries(model, 8)["decode_step"]
+    step = ag.compile(g, {k: params[k] for k in g.params})
+    caches = [n for n, _ in g.outputs if n != "log_probs"]
+    assert len(step.in_place) == len(caches)  # every cache write is in place
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
+    state = oracle.encode(np.array([[3, 4], [5, 6]]))
+    device_state = {n: step.device.upload(v.astype(np.float32)) for n, v in state.items()}
+    rtol, atol = TOLERANCE["float32"]
+    for pos, tokens in enumerate([[1, 2], [7, 3]]):
+        tokens = np.array(tokens)[:, None]
+        out = step({"tokens": tokens, "pos": np.int64(pos), **device_state}, keep=caches)
+        want, state = oracle.step(tokens, pos, state)
+        assert isinstance(out["log_probs"], np.ndarray)
+        for n in caches:  # the same tensors, written where they are
+            assert is_device_tensor(out[n]) and out[n] is device_state[n]
+            np.testing.assert_allclose(out[n].numpy(), state[n], rtol=rtol, atol=atol, err_msg=n)
+        np.testing.assert_allclose(out["log_probs"][:, -1], want, rtol=rtol, atol=atol)
+    # A NumPy cache is copied in: the caller's array is left as it was.
+    zeros = {n: np.zeros_like(v) for n, v in state.items()}
+    step({"tokens": np.array([[1], [2]]), "pos": np.int64(0), **zeros})
+    assert not any(v.any() for v in zeros.values())
+    with pytest.raises(KeyError, match="keep names no output"):
+        step({"tokens": np.array([[1], [2]]), "pos": np.int64(0), **zeros}, keep=["nope"])

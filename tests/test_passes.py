@@ -13,6 +13,7 @@ import attngraph as ag
 from attngraph import nn, passes
 from attngraph.nn import functional as F
 from attngraph.passes import PassVerificationError
+from attngraph.passes.memory import in_place_candidates
 
 
 def run64(g, params, inputs):
@@ -188,6 +189,43 @@ def test_memory_plan_reuses_buffers(tiny_graph):
     reshape = next(n for n in tiny_graph.nodes() if n.op == "reshape" and n.id in plan.buffer_of
                    and tiny_graph.operands(n.id)[0] in plan.buffer_of)
     assert plan.buffer_of[reshape.id] == plan.buffer_of[tiny_graph.operands(reshape.id)[0]]
+
+
+def test_pack_weights_packs_each_weight_once_and_keeps_the_meaning(tiny_graph):
+    from attngraph.passes.layout import pack_weights
+    g, _ = passes.optimize(tiny_graph, 3)
+    packed = g.copy()
+    matches, misses = pack_weights(packed, 16)
+    ops = [n.op for n in packed.nodes()]
+    assert matches == ops.count("linear_packed") == [n.op for n in g.nodes()].count("linear") + 1  # + tied logits
+    assert "linear" not in ops and not misses
+    # The tied embedding is read by the gather and (transposed, packed) by the logits: one panel set per weight.
+    panels = [n for n in packed.nodes() if n.op == "pack_panels"]
+    assert len(panels) == len({packed.operands(n.id)[0] for n in panels})
+    params = ag.init_params(tiny_graph, 0, perturb=True)
+    x = example(tiny_graph, 0)
+    want, got = run64(g, params, x), run64(packed, params, x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_pack_panels_pads_the_last_panel():
+    w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
+    p = ag.ir.ops.pack_panels(w, width=4)
+    assert p.shape == (2, 3, 4)
+    np.testing.assert_array_equal(p[0], w[:, :4])
+    np.testing.assert_array_equal(p[1, :, 0], w[:, 4])
+    assert not p[1, :, 1:].any()
+
+
+def test_in_place_cache_updates_get_no_buffer():
+    from attngraph.generate import trace_entries
+    g = trace_entries(ag.models.get("gpt-tiny"), 16)["decode_step"]
+    opt, _ = passes.optimize(g, 3)
+    updates = in_place_candidates(opt)
+    assert len(updates) == sum(1 for n in opt.nodes() if n.op == "update_slice") > 0
+    plan = passes.plan_memory(opt, {"batch": 2, "step": 1}, in_place=updates)
+    assert not updates & set(plan.buffer_of)
 
 
 # -- property tests: random small graphs ------------------------------------------------------------

@@ -9,6 +9,7 @@ checks are plain ``==``.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Mapping, Union
 
@@ -129,6 +130,12 @@ def terms(dim: Dim) -> dict[tuple[str, ...], int]:
     return _parse(dim)
 
 
+@functools.lru_cache(maxsize=4096)
+def _frozen_terms(dim: Dim) -> tuple:
+    """``_parse(dim)`` as an immutable tuple, memoized: executors evaluate the same dims every call."""
+    return tuple(_parse(dim).items())
+
+
 def symbols(dim: Dim) -> set[str]:
     return {s for key in _parse(dim) for s in key}
 
@@ -139,8 +146,10 @@ def is_static(dim: Dim) -> bool:
 
 def evaluate(dim: Dim, bindings: Mapping[str, int]) -> int:
     """The integer value of ``dim`` given values for its symbols."""
+    if type(dim) is int:
+        return dim
     total = 0
-    for key, coef in _parse(dim).items():
+    for key, coef in _frozen_terms(dim) if isinstance(dim, str) else _parse(dim).items():
         term = coef
         for s in key:
             if s not in bindings:

@@ -49,6 +49,29 @@ def linear(x, w, b=None, *, activation="none"):
     return _activate(y, activation)
 
 
+def _infer_linear_packed(types, attrs):
+    if len(types) not in (2, 3):
+        raise ShapeError(f"linear_packed takes x, packed weight and an optional bias, got {len(types)} operands")
+    x, w = types[0], types[1]
+    n = attrs["n"]
+    if attrs.get("activation", "none") not in ACTIVATIONS:
+        raise ShapeError(f"unknown activation {attrs['activation']!r}")
+    if w.rank != 3 or x.rank < 1 or x.shape[-1] != w.shape[1] or not isinstance(n, int) \
+            or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
+        raise ShapeError(f"linear_packed needs x (..., K) and weight panels (ceil(n/w), K, w) for n={n}, "
+                         f"got {x} and {w}")
+    if len(types) == 3 and types[2].shape != (n,):
+        raise ShapeError(f"linear_packed bias must have shape ({n},), got {types[2]}")
+    return TensorType(x.shape[:-1] + (n,), O._same_dtype(types))
+
+
+@op("linear_packed", FUSED, None, _infer_linear_packed, activation="none", n=None)
+def linear_packed(x, w, b=None, *, activation="none", n=None):
+    """``linear`` over a weight in column panels (``pack_panels``): the CPU target's layout."""
+    panels, k, width = w.shape
+    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n], b, activation=activation)
+
+
 def _infer_add_layer_norm(types, attrs):
     a, b, gamma, beta = types
     s = O.infer_binary([a, b], attrs)

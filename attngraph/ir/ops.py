@@ -447,6 +447,28 @@ def gather(table, idx):
     return np.take(table, idx, axis=0)
 
 
+def _infer_pack_panels(types, attrs):
+    (w,) = types
+    width = attrs["width"]
+    if w.rank != 2 or not all(isinstance(d, int) for d in w.shape):
+        raise ShapeError(f"pack_panels needs a 2-D weight of static shape, got {w}")
+    if not isinstance(width, int) or width < 1:
+        raise ShapeError(f"pack_panels: width must be a positive int, got {width!r}")
+    k, n = w.shape
+    return TensorType((-(-n // width), k, width), w.dtype)
+
+
+@op("pack_panels", LAYOUT, 1, _infer_pack_panels)
+def pack_panels(w, *, width):
+    """A (K, N) weight as column panels (ceil(N/width), K, width), the last panel zero-padded: each
+    panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``)."""
+    k, n = w.shape
+    panels = -(-n // width)
+    padded = np.zeros((k, panels * width), w.dtype)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+
+
 def _infer_update_slice(types, attrs):
     cache, value, offset = types
     axis = _axis(attrs["axis"], cache.rank)

@@ -27,6 +27,14 @@ def weights_only(g: Graph) -> set[int]:
     return out
 
 
+def in_place_candidates(g: Graph) -> set[int]:
+    """``update_slice`` nodes that may write into their cache operand: the cache is a graph input
+    read by nothing else (a decode step's KV cache), so the update can write just the new entries
+    into the caller's tensor and return it, instead of copying the whole cache."""
+    return {nid for nid in g.topo_order() if g.node(nid).op == "update_slice"
+            and (cache := g.operands(nid)[0]) in g.inputs and g.users(cache) == [nid] and not g.is_output(cache)}
+
+
 def liveness(g: Graph, order: list[int] | None = None) -> dict[int, tuple[int, int]]:
     """node -> (position where it is made, position of its last use); outputs live to the end."""
     order = order or g.topo_order()
@@ -49,11 +57,13 @@ class MemoryPlan:
         return sum(self.buffer_bytes)
 
 
-def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None = None) -> MemoryPlan:
+def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None = None,
+                in_place: set[int] = frozenset()) -> MemoryPlan:
     """Place every computed value in a buffer, reusing a buffer once all values it held are dead.
 
     Views (reshapes) share their operand's buffer; a buffer is free only after the last use of
-    every value placed in it.  Best fit among free buffers, else a new one."""
+    every value placed in it.  Best fit among free buffers, else a new one.  The ``in_place``
+    updates (see ``in_place_candidates``) live in their input's memory: they get no buffer."""
     order = order or g.topo_order()
     live = liveness(g, order)
     plan = MemoryPlan()
@@ -62,7 +72,7 @@ def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None =
     free: list[int] = []
     for i, nid in enumerate(order):
         n = g.node(nid)
-        if n.op in SOURCE_OPS or nid in constant:
+        if n.op in SOURCE_OPS or nid in constant or nid in in_place:
             continue
         if n.op in VIEW_OPS and g.operands(nid)[0] in plan.buffer_of:
             buf = plan.buffer_of[g.operands(nid)[0]]

@@ -34,6 +34,9 @@ FLOATS = ("float32", "float64")
 # 8 AVX2 registers of accumulators, leaving room for the B row and the broadcast A value; measured
 # here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
 TILE_M, TILE_N = 4, 16
+# The tile over weights packed at bind time: 2 rows x 2 panels is as fast as 4 x 16 from 256 rows up
+# (within 10% either way, 1 thread, transformer-base shapes) and 20-35% faster at 1-2 rows (decoding).
+PACKED_TILE = (2, 32)
 COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
@@ -51,6 +54,10 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
     if op == "linear" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
+    if op == "linear_packed" and in_types[1].shape[2] == TILE_N and in_types[0].rank >= 2:
+        return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
+                     activation=attrs.get("activation", "none"), packed=True, tile_m=PACKED_TILE[0],
+                     tile_n=PACKED_TILE[1])
     if op in ROWWISE and out_type.rank >= 2 and (op != "softmax" and op != "log_softmax"
                                                  or attrs.get("axis", -1) in (-1, out_type.rank - 1)):
         return rowwise(op, attrs, in_types, out_type, dim_vars)
@@ -87,32 +94,46 @@ def _read_index(sch, block, name: str) -> int:
     return [r.source.name for r in sch.get(block).reads].index(name)
 
 
-def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str) -> tirx.PrimFunc:
+def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
+          packed: bool = False, tile_m: int = TILE_M, tile_n: int = TILE_N) -> tirx.PrimFunc:
     """activation(x @ W [+ b]) for x (..., K) and W (K, N), leading dims of x flattened into M.
 
     Loop nest: N panels of TILE_N columns in parallel; in each, the K x TILE_N panel of W is packed
     contiguous once, then every TILE_M-row block of x runs a K loop of rank-1 updates into a register
     tile, and the write back applies bias and activation.  M is symbolic: it is padded up to a
     multiple of TILE_M with clamped reads (see the module docstring); N need not divide TILE_N either.
+    ``packed``: W comes already in panels (``linear_packed``: (ceil(N/TILE_N), K, TILE_N), packed once
+    when the weights are bound), so nothing is packed per call; then the register tile may be
+    ``tile_m`` x ``tile_n`` (several panels side by side: the few-rows variant is 1 x 64).
     """
+    assert packed or tile_n == TILE_N, "per-call packing makes panels of the tile's width"
     x_t, w_t = in_types[0], in_types[1]
     dtype = out_type.dtype
     lead = dim_vars.shape(x_t.shape[:-1])
-    K, N = w_t.shape
+    K, N = (w_t.shape[1], out_type.shape[-1]) if packed else w_t.shape
     M = lead[0]
     for d in lead[1:]:
         M = M * d
     panels = (N + TILE_N - 1) // TILE_N
-    m_pad = M + (TILE_M - 1)  # room for the last, partial row tile
+    n_pad = (N + tile_n - 1) // tile_n * tile_n  # whole register tiles; reads past the last panel are clamped
+    m_pad = M + (tile_m - 1)  # room for the last, partial row tile
     # Flat 2-D views for the compute; the parameters get their N-D shapes back at the end.
     X = te.placeholder((M, _i64(K)), dtype, name="in0")
-    W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
     B = te.placeholder((_i64(N),), dtype, name="in2") if bias else None
-    packed = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
-                        lambda p, k, c: W[k, tirx.min(p * TILE_N + c, _i64(N - 1))], name="packed")
+    if packed:
+        W = panel = te.placeholder((_i64(panels), _i64(K), _i64(TILE_N)), dtype, name="in1")
+    else:
+        W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
+        panel = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
+                           lambda p, k, c: W[k, tirx.min(p * TILE_N + c, _i64(N - 1))], name="packed")
     k = te.reduce_axis((0, _i64(K)), name="k")
-    acc = te.compute((m_pad, _i64(panels * TILE_N)),
-                     lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * packed[n // TILE_N, k, n % TILE_N], axis=k),
+    if n_pad > panels * TILE_N:
+        def w_at(n):
+            return panel[tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N]
+    else:
+        def w_at(n):
+            return panel[n // TILE_N, k, n % TILE_N]
+    acc = te.compute((m_pad, _i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
                      name="acc")
     act = ACTIVATIONS[activation]
     if bias:
@@ -124,23 +145,31 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     sch = s_tir.Schedule(f)
     ob = sch.get_sblock("out")
     m, n = sch.get_loops(ob)
-    mo, mi = sch.split(m, [None, TILE_M])
-    no, ni = sch.split(n, [None, TILE_N])
+    mo, mi = sch.split(m, [None, tile_m])
+    no, ni = sch.split(n, [None, tile_n])
     sch.reorder(no, mo, mi, ni)
     ab = sch.get_sblock("acc")
     sch.compute_at(ab, mo)
     sch.set_scope(ab, 0, "local")
-    am, an, ak = sch.get_loops(ab)[-3:]
-    sch.reorder(ak, am, an)
-    sch.unroll(am)
+    if tile_m > 1:
+        am, an, ak = sch.get_loops(ab)[-3:]
+        sch.reorder(ak, am, an)
+        sch.unroll(am)
+    else:  # compute_at dropped the row loop of extent 1
+        an, ak = sch.get_loops(ab)[-2:]
+        sch.reorder(ak, an)
+    if tile_n > TILE_N:  # one vector loop per panel, the panels unrolled
+        ap, an = sch.split(an, [None, TILE_N])
+        sch.unroll(ap)
     sch.vectorize(an)
-    pb = sch.get_sblock("packed")
-    sch.compute_at(pb, no)
-    sch.vectorize(sch.get_loops(pb)[-1])
-    itemsize = 8 if dtype == "float64" else 4
-    if K * TILE_N * itemsize <= MAX_STACK_PANEL_BYTES:
-        # One panel per worker iteration, on its stack: no per-call heap buffer of K x N.
-        sch.set_scope(pb, 0, "local")
+    if not packed:
+        pb = sch.get_sblock("packed")
+        sch.compute_at(pb, no)
+        sch.vectorize(sch.get_loops(pb)[-1])
+        itemsize = 8 if dtype == "float64" else 4
+        if K * TILE_N * itemsize <= MAX_STACK_PANEL_BYTES:
+            # One panel per worker iteration, on its stack: no per-call heap buffer of K x N.
+            sch.set_scope(pb, 0, "local")
     sch.vectorize(ni)
     sch.parallel(no)
     init = sch.decompose_reduction(ab, ak)  # last: needs the update loops already scheduled
@@ -316,3 +345,25 @@ def _vectorize_weighted_sum(sch, block):
     _vectorize_static(sch, d)
     init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
     _vectorize_static(sch, sch.get_loops(init)[-1])
+
+
+def write_slice(in_types, out_type: TensorType, axis: int, dim_vars: DimVars) -> tirx.PrimFunc:
+    """``update_slice`` in place: the output is the cache operand's own memory (the executor passes the
+    same tensor for both), so only ``value`` is written, at ``offset`` along ``axis``; the rest of
+    the cache is never touched.  Same parameters as the copying kernel: cache, value, offset, out.
+    The executor checks the offset on the host before the call (``IndexOutOfRange``)."""
+    cache_t, value_t, offset_t = in_types
+    axis %= cache_t.rank
+    cache = tirx.decl_buffer(dim_vars.shape(cache_t.shape), cache_t.dtype, name="in0")
+    value = tirx.decl_buffer(dim_vars.shape(value_t.shape), value_t.dtype, name="in1")
+    offset = tirx.decl_buffer((), offset_t.dtype, name="in2")
+    out = tirx.decl_buffer(dim_vars.shape(out_type.shape), out_type.dtype, name="out")
+    loops = [tirx.Var(f"i{a}", "int64") for a in range(value_t.rank)]
+    start = tirx.Cast("int64", tirx.BufferLoad(offset, []))
+    dest = [v + start if a == axis else v for a, v in enumerate(loops)]
+    body = tirx.BufferStore(out, tirx.BufferLoad(value, loops), dest)
+    for a in reversed(range(value_t.rank)):
+        extent = value.shape[a]
+        kind = tirx.ForKind.PARALLEL if a == 0 and value_t.rank > 1 else tirx.ForKind.SERIAL
+        body = tirx.For(loops[a], tirx.IntImm("int64", 0), extent, kind, body)
+    return tirx.PrimFunc([cache, value, offset, out], body)

@@ -16,19 +16,20 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from ...inputs import bind_dims
+from ...inputs import InputError, bind_dims, is_device_tensor
 from ...ir import Graph, Node
 from ...ir.ops import IndexOutOfRange
-from ...passes.memory import VIEW_OPS, MemoryPlan, plan_memory, weights_only
+from ...passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_memory, weights_only
 from ...weights import check_params
 from ..reference import describe
 from .shapes import scalar_dims
+from .targets import IN_PLACE
 
 
 class Device(Protocol):
@@ -108,13 +109,17 @@ def flops(op: str, attrs: dict, in_shapes: list[tuple], out_shape: tuple) -> int
     """Multiply-add work of the ops that dominate a Transformer (2 flops per multiply-add):
     matmul / linear and fused attention; 0 for the memory-bound rest."""
     size = int(np.prod(out_shape, dtype=np.int64))
-    if op in ("matmul", "linear"):
+    if op in ("matmul", "linear", "linear_packed"):
         return 2 * size * int(in_shapes[0][-1])
     if op == "fused_attention":
         q, k = in_shapes[0], in_shapes[1]
         lk = k[1] if attrs.get("layout") == "bshd" else k[2]
         return 2 * size * int(lk) + 2 * size // int(out_shape[-1]) * int(lk) * int(q[-1])
     return 0
+
+
+def _nbytes(ty, dims) -> int:
+    return int(np.prod(ty.concrete(dims), dtype=np.int64)) * np.dtype(ty.dtype).itemsize
 
 
 @dataclass
@@ -152,6 +157,9 @@ class CompiledModel:
         missing = sorted(k for k in wanted if not device.has_kernel(k))
         if missing:
             raise RuntimeError(f"the compiled module lacks kernels {', '.join(missing)}")
+        # update_slice steps that write into their cache input (the caller's tensor) instead of a copy
+        self.in_place = {s.node for s in self.steps if s.kind == "kernel" and s.node in in_place_candidates(graph)
+                         and device.has_kernel(s.kernel + IN_PLACE)}
         self.precomputed = self._precompute_nodes()
         self.constants = self._bind_constants()
         self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
@@ -210,7 +218,7 @@ class CompiledModel:
 
     def memory(self, **dims) -> MemoryPlan:
         """The memory plan of a run with these symbolic dims (e.g. ``batch=1, seq=128``)."""
-        return plan_memory(self.graph, dims, self.order)
+        return plan_memory(self.graph, dims, self.order, self.in_place)
 
     def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, dict]:
         """The memory plan at ``dims``, a tensor view for every planned value, and the kernel each
@@ -234,8 +242,15 @@ class CompiledModel:
         g = self.graph
         views, kernels = {}, {}
         for step in self.steps:
-            if step.kind == "view":  # the shape only: a view of this step's operand is made per call
-                views[step.node] = g.node(step.node).type.concrete(dims)
+            if step.kind == "view":
+                n = g.node(step.node)
+                base = views.get(step.operands[0])
+                if base is not None and not isinstance(base, tuple):  # of a planned buffer: made once
+                    views[step.node] = self.device.view(base, n.type.concrete(dims), n.type.dtype)
+                else:  # of an input or an in-place cache: the shape only, the view is made per call
+                    views[step.node] = n.type.concrete(dims)
+            elif step.kind == "kernel" and step.node in self.in_place:
+                kernels[step.node] = step.kernel + IN_PLACE  # its output is its cache operand, given per call
             elif step.kind == "kernel":
                 n = g.node(step.node)
                 views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
@@ -249,43 +264,83 @@ class CompiledModel:
 
     # -- running ------------------------------------------------------------------------------
 
-    def __call__(self, inputs: Mapping[str, np.ndarray], *,
-                 observe: Callable[[Node, np.ndarray], None] | None = None,
-                 times: dict | None = None) -> dict[str, np.ndarray]:
-        """Run on ``inputs`` ({name: array}); ``observe(node, value)`` sees every kernel's result
-        (a download per kernel: for verification, not for speed); ``times``, if given, collects
-        each kernel call's seconds by node."""
+    def __call__(self, inputs: Mapping, *, observe: Callable[[Node, np.ndarray], None] | None = None,
+                 times: dict | None = None, keep: Collection[str] = ()) -> dict:
+        """Run on ``inputs`` ({name: array}); returns the outputs by name, as NumPy arrays except those
+        named in ``keep``, which stay device tensors (fresh ones, never reused by a later call).
+
+        An input may be a device tensor (from an earlier call's ``keep``): it is used where it is,
+        without a copy.  A cache input that an ``update_slice`` updates in place (``in_place``)
+        is donated: the call writes the new entries into it and returns that same tensor.
+        ``observe(node, value)`` sees every kernel's result (a download per kernel: for verification,
+        not for speed); ``times``, if given, collects each kernel call's seconds by node."""
         g = self.graph
         dims = bind_dims(g.input_types(), inputs)
         plan, views, kernels = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
+        keep = set(keep)
+        unknown = keep - {name for name, _ in g.outputs}
+        if unknown:
+            raise KeyError(f"keep names no output of {g.name}: {', '.join(sorted(unknown))}")
+        # Kept outputs computed into planned buffers get memory of their own instead (in-place
+        # caches and inputs passed through are returned as they are).
+        fresh = {o for name, o in g.outputs if name in keep and o not in self.in_place and g.node(o).op != "input"}
+        moved = set()  # values given memory of their own this call (and views of them)
         env = dict(self.constants)
         for step in self.steps:
             n = g.node(step.node)
             if step.kind == "input":
-                value = np.asarray(inputs[n.name])
+                value = inputs[n.name]
+                if is_device_tensor(value):
+                    if str(value.dtype) != n.type.dtype:
+                        raise InputError(f"input {n.name!r} is a device tensor of {value.dtype}, expected {n.type.dtype}")
+                    env[step.node] = value
+                    continue
+                value = np.asarray(value)
                 if value.dtype != np.dtype(n.type.dtype):
                     value = value.astype(n.type.dtype)
                 env[step.node] = self.device.upload(value)
             elif step.kind == "view":
-                env[step.node] = self.device.view(env[step.operands[0]], views[step.node], n.type.dtype)
+                view = views[step.node]
+                if isinstance(view, tuple) or step.operands[0] in moved:  # not of the planned buffer
+                    view = self.device.view(env[step.operands[0]], n.type.concrete(dims), n.type.dtype)
+                env[step.node] = view
+                if step.operands[0] in moved:
+                    moved.add(step.node)
             else:
                 args = [env[o] for o in step.operands]
                 if n.op == "gather":
                     self._check_indices(n, args[0].shape[0], args[1], inputs)
                 elif n.op == "update_slice":
-                    self._check_offset(n, args)
-                out = views[step.node]
-                # A static variant takes no dim arguments: its sizes are constants.
+                    self._check_offset(n, args, step.operands[2], inputs)
                 name = kernels[step.node]
+                if step.node in self.in_place:
+                    out = args[0]
+                elif step.node in fresh:
+                    out = self.device.view(self.device.allocate(_nbytes(n.type, dims)), views[step.node].shape,
+                                           n.type.dtype)
+                    fresh.discard(step.node)
+                    moved.add(step.node)
+                else:
+                    out = views[step.node]
+                # A static variant takes no dim arguments: its sizes are constants.
                 start = time.perf_counter()
-                self.device.call(name, args + [out] + ([dims[d] for d in step.scalars] if name == step.kernel else []))
+                self.device.call(name, args + [out] + ([dims[d] for d in step.scalars] if name in
+                                                       (step.kernel, step.kernel + IN_PLACE) else []))
                 if times is not None:
                     times.setdefault(step.node, []).append(time.perf_counter() - start)
                 env[step.node] = out
                 if observe is not None:
                     observe(n, self.device.download(out))
-        return {name: self.device.download(env[o]) for name, o in g.outputs}
+        result = {}
+        for name, o in g.outputs:
+            value = env[o]
+            if name not in keep:
+                value = self.device.download(value)
+            elif o in fresh:  # a view of a planned buffer: copied out
+                value = self.device.upload(self.device.download(value))
+            result[name] = value
+        return result
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 3) -> list[KernelTime]:
         """Per kernel call: its median wall time over ``repeat`` runs and its floating-point work.
@@ -323,10 +378,12 @@ class CompiledModel:
             bad = values[(values < 0) | (values >= rows)].ravel()[0]
             raise IndexOutOfRange(f"{describe(self.graph, n)}: index {bad} is out of range for a table of {rows} rows")
 
-    def _check_offset(self, n: Node, args) -> None:
+    def _check_offset(self, n: Node, args, offset_node: int, inputs) -> None:
         cache, value, offset = args
         axis = n.attrs["axis"] % len(cache.shape)
-        start = int(self.device.download(offset))
+        given = inputs.get(self.graph.node(offset_node).name) if offset_node in self.graph.inputs else None
+        # An input given on the host is read there; a computed offset is downloaded (a scalar).
+        start = int(given) if isinstance(given, (int, np.integer, np.ndarray)) else int(self.device.download(offset))
         if start < 0 or start + value.shape[axis] > cache.shape[axis]:
             raise IndexOutOfRange(f"{describe(self.graph, n)}: writing {value.shape[axis]} entries at offset "
                                   f"{start} overflows a cache of {cache.shape[axis]}")

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...ir import Graph
-from .build import KernelSpec, generic_func, kernel_func, plan_kernels, resolve_target
+from .build import KernelSpec, for_target, generic_func, kernel_func, plan_kernels, resolve_target
 from .cache import cache_root
 from .shapes import DimVars
 
@@ -127,7 +127,7 @@ def tune_graph(g: Graph, sizes: dict, db_dir: str, *, target: str = "llvm", tria
     from tvm.s_tir import meta_schedule as ms
     tgt = resolve_target(target)
     tgt_ms = _with_cores(tgt)
-    specs, _ = plan_kernels(g)
+    specs, _ = plan_kernels(for_target(g, target))
     if ops:
         specs = [s for s in specs if s.op in ops]
     os.makedirs(db_dir, exist_ok=True)
