@@ -27,7 +27,7 @@ from .executor import CompiledModel
 from .lowering import lower
 from .progress import Progress
 from .shapes import DimVars, scalar_dims
-from .targets import TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
+from .targets import IN_PLACE, TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
 
 __all__ = ["TARGETS", "KernelSpec", "Kernels", "build_kernels", "compile_graph", "ensure_threads", "generic_func",
            "kernel_func", "kernel_nodes", "llvm_target", "plan_kernels", "resolve_target"]
@@ -184,6 +184,9 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
             if func is not None:
                 hand.add(spec.name)
             funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv, tgt), spec, dv)
+            in_place = tspec.in_place_kernel(spec, dv, tgt) if tspec.in_place_kernel else None
+            if in_place is not None:
+                funcs[spec.name + IN_PLACE] = _finish(in_place, spec, dv).with_attr("global_symbol", spec.name + IN_PLACE)
             for sizes, name in kernels.variants.get(spec.name, ()):
                 funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
         except BuildError:
@@ -223,10 +226,22 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     return kernels
 
 
+def for_target(g: Graph, target: str) -> Graph:
+    """``g`` in the layouts ``target``'s kernels read (``passes.layout``): a copy when it changes."""
+    panel = get_target(target).weight_panel
+    if not panel:
+        return g
+    from ...passes.layout import pack_weights
+    g = g.copy()
+    pack_weights(g, panel)
+    return g
+
+
 def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress | None = None,
                   generic: bool = False, tuning_db: str | None = None):
     """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``:
     a ``CompiledModel`` taking and returning NumPy arrays."""
+    g = for_target(g, target)
     kernels = build_kernels(g, target, progress=progress, generic=generic, tuning_db=tuning_db)
     model = CompiledModel(g, params, kernels.device, kernels.symbol_of, target=target, variants=kernels.variants)
     model.kernels = kernels

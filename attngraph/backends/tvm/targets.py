@@ -32,6 +32,12 @@ class TargetSpec:
     compile: Callable | None = None
     #: the library file name inside an artifact
     library_name: str = "kernels.so"
+    #: column-panel width of the weights its matmul kernels read (``passes.layout.pack_weights``),
+    #: or None to keep weights (K, N)
+    weight_panel: int | None = None
+    #: (KernelSpec, DimVars, target) -> the in-place form of an ``update_slice`` kernel (it writes only
+    #: the new entries into the cache it is given as output), or None; built as ``<name>__inplace``
+    in_place_kernel: Callable | None = None
     #: the kind name of the TVM target ``make_target`` gives, where it differs from ``name`` (the
     #: vulkan target compiled through WGSL has kind ``webgpu``)
     kind: str | None = None
@@ -42,6 +48,10 @@ class TargetSpec:
     source_file: str | None = None
     #: () -> (why it cannot compile here or None, why its builds cannot run here or None, a note)
     availability: Callable | None = None
+
+
+#: The name suffix of a kernel's in-place form (``TargetSpec.in_place_kernel``).
+IN_PLACE = "__inplace"
 
 
 TARGET_SPECS: dict[str, TargetSpec] = {}
@@ -175,6 +185,13 @@ def _cpu_kernel(spec, dv, target):
     return cpu_kernel(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, target)
 
 
+def _cpu_in_place(spec, dv, target):
+    if spec.op != "update_slice":
+        return None
+    from .cpu_kernels import write_slice
+    return write_slice(list(spec.in_types), spec.out_type, spec.attrs["axis"], dv)
+
+
 def _cpu_schedule(func, target):
     from .schedule import schedule_generic
     return schedule_generic(func)
@@ -187,4 +204,5 @@ def _open_cpu(path: str | None):
     return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
 
-register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, availability=_llvm_availability))
+register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, weight_panel=16,
+                           in_place_kernel=_cpu_in_place, availability=_llvm_availability))
