@@ -139,8 +139,10 @@ def cuda_source(executable) -> str:
 
 
 def kernel_names(source: str) -> list[str]:
-    """The ``__global__`` kernel names in CUDA source, in order."""
-    return re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)
+    """The ``__global__`` kernel names in CUDA source, in order (each once: TVM declares every kernel
+    before defining it)."""
+    names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(', source)
+    return list(dict.fromkeys(names))
 
 
 def find_nvcc() -> str | None:

@@ -465,7 +465,10 @@ class WgpuDevice:
         self.module = module or WebGPUModule({}, {})
         adapter = vulkan_adapter()
         limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
-        self.device = adapter.request_device_sync(required_limits=limits)
+        # f16 kernels need the shader-f16 feature, which is requested where the adapter has it.
+        features = [f for f in ("shader-f16",) if f in adapter.features]
+        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self.features = set(self.device.features)
         self.limits = dict(self.device.limits)
         info = adapter.info
         self.name = f"vulkan:{info.get('device', '?')} ({info.get('description', '') or info.get('adapter_type', '')})"
@@ -491,6 +494,9 @@ class WgpuDevice:
             if limit in lim and value > lim[limit]:
                 raise GPUUnavailable(f"kernel {kernel.name} needs {limit} = {value}, but the Vulkan device "
                                      f"{self.name} allows {lim[limit]}")
+        if re.search(r"^\s*enable f16;", kernel.wgsl, re.M) and "shader-f16" not in self.features:
+            raise GPUUnavailable(f"kernel {kernel.name} computes in float16, but the Vulkan device {self.name} "
+                                 f"lacks the shader-f16 feature")
 
     def check_buffer_bytes(self, nbytes: int, limit: str = "max-buffer-size") -> None:
         """A clear error when a buffer (or a binding: ``max-storage-buffer-binding-size``) is too large."""

@@ -1,0 +1,258 @@
+"""The cuda and vulkan targets: registration on first use, vulkan builds run through wgpu on the
+Vulkan driver (Mesa's lavapipe on machines without a GPU) and verified against the interpreter,
+cuda builds compiled (and their source compiled by nvcc) without a GPU, deployment with TVM's
+runtime alone, and the errors of a target that cannot compile or run here.
+
+The CUDA numerics test runs only where a CUDA GPU and TVM's CUDA runtime are present; elsewhere it
+is skipped with the reason (never passed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TOLERANCE, example
+
+import attngraph as ag
+from attngraph import api
+from attngraph.backends import BuildError, DeviceUnavailable
+from attngraph.backends.tvm import gpu, webgpu
+from attngraph.backends.tvm.targets import get_target, target_status
+from attngraph.commands_tvm import COMMANDS
+
+RTOL, ATOL = TOLERANCE["float32"]
+COMMAND = {c.name: c for c in COMMANDS}
+SMALL = ("transformer-tiny", "encoder-tiny", "gpt-tiny")
+
+VULKAN_PROBLEM = target_status("vulkan")["run"]
+CUDA_PROBLEM = target_status("cuda")["run"]
+needs_vulkan = pytest.mark.skipif(VULKAN_PROBLEM is not None, reason=f"no Vulkan device here: {VULKAN_PROBLEM}")
+needs_nvcc = pytest.mark.skipif(gpu.find_nvcc() is None, reason="nvcc is not installed")
+
+
+@pytest.fixture(scope="module")
+def vulkan_artifacts(tmp_path_factory):
+    """The small models built for vulkan once: {name: (dir, graph, params, manifest)}."""
+    root = tmp_path_factory.mktemp("vk")
+    out = {}
+    for name in SMALL:
+        g = ag.models.load_graph(name)
+        params = ag.init_params(g, 5, perturb=True)
+        path = str(root / name)
+        out[name] = (path, g, params, api.build(g, params, path, "vulkan", 3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def cuda_artifact(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cu") / "tiny")
+    g = ag.models.load_graph("transformer-tiny")
+    params = ag.init_params(g, 5, perturb=True)
+    return path, g, params, api.build(g, params, path, "cuda", 3)
+
+
+# -- registration -------------------------------------------------------------------------------
+
+
+def test_gpu_targets_register_on_first_use_and_commands_that_do_not_compile_do_not_import_them():
+    code = ("import sys, attngraph.cli; "
+            "bad = [m for m in ('tvm', 'attngraph.backends.tvm.gpu', 'attngraph.backends.tvm.webgpu', 'wgpu') "
+            "if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
+    assert get_target("vulkan").kind == "webgpu" and get_target("vulkan").library_name == "kernels.wgsl.json"
+    assert get_target("cuda").make_target().attrs["arch"] == gpu.DEFAULT_ARCH
+    assert get_target("cuda:sm_90").make_target().attrs["arch"] == "sm_90"
+
+
+def test_bad_target_or_arch_is_a_clear_error(tmp_path):
+    with pytest.raises(BuildError, match="bad CUDA architecture 'sm9'"):
+        get_target("cuda:sm9")
+    with pytest.raises(BuildError, match="unknown or not yet supported target 'metal'.*cuda, vulkan"):
+        get_target("metal")
+    r = CliRunner().invoke(COMMAND["build"], ["encoder-tiny", "--target", "vulkan", "--arch", "sm_90",
+                                              "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--arch is for --target cuda" in r.output
+    r = CliRunner().invoke(COMMAND["build"], ["encoder-tiny", "--arch", "sm_9", "--target", "cuda",
+                                              "-o", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "bad CUDA architecture 'sm_9'" in r.output
+
+
+def test_targets_command_says_what_compiles_and_runs_here():
+    r = CliRunner().invoke(COMMAND["targets"], [])
+    assert r.exit_code == 0, r.output
+    for name in ("llvm", "cuda", "vulkan"):
+        assert f"{name}:\n  compile here: yes" in r.output
+    if CUDA_PROBLEM:
+        assert f"run here: no ({CUDA_PROBLEM})" in r.output
+    assert "path wgsl-wgpu" in r.output or "path spirv" in r.output
+
+
+# -- vulkan ---------------------------------------------------------------------------------------
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name", SMALL)
+def test_vulkan_build_verifies_against_the_interpreter(vulkan_artifacts, name):
+    path, _, _, manifest = vulkan_artifacts[name]
+    assert manifest["target"] == "vulkan" and manifest["library"] == "kernels.wgsl.json"
+    assert manifest["target_info"]["path"] == webgpu.vulkan_path() == "wgsl-wgpu"
+    report = api.verify(path, per_node=True)
+    assert report.ok, report.format()
+    assert report.first_divergence is None, report.format()
+
+
+@needs_vulkan
+def test_vulkan_symbolic_dims_dispatch_at_any_size(vulkan_artifacts):
+    """One build, launch sizes computed per call: sizes that are not multiples of a workgroup, 1, and
+    a length past one workgroup of rows."""
+    path, g, params, _ = vulkan_artifacts["transformer-tiny"]
+    model = api.load(path)
+    for dims in ({"batch": 1, "src_len": 1, "tgt_len": 1}, {"batch": 3, "src_len": 29, "tgt_len": 7},
+                 {"batch": 1, "src_len": 120, "tgt_len": 100}):
+        x = example(g, seed=4, **dims)
+        want = ag.reference.run(g, x, params, dtype="float64")["log_probs"]
+        np.testing.assert_allclose(model(x)["log_probs"], want, rtol=RTOL, atol=ATOL)
+
+
+@needs_vulkan
+def test_vulkan_from_the_command_line(vulkan_artifacts, tmp_path):
+    src = tmp_path / "k.wgsl"
+    r = CliRunner().invoke(COMMAND["build"], ["gpt-tiny", "--target", "vulkan", "-o", str(tmp_path / "a"),
+                                              "--dump-source", str(src)])
+    assert r.exit_code == 0, r.output
+    assert "path wgsl-wgpu" in r.output
+    wgsl = src.read_text()
+    module = webgpu.WebGPUModule.load(str(tmp_path / "a" / "kernels.wgsl.json"))
+    assert wgsl.count("@compute") == len(module.kernels) > 0
+    assert "inff" not in wgsl and "i64" not in wgsl
+    r = CliRunner().invoke(COMMAND["verify"], [str(tmp_path / "a")])
+    assert r.exit_code == 0 and r.output.rstrip().endswith("PASS"), r.output
+
+
+@needs_vulkan
+def test_vulkan_artifact_runs_with_tvm_runtime_only(vulkan_artifacts, tmp_path):
+    """Deployment: a fresh process with TVM_USE_RUNTIME_LIB=1 (TVM's runtime library alone, not the
+    compiler) loads and runs the artifact and gets the same outputs."""
+    path, g, _, _ = vulkan_artifacts["gpt-tiny"]
+    x = example(g, seed=6)
+    here = api.load(path)(x)
+    np.savez(tmp_path / "in.npz", **x)
+    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
+            "y = api.load(sys.argv[1])(x); np.savez(sys.argv[3], **y); "
+            "maps = open('/proc/self/maps').read(); "
+            "print('compiler loaded' if 'libtvm_compiler' in maps else 'runtime only')")
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
+    out = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "runtime only"
+    with np.load(tmp_path / "y.npz") as y:
+        for k, v in here.items():
+            np.testing.assert_array_equal(y[k], v)
+
+
+@needs_vulkan
+def test_vulkan_device_limits_and_features_are_clear_errors():
+    device = webgpu.WgpuDevice(None)
+    lim = device.limits
+    def kernel(size=(64, 1, 1), shared=0, wgsl=""):
+        return webgpu.Kernel("k", wgsl, [["x", "float32", True]], [], list(size), shared)
+
+    device.check_kernel(kernel())
+    with pytest.raises(DeviceUnavailable, match="kernel k needs max-compute-workgroup-size-x"):
+        device.check_kernel(kernel((lim["max-compute-workgroup-size-x"] * 2, 1, 1)))
+    with pytest.raises(DeviceUnavailable, match="needs max-compute-invocations-per-workgroup"):
+        device.check_kernel(kernel((64, 64, 1)))
+    with pytest.raises(DeviceUnavailable, match="needs max-compute-workgroup-storage-size"):
+        device.check_kernel(kernel(shared=lim["max-compute-workgroup-storage-size"] + 4))
+    with pytest.raises(DeviceUnavailable, match="exceeds max-buffer-size"):
+        device.allocate(lim["max-buffer-size"] + 16)
+    device.features.discard("shader-f16")
+    with pytest.raises(DeviceUnavailable, match="lacks the shader-f16 feature"):
+        device.check_kernel(kernel(wgsl="enable f16;\n"))
+    with pytest.raises(ValueError, match="beyond 32 bits"):
+        device.upload(np.array([2**40], dtype=np.int64))
+
+
+def test_wgsl_nonfinite_literals_and_unscheduled_functions():
+    fixed = webgpu._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
+    assert "-tvm_inf()" in fixed and "tvm_nan()" in fixed and "inffy" in fixed and "inff;" not in fixed
+    import tvm
+    from tvm import te
+    a = te.placeholder((8,), "float32", name="a")
+    b = te.compute((8,), lambda i: a[i] * 2.0, name="b")
+    unscheduled = tvm.IRModule({"f": te.create_prim_func([a, b]).with_attr("global_symbol", "f")})
+    with pytest.raises(BuildError, match="no GPU schedule for f"):
+        webgpu.compile_webgpu(unscheduled)
+
+
+# -- cuda -------------------------------------------------------------------------------------------
+
+
+def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
+    path, _, _, manifest = cuda_artifact
+    assert {"kernels.so", "kernels.cu"} <= set(os.listdir(path))
+    assert manifest["target"] == "cuda" and manifest["target_info"]["arch"] == gpu.DEFAULT_ARCH
+    source = open(os.path.join(path, "kernels.cu")).read()
+    names = gpu.kernel_names(source)
+    for kernel in manifest["kernels"]:  # every kernel has at least one device kernel
+        assert f"{kernel['name']}_kernel" in names, kernel
+    with open(os.path.join(path, "manifest.json")) as f:
+        assert json.load(f)["files"]["kernels.cu"]["bytes"] == len(source.encode())
+
+
+@needs_nvcc
+def test_cuda_source_compiles_with_nvcc_for_another_arch(tmp_path):
+    dumped = tmp_path / "k.cu"
+    r = CliRunner().invoke(COMMAND["build"], ["encoder-tiny", "--target", "cuda", "--arch", "sm_90",
+                                              "-o", str(tmp_path / "a"), "--dump-source", str(dumped)])
+    assert r.exit_code == 0, r.output
+    with open(tmp_path / "a" / "manifest.json") as f:
+        manifest = json.load(f)
+    assert manifest["target"] == "cuda:sm_90" and manifest["target_info"]["nvcc_checked"] is True
+    source = dumped.read_text()
+    assert source == (tmp_path / "a" / "kernels.cu").read_text()
+    ptx = gpu.check_cuda_source(source, "sm_90").decode()
+    assert ".target sm_90" in ptx and ptx.count(".entry") == len(gpu.kernel_names(source))
+    with pytest.raises(BuildError, match="nvcc could not compile"):
+        gpu.check_cuda_source(source + "\nthis is not CUDA;\n", "sm_90")
+
+
+@pytest.mark.skipif(CUDA_PROBLEM is None, reason="a CUDA GPU is present: the numerics test runs instead")
+def test_cuda_artifact_without_a_gpu_is_a_clear_error(cuda_artifact):
+    path, g, _, _ = cuda_artifact
+    with pytest.raises(DeviceUnavailable, match="cannot run a CUDA build here"):
+        api.load(path)
+    r = CliRunner().invoke(COMMAND["verify"], [path])
+    assert r.exit_code != 0 and "cannot run a CUDA build here" in r.output
+    compiled = api.compile("encoder-tiny", target="cuda")  # compiles without the GPU ...
+    with pytest.raises(DeviceUnavailable, match="cannot run a CUDA build here"):  # ... and says why it cannot run
+        compiled(example(compiled.graph, seed=1))
+
+
+@pytest.mark.skipif(CUDA_PROBLEM is not None, reason=f"CUDA numerics need a CUDA GPU: {CUDA_PROBLEM}")
+@pytest.mark.parametrize("name", SMALL)
+def test_cuda_build_verifies_against_the_interpreter(name, tmp_path):
+    """Runs only on a machine with a CUDA GPU (untested where this file was written)."""
+    path = str(tmp_path / name)
+    api.build(name, out_dir=path, target="cuda")
+    report = api.verify(path, per_node=True)
+    assert report.ok, report.format()
+
+
+# -- the whole zoo ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cuda", "vulkan"])
+def test_every_zoo_model_compiles(target, tmp_path):
+    """Compile only (about 45 s per target on 2 cores with an empty compile cache)."""
+    for name in ag.models.names():
+        manifest = api.build(name, out_dir=str(tmp_path / name), target=target)
+        assert manifest["kernel_plan"], name
