@@ -149,7 +149,7 @@ def test_vulkan_artifact_runs_with_tvm_runtime_only(vulkan_artifacts, tmp_path):
             "print('compiler loaded' if 'libtvm_compiler' in maps else 'runtime only')")
     env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
     out = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
-                         capture_output=True, text=True, env=env, timeout=300)
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "runtime only"
     with np.load(tmp_path / "y.npz") as y:
@@ -199,7 +199,8 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
     path, _, _, manifest = cuda_artifact
     assert {"kernels.so", "kernels.cu"} <= set(os.listdir(path))
     assert manifest["target"] == "cuda" and manifest["target_info"]["arch"] == gpu.DEFAULT_ARCH
-    source = open(os.path.join(path, "kernels.cu")).read()
+    with open(os.path.join(path, "kernels.cu")) as f:
+        source = f.read()
     names = gpu.kernel_names(source)
     for kernel in manifest["kernels"]:  # every kernel has at least one device kernel
         assert f"{kernel['name']}_kernel" in names, kernel
@@ -226,7 +227,7 @@ def test_cuda_source_compiles_with_nvcc_for_another_arch(tmp_path):
 
 @pytest.mark.skipif(CUDA_PROBLEM is None, reason="a CUDA GPU is present: the numerics test runs instead")
 def test_cuda_artifact_without_a_gpu_is_a_clear_error(cuda_artifact):
-    path, g, _, _ = cuda_artifact
+    path = cuda_artifact[0]
     with pytest.raises(DeviceUnavailable, match="cannot run a CUDA build here"):
         api.load(path)
     r = CliRunner().invoke(COMMAND["verify"], [path])

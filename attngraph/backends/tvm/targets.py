@@ -10,8 +10,8 @@ and ``vulkan``.  The build, the cache, the artifact and the executor serve every
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .. import BuildError, DeviceUnavailable
 

@@ -190,7 +190,7 @@ class WebGPUModule:
 _BINDING = re.compile(r"@group\(0\) @binding\((\d+)\) var<storage, (read|read_write)> (\w+) : array<(\w+)>;")
 _WORKGROUP = re.compile(r"@workgroup_size\((\d+), (\d+), (\d+)\)")
 _SHARED = re.compile(r"var<workgroup> \w+ : array<(\w+), (\d+)>;")
-_SECTION = re.compile(r"^// Function: (\S+)\n//-+\n", re.M)
+_SECTION = re.compile(r"^// Function: (\S+)\n//-+\n", re.MULTILINE)
 
 
 def _split_wgsl(source: str) -> dict[str, str]:
@@ -219,9 +219,9 @@ def _fix_wgsl(wgsl: str) -> str:
 
 
 def _parse_kernel(name: str, wgsl: str) -> Kernel:
-    buffers = [[m[3][:-4] if m[3].endswith("_ptr") else m[3], _WGSL_TYPES.get(m[4], m[4]), m[2] == "read_write"]
+    buffers = [[m[3].removesuffix("_ptr"), _WGSL_TYPES.get(m[4], m[4]), m[2] == "read_write"]
                for m in sorted(_BINDING.finditer(wgsl), key=lambda m: int(m[1]))]
-    struct = re.search(r"struct PODArgs \{(.*?)\}", wgsl, re.S)
+    struct = re.search(r"struct PODArgs \{(.*?)\}", wgsl, re.DOTALL)
     fields = re.findall(r"(\w+): (\w+)", struct[1]) if struct else []
     if not fields or fields[-1][0] != "packGridDimX":
         raise BuildError(f"kernel {name}: unexpected WGSL uniform layout (no trailing packGridDimX)")
@@ -494,7 +494,7 @@ class WgpuDevice:
             if limit in lim and value > lim[limit]:
                 raise GPUUnavailable(f"kernel {kernel.name} needs {limit} = {value}, but the Vulkan device "
                                      f"{self.name} allows {lim[limit]}")
-        if re.search(r"^\s*enable f16;", kernel.wgsl, re.M) and "shader-f16" not in self.features:
+        if re.search(r"^\s*enable f16;", kernel.wgsl, re.MULTILINE) and "shader-f16" not in self.features:
             raise GPUUnavailable(f"kernel {kernel.name} computes in float16, but the Vulkan device {self.name} "
                                  f"lacks the shader-f16 feature")
 

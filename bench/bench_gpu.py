@@ -1,0 +1,166 @@
+"""GPU speed of attngraph's cuda build against PyTorch eager (its encoder fast path, attention through
+scaled_dot_product_attention) and torch.compile, on the same weights and inputs.
+
+    python bench/bench_gpu.py                                   # both models, batch 8 x seq 512
+    python bench/bench_gpu.py --model bert-size --case 1x128 --repeat 50
+
+Models: the transformer-base encoder (6 layers, d 512, FFN 2048, 8 heads) and a BERT-size encoder
+(6 layers, d 384, FFN 1536, 12 heads); post-LN, ReLU, float32.  For each case: every engine's median
+time per forward pass and attngraph's ratio to each peer (below 1.0: attngraph is faster).  The
+attngraph call takes and returns NumPy arrays, so its time includes copying the input to the GPU and
+the output back; the peers are timed both with tensors already on the GPU and with the same copies
+("+copies"), and the ratios use the "+copies" figures.  Then the fused attention kernel alone (TVM's
+time_evaluator on the GPU): its time and TFLOP/s against the H100's float32 peak (67 TFLOP/s on
+CUDA cores, SXM; attngraph's kernels do not use tensor cores) and, for scale, the dense TF32
+tensor-core peak (495 TFLOP/s).
+
+It refuses to run without a CUDA GPU, TVM's CUDA runtime, and a CUDA build of PyTorch, and says which
+is missing.  UNTESTED: written on a machine without a GPU; it has never been run.  The attngraph
+side (build for cuda, kernel names, flop count) was exercised there only up to the point where the
+GPU is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import click
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+#: name -> (d_model, heads, d_ff, layers)
+MODELS = {
+    "transformer-base-encoder": (512, 8, 2048, 6),
+    "bert-size": (384, 12, 1536, 6),
+}
+CASES = ((8, 512),)
+#: H100 SXM peaks (dense): float32 on CUDA cores, TF32 on tensor cores.
+H100_FP32_TFLOPS = 67.0
+H100_TF32_TFLOPS = 495.0
+
+
+def gpu_problem() -> str | None:
+    """Why this benchmark cannot run here, or None."""
+    try:
+        import cuda.bindings  # noqa: F401 - NVRTC, TVM's default compiler for the stored CUDA source
+    except ImportError:
+        if shutil.which("nvcc"):
+            os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    from attngraph.backends.tvm.gpu import cuda_runtime_problem
+    problem = cuda_runtime_problem()
+    if problem:
+        return f"attngraph's cuda target cannot run here: {problem}"
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return f"this PyTorch ({torch.__version__}) has no usable CUDA device (a CPU build, or no GPU visible)"
+    return None
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def attention_kernel(compiled, inputs, repeat: int):
+    """(kernel name, seconds, flops) of the first fused attention kernel at these inputs, timed alone
+    on the GPU by TVM's time_evaluator on random operands of its shapes."""
+    import tvm
+
+    from attngraph.backends.tvm.executor import flops
+    from attngraph.inputs import bind_dims
+    g = compiled.graph
+    dims = bind_dims(g.input_types(), inputs)
+    step = next((s for s in compiled.steps if s.kind == "kernel" and g.node(s.node).op == "fused_attention"), None)
+    if step is None:
+        return None
+    n = g.node(step.node)
+    shapes = [g.node(o).type.concrete(dims) for o in step.operands]
+    rng = np.random.default_rng(0)
+    args = [compiled.device.upload(rng.standard_normal(s).astype(g.node(o).type.dtype) if g.node(o).type.is_float
+                                   else np.ones(s, g.node(o).type.dtype)) for s, o in zip(shapes, step.operands)]
+    out = compiled.device.upload(np.empty(n.type.concrete(dims), n.type.dtype))
+    timer = compiled.device.module.time_evaluator(step.kernel, tvm.cuda(0), number=10, repeat=repeat)
+    seconds = float(np.median(timer(*args, out, *[dims[d] for d in step.scalars]).results))
+    return step.kernel, seconds, flops(n.op, n.attrs, shapes, n.type.concrete(dims)), shapes
+
+
+def bench_model(name: str, cases, repeat: int) -> None:
+    import torch
+    from bench_models import torch_encoder
+
+    from attngraph import api, init_params
+    from attngraph.models.transformer import TransformerEncoderModel
+    from attngraph.nn import trace
+    major, minor = torch.cuda.get_device_capability()
+    target = f"cuda:sm_{major}{minor}"
+    d, heads, ff, layers = MODELS[name]
+    graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
+    params = init_params(graph, 0, perturb=True)
+    start = time.perf_counter()
+    compiled = api.compile(graph, params, target=target, opt_level=3)
+    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layers; attngraph -O3 for {target}: "
+          f"build {time.perf_counter() - start:.1f} s, {len(compiled.kernels.specs)} distinct kernels, "
+          f"{compiled.kernel_count} calls; GPU {torch.cuda.get_device_name()}")
+    enc = torch_encoder(params, d, heads, ff, layers).cuda()
+    with torch.no_grad():
+        compiled_torch = torch.compile(enc)
+        for batch, seq in cases:
+            x = np.random.default_rng(1).standard_normal((batch, seq, d)).astype(np.float32)
+            xt = torch.from_numpy(x).cuda()
+            want = enc(xt).cpu().numpy()
+            got = compiled({"x": x})["y"]
+            ms = {
+                "attngraph": median_ms(lambda x=x: compiled({"x": x}), repeat),
+                "torch": median_ms(lambda xt=xt: enc(xt), repeat),
+                "torch+copies": median_ms(lambda x=x: enc(torch.from_numpy(x).cuda()).cpu(), repeat),
+                "torch.compile": median_ms(lambda xt=xt: compiled_torch(xt), repeat),
+                "torch.compile+copies": median_ms(lambda x=x: compiled_torch(torch.from_numpy(x).cuda()).cpu(),
+                                                  repeat),
+            }
+            cells = "  ".join(f"{e} {t:8.2f} ms" for e, t in ms.items())
+            ratios = ", ".join(f"vs {e} {ms['attngraph'] / ms[e]:.2f}" for e in ("torch+copies", "torch.compile+copies"))
+            print(f"batch {batch} seq {seq}: {cells}\n  attngraph ratio (attngraph / peer) {ratios}; "
+                  f"max |attngraph - torch| {np.abs(got - want).max():.1e}", flush=True)
+            kernel = attention_kernel(compiled, {"x": x}, repeat)
+            if kernel is None:
+                print("  no fused attention kernel in this build")
+                continue
+            kname, seconds, work, shapes = kernel
+            tflops = work / seconds / 1e12
+            print(f"  attention kernel {kname} on {shapes[0]}: {seconds * 1e3:.3f} ms, {tflops:.2f} TFLOP/s = "
+                  f"{tflops / H100_FP32_TFLOPS:.1%} of the H100 float32 peak ({H100_FP32_TFLOPS:.0f}), "
+                  f"{tflops / H100_TF32_TFLOPS:.1%} of its TF32 tensor-core peak ({H100_TF32_TFLOPS:.0f})")
+
+
+@click.command()
+@click.option("--model", "model_names", multiple=True, type=click.Choice(list(MODELS)), help="Default: both.")
+@click.option("--case", "case_names", multiple=True, metavar="BxS", help="batch x sequence (default 8x512).")
+@click.option("--repeat", default=20, show_default=True)
+def main(model_names, case_names, repeat):
+    """Benchmark attngraph's cuda build against PyTorch eager (SDPA) and torch.compile on a GPU."""
+    problem = gpu_problem()
+    if problem:
+        raise click.ClickException(f"bench_gpu.py needs a CUDA GPU: {problem}")
+    cases = [tuple(int(v) for v in c.split("x")) for c in case_names] or list(CASES)
+    for name in model_names or MODELS:
+        bench_model(name, cases, repeat)
+
+
+if __name__ == "__main__":
+    main()
