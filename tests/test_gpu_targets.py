@@ -180,6 +180,59 @@ def test_vulkan_device_limits_and_features_are_clear_errors():
         device.upload(np.array([2**40], dtype=np.int64))
 
 
+@pytest.fixture(scope="module")
+def attention_specs():
+    from attngraph.backends.tvm.build import plan_kernels
+    from attngraph.passes import optimize
+    g, _ = optimize(ag.models.load_graph("transformer-tiny"), 3)
+    return [s for s in plan_kernels(g)[0] if s.op == "fused_attention"]
+
+
+@needs_vulkan
+def test_flash_attention_is_one_kernel_and_matches_the_op_with_fully_masked_rows(attention_specs):
+    """The flash-style attention on the WGSL path: one dispatch with shared-memory tiles, lengths that
+    are not multiples of the tiles, a padding mask that hides every key of one sequence (NaN rows, as
+    in the interpreter), a causal mask."""
+    import tvm
+
+    from attngraph.backends.tvm.build import _finish
+    from attngraph.backends.tvm.gpu_kernels import flash_attention
+    from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.ir.fused import fused_attention
+    rng = np.random.default_rng(0)
+    dv = DimVars()
+    device = None
+    kinds = set()
+    for spec in attention_specs:
+        func = _finish(flash_attention(spec, dv, webgpu.webgpu_target(), narrow_bool=True), spec, dv)
+        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: func}))
+        (launch,) = module.entries[spec.name].launches
+        assert module.kernels[launch.kernel].shared_bytes > 0
+        if device is None:
+            device = webgpu.WgpuDevice(module)
+        device.module = module
+        dims = {"batch": 3, "src_len": 37, "tgt_len": 70}
+        args = [rng.standard_normal([dims.get(d, d) for d in t.shape]).astype(np.float32) for t in spec.in_types[:3]]
+        mask_type, kind = spec.in_types[3], spec.attrs["mask_kinds"][0]
+        kinds.add(kind)
+        if len(mask_type.shape) == 2:  # causal
+            n = dims["tgt_len"]
+            mask = np.tril(np.ones((n, n), bool)) if kind == "keep" else np.triu(np.ones((n, n), bool), 1)
+        else:  # key padding: sequence 0 all padding
+            mask = rng.random([dims.get(d, d) for d in mask_type.shape]) < 0.3
+            mask[0] = kind == "drop"
+        want = fused_attention(*(a.astype(np.float64) for a in args), mask, **spec.attrs)
+        out = device.upload(np.zeros(want.shape, np.float32))
+        device.call(spec.name, [device.upload(a) for a in (*args, mask)] + [out])
+        got = device.download(out)
+        finite = np.isfinite(want)
+        np.testing.assert_array_equal(np.isfinite(got), finite)
+        np.testing.assert_allclose(got[finite], want[finite], rtol=RTOL, atol=ATOL)
+        if len(mask_type.shape) == 4:
+            assert not finite[0].any() and finite[1:].all()
+    assert kinds == {"keep", "drop"}
+
+
 def test_wgsl_nonfinite_literals_and_unscheduled_functions():
     fixed = webgpu._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
     assert "-tvm_inf()" in fixed and "tvm_nan()" in fixed and "inffy" in fixed and "inff;" not in fixed
@@ -206,6 +259,11 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
         assert f"{kernel['name']}_kernel" in names, kernel
     with open(os.path.join(path, "manifest.json")) as f:
         assert json.load(f)["files"]["kernels.cu"]["bytes"] == len(source.encode())
+    for kernel in manifest["kernels"]:  # the flash-style attention: one kernel with shared-memory tiles
+        if kernel["op"] == "fused_attention":
+            assert [n for n in names if n.startswith(kernel["name"] + "_")] == [f"{kernel['name']}_kernel"]
+            body = source.split(f"void __launch_bounds__(64) {kernel['name']}_kernel(")[2]
+            assert "__shared__" in body.split('extern "C"')[0]
 
 
 @needs_nvcc

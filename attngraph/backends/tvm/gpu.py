@@ -247,6 +247,13 @@ def compile_cuda_module(mod, target) -> CudaLibrary:
     return CudaLibrary(executable, source)
 
 
+def cuda_kernel(spec, dv, target):
+    """The ``TargetSpec.hand_kernel`` hook of cuda: the flash-style fused attention (``gpu_kernels``);
+    None for every other kernel (dlight's schedules serve them)."""
+    from .gpu_kernels import flash_attention
+    return flash_attention(spec, dv, target)
+
+
 def cuda_availability():
     """(compile problem, run problem, note) of the cuda target here (``attngraph targets``)."""
     import tvm
@@ -268,7 +275,7 @@ def cuda_spec(arch: str = DEFAULT_ARCH, name: str | None = None) -> TargetSpec:
                 "code": "CUDA C source in kernels.so, compiled when loaded (NVRTC through cuda-bindings, or nvcc "
                         "with TVM_CUDA_COMPILE_MODE=nvcc); kernels.cu is a copy",
                 "nvcc_checked": nvcc_check_enabled()}
-    return TargetSpec(name or f"cuda:{arch}", lambda: cuda_target(arch), schedule_func, None, open_cuda_device,
+    return TargetSpec(name or f"cuda:{arch}", lambda: cuda_target(arch), schedule_func, cuda_kernel, open_cuda_device,
                       compile=compile_cuda_module, kind="cuda", describe=describe, source_file=CUDA_SOURCE,
                       availability=cuda_availability)
 

@@ -377,6 +377,13 @@ def narrow_kernel(spec, dv, target):
     return schedule_func(sch.mod["main"], target)
 
 
+def wgsl_kernel(spec, dv, target):
+    """The ``TargetSpec.hand_kernel`` hook of the vulkan target (WGSL path): the flash-style fused
+    attention (``gpu_kernels``, bool masks read from int32 storage), else ``narrow_kernel``."""
+    from .gpu_kernels import flash_attention
+    return flash_attention(spec, dv, target, narrow_bool=True) or narrow_kernel(spec, dv, target)
+
+
 # -- running on wgpu ----------------------------------------------------------------------------
 
 
@@ -738,7 +745,7 @@ def vulkan_spec() -> TargetSpec:
         return TargetSpec("vulkan", lambda: tvm.target.Target("vulkan", host=llvm_target()), schedule_func, None,
                           _open_spirv_device, describe=lambda: {"path": "spirv", "runtime": "tvm-vulkan"},
                           availability=vulkan_availability)
-    return TargetSpec("vulkan", webgpu_target, schedule_func, narrow_kernel, open_wgsl_device,
+    return TargetSpec("vulkan", webgpu_target, schedule_func, wgsl_kernel, open_wgsl_device,
                       compile=lambda mod, target: compile_webgpu(mod, target), library_name=LIBRARY_NAME,
                       kind="webgpu", describe=_describe_wgsl, availability=vulkan_availability)
 
