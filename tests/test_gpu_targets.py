@@ -290,6 +290,14 @@ def test_cuda_artifact_without_a_gpu_is_a_clear_error(cuda_artifact):
         api.load(path)
     r = CliRunner().invoke(COMMAND["verify"], [path])
     assert r.exit_code != 0 and "cannot run a CUDA build here" in r.output
+    # The same in a deployment process that has TVM's runtime alone.
+    code = ("import sys\nfrom attngraph import api\ntry:\n    api.load(sys.argv[1])\nexcept Exception as e:\n"
+            "    print(type(e).__name__, e)\nprint('compiler loaded' if 'libtvm_compiler' in open('/proc/self/maps').read() "
+            "else 'runtime only')")
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True, timeout=300, check=True,
+                         env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
+    assert out.stdout.splitlines()[-2].startswith("GPUUnavailable cannot run a CUDA build here: ")
+    assert out.stdout.splitlines()[-1] == "runtime only"
     compiled = api.compile("encoder-tiny", target="cuda")  # compiles without the GPU ...
     with pytest.raises(DeviceUnavailable, match="cannot run a CUDA build here"):  # ... and says why it cannot run
         compiled(example(compiled.graph, seed=1))
@@ -303,6 +311,18 @@ def test_cuda_build_verifies_against_the_interpreter(name, tmp_path):
     api.build(name, out_dir=path, target="cuda")
     report = api.verify(path, per_node=True)
     assert report.ok, report.format()
+    # Deployment: a process with TVM's runtime alone gets the same outputs.
+    g = api.load(path).graph
+    x = example(g, seed=6)
+    np.savez(tmp_path / "in.npz", **x)
+    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
+            "np.savez(sys.argv[3], **api.load(sys.argv[1])(x))")
+    subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
+                   check=True, timeout=300, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
+    here = api.load(path)(x)
+    with np.load(tmp_path / "y.npz") as y:
+        for k, v in here.items():
+            np.testing.assert_allclose(y[k], v, rtol=RTOL, atol=ATOL)
 
 
 # -- the whole zoo ------------------------------------------------------------------------------------
