@@ -144,6 +144,13 @@ def test_fused_attention_cross_lengths_and_additive_mask():
     check("fused_attention", {"scale": 0.5}, [q, kv, kv], sizes)
 
 
+def test_fused_attention_float64_one_query_against_a_long_cache():
+    q = T(("batch", 1, 4, 16), "float64")
+    kv = T(("batch", 37, 4, 16), "float64")
+    check("fused_attention", {"scale": 0.25, "mask_kinds": ("keep",), "layout": "bshd"},
+          [q, kv, kv, T((1, 37), "bool")], [{"batch": 1}, {"batch": 3}])
+
+
 def test_batched_matmul_attention_shapes():
     sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 9}]
     q = T(("batch", 2, "seq", 8), "float32")

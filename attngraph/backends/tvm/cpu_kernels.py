@@ -11,13 +11,13 @@ Kernels (float32 and float64):
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
 - batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a
   sum over K of a[k] * b[k, :], vectorized along N.
-- ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm`` and
-  ``fused_attention``: the generic tensor expression scheduled row by row (``rowwise``): rows in
-  parallel (attention: (batch, heads) in parallel, K transposed once per head, query rows inside),
-  every intermediate computed for one row at a time (a score row of attention is the only score
-  storage: the full score matrix never exists), row sums over a static extent in 8 vector lanes,
-  float32 ``exp`` as a vectorizable polynomial.  Attention is row-at-a-time, not yet the tiled
-  online-softmax (flash) form: the score row is O(k_len) per worker.
+- ``linear_packed``: the same over weights packed in column panels when the weights are bound.
+- ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm``: the
+  generic tensor expression scheduled row by row (``rowwise``): rows in parallel, every
+  intermediate computed for one row at a time, row sums over a static extent in 8 vector lanes,
+  float32 ``exp`` as a vectorizable polynomial.
+- ``fused_attention``: blocks of query rows against register-tiled key chunks (``cpu_attention.py``).
+- ``update_slice`` in place (``write_slice``), for caches the executor donates.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"), packed=True, tile_m=PACKED_TILE[0],
                      tile_n=PACKED_TILE[1])
+    if op == "fused_attention":
+        from .cpu_attention import attention
+        return attention(attrs, in_types, out_type, dim_vars)
     if op in ROWWISE and out_type.rank >= 2 and (op != "softmax" and op != "log_softmax"
                                                  or attrs.get("axis", -1) in (-1, out_type.rank - 1)):
         return rowwise(op, attrs, in_types, out_type, dim_vars)
@@ -65,7 +68,7 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
 
 
 # Ops whose every output row depends on one row of the inputs (attention: one query row).
-ROWWISE = ("softmax", "log_softmax", "scaled_masked_softmax", "layer_norm", "add_layer_norm", "fused_attention")
+ROWWISE = ("softmax", "log_softmax", "scaled_masked_softmax", "layer_norm", "add_layer_norm")
 
 
 def _is_dense(in_types) -> bool:
@@ -201,49 +204,29 @@ def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.Pr
 def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
     """The generic lowering of ``op`` scheduled one output row at a time, rows in parallel.
 
-    Every stage before the output is computed at the row loop, so its buffer is one row (for
-    attention, one row of scores: O(k_len) memory per worker instead of the (b, h, q, k) matrix).
-    Pure index stages (layout swaps, the masked scores) are inlined into their readers.
+    Every stage before the output is computed at the row loop, so its buffer is one row.
     """
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
     out = lower(op, attrs, phs, out_type, dim_vars, name="out")
     sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
     stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
-    for name in stages:
-        # Reads of the inputs in another order, and the scaled, masked scores: cheaper to recompute
-        # at the use than to store.
-        if name.endswith("_bhsd") or name == "out_scores" and op == "fused_attention":
-            sch.compute_inline(sch.get_sblock(name))
     for name in stages[:-1]:
-        if _has_block(sch, name) and name not in ("out_qk", "out_pv") and _is_reduction(sch, sch.get_sblock(name)):
+        if _has_block(sch, name) and _is_reduction(sch, sch.get_sblock(name)):
             _split_row_reduction(sch, sch.get_sblock(name))
     last = stages[-1]
-    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]  # the stage writing the output ("out", or "out_pv" for bhsd attention)
+    stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     ob = sch.get_sblock(last)
     loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
-    if op == "fused_attention":
-        # (batch, heads) in parallel, query rows inside: K is transposed once per head (below).
-        b, *mid = loops
-        h, m = (mid[1], mid[0]) if attrs.get("layout") == "bshd" else (mid[0], mid[1])
-        sch.reorder(b, h, m)
-        head = sch.fuse(b, h)
-        sch.parallel(head)
-        row = m
-    else:
-        row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        sch.parallel(row)
+    row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    sch.parallel(row)
     if not _is_reduction(sch, ob):
         _vectorize_static(sch, sch.get_loops(ob)[-1])
     for name in reversed([n for n in stages if _has_block(sch, n) and n != last]):
         blk = sch.get_sblock(name)
         sch.compute_at(blk, row, preserve_unit_loops=True)
-    if op == "fused_attention":
-        _transposed_keys(sch, head, attrs.get("layout", "bhsd"))
     for name in [n for n in stages if _has_block(sch, n)]:
         blk = sch.get_sblock(name)
         inner = sch.get_loops(blk)[-1]
-        if name == "out_qk":
-            continue
         if name.endswith("_rf"):
             # compute_at ordered the loops as the block's iters: lanes, (unit row loops), reduction.
             loops = sch.get_loops(blk)
@@ -253,10 +236,7 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
             sch.reorder(ro, ri)
             sch.vectorize(ri)
             sch.decompose_reduction(blk, ro)
-        elif _is_reduction(sch, blk):
-            if name == "out_pv":
-                _vectorize_weighted_sum(sch, blk)
-        elif name != last:
+        elif name != last and not _is_reduction(sch, blk):
             _vectorize_static(sch, inner)
     func = sch.mod["main"]
     return _with_fast_exp(func) if out_type.dtype == "float32" else func
@@ -303,21 +283,6 @@ def _has_block(sch, name: str) -> bool:
 
 def _is_reduction(sch, block) -> bool:
     return any(v.iter_type == COMM_REDUCE for v in sch.get(block).iter_vars)
-
-
-def _transposed_keys(sch, head, layout: str):
-    """Q K^T with the keys innermost: K copied once per head as (d, k_len), so that every score row
-    is a sum over d of q[r] * K^T[r, :], contiguous along the keys (LLVM vectorizes that loop)."""
-    qk = sch.get_sblock("out_qk")
-    kc = sch.cache_read(qk, _read_index(sch, qk, "in1"), "global")
-    sch.compute_at(kc, head)
-    if layout == "bshd":
-        sch.transform_layout(kc, ("write", 0), lambda b, n, h, r: (b, h, r, n))
-    else:
-        sch.transform_layout(kc, ("write", 0), lambda b, h, n, r: (b, h, r, n))
-    n, r = sch.get_loops(qk)[-2:]
-    sch.reorder(r, n)
-    sch.decompose_reduction(qk, r)
 
 
 def _split_row_reduction(sch, block, lanes: int = 8):

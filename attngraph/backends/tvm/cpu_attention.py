@@ -1,0 +1,173 @@
+"""The fused attention kernel for the CPU: ``softmax(mask(Q K^T * scale)) V`` a block of query rows at a time.
+
+Loop nest, per (batch, head) in parallel:
+
+- K is copied once per head, transposed and in chunks of ``LANES`` keys: ``kt[r, chunk, lane]`` (the
+  last chunk padded by repeating the last key, so every chunk is whole);
+- per block of ``ROWS`` query rows: the scores of the block against every key chunk as a
+  ``ROWS x LANES`` register tile summed over the head dim (the dense kernel's micro-kernel: a key
+  chunk is loaded once for ``ROWS`` queries), scaled and masked; the row maxima; the exponentials
+  (padded keys give exactly 0); the row sums; then ``P V`` as a ``ROWS x head_dim`` tile summed over
+  the keys, divided by the row sums on the way out.
+
+Memory per worker: the transposed keys of one head and ``ROWS`` rows of scores, never the
+(batch, heads, q_len, k_len) matrix.  Query rows past the end (a partial last block) read the last
+row again and are never written.  Both layouts: ``bhsd`` (batch, heads, seq, dim) and ``bshd``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tvm import s_tir, te, tirx
+
+from ...ir import TensorType
+from .lowering import _bcast
+from .shapes import DimVars
+
+#: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers).
+ROWS, LANES = 4, 16
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", v)
+
+
+def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types."""
+    dtype = out_type.dtype
+    bshd = attrs.get("layout", "bhsd") == "bshd"
+    phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
+    Q, K, V, masks = phs[0], phs[1], phs[2], phs[3:]
+    if bshd:
+        b, lq, h, d = Q.shape
+        lk = K.shape[1]
+        dv_ = V.shape[3]
+
+        def q_at(i, j, m, r):
+            return Q[i, m, j, r]
+
+        def k_at(i, j, n, r):
+            return K[i, n, j, r]
+
+        def v_at(i, j, n, c):
+            return V[i, n, j, c]
+    else:
+        b, h, lq, d = Q.shape
+        lk = K.shape[2]
+        dv_ = V.shape[3]
+
+        def q_at(i, j, m, r):
+            return Q[i, j, m, r]
+
+        def k_at(i, j, n, r):
+            return K[i, j, n, r]
+
+        def v_at(i, j, n, c):
+            return V[i, j, n, c]
+
+    rows = lq + (ROWS - 1)  # room for a partial last block (its extra rows read the last query again)
+    chunks = (lk + (LANES - 1)) // LANES
+    last_q, last_k = lq - 1, lk - 1
+    ninf = tirx.const(-math.inf, dtype)
+    zero = tirx.const(0.0, dtype)
+    scale = tirx.const(attrs.get("scale", 1.0), dtype)
+    reads = [_bcast(m, 4) for m in masks]
+
+    def row(m):
+        return tirx.min(m, last_q)
+
+    def key(c, lane):
+        return tirx.min(c * LANES + lane, last_k)
+
+    kt = te.compute((b, h, d, chunks, _i64(LANES)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
+    r = te.reduce_axis((0, d), name="r")
+    acc = te.compute((b, h, rows, chunks, _i64(LANES)),
+                     lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r), name="acc")
+
+    def score(i, j, m, c, lane):  # scaled and masked
+        v = acc[i, j, m, c, lane] * scale
+        m, n = row(m), key(c, lane)
+        for read, kind in zip(reads, attrs.get("mask_kinds", ())):
+            if kind == "additive":
+                v = v + read(i, j, m, n)
+            elif kind == "keep":
+                v = tirx.Select(read(i, j, m, n), v, ninf)
+            else:
+                v = tirx.Select(read(i, j, m, n), ninf, v)
+        return tirx.Select(c * LANES + lane < lk, v, ninf)
+
+    s = te.compute(acc.shape, score, name="s")
+    # Row max and row sum in two steps, each vectorized: over the chunks lane by lane, then over the lanes.
+    c1 = te.reduce_axis((0, chunks), name="c1")
+    mx_lanes = te.compute((b, h, rows, _i64(LANES)), lambda i, j, m, lane: te.max(s[i, j, m, c1, lane], axis=c1),
+                          name="mx_lanes")
+    l1 = te.reduce_axis((0, LANES), name="l1")
+    mx = te.compute((b, h, rows), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
+    e = te.compute(acc.shape, lambda i, j, m, c, lane: tirx.Select(
+        c * LANES + lane < lk, te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero), name="e")
+    c2 = te.reduce_axis((0, chunks), name="c2")
+    sm_lanes = te.compute((b, h, rows, _i64(LANES)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
+                          name="sm_lanes")
+    l2 = te.reduce_axis((0, LANES), name="l2")
+    sm = te.compute(mx.shape, lambda i, j, m: te.sum(sm_lanes[i, j, m, l2], axis=l2), name="sm")
+    c3 = te.reduce_axis((0, chunks), name="c3")
+    l3 = te.reduce_axis((0, LANES), name="l3")
+    o = te.compute((b, h, rows, dv_),
+                   lambda i, j, m, x: te.sum(e[i, j, m, c3, l3] * v_at(i, j, key(c3, l3), x), axis=[c3, l3]), name="o")
+    if bshd:
+        out = te.compute((b, lq, h, dv_), lambda i, m, j, x: o[i, j, m, x] / sm[i, j, m], name="out")
+    else:
+        out = te.compute((b, h, lq, dv_), lambda i, j, m, x: o[i, j, m, x] / sm[i, j, m], name="out")
+
+    sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
+    ob = sch.get_sblock("out")
+    if bshd:
+        i, m, j, x = sch.get_loops(ob)
+        sch.reorder(i, j, m, x)
+    else:
+        i, j, m, x = sch.get_loops(ob)
+    head = sch.fuse(i, j)
+    sch.parallel(head)
+    mo, mi = sch.split(m, [None, ROWS])
+    stages = ("o", "sm", "sm_lanes", "e", "mx", "mx_lanes", "s")
+    for name in stages:
+        sch.compute_at(sch.get_sblock(name), mo)
+    for name in stages[1:]:
+        sch.set_scope(sch.get_sblock(name), 0, "global")
+    # Scores: for each key chunk, a ROWS x LANES register tile accumulated over the head dim, then
+    # scaled and masked on the way to memory.
+    sb = sch.get_sblock("s")
+    s_mi, s_c, s_l = sch.get_loops(sb)[-3:]
+    sch.reorder(s_c, s_mi, s_l)
+    sch.vectorize(s_l)
+    ab = sch.get_sblock("acc")
+    sch.compute_at(ab, s_c)
+    sch.set_scope(ab, 0, "local")
+    a_mi, a_l, a_r = sch.get_loops(ab)[-3:]
+    sch.reorder(a_r, a_mi, a_l)
+    sch.unroll(a_mi)
+    sch.vectorize(a_l)
+    sch.decompose_reduction(ab, a_r)
+    sch.compute_at(sch.get_sblock("kt"), head)
+    eb = sch.get_sblock("e")
+    sch.vectorize(sch.get_loops(eb)[-1])
+    for name in ("mx_lanes", "sm_lanes"):  # rows, lanes, chunks -> rows, chunks, lanes (vector)
+        blk = sch.get_sblock(name)
+        lane, chunk = sch.get_loops(blk)[-2:]
+        sch.reorder(chunk, lane)
+        sch.vectorize(lane)
+        sch.decompose_reduction(blk, chunk)
+    # P V: keys outside, a ROWS x head_dim register tile inside.
+    pb = sch.get_sblock("o")
+    sch.set_scope(pb, 0, "local")
+    p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]
+    sch.reorder(p_c, p_l, p_mi, p_x)
+    sch.unroll(p_mi)
+    sch.vectorize(p_x)
+    sch.decompose_reduction(pb, p_c)
+    kb = sch.get_sblock("kt")
+    sch.vectorize(sch.get_loops(kb)[-1])
+    from .cpu_kernels import _with_fast_exp
+    func = sch.mod["main"]
+    return _with_fast_exp(func) if dtype == "float32" else func
