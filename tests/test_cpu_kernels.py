@@ -110,6 +110,11 @@ def test_softmax_rows(op):
     check(op, {"axis": -1}, [T(("batch", 4, "seq", "seq"), "float32")], ROWS)
 
 
+def test_log_softmax_over_a_vocabulary_row_compiles_and_matches():
+    # One vector of 37000 lanes would not compile: long rows are vectorized in chunks.
+    check("log_softmax", {"axis": -1}, [T(("batch", 3, 37000), "float32")], [{"batch": 2}])
+
+
 def test_scaled_masked_softmax_with_every_mask_kind():
     scores = T(("batch", 2, "seq", "seq"), "float32")
     masks = [T(("seq", "seq"), "float32"), T(("batch", 1, 1, "seq"), "bool"), T((1, 1, "seq", "seq"), "bool")]

@@ -298,9 +298,17 @@ def _split_row_reduction(sch, block, lanes: int = 8):
 
 def _vectorize_static(sch, loop):
     """Vectorize ``loop`` when its extent is static (TVM cannot vectorize a symbolic extent for x86;
-    LLVM's own loop vectorizer still sees those loops)."""
-    if isinstance(sch.get(loop).extent, tirx.IntImm):
+    LLVM's own loop vectorizer still sees those loops).  A long loop is vectorized in chunks of 16
+    (or 8, 4) lanes: one vector of 37000 lanes (a vocabulary row) does not compile."""
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tirx.IntImm):
+        return
+    if extent.value <= 64:
         sch.vectorize(loop)
+        return
+    lanes = next((n for n in (16, 8, 4) if extent.value % n == 0), None)
+    if lanes is not None:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
 def _vectorize_weighted_sum(sch, block):
