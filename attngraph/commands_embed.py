@@ -20,7 +20,7 @@ from .cli_common import user_errors
 @click.option("--max-length", type=int, default=None,
               help="Truncate sentences to this many tokens (default: the model's, 256 for minilm-l6).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--output", "output_path", type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the embeddings, (sentences, dim) float32, to this .npy.")
 @user_errors
 def embed(sentences, model, file_, target, opt_level, max_length, batch_size, output_path):

@@ -230,9 +230,10 @@ def import_hf_bert(tensors: Mapping[str, np.ndarray], model: BertModel, source: 
         if dsl is None or dsl not in specs:
             problems.append(f"unexpected tensor {name!r} (no parameter of the model takes it)")
             continue
-        if dsl in out:
+        if dsl in origin:
             problems.append(f"tensors {origin[dsl]!r} and {name!r} both map to {dsl!r}")
             continue
+        origin[dsl] = name
         value = np.asarray(value)
         want = specs[dsl].shape
         hf_shape = want[::-1] if _transposed(dsl) else want
@@ -243,9 +244,8 @@ def import_hf_bert(tensors: Mapping[str, np.ndarray], model: BertModel, source: 
             problems.append(f"tensor {name!r} (-> {dsl}) has dtype {value.dtype}, expected a float type")
             continue
         out[dsl] = np.ascontiguousarray(value.T if _transposed(dsl) else value, dtype=specs[dsl].dtype)
-        origin[dsl] = name
     for dsl in specs:
-        if dsl not in out:
+        if dsl not in origin:
             problems.append(f"missing tensor for {dsl!r} (expected {_hf_name(dsl)!r} of shape "
                             f"{tuple(specs[dsl].shape[::-1] if _transposed(dsl) else specs[dsl].shape)})")
     if problems:
