@@ -329,9 +329,29 @@ def test_cuda_build_verifies_against_the_interpreter(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("target", ["cuda", "vulkan"])
-def test_every_zoo_model_compiles(target, tmp_path):
-    """Compile only (about 45 s per target on 2 cores with an empty compile cache)."""
+def test_every_zoo_model_compiles_for_cuda(tmp_path):
+    """Compile only, with the nvcc check of the source where nvcc is (about 2 minutes on 2 cores with
+    an empty compile cache)."""
     for name in ag.models.names():
-        manifest = api.build(name, out_dir=str(tmp_path / name), target=target)
-        assert manifest["kernel_plan"], name
+        manifest = api.build(name, out_dir=str(tmp_path / name), target="cuda")
+        assert manifest["kernel_plan"] and os.path.isfile(tmp_path / name / "kernels.cu"), name
+
+
+@pytest.mark.slow
+@needs_vulkan
+def test_every_zoo_model_compiles_for_vulkan_and_verifies_where_its_weights_fit(tmp_path):
+    """Every model compiles; every model verifies on this Vulkan device, except where a weight is
+    larger than one storage binding may be (lavapipe: 128 MiB; gpt-small's and transformer-big's
+    embeddings are larger), which must be the clear error naming the limit.  About 2 minutes."""
+    limit = webgpu.WgpuDevice(None).limits["max-storage-buffer-binding-size"]
+    for name in ag.models.names():
+        path = str(tmp_path / name)
+        api.build(name, out_dir=path, target="vulkan")
+        g = ag.models.load_graph(name)
+        largest = max(int(np.prod(g.node(n).type.concrete({}))) * 4 for n in g.nx.nodes if g.node(n).op == "param")
+        if largest > limit:
+            with pytest.raises(DeviceUnavailable, match="exceeds max-storage-buffer-binding-size"):
+                api.verify(path)
+            continue
+        report = api.verify(path)
+        assert report.ok, report.format()
