@@ -14,8 +14,9 @@ tvm = pytest.importorskip("tvm")
 from conftest import TOLERANCE  # noqa: E402
 
 from attngraph.backends.tvm.build import llvm_target  # noqa: E402
-from attngraph.backends.tvm.cpu_kernels import cpu_kernel  # noqa: E402
+from attngraph.backends.tvm.cpu_kernels import cpu_kernel, kernel_forms  # noqa: E402
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
+from attngraph.backends.tvm.targets import FEW_ROWS  # noqa: E402
 from attngraph.ir import TensorType  # noqa: E402
 from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
@@ -23,12 +24,15 @@ from attngraph.ir import ops as O  # noqa: E402
 TARGET = llvm_target()
 
 
-def build(op: str, attrs: dict, in_types: list[TensorType]):
-    """(compiled function, output type, full attrs) for the scheduled kernel of ``op``."""
+def build(op: str, attrs: dict, in_types: list[TensorType], form: str | None = None):
+    """(compiled function, output type, full attrs) for the scheduled kernel of ``op`` (or its ``form``)."""
     opdef = O.get(op)
     attrs = {**opdef.defaults, **attrs}
     out_type = opdef.infer(in_types, attrs)
-    f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), TARGET)
+    if form is None:
+        f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), TARGET)
+    else:
+        f = kernel_forms(op, attrs, in_types, out_type, DimVars()).get(form)
     assert f is not None, f"no scheduled kernel for {op} {in_types}"
     ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=TARGET)
     return ex["k"], out_type, attrs
@@ -41,9 +45,9 @@ def random(t: TensorType, sizes: dict, rng) -> np.ndarray:
     return rng.standard_normal(shape).astype(t.dtype)
 
 
-def check(op: str, attrs: dict, in_types: list[TensorType], size_list: list[dict], seed=0):
+def check(op: str, attrs: dict, in_types: list[TensorType], size_list: list[dict], seed=0, form=None):
     """Run the kernel at every binding in ``size_list`` and compare with the float64 reference."""
-    fn, out_type, attrs = build(op, attrs, in_types)
+    fn, out_type, attrs = build(op, attrs, in_types, form)
     rtol, atol = TOLERANCE[out_type.dtype]
     rng = np.random.default_rng(seed)
     for sizes in size_list:
@@ -165,3 +169,17 @@ def test_batched_matmul_attention_shapes():
     check("matmul", {}, [p, q], sizes)    # P @ V: N = head dim, static
     # Broadcast batch dims and a symbolic right operand.
     check("matmul", {}, [T(("batch", 1, "seq", 8), "float32"), T((2, 8, "seq"), "float32")], sizes)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_few_rows_forms_match(layout):
+    # The decode-step forms (one query row at a time; a 2 x 32 projection tile) at any row count.
+    q = T(("batch", 2, "tgt", 16) if layout == "bhsd" else ("batch", "tgt", 2, 16), "float32")
+    kv = T(("batch", 2, 19, 16) if layout == "bhsd" else ("batch", 19, 2, 16), "float32")
+    sizes = [{"batch": 1, "tgt": 1}, {"batch": 2, "tgt": 5}]
+    check("fused_attention", {"scale": 0.25, "mask_kinds": ("keep",), "layout": layout},
+          [q, kv, kv, T(("tgt", 19), "bool")], sizes, form=FEW_ROWS)
+    x = T(("batch", "tgt", 24), "float32")
+    w = T((3, 24, 16), "float32")  # 40 columns in panels of 16
+    check("linear_packed", {"n": 40, "activation": "relu"}, [x, w, T((40,), "float32")], sizes, form=FEW_ROWS)
+    check("linear_packed", {"n": 40}, [x, w], sizes)

@@ -36,6 +36,15 @@ def test_transformer_tiny_any_length_one_build(tiny_compiled, dims):
     check(model, example(model.graph, seed=1, **dims), params)
 
 
+def test_projections_have_a_few_rows_form_used_at_one_token(tiny_compiled):
+    model, params = tiny_compiled
+    assert model.few_rows  # the packed projections (llvm) carry a 2 x 32 tile form for decode-sized inputs
+    x = example(model.graph, seed=2, batch=1, src_len=1, tgt_len=1)
+    _, _, kernels = model._frame({"batch": 1, "src_len": 1, "tgt_len": 1})
+    assert any(name.endswith("__few") for name in kernels.values())
+    check(model, x, params)
+
+
 def test_o3_build_has_fewer_kernels():
     g = ag.models.load_graph("encoder-tiny")
     o3, _ = passes.optimize(g, 3)

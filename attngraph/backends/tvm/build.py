@@ -27,7 +27,7 @@ from .executor import CompiledModel
 from .lowering import lower
 from .progress import Progress
 from .shapes import DimVars, scalar_dims
-from .targets import IN_PLACE, TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
+from .targets import TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
 
 __all__ = ["TARGETS", "KernelSpec", "Kernels", "build_kernels", "compile_graph", "ensure_threads", "generic_func",
            "kernel_func", "kernel_nodes", "llvm_target", "plan_kernels", "resolve_target"]
@@ -184,9 +184,8 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
             if func is not None:
                 hand.add(spec.name)
             funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv, tgt), spec, dv)
-            in_place = tspec.in_place_kernel(spec, dv, tgt) if tspec.in_place_kernel else None
-            if in_place is not None:
-                funcs[spec.name + IN_PLACE] = _finish(in_place, spec, dv).with_attr("global_symbol", spec.name + IN_PLACE)
+            for suffix, form in (tspec.kernel_forms(spec, dv, tgt) if tspec.kernel_forms and not generic else {}).items():
+                funcs[spec.name + suffix] = _finish(form, spec, dv).with_attr("global_symbol", spec.name + suffix)
             for sizes, name in kernels.variants.get(spec.name, ()):
                 funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
         except BuildError:

@@ -17,9 +17,9 @@ import tempfile
 
 import numpy as np
 
-#: The files whose code decides what a kernel compiles to; editing one invalidates the cache.
-_CODE_FILES = ("lowering.py", "schedule.py", "cpu_kernels.py", "shapes.py", "build.py", "targets.py", "gpu.py",
-               "gpu_kernels.py", "webgpu.py")
+#: The code that decides what a kernel compiles to: every module of this package (lowering,
+#: schedules, hand kernels, targets); editing one invalidates the cache.
+_CODE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def cache_root() -> str | None:
@@ -44,11 +44,9 @@ def _canonical(value):
 def code_fingerprint() -> str:
     import tvm
     h = hashlib.sha256(tvm.__version__.encode())
-    here = os.path.dirname(os.path.abspath(__file__))
-    for name in _CODE_FILES:
-        path = os.path.join(here, name)
-        if os.path.exists(path):
-            with open(path, "rb") as f:
+    for name in sorted(os.listdir(_CODE_DIR)):
+        if name.endswith(".py"):
+            with open(os.path.join(_CODE_DIR, name), "rb") as f:
                 h.update(name.encode() + f.read())
     return h.hexdigest()
 

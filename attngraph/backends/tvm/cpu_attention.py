@@ -33,8 +33,10 @@ def _i64(v: int):
     return tirx.IntImm("int64", v)
 
 
-def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
-    """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types."""
+def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
+              block: int = ROWS) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types, ``block``
+    query rows at a time (1: the few-rows form, for a decode step's single query)."""
     dtype = out_type.dtype
     bshd = attrs.get("layout", "bhsd") == "bshd"
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
@@ -66,7 +68,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         def v_at(i, j, n, c):
             return V[i, j, n, c]
 
-    rows = lq + (ROWS - 1)  # room for a partial last block (its extra rows read the last query again)
+    rows = lq + (block - 1)  # room for a partial last block (its extra rows read the last query again)
     chunks = (lk + (LANES - 1)) // LANES
     last_q, last_k = lq - 1, lk - 1
     ninf = tirx.const(-math.inf, dtype)
@@ -80,10 +82,16 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     def key(c, lane):
         return tirx.min(c * LANES + lane, last_k)
 
-    kt = te.compute((b, h, d, chunks, _i64(LANES)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
     r = te.reduce_axis((0, d), name="r")
-    acc = te.compute((b, h, rows, chunks, _i64(LANES)),
-                     lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r), name="acc")
+    if block > 1:  # K transposed once per head, reused by every block of queries
+        kt = te.compute((b, h, d, chunks, _i64(LANES)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
+        acc = te.compute((b, h, rows, chunks, _i64(LANES)),
+                         lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r),
+                         name="acc")
+    else:  # one query: a dot product per key, along K's contiguous head dim (a transpose would cost as much)
+        acc = te.compute((b, h, rows, chunks, _i64(LANES)),
+                         lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * k_at(i, j, key(c, lane), r), axis=r),
+                         name="acc")
 
     def score(i, j, m, c, lane):  # scaled and masked
         v = acc[i, j, m, c, lane] * scale
@@ -129,10 +137,10 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         i, j, m, x = sch.get_loops(ob)
     head = sch.fuse(i, j)
     sch.parallel(head)
-    mo, mi = sch.split(m, [None, ROWS])
+    mo, mi = sch.split(m, [None, block])
     stages = ("o", "sm", "sm_lanes", "e", "mx", "mx_lanes", "s")
     for name in stages:
-        sch.compute_at(sch.get_sblock(name), mo)
+        sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
     for name in stages[1:]:
         sch.set_scope(sch.get_sblock(name), 0, "global")
     # Scores: for each key chunk, a ROWS x LANES register tile accumulated over the head dim, then
@@ -142,14 +150,27 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.reorder(s_c, s_mi, s_l)
     sch.vectorize(s_l)
     ab = sch.get_sblock("acc")
-    sch.compute_at(ab, s_c)
+    sch.compute_at(ab, s_c, preserve_unit_loops=True)
     sch.set_scope(ab, 0, "local")
     a_mi, a_l, a_r = sch.get_loops(ab)[-3:]
-    sch.reorder(a_r, a_mi, a_l)
-    sch.unroll(a_mi)
-    sch.vectorize(a_l)
-    sch.decompose_reduction(ab, a_r)
-    sch.compute_at(sch.get_sblock("kt"), head)
+    if block > 1:
+        sch.reorder(a_r, a_mi, a_l)
+        sch.unroll(a_mi)
+        sch.vectorize(a_l)
+        sch.decompose_reduction(ab, a_r)
+        sch.compute_at(sch.get_sblock("kt"), head)
+        sch.vectorize(sch.get_loops(sch.get_sblock("kt"))[-1])
+    elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
+        _, lanes = sch.split(a_r, [None, 8])
+        rf = sch.rfactor(lanes, factor_axis=0)
+        sch.compute_at(rf, s_c, preserve_unit_loops=True)
+        sch.set_scope(rf, 0, "local")
+        # compute_at made one loop per block iter: the 8 partial sums, (unit loops), keys, reduction
+        loops = sch.get_loops(rf)
+        r_ri, r_l, r_ro = loops[-7], loops[-2], loops[-1]
+        sch.reorder(r_l, r_ro, r_ri)
+        sch.vectorize(r_ri)
+        sch.decompose_reduction(rf, r_ro)
     eb = sch.get_sblock("e")
     sch.vectorize(sch.get_loops(eb)[-1])
     for name in ("mx_lanes", "sm_lanes"):  # rows, lanes, chunks -> rows, chunks, lanes (vector)
@@ -166,8 +187,6 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.unroll(p_mi)
     sch.vectorize(p_x)
     sch.decompose_reduction(pb, p_c)
-    kb = sch.get_sblock("kt")
-    sch.vectorize(sch.get_loops(kb)[-1])
     from .cpu_kernels import _with_fast_exp
     func = sch.mod["main"]
     return _with_fast_exp(func) if dtype == "float32" else func

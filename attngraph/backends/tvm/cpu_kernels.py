@@ -34,9 +34,11 @@ FLOATS = ("float32", "float64")
 # 8 AVX2 registers of accumulators, leaving room for the B row and the broadcast A value; measured
 # here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
 TILE_M, TILE_N = 4, 16
-# The tile over weights packed at bind time: 2 rows x 2 panels is as fast as 4 x 16 from 256 rows up
-# (within 10% either way, 1 thread, transformer-base shapes) and 20-35% faster at 1-2 rows (decoding).
-PACKED_TILE = (2, 32)
+# The tiles over weights packed at bind time (1 thread, transformer-base shapes, 1024 rows): 6 x 16
+# runs at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32.  At 1-2 rows (decoding) the
+# clamped extra rows of a tall tile are wasted work: 2 x 32 is 20-35% faster there than 4 x 16,
+# so the kernel has a few-rows form (``targets.FEW_ROWS``) with that tile.
+PACKED_TILE, FEW_ROWS_TILE = (6, 16), (2, 32)
 COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
@@ -54,7 +56,7 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
     if op == "linear" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
-    if op == "linear_packed" and in_types[1].shape[2] == TILE_N and in_types[0].rank >= 2:
+    if op == "linear_packed" and _is_packed_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"), packed=True, tile_m=PACKED_TILE[0],
                      tile_n=PACKED_TILE[1])
@@ -76,6 +78,11 @@ def _is_dense(in_types) -> bool:
     x, w = in_types[0], in_types[1]
     return (w.rank == 2 and x.rank >= 2 and isinstance(w.shape[0], int) and isinstance(w.shape[1], int)
             and x.shape[-1] == w.shape[0])
+
+
+def _is_packed_dense(in_types) -> bool:
+    """x (..., K) @ W in panels of TILE_N (``pack_panels``), x with at least one leading dim."""
+    return in_types[1].shape[2] == TILE_N and in_types[0].rank >= 2
 
 
 def _i64(v: int):
@@ -318,6 +325,23 @@ def _vectorize_weighted_sum(sch, block):
     _vectorize_static(sch, d)
     init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
     _vectorize_static(sch, sch.get_loops(init)[-1])
+
+
+def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
+                 dim_vars: DimVars) -> dict:
+    """The other forms of a kernel (``targets.TargetSpec.kernel_forms``): ``update_slice`` in place,
+    ``linear_packed`` for a few rows."""
+    from .targets import FEW_ROWS, IN_PLACE
+    if op == "update_slice":
+        return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dim_vars)}
+    if op == "fused_attention" and out_type.dtype in FLOATS:
+        from .cpu_attention import attention
+        return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1)}
+    if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
+        return {FEW_ROWS: dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
+                                activation=attrs.get("activation", "none"), packed=True,
+                                tile_m=FEW_ROWS_TILE[0], tile_n=FEW_ROWS_TILE[1])}
+    return {}
 
 
 def write_slice(in_types, out_type: TensorType, axis: int, dim_vars: DimVars) -> tirx.PrimFunc:

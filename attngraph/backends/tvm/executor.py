@@ -29,7 +29,7 @@ from ...passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_mem
 from ...weights import check_params
 from ..reference import describe
 from .shapes import scalar_dims
-from .targets import IN_PLACE
+from .targets import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, tile_rows
 
 
 class Device(Protocol):
@@ -160,6 +160,8 @@ class CompiledModel:
         # update_slice steps that write into their cache input (the caller's tensor) instead of a copy
         self.in_place = {s.node for s in self.steps if s.kind == "kernel" and s.node in in_place_candidates(graph)
                          and device.has_kernel(s.kernel + IN_PLACE)}
+        # kernels with a form for few rows (a decode step's), called where the output has at most FEW_ROWS_MAX
+        self.few_rows = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + FEW_ROWS)}
         self.precomputed = self._precompute_nodes()
         self.constants = self._bind_constants()
         self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
@@ -257,6 +259,9 @@ class CompiledModel:
                                                     n.type.concrete(dims), n.type.dtype)
                 kernels[step.node] = next((name for d, name in self.variants.get(step.kernel, ())
                                            if all(dims.get(k) == v for k, v in d.items())), step.kernel)
+                if step.kernel in self.few_rows and kernels[step.node] == step.kernel \
+                        and tile_rows(n.op, n.attrs, views[step.node].shape) <= FEW_ROWS_MAX:
+                    kernels[step.node] = step.kernel + FEW_ROWS
         self._frames[key] = (plan, views, kernels)
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
@@ -325,8 +330,8 @@ class CompiledModel:
                     out = views[step.node]
                 # A static variant takes no dim arguments: its sizes are constants.
                 start = time.perf_counter()
-                self.device.call(name, args + [out] + ([dims[d] for d in step.scalars] if name in
-                                                       (step.kernel, step.kernel + IN_PLACE) else []))
+                static = name not in (step.kernel, step.kernel + IN_PLACE, step.kernel + FEW_ROWS)
+                self.device.call(name, args + [out] + ([] if static else [dims[d] for d in step.scalars]))
                 if times is not None:
                     times.setdefault(step.node, []).append(time.perf_counter() - start)
                 env[step.node] = out

@@ -35,9 +35,10 @@ class TargetSpec:
     #: column-panel width of the weights its matmul kernels read (``passes.layout.pack_weights``),
     #: or None to keep weights (K, N)
     weight_panel: int | None = None
-    #: (KernelSpec, DimVars, target) -> the in-place form of an ``update_slice`` kernel (it writes only
-    #: the new entries into the cache it is given as output), or None; built as ``<name>__inplace``
-    in_place_kernel: Callable | None = None
+    #: (KernelSpec, DimVars, target) -> {suffix: PrimFunc}: other forms of the kernel, built beside it
+    #: as ``<name><suffix>`` with the same parameters (``IN_PLACE``, ``FEW_ROWS``); the executor
+    #: calls one where it applies
+    kernel_forms: Callable | None = None
     #: the kind name of the TVM target ``make_target`` gives, where it differs from ``name`` (the
     #: vulkan target compiled through WGSL has kind ``webgpu``)
     kind: str | None = None
@@ -50,8 +51,22 @@ class TargetSpec:
     availability: Callable | None = None
 
 
-#: The name suffix of a kernel's in-place form (``TargetSpec.in_place_kernel``).
+#: The form of an ``update_slice`` kernel that writes only the new entries, into the cache it is
+#: given as output (the executor passes the donated cache input as both).
 IN_PLACE = "__inplace"
+#: The form of a kernel for at most ``FEW_ROWS_MAX`` rows (``tile_rows``): a decode step's one
+#: token per sequence.
+FEW_ROWS, FEW_ROWS_MAX = "__few", 4
+
+
+def tile_rows(op: str, attrs: dict, out_shape: tuple) -> int:
+    """The rows a kernel tiles (and pads to whole tiles): a projection's output rows, attention's query length."""
+    if op == "fused_attention":
+        return int(out_shape[1] if attrs.get("layout") == "bshd" else out_shape[2])
+    rows = 1
+    for d in out_shape[:-1]:
+        rows *= int(d)
+    return rows
 
 
 TARGET_SPECS: dict[str, TargetSpec] = {}
@@ -185,11 +200,9 @@ def _cpu_kernel(spec, dv, target):
     return cpu_kernel(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, target)
 
 
-def _cpu_in_place(spec, dv, target):
-    if spec.op != "update_slice":
-        return None
-    from .cpu_kernels import write_slice
-    return write_slice(list(spec.in_types), spec.out_type, spec.attrs["axis"], dv)
+def _cpu_forms(spec, dv, target):
+    from .cpu_kernels import kernel_forms
+    return kernel_forms(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv)
 
 
 def _cpu_schedule(func, target):
@@ -205,4 +218,4 @@ def _open_cpu(path: str | None):
 
 
 register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, weight_panel=16,
-                           in_place_kernel=_cpu_in_place, availability=_llvm_availability))
+                           kernel_forms=_cpu_forms, availability=_llvm_availability))
