@@ -152,7 +152,8 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     ab = sch.get_sblock("acc")
     sch.compute_at(ab, s_c, preserve_unit_loops=True)
     sch.set_scope(ab, 0, "local")
-    a_mi, a_l, a_r = sch.get_loops(ab)[-3:]
+    loops = sch.get_loops(ab)  # one per block iter under the chunk loop: batch, head, row, chunk, lane, dim
+    a_mi, a_l, a_r = loops[-4], loops[-2], loops[-1]
     if block > 1:
         sch.reorder(a_r, a_mi, a_l)
         sch.unroll(a_mi)
