@@ -132,7 +132,7 @@ def torch_full_decoder(model):
 
 def main():
     model = ag.models.get(ARGS.model)
-    cache_len = max(ARGS.prefix) + 1
+    cache_len = max(max(ARGS.prefix) + 1, 4)  # room for the 3 checked steps
     print(f"{ARGS.model}: memory {ARGS.memory}, {ARGS.threads} threads, cache {cache_len}, "
           f"median of {ARGS.repeat} steps", flush=True)
     params = ag.init_params(model, seed=0)
