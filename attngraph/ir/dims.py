@@ -137,7 +137,8 @@ def _frozen_terms(dim: Dim) -> tuple:
 
 
 def symbols(dim: Dim) -> set[str]:
-    return {s for key in _parse(dim) for s in key}
+    terms = _frozen_terms(dim) if isinstance(dim, str) else _parse(dim).items()
+    return {s for key, _ in terms for s in key}
 
 
 def is_static(dim: Dim) -> bool:
