@@ -35,9 +35,9 @@ FLOATS = ("float32", "float64")
 # here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
 TILE_M, TILE_N = 4, 16
 # The tiles over weights packed at bind time (1 thread, transformer-base shapes, 1024 rows): 6 x 16
-# runs at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32.  At 1-2 rows (decoding) the
-# clamped extra rows of a tall tile are wasted work: 2 x 32 is 20-35% faster there than 4 x 16,
-# so the kernel has a few-rows form (``targets.FEW_ROWS``) with that tile.
+# runs at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32.  At 1-8 rows (decoding) the
+# clamped extra rows of a tall tile are wasted work: 2 x 32 is 20-35% faster there at 1-2 rows and
+# 0-20% at 8, so the kernel has a few-rows form (``targets.FEW_ROWS``) with that tile.
 PACKED_TILE, FEW_ROWS_TILE = (6, 16), (2, 32)
 COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.

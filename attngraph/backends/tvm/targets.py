@@ -56,7 +56,7 @@ class TargetSpec:
 IN_PLACE = "__inplace"
 #: The form of a kernel for at most ``FEW_ROWS_MAX`` rows (``tile_rows``): a decode step's one
 #: token per sequence.
-FEW_ROWS, FEW_ROWS_MAX = "__few", 4
+FEW_ROWS, FEW_ROWS_MAX = "__few", 8
 
 
 def tile_rows(op: str, attrs: dict, out_shape: tuple) -> int:
