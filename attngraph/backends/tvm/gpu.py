@@ -3,7 +3,8 @@ generator that the ``vulkan`` target runs through wgpu, see ``webgpu.py``).
 
 Every kernel gets TVM's rule-based default GPU schedules (dlight): a matmul gets shared-memory tiles,
 a softmax or layer norm one workgroup per row with a tree reduction, anything else the fallback rule
-(one thread per output element).  Two traps this module guards against (TVM_NOTES 3.1):
+(one thread per output element); the fused attention is the flash-style kernel of ``gpu_kernels.py``
+instead.  Two traps this module guards against (TVM_NOTES 3.1):
 
 - dlight mutates the IRModule it is given, so every target schedules its own copy;
 - a PrimFunc left without thread bindings compiles for a GPU target *without error* as host code
@@ -12,6 +13,9 @@ a softmax or layer norm one workgroup per row with a tree reduction, anything el
 CUDA: ``tvm.compile`` stores CUDA C source, compiled when the module is loaded on the GPU machine
 (NVRTC through ``cuda-bindings``, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``).  ``check_cuda_source``
 compiles that source with nvcc here, so a build for a GPU is known to compile before it ships.
+The build needs no GPU (a machine without one gets a compile-only model that says why it cannot
+run); loading or running where the GPU, the driver or TVM's CUDA runtime is missing raises
+``GPUUnavailable`` with the reason.  Run on a GPU: not yet (written and tested without one).
 """
 
 from __future__ import annotations
