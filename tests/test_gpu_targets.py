@@ -355,3 +355,23 @@ def test_every_zoo_model_compiles_for_vulkan_and_verifies_where_its_weights_fit(
             continue
         report = api.verify(path)
         assert report.ok, report.format()
+
+
+@needs_vulkan
+@pytest.mark.parametrize("kind", ["gpt-tiny", "transformer-tiny"])
+def test_generation_on_vulkan_keeps_its_state_on_the_device(kind, tmp_path):
+    # Every entry is its own artifact; their caches pass between them as device tensors of one wgpu device.
+    from attngraph import generate as G
+    model = ag.models.get(kind)
+    params = ag.init_params(model, seed=0, perturb=True)
+    G.CompiledStepper.build(model, params, str(tmp_path), "vulkan", cache_len=8)
+    compiled = G.CompiledStepper(str(tmp_path))
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
+    sources = [[3, 4], [7, 8]] if kind == "gpt-tiny" else [[3, 4, 5, 6], [7, 8]]
+    state = compiled.encode(np.array(sources if kind == "gpt-tiny" else [[3, 4, 5, 6], [7, 8, 0, 0]]))
+    _, state = compiled.step(np.array([[1], [2]]), 0, state)
+    assert all(isinstance(state[n], webgpu.WgpuTensor) for n in compiled.info.caches)
+    assert [h.tokens for h in G.greedy_search(compiled, sources, 5)] == \
+        [h.tokens for h in G.greedy_search(oracle, sources, 5)]
+    assert [[h.tokens for h in hs] for hs in G.beam_search(compiled, sources, 2, 5, eos_id=2)] == \
+        [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 5, eos_id=2)]

@@ -459,6 +459,28 @@ class _Buffer:
         self.nbytes = nbytes
 
 
+class _Stream:
+    """The process's wgpu device and the command encoder recording its dispatches.  Every
+    ``WgpuDevice`` (one per loaded artifact) shares it, so tensors pass between artifacts (a
+    generator's entries hand their caches to each other) and work runs in the order it was recorded."""
+
+    def __init__(self, adapter, features, limits):
+        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self.encoder = None
+        self.uniforms: list = []  # pool; the first ``pending`` are used by the recorded dispatches
+        self.pending = 0
+
+
+def _stream() -> _Stream:
+    if "stream" not in _ADAPTER:
+        adapter = vulkan_adapter()
+        limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
+        # f16 kernels need the shader-f16 feature, which is requested where the adapter has it.
+        features = [f for f in ("shader-f16",) if f in adapter.features]
+        _ADAPTER["stream"] = _Stream(adapter, features, limits)
+    return _ADAPTER["stream"]
+
+
 class WgpuDevice:
     """Runs a ``WebGPUModule`` on a Vulkan device through wgpu; the executor's ``Device``.
 
@@ -471,18 +493,13 @@ class WgpuDevice:
         self.wgpu = _import_wgpu()
         self.module = module or WebGPUModule({}, {})
         adapter = vulkan_adapter()
-        limits = {k: adapter.limits[k] for k in _LIMITS if k in adapter.limits}
-        # f16 kernels need the shader-f16 feature, which is requested where the adapter has it.
-        features = [f for f in ("shader-f16",) if f in adapter.features]
-        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self._stream = _stream()
+        self.device = self._stream.device
         self.features = set(self.device.features)
         self.limits = dict(self.device.limits)
         info = adapter.info
         self.name = f"vulkan:{info.get('device', '?')} ({info.get('description', '') or info.get('adapter_type', '')})"
         self._pipelines: dict = {}
-        self._encoder = None
-        self._uniforms: list = []  # pool; the first _pending are used by the recorded dispatches
-        self._pending = 0
         self._scratch: dict = {}  # (entry, alloc name) -> _Buffer, grown as needed
         for kernel in self.module.kernels.values():
             self.check_kernel(kernel)
@@ -612,11 +629,11 @@ class WgpuDevice:
         return self._pipelines[kernel.name]
 
     def _uniform(self, values: bytes):
-        if self._pending == len(self._uniforms):
-            self._uniforms.append(self.device.create_buffer(
+        if self._stream.pending == len(self._stream.uniforms):
+            self._stream.uniforms.append(self.device.create_buffer(
                 size=256, usage=self.wgpu.BufferUsage.UNIFORM | self.wgpu.BufferUsage.COPY_DST))
-        buffer = self._uniforms[self._pending]
-        self._pending += 1
+        buffer = self._stream.uniforms[self._stream.pending]
+        self._stream.pending += 1
         self.device.queue.write_buffer(buffer, 0, values)
         return buffer
 
@@ -656,19 +673,19 @@ class WgpuDevice:
             self.check_buffer_bytes(size, "max-storage-buffer-binding-size")
             entries.append({"binding": i, "resource": {"buffer": tensor.buffer.gpu, "offset": 0, "size": size}})
         entries.append({"binding": len(launch.buffers), "resource": {"buffer": uniform, "offset": 0, "size": 256}})
-        if self._encoder is None:
-            self._encoder = self.device.create_command_encoder()
-        compute = self._encoder.begin_compute_pass()
+        if self._stream.encoder is None:
+            self._stream.encoder = self.device.create_command_encoder()
+        compute = self._stream.encoder.begin_compute_pass()
         compute.set_pipeline(pipeline)
         compute.set_bind_group(0, self.device.create_bind_group(layout=layout, entries=entries))
         compute.dispatch_workgroups(x, y, z)
         compute.end()
 
     def _flush(self) -> None:
-        if self._encoder is not None:
-            self.device.queue.submit([self._encoder.finish()])
-            self._encoder = None
-        self._pending = 0
+        if self._stream.encoder is not None:
+            self.device.queue.submit([self._stream.encoder.finish()])
+            self._stream.encoder = None
+        self._stream.pending = 0
 
     def synchronize(self) -> None:
         """Submit the recorded dispatches and wait until they are done (for timing)."""
