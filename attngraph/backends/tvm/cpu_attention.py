@@ -188,6 +188,6 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.unroll(p_mi)
     sch.vectorize(p_x)
     sch.decompose_reduction(pb, p_c)
-    from .cpu_kernels import _with_fast_exp
+    from .cpu_kernels import _fast_math
     func = sch.mod["main"]
-    return _with_fast_exp(func) if dtype == "float32" else func
+    return _fast_math(func) if dtype == "float32" else func

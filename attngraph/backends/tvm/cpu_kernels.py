@@ -189,7 +189,8 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         sch.transform_layout(ob, ("write", 0), lambda m, n: _unravel(m, lead) + (n,))
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, k: _unravel(m, lead) + (k,))
-    return sch.mod["main"]
+    func = sch.mod["main"]
+    return _fast_math(func) if dtype == "float32" else func
 
 
 def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
@@ -246,7 +247,7 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
         elif name != last and not _is_reduction(sch, blk):
             _vectorize_static(sch, inner)
     func = sch.mod["main"]
-    return _with_fast_exp(func) if out_type.dtype == "float32" else func
+    return _fast_math(func) if out_type.dtype == "float32" else func
 
 
 def _fast_exp(x):
@@ -268,14 +269,39 @@ def _fast_exp(x):
     return tirx.Select(x == x, tirx.max(two_n * y, x), x)
 
 
-def _with_fast_exp(func):
-    """``func`` with every float32 ``exp`` call replaced by ``_fast_exp``."""
+# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (XLA's float32 erf; beyond 4, erf is 1 in float32).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+def _fast_erf(x):
+    """erf(x) for float32 as a rational function (absolute error below 5e-7, measured against
+    scipy on [-6, 6]): unlike a call to the C library's erff, LLVM vectorizes it, so exact GELU
+    epilogues (BERT's) run at the matmul's speed.  NaN stays NaN."""
+    f32 = "float32"
+    xc = tirx.max(tirx.min(x, tirx.const(4.0, f32)), tirx.const(-4.0, f32))
+    x2 = xc * xc
+    p, q = tirx.const(0.0, f32), tirx.const(0.0, f32)
+    for coef in _ERF_P:
+        p = p * x2 + tirx.const(coef, f32)
+    for coef in _ERF_Q:
+        q = q * x2 + tirx.const(coef, f32)
+    return tirx.Select(x == x, xc * p / q, x)
+
+
+_FAST = {"tirx.exp": _fast_exp, "tirx.erf": _fast_erf}
+
+
+def _fast_math(func):
+    """``func`` with every float32 ``exp`` and ``erf`` call replaced by ``_fast_exp`` / ``_fast_erf``."""
     import tvm
     import tvm_ffi
 
     def visit(call, mutator):
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "tirx.exp" and str(call.ty) == "float32":
-            return _fast_exp(mutator.mutate(call.args[0]))
+        if isinstance(call.op, tvm.ir.Op) and call.op.name in _FAST and str(call.ty) == "float32":
+            return _FAST[call.op.name](mutator.mutate(call.args[0]))
         return mutator.default_mutate(call)
     return tvm_ffi.structural_mutate(func, (tvm.ir.Call, visit))
 
