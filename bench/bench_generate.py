@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -50,20 +49,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from timing import median_ms  # noqa: E402
 import attngraph as ag  # noqa: E402
 from attngraph import generate as G  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
-
-
-def median_ms(fn, repeat):
-    fn()  # warm up (allocations, kernel loading)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 # -- the KV-cached PyTorch decoder, on attngraph's weights -----------------------------------------

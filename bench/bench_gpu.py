@@ -31,6 +31,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import median_ms  # noqa: E402
 
 #: name -> (d_model, heads, d_ff, layers)
 MODELS = {
@@ -63,18 +64,9 @@ def gpu_problem() -> str | None:
     return None
 
 
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
+def gpu_ms(fn, repeat: int) -> float:
     import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+    return median_ms(fn, repeat, warmup=3, settle=0.0, sync=torch.cuda.synchronize)
 
 
 def attention_kernel(compiled, inputs, repeat: int):
@@ -126,11 +118,11 @@ def bench_model(name: str, cases, repeat: int) -> None:
             want = enc(xt).cpu().numpy()
             got = compiled({"x": x})["y"]
             ms = {
-                "attngraph": median_ms(lambda x=x: compiled({"x": x}), repeat),
-                "torch": median_ms(lambda xt=xt: enc(xt), repeat),
-                "torch+copies": median_ms(lambda x=x: enc(torch.from_numpy(x).cuda()).cpu(), repeat),
-                "torch.compile": median_ms(lambda xt=xt: compiled_torch(xt), repeat),
-                "torch.compile+copies": median_ms(lambda x=x: compiled_torch(torch.from_numpy(x).cuda()).cpu(),
+                "attngraph": gpu_ms(lambda x=x: compiled({"x": x}), repeat),
+                "torch": gpu_ms(lambda xt=xt: enc(xt), repeat),
+                "torch+copies": gpu_ms(lambda x=x: enc(torch.from_numpy(x).cuda()).cpu(), repeat),
+                "torch.compile": gpu_ms(lambda xt=xt: compiled_torch(xt), repeat),
+                "torch.compile+copies": gpu_ms(lambda x=x: compiled_torch(torch.from_numpy(x).cuda()).cpu(),
                                                   repeat),
             }
             cells = "  ".join(f"{e} {t:8.2f} ms" for e, t in ms.items())

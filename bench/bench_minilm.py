@@ -40,18 +40,7 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # torch_bert.py, the plain-torch oracle
-
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    time.sleep(0.3)  # let the previous engine's worker threads stop spinning
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+from timing import median_ms  # noqa: E402
 
 
 @click.command()

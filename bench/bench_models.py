@@ -29,6 +29,7 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import median_ms  # noqa: E402
 
 # 2 cores x 2 FMA units x 8 float32 lanes x 2 flops x ~3.1 GHz, as measured on this machine's kind.
 PEAK_GFLOPS = 198.0
@@ -48,20 +49,6 @@ def model_flops(d: int, ff: int, layers: int, batch: int, seq: int) -> float:
     tokens = batch * seq
     per_layer = 2 * tokens * (4 * d * d + 2 * d * ff) + 2 * 2 * batch * seq * seq * d
     return float(per_layer * layers)
-
-
-def median_ms(fn, repeat: int, warmup: int = 2) -> float:
-    # Let the previous engine's worker threads stop spinning (OpenMP and ORT pools busy-wait for a
-    # while after their work), so that no engine is timed against another one's idle spin.
-    time.sleep(0.3)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
 
 
 def torch_encoder(params: dict, d: int, heads: int, ff: int, layers: int):

@@ -41,32 +41,22 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     bshd = attrs.get("layout", "bhsd") == "bshd"
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
     Q, K, V, masks = phs[0], phs[1], phs[2], phs[3:]
-    if bshd:
-        b, lq, h, d = Q.shape
-        lk = K.shape[1]
-        dv_ = V.shape[3]
+    seq_axis = 1 if bshd else 2
+    b, h, d = Q.shape[0], Q.shape[3 - seq_axis], Q.shape[3]
+    lq, lk, dv_ = Q.shape[seq_axis], K.shape[seq_axis], V.shape[3]
 
-        def q_at(i, j, m, r):
-            return Q[i, m, j, r]
+    def at(t, i, j, s, x):
+        """``t`` read at (batch i, head j, position s, x) whatever its layout."""
+        return t[i, s, j, x] if bshd else t[i, j, s, x]
 
-        def k_at(i, j, n, r):
-            return K[i, n, j, r]
+    def q_at(i, j, m, r):
+        return at(Q, i, j, m, r)
 
-        def v_at(i, j, n, c):
-            return V[i, n, j, c]
-    else:
-        b, h, lq, d = Q.shape
-        lk = K.shape[2]
-        dv_ = V.shape[3]
+    def k_at(i, j, n, r):
+        return at(K, i, j, n, r)
 
-        def q_at(i, j, m, r):
-            return Q[i, j, m, r]
-
-        def k_at(i, j, n, r):
-            return K[i, j, n, r]
-
-        def v_at(i, j, n, c):
-            return V[i, j, n, c]
+    def v_at(i, j, n, c):
+        return at(V, i, j, n, c)
 
     rows = lq + (block - 1)  # room for a partial last block (its extra rows read the last query again)
     chunks = (lk + (LANES - 1)) // LANES
