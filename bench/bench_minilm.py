@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # torch_bert.py, the plain-torch oracle
-from timing import median_ms  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 
 @click.command()
@@ -93,9 +93,7 @@ def main(repeat, cases):
         if st is not None:
             e = run_st().numpy()
             checks.append(f"sentence-transformers vs torch: embedding min cosine {(e * want_e).sum(1).min():.7f}")
-        times = {}
-        for name, fn in engines.items():
-            times[name] = median_ms(fn, repeat)
+        times = interleaved_ms(engines, repeat)
         rows.append((b, s, times))
         click.echo(f"\nbatch {b}, seq {s}: " + "; ".join(checks))
         for name, ms in times.items():

@@ -10,7 +10,8 @@ Cases: batch x sequence.  For each case: every engine's median time, its share o
 float32 peak, and attngraph's ratio to the best peer (below 1.0: attngraph is faster).  Then the
 attngraph build's matmul kernels, each timed alone, in GFLOP/s and share of peak.  Outputs are
 checked against PyTorch eager first (max abs difference printed), so every engine computes the same
-thing.  The machine may be shared: quote best-of figures and repeat what matters.
+thing.  Engines are timed in interleaved rounds (``timing.interleaved_ms``), so a shared machine's
+drifting speed slows every engine alike: quote the ratios, and repeat what matters.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from timing import median_ms  # noqa: E402
+from timing import interleaved_ms  # noqa: E402
 
 # 2 cores x 2 FMA units x 8 float32 lanes x 2 flops x ~3.1 GHz, as measured on this machine's kind.
 PEAK_GFLOPS = 198.0
@@ -140,7 +141,7 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
             if session is not None:
                 diffs["ort"] = float(np.abs(session.run(None, {"x": x})[0] - want).max())
             flops = model_flops(d, ff, layers, batch, seq)
-            ms = {e: median_ms(runners[e], repeat) for e in engines if e in runners}
+            ms = interleaved_ms({e: runners[e] for e in engines if e in runners}, repeat)
             peers = {e: t for e, t in ms.items() if e != "attngraph"}
             best = min(peers, key=peers.get) if peers else None
             row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
@@ -159,7 +160,7 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
 def print_kernels(compiled, inputs) -> None:
     """The attngraph build's matmul kernels at these inputs, each timed alone, by distinct kernel."""
     per: dict = {}
-    time.sleep(0.3)  # as in median_ms: the peers' thread pools go quiet first
+    time.sleep(0.3)  # the peers' thread pools go quiet first
     compiled(inputs)
     for k in compiled.profile(inputs, repeat=5):
         if k.flops:

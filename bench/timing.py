@@ -27,3 +27,23 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2, settle: fl
             sync()
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
+                   settle: float = 0.05) -> dict[str, float]:
+    """Median milliseconds of each engine in ``fns``, timed in rounds (one call of each engine per
+    round) rather than one engine after the other: on a shared machine whose speed drifts, every
+    engine then sees the same slow and fast phases, so the ratios hold even when the absolute times
+    do not.  ``settle`` seconds of sleep before each timed call let the previous engine's worker
+    threads stop spinning."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            time.sleep(settle)
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}

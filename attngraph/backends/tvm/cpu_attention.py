@@ -128,10 +128,17 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     head = sch.fuse(i, j)
     sch.parallel(head)
     mo, mi = sch.split(m, [None, block])
-    stages = ("o", "sm", "sm_lanes", "e", "mx", "mx_lanes", "s")
+    # P V in slices of LANES output columns, so that its ROWS x LANES tile stays in registers
+    # (ROWS x head_dim would not: 32 accumulators for head_dim 64, 16 AVX2 registers).
+    sliced = isinstance(dv_, tirx.IntImm) and dv_.value % LANES == 0 and dv_.value > LANES
+    if sliced:
+        xo, xi = sch.split(x, [None, LANES])
+        sch.reorder(mo, xo, mi, xi)
+    sch.compute_at(sch.get_sblock("o"), xo if sliced else mo, preserve_unit_loops=True)
+    stages = ("sm", "sm_lanes", "e", "mx", "mx_lanes", "s")
     for name in stages:
         sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
-    for name in stages[1:]:
+    for name in stages:
         sch.set_scope(sch.get_sblock(name), 0, "global")
     # Scores: for each key chunk, a ROWS x LANES register tile accumulated over the head dim, then
     # scaled and masked on the way to memory.
@@ -170,7 +177,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
         sch.decompose_reduction(blk, chunk)
-    # P V: keys outside, a ROWS x head_dim register tile inside.
+    # P V: keys outside, a ROWS x (head_dim or LANES) register tile inside.
     pb = sch.get_sblock("o")
     sch.set_scope(pb, 0, "local")
     p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]
