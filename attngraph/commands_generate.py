@@ -57,12 +57,12 @@ def parse_tokens(text: str) -> list[int]:
 @click.option("--no-early-stop", "no_early_stop", is_flag=True,
               help="Keep searching while a live beam can still beat the finished ones.")
 @click.option("--nbest", is_flag=True, help="Print every beam, not only the best.")
-@click.option("--target", type=click.Choice(["numpy", "llvm"]), default="numpy", show_default=True,
-              help="numpy: the reference interpreter; llvm: the entries compiled with TVM.")
+@click.option("--target", type=click.Choice(["numpy", "llvm", "cuda", "vulkan"]), default="numpy", show_default=True,
+              help="numpy: the reference interpreter; llvm, cuda, vulkan: the entries compiled with TVM for that target.")
 @click.option("--cache-len", "cache_len", type=click.IntRange(1),
               help="Positions each decoder cache holds (default: the prefix plus --max-len).")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False),
-              help="With --target llvm: keep the compiled entries in this directory (reuse it as MODEL).")
+              help="With a compile target: keep the compiled entries in this directory (reuse it as MODEL).")
 @click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
               help=".safetensors or .npz weights; seeded random weights if omitted.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights.")
