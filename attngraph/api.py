@@ -43,11 +43,12 @@ def _graph_of(model) -> tuple[Graph, object]:
 
 
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
-            seed: int = 0, progress=None, tuning_db: str | None = None):
+            seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
     weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
-    a MetaSchedule database written by ``attngraph tune``."""
+    a MetaSchedule database written by ``attngraph tune``; ``weight_dtype="float16"`` stores the
+    projection weights in half precision (llvm; ``backends.tvm.build.for_target``)."""
     from .backends.tvm.build import compile_graph, resolve_target
     from .passes import optimize
     from .weights import check_params, default_params
@@ -60,13 +61,14 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
     used = g.params  # a property that walks the graph: once, not per parameter
     compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, target,
-                             progress=progress, tuning_db=tuning_db)
+                             progress=progress, tuning_db=tuning_db, weight_dtype=weight_dtype)
     compiled.model_name, compiled.opt_level, compiled.weights_from = graph.name, opt_level, weights_from
     return compiled
 
 
 def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | None = None, target: str = "llvm",
-          opt_level: int = 3, *, seed: int = 0, progress=None, tuning_db: str | None = None) -> dict:
+          opt_level: int = 3, *, seed: int = 0, progress=None, tuning_db: str | None = None,
+          weight_dtype: str | None = None) -> dict:
     """Optimize and compile ``model`` and write the artifact directory ``out_dir`` (manifest,
     kernels.so, weights.safetensors, graph.json).  Returns the manifest, with the build's timings
     under ``"build"``."""
@@ -74,7 +76,7 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
         raise ValueError("build needs out_dir, the artifact directory to write")
     start = time.perf_counter()
     compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                       tuning_db=tuning_db)
+                       tuning_db=tuning_db, weight_dtype=weight_dtype)
     kernels = compiled.kernels
     manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
     manifest = write_artifact(out_dir, compiled, kernels, manifest)
@@ -143,7 +145,7 @@ class VerifyReport:
 
 def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[str, np.ndarray] | None = None,
            inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
-           per_node: bool = False, progress=None) -> VerifyReport:
+           per_node: bool = False, progress=None, weight_dtype: str | None = None) -> VerifyReport:
     """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
     on the same inputs and weights (given, or seeded random at the model's default ``dims``).
 
@@ -163,7 +165,8 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
         name, target, opt_level = m["model"], m["target"], m["opt_level"]
         how = f"loaded {model}: {name} for {target} at -O{opt_level}"
     else:
-        compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress)
+        compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
+                           weight_dtype=weight_dtype)
         name = compiled.model_name
         k = compiled.kernels
         how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "

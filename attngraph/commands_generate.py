@@ -66,9 +66,12 @@ def parse_tokens(text: str) -> list[int]:
 @click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
               help=".safetensors or .npz weights; seeded random weights if omitted.")
 @click.option("--seed", default=0, show_default=True, help="Seed for random weights.")
+@click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="With --target llvm: store the projection weights in this dtype (float16: half the bytes "
+                   "per token, float16's rounding of every weight).")
 @user_errors
 def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop, nbest, target, cache_len,
-             save_dir, weights_path, seed):
+             save_dir, weights_path, seed, weight_dtype):
     """Generate from MODEL (a model, or a DIR of compiled entries from --save) for each --input."""
     sources = [parse_tokens(text) for text in inputs]
     eos = None if eos_id < 0 else eos_id
@@ -85,10 +88,13 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop,
             prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
             cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
         if target == "numpy":
+            if weight_dtype != "float32":
+                raise click.BadParameter("--weight-dtype applies to a compile target, not numpy",
+                                         param_hint="--weight-dtype")
             stepper = InterpreterStepper(module, params, cache_len)
         else:
             out_dir = save_dir or tempfile.mkdtemp(prefix="attngraph-generate-")
-            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len)
+            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len, weight_dtype=weight_dtype)
             stepper = CompiledStepper(out_dir)
     ready = time.perf_counter()
     if beam == 1:

@@ -40,6 +40,10 @@ level_option = click.option("-O", "--opt-level", "opt_level", type=click.IntRang
                             help="Optimization level of the graph passes.")
 weights_option = click.option("--weights", "weights_path", type=click.Path(exists=True, dir_okay=False),
                               help=".safetensors or .npz weights; seeded random weights if omitted.")
+weight_dtype_option = click.option(
+    "--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+    help="Store the projection weights in this dtype (llvm; float16 halves what a decode step reads, computed "
+         "in float32; verify then checks the kernels against the same rounded weights).")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 
 
@@ -69,8 +73,9 @@ def device_source(out_dir: str, manifest: dict) -> str:
               help="Use the schedules recorded by 'attngraph tune' in this database (default: none).")
 @click.option("--dump-source", "dump_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the generated device source (CUDA C for cuda, WGSL for vulkan) to this file.")
+@weight_dtype_option
 @user_errors
-def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path):
+def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype):
     """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
     (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
     'attngraph run DIR', check it with 'attngraph verify DIR'.  An unchanged rebuild comes from the
@@ -85,7 +90,7 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
-                             tuning_db=tuning_db)
+                             tuning_db=tuning_db, weight_dtype=weight_dtype)
     b = manifest["build"]
     how = "from the compile cache" if b["cached"] else \
         f"lowering {b.get('lower', 0):.1f} s, compile {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
@@ -123,8 +128,9 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
 @click.option("--per-node", is_flag=True,
               help="Compare every kernel's result with the interpreter's value of the same node; name the first "
                    "that diverges.")
+@weight_dtype_option
 @user_errors
-def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node):
+def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype):
     """Compile MODEL (or load an artifact DIR) and compare its outputs with the float64 interpreter
     on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5 (-inf/NaN entries must be in the same places)."""
@@ -141,7 +147,8 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
             inputs = {k: z[k] for k in z.files}
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
-                            dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress)
+                            dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress,
+                            weight_dtype=weight_dtype)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)

@@ -195,15 +195,18 @@ class CompiledStepper(EntryStepper):
 
     @staticmethod
     def build(model, params: Mapping[str, np.ndarray], out_dir: str, target: str = "llvm", opt_level: int = 3,
-              cache_len: int | None = None) -> dict:
-        """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written."""
+              cache_len: int | None = None, weight_dtype: str | None = None) -> dict:
+        """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written.
+        ``weight_dtype="float16"`` stores the projection weights in half precision (llvm)."""
         from .api import build
         graphs = trace_entries(model, cache_len)
         info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
         os.makedirs(out_dir, exist_ok=True)
         for name, g in graphs.items():
-            build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target, opt_level=opt_level)
+            build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target, opt_level=opt_level,
+                  weight_dtype=weight_dtype)
         manifest = {"format": 1, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
+                    "weight_dtype": weight_dtype or "float32",
                     "cache_len": info.cache_len, "decoder": info.to_json()}
         with open(os.path.join(out_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)

@@ -7,7 +7,9 @@ Each engine decodes one token per step for a batch of sources with a memory of `
 positions, at each prefix length of ``--prefix`` (the step's position):
 
 - ``attngraph (interpreter)``: the decode-step entry on the NumPy interpreter (float32);
-- ``attngraph (llvm)``: the entries compiled with TVM (``--compiled``; the build takes minutes);
+- ``attngraph (llvm)``: the entries compiled with TVM (``--compiled``; the build takes seconds);
+- ``attngraph (llvm, float16 weights)``: the same with the projection weights stored in float16
+  (``--float16-weights``): half the bytes a step reads, log-probs within about 1e-2 of float32;
 - ``torch TransformerDecoder``: ``torch.nn.TransformerDecoder`` recomputing the whole prefix each step;
 - ``torch KV cache``: a KV-cached decoder written here with the same weights as attngraph (its
   log-probs are checked against the interpreter's before timing).
@@ -33,6 +35,8 @@ def parse_args():
     p.add_argument("--memory", type=int, default=128, help="source (memory) length")
     p.add_argument("--repeat", type=int, default=5, help="timed steps per measurement (median taken)")
     p.add_argument("--compiled", action="store_true", help="also build and time the TVM-compiled entries")
+    p.add_argument("--float16-weights", action="store_true",
+                   help="with --compiled: also the entries with projection weights stored in float16")
     p.add_argument("--no-interpreter", action="store_true", help="skip the (slow) interpreter")
     p.add_argument("--model", default="transformer-base")
     return p.parse_args()
@@ -136,6 +140,10 @@ def main():
         G.CompiledStepper.build(model, params, out_dir, "llvm", cache_len=cache_len)
         print(f"built the entries in {time.perf_counter() - start:.0f} s", flush=True)
         steppers["attngraph (llvm)"] = G.CompiledStepper(out_dir)
+        if ARGS.float16_weights:
+            out16 = tempfile.mkdtemp(prefix="bench-generate-f16-")
+            G.CompiledStepper.build(model, params, out16, "llvm", cache_len=cache_len, weight_dtype="float16")
+            steppers["attngraph (llvm, float16 weights)"] = G.CompiledStepper(out16)
     encoder = ag.trace(model, method="encode_entry")
     cached = TorchCachedDecoder(model, params)
     full, embed = torch_full_decoder(model)

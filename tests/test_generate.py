@@ -394,3 +394,18 @@ def test_compiled_state_stays_on_the_device_and_caches_update_in_place():
     assert not any(v.any() for v in zeros.values())
     with pytest.raises(KeyError, match="keep names no output"):
         step({"tokens": np.array([[1], [2]]), "pos": np.int64(0), **zeros}, keep=["nope"])
+
+
+def test_compiled_steps_with_float16_weights(tmp_path):
+    pytest.importorskip("tvm")
+    model = tiny("gpt")
+    params = params_of(model)
+    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, weight_dtype="float16")
+    assert manifest["weight_dtype"] == "float16"
+    compiled = G.CompiledStepper(str(tmp_path))
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
+    a, b = compiled.encode(np.array([[3, 4], [5, 6]])), oracle.encode(np.array([[3, 4], [5, 6]]))
+    for pos, tokens in enumerate([[3, 5], [4, 6], [9, 1]]):
+        la, a = compiled.step(np.array(tokens)[:, None], pos, a)
+        lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
+        assert np.abs(la - lb).max() < 1e-2, f"position {pos}"  # float16's rounding of the weights

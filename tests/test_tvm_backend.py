@@ -121,3 +121,20 @@ def test_every_zoo_model_verifies(name, level):
     from attngraph import api
     report = api.verify(name, opt_level=level, dims={"src_len": 9, "tgt_len": 5, "seq": 9})
     assert report.ok, report.format()
+
+
+def test_float16_weights_halve_the_panels_and_verify_against_the_same_rounding(recwarn):
+    g = ag.models.load_graph("transformer-tiny")
+    params = ag.init_params(g, 0, perturb=True)
+    model = ag.compile(g, params, weight_dtype="float16")
+    panels = [n for n in model.graph.nodes() if n.op == "pack_panels"]
+    assert panels and all(n.type.dtype == "float16" for n in panels)
+    assert not [w for w in recwarn if "generic kernel" in str(w.message)]  # the hand kernels read float16
+    x = example(g, seed=3, batch=2, src_len=9, tgt_len=4)
+    check(model, x, params)  # against the interpreter of the same graph: float32 tolerance
+    full = ag.reference.run(g, x, params, dtype="float64")["log_probs"]
+    assert 1e-6 < np.abs(model(x)["log_probs"] - full).max() < 1e-2  # float16's rounding of the weights, no more
+    with pytest.raises(BuildError, match="llvm target only"):
+        ag.compile(g, params, target="vulkan", weight_dtype="float16")
+    with pytest.raises(BuildError, match="not one of float32, float16"):
+        ag.compile(g, params, weight_dtype="bfloat16")

@@ -62,14 +62,17 @@ def _infer_linear_packed(types, attrs):
                          f"got {x} and {w}")
     if len(types) == 3 and types[2].shape != (n,):
         raise ShapeError(f"linear_packed bias must have shape ({n},), got {types[2]}")
-    return TensorType(x.shape[:-1] + (n,), O._same_dtype(types))
+    # The weight may be stored narrower than x (float16 panels); the product is computed in x's dtype.
+    if not w.is_float or np.dtype(w.dtype).itemsize > np.dtype(x.dtype).itemsize:
+        raise ShapeError(f"linear_packed weight {w} must be a float no wider than x {x}")
+    return TensorType(x.shape[:-1] + (n,), O._same_dtype([x] + list(types[2:])))
 
 
 @op("linear_packed", FUSED, None, _infer_linear_packed, activation="none", n=None)
 def linear_packed(x, w, b=None, *, activation="none", n=None):
     """``linear`` over a weight in column panels (``pack_panels``): the CPU target's layout."""
     panels, k, width = w.shape
-    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n], b, activation=activation)
+    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n].astype(x.dtype), b, activation=activation)
 
 
 def _infer_add_layer_norm(types, attrs):

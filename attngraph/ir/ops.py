@@ -447,24 +447,30 @@ def gather(table, idx):
     return np.take(table, idx, axis=0)
 
 
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
 def _infer_pack_panels(types, attrs):
     (w,) = types
-    width = attrs["width"]
+    width, dtype = attrs["width"], attrs.get("dtype") or w.dtype
     if w.rank != 2 or not all(isinstance(d, int) for d in w.shape):
         raise ShapeError(f"pack_panels needs a 2-D weight of static shape, got {w}")
     if not isinstance(width, int) or width < 1:
         raise ShapeError(f"pack_panels: width must be a positive int, got {width!r}")
+    if not w.is_float or dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"pack_panels packs float weights into {', '.join(FLOAT_DTYPES)}, got {w} -> {dtype}")
     k, n = w.shape
-    return TensorType((-(-n // width), k, width), w.dtype)
+    return TensorType((-(-n // width), k, width), dtype)
 
 
-@op("pack_panels", LAYOUT, 1, _infer_pack_panels)
-def pack_panels(w, *, width):
+@op("pack_panels", LAYOUT, 1, _infer_pack_panels, dtype=None)
+def pack_panels(w, *, width, dtype=None):
     """A (K, N) weight as column panels (ceil(N/width), K, width), the last panel zero-padded: each
-    panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``)."""
+    panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``).
+    ``dtype`` stores the panels in another float type (float16: half the bytes a decode step reads)."""
     k, n = w.shape
     panels = -(-n // width)
-    padded = np.zeros((k, panels * width), w.dtype)
+    padded = np.zeros((k, panels * width), dtype or w.dtype)
     padded[:, :n] = w
     return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
 

@@ -18,9 +18,10 @@ def _static_2d(t) -> bool:
     return t.rank == 2 and all(isinstance(d, int) for d in t.shape)
 
 
-def pack_weights(g: Graph, width: int):
+def pack_weights(g: Graph, width: int, dtype: str | None = None):
     """``linear(x, W, b)`` and ``matmul(x, W)`` with a weights-only 2-D ``W`` ->
-    ``linear_packed(x, pack_panels(W), b; n=N)``.  Returns (matches, misses) like the other rules."""
+    ``linear_packed(x, pack_panels(W), b; n=N)``, the panels stored as ``dtype`` if given (float16:
+    half the bytes to read, computed in x's dtype).  Returns (matches, misses) like the other rules."""
     constant = weights_only(g)
     packed: dict[int, int] = {}  # W -> its panels, shared by every product reading W
     matches, misses = 0, []
@@ -35,7 +36,7 @@ def pack_weights(g: Graph, width: int):
                 misses.append(f"%{n.name}: its weight is not known at bind time; packed per call")
             continue
         if w not in packed:
-            packed[w] = g.add("pack_panels", [w], {"width": width}, name=f"{g.node(w).name}_panels",
+            packed[w] = g.add("pack_panels", [w], {"width": width, "dtype": dtype}, name=f"{g.node(w).name}_panels",
                               meta=dict(g.node(w).meta))
         attrs = {"activation": n.attrs.get("activation", "none"), "n": wt.shape[1]}
         replace(g, nid, "linear_packed", [x, packed[w]] + bias, attrs)

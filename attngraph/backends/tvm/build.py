@@ -225,22 +225,34 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     return kernels
 
 
-def for_target(g: Graph, target: str) -> Graph:
-    """``g`` in the layouts ``target``'s kernels read (``passes.layout``): a copy when it changes."""
+#: The dtypes projection weights may be stored in (``weight_dtype``); None keeps the graph's.
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+def for_target(g: Graph, target: str, weight_dtype: str | None = None) -> Graph:
+    """``g`` in the layouts ``target``'s kernels read (``passes.layout``): a copy when it changes.
+    ``weight_dtype="float16"`` stores the packed projection weights in half precision (computed in
+    float32): half the bytes per decode step, at float16's rounding of every weight."""
     panel = get_target(target).weight_panel
+    if weight_dtype not in (None, *WEIGHT_DTYPES):
+        raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype == "float32":
+        weight_dtype = None
+    if weight_dtype and not panel:
+        raise BuildError(f"weights stored as {weight_dtype} are supported on the llvm target only, not {target!r}")
     if not panel:
         return g
     from ...passes.layout import pack_weights
     g = g.copy()
-    pack_weights(g, panel)
+    pack_weights(g, panel, weight_dtype)
     return g
 
 
 def compile_graph(g: Graph, params, target: str = "llvm", *, progress: Progress | None = None,
-                  generic: bool = False, tuning_db: str | None = None):
+                  generic: bool = False, tuning_db: str | None = None, weight_dtype: str | None = None):
     """Compile ``g`` (at whatever stage the passes left it) for ``target`` and bind ``params``:
-    a ``CompiledModel`` taking and returning NumPy arrays."""
-    g = for_target(g, target)
+    a ``CompiledModel`` taking and returning NumPy arrays (``weight_dtype``: see ``for_target``)."""
+    g = for_target(g, target, weight_dtype)
     kernels = build_kernels(g, target, progress=progress, generic=generic, tuning_db=tuning_db)
     model = CompiledModel(g, params, kernels.device, kernels.symbol_of, target=target, variants=kernels.variants)
     model.kernels = kernels

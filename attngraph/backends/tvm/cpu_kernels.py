@@ -47,7 +47,8 @@ MAX_STACK_PANEL_BYTES = 256 * 1024
 def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
                dim_vars: DimVars, target) -> tirx.PrimFunc | None:
     """A scheduled PrimFunc for ``op`` on these types, or None when the generic lowering must do."""
-    if out_type.dtype not in FLOATS or any(t.dtype != out_type.dtype for t in in_types[:2]):
+    if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
+            or in_types[1].dtype != out_type.dtype and op != "linear_packed":
         return None
     if op == "matmul" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=False, activation="none")
@@ -131,18 +132,18 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     X = te.placeholder((M, _i64(K)), dtype, name="in0")
     B = te.placeholder((_i64(N),), dtype, name="in2") if bias else None
     if packed:
-        W = panel = te.placeholder((_i64(panels), _i64(K), _i64(TILE_N)), dtype, name="in1")
+        W = panel = te.placeholder((_i64(panels), _i64(K), _i64(TILE_N)), w_t.dtype, name="in1")
     else:
         W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
         panel = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
                            lambda p, k, c: W[k, tirx.min(p * TILE_N + c, _i64(N - 1))], name="packed")
     k = te.reduce_axis((0, _i64(K)), name="k")
     if n_pad > panels * TILE_N:
-        def w_at(n):
-            return panel[tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N]
+        def w_at(n):  # float16 panels are widened in the register (vcvtph2ps)
+            return panel[tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N].astype(dtype)
     else:
         def w_at(n):
-            return panel[n // TILE_N, k, n % TILE_N]
+            return panel[n // TILE_N, k, n % TILE_N].astype(dtype)
     acc = te.compute((m_pad, _i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
                      name="acc")
     act = ACTIVATIONS[activation]

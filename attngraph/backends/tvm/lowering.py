@@ -173,8 +173,8 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         x, w = xs[0], xs[1]
         width = int(w.shape[2])
         k = te.reduce_axis((0, w.shape[1]), name="k")
-        y = te.compute(shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width], axis=k),
-                       name=f"{name}_mm")
+        y = te.compute(shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
+                                                axis=k), name=f"{name}_mm")
         bias = xs[2] if len(xs) == 3 else None
         act = ACTIVATIONS[attrs["activation"]]
         return te.compute(shape, lambda *i: act(y[i] + bias[i[-1]] if bias is not None else y[i]), name=name)
@@ -183,7 +183,7 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         width, n = attrs["width"], w.shape[1]
         zero = _const(0.0, w.dtype)
         return te.compute(shape, lambda p, k, c: tirx.Select(p * width + c < n, w[k, tirx.min(p * width + c, n - 1)],
-                                                             zero), name=name)
+                                                             zero).astype(out.dtype), name=name)
     if op in ("softmax", "log_softmax"):
         return _softmax(xs[0], name, log=op == "log_softmax", axis=attrs["axis"])
     if op == "layer_norm":
