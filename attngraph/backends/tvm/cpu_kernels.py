@@ -47,8 +47,9 @@ MAX_STACK_PANEL_BYTES = 256 * 1024
 def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
                dim_vars: DimVars, target) -> tirx.PrimFunc | None:
     """A scheduled PrimFunc for ``op`` on these types, or None when the generic lowering must do."""
+    # Float kernels; only linear_packed reads a narrower weight (float16 panels).
     if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
-            or in_types[1].dtype != out_type.dtype and op != "linear_packed":
+            or len(in_types) > 1 and in_types[1].dtype != out_type.dtype and op != "linear_packed":
         return None
     if op == "matmul" and _is_dense(in_types):
         return dense(in_types, out_type, dim_vars, bias=False, activation="none")
