@@ -151,6 +151,8 @@ class CompiledModel:
         self.variants = {k: [(dict(d), name) for d, name in v] for k, v in (variants or {}).items()}
         self.params = dict(params)
         self.order = graph.topo_order()
+        self._nodes = {nid: graph.node(nid) for nid in self.order}
+        self.signature = graph.input_types()
         self.steps = self._plan_steps()
         wanted = {s.kernel for s in self.steps if s.kind == "kernel"}
         wanted |= {name for k in wanted for _, name in self.variants.get(k, ())}
@@ -252,16 +254,20 @@ class CompiledModel:
                 else:  # of an input or an in-place cache: the shape only, the view is made per call
                     views[step.node] = n.type.concrete(dims)
             elif step.kind == "kernel" and step.node in self.in_place:
-                kernels[step.node] = step.kernel + IN_PLACE  # its output is its cache operand, given per call
+                # its output is its cache operand, given per call
+                kernels[step.node] = (step.kernel + IN_PLACE, [dims[d] for d in step.scalars])
             elif step.kind == "kernel":
                 n = g.node(step.node)
                 views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
                                                     n.type.concrete(dims), n.type.dtype)
-                kernels[step.node] = next((name for d, name in self.variants.get(step.kernel, ())
-                                           if all(dims.get(k) == v for k, v in d.items())), step.kernel)
-                if step.kernel in self.few_rows and kernels[step.node] == step.kernel \
+                name = next((name for d, name in self.variants.get(step.kernel, ())
+                             if all(dims.get(k) == v for k, v in d.items())), step.kernel)
+                if name == step.kernel and step.kernel in self.few_rows \
                         and tile_rows(n.op, n.attrs, views[step.node].shape) <= FEW_ROWS_MAX:
-                    kernels[step.node] = step.kernel + FEW_ROWS
+                    name = step.kernel + FEW_ROWS
+                # A static variant takes no dim arguments: its sizes are constants.
+                static = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS))
+                kernels[step.node] = (name, [] if static else [dims[d] for d in step.scalars])
         self._frames[key] = (plan, views, kernels)
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
@@ -279,8 +285,8 @@ class CompiledModel:
         is donated: the call writes the new entries into it and returns that same tensor.
         ``observe(node, value)`` sees every kernel's result (a download per kernel: for verification,
         not for speed); ``times``, if given, collects each kernel call's seconds by node."""
-        g = self.graph
-        dims = bind_dims(g.input_types(), inputs)
+        g, nodes = self.graph, self._nodes
+        dims = bind_dims(self.signature, inputs)
         plan, views, kernels = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
         keep = set(keep)
@@ -293,7 +299,7 @@ class CompiledModel:
         moved = set()  # values given memory of their own this call (and views of them)
         env = dict(self.constants)
         for step in self.steps:
-            n = g.node(step.node)
+            n = nodes[step.node]
             if step.kind == "input":
                 value = inputs[n.name]
                 if is_device_tensor(value):
@@ -318,7 +324,7 @@ class CompiledModel:
                     self._check_indices(n, args[0].shape[0], args[1], inputs)
                 elif n.op == "update_slice":
                     self._check_offset(n, args, step.operands[2], inputs)
-                name = kernels[step.node]
+                name, dim_args = kernels[step.node]
                 if step.node in self.in_place:
                     out = args[0]
                 elif step.node in fresh:
@@ -328,11 +334,11 @@ class CompiledModel:
                     moved.add(step.node)
                 else:
                     out = views[step.node]
-                # A static variant takes no dim arguments: its sizes are constants.
-                start = time.perf_counter()
-                static = name not in (step.kernel, step.kernel + IN_PLACE, step.kernel + FEW_ROWS)
-                self.device.call(name, args + [out] + ([] if static else [dims[d] for d in step.scalars]))
-                if times is not None:
+                if times is None:
+                    self.device.call(name, args + [out] + dim_args)
+                else:
+                    start = time.perf_counter()
+                    self.device.call(name, args + [out] + dim_args)
                     times.setdefault(step.node, []).append(time.perf_counter() - start)
                 env[step.node] = out
                 if observe is not None:
