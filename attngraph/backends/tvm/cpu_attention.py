@@ -33,6 +33,13 @@ def _i64(v: int):
     return tirx.IntImm("int64", v)
 
 
+def _vectorize_chunk(sch, loop):
+    """Vectorize a head-dim loop (static) in chunks of LANES."""
+    extent = sch.get(loop).extent
+    if isinstance(extent, tirx.IntImm) and extent.value % LANES == 0:
+        sch.vectorize(sch.split(loop, [None, LANES])[1] if extent.value > LANES else loop)
+
+
 def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
               block: int = ROWS) -> tirx.PrimFunc:
     """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types, ``block``
@@ -111,8 +118,17 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sm = te.compute(mx.shape, lambda i, j, m: te.sum(sm_lanes[i, j, m, l2], axis=l2), name="sm")
     c3 = te.reduce_axis((0, chunks), name="c3")
     l3 = te.reduce_axis((0, LANES), name="l3")
+    if block > 1:  # V in whole key chunks once per head (the last padded), read without a clamp per key
+        vp = te.compute((b, h, chunks, _i64(LANES), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
+                        name="vp")
+
+        def v_chunk(i, j, c, lane, x):
+            return vp[i, j, c, lane, x]
+    else:
+        def v_chunk(i, j, c, lane, x):
+            return v_at(i, j, key(c, lane), x)
     o = te.compute((b, h, rows, dv_),
-                   lambda i, j, m, x: te.sum(e[i, j, m, c3, l3] * v_at(i, j, key(c3, l3), x), axis=[c3, l3]), name="o")
+                   lambda i, j, m, x: te.sum(e[i, j, m, c3, l3] * v_chunk(i, j, c3, l3, x), axis=[c3, l3]), name="o")
     if bshd:
         out = te.compute((b, lq, h, dv_), lambda i, m, j, x: o[i, j, m, x] / sm[i, j, m], name="out")
     else:
@@ -158,6 +174,8 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.decompose_reduction(ab, a_r)
         sch.compute_at(sch.get_sblock("kt"), head)
         sch.vectorize(sch.get_loops(sch.get_sblock("kt"))[-1])
+        sch.compute_at(sch.get_sblock("vp"), head)
+        _vectorize_chunk(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
     elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
         _, lanes = sch.split(a_r, [None, 8])
         rf = sch.rfactor(lanes, factor_axis=0)
