@@ -22,6 +22,7 @@ import math
 from tvm import s_tir, te, tirx
 
 from ...ir import TensorType
+from .cpu_kernels import _fast_math, _vectorize_static
 from .lowering import _bcast
 from .shapes import DimVars
 
@@ -31,13 +32,6 @@ ROWS, LANES = 4, 16
 
 def _i64(v: int):
     return tirx.IntImm("int64", v)
-
-
-def _vectorize_chunk(sch, loop):
-    """Vectorize a head-dim loop (static) in chunks of LANES."""
-    extent = sch.get(loop).extent
-    if isinstance(extent, tirx.IntImm) and extent.value % LANES == 0:
-        sch.vectorize(sch.split(loop, [None, LANES])[1] if extent.value > LANES else loop)
 
 
 def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
@@ -175,7 +169,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.compute_at(sch.get_sblock("kt"), head)
         sch.vectorize(sch.get_loops(sch.get_sblock("kt"))[-1])
         sch.compute_at(sch.get_sblock("vp"), head)
-        _vectorize_chunk(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
+        _vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
     elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
         _, lanes = sch.split(a_r, [None, 8])
         rf = sch.rfactor(lanes, factor_axis=0)
@@ -203,6 +197,5 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.unroll(p_mi)
     sch.vectorize(p_x)
     sch.decompose_reduction(pb, p_c)
-    from .cpu_kernels import _fast_math
     func = sch.mod["main"]
     return _fast_math(func) if dtype == "float32" else func

@@ -59,9 +59,7 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
     if op == "linear_packed" and _is_packed_dense(in_types):
-        return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
-                     activation=attrs.get("activation", "none"), packed=True, tile_m=PACKED_TILE[0],
-                     tile_n=PACKED_TILE[1])
+        return _packed_linear(attrs, in_types, out_type, dim_vars, PACKED_TILE)
     if op == "fused_attention":
         from .cpu_attention import attention
         return attention(attrs, in_types, out_type, dim_vars)
@@ -85,6 +83,12 @@ def _is_dense(in_types) -> bool:
 def _is_packed_dense(in_types) -> bool:
     """x (..., K) @ W in panels of TILE_N (``pack_panels``), x with at least one leading dim."""
     return in_types[1].shape[2] == TILE_N and in_types[0].rank >= 2
+
+
+def _packed_linear(attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) -> tirx.PrimFunc:
+    """``linear_packed`` as the dense kernel over its packed panels with a ``tile`` (rows, columns) register tile."""
+    return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3, activation=attrs.get("activation", "none"),
+                 packed=True, tile_m=tile[0], tile_n=tile[1])
 
 
 def _i64(v: int):
@@ -366,9 +370,7 @@ def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: Ten
         from .cpu_attention import attention
         return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1)}
     if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
-        return {FEW_ROWS: dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
-                                activation=attrs.get("activation", "none"), packed=True,
-                                tile_m=FEW_ROWS_TILE[0], tile_n=FEW_ROWS_TILE[1])}
+        return {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, FEW_ROWS_TILE)}
     return {}
 
 

@@ -160,7 +160,8 @@ class CompiledModel:
         if missing:
             raise RuntimeError(f"the compiled module lacks kernels {', '.join(missing)}")
         # update_slice steps that write into their cache input (the caller's tensor) instead of a copy
-        self.in_place = {s.node for s in self.steps if s.kind == "kernel" and s.node in in_place_candidates(graph)
+        candidates = in_place_candidates(graph)
+        self.in_place = {s.node for s in self.steps if s.kind == "kernel" and s.node in candidates
                          and device.has_kernel(s.kernel + IN_PLACE)}
         # kernels with a form for few rows (a decode step's), called where the output has at most FEW_ROWS_MAX
         self.few_rows = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + FEW_ROWS)}
