@@ -21,9 +21,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import click  # noqa: E402
 import numpy as np  # noqa: E402
+from peak import peak_gflops  # noqa: E402
 
-# 2 cores x 2 FMA units x 8 float32 lanes x 2 flops x ~3.1 GHz, as measured on this machine's kind.
-PEAK_GFLOPS = 198.0
 
 #: (model, kernel, K, N): the dense matmuls of each model (x (M, K) @ W (K, N)).
 DENSE_SHAPES = [
@@ -117,7 +116,7 @@ def bench_dense(ms, repeat, torch):
             t_torch = median_time(lambda: torch.matmul(xt, wt), repeat)
             gf = flops / t_ag / 1e9
             results.append((model, what, k, n, m, gf))
-            print(row([f"{model} {what} {k}x{n}", m, f"{t_ag * 1e3:.3f}", f"{gf:.1f}", f"{100 * gf / PEAK_GFLOPS:.0f}%",
+            print(row([f"{model} {what} {k}x{n}", m, f"{t_ag * 1e3:.3f}", f"{gf:.1f}", f"{100 * gf / peak_gflops():.0f}%",
                        f"{flops / t_np / 1e9:.1f}", f"{flops / t_torch / 1e9:.1f}",
                        f"{t_ag / min(t_np, t_torch):.2f}"], widths))
     return results
@@ -148,7 +147,7 @@ def bench_attention(repeat, torch):
         t_torch = median_time(lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv), repeat)
         flops = 4.0 * b * h * s * s * d
         gf = flops / t_ag / 1e9
-        print(row([f"{model} b{b} h{h} d{d}", s, f"{t_ag * 1e3:.3f}", f"{gf:.1f}", f"{100 * gf / PEAK_GFLOPS:.0f}%",
+        print(row([f"{model} b{b} h{h} d{d}", s, f"{t_ag * 1e3:.3f}", f"{gf:.1f}", f"{100 * gf / peak_gflops():.0f}%",
                    f"{t_np * 1e3:.3f}", f"{t_torch * 1e3:.3f}", f"{t_ag / min(t_np, t_torch):.2f}"], widths))
 
 
@@ -160,7 +159,7 @@ def main(ms, only, repeat):
     """Per-kernel GFLOP/s of attngraph's CPU kernels against NumPy and torch at the same thread count."""
     import torch
     torch.set_num_threads(THREADS)
-    print(f"threads {THREADS}, float32 peak {PEAK_GFLOPS:.0f} GFLOP/s, ratio = attngraph time / best peer time")
+    print(f"threads {THREADS}, float32 peak {peak_gflops():.0f} GFLOP/s, ratio = attngraph time / best peer time")
     if only in (None, "dense"):
         bench_dense([int(m) for m in ms.split(",")], repeat, torch)
     if only in (None, "attention"):

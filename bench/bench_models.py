@@ -7,7 +7,7 @@ Runtime, side by side in one run, on the same inputs and weights and the same th
 Models: the transformer-base encoder (6 layers, d 512, FFN 2048, 8 heads), one transformer-base
 encoder layer, and a BERT-size encoder (6 layers, d 384, FFN 1536, 12 heads); post-LN, ReLU.
 Cases: batch x sequence.  For each case: every engine's median time, its share of this machine's
-float32 peak, and attngraph's ratio to the best peer (below 1.0: attngraph is faster).  Then the
+float32 peak (measured: ``peak.py``), and attngraph's ratio to the best peer (below 1.0: attngraph is faster).  Then the
 attngraph build's matmul kernels, each timed alone, in GFLOP/s and share of peak.  Outputs are
 checked against PyTorch eager first (max abs difference printed), so every engine computes the same
 thing.  Engines are timed in interleaved rounds (``timing.interleaved_ms``), so a shared machine's
@@ -30,10 +30,9 @@ import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from peak import peak_gflops  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
 
-# 2 cores x 2 FMA units x 8 float32 lanes x 2 flops x ~3.1 GHz, as measured on this machine's kind.
-PEAK_GFLOPS = 198.0
 
 #: name -> (d_model, heads, d_ff, layers)
 MODELS = {
@@ -147,7 +146,7 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
             row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
                    "ratio": ms["attngraph"] / peers[best] if best and "attngraph" in ms else None}
             rows.append(row)
-            cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / PEAK_GFLOPS:4.0%})" for e, t in ms.items())
+            cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / peak_gflops():4.0%})" for e, t in ms.items())
             ratio = f"ratio vs best peer ({best}) {row['ratio']:.2f}" if row["ratio"] else ""
             print(f"batch {batch:2d} seq {seq:4d}: {cells}  {ratio}  "
                   f"[max |diff| vs torch: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
@@ -169,7 +168,7 @@ def print_kernels(compiled, inputs) -> None:
     total = sum(t for t, _, _ in per.values())
     for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         gf = f / t / 1e9
-        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.2f} ms  {gf:6.1f} GFLOP/s ({gf / PEAK_GFLOPS:4.0%} of peak)"
+        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.2f} ms  {gf:6.1f} GFLOP/s ({gf / peak_gflops():4.0%} of peak)"
               f"  {t / total:4.0%} of kernel time")
 
 
@@ -185,6 +184,10 @@ def main(model_names, case_names, engines, repeat):
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
+    from attngraph.backends.tvm.build import llvm_target
+    from attngraph.backends.tvm.cpu_kernels import cpu_tiles
+    print(f"float32 peak of {THREADS} threads on this CPU ({llvm_target().mcpu}, {cpu_tiles(llvm_target()).isa} "
+          f"kernels): {peak_gflops():.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:
         rows += bench_model(name, cases, engines, repeat)

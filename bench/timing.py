@@ -30,12 +30,16 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2, settle: fl
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
-                   settle: float = 0.05) -> dict[str, float]:
-    """Median milliseconds of each engine in ``fns``, timed in rounds (one call of each engine per
-    round) rather than one engine after the other: on a shared machine whose speed drifts, every
-    engine then sees the same slow and fast phases, so the ratios hold even when the absolute times
-    do not.  ``settle`` seconds of sleep before each timed call let the previous engine's worker
-    threads stop spinning."""
+                   settle: float = 0.05, block: int = 3) -> dict[str, float]:
+    """Median milliseconds of each engine in ``fns``, timed in rounds (one block of calls of each
+    engine per round) rather than one engine after the other: on a shared machine whose speed drifts,
+    every engine then sees the same slow and fast phases, so the ratios hold even when the absolute
+    times do not.  Each block starts after ``settle`` seconds of sleep (the previous engine's worker
+    threads stop spinning) with one untimed call, then times ``block`` calls back to back: a model
+    is served by repeated calls, and on 2 cores the first call after another engine ran is slowed by
+    that engine's threads and by waking this one's own (BERT-size encoder, batch 1 x 128, single calls
+    each right after the three other engines': attngraph 19-21 ms, peers 18-21 ms, once 38; in blocks:
+    13.6 and 16-17 ms, steady across runs), so every engine is timed warm, alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -43,7 +47,9 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: in
     for _ in range(repeat):
         for name, fn in fns.items():
             time.sleep(settle)
-            start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -32,7 +32,7 @@ def build(op: str, attrs: dict, in_types: list[TensorType], form: str | None = N
     if form is None:
         f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), TARGET)
     else:
-        f = kernel_forms(op, attrs, in_types, out_type, DimVars()).get(form)
+        f = kernel_forms(op, attrs, in_types, out_type, DimVars(), TARGET).get(form)
     assert f is not None, f"no scheduled kernel for {op} {in_types}"
     ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=TARGET)
     return ex["k"], out_type, attrs
@@ -183,3 +183,27 @@ def test_few_rows_forms_match(layout):
     w = T((3, 24, 16), "float32")  # 40 columns in panels of 16
     check("linear_packed", {"n": 40, "activation": "relu"}, [x, w, T((40,), "float32")], sizes, form=FEW_ROWS)
     check("linear_packed", {"n": 40}, [x, w], sizes)
+
+
+def test_tiles_follow_the_vector_instruction_set():
+    from attngraph.backends.tvm.cpu_kernels import AVX2, AVX512, cpu_tiles
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is AVX2
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) is AVX512
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_each_instruction_sets_tiles_compute_the_same(isa, monkeypatch):
+    # Both tile sets are plain loop nests (LLVM splits vectors wider than the machine's), so each is
+    # checked here whatever this CPU has: the host's own set runs in every other test as well.
+    from attngraph.backends.tvm import cpu_kernels
+    tiles = {"avx2": cpu_kernels.AVX2, "avx512": cpu_kernels.AVX512}[isa]
+    monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: tiles)
+    x = T(("batch", "seq", 24), "float32")
+    w = T((5, 24, 16), "float32")  # 70 columns in panels of 16: not a multiple of 64 columns
+    sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}]
+    check("linear_packed", {"n": 70, "activation": "gelu"}, [x, w, T((70,), "float32")], sizes)
+    check("linear_packed", {"n": 70}, [x, w], sizes, form=FEW_ROWS)
+    qkv = T(("batch", 3, "seq", 16), "float32")
+    check("fused_attention", {"scale": 0.25, "mask_kinds": ("drop",)},
+          [qkv, qkv, qkv, T(("batch", 1, 1, "seq"), "bool")], sizes + [{"batch": 1, "seq": 70}])

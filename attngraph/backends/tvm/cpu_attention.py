@@ -35,7 +35,7 @@ def _i64(v: int):
 
 
 def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
-              block: int = ROWS) -> tirx.PrimFunc:
+              block: int = ROWS, lanes: int = LANES) -> tirx.PrimFunc:
     """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types, ``block``
     query rows at a time (1: the few-rows form, for a decode step's single query)."""
     dtype = out_type.dtype
@@ -60,7 +60,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         return at(V, i, j, n, c)
 
     rows = lq + (block - 1)  # room for a partial last block (its extra rows read the last query again)
-    chunks = (lk + (LANES - 1)) // LANES
+    chunks = (lk + (lanes - 1)) // lanes
     last_q, last_k = lq - 1, lk - 1
     ninf = tirx.const(-math.inf, dtype)
     zero = tirx.const(0.0, dtype)
@@ -71,16 +71,16 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         return tirx.min(m, last_q)
 
     def key(c, lane):
-        return tirx.min(c * LANES + lane, last_k)
+        return tirx.min(c * lanes + lane, last_k)
 
     r = te.reduce_axis((0, d), name="r")
     if block > 1:  # K transposed once per head, reused by every block of queries
-        kt = te.compute((b, h, d, chunks, _i64(LANES)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
-        acc = te.compute((b, h, rows, chunks, _i64(LANES)),
+        kt = te.compute((b, h, d, chunks, _i64(lanes)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
+        acc = te.compute((b, h, rows, chunks, _i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r),
                          name="acc")
     else:  # one query: a dot product per key, along K's contiguous head dim (a transpose would cost as much)
-        acc = te.compute((b, h, rows, chunks, _i64(LANES)),
+        acc = te.compute((b, h, rows, chunks, _i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * k_at(i, j, key(c, lane), r), axis=r),
                          name="acc")
 
@@ -94,26 +94,26 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
                 v = tirx.Select(read(i, j, m, n), v, ninf)
             else:
                 v = tirx.Select(read(i, j, m, n), ninf, v)
-        return tirx.Select(c * LANES + lane < lk, v, ninf)
+        return tirx.Select(c * lanes + lane < lk, v, ninf)
 
     s = te.compute(acc.shape, score, name="s")
     # Row max and row sum in two steps, each vectorized: over the chunks lane by lane, then over the lanes.
     c1 = te.reduce_axis((0, chunks), name="c1")
-    mx_lanes = te.compute((b, h, rows, _i64(LANES)), lambda i, j, m, lane: te.max(s[i, j, m, c1, lane], axis=c1),
+    mx_lanes = te.compute((b, h, rows, _i64(lanes)), lambda i, j, m, lane: te.max(s[i, j, m, c1, lane], axis=c1),
                           name="mx_lanes")
-    l1 = te.reduce_axis((0, LANES), name="l1")
+    l1 = te.reduce_axis((0, lanes), name="l1")
     mx = te.compute((b, h, rows), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
     e = te.compute(acc.shape, lambda i, j, m, c, lane: tirx.Select(
-        c * LANES + lane < lk, te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero), name="e")
+        c * lanes + lane < lk, te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero), name="e")
     c2 = te.reduce_axis((0, chunks), name="c2")
-    sm_lanes = te.compute((b, h, rows, _i64(LANES)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
+    sm_lanes = te.compute((b, h, rows, _i64(lanes)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
                           name="sm_lanes")
-    l2 = te.reduce_axis((0, LANES), name="l2")
+    l2 = te.reduce_axis((0, lanes), name="l2")
     sm = te.compute(mx.shape, lambda i, j, m: te.sum(sm_lanes[i, j, m, l2], axis=l2), name="sm")
     c3 = te.reduce_axis((0, chunks), name="c3")
-    l3 = te.reduce_axis((0, LANES), name="l3")
+    l3 = te.reduce_axis((0, lanes), name="l3")
     if block > 1:  # V in whole key chunks once per head (the last padded), read without a clamp per key
-        vp = te.compute((b, h, chunks, _i64(LANES), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
+        vp = te.compute((b, h, chunks, _i64(lanes), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
                         name="vp")
 
         def v_chunk(i, j, c, lane, x):
@@ -138,11 +138,11 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     head = sch.fuse(i, j)
     sch.parallel(head)
     mo, mi = sch.split(m, [None, block])
-    # P V in slices of LANES output columns, so that its ROWS x LANES tile stays in registers
+    # P V in slices of lanes output columns, so that its ROWS x lanes tile stays in registers
     # (ROWS x head_dim would not: 32 accumulators for head_dim 64, 16 AVX2 registers).
-    sliced = isinstance(dv_, tirx.IntImm) and dv_.value % LANES == 0 and dv_.value > LANES
+    sliced = isinstance(dv_, tirx.IntImm) and dv_.value % lanes == 0 and dv_.value > lanes
     if sliced:
-        xo, xi = sch.split(x, [None, LANES])
+        xo, xi = sch.split(x, [None, lanes])
         sch.reorder(mo, xo, mi, xi)
     sch.compute_at(sch.get_sblock("o"), xo if sliced else mo, preserve_unit_loops=True)
     stages = ("sm", "sm_lanes", "e", "mx", "mx_lanes", "s")
@@ -150,7 +150,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
     for name in stages:
         sch.set_scope(sch.get_sblock(name), 0, "global")
-    # Scores: for each key chunk, a ROWS x LANES register tile accumulated over the head dim, then
+    # Scores: for each key chunk, a ROWS x lanes register tile accumulated over the head dim, then
     # scaled and masked on the way to memory.
     sb = sch.get_sblock("s")
     s_mi, s_c, s_l = sch.get_loops(sb)[-3:]
@@ -189,7 +189,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
         sch.decompose_reduction(blk, chunk)
-    # P V: keys outside, a ROWS x (head_dim or LANES) register tile inside.
+    # P V: keys outside, a ROWS x (head_dim or lanes) register tile inside.
     pb = sch.get_sblock("o")
     sch.set_scope(pb, 0, "local")
     p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]

@@ -22,6 +22,8 @@ Kernels (float32 and float64):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import s_tir, te, tirx
 
 from ...ir import TensorType
@@ -30,15 +32,45 @@ from .shapes import DimVars
 
 FLOATS = ("float32", "float64")
 
-# Register tile of the matmul: TILE_M rows x TILE_N columns of accumulators.  4 x 16 float32 is
-# 8 AVX2 registers of accumulators, leaving room for the B row and the broadcast A value; measured
-# here against 6 x 16 and 8 x 16, which were no faster (6) or slower (8: register spills).
+# Register tile of the matmul that packs its weights per call: TILE_M rows x TILE_N columns of
+# accumulators.  4 x 16 float32 is 8 AVX2 registers of accumulators, leaving room for the B row and
+# the broadcast A value; measured against 6 x 16 and 8 x 16, no faster (6) or slower (8: spills).
+# TILE_N is also the width of the panels that weights are packed in at bind time (``pack_panels``).
 TILE_M, TILE_N = 4, 16
-# The tiles over weights packed at bind time (1 thread, transformer-base shapes, 1024 rows): 6 x 16
-# runs at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32.  At 1-8 rows (decoding) the
-# clamped extra rows of a tall tile are wasted work: 2 x 32 is 20-35% faster there at 1-2 rows and
-# 0-20% at 8, so the kernel has a few-rows form (``targets.FEW_ROWS``) with that tile.
-PACKED_TILE, FEW_ROWS_TILE = (6, 16), (2, 32)
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """Register tiles for one vector instruction set, as (rows, columns) of float32 accumulators.
+
+    ``dense``: the projection over packed weights; ``few_rows``: the same at 1-8 rows (a decode step,
+    where a tall tile's clamped extra rows are wasted work: ``targets.FEW_ROWS``); ``attention``: query
+    rows per block and keys per chunk of the fused attention (``cpu_attention.py``).
+    """
+    isa: str
+    dense: tuple
+    few_rows: tuple
+    attention: tuple
+
+
+# AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
+# at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32; at 1-2 rows 2 x 32 was 20-35% faster.
+AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(4, 16))
+# AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
+# GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
+# zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
+# slower.  At 8 rows 2 x 64 is 1.5x the AVX2 few-rows tile, at 1-2 rows equal.  Attention: 8 query
+# rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32 and 64).
+AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32))
+
+
+def cpu_tiles(target) -> CpuTiles:
+    """The register tiles for ``target``'s CPU: AVX-512 where it has ``avx512f``, else AVX2's."""
+    from tvm.target import codegen
+    if target is not None and codegen.target_has_features("avx512f", target):
+        return AVX512
+    return AVX2
+
 COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
@@ -59,10 +91,11 @@ def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: Tenso
         return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
                      activation=attrs.get("activation", "none"))
     if op == "linear_packed" and _is_packed_dense(in_types):
-        return _packed_linear(attrs, in_types, out_type, dim_vars, PACKED_TILE)
+        return _packed_linear(attrs, in_types, out_type, dim_vars, cpu_tiles(target).dense)
     if op == "fused_attention":
         from .cpu_attention import attention
-        return attention(attrs, in_types, out_type, dim_vars)
+        rows, lanes = cpu_tiles(target).attention
+        return attention(attrs, in_types, out_type, dim_vars, block=rows, lanes=lanes)
     if op in ROWWISE and out_type.rank >= 2 and (op != "softmax" and op != "log_softmax"
                                                  or attrs.get("axis", -1) in (-1, out_type.rank - 1)):
         return rowwise(op, attrs, in_types, out_type, dim_vars)
@@ -360,7 +393,7 @@ def _vectorize_weighted_sum(sch, block):
 
 
 def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
-                 dim_vars: DimVars) -> dict:
+                 dim_vars: DimVars, target=None) -> dict:
     """The other forms of a kernel (``targets.TargetSpec.kernel_forms``): ``update_slice`` in place,
     ``linear_packed`` for a few rows."""
     from .targets import FEW_ROWS, IN_PLACE
@@ -368,9 +401,9 @@ def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: Ten
         return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dim_vars)}
     if op == "fused_attention" and out_type.dtype in FLOATS:
         from .cpu_attention import attention
-        return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1)}
+        return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1, lanes=cpu_tiles(target).attention[1])}
     if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
-        return {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, FEW_ROWS_TILE)}
+        return {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, cpu_tiles(target).few_rows)}
     return {}
 
 

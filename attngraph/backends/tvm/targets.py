@@ -202,7 +202,7 @@ def _cpu_kernel(spec, dv, target):
 
 def _cpu_forms(spec, dv, target):
     from .cpu_kernels import kernel_forms
-    return kernel_forms(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv)
+    return kernel_forms(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, target)
 
 
 def _cpu_schedule(func, target):

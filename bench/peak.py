@@ -1,0 +1,70 @@
+"""This machine's float32 peak, measured: ``peak_gflops(threads)``.
+
+    TVM_NUM_THREADS=2 python bench/peak.py
+
+A probe kernel compiled by TVM for this CPU: on each thread, independent vector accumulators
+(8 and 16 of the widest float32 vector: 16 lanes with AVX-512, 8 with AVX2) each updated by a
+multiply-add two million times, nothing read from memory.  That is the fused multiply-add
+throughput the cores reach at the clock they run at under load, i.e. the ceiling that a matmul
+kernel's GFLOP/s is quoted against.  Seen here: 198 GFLOP/s on 2 cores of an AVX2 Xeon, about 350 on
+2 cores of an AVX-512 Xeon (Emerald Rapids).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+ITERATIONS = 2_000_000
+
+
+def _probe(threads: int, width: int):
+    """PrimFunc writing out[t, :] after ITERATIONS multiply-adds on ``width`` float32 lanes per thread."""
+    from tvm import tirx
+
+    def i64(v):
+        return tirx.IntImm("int64", v)
+    out = tirx.decl_buffer((threads, width), "float32", name="out")
+    acc = tirx.decl_buffer((width,), "float32", name="acc", scope="local")
+    t, i, it = (tirx.Var(n, "int64") for n in ("t", "i", "it"))
+
+    def lanes(value):
+        return tirx.For(i, i64(0), i64(width), tirx.ForKind.VECTORIZED, value)
+    init = lanes(tirx.BufferStore(acc, tirx.Cast("float32", t + i), [i]))
+    fma = lanes(tirx.BufferStore(acc, tirx.BufferLoad(acc, [i]) * tirx.const(0.9999, "float32")
+                                 + tirx.const(1e-4, "float32"), [i]))
+    loop = tirx.For(it, i64(0), i64(ITERATIONS), tirx.ForKind.SERIAL, fma)
+    store = lanes(tirx.BufferStore(out, tirx.BufferLoad(acc, [i]), [t, i]))
+    body = tirx.For(t, i64(0), i64(threads), tirx.ForKind.PARALLEL,
+                    tirx.SeqStmt([tirx.AllocBuffer(acc), init, loop, store]))
+    return tirx.PrimFunc([out], body).with_attr("global_symbol", "peak")
+
+
+@functools.lru_cache(maxsize=None)
+def peak_gflops(threads: int | None = None) -> float:
+    """float32 GFLOP/s of ``threads`` cores (default TVM_NUM_THREADS) doing nothing but vector FMAs."""
+    import tvm
+    from tvm.target import codegen
+
+    from attngraph.backends.tvm.build import llvm_target
+    threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
+    target = llvm_target()
+    lanes = 16 if codegen.target_has_features("avx512f", target) else 8
+    best = 0.0
+    for accumulators in (8, 16):  # enough to hide the FMA latency on two ports; no register spills
+        width = lanes * accumulators
+        run = tvm.compile(tvm.IRModule({"peak": _probe(threads, width)}), target=target)["peak"]
+        out = tvm.runtime.empty((threads, width), "float32", tvm.cpu())
+        run(out)
+        for _ in range(3):
+            start = time.perf_counter()
+            run(out)
+            best = max(best, 2.0 * threads * width * ITERATIONS / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    n = int(os.environ["TVM_NUM_THREADS"])
+    print(f"float32 peak, {n} threads: {peak_gflops(n):.0f} GFLOP/s")
