@@ -30,16 +30,17 @@ def median_ms(fn: Callable[[], object], repeat: int, warmup: int = 2, settle: fl
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: int = 2,
-                   settle: float = 0.05, block: int = 3) -> dict[str, float]:
+                   settle: float = 0.05, block: int = 3, warm: float = 0.025) -> dict[str, float]:
     """Median milliseconds of each engine in ``fns``, timed in rounds (one block of calls of each
     engine per round) rather than one engine after the other: on a shared machine whose speed drifts,
     every engine then sees the same slow and fast phases, so the ratios hold even when the absolute
     times do not.  Each block starts after ``settle`` seconds of sleep (the previous engine's worker
-    threads stop spinning) with one untimed call, then times ``block`` calls back to back: a model
-    is served by repeated calls, and on 2 cores the first call after another engine ran is slowed by
-    that engine's threads and by waking this one's own (BERT-size encoder, batch 1 x 128, single calls
-    each right after the three other engines': attngraph 19-21 ms, peers 18-21 ms, once 38; in blocks:
-    13.6 and 16-17 ms, steady across runs), so every engine is timed warm, alike."""
+    threads stop spinning) with untimed calls for ``warm`` seconds (at least one), then times ``block``
+    calls back to back.  A model is served by repeated calls, and on 2 cores the first calls after
+    another engine ran are slowed by that engine's threads and by waking this one's own (BERT-size
+    encoder, batch 1 x 128, single calls each right after the three other engines': attngraph 19-21
+    ms, peers 18-21 ms, once 38; in warm blocks 13.6 and 16-17 ms, steady across runs), so every
+    engine is timed warm, alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -47,7 +48,10 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: in
     for _ in range(repeat):
         for name, fn in fns.items():
             time.sleep(settle)
+            start = time.perf_counter()
             fn()
+            while time.perf_counter() - start < warm:
+                fn()
             for _ in range(block):
                 start = time.perf_counter()
                 fn()
