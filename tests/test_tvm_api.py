@@ -49,6 +49,7 @@ def test_manifest_describes_the_build(tiny_artifact):
     assert len(on_disk["kernels"]) < len(on_disk["kernel_plan"])  # the layers share kernels
     assert on_disk["precomputed"] and on_disk["memory_plan"]["peak_bytes"] <= on_disk["memory_plan"]["naive_bytes"]
     assert on_disk["files"]["kernels.so"]["bytes"] == os.path.getsize(os.path.join(out, "kernels.so"))
+    assert on_disk["target_info"]["cpu"] and on_disk["target_info"]["kernels"] in ("avx2", "avx512")
 
 
 def test_loaded_artifact_matches_the_interpreter_at_several_lengths(tiny_artifact):
@@ -109,6 +110,26 @@ def test_damaged_artifacts_are_clear_errors(tiny_artifact, tmp_path, damage, mat
     damage(copy)
     with pytest.raises(ArtifactError, match=match):
         api.load(copy)
+
+
+def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp_path, monkeypatch):
+    # Built where AVX-512 is (the manifest says so), loaded on an AVX2 CPU: a clear error naming the
+    # missing instruction sets, instead of a crash on the first AVX-512 instruction.
+    import tvm
+
+    from attngraph.backends.tvm import targets
+    copy = str(tmp_path / "copy")
+    shutil.copytree(tiny_artifact[0], copy)
+    with open(os.path.join(copy, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest["target_info"] = {"cpu": "skylake-avx512", "mattr": [], "kernels": "avx512"}
+    _write(os.path.join(copy, "manifest.json"), json.dumps(manifest).encode(), "wb")
+    monkeypatch.setattr(targets, "llvm_target", lambda: tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    with pytest.raises(ArtifactError, match=r"compiled for CPU 'skylake-avx512', whose instructions .*avx512f.* "
+                                            r"this CPU lacks; rebuild it on this machine"):
+        api.load(copy)
+    monkeypatch.undo()
+    assert api.load(tiny_artifact[0]) is not None  # on the CPU it was built on, it loads
 
 
 def test_not_an_artifact(tmp_path):

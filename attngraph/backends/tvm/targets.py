@@ -9,6 +9,7 @@ and ``vulkan``.  The build, the cache, the artifact and the executor serve every
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,13 +176,74 @@ def target_status(name: str) -> dict:
 
 def _llvm_availability():
     import tvm
-    return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()})"
+    from .cpu_kernels import cpu_tiles
+    return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {cpu_tiles(llvm_target()).isa} kernels)"
 
 
 def llvm_target():
-    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA (5x slower)."""
+    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA (5x slower).
+
+    LLVM names the CPU model (``emeraldrapids``), and a virtual machine may hide some of that model's
+    instruction sets (seen here: AMX, AVX512-FP16 and -BF16 absent from a KVM guest's flags): those
+    are turned off (``mattr``), so no kernel uses an instruction this CPU lacks."""
     import tvm
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()})
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
+    spec = {"kind": "llvm", "mcpu": cpu}
+    missing = sorted(_isa_features(cpu) - _host_flags()) if _host_flags() else []
+    if missing:
+        spec["mattr"] = [f"-{f}" for f in missing]
+    return tvm.target.Target(spec)
+
+
+def _norm(feature: str) -> str:
+    return feature.lower().replace("_", "").replace("-", "").replace(".", "")
+
+
+def _isa_features(cpu: str, mattr: tuple = ()) -> set:
+    """The instruction-set extensions (AVX*, AMX*, FMA, F16C) LLVM enables for ``cpu`` with ``mattr``."""
+    import tvm
+    spec = {"kind": "llvm", "mcpu": cpu, **({"mattr": list(mattr)} if mattr else {})}
+    feats = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(spec))
+    return {f for f in feats if f.startswith(("avx", "amx")) or f in ("fma", "f16c")}
+
+
+@functools.lru_cache(maxsize=1)
+def _host_flags() -> frozenset:
+    """This CPU's instruction-set flags as LLVM spells them (normalized), from /proc/cpuinfo; empty
+    where that file is not there (then the CPU model's features are trusted)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return frozenset()
+    flags = {_norm(x) for x in line.partition(":")[2].split()}
+    if not flags:
+        return frozenset()
+    # /proc/cpuinfo spells LLVM's features differently (avx512_vnni, amx_tile, avx_vnni): compare
+    # normalized names, and keep LLVM's spelling for the features that are present.
+    cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()
+    return frozenset(f for f in _isa_features(cpu) if _norm(f) in flags)
+
+
+def missing_cpu_features(target_info: dict) -> list:
+    """The instruction sets an llvm artifact's kernels may use (``target_info`` of its manifest) that
+    this CPU lacks; [] when it has them all or the manifest does not say."""
+    cpu = target_info.get("cpu")
+    if not cpu:
+        return []
+    try:
+        theirs = _isa_features(cpu, tuple(target_info.get("mattr", ())))
+    except Exception:  # noqa: BLE001 - a CPU name this LLVM does not know
+        return [f"the instruction sets of CPU {cpu!r}"]
+    here = llvm_target()
+    ours = _isa_features(str(here.mcpu), tuple(here.attrs.get("mattr", ())))
+    return sorted(theirs - ours)
+
+
+def _describe_llvm() -> dict:
+    from .cpu_kernels import cpu_tiles
+    t = llvm_target()
+    return {"cpu": str(t.mcpu), "mattr": [str(a) for a in t.attrs.get("mattr", ())], "kernels": cpu_tiles(t).isa}
 
 
 def ensure_threads() -> None:
@@ -218,4 +280,4 @@ def _open_cpu(path: str | None):
 
 
 register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, weight_panel=16,
-                           kernel_forms=_cpu_forms, availability=_llvm_availability))
+                           kernel_forms=_cpu_forms, describe=_describe_llvm, availability=_llvm_availability))

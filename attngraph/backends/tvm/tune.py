@@ -162,7 +162,7 @@ def tune_graph(g: Graph, sizes: dict, db_dir: str, *, target: str = "llvm", tria
 def _with_cores(tgt):
     import tvm
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return tvm.target.Target({**{k: v for k, v in tgt.export().items() if k in ("kind", "mcpu", "keys")},
+    return tvm.target.Target({**{k: v for k, v in tgt.export().items() if k in ("kind", "mcpu", "mattr", "keys")},
                               "num-cores": cores})
 
 
