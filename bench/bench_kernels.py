@@ -2,8 +2,9 @@
 
     TVM_NUM_THREADS=2 python bench/bench_kernels.py [--m 128,512] [--only dense|attention] [--repeat 7]
 
-For the matmul shapes of transformer-base (d 512, FFN 2048) and a BERT-size encoder (d 384, FFN 1536,
-12 heads) at several M (= batch x sequence), and for attention at sequence 128 and 512, prints the
+For the projections of transformer-base (d 512, FFN 2048) and a BERT-size encoder (d 384, FFN 1536,
+12 heads) at several M (= batch x sequence), as the llvm target runs them (over weights packed at bind
+time), and for attention at sequence 128 and 512, prints the
 median time of each implementation, GFLOP/s, the share of this machine's float32 peak and the ratio
 of attngraph's time to the best peer's (below 1.0: attngraph is faster).  Every implementation runs
 with the same thread count on the same inputs.  The machine may be shared: repeat what matters.
@@ -94,26 +95,33 @@ def row(cells, widths):
 
 
 def bench_dense(ms, repeat, torch):
+    """The projections as the llvm target runs them: ``linear_packed`` over weights packed in column
+    panels at bind time (what every build of a model with bound weights calls), with its bias."""
     from attngraph.ir import TensorType
+    from attngraph.ir import ops as O
     widths = [48, 6, 9, 9, 6, 9, 9, 7]
-    print(row(["dense matmul (K x N)", "M", "ag ms", "ag GF/s", "%peak", "numpy GF/s", "torch GF/s", "ratio"], widths))
+    print(row(["dense projection x @ W + b (K x N)", "M", "ag ms", "ag GF/s", "%peak", "numpy GF/s", "torch GF/s",
+               "ratio"], widths))
     rng = np.random.default_rng(0)
     results = []
     for model, what, k, n in DENSE_SHAPES:
         w = rng.standard_normal((k, n)).astype("float32")
+        b = rng.standard_normal(n).astype("float32")
+        panels = O.get("pack_panels").ref(w, width=16)
         # One build per shape serves every M: the rows are symbolic.
-        kernel, attrs = compile_kernel("matmul", {}, [TensorType(("batch", "seq", k), "float32"),
-                                                      TensorType((k, n), "float32")])
+        kernel, attrs = compile_kernel("linear_packed", {"n": n}, [TensorType(("batch", "seq", k), "float32"),
+                                                                   TensorType(panels.shape, "float32"),
+                                                                   TensorType((n,), "float32")])
         for m in ms:
             x = rng.standard_normal((1, m, k)).astype("float32")
-            run, err = caller(kernel, "matmul", attrs, [x, w])
+            run, err = caller(kernel, "linear_packed", attrs, [x, panels, b])
             if err > 1e-2 * np.sqrt(k):
                 raise click.ClickException(f"wrong result for {k}x{n} at M={m}: max error {err}")
             flops = 2.0 * m * k * n
             t_ag = median_time(run, repeat)
-            t_np = median_time(lambda: np.matmul(x, w), repeat)
-            xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-            t_torch = median_time(lambda: torch.matmul(xt, wt), repeat)
+            t_np = median_time(lambda: np.matmul(x, w) + b, repeat)
+            xt, wt, bt = torch.from_numpy(x), torch.from_numpy(w.T.copy()), torch.from_numpy(b)
+            t_torch = median_time(lambda: torch.nn.functional.linear(xt, wt, bt), repeat)
             gf = flops / t_ag / 1e9
             results.append((model, what, k, n, m, gf))
             print(row([f"{model} {what} {k}x{n}", m, f"{t_ag * 1e3:.3f}", f"{gf:.1f}", f"{100 * gf / peak_gflops():.0f}%",
