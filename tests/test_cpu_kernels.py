@@ -16,7 +16,7 @@ from conftest import TOLERANCE  # noqa: E402
 from attngraph.backends.tvm.build import llvm_target  # noqa: E402
 from attngraph.backends.tvm.cpu_kernels import cpu_kernel, kernel_forms  # noqa: E402
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
-from attngraph.backends.tvm.targets import FEW_ROWS  # noqa: E402
+from attngraph.backends.tvm.targets import FEW_ROWS, ONE_ROW  # noqa: E402
 from attngraph.ir import TensorType  # noqa: E402
 from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
@@ -204,6 +204,8 @@ def test_each_instruction_sets_tiles_compute_the_same(isa, monkeypatch):
     sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}]
     check("linear_packed", {"n": 70, "activation": "gelu"}, [x, w, T((70,), "float32")], sizes)
     check("linear_packed", {"n": 70}, [x, w], sizes, form=FEW_ROWS)
+    if tiles.one_row:
+        check("linear_packed", {"n": 70, "activation": "relu"}, [x, w, T((70,), "float32")], sizes, form=ONE_ROW)
     qkv = T(("batch", 3, "seq", 16), "float32")
     check("fused_attention", {"scale": 0.25, "mask_kinds": ("drop",)},
           [qkv, qkv, qkv, T(("batch", 1, 1, "seq"), "bool")], sizes + [{"batch": 1, "seq": 70}])

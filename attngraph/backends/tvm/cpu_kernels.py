@@ -44,13 +44,15 @@ class CpuTiles:
     """Register tiles for one vector instruction set, as (rows, columns) of float32 accumulators.
 
     ``dense``: the projection over packed weights; ``few_rows``: the same at 1-8 rows (a decode step,
-    where a tall tile's clamped extra rows are wasted work: ``targets.FEW_ROWS``); ``attention``: query
-    rows per block and keys per chunk of the fused attention (``cpu_attention.py``).
+    where a tall tile's clamped extra rows are wasted work: ``targets.FEW_ROWS``); ``one_row``: at
+    exactly one row, where measured faster (``targets.ONE_ROW``); ``attention``: query rows per block
+    and keys per chunk of the fused attention (``cpu_attention.py``).
     """
     isa: str
     dense: tuple
     few_rows: tuple
     attention: tuple
+    one_row: tuple | None = None
 
 
 # AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
@@ -59,9 +61,10 @@ AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(4, 16))
 # AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
 # GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
 # zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
-# slower.  At 8 rows 2 x 64 is 1.5x the AVX2 few-rows tile, at 1-2 rows equal.  Attention: 8 query
-# rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32 and 64).
-AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32))
+# slower.  At 8 rows 2 x 64 is 1.5x the AVX2 few-rows tile, at 1-2 rows equal; at one row 1 x 64 reads
+# the 512 x 37000 output projection of a decode step 20% faster (1.9 against 2.4 ms) but is 1.4x slower
+# at 8 rows.  Attention: 8 query rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32, 64).
+AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64))
 
 
 def cpu_tiles(target) -> CpuTiles:
@@ -395,15 +398,19 @@ def _vectorize_weighted_sum(sch, block):
 def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
                  dim_vars: DimVars, target=None) -> dict:
     """The other forms of a kernel (``targets.TargetSpec.kernel_forms``): ``update_slice`` in place,
-    ``linear_packed`` for a few rows."""
-    from .targets import FEW_ROWS, IN_PLACE
+    ``linear_packed`` for a few rows (and for one row, where the tiles have such a form)."""
+    from .targets import FEW_ROWS, IN_PLACE, ONE_ROW
     if op == "update_slice":
         return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dim_vars)}
     if op == "fused_attention" and out_type.dtype in FLOATS:
         from .cpu_attention import attention
         return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1, lanes=cpu_tiles(target).attention[1])}
     if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
-        return {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, cpu_tiles(target).few_rows)}
+        tiles = cpu_tiles(target)
+        forms = {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, tiles.few_rows)}
+        if tiles.one_row:
+            forms[ONE_ROW] = _packed_linear(attrs, in_types, out_type, dim_vars, tiles.one_row)
+        return forms
     return {}
 
 

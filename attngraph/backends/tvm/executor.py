@@ -29,7 +29,7 @@ from ...passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_mem
 from ...weights import check_params
 from ..reference import describe
 from .shapes import scalar_dims
-from .targets import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, tile_rows
+from .targets import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, ONE_ROW, tile_rows
 
 
 class Device(Protocol):
@@ -165,6 +165,8 @@ class CompiledModel:
                          and device.has_kernel(s.kernel + IN_PLACE)}
         # kernels with a form for few rows (a decode step's), called where the output has at most FEW_ROWS_MAX
         self.few_rows = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + FEW_ROWS)}
+        # ... and for exactly one row
+        self.one_row = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + ONE_ROW)}
         self.precomputed = self._precompute_nodes()
         self.constants = self._bind_constants()
         self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
@@ -263,11 +265,14 @@ class CompiledModel:
                                                     n.type.concrete(dims), n.type.dtype)
                 name = next((name for d, name in self.variants.get(step.kernel, ())
                              if all(dims.get(k) == v for k, v in d.items())), step.kernel)
-                if name == step.kernel and step.kernel in self.few_rows \
-                        and tile_rows(n.op, n.attrs, views[step.node].shape) <= FEW_ROWS_MAX:
-                    name = step.kernel + FEW_ROWS
+                if name == step.kernel and step.kernel in self.few_rows | self.one_row:
+                    rows = tile_rows(n.op, n.attrs, views[step.node].shape)
+                    if rows == 1 and step.kernel in self.one_row:
+                        name = step.kernel + ONE_ROW
+                    elif rows <= FEW_ROWS_MAX and step.kernel in self.few_rows:
+                        name = step.kernel + FEW_ROWS
                 # A static variant takes no dim arguments: its sizes are constants.
-                static = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS))
+                static = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS, ONE_ROW))
                 kernels[step.node] = (name, [] if static else [dims[d] for d in step.scalars])
         self._frames[key] = (plan, views, kernels)
         while len(self._frames) > 8:

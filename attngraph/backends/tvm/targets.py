@@ -37,7 +37,7 @@ class TargetSpec:
     #: or None to keep weights (K, N)
     weight_panel: int | None = None
     #: (KernelSpec, DimVars, target) -> {suffix: PrimFunc}: other forms of the kernel, built beside it
-    #: as ``<name><suffix>`` with the same parameters (``IN_PLACE``, ``FEW_ROWS``); the executor
+    #: as ``<name><suffix>`` with the same parameters (``IN_PLACE``, ``FEW_ROWS``, ``ONE_ROW``); the executor
     #: calls one where it applies
     kernel_forms: Callable | None = None
     #: the kind name of the TVM target ``make_target`` gives, where it differs from ``name`` (the
@@ -58,6 +58,9 @@ IN_PLACE = "__inplace"
 #: The form of a kernel for at most ``FEW_ROWS_MAX`` rows (``tile_rows``): a decode step's one
 #: token per sequence.
 FEW_ROWS, FEW_ROWS_MAX = "__few", 8
+#: The form of a kernel for exactly one row: batch-1 greedy decoding, where a tile of one row reads
+#: the weights once with no clamped second row (preferred over ``FEW_ROWS`` where both exist).
+ONE_ROW = "__one"
 
 
 def tile_rows(op: str, attrs: dict, out_shape: tuple) -> int:
