@@ -202,12 +202,13 @@ def _norm(feature: str) -> str:
     return feature.lower().replace("_", "").replace("-", "").replace(".", "")
 
 
-def _isa_features(cpu: str, mattr: tuple = ()) -> set:
+@functools.lru_cache(maxsize=None)
+def _isa_features(cpu: str, mattr: tuple = ()) -> frozenset:
     """The instruction-set extensions (AVX*, AMX*, FMA, F16C) LLVM enables for ``cpu`` with ``mattr``."""
     import tvm
     spec = {"kind": "llvm", "mcpu": cpu, **({"mattr": list(mattr)} if mattr else {})}
     feats = tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(spec))
-    return {f for f in feats if f.startswith(("avx", "amx")) or f in ("fma", "f16c")}
+    return frozenset(f for f in feats if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 @functools.lru_cache(maxsize=1)
