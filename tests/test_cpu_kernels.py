@@ -209,3 +209,9 @@ def test_each_instruction_sets_tiles_compute_the_same(isa, monkeypatch):
     qkv = T(("batch", 3, "seq", 16), "float32")
     check("fused_attention", {"scale": 0.25, "mask_kinds": ("drop",)},
           [qkv, qkv, qkv, T(("batch", 1, 1, "seq"), "bool")], sizes + [{"batch": 1, "seq": 70}])
+    # q, k and v as windows of heads of one merged tensor (read in place), in both forms
+    merged = T(("batch", "seq", 6, 16), "float32")
+    attrs = {"scale": 0.25, "mask_kinds": ("drop",), "layout": "bshd", "heads": (2, 4, 0, 2)}
+    for form in (None, FEW_ROWS):
+        check("fused_attention", attrs, [merged, merged, merged, T(("batch", 1, 1, "seq"), "bool")],
+              sizes + [{"batch": 2, "seq": 70}], form=form)

@@ -209,6 +209,33 @@ def test_pack_weights_packs_each_weight_once_and_keeps_the_meaning(tiny_graph):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
 
 
+def test_attention_reads_merged_qkv_in_place_and_keeps_the_meaning(tiny_graph):
+    from attngraph.passes.layout import read_merged_qkv
+    g, _ = passes.optimize(tiny_graph, 3)
+    merged = g.copy()
+    matches, _ = read_merged_qkv(merged)
+    attentions = [n for n in merged.nodes() if n.op == "fused_attention"]
+    windows = [n for n in attentions if n.attrs.get("heads")]
+    # Self-attentions (encoder and decoder) read q, k, v from their merged projection; cross-attentions'
+    # q comes from elsewhere and keep theirs.
+    assert matches == len(windows) > 0 and len(windows) < len(attentions)
+    for n in windows:
+        assert len(set(merged.operands(n.id)[:3])) == 1 and merged.node(merged.operands(n.id)[0]).op == "reshape"
+    slices = [n for n in g.nodes() if n.op == "slice"]
+    assert len([n for n in merged.nodes() if n.op == "slice"]) == len(slices) - 3 * matches
+    params = ag.init_params(tiny_graph, 0, perturb=True)
+    x = example(tiny_graph, 0)
+    want, got = run64(g, params, x), run64(merged, params, x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
+
+
+def test_attention_head_window_out_of_range_is_a_shape_error():
+    t = ag.ir.TensorType(("batch", "seq", 6, 8), "float32")
+    with pytest.raises(ag.ir.ops.ShapeError, match=r"reads k heads \[5, 7\) of 6"):
+        ag.ir.ops.get("fused_attention").infer([t, t, t], {"layout": "bshd", "heads": (2, 0, 5, 4)})
+
+
 def test_pack_panels_pads_the_last_panel():
     w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
     p = ag.ir.ops.pack_panels(w, width=4)

@@ -126,6 +126,18 @@ def scaled_masked_softmax(x, *masks, scale=1.0, mask_kinds=()):
     return O.softmax(s.astype(x.dtype, copy=False), axis=-1)
 
 
+def _head_window(attrs) -> tuple | None:
+    """``heads`` = (n, q0, k0, v0): q, k and v are read at heads [q0, q0 + n), [k0, k0 + n) and
+    [v0, v0 + n) of their head axis (all three may be one tensor: a merged QKV projection viewed as
+    (batch, seq, 3 x heads, dim), read without slicing it apart); () reads every head."""
+    heads = tuple(attrs.get("heads", ()))
+    if not heads:
+        return None
+    if len(heads) != 4 or not all(isinstance(v, int) and v >= 0 for v in heads) or heads[0] < 1:
+        raise ShapeError(f"fused_attention: heads must be (n, q0, k0, v0) of non-negative ints, n >= 1, got {heads}")
+    return heads
+
+
 def _infer_attention(types, attrs):
     if len(types) < 3:
         raise ShapeError("fused_attention takes q, k, v and optional masks")
@@ -139,6 +151,14 @@ def _infer_attention(types, attrs):
         (b, lq, h, d), (bk, lk, hk, dk), (bv, lv, hv, dv) = q.shape, k.shape, v.shape
     else:                 # (batch, heads, seq, dim)
         (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
+    window = _head_window(attrs)
+    if window is not None:
+        n = window[0]
+        for name, total, start in (("q", h, window[1]), ("k", hk, window[2]), ("v", hv, window[3])):
+            if not isinstance(total, int) or start + n > total:
+                raise ShapeError(f"fused_attention: heads {window} reads {name} heads [{start}, {start + n}) "
+                                 f"of {total}")
+        h = hk = hv = n
     if (b, h) != (bk, hk) or (b, h) != (bv, hv) or d != dk or lk != lv:
         raise ShapeError(f"q {q}, k {k}, v {v} do not fit together in layout {layout}")
     _check_masks(types[3:], attrs, (b, h, lq, lk))
@@ -146,11 +166,15 @@ def _infer_attention(types, attrs):
     return TensorType(shape, O._same_dtype(types[:3]))
 
 
-@op("fused_attention", FUSED, None, _infer_attention, scale=1.0, mask_kinds=(), layout="bhsd")
-def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), layout="bhsd"):
+@op("fused_attention", FUSED, None, _infer_attention, scale=1.0, mask_kinds=(), layout="bhsd", heads=())
+def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), layout="bhsd", heads=()):
     """softmax(masks(q @ k^T * scale)) @ v in one op.  ``layout`` ``bhsd`` has q, k, v and the result
     as (batch, heads, seq, dim); ``bshd`` as (batch, seq, heads, dim), the layout projections
-    produce without any transpose."""
+    produce without any transpose.  ``heads`` (n, q0, k0, v0): read n heads of each from q0, k0, v0."""
+    if heads:
+        n, q0, k0, v0 = heads
+        axis = 2 if layout == "bshd" else 1
+        q, k, v = (np.take(t, range(start, start + n), axis=axis) for t, start in ((q, q0), (k, k0), (v, v0)))
     if layout == "bshd":
         q, k, v = (np.swapaxes(t, 1, 2) for t in (q, k, v))
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)

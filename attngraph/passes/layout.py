@@ -5,13 +5,16 @@ reads it as column panels, ``linear_packed(x, pack_panels(W; width))``.  The pac
 weights-only value, so executors compute it once at bind time; the CPU matmul kernel then streams
 each panel contiguously instead of packing it on every call (the cost that dominates when the
 product has few rows, as in a decode step).
+
+``read_merged_qkv``: an attention whose q, k and v are three slices of one merged projection reads
+them in place, as windows of heads of that tensor viewed with a head axis: no slice copies.
 """
 
 from __future__ import annotations
 
 from ..ir import Graph
 from .memory import weights_only
-from .rewrite import replace
+from .rewrite import only_used_by, replace
 
 
 def _static_2d(t) -> bool:
@@ -43,3 +46,54 @@ def pack_weights(g: Graph, width: int, dtype: str | None = None):
         g.remove(nid)
         matches += 1
     return matches, misses
+
+
+def _head_split(g: Graph, nid: int):
+    """(merged tensor, first head, heads, head dim) when ``nid`` is ``reshape(slice(M; last axis))`` to
+    (batch, seq, heads, dim) with the slice on whole heads of M (batch, seq, width); else None."""
+    r = g.node(nid)
+    if r.op != "reshape" or len(g.users(nid)) != 1 or g.is_output(nid):
+        return None
+    sl = g.operands(nid)[0]
+    s = g.node(sl)
+    if s.op != "slice" or not only_used_by(g, sl, nid):
+        return None
+    m = g.operands(sl)[0]
+    mt, rt = g.node(m).type, r.type
+    h, d = rt.shape[2], rt.shape[3]
+    if mt.rank != 3 or rt.rank != 4 or s.attrs.get("axis") % 3 != 2 or s.attrs.get("step", 1) != 1 \
+            or not all(isinstance(v, int) for v in (h, d, mt.shape[-1])) or rt.shape[:2] != mt.shape[:2]:
+        return None
+    start, stop = s.attrs["start"], s.attrs["stop"]
+    if not (isinstance(start, int) and isinstance(stop, int)) or start % d or stop - start != h * d:
+        return None
+    return m, start // d, h, d
+
+
+def read_merged_qkv(g: Graph):
+    """``fused_attention(reshape(slice(M, a)), reshape(slice(M, b)), reshape(slice(M, c)))`` in layout
+    ``bshd``, the three slices whole heads of one tensor M (batch, seq, width) -> ``fused_attention(V,
+    V, V; heads=(h, a, b, c))`` with V = reshape(M) to (batch, seq, width / dim, dim): a view of M, so
+    the three slice copies disappear.  Returns (matches, misses) like the other rules."""
+    matches = 0
+    for nid in list(g.topo_order()):
+        n = g.node(nid)
+        if n.op != "fused_attention" or n.attrs.get("layout") != "bshd" or n.attrs.get("heads"):
+            continue
+        ops = g.operands(nid)
+        splits = [_head_split(g, o) for o in ops[:3]]
+        if None in splits or len({s[0] for s in splits}) != 1 or len({s[2:] for s in splits}) != 1:
+            continue
+        m, _, h, d = splits[0]
+        mt = g.node(m).type
+        view = g.add("reshape", [m], {"shape": tuple(g.node(ops[0]).attrs["shape"][:2]) + (mt.shape[-1] // d, d)},
+                     name=f"{g.node(m).name}_heads", meta=dict(g.node(m).meta))
+        attrs = {**n.attrs, "heads": (h, splits[0][1], splits[1][1], splits[2][1])}
+        replace(g, nid, "fused_attention", [view, view, view] + ops[3:], attrs)
+        g.remove(nid)
+        for o in ops[:3]:  # the reshapes and slices, now unused
+            sl = g.operands(o)[0]
+            g.remove(o)
+            g.remove(sl)
+        matches += 1
+    return matches, []

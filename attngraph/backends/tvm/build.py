@@ -242,9 +242,10 @@ def for_target(g: Graph, target: str, weight_dtype: str | None = None) -> Graph:
         raise BuildError(f"weights stored as {weight_dtype} are supported on the llvm target only, not {target!r}")
     if not panel:
         return g
-    from ...passes.layout import pack_weights
+    from ...passes.layout import pack_weights, read_merged_qkv
     g = g.copy()
     pack_weights(g, panel, weight_dtype)
+    read_merged_qkv(g)  # the CPU attention reads q, k, v in place in a merged projection
     return g
 
 

@@ -46,19 +46,24 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     seq_axis = 1 if bshd else 2
     b, h, d = Q.shape[0], Q.shape[3 - seq_axis], Q.shape[3]
     lq, lk, dv_ = Q.shape[seq_axis], K.shape[seq_axis], V.shape[3]
+    # A window of heads of each operand (``heads``: q, k and v may be one merged QKV tensor).
+    starts = (0, 0, 0)
+    if attrs.get("heads"):
+        n_heads, *starts = attrs["heads"]
+        h = _i64(n_heads)
 
     def at(t, i, j, s, x):
         """``t`` read at (batch i, head j, position s, x) whatever its layout."""
         return t[i, s, j, x] if bshd else t[i, j, s, x]
 
     def q_at(i, j, m, r):
-        return at(Q, i, j, m, r)
+        return at(Q, i, j + starts[0], m, r)
 
     def k_at(i, j, n, r):
-        return at(K, i, j, n, r)
+        return at(K, i, j + starts[1], n, r)
 
     def v_at(i, j, n, c):
-        return at(V, i, j, n, c)
+        return at(V, i, j + starts[2], n, c)
 
     rows = lq + (block - 1)  # room for a partial last block (its extra rows read the last query again)
     chunks = (lk + (lanes - 1)) // lanes

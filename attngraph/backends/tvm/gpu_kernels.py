@@ -45,7 +45,7 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
     where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path)."""
     import tvm
 
-    if spec.op != "fused_attention":
+    if spec.op != "fused_attention" or spec.attrs.get("heads"):  # head windows: the generic schedule
         return None
     q, k, v = spec.in_types[:3]
     masks = spec.in_types[3:]

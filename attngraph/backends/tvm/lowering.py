@@ -143,6 +143,16 @@ def _masked_scores(s, masks, kinds, scale, name):
     return te.compute(s.shape, body, name=f"{name}_scores")
 
 
+def _head_slice(t, n: int, start: int, layout: str, name: str):
+    """Heads [start, start + n) of ``t`` (head axis 2 in ``bshd``, 1 in ``bhsd``), computed inline."""
+    axis = 2 if layout == "bshd" else 1
+    shape = [t.shape[a] if a != axis else n for a in range(4)]
+
+    def read(*i):
+        return t[tuple(i[a] + start if a == axis else i[a] for a in range(4))]
+    return te.compute(shape, read, name=name)
+
+
 def _swap_seq_heads(t: te.Tensor, name: str) -> te.Tensor:
     return te.compute((t.shape[0], t.shape[2], t.shape[1], t.shape[3]), lambda b, h, s, d: t[b, s, h, d], name=name)
 
@@ -197,6 +207,10 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         return _softmax(s, name)
     if op == "fused_attention":
         q, k, v = xs[:3]
+        if attrs.get("heads"):  # a window of heads of each (a merged QKV tensor read in place)
+            n, *starts = attrs["heads"]
+            q, k, v = (_head_slice(t, n, start, attrs["layout"], f"{name}_{t.name}_heads")
+                       for t, start in zip((q, k, v), starts))
         if attrs["layout"] == "bshd":  # read (b, s, h, d) as (b, h, s, d) without a copy
             q, k, v = (_swap_seq_heads(t, f"{name}_{t.name}_bhsd") for t in (q, k, v))
         b, h, lq, d = q.shape
