@@ -97,6 +97,7 @@ def row(cells, widths):
 def bench_dense(ms, repeat, torch):
     """The projections as the llvm target runs them: ``linear_packed`` over weights packed in column
     panels at bind time (what every build of a model with bound weights calls), with its bias."""
+    from attngraph.backends.tvm.targets import get_target
     from attngraph.ir import TensorType
     from attngraph.ir import ops as O
     widths = [48, 6, 9, 9, 6, 9, 9, 7]
@@ -107,7 +108,7 @@ def bench_dense(ms, repeat, torch):
     for model, what, k, n in DENSE_SHAPES:
         w = rng.standard_normal((k, n)).astype("float32")
         b = rng.standard_normal(n).astype("float32")
-        panels = O.get("pack_panels").ref(w, width=16)
+        panels = O.get("pack_panels").ref(w, width=get_target("llvm").weight_panel)
         # One build per shape serves every M: the rows are symbolic.
         kernel, attrs = compile_kernel("linear_packed", {"n": n}, [TensorType(("batch", "seq", k), "float32"),
                                                                    TensorType(panels.shape, "float32"),

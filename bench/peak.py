@@ -45,12 +45,12 @@ def _probe(threads: int, width: int):
 def peak_gflops(threads: int | None = None) -> float:
     """float32 GFLOP/s of ``threads`` cores (default TVM_NUM_THREADS) doing nothing but vector FMAs."""
     import tvm
-    from tvm.target import codegen
 
     from attngraph.backends.tvm.build import llvm_target
+    from attngraph.backends.tvm.cpu_kernels import cpu_tiles
     threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
     target = llvm_target()
-    lanes = 16 if codegen.target_has_features("avx512f", target) else 8
+    lanes = 16 if cpu_tiles(target).isa == "avx512" else 8  # float32 lanes of the widest vector
     best = 0.0
     for accumulators in (8, 16):  # enough to hide the FMA latency on two ports; no register spills
         width = lanes * accumulators

@@ -61,7 +61,7 @@ def _head_split(g: Graph, nid: int):
     m = g.operands(sl)[0]
     mt, rt = g.node(m).type, r.type
     h, d = rt.shape[2], rt.shape[3]
-    if mt.rank != 3 or rt.rank != 4 or s.attrs.get("axis") % 3 != 2 or s.attrs.get("step", 1) != 1 \
+    if mt.rank != 3 or rt.rank != 4 or s.attrs.get("axis") not in (2, -1) or s.attrs.get("step", 1) != 1 \
             or not all(isinstance(v, int) for v in (h, d, mt.shape[-1])) or rt.shape[:2] != mt.shape[:2]:
         return None
     start, stop = s.attrs["start"], s.attrs["stop"]

@@ -156,7 +156,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
     for name in stages:
         sch.set_scope(sch.get_sblock(name), 0, "global")
-    # Scores: for each key chunk, a ROWS x lanes register tile accumulated over the head dim, then
+    # Scores: for each key chunk, a block x lanes register tile accumulated over the head dim, then
     # scaled and masked on the way to memory.
     sb = sch.get_sblock("s")
     s_mi, s_c, s_l = sch.get_loops(sb)[-3:]
@@ -199,7 +199,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.reorder(chunk, lane)
         sch.vectorize(lane)
         sch.decompose_reduction(blk, chunk)
-    # P V: keys outside, a ROWS x (head_dim or lanes) register tile inside.
+    # P V: keys outside, a block x (head_dim or lanes) register tile inside.
     pb = sch.get_sblock("o")
     sch.set_scope(pb, 0, "local")
     p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]

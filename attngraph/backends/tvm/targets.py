@@ -192,7 +192,8 @@ def llvm_target():
     import tvm
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     spec = {"kind": "llvm", "mcpu": cpu}
-    missing = sorted(_isa_features(cpu) - _host_flags()) if _host_flags() else []
+    host = _host_flags()
+    missing = sorted(_isa_features(cpu) - host) if host else []
     if missing:
         spec["mattr"] = [f"-{f}" for f in missing]
     return tvm.target.Target(spec)
@@ -225,7 +226,8 @@ def _host_flags() -> frozenset:
         return frozenset()
     # /proc/cpuinfo spells LLVM's features differently (avx512_vnni, amx_tile, avx_vnni): compare
     # normalized names, and keep LLVM's spelling for the features that are present.
-    cpu = __import__("tvm").target.codegen.llvm_get_system_cpu()
+    import tvm
+    cpu = tvm.target.codegen.llvm_get_system_cpu()
     return frozenset(f for f in _isa_features(cpu) if _norm(f) in flags)
 
 
