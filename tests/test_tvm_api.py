@@ -112,24 +112,48 @@ def test_damaged_artifacts_are_clear_errors(tiny_artifact, tmp_path, damage, mat
         api.load(copy)
 
 
-def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp_path, monkeypatch):
-    # Built where AVX-512 is (the manifest says so), loaded on an AVX2 CPU: a clear error naming the
-    # missing instruction sets, instead of a crash on the first AVX-512 instruction.
-    import tvm
+HASWELL_FLAGS = frozenset({"sse42", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2"})  # /proc/cpuinfo, normalized
 
+
+@pytest.mark.parametrize("listed", [True, False], ids=["features-listed", "older-manifest"])
+def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp_path, monkeypatch, listed):
+    # Built where AVX-512 is (the manifest says so), loaded on an AVX2 CPU: a clear error naming the
+    # missing instruction sets, instead of a crash on the first AVX-512 instruction.  The manifest lists
+    # the build's instruction sets; an older one without the list names only the CPU model.
     from attngraph.backends.tvm import targets
     copy = str(tmp_path / "copy")
     shutil.copytree(tiny_artifact[0], copy)
     with open(os.path.join(copy, "manifest.json")) as f:
         manifest = json.load(f)
-    manifest["target_info"] = {"cpu": "skylake-avx512", "mattr": [], "kernels": "avx512"}
+    info = {"cpu": "skylake-avx512", "mattr": [], "kernels": "avx512"}
+    if listed:
+        info["features"] = sorted(targets._isa_features("skylake-avx512"))
+    manifest["target_info"] = info
     _write(os.path.join(copy, "manifest.json"), json.dumps(manifest).encode(), "wb")
-    monkeypatch.setattr(targets, "llvm_target", lambda: tvm.target.Target({"kind": "llvm", "mcpu": "haswell"}))
+    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
     with pytest.raises(ArtifactError, match=r"compiled for CPU 'skylake-avx512', whose instructions .*avx512f.* "
                                             r"this CPU lacks; rebuild it on this machine"):
         api.load(copy)
     monkeypatch.undo()
     assert api.load(tiny_artifact[0]) is not None  # on the CPU it was built on, it loads
+
+
+def test_llvm_artifact_runs_with_tvm_runtime_only(tiny_artifact, tmp_path):
+    """Deployment without the compiler: ``TVM_USE_RUNTIME_LIB=1`` loads TVM's runtime library alone;
+    the CPU check reads the manifest's instruction sets and /proc/cpuinfo, not LLVM."""
+    out, g, _, manifest = tiny_artifact
+    assert "avx2" in manifest["target_info"]["features"]
+    x = example(g, seed=4)
+    np.savez(tmp_path / "in.npz", **x)
+    code = ("import sys, numpy as np; from attngraph import api; from attngraph.backends.tvm.targets import _has_llvm; "
+            "assert not _has_llvm(), 'the compiler is loaded'; "
+            "x = dict(np.load(sys.argv[2])); np.savez(sys.argv[3], **api.load(sys.argv[1])(x))")
+    subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
+                   check=True, timeout=300, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
+    here = api.load(out)(x)
+    with np.load(tmp_path / "y.npz") as y:
+        for k, v in here.items():
+            np.testing.assert_array_equal(y[k], v)
 
 
 def test_not_an_artifact(tmp_path):

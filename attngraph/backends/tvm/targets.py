@@ -177,9 +177,14 @@ def target_status(name: str) -> dict:
     return {"target": name, "compile": compile_problem, "run": run_problem, "note": note}
 
 
+RUNTIME_ONLY = "TVM's compiler is not loaded (TVM_USE_RUNTIME_LIB=1): built artifacts run, nothing compiles"
+
+
 def _llvm_availability():
     import tvm
     from .cpu_kernels import cpu_tiles
+    if not _has_llvm():
+        return RUNTIME_ONLY, None, "built artifacts run if this CPU has their instruction sets"
     return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {cpu_tiles(llvm_target()).isa} kernels)"
 
 
@@ -213,43 +218,72 @@ def _isa_features(cpu: str, mattr: tuple = ()) -> frozenset:
 
 
 @functools.lru_cache(maxsize=1)
-def _host_flags() -> frozenset:
-    """This CPU's instruction-set flags as LLVM spells them (normalized), from /proc/cpuinfo; empty
-    where that file is not there (then the CPU model's features are trusted)."""
+def _cpuinfo_flags() -> frozenset:
+    """This CPU's flags from /proc/cpuinfo, normalized (``_norm``: it spells avx512_vnni and amx_tile
+    where LLVM has avx512vnni and amx-tile); empty where that file is not there."""
     try:
         with open("/proc/cpuinfo") as f:
             line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
         return frozenset()
-    flags = {_norm(x) for x in line.partition(":")[2].split()}
+    return frozenset(_norm(x) for x in line.partition(":")[2].split())
+
+
+@functools.lru_cache(maxsize=1)
+def _host_flags() -> frozenset:
+    """The instruction-set features of this CPU's model (as LLVM spells them) that /proc/cpuinfo
+    confirms; empty where that file is not there (then the CPU model's features are trusted)."""
+    flags = _cpuinfo_flags()
     if not flags:
         return frozenset()
-    # /proc/cpuinfo spells LLVM's features differently (avx512_vnni, amx_tile, avx_vnni): compare
-    # normalized names, and keep LLVM's spelling for the features that are present.
     import tvm
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     return frozenset(f for f in _isa_features(cpu) if _norm(f) in flags)
 
 
+def _has_llvm() -> bool:
+    """Whether TVM's compiler (its LLVM) is loaded: not with ``TVM_USE_RUNTIME_LIB=1``."""
+    try:
+        import tvm
+        tvm.target.codegen.llvm_get_system_cpu()
+        return True
+    except Exception:  # noqa: BLE001 - AttributeError or a missing global function, by TVM version
+        return False
+
+
 def missing_cpu_features(target_info: dict) -> list:
     """The instruction sets an llvm artifact's kernels may use (``target_info`` of its manifest) that
-    this CPU lacks; [] when it has them all or the manifest does not say."""
+    this CPU lacks; [] when it has them all or nothing can tell.
+
+    The manifest lists them (``features``, written at build time), and /proc/cpuinfo says what this
+    CPU has, so the check needs no compiler: an artifact loads with TVM's runtime alone.  Manifests
+    without the list (older builds) ask LLVM what their CPU model has, where TVM's compiler is loaded."""
     cpu = target_info.get("cpu")
     if not cpu:
         return []
-    try:
-        theirs = _isa_features(cpu, tuple(target_info.get("mattr", ())))
-    except Exception:  # noqa: BLE001 - a CPU name this LLVM does not know
-        return [f"the instruction sets of CPU {cpu!r}"]
+    theirs = target_info.get("features")
+    if theirs is None:
+        if not _has_llvm():
+            return []
+        try:
+            theirs = _isa_features(cpu, tuple(target_info.get("mattr", ())))
+        except Exception:  # noqa: BLE001 - a CPU name this LLVM does not know
+            return [f"the instruction sets of CPU {cpu!r}"]
+    flags = _cpuinfo_flags()
+    if flags:
+        return sorted(f for f in theirs if _norm(f) not in flags)
+    if not _has_llvm():
+        return []
     here = llvm_target()
-    ours = _isa_features(str(here.mcpu), tuple(here.attrs.get("mattr", ())))
-    return sorted(theirs - ours)
+    return sorted(set(theirs) - _isa_features(str(here.mcpu), tuple(here.attrs.get("mattr", ()))))
 
 
 def _describe_llvm() -> dict:
     from .cpu_kernels import cpu_tiles
     t = llvm_target()
-    return {"cpu": str(t.mcpu), "mattr": [str(a) for a in t.attrs.get("mattr", ())], "kernels": cpu_tiles(t).isa}
+    mattr = [str(a) for a in t.attrs.get("mattr", ())]
+    return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(_isa_features(str(t.mcpu), tuple(mattr))),
+            "kernels": cpu_tiles(t).isa}
 
 
 def ensure_threads() -> None:
