@@ -15,7 +15,8 @@ CUDA cores, SXM; attngraph's kernels do not use tensor cores) and, for scale, th
 tensor-core peak (495 TFLOP/s).
 
 It refuses to run without a CUDA GPU, TVM's CUDA runtime, and a CUDA build of PyTorch, and says which
-is missing.  UNTESTED: written on a machine without a GPU; it has never been run.  The attngraph
+is missing.  On a GPU machine without TVM's compiler, ``gpu_device.py`` bundles cuda builds made
+elsewhere and times them through ``bench_model(..., artifact=DIR)``.  UNTESTED: written on a machine without a GPU; it has never been run.  The attngraph
 side (build for cuda, kernel names, flop count) was exercised there only up to the point where the
 GPU is needed.
 """
@@ -92,23 +93,32 @@ def attention_kernel(compiled, inputs, repeat: int):
     return step.kernel, seconds, flops(n.op, n.attrs, shapes, n.type.concrete(dims)), shapes
 
 
-def bench_model(name: str, cases, repeat: int) -> None:
+def bench_model(name: str, cases, repeat: int, artifact: str | None = None) -> list[str]:
+    """Time ``name`` at each (batch, seq) case; returns one summary line per case.  ``artifact``: a
+    cuda build of it made elsewhere (``gpu_device.py bundle``), loaded instead of compiling here."""
     import torch
     from bench_models import torch_encoder
 
     from attngraph import api, init_params
     from attngraph.models.transformer import TransformerEncoderModel
     from attngraph.nn import trace
-    major, minor = torch.cuda.get_device_capability()
-    target = f"cuda:sm_{major}{minor}"
     d, heads, ff, layers = MODELS[name]
-    graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
-    params = init_params(graph, 0, perturb=True)
     start = time.perf_counter()
-    compiled = api.compile(graph, params, target=target, opt_level=3)
-    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layers; attngraph -O3 for {target}: "
-          f"build {time.perf_counter() - start:.1f} s, {len(compiled.kernels.specs)} distinct kernels, "
+    if artifact:
+        compiled = api.load(artifact)
+        params, target = compiled.params, compiled.manifest.get("target")
+        how = f"loaded from {artifact} ({target}) in {time.perf_counter() - start:.1f} s"
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        target = f"cuda:sm_{major}{minor}"
+        graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
+        params = init_params(graph, 0, perturb=True)
+        compiled = api.compile(graph, params, target=target, opt_level=3)
+        how = (f"-O3 for {target}: build {time.perf_counter() - start:.1f} s, {len(compiled.kernels.specs)} "
+               f"distinct kernels")
+    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layers; attngraph {how}, "
           f"{compiled.kernel_count} calls; GPU {torch.cuda.get_device_name()}")
+    summary = []
     enc = torch_encoder(params, d, heads, ff, layers).cuda()
     with torch.no_grad():
         compiled_torch = torch.compile(enc)
@@ -129,15 +139,20 @@ def bench_model(name: str, cases, repeat: int) -> None:
             ratios = ", ".join(f"vs {e} {ms['attngraph'] / ms[e]:.2f}" for e in ("torch+copies", "torch.compile+copies"))
             print(f"batch {batch} seq {seq}: {cells}\n  attngraph ratio (attngraph / peer) {ratios}; "
                   f"max |attngraph - torch| {np.abs(got - want).max():.1e}", flush=True)
+            line = (f"bench {name} {batch}x{seq}: attngraph {ms['attngraph']:.2f} ms, torch+copies "
+                    f"{ms['torch+copies']:.2f}, torch.compile+copies {ms['torch.compile+copies']:.2f}; {ratios}")
             kernel = attention_kernel(compiled, {"x": x}, repeat)
             if kernel is None:
                 print("  no fused attention kernel in this build")
+                summary.append(line)
                 continue
             kname, seconds, work, shapes = kernel
             tflops = work / seconds / 1e12
             print(f"  attention kernel {kname} on {shapes[0]}: {seconds * 1e3:.3f} ms, {tflops:.2f} TFLOP/s = "
                   f"{tflops / H100_FP32_TFLOPS:.1%} of the H100 float32 peak ({H100_FP32_TFLOPS:.0f}), "
                   f"{tflops / H100_TF32_TFLOPS:.1%} of its TF32 tensor-core peak ({H100_TF32_TFLOPS:.0f})")
+            summary.append(f"{line}; attention kernel {seconds * 1e3:.3f} ms, {tflops:.2f} TFLOP/s")
+    return summary
 
 
 @click.command()
