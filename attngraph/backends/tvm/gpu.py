@@ -261,8 +261,8 @@ def cuda_kernel(spec, dv, target):
 def cuda_availability():
     """(compile problem, run problem, note) of the cuda target here (``attngraph targets``)."""
     import tvm
-    from .targets import RUNTIME_ONLY, _has_llvm
-    compile_problem = None if _has_llvm() else RUNTIME_ONLY
+    from .targets import RUNTIME_ONLY, compiler_loaded
+    compile_problem = None if compiler_loaded() else RUNTIME_ONLY
     if compile_problem is None and tvm.get_global_func("target.build.cuda", allow_missing=True) is None:
         compile_problem = "this TVM has no CUDA code generator (target.build.cuda)"
     nvcc = find_nvcc()

@@ -183,7 +183,7 @@ RUNTIME_ONLY = "TVM's compiler is not loaded (TVM_USE_RUNTIME_LIB=1): built arti
 def _llvm_availability():
     import tvm
     from .cpu_kernels import cpu_tiles
-    if not _has_llvm():
+    if not compiler_loaded():
         return RUNTIME_ONLY, None, "built artifacts run if this CPU has their instruction sets"
     return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {cpu_tiles(llvm_target()).isa} kernels)"
 
@@ -241,7 +241,8 @@ def _host_flags() -> frozenset:
     return frozenset(f for f in _isa_features(cpu) if _norm(f) in flags)
 
 
-def _has_llvm() -> bool:
+@functools.lru_cache(maxsize=1)
+def compiler_loaded() -> bool:
     """Whether TVM's compiler (its LLVM) is loaded: not with ``TVM_USE_RUNTIME_LIB=1``."""
     try:
         import tvm
@@ -263,7 +264,7 @@ def missing_cpu_features(target_info: dict) -> list:
         return []
     theirs = target_info.get("features")
     if theirs is None:
-        if not _has_llvm():
+        if not compiler_loaded():
             return []
         try:
             theirs = _isa_features(cpu, tuple(target_info.get("mattr", ())))
@@ -272,7 +273,7 @@ def missing_cpu_features(target_info: dict) -> list:
     flags = _cpuinfo_flags()
     if flags:
         return sorted(f for f in theirs if _norm(f) not in flags)
-    if not _has_llvm():
+    if not compiler_loaded():
         return []
     here = llvm_target()
     return sorted(set(theirs) - _isa_features(str(here.mcpu), tuple(here.attrs.get("mattr", ()))))

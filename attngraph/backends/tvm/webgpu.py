@@ -724,8 +724,8 @@ def vulkan_availability():
     """(compile problem, run problem, note) of the vulkan target here (``attngraph targets``)."""
     import tvm
     path = vulkan_path()
-    from .targets import RUNTIME_ONLY, _has_llvm
-    compile_problem = None if _has_llvm() else RUNTIME_ONLY
+    from .targets import RUNTIME_ONLY, compiler_loaded
+    compile_problem = None if compiler_loaded() else RUNTIME_ONLY
     if compile_problem is None and path == "wgsl-wgpu" and \
             tvm.get_global_func("target.build.webgpu", allow_missing=True) is None:
         compile_problem = "this TVM has neither a Vulkan (SPIR-V) nor a WebGPU (WGSL) code generator"
