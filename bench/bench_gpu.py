@@ -16,9 +16,9 @@ tensor-core peak (495 TFLOP/s).
 
 It refuses to run without a CUDA GPU, TVM's CUDA runtime, and a CUDA build of PyTorch, and says which
 is missing.  On a GPU machine without TVM's compiler, ``gpu_device.py`` bundles cuda builds made
-elsewhere and times them through ``bench_model(..., artifact=DIR)``.  UNTESTED: written on a machine without a GPU; it has never been run.  The attngraph
-side (build for cuda, kernel names, flop count) was exercised there only up to the point where the
-GPU is needed.
+elsewhere and times them through ``bench_model(..., artifact=DIR)``.  UNTESTED: written on a machine
+without a GPU; it has never been run.  The attngraph side (build for cuda, kernel names, flop count)
+was exercised there only up to the point where the GPU is needed.
 """
 
 from __future__ import annotations
