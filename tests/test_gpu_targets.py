@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TOLERANCE, example
+from conftest import TOLERANCE, example, outputs_in_fresh_process
 
 import attngraph as ag
 from attngraph import api
@@ -141,20 +141,9 @@ def test_vulkan_artifact_runs_with_tvm_runtime_only(vulkan_artifacts, tmp_path):
     compiler) loads and runs the artifact and gets the same outputs."""
     path, g, _, _ = vulkan_artifacts["gpt-tiny"]
     x = example(g, seed=6)
-    here = api.load(path)(x)
-    np.savez(tmp_path / "in.npz", **x)
-    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
-            "y = api.load(sys.argv[1])(x); np.savez(sys.argv[3], **y); "
-            "maps = open('/proc/self/maps').read(); "
-            "print('compiler loaded' if 'libtvm_compiler' in maps else 'runtime only')")
-    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1")
-    out = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "runtime only"
-    with np.load(tmp_path / "y.npz") as y:
-        for k, v in here.items():
-            np.testing.assert_array_equal(y[k], v)
+    there = outputs_in_fresh_process(path, x, tmp_path, runtime_only=True)
+    for k, v in api.load(path)(x).items():
+        np.testing.assert_array_equal(there[k], v)
 
 
 @needs_vulkan
@@ -314,15 +303,9 @@ def test_cuda_build_verifies_against_the_interpreter(name, tmp_path):
     # Deployment: a process with TVM's runtime alone gets the same outputs.
     g = api.load(path).graph
     x = example(g, seed=6)
-    np.savez(tmp_path / "in.npz", **x)
-    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
-            "np.savez(sys.argv[3], **api.load(sys.argv[1])(x))")
-    subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
-                   check=True, timeout=300, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
-    here = api.load(path)(x)
-    with np.load(tmp_path / "y.npz") as y:
-        for k, v in here.items():
-            np.testing.assert_allclose(y[k], v, rtol=RTOL, atol=ATOL)
+    there = outputs_in_fresh_process(path, x, tmp_path, runtime_only=True)
+    for k, v in api.load(path)(x).items():
+        np.testing.assert_allclose(there[k], v, rtol=RTOL, atol=ATOL)
 
 
 # -- the whole zoo ------------------------------------------------------------------------------------

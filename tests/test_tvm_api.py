@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TOLERANCE, example
+from conftest import TOLERANCE, example, outputs_in_fresh_process
 
 import attngraph as ag
 from attngraph import api
@@ -66,12 +66,7 @@ def test_fresh_process_gives_the_same_outputs(tiny_artifact, tmp_path):
     out, g, _, _ = tiny_artifact
     x = example(g, seed=3, batch=2, src_len=9, tgt_len=4)
     here = api.load(out)(x)["log_probs"]
-    np.savez(tmp_path / "in.npz", **x)
-    code = ("import sys, numpy as np; from attngraph import api; x = dict(np.load(sys.argv[2])); "
-            "np.save(sys.argv[3], api.load(sys.argv[1])(x)['log_probs'])")
-    subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "in.npz"), str(tmp_path / "y.npy")],
-                   check=True, timeout=300)
-    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), here)
+    np.testing.assert_array_equal(outputs_in_fresh_process(out, x, tmp_path)["log_probs"], here)
 
 
 def test_memory_plan_reuses_buffers(tiny_artifact):
@@ -144,17 +139,9 @@ def test_llvm_artifact_runs_with_tvm_runtime_only(tiny_artifact, tmp_path):
     out, g, _, manifest = tiny_artifact
     assert "avx2" in manifest["target_info"]["features"]
     x = example(g, seed=4)
-    np.savez(tmp_path / "in.npz", **x)
-    code = ("import sys, numpy as np; from attngraph import api; "
-            "from attngraph.backends.tvm.targets import compiler_loaded; "
-            "assert not compiler_loaded(), 'the compiler is loaded'; "
-            "x = dict(np.load(sys.argv[2])); np.savez(sys.argv[3], **api.load(sys.argv[1])(x))")
-    subprocess.run([sys.executable, "-c", code, out, str(tmp_path / "in.npz"), str(tmp_path / "y.npz")],
-                   check=True, timeout=300, env=dict(os.environ, TVM_USE_RUNTIME_LIB="1"))
-    here = api.load(out)(x)
-    with np.load(tmp_path / "y.npz") as y:
-        for k, v in here.items():
-            np.testing.assert_array_equal(y[k], v)
+    there = outputs_in_fresh_process(out, x, tmp_path, runtime_only=True)
+    for k, v in api.load(out)(x).items():
+        np.testing.assert_array_equal(there[k], v)
 
 
 def test_not_an_artifact(tmp_path):
