@@ -22,6 +22,15 @@ def example(graph, seed=0, **dims):
     return ag.random_inputs(graph.input_types(), sizes, seed, meta)
 
 
+@pytest.fixture(scope="session")
+def tiny_graph():
+    return ag.models.load_graph("transformer-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_graph):
+    return ag.init_params(tiny_graph, seed=0, perturb=True)
+
 
 def outputs_in_fresh_process(artifact: str, inputs: dict, tmp_path, *, runtime_only: bool = False) -> dict:
     """The outputs of artifact directory ``artifact`` on ``inputs``, computed by ``attngraph.load`` in a
