@@ -140,7 +140,16 @@ def bundle(out, target, ffi_wheel, vulkan):
     from attngraph import api, init_params
     from attngraph.models.transformer import TransformerEncoderModel
     from attngraph.nn import trace
+    from attngraph.backends import BuildError
+    from attngraph.backends.tvm.targets import get_target, target_status
     from bench_gpu import MODELS
+    try:
+        get_target(target)
+    except BuildError as e:
+        raise click.ClickException(str(e)) from None
+    problem = target_status(target)["compile"]
+    if problem:
+        raise click.ClickException(f"cannot compile for {target} here: {problem}")
     if os.path.exists(out):
         shutil.rmtree(out)
     arts = os.path.join(out, "artifacts", target.partition(":")[0])
@@ -199,6 +208,8 @@ def check(bundle_dir, repeat, no_bench):
         click.echo("note: TVM_USE_RUNTIME_LIB is not 1: this is not the runtime-only check")
     from attngraph.backends.tvm.targets import target_status
     arts = os.path.join(bundle_dir, "artifacts")
+    if not os.path.isdir(arts):
+        raise click.ClickException(f"no bundle in {bundle_dir!r}; make one with: python bench/gpu_device.py bundle")
     rows = []
     for kind in sorted(os.listdir(arts)):
         problem = gpu_problem() if kind == "cuda" else target_status(kind)["run"]
