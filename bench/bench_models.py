@@ -186,7 +186,8 @@ def main(model_names, case_names, engines, repeat):
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
     from attngraph.backends.tvm.build import llvm_target
     from attngraph.backends.tvm.cpu_kernels import cpu_tiles
-    print(f"float32 peak of {THREADS} threads on this CPU ({llvm_target().mcpu}, {cpu_tiles(llvm_target()).isa} "
+    target = llvm_target()
+    print(f"float32 peak of {THREADS} threads on this CPU ({target.mcpu}, {cpu_tiles(target).isa} "
           f"kernels): {peak_gflops():.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:

@@ -210,12 +210,13 @@ def check(bundle_dir, repeat, no_bench):
     arts = os.path.join(bundle_dir, "artifacts")
     if not os.path.isdir(arts):
         raise click.ClickException(f"no bundle in {bundle_dir!r}; make one with: python bench/gpu_device.py bundle")
-    rows = []
+    rows, runs = [], set()
     for kind in sorted(os.listdir(arts)):
         problem = gpu_problem() if kind == "cuda" else target_status(kind)["run"]
         if problem:  # said in the table, never counted as passed
             rows.append(f"verify {kind:6s} skipped: {problem}")
             continue
+        runs.add(kind)
         for name in sorted(os.listdir(os.path.join(arts, kind))):
             art = os.path.join(arts, kind, name)
             if fill_params(art):
@@ -230,12 +231,10 @@ def check(bundle_dir, repeat, no_bench):
             click.echo(f"== {kind} {name}\n" + (report.format() if report else verdict))
             rows.append(f"verify {kind:6s} {name:26s} {verdict:5s} max abs error {worst:.1e} "
                         f"({time.perf_counter() - start:.1f} s)")
-    cuda = os.path.isdir(os.path.join(arts, "cuda")) and gpu_problem() is None
-    if cuda and not no_bench:
+    if "cuda" in runs and not no_bench:
         from bench_gpu import bench_model
         for name in MODELS:
-            for line in bench_model(name, [(8, 512)], repeat, artifact=os.path.join(arts, "cuda", name)):
-                rows.append(line)
+            rows += bench_model(name, [(8, 512)], repeat, artifact=os.path.join(arts, "cuda", name))
     click.echo("\n" + "\n".join(rows))
 
 
