@@ -20,7 +20,8 @@ def _mib(nbytes: int) -> str:
 
 
 target_option = click.option("--target", default="llvm", show_default=True, metavar="TARGET",
-                              help="Compile target: llvm (this CPU with its vector units), cuda (NVIDIA GPUs; "
+                              help="Compile target: llvm (this CPU with its vector units; llvm:CPU for another CPU model, e.g. "
+                                   "llvm:x86-64-v3 for any AVX2 machine), cuda (NVIDIA GPUs; "
                                    "cuda:sm_90 or --arch for another architecture), vulkan (any Vulkan driver; "
                                    "'attngraph targets' says which run here).")
 arch_option = click.option("--arch", default=None, metavar="SM",
@@ -108,7 +109,7 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
         with open(dump_path, "w") as f:
             f.write(device_source(out_dir, manifest))
         click.echo(f"wrote the generated device source to {dump_path}")
-    if target != "llvm":
+    if target != "llvm":  # built for a GPU or another CPU: may not run here
         from .backends.tvm.targets import target_status
         problem = target_status(target)["run"]
         if problem:
@@ -197,6 +198,8 @@ def targets():
         click.echo(f"{name}:\n  compile here: {compiles}\n  run here: {runs}")
         if status["note"]:
             click.echo(f"  {status['note']}")
+        if name == "llvm":
+            click.echo("  llvm:CPU builds for another CPU model (llvm:x86-64-v3: any AVX2 machine; x86-64-v4: AVX-512)")
 
 
 COMMANDS = (build, verify, tune, targets)

@@ -103,7 +103,7 @@ def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), fused
 
 
-def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
+def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None) -> list[dict]:
     import torch
 
     from attngraph import api, init_params
@@ -114,7 +114,7 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
     graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
     params = init_params(graph, 0, perturb=True)
     start = time.perf_counter()
-    compiled = api.compile(graph, params, opt_level=3)
+    compiled = api.compile(graph, params, target=f"llvm:{cpu}" if cpu else "llvm", opt_level=3)
     print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 build "
           f"{time.perf_counter() - start:.1f} s ({len(compiled.kernels.specs)} distinct kernels, "
           f"{compiled.kernel_count} calls{', cached' if compiled.kernels.cached else ''}); {THREADS} threads")
@@ -146,17 +146,17 @@ def bench_model(name: str, cases, engines, repeat: int) -> list[dict]:
             row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
                    "ratio": ms["attngraph"] / peers[best] if best and "attngraph" in ms else None}
             rows.append(row)
-            cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / peak_gflops():4.0%})" for e, t in ms.items())
+            cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / peak_gflops(cpu=cpu):4.0%})" for e, t in ms.items())
             ratio = f"ratio vs best peer ({best}) {row['ratio']:.2f}" if row["ratio"] else ""
             print(f"batch {batch:2d} seq {seq:4d}: {cells}  {ratio}  "
                   f"[max |diff| vs torch: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
                   + (f" [ONNX Runtime: {ort_kind}]" if session is not None else ""), flush=True)
             if "attngraph" in engines:
-                print_kernels(compiled, {"x": x})
+                print_kernels(compiled, {"x": x}, peak_gflops(cpu=cpu))
     return rows
 
 
-def print_kernels(compiled, inputs) -> None:
+def print_kernels(compiled, inputs, peak: float) -> None:
     """The attngraph build's matmul kernels at these inputs, each timed alone, by distinct kernel."""
     per: dict = {}
     time.sleep(0.3)  # the peers' thread pools go quiet first
@@ -168,8 +168,19 @@ def print_kernels(compiled, inputs) -> None:
     total = sum(t for t, _, _ in per.values())
     for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         gf = f / t / 1e9
-        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.2f} ms  {gf:6.1f} GFLOP/s ({gf / peak_gflops():4.0%} of peak)"
+        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.2f} ms  {gf:6.1f} GFLOP/s ({gf / peak:4.0%} of peak)"
               f"  {t / total:4.0%} of kernel time")
+
+
+AVX2_TORCH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+              "DNNL_MAX_CPU_ISA": "AVX2"}
+
+
+def hold_torch_to_avx2() -> None:
+    """PyTorch's CPU kernels without AVX-512 (an AVX2 machine's, on this one).  Its libraries read these
+    variables when they load, and importing TVM loads PyTorch: so this process runs itself again with them."""
+    if any(os.environ.get(k) != v for k, v in AVX2_TORCH.items()):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **AVX2_TORCH})
 
 
 @click.command()
@@ -177,7 +188,11 @@ def print_kernels(compiled, inputs) -> None:
 @click.option("--case", "case_names", multiple=True, metavar="BxS", help="batch x sequence, e.g. 8x128. Default: all.")
 @click.option("--engines", default=",".join(ENGINES), show_default=True)
 @click.option("--repeat", default=5, show_default=True)
-def main(model_names, case_names, engines, repeat):
+@click.option("--cpu", default=None, metavar="CPU",
+              help="Build attngraph for this CPU model (llvm:CPU), e.g. x86-64-v3 for AVX2 kernels on an AVX-512 "
+                   "machine; without AVX-512 there, PyTorch's kernels (ATen, MKL, oneDNN, Inductor) are held to "
+                   "AVX2 too. ONNX Runtime cannot be held back: it still runs AVX-512.")
+def main(model_names, case_names, engines, repeat, cpu):
     """Benchmark attngraph against PyTorch eager, torch.compile and ONNX Runtime."""
     cases = [tuple(int(v) for v in c.split("x")) for c in case_names] or list(CASES)
     engines = [e for e in engines.split(",") if e]
@@ -186,12 +201,15 @@ def main(model_names, case_names, engines, repeat):
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
     from attngraph.backends.tvm.build import llvm_target
     from attngraph.backends.tvm.cpu_kernels import cpu_tiles
-    target = llvm_target()
-    print(f"float32 peak of {THREADS} threads on this CPU ({target.mcpu}, {cpu_tiles(target).isa} "
-          f"kernels): {peak_gflops():.0f} GFLOP/s, measured by bench/peak.py")
+    target = llvm_target(cpu)
+    if cpu and cpu_tiles(target).isa == "avx2":
+        hold_torch_to_avx2()
+        print("PyTorch held to AVX2 (ATen, MKL, oneDNN, Inductor); ONNX Runtime is not (it picks AVX-512 itself)")
+    print(f"float32 peak of {THREADS} threads on this CPU with {target.mcpu}'s instructions ({cpu_tiles(target).isa} "
+          f"kernels): {peak_gflops(cpu=cpu):.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:
-        rows += bench_model(name, cases, engines, repeat)
+        rows += bench_model(name, cases, engines, repeat, cpu)
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     if ratios:
         print(f"\nattngraph / best peer: median {np.median(ratios):.2f}, worst {max(ratios):.2f} "

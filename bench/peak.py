@@ -42,14 +42,15 @@ def _probe(threads: int, width: int):
 
 
 @functools.lru_cache(maxsize=None)
-def peak_gflops(threads: int | None = None) -> float:
-    """float32 GFLOP/s of ``threads`` cores (default TVM_NUM_THREADS) doing nothing but vector FMAs."""
+def peak_gflops(threads: int | None = None, cpu: str | None = None) -> float:
+    """float32 GFLOP/s of ``threads`` cores (default TVM_NUM_THREADS) doing nothing but vector FMAs,
+    with the vector instructions of CPU model ``cpu`` (default: this CPU's; ``x86-64-v3``: AVX2's)."""
     import tvm
 
     from attngraph.backends.tvm.build import llvm_target
     from attngraph.backends.tvm.cpu_kernels import cpu_tiles
     threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
-    target = llvm_target()
+    target = llvm_target(cpu)
     lanes = 16 if cpu_tiles(target).isa == "avx512" else 8  # float32 lanes of the widest vector
     best = 0.0
     for accumulators in (8, 16):  # enough to hide the FMA latency on two ports; no register spills

@@ -255,6 +255,13 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
             assert "__shared__" in body.split('extern "C"')[0]
 
 
+def test_gpu_host_code_runs_on_any_cpu():
+    # The launch code of a GPU build is generic for the architecture (no -mcpu): built on an AVX-512
+    # machine, the artifact still loads on a GPU server with an AVX2 CPU.
+    for target in (gpu.cuda_target("sm_90"), gpu.webgpu_target()):
+        assert target.host.kind.name == "llvm" and "mcpu" not in target.host.attrs
+
+
 @needs_nvcc
 def test_cuda_source_compiles_with_nvcc_for_another_arch(tmp_path):
     dumped = tmp_path / "k.cu"

@@ -131,6 +131,44 @@ def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp
     assert api.load(tiny_artifact[0]) is not None  # on the CPU it was built on, it loads
 
 
+def test_build_for_another_cpu_model(tmp_path, monkeypatch):
+    """``llvm:CPU`` builds for a deployment machine other than this one: x86-64-v3 (any AVX2 CPU) gets
+    the AVX2 kernels, runs here (this CPU has AVX2) and matches the interpreter; the manifest names the
+    CPU model and its instruction sets, so a CPU without them refuses the artifact."""
+    from attngraph.backends.tvm import targets
+    g = ag.models.load_graph("gpt-tiny")
+    params = ag.init_params(g, 3, perturb=True)
+    out = str(tmp_path / "v3")
+    manifest = api.build(g, params, out, "llvm:x86-64-v3", 3)
+    info = manifest["target_info"]
+    assert manifest["target"] == "llvm:x86-64-v3" and info["cpu"] == "x86-64-v3" and info["kernels"] == "avx2"
+    assert "avx2" in info["features"] and not any(f.startswith("avx512") for f in info["features"])
+    x = example(g, seed=1)
+    want = ag.reference.run(g, x, params, dtype="float64")
+    for k, v in api.load(out)(x).items():
+        np.testing.assert_allclose(v, want[k], rtol=RTOL, atol=ATOL)
+    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: frozenset({"sse42", "avx"}))  # no AVX2, no FMA
+    with pytest.raises(ArtifactError, match=r"compiled for CPU 'x86-64-v3', whose instructions avx2, f16c, fma "
+                                            r"this CPU lacks"):
+        api.load(out)
+
+
+def test_compiling_for_a_cpu_this_one_is_not(monkeypatch):
+    # An unknown CPU model is a build error naming the target; kernels for a CPU with instructions
+    # this one lacks compile, and running them here is refused before the first kernel call.
+    from attngraph.backends import DeviceUnavailable
+    from attngraph.backends.tvm import targets
+    g = ag.models.load_graph("gpt-tiny")
+    params = ag.init_params(g, 3)
+    with pytest.raises(BuildError, match=r"unknown CPU 'pentium9' in target 'llvm:pentium9'"):
+        api.compile(g, params, target="llvm:pentium9")
+    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
+    model = api.compile(g, params, target="llvm:x86-64-v4")
+    with pytest.raises(DeviceUnavailable, match=r"kernels built for CPU x86-64-v4 \(target llvm:x86-64-v4\) use "
+                                                r"instructions this CPU lacks: avx512bw, .*avx512f"):
+        model(example(g))
+
+
 def test_llvm_artifact_runs_with_tvm_runtime_only(tiny_artifact, tmp_path):
     """Deployment without the compiler: ``TVM_USE_RUNTIME_LIB=1`` loads TVM's runtime library alone;
     the CPU check reads the manifest's instruction sets and /proc/cpuinfo, not LLVM."""

@@ -150,14 +150,14 @@ def load_artifact(path: str) -> CompiledModel:
     except BuildError:
         raise ArtifactError(f"artifact {path!r} was built for target {target!r}, which this installation cannot run "
                             f"(targets here: {', '.join(KNOWN_TARGETS)})") from None
-    if target == "llvm":
+    if str(target).partition(":")[0] == "llvm":  # llvm, or llvm:CPU (built for another CPU model)
         from .targets import missing_cpu_features
         info = manifest.get("target_info") or {}
         missing = missing_cpu_features(info if isinstance(info, dict) else {})
         if missing:  # its kernels would stop on an illegal instruction
             raise ArtifactError(f"artifact {path!r} was compiled for CPU {info.get('cpu')!r}, whose instructions "
                                 f"{', '.join(missing)} this CPU lacks; rebuild it on this machine "
-                                f"(attngraph build MODEL --target {target} -o DIR)")
+                                f"(attngraph build MODEL --target llvm -o DIR)")
     library = manifest.get("library", "kernels.so")
     if not os.path.isfile(os.path.join(path, library)):
         raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")

@@ -25,7 +25,7 @@ import re
 import shutil
 
 from .. import BuildError, DeviceUnavailable
-from .targets import TargetSpec, llvm_target, register_family, register_target
+from .targets import TargetSpec, portable_host, register_family, register_target
 
 #: The CUDA architecture a plain ``cuda`` target builds for (A100; runs on H100 as well).
 DEFAULT_ARCH = "sm_80"
@@ -38,18 +38,18 @@ class GPUUnavailable(DeviceUnavailable):
 
 
 def cuda_target(arch: str = DEFAULT_ARCH):
-    """The TVM target for NVIDIA GPUs of ``arch`` (``sm_80``, ``sm_90``, ...), host code for this CPU."""
+    """The TVM target for NVIDIA GPUs of ``arch`` (``sm_80``, ``sm_90``, ...), host code for any CPU of this architecture."""
     import tvm
     if not _ARCH.match(arch):
         raise BuildError(f"bad CUDA architecture {arch!r}: expected the form sm_80, sm_86, sm_90, sm_90a")
     # A plain Target("cuda") silently means sm_50 when no GPU is present to ask.
-    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=llvm_target())
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host=portable_host())
 
 
 def webgpu_target():
     """The TVM target of the WGSL code generator (defaults: 256 threads, 32 KiB shared memory)."""
     import tvm
-    return tvm.target.Target("webgpu", host=llvm_target())
+    return tvm.target.Target("webgpu", host=portable_host())
 
 
 def default_rules():

@@ -188,13 +188,17 @@ def _llvm_availability():
     return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {cpu_tiles(llvm_target()).isa} kernels)"
 
 
-def llvm_target():
-    """The host CPU with its real features: plain "llvm" is generic x86-64 without AVX2/FMA (5x slower).
+def llvm_target(cpu: str | None = None):
+    """The TVM target of the CPU kernels: this CPU with its real features, or CPU model ``cpu``
+    (``llvm:CPU``, building for a machine other than this one).  Plain "llvm" is generic x86-64
+    without AVX2/FMA (5x slower).
 
-    LLVM names the CPU model (``emeraldrapids``), and a virtual machine may hide some of that model's
+    LLVM names this CPU's model (``emeraldrapids``), and a virtual machine may hide some of that model's
     instruction sets (seen here: AMX, AVX512-FP16 and -BF16 absent from a KVM guest's flags): those
     are turned off (``mattr``), so no kernel uses an instruction this CPU lacks."""
     import tvm
+    if cpu is not None:
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     spec = {"kind": "llvm", "mcpu": cpu}
     host = _host_flags()
@@ -202,6 +206,14 @@ def llvm_target():
     if missing:
         spec["mattr"] = [f"-{f}" for f in missing]
     return tvm.target.Target(spec)
+
+
+def portable_host():
+    """The host code of the GPU targets (argument checks and kernel launches): generic code for this
+    machine's architecture, so a GPU artifact runs on a server whose CPU lacks this one's vector
+    instruction sets (an AVX-512 build machine, an AVX2 GPU server)."""
+    import tvm
+    return tvm.target.Target("llvm")
 
 
 def _norm(feature: str) -> str:
@@ -279,9 +291,9 @@ def missing_cpu_features(target_info: dict) -> list:
     return sorted(set(theirs) - _isa_features(str(here.mcpu), tuple(here.attrs.get("mattr", ()))))
 
 
-def _describe_llvm() -> dict:
+def _describe_llvm(cpu: str | None = None) -> dict:
     from .cpu_kernels import cpu_tiles
-    t = llvm_target()
+    t = llvm_target(cpu)
     mattr = [str(a) for a in t.attrs.get("mattr", ())]
     return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(_isa_features(str(t.mcpu), tuple(mattr))),
             "kernels": cpu_tiles(t).isa}
@@ -320,5 +332,44 @@ def _open_cpu(path: str | None):
     return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
 
-register_target(TargetSpec("llvm", llvm_target, _cpu_schedule, _cpu_kernel, _open_cpu, weight_panel=16,
-                           kernel_forms=_cpu_forms, describe=_describe_llvm, availability=_llvm_availability))
+def llvm_spec(cpu: str | None = None) -> TargetSpec:
+    """``llvm`` (this CPU), or ``llvm:CPU``: the same kernels built for another CPU model, named as LLVM
+    names them (``llvm:x86-64-v3`` for any AVX2 machine, ``x86-64-v4`` for AVX-512, ``haswell``,
+    ``znver4``, ...): an artifact to deploy on machines other than the build machine.  It loads
+    where the CPU has the instruction sets it records (``missing_cpu_features``)."""
+    if cpu is not None and compiler_loaded():
+        import tvm
+        if not tvm.target.codegen.llvm_is_valid_cpu(cpu, tvm.target.codegen.llvm_get_system_triple()):
+            raise BuildError(f"unknown CPU {cpu!r} in target 'llvm:{cpu}': LLVM names CPUs like x86-64-v3 (any AVX2 "
+                             f"machine), x86-64-v4 (AVX-512), haswell, skylake-avx512, znver4; plain 'llvm' builds "
+                             f"for this CPU")
+    name = "llvm" if cpu is None else f"llvm:{cpu}"
+    opener = _open_cpu if cpu is None else functools.partial(_open_other_cpu, cpu)
+    return TargetSpec(name, lambda: llvm_target(cpu), _cpu_schedule, _cpu_kernel, opener, weight_panel=16,
+                      kernel_forms=_cpu_forms, describe=lambda: _describe_llvm(cpu),
+                      availability=_llvm_availability if cpu is None else lambda: _llvm_cpu_availability(cpu),
+                      kind="llvm")
+
+
+def _open_other_cpu(cpu: str, path: str | None):
+    """The CPU device for kernels built for CPU model ``cpu``; ``DeviceUnavailable`` where this CPU lacks
+    some of its instruction sets (they would stop on an illegal instruction, or worse)."""
+    if compiler_loaded():  # without it, the artifact's manifest was checked when it loaded
+        missing = missing_cpu_features(_describe_llvm(cpu))
+        if missing:
+            raise DeviceUnavailable(f"kernels built for CPU {cpu} (target llvm:{cpu}) use instructions this CPU "
+                                    f"lacks: {', '.join(missing)}; build with --target llvm to run them here")
+    return _open_cpu(path)
+
+
+def _llvm_cpu_availability(cpu: str):
+    if not compiler_loaded():
+        return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {cpu}'s instruction sets"
+    from .cpu_kernels import cpu_tiles
+    missing = missing_cpu_features(_describe_llvm(cpu))
+    run = f"this CPU lacks {cpu}'s {', '.join(missing)}" if missing else None
+    return None, run, f"CPU {cpu} ({cpu_tiles(llvm_target(cpu)).isa} kernels)"
+
+
+register_target(llvm_spec())
+register_family("llvm", llvm_spec)

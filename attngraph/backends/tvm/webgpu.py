@@ -36,7 +36,7 @@ from .gpu import (
     schedule_func,
     webgpu_target,
 )
-from .targets import TargetSpec, llvm_target, register_target
+from .targets import TargetSpec, portable_host, register_target
 
 #: The file a vulkan (WGSL) build's kernels are stored in, inside an artifact or the compile cache.
 LIBRARY_NAME = "kernels.wgsl.json"
@@ -761,7 +761,7 @@ def vulkan_spec() -> TargetSpec:
     """The ``vulkan`` target: TVM's SPIR-V code generator where this TVM has one, else WGSL on wgpu."""
     if spirv_available():
         import tvm
-        return TargetSpec("vulkan", lambda: tvm.target.Target("vulkan", host=llvm_target()), schedule_func, None,
+        return TargetSpec("vulkan", lambda: tvm.target.Target("vulkan", host=portable_host()), schedule_func, None,
                           _open_spirv_device, describe=lambda: {"path": "spirv", "runtime": "tvm-vulkan"},
                           availability=vulkan_availability)
     return TargetSpec("vulkan", webgpu_target, schedule_func, wgsl_kernel, open_wgsl_device,
