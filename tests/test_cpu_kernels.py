@@ -192,6 +192,27 @@ def test_tiles_follow_the_vector_instruction_set():
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512
 
 
+def test_avx2_projection_prefetches_the_next_tile(monkeypatch):
+    # The AVX2 projection prefetches the next column tile's weights in its first row blocks (K a
+    # multiple of PREFETCH_EVERY; other K run without); the AVX-512 one does not (see cpu_kernels.AVX512).
+    from attngraph.backends.tvm import cpu_kernels
+    from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.ir import ops as O
+
+    def kernel(tiles, k):
+        monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: tiles)
+        types = [T(("rows", k), "float32"), T((3, k, 16), "float32")]
+        attrs = {**O.get("linear_packed").defaults, "n": 40}
+        out = O.get("linear_packed").infer(types, attrs)
+        return cpu_kernels.cpu_kernel("linear_packed", attrs, types, out, DimVars(), None).script()
+    assert "llvm.prefetch" in kernel(cpu_kernels.AVX2, 24)
+    assert "llvm.prefetch" not in kernel(cpu_kernels.AVX2, 20)
+    assert "llvm.prefetch" not in kernel(cpu_kernels.AVX512, 24)
+    monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: cpu_kernels.AVX2)
+    x = T(("batch", "seq", 20), "float32")
+    check("linear_packed", {"n": 40}, [x, T((3, 20, 16), "float32")], [{"batch": 2, "seq": 9}])
+
+
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_each_instruction_sets_tiles_compute_the_same(isa, monkeypatch):
     # Both tile sets are plain loop nests (LLVM splits vectors wider than the machine's), so each is

@@ -28,7 +28,7 @@ from .shapes import DimVars
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
 #: ``cpu_kernels.cpu_tiles`` gives each instruction set's (AVX-512: 8 rows x 32 keys).
-ROWS, LANES = 4, 16
+ROWS, LANES = 6, 16
 
 
 def _i64(v: int):
@@ -150,7 +150,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.parallel(head)
     mo, mi = sch.split(m, [None, block])
     # P V in slices of ``lanes`` output columns, so that its block x lanes tile stays in registers
-    # (4 x head_dim would not with AVX2: 32 accumulators for head_dim 64, 16 registers).
+    # (6 x head_dim would not with AVX2: 48 accumulators for head_dim 64, 16 registers).
     sliced = isinstance(dv_, tirx.IntImm) and dv_.value % lanes == 0 and dv_.value > lanes
     if sliced:
         xo, xi = sch.split(x, [None, lanes])
