@@ -12,7 +12,7 @@ import numpy as np
 from . import models
 from .backends import is_artifact
 from .cli_common import parse_dims, user_errors
-from .inputs import random_inputs
+from .inputs import check_dim_names, random_inputs
 from .ir import to_dot, to_text
 from .nn import trace
 from .weights import default_params, load_weights
@@ -115,11 +115,16 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
         params = load_weights(weights_path) if weights_path else default_params(module or graph, seed)
     elif weights_path:
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
+    if inputs_path and dims:
+        raise click.BadParameter("--dim sizes random inputs; with --inputs the arrays' shapes give the dims",
+                                 param_hint="--dim")
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
     else:
-        sizes = {**graph.meta.get("dims", {}), **parse_dims(dims)}
+        user = parse_dims(dims)
+        check_dim_names(graph.input_types(), user, graph.meta.get("dims", {}))
+        sizes = {**graph.meta.get("dims", {}), **user}
         inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
     return params, inputs
 

@@ -72,6 +72,20 @@ def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarr
     return bindings
 
 
+def check_dim_names(signature: Mapping[str, TensorType], dims: Mapping[str, int], known=()) -> None:
+    """Every name in ``dims`` (the user's ``--dim NAME=VALUE``) is a dim of the inputs or in ``known``
+    (the model's default dims): a misspelt name is an error, not silently ignored."""
+    names = set(known)
+    for ty in signature.values():
+        for d in ty.shape:
+            if isinstance(d, str):
+                names |= D.symbols(d)
+    unknown = sorted(set(dims) - names)
+    if unknown:
+        raise InputError(f"unknown dim {', '.join(unknown)} (--dim NAME=VALUE); this model's dims: "
+                         f"{', '.join(sorted(names)) or 'none'}")
+
+
 def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], seed: int = 0,
                   meta: Mapping[str, dict] | None = None) -> dict[str, np.ndarray]:
     """Random inputs: floats from N(0, 1), integers in the input's ``[low, high)`` range, bools False."""

@@ -73,12 +73,22 @@ def test_run_with_weights_and_dims(tmp_path):
     (["run", "encoder-tiny", "--dim", "seq"], "expected NAME=INT"),
     (["run", "encoder-tiny", "--weights", "missing.safetensors"], "weights file 'missing.safetensors' not found"),
     (["show", "nofile.py:make"], "model file 'nofile.py' not found"),
+    (["run", "encoder-tiny", "--dim", "sq=3"], "unknown dim sq (--dim NAME=VALUE); this model's dims: batch, seq"),
+    (["verify", "encoder-tiny", "-O0", "--dim", "btach=2"], "unknown dim btach"),
+    (["build", "encoder-tiny", "--target", "llvm:pentium9", "-o", "unused"], "unknown CPU 'pentium9'"),
 ])
 def test_errors_are_one_clear_line(args, match):
     r = CliRunner().invoke(main, args)
     assert r.exit_code != 0
     assert match in r.output
     assert "Traceback" not in r.output
+
+
+def test_dim_with_given_inputs_is_an_error(tmp_path):
+    # --dim sizes random inputs only: with --inputs it would be silently ignored
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 3, 32), np.float32))
+    r = CliRunner().invoke(main, ["run", "encoder-tiny", "--inputs", str(tmp_path / "in.npz"), "--dim", "seq=5"])
+    assert r.exit_code != 0 and "with --inputs the arrays' shapes give the dims" in r.output
 
 
 def test_console_script_runs_transformer_base():

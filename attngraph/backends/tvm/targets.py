@@ -109,7 +109,8 @@ def get_target(name: str) -> TargetSpec:
         return TARGET_SPECS[name]
     except KeyError:
         raise BuildError(f"unknown or not yet supported target {name!r}; available here: {', '.join(KNOWN_TARGETS)} "
-                         f"(cuda:ARCH for another CUDA architecture, e.g. cuda:sm_90)") from None
+                         f"(llvm:CPU for another CPU model, e.g. llvm:x86-64-v3; cuda:ARCH for another CUDA "
+                         f"architecture, e.g. cuda:sm_90)") from None
 
 
 def spec_for(tvm_target) -> TargetSpec | None:
