@@ -147,7 +147,8 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
            inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
            per_node: bool = False, progress=None, weight_dtype: str | None = None) -> VerifyReport:
     """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
-    on the same inputs and weights (given, or seeded random at the model's default ``dims``).
+    on the same inputs and weights (given, or seeded random at the model's default dims, overridden by
+    ``dims``: each a dim of the model's inputs, else ``InputError``).
 
     Each output: max abs and rel error and pass/fail at the tolerance of its dtype
     (``attngraph.verify.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
