@@ -211,6 +211,10 @@ def test_avx2_projection_prefetches_the_next_tile(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: cpu_kernels.AVX2)
     x = T(("batch", "seq", 20), "float32")
     check("linear_packed", {"n": 40}, [x, T((3, 20, 16), "float32")], [{"batch": 2, "seq": 9}])
+    # K 24: the first 8 row blocks of each tile prefetch, the rest (111 rows: 19 blocks) run the plain loop
+    x = T(("batch", "seq", 24), "float32")
+    check("linear_packed", {"n": 40, "activation": "relu"}, [x, T((3, 24, 16), "float32"), T((40,), "float32")],
+          [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 37}])
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
