@@ -6,6 +6,7 @@ from .backends import ArtifactError, reference
 from .inputs import InputError, random_inputs
 from .ir import Graph, TensorType
 from .nn import InputSpec, Module, Parameter, trace
+from .threads import get_num_threads, set_num_threads
 from .weights import WeightsError, init_params, load_weights, save_weights
 
 __version__ = "0.1.0"
@@ -22,4 +23,4 @@ def __getattr__(name):
 
 __all__ = ["ArtifactError", "build", "compile", "load", "verify", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
            "InputSpec", "Module", "Parameter", "trace", "WeightsError", "init_params", "load_weights",
-           "save_weights", "__version__"]
+           "save_weights", "get_num_threads", "set_num_threads", "__version__"]

@@ -24,8 +24,13 @@ def input_meta(graph):
 
 @click.group()
 @click.version_option(package_name="attngraph")
-def main():
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Threads of the compiled CPU kernels (default: every core; TVM_NUM_THREADS works too).")
+def main(threads):
     """attngraph: Transformer models as graphs, optimized and compiled with TVM."""
+    if threads is not None:
+        from .threads import set_num_threads
+        set_num_threads(threads)
 
 
 @main.command("models")

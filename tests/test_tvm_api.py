@@ -180,6 +180,33 @@ def test_llvm_artifact_runs_with_tvm_runtime_only(tiny_artifact, tmp_path):
         np.testing.assert_array_equal(there[k], v)
 
 
+def test_threads_are_set_like_torchs(monkeypatch):
+    # attngraph.set_num_threads / get_num_threads (and `attngraph --threads N`) resize TVM's running pool;
+    # every output element is computed by one thread, so the results do not change.
+    from attngraph.cli import main
+    from attngraph.threads import available_cores
+    monkeypatch.setenv("TVM_NUM_THREADS", os.environ.get("TVM_NUM_THREADS", str(available_cores())))
+    before = ag.get_num_threads()
+    g = ag.models.load_graph("gpt-tiny")
+    model = api.compile(g, ag.init_params(g, 1))
+    x = example(g, seed=2)
+    want = model(x)
+    try:
+        ag.set_num_threads(1)
+        assert ag.get_num_threads() == 1
+        for k, v in model(x).items():
+            np.testing.assert_array_equal(v, want[k])
+        assert CliRunner().invoke(main, ["--threads", str(before), "models"]).exit_code == 0
+        assert ag.get_num_threads() == before  # grown back
+        with pytest.warns(RuntimeWarning, match=f"has {before} threads and cannot grow to {before + 1}"):
+            ag.set_num_threads(before + 1)
+    finally:
+        ag.set_num_threads(before)
+    assert ag.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive integer, got 0"):
+        ag.set_num_threads(0)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(ArtifactError, match="not a directory; build one with: attngraph build MODEL"):
         api.load(str(tmp_path / "nothing"))

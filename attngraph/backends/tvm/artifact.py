@@ -127,7 +127,7 @@ def _check_files(path: str, manifest: dict) -> None:
 def load_artifact(path: str) -> CompiledModel:
     """The compiled model in ``path``: ``model(inputs) -> outputs`` (NumPy arrays by name), with
     ``model.graph``, ``model.params`` and ``model.manifest``."""
-    from .targets import ensure_threads
+    from ...threads import ensure_threads
     rebuild = "rebuild it with: attngraph build MODEL -o " + path
     if not os.path.isdir(path):
         raise ArtifactError(f"{path!r} is not a directory; build one with: attngraph build MODEL -o {path}")

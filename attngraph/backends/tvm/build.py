@@ -27,7 +27,8 @@ from .executor import CompiledModel
 from .lowering import lower
 from .progress import Progress
 from .shapes import DimVars, scalar_dims
-from .targets import TARGETS, ensure_threads, get_target, llvm_target, open_or_compile_only, spec_for
+from ...threads import ensure_threads
+from .targets import TARGETS, get_target, llvm_target, open_or_compile_only, spec_for
 
 __all__ = ["TARGETS", "KernelSpec", "Kernels", "build_kernels", "compile_graph", "ensure_threads", "generic_func",
            "kernel_func", "kernel_nodes", "llvm_target", "plan_kernels", "resolve_target"]

@@ -10,7 +10,6 @@ and ``vulkan``.  The build, the cache, the artifact and the executor serve every
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -298,14 +297,6 @@ def _describe_llvm(cpu: str | None = None) -> dict:
     mattr = [str(a) for a in t.attrs.get("mattr", ())]
     return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(_isa_features(str(t.mcpu), tuple(mattr))),
             "kernels": cpu_tiles(t).isa}
-
-
-def ensure_threads() -> None:
-    """Use every core: TVM's thread pool defaults to one thread on this kind of machine.  Must run
-    before the first parallel kernel starts the pool."""
-    if os.environ.get("TVM_NUM_THREADS") is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        os.environ["TVM_NUM_THREADS"] = str(cores)
 
 
 def _cpu_kernel(spec, dv, target):
