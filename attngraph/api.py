@@ -156,7 +156,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
     from rounding carried in from earlier nodes."""
     from .backends import reference
-    from .inputs import InputError, bind_dims, check_dim_names, random_inputs
+    from .inputs import InputError, bind_dims, dim_sizes, random_inputs
     start = time.perf_counter()
     if isinstance(model, str) and is_artifact(model):
         if params is not None:
@@ -178,8 +178,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     if inputs is not None and dims:
         raise InputError("--dim (dims=) sizes random inputs; with --inputs (inputs=) the arrays' shapes give the dims")
     if inputs is None:
-        check_dim_names(graph.input_types(), dims or {}, graph.meta.get("dims", {}))
-        sizes = {**graph.meta.get("dims", {}), **(dims or {})}
+        sizes = dim_sizes(graph.input_types(), graph.meta.get("dims", {}), dims or {})
         meta = {graph.node(i).name: graph.node(i).meta for i in graph.inputs}
         inputs = random_inputs(graph.input_types(), sizes, seed, meta)
     bound = bind_dims(graph.input_types(), inputs)

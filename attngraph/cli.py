@@ -12,7 +12,7 @@ import numpy as np
 from . import models
 from .backends import is_artifact
 from .cli_common import parse_dims, user_errors
-from .inputs import check_dim_names, random_inputs
+from .inputs import dim_sizes, random_inputs
 from .ir import to_dot, to_text
 from .nn import trace
 from .weights import default_params, load_weights
@@ -127,9 +127,7 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
         with np.load(inputs_path, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
     else:
-        user = parse_dims(dims)
-        check_dim_names(graph.input_types(), user, graph.meta.get("dims", {}))
-        sizes = {**graph.meta.get("dims", {}), **user}
+        sizes = dim_sizes(graph.input_types(), graph.meta.get("dims", {}), parse_dims(dims))
         inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
     return params, inputs
 

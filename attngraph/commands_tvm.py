@@ -176,10 +176,8 @@ def tune(model, target, opt_level, trials, only, dims, tuning_db):
     from .passes import optimize
     graph = models.load_graph(model)
     g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
-    from .inputs import check_dim_names
-    user = parse_dims(dims)
-    check_dim_names(graph.input_types(), user, graph.meta.get("dims", {}))
-    sizes = {**graph.meta.get("dims", {}), **user}
+    from .inputs import dim_sizes
+    sizes = dim_sizes(graph.input_types(), graph.meta.get("dims", {}), parse_dims(dims))
     tuning_db = tuning_db or default_db(graph.name, target)
     start = time.perf_counter()
     results = tune_graph(g, sizes, tuning_db, target=target, trials=trials, ops=only,

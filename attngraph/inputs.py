@@ -72,10 +72,11 @@ def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarr
     return bindings
 
 
-def check_dim_names(signature: Mapping[str, TensorType], dims: Mapping[str, int], known=()) -> None:
-    """Every name in ``dims`` (the user's ``--dim NAME=VALUE``) is a dim of the inputs or in ``known``
-    (the model's default dims): a misspelt name is an error, not silently ignored."""
-    names = set(known)
+def dim_sizes(signature: Mapping[str, TensorType], defaults: Mapping[str, int], dims: Mapping[str, int]) -> dict:
+    """The model's default dim sizes with the user's ``dims`` (``--dim NAME=VALUE``) over them.  Every
+    name in ``dims`` must be a dim of the inputs or of ``defaults``: a misspelt name is an error, not
+    silently ignored."""
+    names = set(defaults)
     for ty in signature.values():
         for d in ty.shape:
             if isinstance(d, str):
@@ -84,6 +85,7 @@ def check_dim_names(signature: Mapping[str, TensorType], dims: Mapping[str, int]
     if unknown:
         raise InputError(f"unknown dim {', '.join(unknown)} (--dim NAME=VALUE); this model's dims: "
                          f"{', '.join(sorted(names)) or 'none'}")
+    return {**defaults, **dims}
 
 
 def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], seed: int = 0,
