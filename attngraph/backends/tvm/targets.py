@@ -180,12 +180,23 @@ def target_status(name: str) -> dict:
 RUNTIME_ONLY = "TVM's compiler is not loaded (TVM_USE_RUNTIME_LIB=1): built artifacts run, nothing compiles"
 
 
-def _llvm_availability():
+def _llvm_availability(cpu: str | None = None):
+    """``llvm`` here, or ``llvm:CPU`` (``cpu``): it runs where this CPU has that model's instruction sets."""
     import tvm
     from .cpu_kernels import cpu_tiles
     if not compiler_loaded():
-        return RUNTIME_ONLY, None, "built artifacts run if this CPU has their instruction sets"
-    return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {cpu_tiles(llvm_target()).isa} kernels)"
+        whose = "their" if cpu is None else f"{cpu}'s"
+        return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {whose} instruction sets"
+    isa = cpu_tiles(llvm_target(cpu)).isa
+    if cpu is None:
+        return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {isa} kernels)"
+    missing = _missing_here(cpu)
+    return None, f"this CPU lacks {cpu}'s {', '.join(missing)}" if missing else None, f"CPU {cpu} ({isa} kernels)"
+
+
+def _missing_here(cpu: str) -> list:
+    """The instruction sets of CPU model ``cpu`` that this CPU lacks (needs TVM's compiler)."""
+    return missing_cpu_features(_describe_llvm(cpu))
 
 
 def llvm_target(cpu: str | None = None):
@@ -317,10 +328,17 @@ def _cpu_schedule(func, target):
     return schedule_generic(func)
 
 
-def _open_cpu(path: str | None):
+def _open_cpu(path: str | None, cpu: str | None = None):
+    """The CPU device; for kernels built for CPU model ``cpu``, ``DeviceUnavailable`` where this CPU lacks
+    some of its instruction sets (they would stop on an illegal instruction, or worse)."""
     import tvm
 
     from .executor import TVMDevice
+    if cpu is not None and compiler_loaded():  # without it, the artifact's manifest was checked when it loaded
+        missing = _missing_here(cpu)
+        if missing:
+            raise DeviceUnavailable(f"kernels built for CPU {cpu} (target llvm:{cpu}) use instructions this CPU "
+                                    f"lacks: {', '.join(missing)}; build with --target llvm to run them here")
     return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
 
@@ -336,31 +354,10 @@ def llvm_spec(cpu: str | None = None) -> TargetSpec:
                              f"machine), x86-64-v4 (AVX-512), haswell, skylake-avx512, znver4; plain 'llvm' builds "
                              f"for this CPU")
     name = "llvm" if cpu is None else f"llvm:{cpu}"
-    opener = _open_cpu if cpu is None else functools.partial(_open_other_cpu, cpu)
-    return TargetSpec(name, lambda: llvm_target(cpu), _cpu_schedule, _cpu_kernel, opener, weight_panel=16,
-                      kernel_forms=_cpu_forms, describe=lambda: _describe_llvm(cpu),
-                      availability=_llvm_availability if cpu is None else lambda: _llvm_cpu_availability(cpu),
-                      kind="llvm")
-
-
-def _open_other_cpu(cpu: str, path: str | None):
-    """The CPU device for kernels built for CPU model ``cpu``; ``DeviceUnavailable`` where this CPU lacks
-    some of its instruction sets (they would stop on an illegal instruction, or worse)."""
-    if compiler_loaded():  # without it, the artifact's manifest was checked when it loaded
-        missing = missing_cpu_features(_describe_llvm(cpu))
-        if missing:
-            raise DeviceUnavailable(f"kernels built for CPU {cpu} (target llvm:{cpu}) use instructions this CPU "
-                                    f"lacks: {', '.join(missing)}; build with --target llvm to run them here")
-    return _open_cpu(path)
-
-
-def _llvm_cpu_availability(cpu: str):
-    if not compiler_loaded():
-        return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {cpu}'s instruction sets"
-    from .cpu_kernels import cpu_tiles
-    missing = missing_cpu_features(_describe_llvm(cpu))
-    run = f"this CPU lacks {cpu}'s {', '.join(missing)}" if missing else None
-    return None, run, f"CPU {cpu} ({cpu_tiles(llvm_target(cpu)).isa} kernels)"
+    return TargetSpec(name, functools.partial(llvm_target, cpu), _cpu_schedule, _cpu_kernel,
+                      functools.partial(_open_cpu, cpu=cpu), weight_panel=16, kernel_forms=_cpu_forms,
+                      describe=functools.partial(_describe_llvm, cpu),
+                      availability=functools.partial(_llvm_availability, cpu), kind="llvm")
 
 
 register_target(llvm_spec())
