@@ -16,11 +16,14 @@ each artifact's CUDA source with NVRTC when it is loaded).  ``bundle`` writes in
 - ``artifacts/vulkan/<model>``: vulkan builds of the small zoo models (WGSL run by ``wgpu`` on the GPU's
   Vulkan driver), with the ``wgpu`` wheels (``whl/``) and the Vulkan loader (``deb/``, ``libvulkan1``),
   which that machine lacks;
+- ``ab/``: every candidate form of the encoders' projection and attention kernels in one CUDA module
+  (``gpu_ab.py``), timed alone there against PyTorch's kernels;
 - ``tvm.tar.gz``: the ``tvm`` Python package without its compiler library;
 - ``whl/``: the cp312 ``apache-tvm-ffi`` wheel that package needs (downloaded here);
 - ``run.sh``: installs those under /tmp/site, then runs ``python3 bench/gpu_device.py check``.
 
-``check`` (there) verifies every artifact against the float64 interpreter, then times each encoder
+``check`` (there) verifies every artifact against the float64 interpreter, times the kernel
+candidates (``gpu_ab.check``), then times each encoder
 against PyTorch eager and torch.compile (``bench_gpu.bench_model``) and its fused attention kernel,
 and ends with a table of all of it.  Only what the artifacts need is run there: nothing is compiled.
 """
@@ -164,6 +167,11 @@ def bundle(out, target, ffi_wheel, vulkan):
         api.build(graph, init_params(graph, 0, perturb=True), out_dir=art, target=target, opt_level=3)
         _strip_params(art, seed=0)
         click.echo(f"built {name} for {target} in {time.perf_counter() - start:.1f} s (parameters left out)")
+    if target.partition(":")[0] == "cuda":  # every candidate kernel, timed alone there (gpu_ab.py)
+        import gpu_ab
+        gpu_ab.build.callback(out=os.path.join(out, "ab"), arch=target.partition(":")[2] or "sm_80",
+                              baseline=gpu_ab.BASELINE)
+        os.remove(os.path.join(out, "ab", "kernels.cu"))  # a copy of the source inside ab.so
     whl = os.path.join(out, "whl")
     os.makedirs(whl)
     if ffi_wheel:
@@ -231,6 +239,13 @@ def check(bundle_dir, repeat, no_bench):
             click.echo(f"== {kind} {name}\n" + (report.format() if report else verdict))
             rows.append(f"verify {kind:6s} {name:26s} {verdict:5s} max abs error {worst:.1e} "
                         f"({time.perf_counter() - start:.1f} s)")
+    ab = os.path.join(bundle_dir, "ab")
+    if "cuda" in runs and not no_bench and os.path.isdir(ab):
+        import gpu_ab
+        try:
+            rows += gpu_ab.check_rows(ab, 5)
+        except Exception as e:  # noqa: BLE001 - the model benchmarks still run
+            rows.append(f"kernel A/B ERROR {type(e).__name__}: {e}")
     if "cuda" in runs and not no_bench:
         from bench_gpu import bench_model
         for name in MODELS:

@@ -39,3 +39,32 @@ def test_parameters_left_out_are_drawn_again_to_the_same_artifact(tmp_path):
     with open(os.path.join(art, "weights.safetensors"), "rb") as a, \
             open(os.path.join(kept, "weights.safetensors"), "rb") as b:
         assert a.read() == b.read()
+
+
+def test_kernel_ab_covers_every_encoder_kernel_and_marks_the_one_the_build_uses():
+    """bench/gpu_ab.py (no compile here): every projection and the attention of both benchmark encoders,
+    each with every candidate, the one the cuda build picks marked once, and the same PrimFunc as the build's."""
+    import tvm
+
+    import gpu_ab
+    from attngraph.backends.tvm import gpu
+    from attngraph.backends.tvm.build import _finish
+    from attngraph.backends.tvm.gpu_kernels import flash_attention, linear
+    from attngraph.backends.tvm.shapes import DimVars
+    target = gpu.cuda_target("sm_90")
+    found = gpu_ab.candidates(target, None)
+    by_label: dict = {}
+    for label, variant, spec, func in found.values():
+        by_label.setdefault(label, []).append((variant, spec, func))
+    assert len(by_label) == 10  # 4 projections and the attention, two encoders
+    for label, forms in by_label.items():
+        variants = [v for v, _, _ in forms]
+        spec = forms[0][1]
+        assert "dlight" in variants and sum(v.endswith("*") for v in variants) == 1, (label, variants)
+        want = len(gpu_ab.TILES) if spec.op == "linear" else len(gpu_ab.ATTENTION_TILES)
+        assert len(variants) == want + 1, (label, variants)
+        (func,) = [f for v, _, f in forms if v.endswith("*")]
+        dv = DimVars()
+        built = (linear if spec.op == "linear" else flash_attention)(spec, dv, target)
+        tvm.ir.assert_structural_equal(func.without_attr("global_symbol"),
+                                       _finish(built, spec, dv).without_attr("global_symbol"))

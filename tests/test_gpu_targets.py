@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -222,6 +223,73 @@ def test_flash_attention_is_one_kernel_and_matches_the_op_with_fully_masked_rows
     assert kinds == {"keep", "drop"}
 
 
+def _linear_specs():
+    from attngraph.backends.tvm.build import KernelSpec
+    from attngraph.ir import TensorType as T
+    f32 = "float32"
+    return [  # (spec, sizes of its symbolic dims)
+        (KernelSpec("k0", "linear", {"activation": "none"}, (T(("batch", "seq", 64), f32), T((64, 256), f32),
+                                                           T((256,), f32)), T(("batch", "seq", 256), f32)),
+         {"batch": 3, "seq": 29}),  # 87 rows: two row loads per thread, a partial row tile
+        (KernelSpec("k1", "linear", {"activation": "relu"}, (T(("batch", "seq", 32), f32), T((32, 100), f32),
+                                                           T((100,), f32)), T(("batch", "seq", 100), f32)),
+         {"batch": 2, "seq": 7}),  # N not a multiple of the tile: clamped reads, predicated writes
+        (KernelSpec("k2", "linear", {"activation": "gelu"}, (T(("n", 16), f32), T((16, 1028), f32)),
+                    T(("n", 1028), f32)), {"n": 300}),  # the 128 x 128 tile, no bias
+        (KernelSpec("k3", "linear", {"activation": "gelu_tanh"}, (T(("n", 8), f32), T((8, 4), f32),
+                                                                T((4,), f32)), T(("n", 4), f32)), {"n": 1}),
+        (KernelSpec("k4", "matmul", {}, (T(("b", "s", "t", 24), f32), T((24, 8), f32)), T(("b", "s", "t", 8), f32)),
+         {"b": 2, "s": 3, "t": 5}),  # three leading dims
+    ]
+
+
+@needs_vulkan
+def test_gpu_linear_kernel_matches_numpy_at_any_rows_and_columns():
+    """The register-tiled projection on the WGSL path: partial tiles in rows and columns, one row, every
+    activation, with and without bias, one to three leading dims."""
+    import math
+
+    import tvm
+
+    from attngraph.backends.tvm.build import _finish
+    from attngraph.backends.tvm.gpu_kernels import linear, linear_tile
+    from attngraph.backends.tvm.shapes import DimVars
+    rng = np.random.default_rng(0)
+    dv = DimVars()
+    device = None
+    erf = np.vectorize(math.erf)
+    act = {"none": lambda y: y, "relu": lambda y: np.maximum(y, 0), "gelu": lambda y: 0.5 * y * (1 + erf(y / math.sqrt(2))),
+           "gelu_tanh": lambda y: 0.5 * y * (1 + np.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y ** 3)))}
+    tiles = set()
+    for spec, sizes in _linear_specs():
+        tiles.add(linear_tile(spec.in_types[1].shape[1]))
+        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: _finish(linear(spec, dv, webgpu.webgpu_target()), spec, dv)}))
+        device = device or webgpu.WgpuDevice(module)
+        device.module = module
+        args = [rng.standard_normal([sizes.get(d, d) for d in t.shape]).astype(np.float32) for t in spec.in_types]
+        want = args[0].astype(np.float64) @ args[1] + (args[2] if len(args) == 3 else 0)
+        want = act[spec.attrs.get("activation", "none")](want)
+        out = device.upload(np.zeros(want.shape, np.float32))
+        device.call(spec.name, [device.upload(a) for a in args] + [out])
+        np.testing.assert_allclose(device.download(out), want, rtol=RTOL, atol=ATOL, err_msg=spec.name)
+    assert tiles == {(64, 64), (128, 128)}
+
+
+def test_gpu_linear_kernel_applies_only_where_it_can():
+    from attngraph.backends.tvm.build import KernelSpec
+    from attngraph.backends.tvm.gpu_kernels import linear
+    from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.ir import TensorType as T
+    target, dv = gpu.cuda_target("sm_90"), DimVars()
+    ok = (T(("n", 16), "float32"), T((16, 32), "float32"))
+    assert linear(KernelSpec("k", "matmul", {}, ok, T(("n", 32), "float32")), dv, target) is not None
+    for ins, out in (((T(("n", 12), "float32"), T((12, 32), "float32")), T(("n", 32), "float32")),  # K % 8
+                     ((T(("n", 16), "float32"), T((16, 30), "float32")), T(("n", 30), "float32")),  # N % 4
+                     ((T(("n", 16), "float64"), T((16, 32), "float64")), T(("n", 32), "float64")),  # float64
+                     ((T(("b", "n", 16), "float32"), T(("b", 16, 32), "float32")), T(("b", "n", 32), "float32"))):
+        assert linear(KernelSpec("k", "matmul", {}, ins, out), dv, target) is None
+
+
 def test_wgsl_nonfinite_literals_and_unscheduled_functions():
     fixed = webgpu._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
     assert "-tvm_inf()" in fixed and "tvm_nan()" in fixed and "inffy" in fixed and "inff;" not in fixed
@@ -277,6 +345,26 @@ def test_cuda_source_compiles_with_nvcc_for_another_arch(tmp_path):
     assert ".target sm_90" in ptx and ptx.count(".entry") == len(gpu.kernel_names(source))
     with pytest.raises(BuildError, match="nvcc could not compile"):
         gpu.check_cuda_source(source + "\nthis is not CUDA;\n", "sm_90")
+
+
+@needs_nvcc
+def test_cuda_kernels_keep_their_tiles_in_registers(tmp_path):
+    """ptxas's resource report for the hand-written kernels at sm_90: no local-memory stack frame (an array
+    indexed by a loop variable lands there), no spills, and registers that leave room for two 256-thread
+    workgroups of the projection per SM."""
+    source = tmp_path / "k.cu"
+    r = CliRunner().invoke(COMMAND["build"], ["transformer-base-encoder-layer", "--target", "cuda:sm_90",
+                                              "-o", str(tmp_path / "a"), "--dump-source", str(source)])
+    assert r.exit_code == 0, r.output
+    out = subprocess.run([gpu.find_nvcc(), "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+                          str(source)], capture_output=True, text=True, check=True).stderr
+    report = dict(re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", out, re.S))
+    hand = {k: v for k, v in report.items() if "_linear_" in k or "_fused_attention_" in k}
+    assert any("_linear_" in k for k in hand) and any("_fused_attention_" in k for k in hand), report
+    for name, text in hand.items():
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in text, (name, text)
+        if "_linear_" in name:
+            assert int(re.search(r"Used (\d+) registers", text).group(1)) <= 128, (name, text)
 
 
 @pytest.mark.skipif(CUDA_PROBLEM is None, reason="a CUDA GPU is present: the numerics test runs instead")

@@ -1,10 +1,11 @@
 """GPU targets: CUDA (compiled here, run where an NVIDIA GPU is) and WebGPU (the WGSL code
 generator that the ``vulkan`` target runs through wgpu, see ``webgpu.py``).
 
-Every kernel gets TVM's rule-based default GPU schedules (dlight): a matmul gets shared-memory tiles,
-a softmax or layer norm one workgroup per row with a tree reduction, anything else the fallback rule
-(one thread per output element); the fused attention is the flash-style kernel of ``gpu_kernels.py``
-instead.  Two traps this module guards against (TVM_NOTES 3.1):
+The fused attention (flash-style) and the projections (register-tiled SIMT matmul, bias and
+activation in the write back) are the hand-written kernels of ``gpu_kernels.py``; every other kernel
+gets TVM's rule-based default GPU schedules (dlight): a softmax or layer norm one workgroup per row
+with a tree reduction, a matmul that is not a projection shared-memory tiles, anything else the
+fallback rule (one thread per output element).  Two traps this module guards against (TVM_NOTES 3.1):
 
 - dlight mutates the IRModule it is given, so every target schedules its own copy;
 - a PrimFunc left without thread bindings compiles for a GPU target *without error* as host code
@@ -252,10 +253,10 @@ def compile_cuda_module(mod, target) -> CudaLibrary:
 
 
 def cuda_kernel(spec, dv, target):
-    """The ``TargetSpec.hand_kernel`` hook of cuda: the flash-style fused attention (``gpu_kernels``);
-    None for every other kernel (dlight's schedules serve them)."""
-    from .gpu_kernels import flash_attention
-    return flash_attention(spec, dv, target)
+    """The ``TargetSpec.hand_kernel`` hook of cuda: the flash-style fused attention and the register-tiled
+    projection (``gpu_kernels``); None for every other kernel (dlight's schedules serve them)."""
+    from .gpu_kernels import flash_attention, linear
+    return flash_attention(spec, dv, target) or linear(spec, dv, target)
 
 
 def cuda_availability():

@@ -1,22 +1,30 @@
-"""Hand-written GPU kernels: the fused attention in the flash-attention style, for cuda and for the
-vulkan target's WGSL path.
+"""Hand-written GPU kernels for cuda and for the vulkan target's WGSL path: the fused attention in the
+flash-attention style, and the projection (``linear``) as a register-tiled SIMT matmul.
 
 dlight has no rule for a whole attention (a matmul, masks, a softmax and a second matmul in one
 PrimFunc): its Fallback rule makes four kernels, one thread per output, with the full
 (batch, heads, Lq, Lk) score matrix in global memory.  ``flash_attention`` is one kernel instead:
 
 - one workgroup of ``BQ`` threads per (batch, head, tile of ``BQ`` query rows), one thread per row,
-  its query row and its output accumulator in registers;
+  its query row, its output accumulator and the scores of one key tile in registers (every loop over
+  them unrolled: an array indexed by a loop variable would live in local memory);
 - the keys and values stream through shared memory in tiles of ``BK`` rows, loaded by the whole
-  workgroup together;
+  workgroup together; the scores of a tile are computed four head-dim elements at a time across all
+  ``BK`` keys (``BK`` independent multiply-add chains; four-wide shared reads);
 - the softmax is online (running maximum and sum, the accumulator rescaled once per tile), so the
   score matrix never exists in memory: memory traffic is O(L·d), not O(L²).
 
 Masks (additive, keep, drop; any shape that broadcasts to the scores) and the scale are applied to
 each score exactly as the generic lowering does, and a row whose every score is masked comes out
 NaN, as in the interpreter.  All dims but the head sizes stay symbolic: one kernel serves every
-batch and length.  float32 only, head sizes up to 128; anything else returns None (the generic
-kernel serves it).  It uses CUDA cores, not tensor cores.
+batch and length.  float32 only, head sizes up to 128 (up to 64 in registers at sm_90: 247 of them,
+no spills; beyond, ptxas spills some); anything else returns None (the generic kernel serves it).  It
+uses CUDA cores, not tensor cores.
+
+Written in TVMScript as plain loops over thread indices (``T.launch_thread``), as one would write CUDA.
+TVM 0.27 miscompiles a Bind (``v: T.int32 = ...``) inside a vectorized or unrolled loop (every lane
+gets lane 0's value; a Bind repeated by unrolling read stale values in WGSL), so inside those loops
+every index is written out in full.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import re
 
 #: Query rows per workgroup (one thread each) and keys per shared-memory tile.
 BQ = 64
-BK = 32
+BK = 16
 MAX_HEAD = 128
 _NAME = re.compile(r"^[A-Za-z_]\w*$")
 
@@ -40,9 +48,12 @@ def _dim(d, names: dict) -> str | None:
     return None
 
 
-def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
+def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True):
     """The fused attention ``spec`` as one flash-style GPU kernel (a scheduled PrimFunc), or None
-    where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path)."""
+    where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path).
+    ``unroll=False`` leaves the loops over keys and head dims as loops (the WGSL path: lavapipe's
+    shader compiler takes 45 s over the unrolled kernel at head dim 64, 0.5 s over the loops; a GPU
+    driver's compiler unrolls such loops itself)."""
     import tvm
 
     if spec.op != "fused_attention" or spec.attrs.get("heads"):  # head windows: the generic schedule
@@ -75,10 +86,10 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
         return f"{buf}[{bi}, {si}, {hi}, {ci}]" if layout == "bshd" else f"{buf}[{bi}, {hi}, {si}, {ci}]"
 
-    # Each mask read at (batch, head, query row, key), broadcast NumPy-style.
+    # Each mask read at (batch, head, query row, key), broadcast NumPy-style, applied to score st[j].
     mask_terms = []
     for i, (t, kind) in enumerate(zip(masks, kinds)):
-        idx_names = ["bi", "hi", "row", "key"][4 - len(t.shape):] if len(t.shape) <= 4 else None
+        idx_names = ["bi", "hi", "row", f"t * {BK} + j"][4 - len(t.shape):] if len(t.shape) <= 4 else None
         if idx_names is None:
             return None
         idx = ", ".join("0" if x == 1 else n for x, n in zip(t.shape, idx_names))
@@ -86,11 +97,11 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
         if kind == "additive":
             if str(t.dtype) != "float32":
                 return None
-            mask_terms.append(f"sc = sc + {read}")
+            mask_terms.append(f"st[j] = st[j] + {read}")
         else:
             cond = f"{read} != 0" if narrow_bool else read
-            keep, drop = ("sc", "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", "sc")
-            mask_terms.append(f"sc = T.if_then_else({cond}, {keep}, {drop})")
+            keep, drop = ("st[j]", "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", "st[j]")
+            mask_terms.append(f"st[j] = T.if_then_else({cond}, {keep}, {drop})")
     mask_dtypes = [("int32" if narrow_bool and str(t.dtype) == "bool" else str(t.dtype)) for t in masks]
     params = ["q_h", "k_h", "v_h"] + [f"m{i}_h" for i in range(len(masks))] + ["o_h"]
     bufs = ["Q", "K", "V"] + [f"M{i}" for i in range(len(masks))] + ["O"]
@@ -104,7 +115,11 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
     lines += [f"    {buf} = T.match_buffer({p}, ({', '.join(s)},), '{dt}')"
               for buf, p, s, dt in zip(bufs, params, shapes, dtypes)]
     scale = repr(float(spec.attrs.get("scale", 1.0)))
+    U = "T.unroll" if unroll else "T.serial"
     NQT = f"(({LQ} + {BQ - 1}) // {BQ})"  # query tiles per (batch, head)
+    d_tail = "" if d % 4 == 0 else f"""        for j in {U}({BK}):
+            for c in {U}({d % 4}):
+                st[j] = st[j] + qr[{d - d % 4} + c] * Ks[j * {d} + {d - d % 4} + c]"""
     body = f"""
     bx = T.launch_thread("blockIdx.x", {NQT} * {H} * {B})
     tx = T.launch_thread("threadIdx.x", {BQ})
@@ -120,50 +135,210 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False):
     bi: T.int32 = bh // {H}
     hi: T.int32 = bh % {H}
     row: T.int32 = bx % {NQT} * {BQ} + tx
-    for c in range({d}):
+    for c in {U}({d}):
         qr[c] = T.if_then_else(row < {LQ}, {at("Q", "bi", "hi", f"T.min(row, {LQ} - 1)", "c")}, T.float32(0))
-    for c in range({dvv}):
+    for c in {U}({dvv}):
         acc[c] = T.float32(0)
     mi[0] = T.float32('-inf')
     li[0] = T.float32(0)
     for t in range(({LK} + {BK - 1}) // {BK}):
         for e in range({-(-BK * d // BQ)}):
             if e * {BQ} + tx < {BK * d}:
-                kn: T.int32 = t * {BK} + (e * {BQ} + tx) // {d}
-                Ks[e * {BQ} + tx] = T.if_then_else(kn < {LK}, {at("K", "bi", "hi", f"T.min(kn, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
+                Ks[e * {BQ} + tx] = T.if_then_else(t * {BK} + (e * {BQ} + tx) // {d} < {LK}, {at("K", "bi", "hi", f"T.min(t * {BK} + (e * {BQ} + tx) // {d}, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
         for e in range({-(-BK * dvv // BQ)}):
             if e * {BQ} + tx < {BK * dvv}:
-                vn: T.int32 = t * {BK} + (e * {BQ} + tx) // {dvv}
-                Vs[e * {BQ} + tx] = T.if_then_else(vn < {LK}, {at("V", "bi", "hi", f"T.min(vn, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
+                Vs[e * {BQ} + tx] = T.if_then_else(t * {BK} + (e * {BQ} + tx) // {dvv} < {LK}, {at("V", "bi", "hi", f"T.min(t * {BK} + (e * {BQ} + tx) // {dvv}, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
         T.tvm_storage_sync("shared")
-        tmax[0] = T.float32('-inf')
-        for j in range({BK}):
-            key: T.int32 = t * {BK} + j
+        for j in {U}({BK}):
             st[j] = T.float32(0)
-            for c in range({d}):
-                st[j] = st[j] + qr[c] * Ks[j * {d} + c]
-            if key < {LK} and row < {LQ}:
-                sc: T.float32 = st[j] * T.float32({scale})
+        for c4 in {U}({d // 4}):
+            for j in {U}({BK}):
+                for c in {U}(4):
+                    st[j] = st[j] + qr[c4 * 4 + c] * Ks[j * {d} + c4 * 4 + c]
+{d_tail}
+        tmax[0] = T.float32('-inf')
+        for j in {U}({BK}):
+            if t * {BK} + j < {LK} and row < {LQ}:
+                st[j] = st[j] * T.float32({scale})
 {chr(10).join("                " + m for m in mask_terms)}
-                st[j] = sc
             else:
                 st[j] = T.float32('-inf')
             tmax[0] = T.max(tmax[0], st[j])
         mnew: T.float32 = T.max(mi[0], tmax[0])
         corr: T.float32 = T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mnew))
         li[0] = li[0] * corr
-        for c in range({dvv}):
+        for c in {U}({dvv}):
             acc[c] = acc[c] * corr
-        for j in range({BK}):
-            p: T.float32 = T.if_then_else(st[j] == T.float32('-inf'), T.float32(0), T.exp(st[j] - mnew))
-            li[0] = li[0] + p
-            for c in range({dvv}):
-                acc[c] = acc[c] + p * Vs[j * {dvv} + c]
+        for j in {U}({BK}):
+            st[j] = T.if_then_else(st[j] == T.float32('-inf'), T.float32(0), T.exp(st[j] - mnew))
+            li[0] = li[0] + st[j]
+        for j in {U}({BK}):
+            for c in {U}({dvv}):
+                acc[c] = acc[c] + st[j] * Vs[j * {dvv} + c]
         mi[0] = mnew
         T.tvm_storage_sync("shared")
     if row < {LQ}:
-        for c in range({dvv}):
+        for c in {U}({dvv}):
             {at("O", "bi", "hi", "row", "c")} = T.if_then_else(li[0] == T.float32(0), T.float32('nan'), acc[c] / li[0])
+"""
+    source = "\n".join(lines) + body
+    return tvm.script.from_source(source)
+
+
+# -- the projection: x (..., K) @ W (K, N) + bias, activation -------------------------------------
+
+#: The K step of ``linear``.
+TK = 8
+#: A thread's register tile: 8 rows x 8 columns, the columns in two groups of 4 half a tile apart.
+TM = TN = 8
+
+
+def _activation(kind: str, v: str) -> str | None:
+    """TVMScript for activation ``kind`` of the float32 expression ``v`` (as ``lowering.ACTIVATIONS``)."""
+    import math
+    f = lambda c: f"T.float32({float(c)!r})"  # noqa: E731
+    if kind == "none":
+        return v
+    if kind == "relu":
+        return f"T.max({v}, T.float32(0))"
+    if kind == "gelu":
+        return f"{f(0.5)} * {v} * ({f(1.0)} + T.erf({v} * {f(1 / math.sqrt(2.0))}))"
+    if kind == "gelu_tanh":
+        return (f"{f(0.5)} * {v} * ({f(1.0)} + T.tanh({f(math.sqrt(2.0 / math.pi))} * "
+                f"({v} + {f(0.044715)} * {v} * {v} * {v})))")
+    return None
+
+
+def linear_tile(n: int) -> tuple:
+    """Output rows x columns per workgroup of ``linear`` for N output columns (each thread computes
+    8 x 8 of them).  128 x 128 (256 threads) reads the least per multiply-add; at N below 1024 it
+    leaves too few workgroups to fill a GPU's SMs (N 512 at 4096 rows: 128 of them on 132 SMs, one
+    each), so those take 64 x 64 (64 threads): four times as many.  Not measured on a GPU yet:
+    ``bench/gpu_device.py`` times every tile there (``kernel_ab``)."""
+    return (128, 128) if n >= 1024 else (64, 64)
+
+
+def linear(spec, dv, target, tile: tuple | None = None):
+    """The projection ``spec`` (``linear`` with or without bias, or a ``matmul`` by a 2-D weight) as
+    one register-tiled GPU kernel, or None where it does not apply.
+
+    The classic SIMT SGEMM: a workgroup of (BM/8) x (BN/8) threads computes a BM x BN tile of the
+    output, each thread 8 x 8 outputs in registers (rows ``ty*8 + i``, columns ``tx*4 + j`` and
+    ``BN/2 + tx*4 + j``: four-wide reads of shared memory without bank conflicts); x and W stream
+    through shared memory in steps of ``TK`` along K, x transposed (so a thread's 8 rows are two
+    four-wide reads), the next step loaded into registers from global memory while this one is
+    computed; bias and activation in the write back.  64 multiply-adds per 4 four-wide shared reads.
+    Rows (the leading dims of x, flattened) stay symbolic: reads past the last row are clamped to it
+    and only the write back is predicated.  float32, K a multiple of ``TK`` and of 4, N a multiple
+    of 4, so every global access is four-wide."""
+    import tvm
+
+    if spec.op not in ("linear", "matmul") or len(spec.in_types) < 2:
+        return None
+    x, w = spec.in_types[0], spec.in_types[1]
+    bias = len(spec.in_types) == 3
+    if spec.op == "matmul" and len(spec.in_types) != 2 or spec.op == "linear" and len(spec.in_types) not in (2, 3):
+        return None
+    if not (w.rank == 2 and x.rank >= 2 and all(isinstance(d, int) for d in w.shape) and x.shape[-1] == w.shape[0]):
+        return None
+    if any(str(t.dtype) != "float32" for t in list(spec.in_types) + [spec.out_type]):
+        return None
+    K, N = w.shape
+    bm, bn = tile or linear_tile(N)
+    activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
+    if _activation(activation, "y") is None or K % TK or N % 4 or bm % TM or bn % TN:
+        return None
+    tx_n, ty_n = bn // TN, bm // TM
+    nt = tx_n * ty_n
+    a_loads, b_loads = bm * TK // 4, TK * bn // 4  # four-wide loads per K step
+    if a_loads % nt or b_loads % nt or nt > int(target.attrs.get("max_num_threads", 1024)):
+        return None
+    la, lb = a_loads // nt, b_loads // nt
+    names: dict = {}
+    shapes = []
+    for t in list(spec.in_types) + [spec.out_type]:
+        dims = [_dim(d, names) for d in t.shape]
+        if any(d is None for d in dims):
+            return None
+        shapes.append(dims)
+    lead = [f"T.Cast('int32', {d})" for d in shapes[0][:-1]]
+    rows = " * ".join(lead)  # M: x's leading dims flattened
+
+    def row_index(r: str) -> str:
+        """The leading indices of flat row ``r`` (row-major over x's leading dims)."""
+        idx = []
+        for i in range(len(lead)):
+            stride = " * ".join(lead[i + 1:])
+            v = f"T.truncdiv({r}, {stride})" if stride else r
+            idx.append(f"T.truncmod({v}, {lead[i]})" if i else v)
+        return ", ".join(idx)
+    params = ["x_h", "w_h"] + (["b_h"] if bias else []) + ["o_h"]
+    bufs = ["X", "W"] + (["Bias"] if bias else []) + ["O"]
+    lines = [
+        "@T.prim_func",
+        f"def main({', '.join(f'{p}: T.handle' for p in params)}):",
+        "    T.func_attr({'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True})",
+    ]
+    lines += [f"    {var} = T.int64()" for var in names.values()]
+    lines += [f"    {buf} = T.match_buffer({p}, ({', '.join(s)},), 'float32')" for buf, p, s in zip(bufs, params, shapes)]
+    pad = bm + 4  # the transposed x tile's row length: the four stores of a thread hit different banks
+    full_n = N % bn == 0
+    def col(n: str) -> str:
+        return n if full_n else f"T.min({n}, {N - 1})"
+    # no Binds inside vectorized or unrolled loops (module docstring)
+    n_out = f"(bx * {bn} + h * {bn // 2} + tc * 4 + j)"
+    y = f"(acc[i * {TN} + h * 4 + j]{f' + Bias[{n_out}]' if bias else ''})"
+    act = _activation(activation, y)
+    body = f"""
+    bx = T.launch_thread("blockIdx.x", {-(-N // bn)})
+    by = T.launch_thread("blockIdx.y", ({rows} + {bm - 1}) // {bm})
+    tx = T.launch_thread("threadIdx.x", {nt})
+    M: T.int32 = {rows}
+    As = T.alloc_buffer(({TK * pad},), "float32", scope="shared")
+    Bs = T.alloc_buffer(({TK * bn},), "float32", scope="shared")
+    ra = T.alloc_buffer(({4 * la},), "float32", scope="local")
+    rb = T.alloc_buffer(({4 * lb},), "float32", scope="local")
+    acc = T.alloc_buffer(({TM * TN},), "float32", scope="local")
+    av = T.alloc_buffer(({TM},), "float32", scope="local")
+    bv = T.alloc_buffer(({TN},), "float32", scope="local")
+    ty: T.int32 = tx // {tx_n}
+    tc: T.int32 = tx % {tx_n}
+    for i in T.unroll({TM * TN}):
+        acc[i] = T.float32(0)
+    for kt in range({K // TK + 1}):
+        if kt > 0:
+            for e in T.unroll({la}):
+                for v in T.unroll(4):
+                    As[(((e * {nt} + tx) % {TK // 4}) * 4 + v) * {pad} + (e * {nt} + tx) // {TK // 4}] = ra[e * 4 + v]
+            for e in T.unroll({lb}):
+                for v in T.vectorized(4):
+                    Bs[((e * {nt} + tx) // {bn // 4}) * {bn} + ((e * {nt} + tx) % {bn // 4}) * 4 + v] = rb[e * 4 + v]
+            T.tvm_storage_sync("shared")
+        if kt < {K // TK}:
+            for e in T.unroll({la}):
+                for v in T.vectorized(4):
+                    ra[e * 4 + v] = X[{row_index(f"T.min(by * {bm} + (e * {nt} + tx) // {TK // 4}, M - 1)")}, kt * {TK} + ((e * {nt} + tx) % {TK // 4}) * 4 + v]
+            for e in T.unroll({lb}):
+                for v in T.vectorized(4):
+                    rb[e * 4 + v] = W[kt * {TK} + (e * {nt} + tx) // {bn // 4}, {col("bx * " + str(bn) + " + ((e * " + str(nt) + " + tx) % " + str(bn // 4) + ") * 4 + v")}]
+        if kt > 0:
+            for k in T.unroll({TK}):
+                for h in T.unroll({TM // 4}):
+                    for i in T.vectorized(4):
+                        av[h * 4 + i] = As[k * {pad} + ty * {TM} + h * 4 + i]
+                for h in T.unroll(2):
+                    for j in T.vectorized(4):
+                        bv[h * 4 + j] = Bs[k * {bn} + h * {bn // 2} + tc * 4 + j]
+                for i in T.unroll({TM}):
+                    for j in T.unroll({TN}):
+                        acc[i * {TN} + j] = acc[i * {TN} + j] + av[i] * bv[j]
+            T.tvm_storage_sync("shared")
+    for i in T.unroll({TM}):
+        if by * {bm} + ty * {TM} + i < M:
+            for h in T.unroll(2):
+                for j in T.{"vectorized" if full_n else "unroll"}(4):
+                    {"" if full_n else f"if {n_out} < {N}:"}
+                    {"" if full_n else "    "}O[{row_index(f"by * {bm} + ty * {TM} + i")}, {n_out}] = {act}
 """
     source = "\n".join(lines) + body
     return tvm.script.from_source(source)

@@ -379,9 +379,11 @@ def narrow_kernel(spec, dv, target):
 
 def wgsl_kernel(spec, dv, target):
     """The ``TargetSpec.hand_kernel`` hook of the vulkan target (WGSL path): the flash-style fused
-    attention (``gpu_kernels``, bool masks read from int32 storage), else ``narrow_kernel``."""
-    from .gpu_kernels import flash_attention
-    return flash_attention(spec, dv, target, narrow_bool=True) or narrow_kernel(spec, dv, target)
+    attention (``gpu_kernels``, bool masks read from int32 storage) and the register-tiled projection,
+    else ``narrow_kernel``."""
+    from .gpu_kernels import flash_attention, linear
+    return (flash_attention(spec, dv, target, narrow_bool=True, unroll=False) or linear(spec, dv, target)
+            or narrow_kernel(spec, dv, target))
 
 
 # -- running on wgpu ----------------------------------------------------------------------------

@@ -1,0 +1,257 @@
+"""Kernel A/B on a GPU: each candidate form of the projection and attention kernels at the benchmark
+encoders' shapes (batch 8 x seq 512), timed alone and checked against PyTorch on the same operands.
+
+    python bench/gpu_ab.py build [--out DIR] [--arch sm_90] [--baseline REV]   # here: compile ab.so
+    python bench/gpu_ab.py check DIR                                            # there: time and check
+
+This is how the hand-written GPU kernels were chosen without a GPU at hand: every candidate is compiled
+here into one CUDA module with a JSON index (``gpu_device.py bundle`` puts it in the bundle), and the GPU
+machine runs it with TVM's runtime alone.  Candidates:
+
+- projections (``linear``, with bias; ReLU on the first FFN matmul): the register-tiled kernel of
+  ``gpu_kernels.linear`` at each workgroup tile of ``TILES`` (the one ``linear_tile`` picks is marked),
+  and dlight's default schedule of the generic lowering (what the cuda target used before);
+- attention (as the encoders' builds plan it): ``gpu_kernels.flash_attention`` at several key-tile
+  sizes, and the same function of git revision ``--baseline`` (the kernel before the current one).
+
+``check`` prints, per shape, each candidate's median time, its TFLOP/s and its ratio to PyTorch's
+(cuBLAS float32 without TF32 for ``addmm``; ``scaled_dot_product_attention`` for attention), and the
+largest difference from the float64 reference (the interpreter's op on the same operands), so a
+candidate that is fast and wrong is seen at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import click
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+#: The benchmark's batch and sequence (bench_gpu.py's encoders).
+BATCH, SEQ = 8, 512
+TILES = ((128, 128), (64, 128), (128, 64), (64, 64))
+ATTENTION_TILES = (8, 16, 32)
+#: The commit whose attention kernel is the baseline (one dot-product chain per thread, scores in local memory).
+BASELINE = "292b9bc"
+
+
+def _specs():
+    """[(label, KernelSpec)] of the projections and attention of the benchmark encoders, as their builds plan them."""
+    from attngraph.backends.tvm.build import for_target, plan_kernels
+    from attngraph.models.transformer import TransformerEncoderModel
+    from attngraph.nn import trace
+    from attngraph.passes import optimize
+    from bench_gpu import MODELS
+    out = []
+    for name, (d, heads, ff, layers) in MODELS.items():
+        graph, _ = optimize(trace(TransformerEncoderModel(d, heads, ff, 1, name=name)), 3)
+        for spec in plan_kernels(for_target(graph, "cuda"))[0]:
+            if spec.op == "linear":
+                k, n = spec.in_types[1].shape
+                act = spec.attrs.get("activation", "none")
+                out.append((f"{name} linear {k}x{n}{'' if act == 'none' else ' ' + act}", spec))
+            elif spec.op == "fused_attention":
+                out.append((f"{name} attention {spec.in_types[0]}", spec))
+    return out
+
+
+def _baseline_module(rev: str):
+    """gpu_kernels.py as of git revision ``rev``, as a module (None when git cannot show it)."""
+    path = "attngraph/backends/tvm/gpu_kernels.py"
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    try:
+        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    module = types.ModuleType(f"gpu_kernels_{rev}")
+    exec(compile(text, f"{rev}:{path}", "exec"), module.__dict__)  # noqa: S102 - this repository's own code
+    return module
+
+
+def candidates(target, baseline: str | None):
+    """{function name: (label, variant, spec, PrimFunc)} of every candidate for ``target``."""
+    from attngraph.backends.tvm import gpu_kernels
+    from attngraph.backends.tvm.build import _finish, generic_func
+    from attngraph.backends.tvm.shapes import DimVars
+    old = _baseline_module(baseline) if baseline else None
+    dv = DimVars()
+    out = {}
+    for i, (label, spec) in enumerate(_specs()):
+        forms = {}
+        if spec.op == "linear":
+            chosen = gpu_kernels.linear_tile(spec.in_types[1].shape[1])
+            for tile in TILES:
+                mark = "*" if tile == chosen else ""
+                forms[f"tile {tile[0]}x{tile[1]}{mark}"] = gpu_kernels.linear(spec, dv, target, tile=tile)
+        else:
+            saved = gpu_kernels.BK
+            try:
+                for bk in ATTENTION_TILES:
+                    gpu_kernels.BK = bk
+                    mark = "*" if bk == saved else ""
+                    forms[f"flash BK {bk}{mark}"] = gpu_kernels.flash_attention(spec, dv, target)
+            finally:
+                gpu_kernels.BK = saved
+            if old is not None:
+                forms[f"flash @{baseline}"] = old.flash_attention(spec, dv, target)
+        forms["dlight"] = generic_func(spec, dv, target)
+        for j, (variant, func) in enumerate(forms.items()):
+            if func is None:
+                continue
+            name = f"ab{i}_{j}"
+            out[name] = (label, variant, spec, _finish(func, spec, dv).with_attr("global_symbol", name))
+    return out
+
+
+@click.group()
+def main():
+    """Compile the kernel candidates here; time and check them on a GPU machine."""
+
+
+@main.command()
+@click.option("--out", default=".device/ab", show_default=True)
+@click.option("--arch", default="sm_90", show_default=True)
+@click.option("--baseline", default=BASELINE, show_default=True,
+              help="Git revision whose flash_attention is also timed ('' for none).")
+def build(out, arch, baseline):
+    """Compile every candidate into DIR/ab.so with its index DIR/ab.json."""
+    import tvm
+
+    from attngraph.backends.tvm import gpu
+    from attngraph.backends.tvm.shapes import scalar_dims
+    target = gpu.cuda_target(arch)
+    start = time.perf_counter()
+    funcs = candidates(target, baseline or None)
+    executable = gpu.compile_cuda_module(tvm.IRModule({n: f for n, (_, _, _, f) in funcs.items()}), target)
+    os.makedirs(out, exist_ok=True)
+    executable.export_library(os.path.join(out, "ab.so"))
+    index = []
+    for name, (label, variant, spec, _) in funcs.items():
+        index.append({"name": name, "label": label, "variant": variant, "op": spec.op, "attrs": spec.attrs,
+                      "in_types": [[list(t.shape), str(t.dtype)] for t in spec.in_types],
+                      "out_type": [list(spec.out_type.shape), str(spec.out_type.dtype)],
+                      "scalars": list(scalar_dims(tuple(spec.in_types) + (spec.out_type,)))})
+    with open(os.path.join(out, "ab.json"), "w") as f:
+        json.dump({"arch": arch, "batch": BATCH, "seq": SEQ, "kernels": index}, f, indent=1)
+    click.echo(f"{len(funcs)} candidate kernels for {arch} in {time.perf_counter() - start:.1f} s -> {out}/ab.so")
+
+
+def _reference(entry, host):
+    """The float64 result of ``entry``'s op on ``host`` operands (the interpreter's semantics)."""
+    from attngraph.ir.fused import fused_attention
+    args = [a.astype(np.float64) if a.dtype == np.float32 else a for a in host]
+    if entry["op"] == "linear":
+        y = args[0] @ args[1] + (args[2] if len(args) == 3 else 0)
+        return np.maximum(y, 0) if entry["attrs"].get("activation") == "relu" else y
+    return fused_attention(*args, **entry["attrs"])
+
+
+def _torch_run(entry, host):
+    """A callable running PyTorch's kernel for ``entry`` on GPU copies of ``host`` (timed, not checked:
+    attention in PyTorch's own (batch, heads, seq, dim) layout)."""
+    import torch
+    import torch.nn.functional as F
+    t = [torch.from_numpy(a).cuda() for a in host]
+    if entry["op"] == "linear":
+        x2 = t[0].reshape(-1, t[0].shape[-1])
+        relu = entry["attrs"].get("activation") == "relu"
+        if len(t) == 3:
+            return lambda: torch.relu_(torch.addmm(t[2], x2, t[1])) if relu else torch.addmm(t[2], x2, t[1])
+        return lambda: torch.relu_(x2 @ t[1]) if relu else x2 @ t[1]
+    q, k, v = t[:3]
+    if entry["attrs"].get("layout") == "bshd":
+        q, k, v = (a.transpose(1, 2).contiguous() for a in (q, k, v))
+    mask = t[3] if len(t) > 3 else None  # timing only: the first mask, as SDPA's attn_mask
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=entry["attrs"].get("scale", 1.0))
+
+
+@main.command()
+@click.argument("ab_dir", default=".device/ab")
+@click.option("--repeat", default=5, show_default=True, help="Repeats of time_evaluator (median taken).")
+def check(ab_dir, repeat):
+    """Time every candidate and PyTorch's kernel on the GPU; print the table."""
+    check_rows(ab_dir, repeat)
+
+
+def check_rows(ab_dir: str, repeat: int) -> list[str]:
+    """``check``: prints each shape's rows as it goes and the whole table at the end; returns its lines."""
+    import torch
+    import tvm
+
+    from attngraph.backends.tvm.executor import flops
+    from attngraph.ir import TensorType
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with open(os.path.join(ab_dir, "ab.json")) as f:
+        index = json.load(f)
+    dims = {"batch": index["batch"], "seq": index["seq"]}
+    start = time.perf_counter()
+    module = tvm.runtime.load_module(os.path.join(ab_dir, "ab.so"))
+    dev = tvm.cuda(0)
+    click.echo(f"loaded {len(index['kernels'])} kernels in {time.perf_counter() - start:.1f} s (NVRTC); "
+               f"GPU {torch.cuda.get_device_name()}")
+    rng = np.random.default_rng(0)
+    by_label: dict = {}
+    for entry in index["kernels"]:
+        by_label.setdefault(entry["label"], []).append(entry)
+    rows = []
+    for label, entries in by_label.items():
+        first = entries[0]
+        types_ = [TensorType(tuple(s), dt) for s, dt in first["in_types"]]
+        out_type = TensorType(tuple(first["out_type"][0]), first["out_type"][1])
+        shapes = [t.concrete(dims) for t in types_]
+        host = []
+        for t, s in zip(types_, shapes):
+            if t.dtype == "bool":  # key padding: the last 10% of every sequence's keys hidden
+                m = np.ones(s, bool)
+                m[..., int(s[-1] * 0.9):] = False
+                host.append(m)
+            else:
+                host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
+        work = flops(first["op"], first["attrs"], shapes, out_type.concrete(dims))
+        want = _reference(first, host)
+        ref_fn = _torch_run(first, host)
+        for _ in range(3):
+            ref_fn()
+        torch.cuda.synchronize()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        times = []
+        for _ in range(repeat):
+            events[0].record()
+            for _ in range(20):
+                ref_fn()
+            events[1].record()
+            torch.cuda.synchronize()
+            times.append(events[0].elapsed_time(events[1]) / 20 / 1e3)
+        torch_s = float(np.median(times))
+        rows.append(f"{label}: PyTorch {torch_s * 1e3:.3f} ms {work / torch_s / 1e12:.1f} TFLOP/s")
+        args = [tvm.runtime.tensor(a, dev) for a in host]
+        for entry in entries:
+            out = tvm.runtime.empty(out_type.concrete(dims), "float32", dev)
+            scalars = [dims[d] for d in entry["scalars"]]
+            try:
+                module[entry["name"]](*args, out, *scalars)
+                got = out.numpy()
+                err = float(np.nanmax(np.abs(got - want)))
+                timer = module.time_evaluator(entry["name"], dev, number=20, repeat=repeat)
+                s = float(np.median(timer(*args, out, *scalars).results))
+                rows.append(f"  {entry['variant']:16s} {s * 1e3:8.3f} ms {work / s / 1e12:6.1f} TFLOP/s "
+                            f"x{s / torch_s:5.2f} of PyTorch's time  max|diff| {err:.1e}")
+            except Exception as e:  # noqa: BLE001 - one candidate's failure must not hide the others
+                rows.append(f"  {entry['variant']:16s} ERROR {type(e).__name__}: {str(e)[:200]}")
+        click.echo("\n".join(rows[-len(entries) - 1:]), nl=True)
+    head = f"== kernel A/B (batch {dims['batch']} x seq {dims['seq']}; * = the kernel the build uses)"
+    click.echo(f"\n{head}\n" + "\n".join(rows))
+    return [head] + rows
+
+
+if __name__ == "__main__":
+    main()
