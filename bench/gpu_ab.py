@@ -59,7 +59,10 @@ def _specs():
                 act = spec.attrs.get("activation", "none")
                 out.append((f"{name} linear {k}x{n}{'' if act == 'none' else ' ' + act}", spec))
             elif spec.op == "fused_attention":
-                out.append((f"{name} attention {spec.in_types[0]}", spec))
+                out.append((f"{name} attention on the merged QKV {spec.in_types[0]}", spec))
+        # and on separate q, k, v (before read_merged_qkv; what the baseline kernel reads)
+        spec = next(s for s in plan_kernels(graph)[0] if s.op == "fused_attention")
+        out.append((f"{name} attention on q, k, v {spec.in_types[0]}", spec))
     return out
 
 
@@ -168,6 +171,10 @@ def _torch_run(entry, host):
             return lambda: torch.relu_(torch.addmm(t[2], x2, t[1])) if relu else torch.addmm(t[2], x2, t[1])
         return lambda: torch.relu_(x2 @ t[1]) if relu else x2 @ t[1]
     q, k, v = t[:3]
+    heads = entry["attrs"].get("heads")
+    if heads:  # the windows of the merged projection, as PyTorch's MHA has them: separate tensors
+        n = heads[0]
+        q, k, v = (a[:, :, h0:h0 + n].contiguous() for a, h0 in zip((q, k, v), heads[1:]))
     if entry["attrs"].get("layout") == "bshd":
         q, k, v = (a.transpose(1, 2).contiguous() for a in (q, k, v))
     mask = t[3] if len(t) > 3 else None  # timing only: the first mask, as SDPA's attn_mask

@@ -196,7 +196,7 @@ def bundle(out, target, ffi_wheel, vulkan):
     with open(os.path.join(out, "run.sh"), "w") as f:
         f.write(RUN_SH.format(out=out))
     total = _size(out)
-    for part in ("artifacts", "tvm.tar.gz", "whl", "deb"):
+    for part in ("artifacts", "ab", "tvm.tar.gz", "whl", "deb"):
         click.echo(f"  {part:12s} {_size(os.path.join(out, part)) / 2**20:6.1f} MiB")
     click.echo(f"{out}: {total / 2**20:.1f} MiB (limit {LIMIT_BYTES >> 20} MiB with the repository); on the GPU "
                f"machine: bash {out}/run.sh  (device run: carry [\"{out}\"])")

@@ -56,7 +56,7 @@ def test_kernel_ab_covers_every_encoder_kernel_and_marks_the_one_the_build_uses(
     by_label: dict = {}
     for label, variant, spec, func in found.values():
         by_label.setdefault(label, []).append((variant, spec, func))
-    assert len(by_label) == 10  # 4 projections and the attention, two encoders
+    assert len(by_label) == 12  # 4 projections and the attention (on the merged QKV and on q, k, v), two encoders
     for label, forms in by_label.items():
         variants = [v for v, _, _ in forms]
         spec = forms[0][1]

@@ -172,10 +172,14 @@ def test_vulkan_device_limits_and_features_are_clear_errors():
 
 @pytest.fixture(scope="module")
 def attention_specs():
-    from attngraph.backends.tvm.build import plan_kernels
+    from attngraph.backends.tvm.build import for_target, plan_kernels
     from attngraph.passes import optimize
     g, _ = optimize(ag.models.load_graph("transformer-tiny"), 3)
-    return [s for s in plan_kernels(g)[0] if s.op == "fused_attention"]
+    # as planned without and with the GPU layout (self-attention reading q, k, v from the merged projection)
+    specs = [s._replace(name=f"{s.name}_{i}") for i, graph in enumerate((g, for_target(g, "vulkan")))
+             for s in plan_kernels(graph)[0] if s.op == "fused_attention"]  # unique names: the device keeps pipelines by name
+    assert any(s.attrs.get("heads") for s in specs) and not all(s.attrs.get("heads") for s in specs)
+    return specs
 
 
 @needs_vulkan

@@ -234,19 +234,22 @@ def for_target(g: Graph, target: str, weight_dtype: str | None = None) -> Graph:
     """``g`` in the layouts ``target``'s kernels read (``passes.layout``): a copy when it changes.
     ``weight_dtype="float16"`` stores the packed projection weights in half precision (computed in
     float32): half the bytes per decode step, at float16's rounding of every weight."""
-    panel = get_target(target).weight_panel
+    tspec = get_target(target)
+    panel = tspec.weight_panel
     if weight_dtype not in (None, *WEIGHT_DTYPES):
         raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     if weight_dtype == "float32":
         weight_dtype = None
     if weight_dtype and not panel:
         raise BuildError(f"weights stored as {weight_dtype} are supported on the llvm target only, not {target!r}")
-    if not panel:
+    if not panel and not tspec.merged_qkv:
         return g
     from ...passes.layout import pack_weights, read_merged_qkv
     g = g.copy()
-    pack_weights(g, panel, weight_dtype)
-    read_merged_qkv(g)  # the CPU attention reads q, k, v in place in a merged projection
+    if panel:
+        pack_weights(g, panel, weight_dtype)
+    if tspec.merged_qkv:
+        read_merged_qkv(g)  # the attention reads q, k, v in place in a merged projection
     return g
 
 

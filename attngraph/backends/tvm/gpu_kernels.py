@@ -56,7 +56,7 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     driver's compiler unrolls such loops itself)."""
     import tvm
 
-    if spec.op != "fused_attention" or spec.attrs.get("heads"):  # head windows: the generic schedule
+    if spec.op != "fused_attention":
         return None
     q, k, v = spec.in_types[:3]
     masks = spec.in_types[3:]
@@ -68,6 +68,12 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         (b, lq, h, d), lk, dvv = q.shape, k.shape[1], v.shape[3]
     else:
         (b, h, lq, d), lk, dvv = q.shape, k.shape[2], v.shape[3]
+    # head windows (``heads``: n, q0, k0, v0): n heads read from q, k, v at those head offsets (the
+    # three are one merged projection, ``passes.layout.read_merged_qkv``), no slice copies
+    heads = tuple(spec.attrs.get("heads") or ())
+    offset = dict(zip("QKV", heads[1:])) if heads else {}
+    if heads:
+        h = heads[0]
     if not (isinstance(d, int) and isinstance(dvv, int) and 0 < d <= MAX_HEAD and 0 < dvv <= MAX_HEAD):
         return None
     shared_bytes = BK * (d + dvv) * 4
@@ -84,6 +90,7 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     B, H, LQ, LK = (f"T.Cast('int32', {_dim(x, names)})" for x in (b, h, lq, lk))
 
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
+        hi = f"{hi} + {offset[buf]}" if offset.get(buf) else hi
         return f"{buf}[{bi}, {si}, {hi}, {ci}]" if layout == "bshd" else f"{buf}[{bi}, {hi}, {si}, {ci}]"
 
     # Each mask read at (batch, head, query row, key), broadcast NumPy-style, applied to score st[j].

@@ -146,7 +146,9 @@ def _masked_scores(s, masks, kinds, scale, name):
 def _head_slice(t, n: int, start: int, layout: str, name: str):
     """Heads [start, start + n) of ``t`` (head axis 2 in ``bshd``, 1 in ``bhsd``), computed inline."""
     axis = 2 if layout == "bshd" else 1
-    shape = [t.shape[a] if a != axis else n for a in range(4)]
+    # n in the dtype of the other dims (int64): an int32 extent among them casts the head index, which
+    # dlight's GPU rules then cannot analyze
+    shape = [t.shape[a] if a != axis else tirx.const(n, _dtype(t.shape[a])) for a in range(4)]
 
     def read(*i):
         return t[tuple(i[a] + start if a == axis else i[a] for a in range(4))]

@@ -35,6 +35,9 @@ class TargetSpec:
     #: column-panel width of the weights its matmul kernels read (``passes.layout.pack_weights``),
     #: or None to keep weights (K, N)
     weight_panel: int | None = None
+    #: whether its attention reads q, k and v in place in a merged projection
+    #: (``passes.layout.read_merged_qkv``: ``fused_attention`` with ``heads``)
+    merged_qkv: bool = True
     #: (KernelSpec, DimVars, target) -> {suffix: PrimFunc}: other forms of the kernel, built beside it
     #: as ``<name><suffix>`` with the same parameters (``IN_PLACE``, ``FEW_ROWS``, ``ONE_ROW``); the executor
     #: calls one where it applies
