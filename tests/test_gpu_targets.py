@@ -320,6 +320,9 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
         assert f"{kernel['name']}_kernel" in names, kernel
     with open(os.path.join(path, "manifest.json")) as f:
         assert json.load(f)["files"]["kernels.cu"]["bytes"] == len(source.encode())
+    for kernel in manifest["kernels"]:  # projections: the hand-written kernel, and dlight's for a decode step's few rows
+        if kernel["op"] == "linear":
+            assert {f"{kernel['name']}_kernel", f"{kernel['name']}__few_kernel"} <= set(names), kernel
     for kernel in manifest["kernels"]:  # the flash-style attention: one kernel with shared-memory tiles
         if kernel["op"] == "fused_attention":
             assert [n for n in names if n.startswith(kernel["name"] + "_")] == [f"{kernel['name']}_kernel"]

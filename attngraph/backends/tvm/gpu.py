@@ -259,6 +259,18 @@ def cuda_kernel(spec, dv, target):
     return flash_attention(spec, dv, target) or linear(spec, dv, target)
 
 
+def gpu_forms(spec, dv, target):
+    """The ``TargetSpec.kernel_forms`` hook of cuda and vulkan (WGSL): a projection that the hand-written
+    kernel serves gets dlight's schedule of the generic lowering as its ``FEW_ROWS`` form.  A decode
+    step has one row per sequence, and the hand kernel's 64- or 128-row tile would compute mostly
+    clamped rows on N/64 or N/128 workgroups; dlight's 32 x 64 tile wastes less (what served every
+    projection before the hand kernel)."""
+    from .build import generic_func
+    from .gpu_kernels import linear_applies
+    from .targets import FEW_ROWS
+    return {FEW_ROWS: generic_func(spec, dv, target)} if linear_applies(spec, target) else {}
+
+
 def cuda_availability():
     """(compile problem, run problem, note) of the cuda target here (``attngraph targets``)."""
     import tvm
@@ -283,7 +295,7 @@ def cuda_spec(arch: str = DEFAULT_ARCH, name: str | None = None) -> TargetSpec:
                 "nvcc_checked": nvcc_check_enabled()}
     return TargetSpec(name or f"cuda:{arch}", lambda: cuda_target(arch), schedule_func, cuda_kernel, open_cuda_device,
                       compile=compile_cuda_module, kind="cuda", describe=describe, source_file=CUDA_SOURCE,
-                      availability=cuda_availability)
+                      availability=cuda_availability, kernel_forms=gpu_forms)
 
 
 register_target(cuda_spec(DEFAULT_ARCH, "cuda"))

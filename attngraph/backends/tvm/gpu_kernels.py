@@ -225,6 +225,25 @@ def linear_tile(n: int) -> tuple:
     return (128, 128) if n >= 1024 else (64, 64)
 
 
+def linear_applies(spec, target, tile: tuple | None = None) -> bool:
+    """Whether ``linear`` serves ``spec``: x (..., K) @ W (K, N) (+ bias, activation), float32, static K
+    a multiple of ``TK``, N of 4, a tile whose loads divide evenly among its threads."""
+    if len(spec.in_types) not in {"matmul": (2,), "linear": (2, 3)}.get(spec.op, ()):
+        return False
+    x, w = spec.in_types[0], spec.in_types[1]
+    if not (w.rank == 2 and x.rank >= 2 and all(isinstance(d, int) for d in w.shape) and x.shape[-1] == w.shape[0]):
+        return False
+    if any(str(t.dtype) != "float32" for t in list(spec.in_types) + [spec.out_type]):
+        return False
+    K, N = w.shape
+    bm, bn = tile or linear_tile(N)
+    activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
+    if _activation(activation, "y") is None or K % TK or N % 4 or bm % TM or bn % TN:
+        return False
+    nt = (bn // TN) * (bm // TM)
+    return (bm * TK // 4) % nt == 0 and (TK * bn // 4) % nt == 0 and nt <= int(target.attrs.get("max_num_threads", 1024))
+
+
 def linear(spec, dv, target, tile: tuple | None = None):
     """The projection ``spec`` (``linear`` with or without bias, or a ``matmul`` by a 2-D weight) as
     one register-tiled GPU kernel, or None where it does not apply.
@@ -240,26 +259,15 @@ def linear(spec, dv, target, tile: tuple | None = None):
     of 4, so every global access is four-wide."""
     import tvm
 
-    if spec.op not in ("linear", "matmul") or len(spec.in_types) < 2:
+    if not linear_applies(spec, target, tile):
         return None
-    x, w = spec.in_types[0], spec.in_types[1]
+    K, N = spec.in_types[1].shape
     bias = len(spec.in_types) == 3
-    if spec.op == "matmul" and len(spec.in_types) != 2 or spec.op == "linear" and len(spec.in_types) not in (2, 3):
-        return None
-    if not (w.rank == 2 and x.rank >= 2 and all(isinstance(d, int) for d in w.shape) and x.shape[-1] == w.shape[0]):
-        return None
-    if any(str(t.dtype) != "float32" for t in list(spec.in_types) + [spec.out_type]):
-        return None
-    K, N = w.shape
-    bm, bn = tile or linear_tile(N)
     activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
-    if _activation(activation, "y") is None or K % TK or N % 4 or bm % TM or bn % TN:
-        return None
+    bm, bn = tile or linear_tile(N)
     tx_n, ty_n = bn // TN, bm // TM
     nt = tx_n * ty_n
     a_loads, b_loads = bm * TK // 4, TK * bn // 4  # four-wide loads per K step
-    if a_loads % nt or b_loads % nt or nt > int(target.attrs.get("max_num_threads", 1024)):
-        return None
     la, lb = a_loads // nt, b_loads // nt
     names: dict = {}
     shapes = []

@@ -32,6 +32,7 @@ from .. import BuildError, DeviceUnavailable
 from .gpu import (
     GPUUnavailable,
     default_rules,
+    gpu_forms,
     require_device_kernels,
     schedule_func,
     webgpu_target,
@@ -768,7 +769,7 @@ def vulkan_spec() -> TargetSpec:
                           availability=vulkan_availability)
     return TargetSpec("vulkan", webgpu_target, schedule_func, wgsl_kernel, open_wgsl_device,
                       compile=lambda mod, target: compile_webgpu(mod, target), library_name=LIBRARY_NAME,
-                      kind="webgpu", describe=_describe_wgsl, availability=vulkan_availability)
+                      kind="webgpu", describe=_describe_wgsl, availability=vulkan_availability, kernel_forms=gpu_forms)
 
 
 def _describe_wgsl() -> dict:
