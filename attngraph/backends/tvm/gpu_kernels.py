@@ -48,6 +48,30 @@ def _dim(d, names: dict) -> str | None:
     return None
 
 
+def _header(spec, bufs: list, dtypes: list):
+    """The TVMScript head of a kernel on ``spec``'s operands then result, as buffers named ``bufs`` stored
+    in ``dtypes``: (lines declaring the function, a ``T.int64()`` per symbolic dim and a ``match_buffer``
+    per buffer; each buffer's dims as TVMScript; {dim name: its variable}), or None where a dim is neither
+    an int nor a plain name."""
+    names: dict = {}
+    shapes = []
+    for t in list(spec.in_types) + [spec.out_type]:
+        dims = [_dim(x, names) for x in t.shape]
+        if any(x is None for x in dims):
+            return None
+        shapes.append(dims)
+    params = [f"{buf.lower()}_h" for buf in bufs]
+    lines = [
+        "@T.prim_func",
+        f"def main({', '.join(f'{p}: T.handle' for p in params)}):",
+        "    T.func_attr({'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True})",
+    ]
+    lines += [f"    {var} = T.int64()" for var in names.values()]
+    lines += [f"    {buf} = T.match_buffer({p}, ({', '.join(s)},), '{dt}')"
+              for buf, p, s, dt in zip(bufs, params, shapes, dtypes)]
+    return lines, shapes, names
+
+
 def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True):
     """The fused attention ``spec`` as one flash-style GPU kernel (a scheduled PrimFunc), or None
     where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path).
@@ -80,13 +104,12 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     limit = target.attrs.get("max_shared_memory_per_block")
     if limit is not None and shared_bytes > int(limit):
         return None
-    names: dict = {}
-    shapes = []
-    for t in list(spec.in_types) + [spec.out_type]:
-        dims = [_dim(x, names) for x in t.shape]
-        if any(x is None for x in dims):
-            return None
-        shapes.append(dims)
+    mask_dtypes = [("int32" if narrow_bool and str(t.dtype) == "bool" else str(t.dtype)) for t in masks]
+    bufs = ["Q", "K", "V"] + [f"M{i}" for i in range(len(masks))] + ["O"]
+    head = _header(spec, bufs, ["float32"] * 3 + mask_dtypes + ["float32"])
+    if head is None:
+        return None
+    lines, shapes, names = head
     B, H, LQ, LK = (f"T.Cast('int32', {_dim(x, names)})" for x in (b, h, lq, lk))
 
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
@@ -109,18 +132,6 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
             cond = f"{read} != 0" if narrow_bool else read
             keep, drop = ("st[j]", "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", "st[j]")
             mask_terms.append(f"st[j] = T.if_then_else({cond}, {keep}, {drop})")
-    mask_dtypes = [("int32" if narrow_bool and str(t.dtype) == "bool" else str(t.dtype)) for t in masks]
-    params = ["q_h", "k_h", "v_h"] + [f"m{i}_h" for i in range(len(masks))] + ["o_h"]
-    bufs = ["Q", "K", "V"] + [f"M{i}" for i in range(len(masks))] + ["O"]
-    dtypes = ["float32"] * 3 + mask_dtypes + ["float32"]
-    lines = [
-        "@T.prim_func",
-        f"def main({', '.join(f'{p}: T.handle' for p in params)}):",
-        "    T.func_attr({'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True})",
-    ]
-    lines += [f"    {var} = T.int64()" for var in names.values()]
-    lines += [f"    {buf} = T.match_buffer({p}, ({', '.join(s)},), '{dt}')"
-              for buf, p, s, dt in zip(bufs, params, shapes, dtypes)]
     scale = repr(float(spec.attrs.get("scale", 1.0)))
     U = "T.unroll" if unroll else "T.serial"
     NQT = f"(({LQ} + {BQ - 1}) // {BQ})"  # query tiles per (batch, head)
@@ -269,13 +280,10 @@ def linear(spec, dv, target, tile: tuple | None = None):
     nt = tx_n * ty_n
     a_loads, b_loads = bm * TK // 4, TK * bn // 4  # four-wide loads per K step
     la, lb = a_loads // nt, b_loads // nt
-    names: dict = {}
-    shapes = []
-    for t in list(spec.in_types) + [spec.out_type]:
-        dims = [_dim(d, names) for d in t.shape]
-        if any(d is None for d in dims):
-            return None
-        shapes.append(dims)
+    head = _header(spec, ["X", "W"] + (["Bias"] if bias else []) + ["O"], ["float32"] * (len(spec.in_types) + 1))
+    if head is None:
+        return None
+    lines, shapes, _ = head
     lead = [f"T.Cast('int32', {d})" for d in shapes[0][:-1]]
     rows = " * ".join(lead)  # M: x's leading dims flattened
 
@@ -287,15 +295,6 @@ def linear(spec, dv, target, tile: tuple | None = None):
             v = f"T.truncdiv({r}, {stride})" if stride else r
             idx.append(f"T.truncmod({v}, {lead[i]})" if i else v)
         return ", ".join(idx)
-    params = ["x_h", "w_h"] + (["b_h"] if bias else []) + ["o_h"]
-    bufs = ["X", "W"] + (["Bias"] if bias else []) + ["O"]
-    lines = [
-        "@T.prim_func",
-        f"def main({', '.join(f'{p}: T.handle' for p in params)}):",
-        "    T.func_attr({'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True})",
-    ]
-    lines += [f"    {var} = T.int64()" for var in names.values()]
-    lines += [f"    {buf} = T.match_buffer({p}, ({', '.join(s)},), 'float32')" for buf, p, s in zip(bufs, params, shapes)]
     pad = bm + 4  # the transposed x tile's row length: the four stores of a thread hit different banks
     full_n = N % bn == 0
     def col(n: str) -> str:
