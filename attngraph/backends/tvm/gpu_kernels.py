@@ -232,7 +232,7 @@ def linear_tile(n: int) -> tuple:
     8 x 8 of them).  128 x 128 (256 threads) reads the least per multiply-add; at N below 1024 it
     leaves too few workgroups to fill a GPU's SMs (N 512 at 4096 rows: 128 of them on 132 SMs, one
     each), so those take 64 x 64 (64 threads): four times as many.  Not measured on a GPU yet:
-    ``bench/gpu_device.py`` times every tile there (``kernel_ab``)."""
+    ``bench/gpu_ab.py`` times every tile there."""
     return (128, 128) if n >= 1024 else (64, 64)
 
 
@@ -295,12 +295,16 @@ def linear(spec, dv, target, tile: tuple | None = None):
             v = f"T.truncdiv({r}, {stride})" if stride else r
             idx.append(f"T.truncmod({v}, {lead[i]})" if i else v)
         return ", ".join(idx)
+
     pad = bm + 4  # the transposed x tile's row length: the four stores of a thread hit different banks
     full_n = N % bn == 0
+
     def col(n: str) -> str:
         return n if full_n else f"T.min({n}, {N - 1})"
+
     # no Binds inside vectorized or unrolled loops (module docstring)
-    n_out = f"(bx * {bn} + h * {bn // 2} + tc * 4 + j)"
+    n_load = f"bx * {bn} + ((e * {nt} + tx) % {bn // 4}) * 4 + v"  # the W column a thread loads
+    n_out = f"(bx * {bn} + h * {bn // 2} + tc * 4 + j)"  # the output column it writes
     y = f"(acc[i * {TN} + h * 4 + j]{f' + Bias[{n_out}]' if bias else ''})"
     act = _activation(activation, y)
     body = f"""
@@ -334,7 +338,7 @@ def linear(spec, dv, target, tile: tuple | None = None):
                     ra[e * 4 + v] = X[{row_index(f"T.min(by * {bm} + (e * {nt} + tx) // {TK // 4}, M - 1)")}, kt * {TK} + ((e * {nt} + tx) % {TK // 4}) * 4 + v]
             for e in T.unroll({lb}):
                 for v in T.vectorized(4):
-                    rb[e * 4 + v] = W[kt * {TK} + (e * {nt} + tx) // {bn // 4}, {col("bx * " + str(bn) + " + ((e * " + str(nt) + " + tx) % " + str(bn // 4) + ") * 4 + v")}]
+                    rb[e * 4 + v] = W[kt * {TK} + (e * {nt} + tx) // {bn // 4}, {col(n_load)}]
         if kt > 0:
             for k in T.unroll({TK}):
                 for h in T.unroll({TM // 4}):
