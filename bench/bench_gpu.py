@@ -93,6 +93,19 @@ def attention_kernel(compiled, inputs, repeat: int):
     return step.kernel, seconds, flops(n.op, n.attrs, shapes, n.type.concrete(dims)), shapes
 
 
+def print_kernels(compiled, inputs) -> None:
+    """Where attngraph's time goes: each distinct kernel's calls timed one by one (synchronized before
+    and after each, so launch and wait are included), with TFLOP/s for the matmul work."""
+    per: dict = {}
+    for k in compiled.profile(inputs, repeat=5):
+        t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
+        per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
+    total = sum(t for t, _, _ in per.values())
+    for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
+        rate = f"{f / t / 1e12:6.1f} TFLOP/s" if f else " " * 13
+        print(f"    {kernel:28s} {op:16s} x{n:<3d} {t * 1e3:8.3f} ms {rate}  {t / total:4.0%} of kernel time")
+
+
 def bench_model(name: str, cases, repeat: int, artifact: str | None = None) -> list[str]:
     """Time ``name`` at each (batch, seq) case; returns one summary line per case.  ``artifact``: a
     cuda build of it made elsewhere (``gpu_device.py bundle``), loaded instead of compiling here."""
@@ -141,6 +154,7 @@ def bench_model(name: str, cases, repeat: int, artifact: str | None = None) -> l
                   f"max |attngraph - torch| {np.abs(got - want).max():.1e}", flush=True)
             line = (f"bench {name} {batch}x{seq}: attngraph {ms['attngraph']:.2f} ms, torch+copies "
                     f"{ms['torch+copies']:.2f}, torch.compile+copies {ms['torch.compile+copies']:.2f}; {ratios}")
+            print_kernels(compiled, {"x": x})
             kernel = attention_kernel(compiled, {"x": x}, repeat)
             if kernel is None:
                 print("  no fused attention kernel in this build")

@@ -122,6 +122,18 @@ def test_vulkan_symbolic_dims_dispatch_at_any_size(vulkan_artifacts):
 
 
 @needs_vulkan
+def test_vulkan_profile_times_each_kernel_after_waiting_for_it(vulkan_artifacts):
+    """profile() waits for the device before and after each call (dispatches are asynchronous): every
+    kernel call gets a time, the work of the matmuls is counted."""
+    path, g, _, _ = vulkan_artifacts["encoder-tiny"]
+    model = api.load(path)
+    model.device.synchronize()  # nothing pending: returns at once
+    times = model.profile(example(g, seed=2), repeat=2)
+    assert len(times) == model.kernel_count and all(t.seconds > 0 for t in times)
+    assert sum(t.flops for t in times if t.op == "linear") > 0
+
+
+@needs_vulkan
 def test_vulkan_from_the_command_line(vulkan_artifacts, tmp_path):
     src = tmp_path / "k.wgsl"
     r = CliRunner().invoke(COMMAND["build"], ["gpt-tiny", "--target", "vulkan", "-o", str(tmp_path / "a"),

@@ -56,6 +56,9 @@ class Device(Protocol):
         """Run kernel ``name`` on ``args``: operand tensors in order, the output tensor, then as ints
         the dims no buffer shape gives (``shapes.scalar_dims``; usually none)."""
 
+    def synchronize(self) -> None:
+        """Wait until every kernel called so far has finished (a GPU runs them asynchronously)."""
+
 
 class TVMDevice:
     """A TVM runtime device (``tvm.cpu()``, ``tvm.cuda()``) running the functions of a loaded module."""
@@ -89,6 +92,9 @@ class TVMDevice:
         if func is None:
             func = self._funcs[name] = self.module[name]
         func(*args)
+
+    def synchronize(self):
+        self.device.sync()
 
 
 @dataclass
@@ -342,9 +348,11 @@ class CompiledModel:
                     out = views[step.node]
                 if times is None:
                     self.device.call(name, args + [out] + dim_args)
-                else:
+                else:  # each call alone, also on a device that runs kernels asynchronously
+                    self.device.synchronize()
                     start = time.perf_counter()
                     self.device.call(name, args + [out] + dim_args)
+                    self.device.synchronize()
                     times.setdefault(step.node, []).append(time.perf_counter() - start)
                 env[step.node] = out
                 if observe is not None:
@@ -361,8 +369,9 @@ class CompiledModel:
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 3) -> list[KernelTime]:
         """Per kernel call: its median wall time over ``repeat`` runs and its floating-point work.
-        Each call is timed on its own (CPU kernels run synchronously): it shows where the time goes;
-        whole-model calls give the end-to-end figures."""
+        Each call is timed on its own (the device synchronized before and after it, which on a GPU adds
+        the launch and the wait to every kernel): it shows where the time goes; whole-model calls give
+        the end-to-end figures."""
         g = self.graph
         times: dict[int, list[float]] = {}
         for _ in range(repeat):

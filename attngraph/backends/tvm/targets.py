@@ -151,6 +151,9 @@ class CompileOnlyDevice:
     def call(self, name: str, args: list) -> None:
         raise DeviceUnavailable(self.reason)
 
+    def synchronize(self) -> None:
+        raise DeviceUnavailable(self.reason)
+
 
 @dataclass(frozen=True)
 class _Placeholder:

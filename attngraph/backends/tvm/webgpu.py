@@ -503,6 +503,7 @@ class WgpuDevice:
         info = adapter.info
         self.name = f"vulkan:{info.get('device', '?')} ({info.get('description', '') or info.get('adapter_type', '')})"
         self._pipelines: dict = {}
+        self._fence = None  # a 4-byte buffer read to wait for the queue (``synchronize``)
         self._scratch: dict = {}  # (entry, alloc name) -> _Buffer, grown as needed
         for kernel in self.module.kernels.values():
             self.check_kernel(kernel)
@@ -691,9 +692,13 @@ class WgpuDevice:
         self._stream.pending = 0
 
     def synchronize(self) -> None:
-        """Submit the recorded dispatches and wait until they are done (for timing)."""
+        """Submit the recorded dispatches and wait until they are done (for timing).  A read of a 4-byte
+        buffer waits for every earlier submission (the queue runs in order); wgpu 0.32's
+        ``on_submitted_work_done_sync`` fails on its own callback signature."""
         self._flush()
-        self.device.queue.on_submitted_work_done_sync()
+        if self._fence is None:
+            self._fence = self.device.create_buffer(size=4, usage=self.wgpu.BufferUsage.COPY_SRC)
+        self.device.queue.read_buffer(self._fence, 0, 4)
 
     def _to_storage(self, array: np.ndarray) -> np.ndarray:
         dtype = storage_dtype(array.dtype)
