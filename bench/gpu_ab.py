@@ -189,13 +189,67 @@ def check(ab_dir, repeat):
     check_rows(ab_dir, repeat)
 
 
-def check_rows(ab_dir: str, repeat: int) -> list[str]:
-    """``check``: prints each shape's rows as it goes and the whole table at the end; returns its lines."""
+def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
+    """The rows of one shape at ``dims``: PyTorch's kernel, then each candidate (time, TFLOP/s, ratio,
+    largest difference from the float64 op)."""
     import torch
     import tvm
 
     from attngraph.backends.tvm.executor import flops
     from attngraph.ir import TensorType
+    first = entries[0]
+    types_ = [TensorType(tuple(s), dt) for s, dt in first["in_types"]]
+    out_shape = TensorType(tuple(first["out_type"][0]), first["out_type"][1]).concrete(dims)
+    shapes = [t.concrete(dims) for t in types_]
+    host = []
+    for t, s in zip(types_, shapes):
+        if t.dtype == "bool":  # key padding: the last 10% of every sequence's keys hidden
+            m = np.ones(s, bool)
+            m[..., int(s[-1] * 0.9):] = False
+            host.append(m)
+        else:
+            host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
+    work = flops(first["op"], first["attrs"], shapes, out_shape)
+    want = _reference(first, host)
+    ref_fn = _torch_run(first, host)
+    for _ in range(3):
+        ref_fn()
+    torch.cuda.synchronize()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    times = []
+    for _ in range(repeat):
+        events[0].record()
+        for _ in range(20):
+            ref_fn()
+        events[1].record()
+        torch.cuda.synchronize()
+        times.append(events[0].elapsed_time(events[1]) / 20 / 1e3)
+    torch_s = float(np.median(times))
+    rows = [f"{label} at {'x'.join(str(v) for v in dims.values())}: PyTorch {torch_s * 1e3:.3f} ms "
+            f"{work / torch_s / 1e12:.2f} TFLOP/s"]
+    args = [tvm.runtime.tensor(a, dev) for a in host]
+    for entry in entries:
+        out = tvm.runtime.empty(out_shape, "float32", dev)
+        scalars = [dims[d] for d in entry["scalars"]]
+        try:
+            module[entry["name"]](*args, out, *scalars)
+            err = float(np.nanmax(np.abs(out.numpy() - want)))
+            timer = module.time_evaluator(entry["name"], dev, number=20, repeat=repeat)
+            s = float(np.median(timer(*args, out, *scalars).results))
+            rows.append(f"  {entry['variant']:16s} {s * 1e3:8.3f} ms {work / s / 1e12:6.2f} TFLOP/s "
+                        f"x{s / torch_s:5.2f} of PyTorch's time  max|diff| {err:.1e}")
+        except Exception as e:  # noqa: BLE001 - one candidate's failure must not hide the others
+            rows.append(f"  {entry['variant']:16s} ERROR {type(e).__name__}: {str(e)[:200]}")
+    click.echo("\n".join(rows))
+    return rows
+
+
+def check_rows(ab_dir: str, repeat: int) -> list[str]:
+    """``check``: prints each shape's rows as it goes and the whole table at the end; returns its lines.
+    Every shape at the benchmark's batch x seq, and the projections also at 8 rows (a decode step of
+    8 sequences, where the build calls dlight's kernel: its ``FEW_ROWS`` form)."""
+    import torch
+    import tvm
     torch.backends.cuda.matmul.allow_tf32 = False
     with open(os.path.join(ab_dir, "ab.json")) as f:
         index = json.load(f)
@@ -211,51 +265,11 @@ def check_rows(ab_dir: str, repeat: int) -> list[str]:
         by_label.setdefault(entry["label"], []).append(entry)
     rows = []
     for label, entries in by_label.items():
-        first = entries[0]
-        types_ = [TensorType(tuple(s), dt) for s, dt in first["in_types"]]
-        out_type = TensorType(tuple(first["out_type"][0]), first["out_type"][1])
-        shapes = [t.concrete(dims) for t in types_]
-        host = []
-        for t, s in zip(types_, shapes):
-            if t.dtype == "bool":  # key padding: the last 10% of every sequence's keys hidden
-                m = np.ones(s, bool)
-                m[..., int(s[-1] * 0.9):] = False
-                host.append(m)
-            else:
-                host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
-        work = flops(first["op"], first["attrs"], shapes, out_type.concrete(dims))
-        want = _reference(first, host)
-        ref_fn = _torch_run(first, host)
-        for _ in range(3):
-            ref_fn()
-        torch.cuda.synchronize()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-        times = []
-        for _ in range(repeat):
-            events[0].record()
-            for _ in range(20):
-                ref_fn()
-            events[1].record()
-            torch.cuda.synchronize()
-            times.append(events[0].elapsed_time(events[1]) / 20 / 1e3)
-        torch_s = float(np.median(times))
-        rows.append(f"{label}: PyTorch {torch_s * 1e3:.3f} ms {work / torch_s / 1e12:.1f} TFLOP/s")
-        args = [tvm.runtime.tensor(a, dev) for a in host]
-        for entry in entries:
-            out = tvm.runtime.empty(out_type.concrete(dims), "float32", dev)
-            scalars = [dims[d] for d in entry["scalars"]]
-            try:
-                module[entry["name"]](*args, out, *scalars)
-                got = out.numpy()
-                err = float(np.nanmax(np.abs(got - want)))
-                timer = module.time_evaluator(entry["name"], dev, number=20, repeat=repeat)
-                s = float(np.median(timer(*args, out, *scalars).results))
-                rows.append(f"  {entry['variant']:16s} {s * 1e3:8.3f} ms {work / s / 1e12:6.1f} TFLOP/s "
-                            f"x{s / torch_s:5.2f} of PyTorch's time  max|diff| {err:.1e}")
-            except Exception as e:  # noqa: BLE001 - one candidate's failure must not hide the others
-                rows.append(f"  {entry['variant']:16s} ERROR {type(e).__name__}: {str(e)[:200]}")
-        click.echo("\n".join(rows[-len(entries) - 1:]), nl=True)
-    head = f"== kernel A/B (batch {dims['batch']} x seq {dims['seq']}; * = the kernel the build uses)"
+        rows += _time_label(label, entries, dims, module, dev, repeat, rng)
+    for label, entries in by_label.items():
+        if entries[0]["op"] == "linear":
+            rows += _time_label(label, entries, {"batch": 8, "seq": 1}, module, dev, repeat, rng)
+    head = "== kernel A/B (* = the kernel the build uses at more than 8 rows)"
     click.echo(f"\n{head}\n" + "\n".join(rows))
     return [head] + rows
 
