@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,12 @@ set -euo pipefail
 if ls {out}/deb/*.deb >/dev/null 2>&1; then  # the Vulkan loader
   for f in {out}/deb/*.deb; do dpkg -x "$f" /; done; ldconfig
 fi
+# TVM's CUDA runtime library needs {cudart}: where the loader does not know one (a CUDA toolkit outside its
+# paths, or the copy in PyTorch's pip packages), put its directory on LD_LIBRARY_PATH
+if ! ldconfig -p | grep -q '{cudart}'; then
+  lib=$(find /usr/local /usr/lib /opt -name '{cudart}*' 2>/dev/null | head -n 1 || true)
+  if [ -n "$lib" ]; then export LD_LIBRARY_PATH="$(dirname "$lib")${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"; fi
+fi
 icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
 if [ -f "$icd" ] && [ -z "${{VK_DRIVER_FILES:-}}" ]; then export VK_DRIVER_FILES=$icd; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site {out}/whl/*.whl
@@ -82,6 +89,13 @@ def _download(requirements: list, dest: str, otherwise: str) -> None:
     if subprocess.run(cmd).returncode != 0:
         raise click.ClickException(f"could not download {', '.join(requirements)} for Python 3.12 "
                                    f"({' '.join(cmd)}); {otherwise}")
+
+
+def _cudart_soname(library: str) -> str:
+    """The CUDA runtime ``library`` (TVM's CUDA runtime) was linked against, e.g. ``libcudart.so.13``."""
+    with open(library, "rb") as f:
+        found = re.findall(rb"libcudart\.so\.\d+", f.read())
+    return found[0].decode() if found else "libcudart.so"
 
 
 def _strip_params(art: str, seed: int) -> None:
@@ -194,7 +208,7 @@ def bundle(out, target, ffi_wheel, vulkan):
             ti.name == f"tvm/{p}" or ti.name.startswith(f"tvm/{p}/") for p in TVM_LEFT_OUT)
             or "__pycache__" in ti.name else ti)
     with open(os.path.join(out, "run.sh"), "w") as f:
-        f.write(RUN_SH.format(out=out))
+        f.write(RUN_SH.format(out=out, cudart=_cudart_soname(os.path.join(pkg, "lib", "libtvm_runtime_cuda.so"))))
     total = _size(out)
     for part in ("artifacts", "ab", "tvm.tar.gz", "whl", "deb"):
         click.echo(f"  {part:12s} {_size(os.path.join(out, part)) / 2**20:6.1f} MiB")
@@ -210,6 +224,10 @@ def bundle(out, target, ffi_wheel, vulkan):
 @click.option("--no-bench", is_flag=True, help="Verify only.")
 def check(bundle_dir, repeat, no_bench):
     """Verify every artifact against the interpreter; time the encoders against PyTorch (on the GPU machine)."""
+    try:  # PyTorch first: it loads its CUDA runtime library, which TVM's CUDA runtime can then share
+        import torch  # noqa: F401
+    except ImportError:
+        pass
     from attngraph import api
     from bench_gpu import MODELS, gpu_problem
     if os.environ.get("TVM_USE_RUNTIME_LIB") != "1":
