@@ -204,7 +204,6 @@ def test_flash_attention_is_one_kernel_and_matches_the_op_with_fully_masked_rows
     from attngraph.backends.tvm.build import _finish
     from attngraph.backends.tvm.gpu_kernels import flash_attention
     from attngraph.backends.tvm.shapes import DimVars
-    from attngraph.ir.fused import fused_attention
     rng = np.random.default_rng(0)
     dv = DimVars()
     device = None
@@ -217,26 +216,33 @@ def test_flash_attention_is_one_kernel_and_matches_the_op_with_fully_masked_rows
         if device is None:
             device = webgpu.WgpuDevice(module)
         device.module = module
-        dims = {"batch": 3, "src_len": 37, "tgt_len": 70}
-        args = [rng.standard_normal([dims.get(d, d) for d in t.shape]).astype(np.float32) for t in spec.in_types[:3]]
-        mask_type, kind = spec.in_types[3], spec.attrs["mask_kinds"][0]
-        kinds.add(kind)
-        if len(mask_type.shape) == 2:  # causal
-            n = dims["tgt_len"]
-            mask = np.tril(np.ones((n, n), bool)) if kind == "keep" else np.triu(np.ones((n, n), bool), 1)
-        else:  # key padding: sequence 0 all padding
-            mask = rng.random([dims.get(d, d) for d in mask_type.shape]) < 0.3
-            mask[0] = kind == "drop"
-        want = fused_attention(*(a.astype(np.float64) for a in args), mask, **spec.attrs)
-        out = device.upload(np.zeros(want.shape, np.float32))
-        device.call(spec.name, [device.upload(a) for a in (*args, mask)] + [out])
-        got = device.download(out)
-        finite = np.isfinite(want)
-        np.testing.assert_array_equal(np.isfinite(got), finite)
-        np.testing.assert_allclose(got[finite], want[finite], rtol=RTOL, atol=ATOL)
-        if len(mask_type.shape) == 4:
+        finite = _check_attention(device, spec, {"batch": 3, "src_len": 37, "tgt_len": 70}, rng)
+        kinds.add(spec.attrs["mask_kinds"][0])
+        if len(spec.in_types[3].shape) == 4:
             assert not finite[0].any() and finite[1:].all()
     assert kinds == {"keep", "drop"}
+
+
+def _check_attention(device, spec, dims, rng):
+    """Kernel ``spec.name`` on ``device`` against the float64 op at ``dims``: a causal mask, or a padding
+    mask hiding every key of sequence 0 (NaN rows, as in the interpreter).  Returns where it is finite."""
+    from attngraph.ir.fused import fused_attention
+    args = [rng.standard_normal([dims.get(d, d) for d in t.shape]).astype(np.float32) for t in spec.in_types[:3]]
+    mask_type, kind = spec.in_types[3], spec.attrs["mask_kinds"][0]
+    if len(mask_type.shape) == 2:  # causal
+        n = dims["tgt_len"]
+        mask = np.tril(np.ones((n, n), bool)) if kind == "keep" else np.triu(np.ones((n, n), bool), 1)
+    else:  # key padding: sequence 0 all padding
+        mask = rng.random([dims.get(d, d) for d in mask_type.shape]) < 0.3
+        mask[0] = kind == "drop"
+    want = fused_attention(*(a.astype(np.float64) for a in args), mask, **spec.attrs)
+    out = device.upload(np.zeros(want.shape, np.float32))
+    device.call(spec.name, [device.upload(a) for a in (*args, mask)] + [out])
+    got = device.download(out)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(np.isfinite(got), finite)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=RTOL, atol=ATOL)
+    return finite
 
 
 def _linear_specs():
@@ -306,6 +312,28 @@ def test_gpu_linear_kernel_applies_only_where_it_can():
         assert linear(KernelSpec("k", "matmul", {}, ins, out), dv, target) is None
 
 
+@needs_vulkan
+def test_decode_attention_matches_the_op_at_a_few_query_rows(attention_specs):
+    """The few-rows form of the attention (keys dealt out among a workgroup's threads, partial softmaxes
+    combined in shared memory) on the WGSL path: 1 to 8 query rows, more keys than threads, fewer keys
+    than threads (the rest idle), a fully masked row (NaN), causal and padding masks, head windows."""
+    import tvm
+
+    from attngraph.backends.tvm.build import _finish
+    from attngraph.backends.tvm.gpu_kernels import DT, decode_attention
+    from attngraph.backends.tvm.shapes import DimVars
+    rng = np.random.default_rng(1)
+    dv = DimVars()
+    device = None
+    for spec in attention_specs:
+        func = _finish(decode_attention(spec, dv, webgpu.webgpu_target(), narrow_bool=True), spec, dv)
+        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: func}))
+        device = device or webgpu.WgpuDevice(module)
+        device.module = module
+        for rows in (1, 5, 8):
+            _check_attention(device, spec, {"batch": 3, "src_len": DT + 5, "tgt_len": rows}, rng)
+
+
 def test_wgsl_nonfinite_literals_and_unscheduled_functions():
     fixed = webgpu._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
     assert "-tvm_inf()" in fixed and "tvm_nan()" in fixed and "inffy" in fixed and "inff;" not in fixed
@@ -337,7 +365,8 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
             assert {f"{kernel['name']}_kernel", f"{kernel['name']}__few_kernel"} <= set(names), kernel
     for kernel in manifest["kernels"]:  # the flash-style attention: one kernel with shared-memory tiles
         if kernel["op"] == "fused_attention":
-            assert [n for n in names if n.startswith(kernel["name"] + "_")] == [f"{kernel['name']}_kernel"]
+            assert [n for n in names if n.startswith(kernel["name"] + "_")] == [f"{kernel['name']}_kernel",
+                                                                              f"{kernel['name']}__few_kernel"]
             body = source.split(f"void __launch_bounds__(64) {kernel['name']}_kernel(")[2]
             assert "__shared__" in body.split('extern "C"')[0]
 

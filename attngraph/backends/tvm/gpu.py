@@ -260,15 +260,19 @@ def cuda_kernel(spec, dv, target):
 
 
 def gpu_forms(spec, dv, target):
-    """The ``TargetSpec.kernel_forms`` hook of cuda and vulkan (WGSL): a projection that the hand-written
-    kernel serves gets dlight's schedule of the generic lowering as its ``FEW_ROWS`` form.  A decode
-    step has one row per sequence, and the hand kernel's 64- or 128-row tile would compute mostly
-    clamped rows on N/64 or N/128 workgroups; dlight's 32 x 64 tile wastes less (what served every
-    projection before the hand kernel)."""
+    """The ``TargetSpec.kernel_forms`` hook of cuda and vulkan (WGSL): the ``FEW_ROWS`` forms, for a
+    decode step's one row per sequence.  A projection that the hand-written kernel serves gets dlight's
+    schedule of the generic lowering (the hand kernel's 64- or 128-row tile would compute mostly
+    clamped rows on N/64 or N/128 workgroups; dlight's 32 x 64 tile wastes less); the attention gets
+    ``decode_attention`` (the keys dealt out among a workgroup's threads: the flash kernel would walk
+    them all on one thread)."""
     from .build import generic_func
-    from .gpu_kernels import linear_applies
+    from .gpu_kernels import decode_attention, linear_applies
     from .targets import FEW_ROWS
-    return {FEW_ROWS: generic_func(spec, dv, target)} if linear_applies(spec, target) else {}
+    if linear_applies(spec, target):
+        return {FEW_ROWS: generic_func(spec, dv, target)}
+    attention = decode_attention(spec, dv, target, narrow_bool=target.kind.name == "webgpu")
+    return {FEW_ROWS: attention} if attention is not None else {}
 
 
 def cuda_availability():

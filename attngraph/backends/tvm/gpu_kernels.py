@@ -30,6 +30,7 @@ every index is written out in full.
 from __future__ import annotations
 
 import re
+from typing import Callable, NamedTuple
 
 #: Query rows per workgroup (one thread each) and keys per shared-memory tile.
 BQ = 64
@@ -72,14 +73,24 @@ def _header(spec, bufs: list, dtypes: list):
     return lines, shapes, names
 
 
-def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True):
-    """The fused attention ``spec`` as one flash-style GPU kernel (a scheduled PrimFunc), or None
-    where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path).
-    ``unroll=False`` leaves the loops over keys and head dims as loops (the WGSL path: lavapipe's
-    shader compiler takes 45 s over the unrolled kernel at head dim 64, 0.5 s over the loops; a GPU
-    driver's compiler unrolls such loops itself)."""
-    import tvm
+class _Attention(NamedTuple):
+    """What both attention kernels need of a ``fused_attention`` spec (``_attention_parts``)."""
+    lines: list  # the TVMScript function head (``_header``)
+    at: Callable  # (buffer, batch, head, seq, channel) index expressions -> TVMScript read of Q, K, V or O
+    mask_terms: list  # (score, key) -> statements applying every mask to the float32 ``score``
+    B: str
+    H: str
+    LQ: str
+    LK: str
+    d: int
+    dvv: int
+    scale: str
 
+
+def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) -> _Attention | None:
+    """The parts of a GPU kernel for the fused attention ``spec``, or None where the hand kernels do
+    not apply (float32, head sizes up to ``MAX_HEAD``, dims an int or a plain name, masks of rank up to
+    4 broadcasting to the scores, ``shared_bytes(d, dv)`` within the target's shared memory)."""
     if spec.op != "fused_attention":
         return None
     q, k, v = spec.in_types[:3]
@@ -100,9 +111,11 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         h = heads[0]
     if not (isinstance(d, int) and isinstance(dvv, int) and 0 < d <= MAX_HEAD and 0 < dvv <= MAX_HEAD):
         return None
-    shared_bytes = BK * (d + dvv) * 4
     limit = target.attrs.get("max_shared_memory_per_block")
-    if limit is not None and shared_bytes > int(limit):
+    if limit is not None and shared_bytes(d, dvv) > int(limit):
+        return None
+    if any(len(t.shape) > 4 for t in masks) or any(kind == "additive" and str(t.dtype) != "float32"
+                                                   for t, kind in zip(masks, kinds)):
         return None
     mask_dtypes = [("int32" if narrow_bool and str(t.dtype) == "bool" else str(t.dtype)) for t in masks]
     bufs = ["Q", "K", "V"] + [f"M{i}" for i in range(len(masks))] + ["O"]
@@ -116,23 +129,37 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         hi = f"{hi} + {offset[buf]}" if offset.get(buf) else hi
         return f"{buf}[{bi}, {si}, {hi}, {ci}]" if layout == "bshd" else f"{buf}[{bi}, {hi}, {si}, {ci}]"
 
-    # Each mask read at (batch, head, query row, key), broadcast NumPy-style, applied to score st[j].
-    mask_terms = []
-    for i, (t, kind) in enumerate(zip(masks, kinds)):
-        idx_names = ["bi", "hi", "row", f"t * {BK} + j"][4 - len(t.shape):] if len(t.shape) <= 4 else None
-        if idx_names is None:
-            return None
-        idx = ", ".join("0" if x == 1 else n for x, n in zip(t.shape, idx_names))
-        read = f"M{i}[{idx}]"
-        if kind == "additive":
-            if str(t.dtype) != "float32":
-                return None
-            mask_terms.append(f"st[j] = st[j] + {read}")
-        else:
-            cond = f"{read} != 0" if narrow_bool else read
-            keep, drop = ("st[j]", "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", "st[j]")
-            mask_terms.append(f"st[j] = T.if_then_else({cond}, {keep}, {drop})")
-    scale = repr(float(spec.attrs.get("scale", 1.0)))
+    def mask_terms(score: str, key: str) -> list:
+        """Each mask read at (batch ``bi``, head ``hi``, query ``row``, ``key``), broadcast NumPy-style."""
+        terms = []
+        for i, (t, kind) in enumerate(zip(masks, kinds)):
+            names_ = ["bi", "hi", "row", key][4 - len(t.shape):]
+            read = f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, names_))}]"
+            if kind == "additive":
+                terms.append(f"{score} = {score} + {read}")
+            else:
+                cond = f"{read} != 0" if narrow_bool else read
+                keep, drop = (score, "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", score)
+                terms.append(f"{score} = T.if_then_else({cond}, {keep}, {drop})")
+        return terms
+
+    return _Attention(lines, at, mask_terms, B, H, LQ, LK, d, dvv, repr(float(spec.attrs.get("scale", 1.0))))
+
+
+def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True):
+    """The fused attention ``spec`` as one flash-style GPU kernel (a scheduled PrimFunc), or None
+    where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path).
+    ``unroll=False`` leaves the loops over keys and head dims as loops (the WGSL path: lavapipe's
+    shader compiler takes 45 s over the unrolled kernel at head dim 64, 0.5 s over the loops; a GPU
+    driver's compiler unrolls such loops itself)."""
+    import tvm
+
+    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: BK * (d + dvv) * 4)
+    if parts is None:
+        return None
+    lines, at, B, H, LQ, LK, d, dvv, scale = (parts.lines, parts.at, parts.B, parts.H, parts.LQ, parts.LK,
+                                              parts.d, parts.dvv, parts.scale)
+    mask_terms = parts.mask_terms("st[j]", f"t * {BK} + j")
     U = "T.unroll" if unroll else "T.serial"
     NQT = f"(({LQ} + {BQ - 1}) // {BQ})"  # query tiles per (batch, head)
     d_tail = "" if d % 4 == 0 else f"""        for j in {U}({BK}):
@@ -201,6 +228,84 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
 """
     source = "\n".join(lines) + body
     return tvm.script.from_source(source)
+
+
+#: Threads of ``decode_attention``'s workgroup: the keys are dealt out among them.
+DT = 32
+
+
+def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
+    """The fused attention ``spec`` for a few query rows (a decode step: ``targets.FEW_ROWS``), or None
+    where it does not apply.  ``flash_attention`` gives each query row one thread, so at one row per
+    (batch, head) a workgroup of 64 threads has one at work walking every key; here a workgroup of
+    ``DT`` threads serves one query row, each thread an online softmax over every ``DT``-th key (its
+    own maximum, sum and accumulator), and the ``DT`` partial results are combined through shared
+    memory: each thread then writes ``dv / DT`` output channels.  Same semantics (masks, scale, a
+    fully masked row NaN) as ``flash_attention``."""
+    import tvm
+
+    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: DT * (dvv + 2) * 4)
+    if parts is None:
+        return None
+    at, d, dvv, LQ, LK = parts.at, parts.d, parts.dvv, parts.LQ, parts.LK
+    key = f"t * {DT} + tx"
+    terms = "\n".join("            " + m for m in parts.mask_terms("sc[0]", key))
+    body = f"""
+    bx = T.launch_thread("blockIdx.x", {LQ} * {parts.H} * {parts.B})
+    tx = T.launch_thread("threadIdx.x", {DT})
+    Sm = T.alloc_buffer(({DT},), "float32", scope="shared")
+    Sl = T.alloc_buffer(({DT},), "float32", scope="shared")
+    Sa = T.alloc_buffer(({DT * dvv},), "float32", scope="shared")
+    qr = T.alloc_buffer(({d},), "float32", scope="local")
+    acc = T.alloc_buffer(({dvv},), "float32", scope="local")
+    sc = T.alloc_buffer((1,), "float32", scope="local")
+    mi = T.alloc_buffer((1,), "float32", scope="local")
+    mn = T.alloc_buffer((1,), "float32", scope="local")
+    li = T.alloc_buffer((1,), "float32", scope="local")
+    num = T.alloc_buffer((1,), "float32", scope="local")
+    den = T.alloc_buffer((1,), "float32", scope="local")
+    bh: T.int32 = bx // {LQ}
+    bi: T.int32 = bh // {parts.H}
+    hi: T.int32 = bh % {parts.H}
+    row: T.int32 = bx % {LQ}
+    for c in range({d}):
+        qr[c] = {at("Q", "bi", "hi", "row", "c")}
+    for c in range({dvv}):
+        acc[c] = T.float32(0)
+    mi[0] = T.float32('-inf')
+    li[0] = T.float32(0)
+    for t in range(({LK} + {DT - 1}) // {DT}):
+        if {key} < {LK}:
+            sc[0] = T.float32(0)
+            for c in range({d}):
+                sc[0] = sc[0] + qr[c] * {at("K", "bi", "hi", key, "c")}
+            sc[0] = sc[0] * T.float32({parts.scale})
+{terms}
+            if sc[0] != T.float32('-inf'):
+                mn[0] = T.max(mi[0], sc[0])
+                li[0] = li[0] * T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mn[0]))
+                for c in range({dvv}):
+                    acc[c] = acc[c] * T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mn[0])) + T.exp(sc[0] - mn[0]) * {at("V", "bi", "hi", key, "c")}
+                li[0] = li[0] + T.exp(sc[0] - mn[0])
+                mi[0] = mn[0]
+    Sm[tx] = mi[0]
+    Sl[tx] = li[0]
+    for c in range({dvv}):
+        Sa[tx * {dvv} + c] = acc[c]
+    T.tvm_storage_sync("shared")
+    mn[0] = T.float32('-inf')
+    for i in range({DT}):
+        mn[0] = T.max(mn[0], Sm[i])
+    for e in range({-(-dvv // DT)}):
+        if e * {DT} + tx < {dvv}:
+            num[0] = T.float32(0)
+            den[0] = T.float32(0)
+            for i in range({DT}):  # (no shared read in a condition: TVM's sync analysis refuses it)
+                num[0] = num[0] + Sa[i * {dvv} + e * {DT} + tx] * T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
+                den[0] = den[0] + Sl[i] * T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
+            {at("O", "bi", "hi", "row", f"e * {DT} + tx")} = T.if_then_else(den[0] == T.float32(0), T.float32('nan'), num[0] / den[0])
+"""
+    return tvm.script.from_source("\n".join(parts.lines) + body)
 
 
 # -- the projection: x (..., K) @ W (K, N) + bias, activation -------------------------------------
