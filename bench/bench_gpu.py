@@ -32,7 +32,7 @@ import click
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from timing import median_ms  # noqa: E402
+from timing import kernel_totals, median_ms  # noqa: E402
 
 #: name -> (d_model, heads, d_ff, layers)
 MODELS = {
@@ -96,10 +96,7 @@ def attention_kernel(compiled, inputs, repeat: int):
 def print_kernels(compiled, inputs) -> None:
     """Where attngraph's time goes: each distinct kernel's calls timed one by one (synchronized before
     and after each, so launch and wait are included), with TFLOP/s for the matmul work."""
-    per: dict = {}
-    for k in compiled.profile(inputs, repeat=5):
-        t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
-        per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
+    per = kernel_totals(compiled, inputs)
     total = sum(t for t, _, _ in per.values())
     for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][0]):
         rate = f"{f / t / 1e12:6.1f} TFLOP/s" if f else " " * 13

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from peak import peak_gflops  # noqa: E402
-from timing import interleaved_ms  # noqa: E402
+from timing import interleaved_ms, kernel_totals  # noqa: E402
 
 
 #: name -> (d_model, heads, d_ff, layers)
@@ -158,13 +158,9 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None) 
 
 def print_kernels(compiled, inputs, peak: float) -> None:
     """The attngraph build's matmul kernels at these inputs, each timed alone, by distinct kernel."""
-    per: dict = {}
     time.sleep(0.3)  # the peers' thread pools go quiet first
     compiled(inputs)
-    for k in compiled.profile(inputs, repeat=5):
-        if k.flops:
-            t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
-            per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
+    per = {key: v for key, v in kernel_totals(compiled, inputs).items() if v[1]}
     total = sum(t for t, _, _ in per.values())
     for (kernel, op), (t, f, n) in sorted(per.items(), key=lambda kv: -kv[1][1]):
         gf = f / t / 1e9

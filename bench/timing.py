@@ -57,3 +57,13 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], repeat: int, warmup: in
                 fn()
                 times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def kernel_totals(compiled, inputs, repeat: int = 5) -> dict:
+    """{(kernel, op): (seconds, flops, calls)} of an attngraph build at ``inputs``: its kernel calls
+    each timed alone (``CompiledModel.profile``, median of ``repeat`` runs), summed by distinct kernel."""
+    per: dict = {}
+    for k in compiled.profile(inputs, repeat=repeat):
+        t, f, n = per.get((k.kernel, k.op), (0.0, 0, 0))
+        per[(k.kernel, k.op)] = (t + k.seconds, f + k.flops, n + 1)
+    return per
