@@ -96,14 +96,9 @@ def candidates(target, baseline: str | None):
                 mark = "*" if tile == chosen else ""
                 forms[f"tile {tile[0]}x{tile[1]}{mark}"] = gpu_kernels.linear(spec, dv, target, tile=tile)
         else:
-            saved = gpu_kernels.BK
-            try:
-                for bk in ATTENTION_TILES:
-                    gpu_kernels.BK = bk
-                    mark = "*" if bk == saved else ""
-                    forms[f"flash BK {bk}{mark}"] = gpu_kernels.flash_attention(spec, dv, target)
-            finally:
-                gpu_kernels.BK = saved
+            for bk in ATTENTION_TILES:
+                mark = "*" if bk == gpu_kernels.BK else ""
+                forms[f"flash BK {bk}{mark}"] = gpu_kernels.flash_attention(spec, dv, target, key_tile=bk)
             if old is not None:
                 forms[f"flash @{baseline}"] = old.flash_attention(spec, dv, target)
         forms["dlight"] = generic_func(spec, dv, target)

@@ -146,33 +146,32 @@ def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) ->
     return _Attention(lines, at, mask_terms, B, H, LQ, LK, d, dvv, repr(float(spec.attrs.get("scale", 1.0))))
 
 
-def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True):
+def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True, key_tile: int = BK):
     """The fused attention ``spec`` as one flash-style GPU kernel (a scheduled PrimFunc), or None
     where it does not apply.  ``narrow_bool``: bool masks are stored as int32 (the WGSL path).
     ``unroll=False`` leaves the loops over keys and head dims as loops (the WGSL path: lavapipe's
     shader compiler takes 45 s over the unrolled kernel at head dim 64, 0.5 s over the loops; a GPU
-    driver's compiler unrolls such loops itself)."""
+    driver's compiler unrolls such loops itself).  ``key_tile``: keys per shared-memory tile (``BK``)."""
     import tvm
 
-    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: BK * (d + dvv) * 4)
+    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: key_tile * (d + dvv) * 4)
     if parts is None:
         return None
-    lines, at, B, H, LQ, LK, d, dvv, scale = (parts.lines, parts.at, parts.B, parts.H, parts.LQ, parts.LK,
-                                              parts.d, parts.dvv, parts.scale)
-    mask_terms = parts.mask_terms("st[j]", f"t * {BK} + j")
+    lines, at, _, B, H, LQ, LK, d, dvv, scale = parts
+    mask_terms = parts.mask_terms("st[j]", f"t * {key_tile} + j")
     U = "T.unroll" if unroll else "T.serial"
     NQT = f"(({LQ} + {BQ - 1}) // {BQ})"  # query tiles per (batch, head)
-    d_tail = "" if d % 4 == 0 else f"""        for j in {U}({BK}):
+    d_tail = "" if d % 4 == 0 else f"""        for j in {U}({key_tile}):
             for c in {U}({d % 4}):
                 st[j] = st[j] + qr[{d - d % 4} + c] * Ks[j * {d} + {d - d % 4} + c]"""
     body = f"""
     bx = T.launch_thread("blockIdx.x", {NQT} * {H} * {B})
     tx = T.launch_thread("threadIdx.x", {BQ})
-    Ks = T.alloc_buffer(({BK * d},), "float32", scope="shared")
-    Vs = T.alloc_buffer(({BK * dvv},), "float32", scope="shared")
+    Ks = T.alloc_buffer(({key_tile * d},), "float32", scope="shared")
+    Vs = T.alloc_buffer(({key_tile * dvv},), "float32", scope="shared")
     qr = T.alloc_buffer(({d},), "float32", scope="local")
     acc = T.alloc_buffer(({dvv},), "float32", scope="local")
-    st = T.alloc_buffer(({BK},), "float32", scope="local")
+    st = T.alloc_buffer(({key_tile},), "float32", scope="local")
     mi = T.alloc_buffer((1,), "float32", scope="local")
     li = T.alloc_buffer((1,), "float32", scope="local")
     tmax = T.alloc_buffer((1,), "float32", scope="local")
@@ -186,24 +185,24 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         acc[c] = T.float32(0)
     mi[0] = T.float32('-inf')
     li[0] = T.float32(0)
-    for t in range(({LK} + {BK - 1}) // {BK}):
-        for e in range({-(-BK * d // BQ)}):
-            if e * {BQ} + tx < {BK * d}:
-                Ks[e * {BQ} + tx] = T.if_then_else(t * {BK} + (e * {BQ} + tx) // {d} < {LK}, {at("K", "bi", "hi", f"T.min(t * {BK} + (e * {BQ} + tx) // {d}, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
-        for e in range({-(-BK * dvv // BQ)}):
-            if e * {BQ} + tx < {BK * dvv}:
-                Vs[e * {BQ} + tx] = T.if_then_else(t * {BK} + (e * {BQ} + tx) // {dvv} < {LK}, {at("V", "bi", "hi", f"T.min(t * {BK} + (e * {BQ} + tx) // {dvv}, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
+    for t in range(({LK} + {key_tile - 1}) // {key_tile}):
+        for e in range({-(-key_tile * d // BQ)}):
+            if e * {BQ} + tx < {key_tile * d}:
+                Ks[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {d} < {LK}, {at("K", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {d}, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
+        for e in range({-(-key_tile * dvv // BQ)}):
+            if e * {BQ} + tx < {key_tile * dvv}:
+                Vs[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {dvv} < {LK}, {at("V", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {dvv}, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
         T.tvm_storage_sync("shared")
-        for j in {U}({BK}):
+        for j in {U}({key_tile}):
             st[j] = T.float32(0)
         for c4 in {U}({d // 4}):
-            for j in {U}({BK}):
+            for j in {U}({key_tile}):
                 for c in {U}(4):
                     st[j] = st[j] + qr[c4 * 4 + c] * Ks[j * {d} + c4 * 4 + c]
 {d_tail}
         tmax[0] = T.float32('-inf')
-        for j in {U}({BK}):
-            if t * {BK} + j < {LK} and row < {LQ}:
+        for j in {U}({key_tile}):
+            if t * {key_tile} + j < {LK} and row < {LQ}:
                 st[j] = st[j] * T.float32({scale})
 {chr(10).join("                " + m for m in mask_terms)}
             else:
@@ -214,10 +213,10 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         li[0] = li[0] * corr
         for c in {U}({dvv}):
             acc[c] = acc[c] * corr
-        for j in {U}({BK}):
+        for j in {U}({key_tile}):
             st[j] = T.if_then_else(st[j] == T.float32('-inf'), T.float32(0), T.exp(st[j] - mnew))
             li[0] = li[0] + st[j]
-        for j in {U}({BK}):
+        for j in {U}({key_tile}):
             for c in {U}({dvv}):
                 acc[c] = acc[c] + st[j] * Vs[j * {dvv} + c]
         mi[0] = mnew
