@@ -34,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from timing import median_ms  # noqa: E402
 
 #: The benchmark's batch and sequence (bench_gpu.py's encoders).
 BATCH, SEQ = 8, 512
@@ -207,19 +208,9 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
     work = flops(first["op"], first["attrs"], shapes, out_shape)
     want = _reference(first, host)
     ref_fn = _torch_run(first, host)
-    for _ in range(3):
-        ref_fn()
-    torch.cuda.synchronize()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    times = []
-    for _ in range(repeat):
-        events[0].record()
-        for _ in range(20):
-            ref_fn()
-        events[1].record()
-        torch.cuda.synchronize()
-        times.append(events[0].elapsed_time(events[1]) / 20 / 1e3)
-    torch_s = float(np.median(times))
+    # 20 calls back to back per timing, as time_evaluator's number=20 below: launches overlap alike
+    torch_s = median_ms(lambda: [ref_fn() for _ in range(20)], repeat, warmup=1, settle=0.0,
+                        sync=torch.cuda.synchronize) / 20 / 1e3
     rows = [f"{label} at {'x'.join(str(v) for v in dims.values())}: PyTorch {torch_s * 1e3:.3f} ms "
             f"{work / torch_s / 1e12:.2f} TFLOP/s"]
     args = [tvm.runtime.tensor(a, dev) for a in host]
