@@ -260,6 +260,7 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
     sc = T.alloc_buffer((1,), "float32", scope="local")
     mi = T.alloc_buffer((1,), "float32", scope="local")
     mn = T.alloc_buffer((1,), "float32", scope="local")
+    cr = T.alloc_buffer((1,), "float32", scope="local")  # a rescaling factor
     li = T.alloc_buffer((1,), "float32", scope="local")
     num = T.alloc_buffer((1,), "float32", scope="local")
     den = T.alloc_buffer((1,), "float32", scope="local")
@@ -282,10 +283,11 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
 {terms}
             if sc[0] != T.float32('-inf'):
                 mn[0] = T.max(mi[0], sc[0])
-                li[0] = li[0] * T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mn[0]))
+                cr[0] = T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mn[0]))
+                sc[0] = T.exp(sc[0] - mn[0])
+                li[0] = li[0] * cr[0] + sc[0]
                 for c in range({dvv}):
-                    acc[c] = acc[c] * T.if_then_else(mi[0] == T.float32('-inf'), T.float32(0), T.exp(mi[0] - mn[0])) + T.exp(sc[0] - mn[0]) * {at("V", "bi", "hi", key, "c")}
-                li[0] = li[0] + T.exp(sc[0] - mn[0])
+                    acc[c] = acc[c] * cr[0] + sc[0] * {at("V", "bi", "hi", key, "c")}
                 mi[0] = mn[0]
     Sm[tx] = mi[0]
     Sl[tx] = li[0]
@@ -300,8 +302,9 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
             num[0] = T.float32(0)
             den[0] = T.float32(0)
             for i in range({DT}):  # (no shared read in a condition: TVM's sync analysis refuses it)
-                num[0] = num[0] + Sa[i * {dvv} + e * {DT} + tx] * T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
-                den[0] = den[0] + Sl[i] * T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
+                cr[0] = T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
+                num[0] = num[0] + Sa[i * {dvv} + e * {DT} + tx] * cr[0]
+                den[0] = den[0] + Sl[i] * cr[0]
             {at("O", "bi", "hi", "row", f"e * {DT} + tx")} = T.if_then_else(den[0] == T.float32(0), T.float32('nan'), num[0] / den[0])
 """
     return tvm.script.from_source("\n".join(parts.lines) + body)
