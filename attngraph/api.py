@@ -23,7 +23,7 @@ from .backends.tvm.artifact import (
     write_artifact,
 )
 from .ir import Graph
-from .verify import OutputCheck, compare, verify_outputs
+from .numerics import OutputCheck, compare, verify_outputs
 
 __all__ = ["ArtifactError", "BuildError", "NodeCheck", "VerifyReport", "build", "compile", "load", "verify"]
 
@@ -151,7 +151,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     ``dims``: each a dim of the model's inputs, else ``InputError``).
 
     Each output: max abs and rel error and pass/fail at the tolerance of its dtype
-    (``attngraph.verify.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
+    (``attngraph.numerics.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
     places.  ``per_node``: every kernel's result against the interpreter's value of the same node;
     the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
     from rounding carried in from earlier nodes."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import models
 from .backends import is_artifact
-from .cli_common import parse_dims, user_errors
+from .cli_common import artifact_options, parse_dims, reject_given, user_errors
 from .inputs import dim_sizes, random_inputs
 from .ir import to_dot, to_text
 from .nn import trace
@@ -63,8 +63,13 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None)
     if unknown:
         raise click.BadParameter(f"unknown pass {', '.join(unknown)}; passes: {', '.join(passes.PASSES)}",
                                  param_hint="--disable-pass")
-    return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
-                           verify_each=verify_each)
+    try:
+        return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
+                               verify_each=verify_each)
+    except ValueError as e:
+        if print_after is not None and str(e).startswith(("unknown pass", f"pass {print_after} ")):
+            raise click.BadParameter(str(e), param_hint="--print-after") from None
+        raise
 
 
 @main.command()
@@ -149,7 +154,11 @@ TARGETS = ["numpy", "llvm", "cuda", "vulkan"]
 def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
     """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
     from .backends import reference
+    if target != "numpy" or is_artifact(model):
+        reject_given(["dtype"], "the interpreter's precision (--target numpy); compiled code runs float32",
+                     same_as={"dtype": "float32"})
     if is_artifact(model):
+        artifact_options(model, ["target", "opt_level", "disable", "verify_each"])
         from .api import load
         compiled = load(model)
         _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)

@@ -5,8 +5,11 @@ Kept free of TVM imports so that commands that do not compile start fast."""
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import click
+from click.core import ParameterSource
 
 from .backends import ArtifactError, BuildError, DeviceUnavailable
 from .backends.reference import InterpreterError
@@ -41,3 +44,48 @@ def parse_dims(values) -> dict[str, int]:
             raise click.BadParameter(f"expected NAME=INT, got {item!r}", param_hint="--dim")
         dims[name.strip()] = int(value)
     return dims
+
+
+def given(name: str) -> bool:
+    """Whether the user set the current command's option ``name`` (not left at its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
+
+
+def reject_given(names, why: str, *, same_as: dict | None = None) -> None:
+    """A usage error for the first option of ``names`` that the user set: it does not apply here
+    (``why``).  ``same_as`` maps options to the value in force (an artifact's target): repeating that
+    value is not an error."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name not in names or not given(param.name):
+            continue
+        value = ctx.params.get(param.name)
+        if same_as and param.name in same_as and _same(value, same_as[param.name]):
+            continue
+        raise click.BadParameter(why, param_hint=max(param.opts, key=len))
+
+
+def _same(value, in_force) -> bool:
+    if isinstance(value, str) and isinstance(in_force, str):  # --target cuda:sm_90 against a cuda build
+        return value == in_force or value.partition(":")[0] == in_force
+    return value == in_force
+
+
+def artifact_options(path: str, names, manifest_file: str = "manifest.json") -> None:
+    """An artifact DIR is compiled already: options that say how to compile (``names``) do not apply
+    to it, unless they repeat how it was built (``--target llvm`` for an llvm build)."""
+    try:
+        with open(os.path.join(path, manifest_file)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict):
+        manifest = {}  # loading the artifact names what is wrong with it
+    info = manifest.get("target_info")
+    built = f"{manifest.get('target', '?')} at -O{manifest.get('opt_level', '?')}"
+    reject_given(names, f"{path} is compiled already ({built}); this option applies when compiling a model, "
+                        f"not to a built one: rebuild it with the option, or leave the option out",
+                 same_as={"target": manifest.get("target"), "opt_level": manifest.get("opt_level"),
+                          "weight_dtype": manifest.get("weight_dtype"), "cache_len": manifest.get("cache_len"),
+                          "arch": info.get("arch") if isinstance(info, dict) else None})

@@ -11,9 +11,10 @@ import time
 import click
 
 from . import models
-from .cli_common import USER_ERRORS
+from .cli_common import USER_ERRORS, artifact_options, reject_given
 from .generate import (
     CompiledStepper,
+    MANIFEST,
     GenerationError,
     InterpreterStepper,
     beam_search,
@@ -80,6 +81,7 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop,
         if weights_path:
             raise click.BadParameter("compiled entries carry their weights; rebuild them to change them",
                                      param_hint="--weights")
+        artifact_options(model, ["target", "cache_len", "weight_dtype", "seed", "save_dir"], MANIFEST)
         stepper = CompiledStepper(model)
     else:
         module = models.get(model)
@@ -88,6 +90,8 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop,
             prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
             cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
         if target == "numpy":
+            reject_given(["save_dir"], "--save keeps the compiled entries: it needs a compile target "
+                                       "(--target llvm, cuda or vulkan)")
             if weight_dtype != "float32":
                 raise click.BadParameter("--weight-dtype applies to a compile target, not numpy",
                                          param_hint="--weight-dtype")

@@ -12,7 +12,7 @@ import click
 import numpy as np
 
 from .backends import is_artifact
-from .cli_common import parse_dims, user_errors
+from .cli_common import artifact_options, parse_dims, user_errors
 
 
 def _mib(nbytes: int) -> str:
@@ -140,6 +140,8 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     from .weights import load_weights
     if weights_path and is_artifact(model):
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
+    if is_artifact(model):
+        artifact_options(model, ["target", "arch", "opt_level", "weight_dtype"])
     target = target_name(target, arch)
     params = load_weights(weights_path) if weights_path else None
     inputs = None

@@ -33,6 +33,9 @@ class _Described:
 
 def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
     """Check names, ranks, dtypes and dims of ``inputs``; return the symbolic dims' values."""
+    if not isinstance(inputs, Mapping):
+        raise InputError(f"inputs must be a mapping of input name to array, got {type(inputs).__name__}; "
+                         "expected " + ", ".join(f"{n}: {t}" for n, t in signature.items()))
     missing = sorted(set(signature) - set(inputs))
     extra = sorted(set(inputs) - set(signature))
     if missing or extra:
@@ -67,8 +70,9 @@ def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarr
                 raise InputError(f"input {name!r} axis {axis}: {e}") from None
             if want != size:
                 source = f" (from {where[dim]})" if dim in where else ""
+                expected = f"{want}" if str(dim) == str(want) else f"{dim} = {want}{source}"
                 raise InputError(f"input {name!r} has shape {arrays[name].shape}, expected {ty}: "
-                                 f"axis {axis} is {size} but {dim} = {want}{source}")
+                                 f"axis {axis} is {size}, expected {expected}")
     return bindings
 
 

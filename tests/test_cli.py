@@ -112,12 +112,42 @@ def test_show_optimized_with_stats_and_print_after():
     assert r.exit_code != 0 and "unknown pass nope" in r.output
 
 
+@pytest.mark.parametrize("args, says", [
+    (["-O3", "--print-after", "nope"], "unknown pass nope"),
+    (["--print-after", "attention"], "pass attention does not run in this pipeline (-O0: no passes)"),
+    (["-O2", "--print-after", "attention"], "it runs at -O3"),
+    (["-O3", "--print-after", "cse", "--disable-pass", "cse"], "it is disabled"),
+])
+def test_print_after_a_pass_that_does_not_run_is_a_usage_error(args, says):
+    """Never a silently empty print: the user asked for IR that this pipeline does not produce."""
+    r = CliRunner().invoke(main, ["show", "transformer-tiny", *args])
+    assert r.exit_code == 2 and "--print-after" in r.output and says in r.output, r.output
+
+
 def test_verify_and_run_compiled():
     r = invoke("verify", "encoder-tiny", "-O3", "--dim", "seq=5")
     assert r.exit_code == 0, r.output
     assert "y: max abs error" in r.output and ": PASS" in r.output
     r = invoke("run", "encoder-tiny", "--target", "llvm", "--dim", "seq=3")
     assert r.exit_code == 0 and "y: float32[2, 3, 32]" in r.output
+
+
+def test_compile_options_given_to_an_artifact_are_usage_errors(tmp_path):
+    """An artifact is compiled already: --target vulkan on an llvm build must not quietly run llvm."""
+    out = str(tmp_path / "enc")
+    assert invoke("build", "encoder-tiny", "-O2", "-o", out).exit_code == 0
+    for command, option in [("run", ["--target", "vulkan"]), ("run", ["-O3"]), ("run", ["--disable-pass", "cse"]),
+                            ("run", ["--verify-each"]), ("run", ["--dtype", "float64"]),
+                            ("verify", ["--target", "cuda"]), ("verify", ["-O1"]), ("verify", ["--arch", "sm_90"]),
+                            ("verify", ["--weight-dtype", "float16"])]:
+        r = CliRunner().invoke(main, [command, out, "--dim", "seq=3", *option])
+        assert r.exit_code == 2, (command, option, r.output)
+        assert "--dtype" in option or f"{out} is compiled already (llvm at -O2)" in r.output, r.output
+    for command, option in [("run", ["--target", "llvm", "-O2"]), ("verify", ["--target", "llvm", "-O2"])]:
+        r = CliRunner().invoke(main, [command, out, "--dim", "seq=3", *option])  # what it was built with
+        assert r.exit_code == 0, (command, option, r.output)
+    r = CliRunner().invoke(main, ["run", "encoder-tiny", "--target", "llvm", "--dtype", "float64"])
+    assert r.exit_code == 2 and "the interpreter's precision (--target numpy)" in r.output, r.output
 
 
 def test_build_then_run_the_artifact_dir(tmp_path):

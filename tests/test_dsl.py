@@ -1,5 +1,7 @@
 """The DSL: tracing records ops with the user's line and module scope; bad models fail clearly."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,26 @@ def test_shape_error_names_op_shapes_and_user_line():
     assert "matmul(%x: f32[batch, 4], %w: f32[5, 3])" in msg
     assert "contracting dims differ" in msg
     assert "test_dsl.py" in msg and "in forward" in msg
+
+
+def test_shape_error_in_a_library_layer_names_the_module_and_the_users_call():
+    """A Linear given the wrong width fails in attngraph's layer code: the error also names the module
+    path and the user's line that called it, not only the library's line."""
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 4)
+            self.b = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x))  # the call the error must name
+
+    with pytest.raises(GraphError) as err:
+        ag.trace(Stack(), {"x": (("batch", 8), "float32")})
+    msg = str(err.value)
+    line = next(i for i, text in enumerate(open(__file__), 1) if "the call the error must name" in text)
+    assert "in module b," in msg and "layers.py" in msg, msg
+    assert f"(called from {os.path.relpath(__file__)}:{line} in forward)" in msg, msg
 
 
 def test_tensor_ops_outside_trace_are_a_clear_error():
@@ -115,11 +137,20 @@ def test_model_zoo_and_user_models(tmp_path):
                  "    def forward(self, x):\n"
                  "        return self.fc(x)\n"
                  "def make():\n"
-                 "    return M()\n")
+                 "    return M()\n"
+                 "def sized(d):\n"
+                 "    return M()\n"
+                 "def wrong():\n"
+                 "    return 5\n")
     g = ag.models.load_graph(f"{f}:make")
     assert g.output_types()["output"] == ag.TensorType(("n", 2))
-    with pytest.raises(ag.models.ModelNotFound, match="has no 'nope'; callables there: M, make"):
+    assert ag.models.load_graph(f"{f}:M").output_types() == g.output_types()  # a class is a factory too
+    with pytest.raises(ag.models.ModelNotFound, match="has no 'nope'; callables there: M, make, sized, wrong"):
         ag.models.get(f"{f}:nope")
+    with pytest.raises(ag.models.ModelNotFound, match="callable without arguments, but it needs d"):
+        ag.models.get(f"{f}:sized")
+    with pytest.raises(ag.models.ModelNotFound, match="wrong returned int, not an attngraph.nn.Module"):
+        ag.models.get(f"{f}:wrong")
     with pytest.raises(ag.models.ModelNotFound, match="not found"):
         ag.models.get(f"{tmp_path}/missing.py:make")
 

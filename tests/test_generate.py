@@ -337,6 +337,8 @@ def test_cli_generates_and_reports_bad_input():
     assert long.exit_code != 0 and "cache" in long.output
     junk = runner.invoke(generate_command, ["transformer-tiny", "--input", "three"])
     assert junk.exit_code != 0 and "expected token ids" in junk.output
+    unsaved = runner.invoke(generate_command, ["transformer-tiny", "--input", "3", "--save", "entries"])
+    assert unsaved.exit_code == 2 and "--save keeps the compiled entries: it needs a compile target" in unsaved.output
 
 
 # -- compiled --------------------------------------------------------------------------------------
@@ -364,6 +366,15 @@ def test_compiled_steps_match_the_interpreter(tmp_path):
         [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 6, eos_id=2)]
     with pytest.raises(G.GenerationError, match="past the cache of 8"):
         compiled.step(np.array([[1], [1]]), 8, a)
+    # The saved entries as the CLI's MODEL: options that say how to compile must agree with the build.
+    runner = CliRunner()
+    ok = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", "--target", "llvm",
+                                          "--cache-len", "8"])
+    assert ok.exit_code == 0, ok.output
+    for option in (["--target", "vulkan"], ["--cache-len", "16"], ["--seed", "3"], ["--weight-dtype", "float16"]):
+        bad = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", *option])
+        assert bad.exit_code == 2 and f"Invalid value for {option[0]}: {tmp_path} is compiled already (llvm at -O3)" \
+            in bad.output, (option, bad.output)
 
 
 def test_compiled_state_stays_on_the_device_and_caches_update_in_place():

@@ -132,7 +132,7 @@ def test_error_names_node_and_model_line(tiny_graph, tiny_params):
 
 @pytest.mark.parametrize("change, match", [
     (lambda x: x.pop("tgt"), "missing tgt"),
-    (lambda x: x.update(tgt=x["tgt"][:1]), r"axis 0 is 1 but batch = 2 \(from input 'src' axis 0\)"),
+    (lambda x: x.update(tgt=x["tgt"][:1]), r"axis 0 is 1, expected batch = 2 \(from input 'src' axis 0\)"),
     (lambda x: x.update(src=x["src"].astype(np.float32)), "dtype float32, expected int64"),
     (lambda x: x.update(src=x["src"][0]), "expected rank 2"),
 ])
@@ -141,6 +141,17 @@ def test_bad_inputs_are_named(tiny_graph, tiny_params, change, match):
     change(x)
     with pytest.raises(InputError, match=match):
         ag.reference.run(tiny_graph, x, tiny_params)
+
+
+def test_inputs_that_are_not_a_mapping_and_other_precisions_are_refused(tiny_graph, tiny_params):
+    x = example(tiny_graph)
+    with pytest.raises(InputError, match="inputs must be a mapping of input name to array, got list; "
+                                         "expected src: i64"):
+        ag.reference.run(tiny_graph, list(x.values()), tiny_params)
+    for dtype in ("float16", "int8", "bogus"):
+        with pytest.raises(ValueError, match="the interpreter computes in float32 or float64"):
+            ag.reference.run(tiny_graph, x, tiny_params, dtype=dtype)
+    assert ag.reference.run(tiny_graph, x, tiny_params, dtype=np.float64)["log_probs"].dtype == np.float64
 
 
 def test_missing_weights_are_named(tiny_graph, tiny_params):

@@ -33,6 +33,16 @@ def tiny_artifact(tmp_path_factory):
     return out, g, params, manifest
 
 
+def test_the_compile_api_stays_functions_once_imported():
+    """``from attngraph import api`` imports the package's submodules; none of them may take the name
+    of ``ag.build``, ``ag.compile``, ``ag.load`` or ``ag.verify`` (a module ``attngraph/verify.py``
+    did: ``ag.verify(...)`` then failed with "'module' object is not callable")."""
+    import inspect
+    for name in ag._COMPILE_API:
+        assert inspect.isfunction(getattr(ag, name)), name
+        assert getattr(ag, name) is getattr(api, name)
+
+
 def test_manifest_describes_the_build(tiny_artifact):
     out = tiny_artifact[0]
     assert sorted(os.listdir(out)) == ["graph.json", "kernels.so", "manifest.json", "weights.safetensors"]

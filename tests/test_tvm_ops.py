@@ -2,7 +2,7 @@
 
 Each kernel is built once with symbolic dims (b, s) and run at two sizes, both through the generic
 lowering and schedule (``generic``) and through the kernel a build picks (hand-scheduled where one
-exists).  Tolerance: the float32 one of ``attngraph.verify`` (rtol 1e-4, atol 1e-5); -inf entries
+exists).  Tolerance: the float32 one of ``attngraph.numerics`` (rtol 1e-4, atol 1e-5); -inf entries
 must be in the same places.
 """
 
@@ -18,7 +18,7 @@ from attngraph.backends.tvm.shapes import DimVars, scalar_dims
 from attngraph.ir import TensorType
 from attngraph.ir import dims as D
 from attngraph.ir import ops as O
-from attngraph.verify import compare
+from attngraph.numerics import compare
 
 TARGET = llvm_target()
 SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from attngraph.verify import compare
+from attngraph.numerics import compare
 
 
 def test_within_tolerance_passes_and_reports_errors():

@@ -61,6 +61,12 @@ def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndar
     ``dtype`` is the floating-point type of every computed value; ``observe(node, value)`` is
     called with each node's value (the per-node comparisons of ``attngraph verify`` use it);
     ``stats``, if given, receives ``peak_live_values`` and ``peak_live_bytes``."""
+    try:
+        dtype = np.dtype(dtype).name
+    except TypeError:
+        pass
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"the interpreter computes in float32 or float64, not {dtype!r}")
     bindings = bind_dims(g.input_types(), inputs)
     check_params(g, params)
     order = g.topo_order()

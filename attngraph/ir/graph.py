@@ -84,7 +84,8 @@ class Graph:
         try:
             ty = opdef.infer(types, attrs)
         except (O.ShapeError, TypeError, ValueError) as e:
-            where = f" at {meta['loc']}" if meta.get("loc") else ""
+            where = f" in module {meta['scope']}," if meta.get("scope") else ""
+            where += f" at {meta['loc']}" if meta.get("loc") else ""
             args = ", ".join(f"%{self.node(o).name}: {t}" for o, t in zip(operands, types))
             raise GraphError(f"{op}({args}){where}: {e}") from None
         nid = self._next_id

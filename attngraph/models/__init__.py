@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import inspect
 import os
 from typing import Callable
 
@@ -53,12 +54,29 @@ def _load_factory(spec: str):
     return fn
 
 
+def _required_params(fn) -> list[str]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin or other callable without a signature: just call it
+        return []
+    return [p.name for p in params if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def get(spec: str):
     """A model instance: a zoo name (``transformer-base``) or ``path/to/file.py:factory``."""
     if spec in ZOO:
         return ZOO[spec]()
     if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
-        model = _load_factory(spec)()
+        fn = _load_factory(spec)
+        required = _required_params(fn)
+        if required:
+            raise ModelNotFound(f"{spec}: the factory must be callable without arguments, but it needs "
+                                f"{', '.join(required)}; give it defaults or wrap it in one that has none")
+        model = fn()
+        from ..nn import Module
+        if not isinstance(model, Module):
+            raise ModelNotFound(f"{spec} returned {type(model).__name__}, not an attngraph.nn.Module")
         if not hasattr(model, "name"):
             model.name = spec.rpartition(":")[2]
         return model

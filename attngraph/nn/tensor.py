@@ -29,12 +29,26 @@ _MACHINERY = {os.path.join(_PKG_DIR, "nn", f) for f in ("tensor.py", "functional
 
 
 def _user_location() -> str:
+    """``file:line in function`` of the op; for an op written in one of attngraph's own layers, called
+    from the user's code, also that call (``... (called from my_model.py:12 in forward)``)."""
     frame = sys._getframe(1)
     while frame is not None and (frame.f_code.co_filename in _MACHINERY
                                  or frame.f_code.co_filename.startswith(os.path.join(_PKG_DIR, "ir"))):
         frame = frame.f_back
     if frame is None:
         return ""
+    where = _frame_text(frame)
+    if frame.f_code.co_filename.startswith(_PKG_DIR + os.sep):
+        caller = frame.f_back
+        while caller is not None and caller.f_code is not trace.__code__ \
+                and caller.f_code.co_filename.startswith(_PKG_DIR + os.sep):
+            caller = caller.f_back
+        if caller is not None and caller.f_code is not trace.__code__:
+            where += f" (called from {_frame_text(caller)})"
+    return where
+
+
+def _frame_text(frame) -> str:
     path = frame.f_code.co_filename
     rel = os.path.relpath(path) if not path.startswith("<") else path
     if not rel.startswith(".."):
