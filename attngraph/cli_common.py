@@ -26,13 +26,19 @@ USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, 
                PassVerificationError, BuildError, IndexOutOfRange, ArtifactError, DeviceUnavailable)
 
 
-def user_errors(fn):
+def user_errors(fn, extra: tuple = ()):
+    """A command whose ``USER_ERRORS`` (and ``extra`` errors) show as one line without a traceback;
+    so does a file the command cannot read or write (an ``OSError`` that names its file)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except (*USER_ERRORS, *extra) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.filename is None:
+                raise
+            raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
     return wrapper
 
 

@@ -11,7 +11,8 @@ import time
 import click
 
 from . import models
-from .cli_common import USER_ERRORS, artifact_options, reject_given
+from . import cli_common
+from .cli_common import artifact_options, reject_given
 from .generate import (
     CompiledStepper,
     MANIFEST,
@@ -24,16 +25,8 @@ from .generate import (
 from .weights import init_params, load_weights
 
 
-def user_errors(fn):
-    """Errors whose message is the whole story (``USER_ERRORS`` and ``GenerationError``) as a
-    one-line click error."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (*USER_ERRORS, GenerationError) as e:
-            raise click.ClickException(str(e)) from None
-    return wrapper
+#: Errors whose message is the whole story, as one-line click errors: also ``GenerationError``.
+user_errors = functools.partial(cli_common.user_errors, extra=(GenerationError,))
 
 
 def parse_tokens(text: str) -> list[int]:

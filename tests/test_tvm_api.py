@@ -115,6 +115,25 @@ def test_damaged_artifacts_are_clear_errors(tiny_artifact, tmp_path, damage, mat
         api.load(copy)
 
 
+def test_build_never_writes_over_other_files(tmp_path):
+    """An existing artifact is replaced (also one whose rewrite stopped before the manifest), but a
+    directory with files of the user's is refused, and a path that cannot be written is named."""
+    out = tmp_path / "art"
+    api.build("encoder-tiny", out_dir=str(out))
+    os.remove(out / "manifest.json")  # as a rebuild stopped half-way leaves it
+    api.build("encoder-tiny", out_dir=str(out))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="'.*mine' is a directory with other files in it \\(notes.txt\\), "
+                                            "not an artifact"):
+        api.build("encoder-tiny", out_dir=str(mine))
+    assert os.listdir(mine) == ["notes.txt"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ArtifactError, match="cannot write the artifact to .*file/art"):
+        api.build("encoder-tiny", out_dir=str(tmp_path / "file" / "art"))
+
+
 HASWELL_FLAGS = frozenset({"sse42", "avx", "avx2", "fma", "f16c", "bmi1", "bmi2"})  # /proc/cpuinfo, normalized
 
 

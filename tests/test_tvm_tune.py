@@ -44,6 +44,13 @@ def test_tune_then_build_uses_the_tuned_kernel_only_at_its_dims(tmp_path, monkey
         np.testing.assert_allclose(model(x)["y"], want, rtol=RTOL, atol=ATOL)
 
 
+def test_tuning_an_op_the_model_has_no_kernel_of_is_a_clear_error(tmp_path):
+    r = CliRunner().invoke(tune_cmd, ["encoder-tiny", "--kernel", "softmax", "--trials", "1",
+                                      "--db", str(tmp_path / "db")])
+    assert r.exit_code == 1 and "no kernel of op softmax in encoder-tiny (--kernel); its kernels' ops: " \
+        "add_layer_norm, fused_attention, linear_packed" in r.output, r.output
+
+
 def test_build_with_a_missing_tuning_db_is_a_clear_error(tmp_path):
     with pytest.raises(BuildError, match="no tuning database at .*attngraph tune MODEL --db"):
         api.build("encoder-tiny", out_dir=str(tmp_path / "art"), tuning_db=str(tmp_path / "nope"))

@@ -80,7 +80,22 @@ def manifest_of(model: CompiledModel, kernels: Kernels, *, model_name: str, opt_
 
 def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict) -> dict:
     """Write ``model`` (compiled as ``kernels``) to ``out_dir``; returns the manifest as written."""
+    try:
+        return _write(out_dir, model, kernels, manifest)
+    except OSError as e:
+        raise ArtifactError(f"cannot write the artifact to {out_dir!r}: {e.strerror or e}"
+                            + (f" ({e.filename})" if e.filename else "")) from None
+
+
+def _write(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict) -> dict:
     g = model.graph
+    if os.path.isdir(out_dir) and not is_artifact(out_dir):
+        # (An artifact whose rewrite stopped before its manifest holds only our own files.)
+        others = sorted(f for f in os.listdir(out_dir) if f not in FILES and not f.startswith("kernels."))
+        if others:  # never write over files of the user's that only share a name with ours
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            raise ArtifactError(f"{out_dir!r} is a directory with other files in it ({shown}), not an "
+                                f"artifact: give a new or empty directory (an existing artifact is replaced)")
     os.makedirs(out_dir, exist_ok=True)
     # A half-written directory must not pass for a good one: the manifest goes last.
     if os.path.exists(os.path.join(out_dir, "manifest.json")):

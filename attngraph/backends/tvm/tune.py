@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...ir import Graph
+from .. import BuildError
 from .build import KernelSpec, for_target, generic_func, kernel_func, plan_kernels, resolve_target
 from .cache import cache_root
 from .shapes import DimVars
@@ -129,7 +130,14 @@ def tune_graph(g: Graph, sizes: dict, db_dir: str, *, target: str = "llvm", tria
     tgt_ms = _with_cores(tgt)
     specs, _ = plan_kernels(for_target(g, target))
     if ops:
-        specs = [s for s in specs if s.op in ops]
+        # "linear" names the projections also where the target packs their weights (linear_packed).
+        def matches(spec, op):
+            return spec.op == op or spec.op == f"{op}_packed"
+        unknown = sorted(op for op in set(ops) if not any(matches(s, op) for s in specs))
+        if unknown:
+            raise BuildError(f"no kernel of op {', '.join(unknown)} in {g.name} (--kernel); its kernels' ops: "
+                             f"{', '.join(sorted({s.op for s in specs}))}")
+        specs = [s for s in specs if any(matches(s, op) for op in ops)]
     os.makedirs(db_dir, exist_ok=True)
     results_path = os.path.join(db_dir, "results.json")
     results = {}
