@@ -165,3 +165,69 @@ def test_paper_configurations(name, dims, layers):
     assert len(m.encoder.layers) == len(m.decoder.layers) == layers
     assert m.encoder.layers[0].self_attn.num_heads == h
     assert f"encoder.layers.{layers - 1}.norm2.weight" in types
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: nn.Linear(0, 3), r"Parameter shape \(0, 3\): sizes must be integers of at least 1"),
+    (lambda: nn.Linear(-1, 3), r"Parameter shape \(-1, 3\)"),
+    (lambda: nn.Linear(2.5, 3), r"Parameter shape \(2.5, 3\)"),  # int(2.5) would have been 2, silently
+    (lambda: nn.LayerNorm(0), r"Parameter shape \(0,\)"),
+])
+def test_layers_of_impossible_sizes_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("spec, match", [
+    (((-1, 2), "float32"), r"input 'x' \(f32\[-1, 2\]\): axis 0 has the fixed size -1; sizes are at least 1"),
+    ((("n", 0), "float32"), r"axis 1 has the fixed size 0"),
+    ((("n", 2), "float99"), r"input 'x': unsupported dtype 'float99'"),
+    ((("n+*", 2), "float32"), r"input 'x': cannot parse dimension 'n\+\*'"),
+])
+def test_bad_input_specs_are_named(spec, match):
+    class Id(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with pytest.raises(nn.TraceError, match=match):
+        ag.trace(Id(), {"x": spec})
+
+
+@pytest.mark.parametrize("body, ok", [
+    (lambda x: x.transpose(-1, -2), True), (lambda x: x.unsqueeze(-1), True), (lambda x: x.unsqueeze(2), True),
+    (lambda x: x.transpose(0, 5), False), (lambda x: x.unsqueeze(7), False), (lambda x: x.unsqueeze(-4), False),
+])
+def test_axes_out_of_range_are_errors_not_wrapped(body, ok):
+    """As in PyTorch: unsqueeze(7) of a rank-2 tensor is an error (``7 % 3`` would have put the axis at 1)."""
+    class M(nn.Module):
+        def forward(self, x):
+            return body(x)
+
+    if ok:
+        ag.trace(M(), {"x": (("n", 2), "float32")})
+    else:
+        with pytest.raises(nn.TraceError, match=r"of %x: f32\[n, 2\] at .*test_dsl.py:\d+ in <lambda>: axis -?\d "
+                                                r"is out of range \[-\d, \d\)"):
+            ag.trace(M(), {"x": (("n", 2), "float32")})
+
+
+def test_python_errors_in_the_users_forward_name_its_line(tmp_path):
+    f = tmp_path / "branchy.py"
+    f.write_text("from attngraph import nn\n"
+                 "class M(nn.Module):\n"
+                 "    def input_specs(self):\n"
+                 "        return {'x': nn.InputSpec(('batch', 4))}\n"
+                 "    def forward(self, x):\n"
+                 "        if x.shape[0] > 3:\n"
+                 "            return x\n"
+                 "        return x * 2\n"
+                 "class Broken(nn.Module):\n"
+                 "    def __init__(self):\n"
+                 "        super().__init__()\n"
+                 "        self.fc = nn.Linear(0, 4)\n")
+    with pytest.raises(nn.TraceError, match=r"tracing M failed at .*branchy.py:6 in forward: TypeError: '>' not "
+                                            r"supported"):
+        ag.models.load_graph(f"{f}:M")
+    with pytest.raises(ag.models.ModelNotFound, match=r"Broken: creating the model failed at .*branchy.py:12: "
+                                                      r"ValueError: Parameter shape \(0, 4\)"):
+        ag.models.get(f"{f}:Broken")

@@ -46,12 +46,25 @@ def _load_factory(spec: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ModelNotFound(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        raise ModelNotFound(f"importing {path} failed{_line_in(path, e)}: {type(e).__name__}: {e}") from e
     fn = getattr(module, factory, None)
     if fn is None:
         found = [n for n in dir(module) if callable(getattr(module, n)) and not n.startswith("_")]
         raise ModelNotFound(f"{path} has no {factory!r}; callables there: {', '.join(found) or 'none'}")
     return fn
+
+
+def _line_in(path: str, error: BaseException) -> str:
+    """`` at FILE:LINE`` of the innermost frame of ``error``'s traceback in the user's file ``path``."""
+    where = ""
+    tb = error.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(path):
+            where = f" at {path}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    if not where and isinstance(error, SyntaxError) and error.lineno:
+        where = f" at {path}:{error.lineno}"
+    return where
 
 
 def _required_params(fn) -> list[str]:
@@ -73,7 +86,12 @@ def get(spec: str):
         if required:
             raise ModelNotFound(f"{spec}: the factory must be callable without arguments, but it needs "
                                 f"{', '.join(required)}; give it defaults or wrap it in one that has none")
-        model = fn()
+        try:
+            model = fn()
+        except Exception as e:  # the user's constructor: one line that names its failing line
+            path = spec.rpartition(":")[0]
+            raise ModelNotFound(f"{spec}: creating the model failed{_line_in(path, e)}: "
+                                f"{type(e).__name__}: {e}") from e
         from ..nn import Module
         if not isinstance(model, Module):
             raise ModelNotFound(f"{spec} returned {type(model).__name__}, not an attngraph.nn.Module")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
+
 from ..ir import TensorType
 from ..ir.dims import Dim
 from .tensor import Tensor, TensorOps, current_tracer
@@ -20,6 +22,9 @@ class Parameter(TensorOps):
     ``("normal", std)``, ``("uniform", bound)``, ``("xavier_uniform",)``, ``("zeros",)`` or ``("ones",)``."""
 
     def __init__(self, shape, dtype: str = "float32", init=("xavier_uniform",)):
+        shape = tuple(shape)
+        if not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1 for d in shape):
+            raise ValueError(f"Parameter shape {shape}: sizes must be integers of at least 1")
         self.shape_ = tuple(int(d) for d in shape)
         self.dtype_ = dtype
         self.init = tuple(init)

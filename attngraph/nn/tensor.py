@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..ir import Graph, TensorType
+from ..ir import Graph, GraphError, TensorType
 from ..ir.dims import Dim
 
 
@@ -48,12 +48,24 @@ def _user_location() -> str:
     return where
 
 
-def _frame_text(frame) -> str:
+def _users_line(error: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of ``error``'s traceback outside attngraph's
+    package (and outside the Python installation's own modules); "" if there is none."""
+    where, tb = "", error.__traceback__
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if not path.startswith((_PKG_DIR + os.sep, sys.prefix, sys.base_prefix, "<frozen")):
+            where = _frame_text(tb.tb_frame, tb.tb_lineno)
+        tb = tb.tb_next
+    return where
+
+
+def _frame_text(frame, line: int | None = None) -> str:
     path = frame.f_code.co_filename
     rel = os.path.relpath(path) if not path.startswith("<") else path
     if not rel.startswith(".."):
         path = rel
-    return f"{path}:{frame.f_lineno} in {frame.f_code.co_name}"
+    return f"{path}:{line or frame.f_lineno} in {frame.f_code.co_name}"
 
 
 class Tracer:
@@ -197,6 +209,13 @@ class TensorOps:
             shape = tuple(shape[0])
         return self._unary("reshape", shape=tuple(shape))
 
+    def _check_axes(self, method: str, axes, rank: int) -> None:
+        """Axes in ``[-rank, rank)``, as PyTorch requires (a Python list would wrap some and fail on others)."""
+        for axis in axes:
+            if not isinstance(axis, (int, np.integer)) or not -rank <= axis < rank:
+                raise TraceError(f"{method}({', '.join(map(str, axes))}) of %{self._traced().node.name}: {self.type} at "
+                                 f"{_user_location()}: axis {axis} is out of range [{-rank}, {rank})")
+
     def permute(self, *perm):
         if len(perm) == 1 and isinstance(perm[0], (tuple, list)):
             perm = tuple(perm[0])
@@ -204,11 +223,13 @@ class TensorOps:
 
     def transpose(self, a: int, b: int):
         """Swap two axes (as ``torch.Tensor.transpose``)."""
+        self._check_axes("transpose", (a, b), self.ndim)
         perm = list(range(self.ndim))
         perm[a], perm[b] = perm[b], perm[a]
         return self.permute(perm)
 
     def unsqueeze(self, axis: int):
+        self._check_axes("unsqueeze", (axis,), self.ndim + 1)
         shape = list(self.shape)
         axis = axis % (len(shape) + 1)
         shape.insert(axis, 1)
@@ -287,13 +308,21 @@ class Tensor(TensorOps):
 
 def _normalize_spec(name, spec) -> tuple[TensorType, dict]:
     from .module import InputSpec
-    if isinstance(spec, InputSpec):
-        return spec.type, spec.meta()
-    if isinstance(spec, TensorType):
-        return spec, {}
-    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (tuple, list)):
-        return TensorType(tuple(spec[0]), spec[1]), {}
-    raise TraceError(f"input {name!r}: expected an InputSpec, a TensorType or (shape, dtype), got {spec!r}")
+    try:
+        if isinstance(spec, InputSpec):
+            ty, meta = spec.type, spec.meta()
+        elif isinstance(spec, TensorType):
+            ty, meta = spec, {}
+        elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], (tuple, list)):
+            ty, meta = TensorType(tuple(spec[0]), spec[1]), {}
+        else:
+            raise TraceError(f"input {name!r}: expected an InputSpec, a TensorType or (shape, dtype), got {spec!r}")
+    except (TypeError, ValueError) as e:  # a bad dtype or dim
+        raise TraceError(f"input {name!r}: {e}") from None
+    for axis, dim in enumerate(ty.shape):
+        if isinstance(dim, int) and dim < 1:
+            raise TraceError(f"input {name!r} ({ty}): axis {axis} has the fixed size {dim}; sizes are at least 1")
+    return ty, meta
 
 
 def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = None,
@@ -332,6 +361,15 @@ def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = No
         else:  # entered like __call__: the module's own scope
             tracer.scope.append("")
             out = entry(**args)
+    except (TraceError, GraphError):
+        raise
+    except Exception as e:
+        # A Python error in the user's model code (``if x.shape[0] > 3`` on a symbolic dim, a typo):
+        # named with the user's line.  An error inside attngraph's own code keeps its traceback.
+        where = _users_line(e)
+        if not where:
+            raise
+        raise TraceError(f"tracing {graph.name} failed at {where}: {type(e).__name__}: {e}") from e
     finally:
         _TRACERS.pop()
     if isinstance(out, Tensor):
