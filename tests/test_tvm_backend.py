@@ -147,3 +147,60 @@ def test_float16_weights_halve_the_panels_and_verify_against_the_same_rounding(r
         ag.compile(g, params, target="vulkan", weight_dtype="float16")
     with pytest.raises(BuildError, match="not one of float32, float16"):
         ag.compile(g, params, weight_dtype="bfloat16")
+
+
+# -- architectures off the powers of two ---------------------------------------------------------
+
+class Stack(nn.Module):
+    """An encoder or decoder stack of the shape ``cfg`` says, with or without a padding mask."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        stack = nn.Encoder if cfg["kind"] == "encoder" else nn.Decoder
+        self.body = stack(cfg["layers"], cfg["heads"] * cfg["head_dim"], cfg["heads"], cfg["ff"],
+                          activation=cfg["act"], norm_first=cfg["pre"])
+
+    def input_specs(self):
+        d = self.cfg["heads"] * self.cfg["head_dim"]
+        specs = {"x": nn.InputSpec(("batch", "seq", d))}
+        if self.cfg["kind"] == "decoder":
+            specs["memory"] = nn.InputSpec(("batch", "mem", d))
+        if self.cfg["pad"]:
+            padded = "mem" if self.cfg["kind"] == "decoder" else "seq"
+            specs["pad"] = nn.InputSpec(("batch", padded), "bool", kind="padding_mask")
+        return specs
+
+    def forward(self, x, memory=None, pad=None):
+        if self.cfg["kind"] == "encoder":
+            return self.body(x, key_padding_mask=pad)
+        return self.body(x, memory, memory_key_padding_mask=pad)
+
+
+ODD_SHAPES = [
+    dict(kind="encoder", heads=3, head_dim=12, ff=100, layers=2, act="gelu", pre=False, pad=True, level=3),
+    dict(kind="decoder", heads=6, head_dim=20, ff=12, layers=1, act="gelu_tanh", pre=True, pad=True, level=3),
+    dict(kind="encoder", heads=1, head_dim=160, ff=4, layers=1, act="relu", pre=True, pad=False, level=3),
+    dict(kind="decoder", heads=8, head_dim=2, ff=256, layers=2, act="relu", pre=False, pad=False, level=2),
+]
+
+
+@pytest.mark.parametrize("cfg", ODD_SHAPES, ids=[f"{c['kind']}-{c['heads']}x{c['head_dim']}-ff{c['ff']}-O{c['level']}"
+                                                 for c in ODD_SHAPES])
+def test_architectures_off_the_powers_of_two_match_the_interpreter(cfg):
+    """The zoo's widths are powers of two; a bug at other shapes (a tile remainder, a head dim the
+    attention kernel does not vectorize, a head dim past its limit) would pass every other test.  A
+    bug hunt over 135 random stacks like these, at 1 to 200 tokens (80 on llvm, 25 on vulkan/lavapipe,
+    30 on llvm with float16 weights), found none; these four stay as the guard, each at two sizes
+    through one build."""
+    g = ag.trace(Stack(cfg))
+    g.meta["dims"] = {"batch": 2, "seq": 7, "mem": 5}
+    params = ag.init_params(g, 0, perturb=True)
+    opt, _ = passes.optimize(g, cfg["level"])
+    model = compile_graph(opt, params)
+    for dims in ({}, {"batch": 3, "seq": 33, "mem": 17}):
+        x = example(g, seed=1, **dims)
+        want = ag.reference.run(g, x, params, dtype="float64")
+        got = model(x)
+        for name, w in want.items():
+            np.testing.assert_allclose(got[name], w, rtol=RTOL, atol=ATOL, err_msg=f"{dims} {name}")
