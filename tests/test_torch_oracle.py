@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import attngraph as ag
-from attngraph import nn
+from attngraph import nn, passes
 
 torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch==2.13.0 (pip install -e '.[test]')")
 
@@ -136,3 +136,68 @@ def test_encoder_decoder_transformer_matches_torch(tiny_graph, tiny_params):
         y = dec(embed(tgt), memory, tgt_mask=causal, tgt_is_causal=True, memory_key_padding_mask=pad)
         want = torch.log_softmax(y @ table.T, dim=-1).numpy()
     np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL)
+
+
+# -- PyTorch's spellings ---------------------------------------------------------------------------
+
+class SDPA(nn.Module):
+    """Attention written as a PyTorch user writes it, with ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, mask_kind):
+        super().__init__()
+        self.mask_kind = mask_kind
+
+    def forward(self, q, k, v, mask=None):
+        from attngraph.nn import functional as F
+        if self.mask_kind == "causal":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.mask_kind == "scale":
+            return F.scaled_dot_product_attention(q, k, v, scale=0.3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "causal", "scale"])
+def test_scaled_dot_product_attention_matches_pytorch_and_fuses(mask_kind):
+    rng = np.random.default_rng(0)
+    b, h, lq, lk, d = 2, 3, 5, 7 if mask_kind != "causal" else 5, 8
+    x = {n: rng.standard_normal((b, h, ln, d)).astype(np.float32) for n, ln in (("q", lq), ("k", lk), ("v", lk))}
+    specs = {"q": ((b, h, lq, d), "float32"), "k": ((b, h, lk, d), "float32"), "v": ((b, h, lk, d), "float32")}
+    mask = None
+    if mask_kind == "bool":
+        mask = rng.random((b, 1, lq, lk)) < 0.7
+        mask[..., 0] = True  # every query attends at least one key (an all-False row is NaN in both)
+        specs["mask"], x["mask"] = ((b, 1, lq, lk), "bool"), mask
+    elif mask_kind == "float":
+        mask = rng.standard_normal((lq, lk)).astype(np.float32)
+        specs["mask"], x["mask"] = ((lq, lk), "float32"), mask
+    g = ag.trace(SDPA(mask_kind), specs)
+    got = ag.reference.run(g, x, {}, dtype="float32")["output"]
+    with torch.no_grad():
+        want = torch.nn.functional.scaled_dot_product_attention(
+            t(x["q"]), t(x["k"]), t(x["v"]), attn_mask=None if mask is None else t(mask),
+            is_causal=mask_kind == "causal", scale=0.3 if mask_kind == "scale" else None).numpy()
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    fused, _ = passes.optimize(g, 3)  # the plain ops the function writes are what the attention pass fuses
+    assert fused.op_counts().get("fused_attention") == 1, fused.op_counts()
+
+
+def test_pytorch_spellings_of_reductions_views_and_masks():
+    from attngraph.nn import functional as F
+
+    class M(nn.Module):
+        def forward(self, x, m):
+            n, s, d = x.size()
+            y = x.view(n, s, 2, d // 2).sum(dim=-1, keepdim=True).view(n, s, 2)
+            z = x.masked_fill(m[:, :, None], 0.0).mean(dim=(1, 2))
+            return {"y": y.softmax(dim=-1), "z": z, "w": F.log_softmax(x, dim=1), "all": x.max(), "s": x.size(-1) * 1.0 + x.sum()}
+
+    rng = np.random.default_rng(1)
+    x, m = rng.standard_normal((2, 3, 4)).astype(np.float32), rng.random((2, 3)) < 0.5
+    g = ag.trace(M(), {"x": ((2, 3, 4), "float32"), "m": ((2, 3), "bool")})
+    out = ag.reference.run(g, {"x": x, "m": m}, {}, dtype="float64")
+    tx, tm = torch.from_numpy(x).double(), torch.from_numpy(m)
+    want = {"y": tx.view(2, 3, 2, 2).sum(dim=-1, keepdim=True).view(2, 3, 2).softmax(dim=-1),
+            "z": tx.masked_fill(tm[:, :, None], 0.0).mean(dim=(1, 2)), "w": torch.log_softmax(tx, dim=1),
+            "all": tx.max(), "s": 4.0 + tx.sum()}
+    for name, w in want.items():
+        np.testing.assert_allclose(out[name], w.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)

@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from . import functional as F
+from .functional import causal_mask
 from .module import Module, ModuleList, Parameter
 from .tensor import TensorOps
 
@@ -102,14 +103,6 @@ class LearnedPositionalEmbedding(Module):
         if offset is not None:
             positions = positions + offset
         return F.gather(self.weight, positions)
-
-
-def causal_mask(q_len, k_len, offset=None):
-    """True where query i may attend key j: j <= i (+ offset, the number of earlier positions)."""
-    q = F.arange(q_len)
-    if offset is not None:
-        q = q + offset
-    return F.arange(k_len)[None, :] <= q[:, None]
 
 
 class MultiHeadAttention(Module):

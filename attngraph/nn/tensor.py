@@ -191,23 +191,47 @@ class TensorOps:
     def rsqrt(self): return self._unary("rsqrt")
     def tanh(self): return self._unary("tanh")
     def relu(self): return self._unary("relu")
-    def softmax(self, axis=-1): return self._unary("softmax", axis=axis)
-    def log_softmax(self, axis=-1): return self._unary("log_softmax", axis=axis)
+    # NumPy's spellings (axis, keepdims) and PyTorch's (dim, keepdim) both work.
+    def softmax(self, axis=-1, *, dim=None): return self._unary("softmax", axis=axis if dim is None else dim)
+    def log_softmax(self, axis=-1, *, dim=None): return self._unary("log_softmax", axis=axis if dim is None else dim)
     def astype(self, dtype): return self._unary("cast", dtype=dtype)
+    def float(self): return self.astype("float32")
 
-    def sum(self, axes, keepdims=False): return self._reduce("reduce_sum", axes, keepdims)
-    def mean(self, axes, keepdims=False): return self._reduce("reduce_mean", axes, keepdims)
-    def max(self, axes, keepdims=False): return self._reduce("reduce_max", axes, keepdims)
+    def sum(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
+        return self._reduce("reduce_sum", axes, keepdims, dim, keepdim)
 
-    def _reduce(self, op, axes, keepdims):
-        axes = (axes,) if isinstance(axes, int) else tuple(axes)
-        return self._unary(op, axes=axes, keepdims=keepdims)
+    def mean(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
+        return self._reduce("reduce_mean", axes, keepdims, dim, keepdim)
+
+    def max(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
+        return self._reduce("reduce_max", axes, keepdims, dim, keepdim)
+
+    def _reduce(self, op, axes, keepdims, dim=None, keepdim=None):
+        axes = axes if dim is None else dim
+        keepdims = keepdims if keepdim is None else keepdim
+        if axes is None:  # every axis
+            axes = tuple(range(self.ndim))
+        axes = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+        return self._unary(op, axes=tuple(int(a) for a in axes), keepdims=bool(keepdims))
+
+    def masked_fill(self, mask, value):
+        """``value`` where ``mask`` is True, else this tensor (as ``torch.Tensor.masked_fill``)."""
+        from . import functional as F
+        return F.where(mask, value, self)
+
+    def size(self, dim=None):
+        """The shape (``dim``: one size), as ``torch.Tensor.size``; symbolic dims are strings."""
+        return self.shape if dim is None else self.shape[dim]
 
     # layout
     def reshape(self, *shape):
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         return self._unary("reshape", shape=tuple(shape))
+
+    def view(self, *shape):
+        """``reshape`` (the graph has no strides: a view and a reshape are the same op)."""
+        return self.reshape(*shape)
 
     def _check_axes(self, method: str, axes, rank: int) -> None:
         """Axes in ``[-rank, rank)``, as PyTorch requires (a Python list would wrap some and fail on others)."""
