@@ -143,6 +143,36 @@ class Kernels:
     seconds: dict = field(default_factory=dict)
 
 
+def lower_kernels(g: Graph, target: str = "llvm", *, generic: bool = False, tuned=None, variants=None,
+                  progress: Progress | None = None, dv: DimVars | None = None) -> tuple[dict, set]:
+    """Every kernel of ``g`` as a scheduled PrimFunc for ``target``, by name (with the target's other
+    forms, e.g. ``NAME__few``, and tuned static variants), and the names of the hand-scheduled ones."""
+    tspec = get_target(target)
+    tgt = tspec.make_target()
+    specs, symbol_of = plan_kernels(g)
+    dv = dv or DimVars()
+    progress = progress or Progress(enabled=False)
+    funcs, hand = {}, set()
+    progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
+    for spec in specs:
+        try:
+            func = None if generic else _hand_scheduled(spec, dv, tgt)
+            if func is not None:
+                hand.add(spec.name)
+            funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv, tgt), spec, dv)
+            for suffix, form in (tspec.kernel_forms(spec, dv, tgt) if tspec.kernel_forms and not generic else {}).items():
+                funcs[spec.name + suffix] = _finish(form, spec, dv).with_attr("global_symbol", spec.name + suffix)
+            for sizes, name in (variants or {}).get(spec.name, ()):
+                funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
+        except BuildError:
+            raise
+        except Exception as e:  # re-raised with the node's context
+            nid = next(nid for nid, name in symbol_of.items() if name == spec.name)
+            raise BuildError(f"cannot lower {describe(g, g.node(nid))}: {type(e).__name__}: {e}") from e
+        progress.advance()
+    return funcs, hand
+
+
 def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None = None, generic: bool = False,
                   tuning_db: str | None = None) -> Kernels:
     """Compile every kernel of ``g`` for ``target`` into one library (or load it from the cache)."""
@@ -177,24 +207,8 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
         return kernels
     start = time.perf_counter()
     dv = DimVars()
-    funcs, hand = {}, set()
-    progress.stage(f"lowering {len(specs)} kernels", total=len(specs))
-    for spec in specs:
-        try:
-            func = None if generic else _hand_scheduled(spec, dv, tgt)
-            if func is not None:
-                hand.add(spec.name)
-            funcs[spec.name] = _finish(func if func is not None else generic_func(spec, dv, tgt), spec, dv)
-            for suffix, form in (tspec.kernel_forms(spec, dv, tgt) if tspec.kernel_forms and not generic else {}).items():
-                funcs[spec.name + suffix] = _finish(form, spec, dv).with_attr("global_symbol", spec.name + suffix)
-            for sizes, name in kernels.variants.get(spec.name, ()):
-                funcs[name] = tuned.static_func(spec, sizes).with_attr("global_symbol", name)
-        except BuildError:
-            raise
-        except Exception as e:  # re-raised with the node's context
-            nid = next(nid for nid, name in symbol_of.items() if name == spec.name)
-            raise BuildError(f"cannot lower {describe(g, g.node(nid))}: {type(e).__name__}: {e}") from e
-        progress.advance()
+    funcs, hand = lower_kernels(g, target, generic=generic, tuned=tuned, variants=kernels.variants,
+                                progress=progress, dv=dv)
     kernels.seconds["lower"] = time.perf_counter() - start
     progress.stage(f"compiling {len(funcs)} kernels for {target}")
     start = time.perf_counter()

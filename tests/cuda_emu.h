@@ -1,0 +1,206 @@
+// A CUDA C++ kernel source compiled for the CPU: each block's threads are fibers, __syncthreads a
+// barrier among them, warp shuffles an exchange among a warp's 32, __shared__ arrays function
+// statics (blocks run one at a time).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <ucontext.h>
+#include <type_traits>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+
+// Each emulated thread is a fiber (ucontext) on the one OS thread that runs the grid; a fiber runs
+// until it waits at a barrier or returns, then the next runnable fiber of the block runs.
+struct EmuFiber;
+struct EmuBarrier {
+  int members = 0, arrived = 0;
+  std::vector<EmuFiber*> waiters;
+  void reset(int n) { members = n; arrived = 0; waiters.clear(); }
+  void wait();
+  void leave();  // a thread that returns from the kernel no longer takes part (as on a GPU)
+  void release();
+};
+
+struct EmuWarp {
+  EmuBarrier barrier;
+  uint64_t slot[32];
+};
+
+struct EmuThread {
+  dim3 thread, block, block_dim, grid_dim;
+  EmuBarrier* block_barrier;
+  EmuWarp* warp;
+  int lane;
+};
+
+struct EmuFiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  EmuThread self;
+  bool done = false;
+  EmuBarrier* waiting = nullptr;
+};
+
+inline EmuFiber* emu_current = nullptr;
+inline ucontext_t emu_scheduler;
+inline const std::function<void()>* emu_kernel = nullptr;
+
+inline void EmuBarrier::release() {
+  for (EmuFiber* f : waiters) f->waiting = nullptr;
+  waiters.clear();
+  arrived = 0;
+}
+inline void EmuBarrier::wait() {
+  if (++arrived >= members) { release(); return; }  // the last to arrive goes on
+  emu_current->waiting = this;
+  waiters.push_back(emu_current);
+  swapcontext(&emu_current->context, &emu_scheduler);
+}
+inline void EmuBarrier::leave() {
+  members--;
+  if (members > 0 && arrived >= members) release();
+}
+
+#define emu_self (emu_current->self)
+#define threadIdx (emu_self.thread)
+#define blockIdx (emu_self.block)
+#define blockDim (emu_self.block_dim)
+#define gridDim (emu_self.grid_dim)
+
+inline void __syncthreads() { emu_self.block_barrier->wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu_self.warp->barrier.wait(); }
+inline unsigned __activemask() { return 0xffffffffu; }
+
+template <class T> inline T emu_exchange(T v, int src_lane, bool take) {
+  static_assert(sizeof(T) <= 8, "shuffle of a value wider than 8 bytes");
+  EmuWarp* w = emu_self.warp;
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  w->slot[emu_self.lane] = bits;
+  w->barrier.wait();
+  T r = v;
+  if (take) std::memcpy(&r, &w->slot[src_lane], sizeof(T));
+  w->barrier.wait();
+  return r;
+}
+template <class T> inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  int base = emu_self.lane - emu_self.lane % width;
+  return emu_exchange(v, base + ((src % width) + width) % width, true);
+}
+template <class T> inline T __shfl_down_sync(unsigned, T v, int delta, int width = 32) {
+  int in_seg = emu_self.lane % width;
+  return emu_exchange(v, emu_self.lane + delta, in_seg + delta < width);
+}
+template <class T> inline T __shfl_up_sync(unsigned, T v, int delta, int width = 32) {
+  int in_seg = emu_self.lane % width;
+  return emu_exchange(v, emu_self.lane - delta, in_seg - delta >= 0);
+}
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int mask, int width = 32) {
+  int base = emu_self.lane - emu_self.lane % width;
+  return emu_exchange(v, base + ((emu_self.lane % width) ^ mask), true);
+}
+
+// Vector types and their constructors.
+#define EMU_VEC2(T, N) struct alignas(2 * sizeof(T)) N##2 { T x, y; }; \
+  inline N##2 make_##N##2(T x, T y) { return {x, y}; }
+#define EMU_VEC3(T, N) struct N##3 { T x, y, z; }; \
+  inline N##3 make_##N##3(T x, T y, T z) { return {x, y, z}; }
+#define EMU_VEC4(T, N) struct alignas(4 * sizeof(T) > 16 ? 16 : 4 * sizeof(T)) N##4 { T x, y, z, w; }; \
+  inline N##4 make_##N##4(T x, T y, T z, T w) { return {x, y, z, w}; }
+#define EMU_VEC(T, N) struct N##1 { T x; }; inline N##1 make_##N##1(T x) { return {x}; } \
+  EMU_VEC2(T, N) EMU_VEC3(T, N) EMU_VEC4(T, N)
+EMU_VEC(float, float)
+EMU_VEC(double, double)
+EMU_VEC(int, int)
+EMU_VEC(unsigned int, uint)
+EMU_VEC(long long, longlong)
+EMU_VEC(unsigned long long, ulonglong)
+EMU_VEC(signed char, char)
+EMU_VEC(unsigned char, uchar)
+EMU_VEC(short, short)
+EMU_VEC(unsigned short, ushort)
+
+// CUDA's math: overloads for mixed integer widths, the float intrinsics.
+template <class A, class B> inline std::common_type_t<A, B> min(A a, B b) { return b < a ? b : a; }
+template <class A, class B> inline std::common_type_t<A, B> max(A a, B b) { return a < b ? b : a; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
+using std::exp; using std::log; using std::sqrt; using std::tanh; using std::erf; using std::fabs; using std::pow;
+using std::isinf; using std::isnan;
+#define CUDART_INF_F (__int_as_float(0x7f800000))
+#define CUDART_NAN_F (__int_as_float(0x7fffffff))
+
+#define uint unsigned int
+#define uchar unsigned char
+#define ushort unsigned short
+
+inline void emu_fiber_entry() {
+  (*emu_kernel)();
+  emu_self.warp->barrier.leave();
+  emu_self.block_barrier->leave();
+  emu_current->done = true;
+  swapcontext(&emu_current->context, &emu_scheduler);  // never resumed
+}
+
+// Runs the kernel on every thread of every block: the blocks one after another, a block's threads as
+// fibers switched at barriers.
+inline void emu_run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
+  int n = block.x * block.y * block.z;
+  int warps = (n + 31) / 32;
+  EmuBarrier block_barrier;
+  std::vector<EmuWarp> warp(warps);
+  std::vector<EmuFiber> fibers(n);
+  for (auto& f : fibers) f.stack.resize(256 * 1024);
+  emu_kernel = &fn;
+  for (unsigned bz = 0; bz < grid.z; bz++)
+    for (unsigned by = 0; by < grid.y; by++)
+      for (unsigned bx = 0; bx < grid.x; bx++) {
+        block_barrier.reset(n);
+        for (int w = 0; w < warps; w++) warp[w].barrier.reset(std::min(32, n - 32 * w));
+        for (int t = 0; t < n; t++) {
+          EmuFiber& f = fibers[t];
+          f.done = false;
+          f.waiting = nullptr;
+          f.self = {{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / (block.x * block.y))},
+                    {bx, by, bz}, block, grid, &block_barrier, &warp[t / 32], t % 32};
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.data();
+          f.context.uc_stack.ss_size = f.stack.size();
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, emu_fiber_entry, 0);
+        }
+        for (int left = n; left > 0;) {
+          bool ran = false;
+          for (auto& f : fibers) {
+            if (f.done || f.waiting) continue;
+            emu_current = &f;
+            swapcontext(&emu_scheduler, &f.context);
+            ran = true;
+            if (f.done) left--;
+          }
+          if (!ran) {
+            std::fprintf(stderr, "cuda_emu: every thread of block (%u, %u, %u) waits at a barrier that not all of "
+                         "them reach (a __syncthreads or shuffle in divergent code)\n", bx, by, bz);
+            std::abort();
+          }
+        }
+      }
+}

