@@ -3,6 +3,8 @@ encoders' shapes (batch 8 x seq 512), timed alone and checked against PyTorch on
 
     python bench/gpu_ab.py build [--out DIR] [--arch sm_90] [--baseline REV]   # here: compile ab.so
     python bench/gpu_ab.py check DIR                                            # there: time and check
+    python bench/gpu_ab.py emulate [--batch 1 --seq 67]                         # here: numerics only, on
+                                                                                # the CUDA source emulator
 
 This is how the hand-written GPU kernels were chosen without a GPU at hand: every candidate is compiled
 here into one CUDA module with a JSON index (``gpu_device.py bundle`` puts it in the bundle), and the GPU
@@ -185,6 +187,22 @@ def check(ab_dir, repeat):
     check_rows(ab_dir, repeat)
 
 
+def _operands(entry, dims, rng) -> tuple[list[np.ndarray], tuple]:
+    """Random operands of ``entry``'s kernel at ``dims``, and its output shape."""
+    from attngraph.ir import TensorType
+    types_ = [TensorType(tuple(s), dt) for s, dt in entry["in_types"]]
+    host = []
+    for t in types_:
+        s = t.concrete(dims)
+        if t.dtype == "bool":  # key padding: the last 10% of every sequence's keys hidden
+            m = np.ones(s, bool)
+            m[..., int(s[-1] * 0.9):] = False
+            host.append(m)
+        else:
+            host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
+    return host, TensorType(tuple(entry["out_type"][0]), entry["out_type"][1]).concrete(dims)
+
+
 def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
     """The rows of one shape at ``dims``: PyTorch's kernel, then each candidate (time, TFLOP/s, ratio,
     largest difference from the float64 op)."""
@@ -192,20 +210,9 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
     import tvm
 
     from attngraph.backends.tvm.executor import flops
-    from attngraph.ir import TensorType
     first = entries[0]
-    types_ = [TensorType(tuple(s), dt) for s, dt in first["in_types"]]
-    out_shape = TensorType(tuple(first["out_type"][0]), first["out_type"][1]).concrete(dims)
-    shapes = [t.concrete(dims) for t in types_]
-    host = []
-    for t, s in zip(types_, shapes):
-        if t.dtype == "bool":  # key padding: the last 10% of every sequence's keys hidden
-            m = np.ones(s, bool)
-            m[..., int(s[-1] * 0.9):] = False
-            host.append(m)
-        else:
-            host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
-    work = flops(first["op"], first["attrs"], shapes, out_shape)
+    host, out_shape = _operands(first, dims, rng)
+    work = flops(first["op"], first["attrs"], [a.shape for a in host], out_shape)
     want = _reference(first, host)
     ref_fn = _torch_run(first, host)
     # 20 calls back to back per timing, as time_evaluator's number=20 below: launches overlap alike
@@ -228,6 +235,57 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
             rows.append(f"  {entry['variant']:16s} ERROR {type(e).__name__}: {str(e)[:200]}")
     click.echo("\n".join(rows))
     return rows
+
+
+@main.command()
+@click.option("--batch", default=1, show_default=True)
+@click.option("--seq", default=67, show_default=True, help="67: a partial tile of rows at batch 1 and 2.")
+@click.option("--baseline", default=BASELINE, show_default=True)
+def emulate(batch, seq, baseline):
+    """Check every candidate's numerics here, without a GPU: its CUDA source on the CUDA source emulator
+    (tests/cuda_emu.py; small sizes: the emulator runs a GPU's threads one after another)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from cuda_emu import CudaEmulator
+
+    from attngraph.backends.tvm import gpu
+    from attngraph.backends.tvm.shapes import scalar_dims
+    from attngraph.numerics import compare
+    start = time.perf_counter()
+    target = gpu.cuda_target("sm_90")
+    funcs = candidates(target, baseline or None)
+    emu = CudaEmulator(funcs={n: f for n, (_, _, _, f) in funcs.items()}, tvm_target=target)
+    click.echo(f"{len(funcs)} candidates compiled for the emulator in {time.perf_counter() - start:.0f} s")
+    dims, rng, bad = {"batch": batch, "seq": seq}, np.random.default_rng(0), 0
+    by_label: dict = {}
+    for name, (label, variant, spec, _) in funcs.items():
+        by_label.setdefault(label, []).append((name, variant, spec))
+    for label, entries in by_label.items():
+        spec = entries[0][2]
+        entry = {"op": spec.op, "attrs": spec.attrs, "in_types": [[list(t.shape), str(t.dtype)] for t in spec.in_types],
+                 "out_type": [list(spec.out_type.shape), str(spec.out_type.dtype)]}
+        host, out_shape = _operands(entry, dims, rng)
+        want = _reference(entry, host)
+        bound = None
+        if spec.op == "linear":  # float32 sums of K products: rounding grows as sqrt(K) times their sizes
+            x, w = (np.abs(a.astype(np.float64)) for a in host[:2])
+            sizes = x @ w + (np.abs(host[2]) if len(host) == 3 else 0)
+            bound = 1e-6 + 8 * np.sqrt(w.shape[0]) * 2.0 ** -24 * sizes
+        click.echo(f"{label} at {batch}x{seq}:")
+        for name, variant, spec in entries:
+            out = np.full(out_shape, np.nan, np.float32)
+            emu.call(name, host + [out] + [dims[d] for d in scalar_dims(tuple(spec.in_types) + (spec.out_type,))])
+            if bound is None:  # attention: the float32 tolerance of every compiled result
+                result = compare(name, out, want)
+                ok, err = result.ok, result.max_abs
+            else:
+                diff = np.abs(out - want)
+                ok, err = bool(np.all(diff <= bound)), float(np.max(diff))
+            bad += not ok
+            click.echo(f"  {variant:16s} max|diff| {err:.1e}  {'PASS' if ok else 'FAIL'}")
+    click.echo(f"{len(funcs) - bad} of {len(funcs)} candidates match the float64 op "
+               f"({time.perf_counter() - start:.0f} s)")
+    if bad:
+        raise SystemExit(1)
 
 
 def check_rows(ab_dir: str, repeat: int) -> list[str]:

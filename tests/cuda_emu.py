@@ -87,19 +87,22 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
 
 
 class CudaEmulator:
-    """The ``Device`` of a cuda build of graph ``g`` (as ``for_target`` left it) that runs here."""
+    """A ``Device`` running cuda kernels here: those of a cuda build of graph ``g`` (as ``for_target``
+    left it), or the PrimFuncs ``funcs`` (by name) compiled for TVM target ``tvm_target``."""
 
     name = "cuda-emu"
 
-    def __init__(self, g, target: str = "cuda:sm_90", workdir: str | None = None, edit=None):
+    def __init__(self, g=None, target: str = "cuda:sm_90", workdir: str | None = None, edit=None, *,
+                 funcs: dict | None = None, tvm_target=None):
         """``edit``: a function applied to the CUDA source first (a test breaks a kernel with it)."""
         import tvm
 
         from attngraph.backends.tvm.build import lower_kernels
         from attngraph.backends.tvm.gpu import cuda_source
         from attngraph.backends.tvm.targets import get_target
-        funcs, _ = lower_kernels(g, target)
-        tgt = get_target(target).make_target()
+        if funcs is None:
+            funcs, _ = lower_kernels(g, target)
+        tgt = tvm_target if tvm_target is not None else get_target(target).make_target()
         mod = tvm.IRModule(funcs)
         self.source = cuda_source(tvm.compile(mod, target=tgt))
         if edit is not None:
@@ -153,6 +156,9 @@ class CudaEmulator:
             offset = stmt.buffer.ty.elem_offset
             assert offset is None or _is_const(offset) and offset.value == 0, f"cuda_emu: {stmt}"
             env[stmt.buffer] = _evaluate(stmt.data, env)
+        elif isinstance(stmt, tirx.AllocBuffer):  # a global workspace between two kernels
+            ty = stmt.buffer.ty
+            env[stmt.buffer] = np.empty([int(_evaluate(d, env)) for d in ty.shape], str(ty.dtype))
         elif isinstance(stmt, tirx.AttrStmt):
             self._run(stmt.body, env)
         elif isinstance(stmt, tirx.IfThenElse):
