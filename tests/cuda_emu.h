@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <csignal>
+#include <signal.h>
 #include <ucontext.h>
 #include <type_traits>
 #include <vector>
@@ -152,6 +154,26 @@ using std::isinf; using std::isnan;
 #define uchar unsigned char
 #define ushort unsigned short
 
+// A kernel that reads or writes past the end of a buffer hits the guard page after it (the emulator
+// places every buffer so that it ends where such a page begins): say which kernel, then crash as usual.
+inline const char* emu_kernel_name = nullptr;  // the kernel running, if one is
+inline void emu_segv(int sig) {
+  if (emu_kernel_name)
+    std::fprintf(stderr, "cuda_emu: kernel %s read or wrote outside its buffers (an illegal memory access on a "
+                 "GPU)\n", emu_kernel_name);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+}
+struct EmuSegvHandler {
+  EmuSegvHandler() {
+    struct sigaction action = {};
+    action.sa_handler = emu_segv;
+    sigaction(SIGSEGV, &action, nullptr);
+    sigaction(SIGBUS, &action, nullptr);
+  }
+};
+inline EmuSegvHandler emu_segv_handler;
+
 inline void emu_fiber_entry() {
   (*emu_kernel)();
   emu_self.warp->barrier.leave();
@@ -162,7 +184,8 @@ inline void emu_fiber_entry() {
 
 // Runs the kernel on every thread of every block: the blocks one after another, a block's threads as
 // fibers switched at barriers.
-inline void emu_run_grid(dim3 grid, dim3 block, const std::function<void()>& fn) {
+inline void emu_run_grid(const char* name, dim3 grid, dim3 block, const std::function<void()>& fn) {
+  emu_kernel_name = name;
   int n = block.x * block.y * block.z;
   int warps = (n + 31) / 32;
   EmuBarrier block_barrier;
@@ -203,4 +226,5 @@ inline void emu_run_grid(dim3 grid, dim3 block, const std::function<void()>& fn)
           }
         }
       }
+  emu_kernel_name = nullptr;
 }

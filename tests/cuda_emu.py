@@ -3,7 +3,10 @@ the CUDA C++ source TVM generated, compiled with g++ against ``cuda_emu.h`` (eac
 are fibers on one OS thread, ``__syncthreads`` a barrier, warp shuffles an exchange among a warp's 32 threads,
 ``__shared__`` arrays statics: blocks run one at a time), and launches each kernel with the grid,
 block and arguments that TVM's host code computes (read from the host functions TVM's pipeline
-makes, before they are lowered to the packed-function ABI).
+makes, before they are lowered to the packed-function ABI).  Every buffer a kernel gets is a copy
+that ends where an inaccessible page begins: a read or write past its end, which a GPU reports as an
+illegal memory access (and which NumPy's heap, or a WGSL driver's robust buffer access, would let pass),
+stops the process with the kernel's name.
 
 What it checks: that the kernels' CUDA source, as TVM emits it for the cuda target (unrolled loops,
 four-wide vector loads, warp reductions), computes what the graph says.  What it cannot: NVRTC's or
@@ -14,6 +17,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import hashlib
+import mmap
 import os
 import re
 import subprocess
@@ -73,7 +77,7 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
                 args.append(f"({ctype})ints[{n_int}]")
                 n_int += 1
         launchers.append(f'extern "C" void emu_{name}(const unsigned* g, const unsigned* b, void** ptrs, '
-                         f"const long long* ints) {{\n  emu_run_grid(dim3{{g[0], g[1], g[2]}}, "
+                         f"const long long* ints) {{\n  emu_run_grid(\"{name}\", dim3{{g[0], g[1], g[2]}}, "
                          f"dim3{{b[0], b[1], b[2]}}, [&] {{ {name}({', '.join(args)}); }});\n}}\n")
     text = f'#include "{HEADER}"\n' + body + "\n" + "".join(launchers)
     key = hashlib.sha256((text + open(HEADER).read()).encode()).hexdigest()[:16]
@@ -174,20 +178,73 @@ class CudaEmulator:
         name = str(call.args[0].value)
         params = self.signatures[name]
         values = [_evaluate(a, env) for a in call.args[1:]]
-        args, launch = values[:len(params)], values[len(params):]
+        args, extents = values[:len(params)], values[len(params):]
         tags = [str(t) for t in call.attrs.launch_params]
-        if len(tags) != len(launch) or any(t.startswith("tirx.use_dyn_shared_memory") for t in tags):
+        if len(tags) != len(extents) or any(t.startswith("tirx.use_dyn_shared_memory") for t in tags):
             raise NotImplementedError(f"cuda_emu: launch parameters {tags} of {name}")
         grid, block = [1, 1, 1], [1, 1, 1]
-        for tag, value in zip(tags, launch):
+        for tag, value in zip(tags, extents):
             kind, _, axis = tag.partition(".")
             (grid if kind == "blockIdx" else block)["xyz".index(axis)] = int(value)
-        ptrs = [a.ctypes.data for a, (_, pointer) in zip(args, params) if pointer]
+        arrays = [a for a, (_, pointer) in zip(args, params) if pointer]
         ints = [int(a) for a, (_, pointer) in zip(args, params) if not pointer]
-        getattr(self.lib, f"emu_{name}")((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
-                                          (ctypes.c_void_p * max(len(ptrs), 1))(*ptrs),
-                                          (ctypes.c_longlong * max(len(ints), 1))(*ints))
+        launch(self.lib, name, grid, block, arrays, ints)
         self.launches[name] += 1
+
+
+def launch(lib, name: str, grid, block, arrays: list, ints=(), guard: bool = True) -> None:
+    """Run kernel ``name`` of emulation library ``lib`` on ``arrays`` (its pointer parameters, in
+    order) and ``ints``.  ``guard``: each array is run from a copy that ends where an inaccessible page
+    begins, so a read or write past its end stops the process with the kernel's name (a GPU's illegal
+    memory access), where NumPy's heap would have let it pass."""
+    copies = _guarded(arrays) if guard else [(a, None) for a in arrays]
+    try:
+        getattr(lib, f"emu_{name}")((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
+                                    (ctypes.c_void_p * max(len(arrays), 1))(*[c.ctypes.data for c, _ in copies]),
+                                    (ctypes.c_longlong * max(len(ints), 1))(*ints))
+    finally:
+        unmapped = set()
+        for (copy, region), array in zip(copies, arrays):
+            if region is not None and region not in unmapped:  # one copy back per shared copy
+                if array.flags.writeable:
+                    array[...] = copy
+                _LIBC.munmap(*region)
+                unmapped.add(region)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+
+
+def _guarded(arrays: list) -> list:
+    """(copy, mapped region) per array: the copy ends 0-15 bytes before a PROT_NONE page (16: the
+    alignment of a four-wide load).  Arrays that share memory share a copy (an in-place update writes
+    through one and reads through another); arrays that overlap otherwise run unguarded."""
+    page = mmap.PAGESIZE
+    spans = [(a.__array_interface__["data"][0], a.nbytes) for a in arrays]
+    out, shared = [], {}
+    for a, (start, size) in zip(arrays, spans):
+        if (start, size, a.dtype.str, a.shape) in shared:
+            out.append(shared[(start, size, a.dtype.str, a.shape)])
+            continue
+        if any(s < start + size and start < s + n and (s, n) != (start, size) for s, n in spans):
+            out.append((a, None))
+            continue
+        padded = -(-size // 16) * 16
+        span = -(-padded // page) * page
+        base = _LIBC.mmap(None, span + page, 3, 0x22, -1, 0)  # read/write, private and anonymous
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "cuda_emu: mmap failed")
+        _LIBC.mprotect(base + span, page, 0)  # the guard page
+        buffer = (ctypes.c_uint8 * size).from_address(base + span - padded)
+        copy = np.frombuffer(buffer, np.uint8).view(a.dtype).reshape(a.shape) if size else np.empty_like(a)
+        copy[...] = a
+        shared[(start, size, a.dtype.str, a.shape)] = (copy, (base, span + page))
+        out.append(shared[(start, size, a.dtype.str, a.shape)])
+    return out
 
 
 def _is_const(expr) -> bool:

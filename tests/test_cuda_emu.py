@@ -4,8 +4,11 @@ would, against the float64 interpreter.  First the emulator itself: barriers, sh
 memory behave as on a GPU, and a kernel whose barrier is removed fails here as it would there."""
 
 import importlib.util
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -71,6 +74,25 @@ def test_emulator_barriers_shuffles_and_shared_memory(tmp_path):
     sums = np.zeros(2, np.float32)
     launch(lib, "warp_sums", (1, 1, 1), (64, 1, 1), [x, sums], [64])
     np.testing.assert_array_equal(sums, [x[:32].sum(), x[32:64].sum()])
+
+
+def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
+    """Every buffer ends at an inaccessible page: an overread that NumPy's heap would let pass (and a
+    WGSL driver's robust buffer access would clamp) stops the process, as an illegal address on a GPU."""
+    oob = KERNELS.replace("y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];\n}",
+                          "y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x] + x[blockIdx.x * 64 + threadIdx.x + 1];\n}", 1)
+    assert oob != KERNELS
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import numpy as np; "
+              f"from cuda_emu import emulation_library, launch; "
+              f"lib, _ = emulation_library(open({str(tmp_path / 'k.cu')!r}).read(), {str(tmp_path)!r}); "
+              f"x = np.zeros(64 * 1024 // 4, np.float32); y = np.zeros_like(x); "  # a whole number of pages
+              f"launch(lib, 'reverse', (256, 1, 1), (64, 1, 1), [x, y], guard=sys.argv[1] == '1'); print('finished')")
+    (tmp_path / "k.cu").write_text(oob)
+    quiet = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "finished" in quiet.stdout, quiet.stderr  # unguarded: passes unseen
+    caught = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, text=True)
+    assert caught.returncode != 0 and "finished" not in caught.stdout
+    assert "cuda_emu: kernel reverse read or wrote outside its buffers" in caught.stderr, caught.stderr
 
 
 def emulated(graph, seed=0):
