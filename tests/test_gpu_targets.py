@@ -4,7 +4,8 @@ cuda builds compiled (and their source compiled by nvcc) without a GPU, deployme
 runtime alone, and the errors of a target that cannot compile or run here.
 
 The CUDA numerics test runs only where a CUDA GPU and TVM's CUDA runtime are present; elsewhere it
-is skipped with the reason (never passed)."""
+is skipped with the reason (never passed).  Without a GPU, test_cuda_emu.py runs the cuda builds' CUDA
+source on the CPU instead."""
 
 from __future__ import annotations
 
