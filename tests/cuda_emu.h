@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <csignal>
 #include <signal.h>
 #include <ucontext.h>
@@ -50,12 +51,13 @@ struct EmuThread {
 
 struct EmuFiber {
   ucontext_t context;
-  std::vector<char> stack;
+  char* stack;
   EmuThread self;
   bool done = false;
   EmuBarrier* waiting = nullptr;
 };
 
+constexpr size_t emu_stack_size = 256 * 1024;
 inline EmuFiber* emu_current = nullptr;
 inline ucontext_t emu_scheduler;
 inline const std::function<void()>* emu_kernel = nullptr;
@@ -191,7 +193,9 @@ inline void emu_run_grid(const char* name, dim3 grid, dim3 block, const std::fun
   EmuBarrier block_barrier;
   std::vector<EmuWarp> warp(warps);
   std::vector<EmuFiber> fibers(n);
-  for (auto& f : fibers) f.stack.resize(256 * 1024);
+  static std::vector<std::unique_ptr<char[]>> stacks;  // kept for the next launch (not zeroed: no cost)
+  while (int(stacks.size()) < n) stacks.emplace_back(new char[emu_stack_size]);
+  for (int t = 0; t < n; t++) fibers[t].stack = stacks[t].get();
   emu_kernel = &fn;
   for (unsigned bz = 0; bz < grid.z; bz++)
     for (unsigned by = 0; by < grid.y; by++)
@@ -205,8 +209,8 @@ inline void emu_run_grid(const char* name, dim3 grid, dim3 block, const std::fun
           f.self = {{unsigned(t % block.x), unsigned(t / block.x % block.y), unsigned(t / (block.x * block.y))},
                     {bx, by, bz}, block, grid, &block_barrier, &warp[t / 32], t % 32};
           getcontext(&f.context);
-          f.context.uc_stack.ss_sp = f.stack.data();
-          f.context.uc_stack.ss_size = f.stack.size();
+          f.context.uc_stack.ss_sp = f.stack;
+          f.context.uc_stack.ss_size = emu_stack_size;
           f.context.uc_link = nullptr;
           makecontext(&f.context, emu_fiber_entry, 0);
         }

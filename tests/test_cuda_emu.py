@@ -95,11 +95,12 @@ def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
     assert "cuda_emu: kernel reverse read or wrote outside its buffers" in caught.stderr, caught.stderr
 
 
-def emulated(graph, seed=0):
-    """``graph`` optimized at -O3 and built for cuda, on the emulator; the params and the emulator."""
+def emulated(graph, seed=0, params=None):
+    """``graph`` optimized at -O3 and built for cuda, on the emulator; the params (seeded random unless
+    given: the graph's own are picked from them) and the emulator."""
     opt, _ = passes.optimize(graph, 3)
     g = for_target(opt, TARGET)
-    params = ag.init_params(graph, seed, perturb=True)
+    params = ag.init_params(graph, seed, perturb=True) if params is None else {k: params[k] for k in graph.params}
     emu = CudaEmulator(g, TARGET)
     return CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET), params, emu
 
@@ -172,3 +173,26 @@ def test_minilm_checkpoint_cuda_build_runs_on_the_emulator():
     params = module.default_params()
     model = CompiledModel(g, params, CudaEmulator(g, TARGET), plan_kernels(g)[1], target=TARGET)
     check(model, graph, params, {"batch": 2, "seq": 9})
+
+
+def test_generation_with_the_cuda_builds_entries_on_the_emulator():
+    """transformer-tiny's four cuda entries (encode, decode step with its in-place cache update, the
+    beams' cache reorder and expansion) on the emulator: greedy and beam search as the interpreter's."""
+    from attngraph import generate as G
+    from attngraph.generate import trace_entries
+    model = ag.models.get("transformer-tiny")
+    params = ag.init_params(model, seed=0, perturb=True)
+    info_graphs = trace_entries(model, 8)
+    entries = {}
+    for name, graph in info_graphs.items():
+        compiled, _, _ = emulated(graph, params=params)
+        state = tuple(n for n, _ in compiled.graph.outputs if n != "log_probs")
+        entries[name] = lambda inputs, m=compiled, keep=state: m(inputs, keep=keep)
+    info = G.DecoderInfo.from_model(model, info_graphs["decode_step"], info_graphs.get("encode_entry"))
+    stepper = G.EntryStepper(info, entries)
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
+    sources = [[3, 4, 5, 6], [7, 8]]
+    assert [h.tokens for h in G.greedy_search(stepper, sources, 6)] == \
+        [h.tokens for h in G.greedy_search(oracle, sources, 6)]
+    assert [[h.tokens for h in hs] for hs in G.beam_search(stepper, sources, 2, 6, eos_id=2)] == \
+        [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 6, eos_id=2)]
