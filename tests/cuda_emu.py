@@ -4,9 +4,10 @@ are fibers on one OS thread, ``__syncthreads`` a barrier, warp shuffles an excha
 ``__shared__`` arrays statics: blocks run one at a time), and launches each kernel with the grid,
 block and arguments that TVM's host code computes (read from the host functions TVM's pipeline
 makes, before they are lowered to the packed-function ABI).  Every buffer a kernel gets is a copy
-that ends where an inaccessible page begins: a read or write past its end, which a GPU reports as an
-illegal memory access (and which NumPy's heap, or a WGSL driver's robust buffer access, would let pass),
-stops the process with the kernel's name.
+that ends where an inaccessible page begins (at every second launch of a kernel: that begins where one
+ends): a read or write past its end (or before its start), which a GPU reports as an illegal memory
+access (and which NumPy's heap, or a WGSL driver's robust buffer access, would let pass), stops the
+process with the kernel's name.
 
 What it checks: that the kernels' CUDA source, as TVM emits it for the cuda target (unrolled loops,
 four-wide vector loads, warp reductions), computes what the graph says.  What it cannot: NVRTC's or
@@ -188,16 +189,18 @@ class CudaEmulator:
             (grid if kind == "blockIdx" else block)["xyz".index(axis)] = int(value)
         arrays = [a for a, (_, pointer) in zip(args, params) if pointer]
         ints = [int(a) for a, (_, pointer) in zip(args, params) if not pointer]
-        launch(self.lib, name, grid, block, arrays, ints)
+        # guard pages after the buffers, and at every second launch of a kernel before them
+        launch(self.lib, name, grid, block, arrays, ints, guard="start" if self.launches[name] % 2 else "end")
         self.launches[name] += 1
 
 
-def launch(lib, name: str, grid, block, arrays: list, ints=(), guard: bool = True) -> None:
+def launch(lib, name: str, grid, block, arrays: list, ints=(), guard: str | None = "end") -> None:
     """Run kernel ``name`` of emulation library ``lib`` on ``arrays`` (its pointer parameters, in
-    order) and ``ints``.  ``guard``: each array is run from a copy that ends where an inaccessible page
-    begins, so a read or write past its end stops the process with the kernel's name (a GPU's illegal
-    memory access), where NumPy's heap would have let it pass."""
-    copies = _guarded(arrays) if guard else [(a, None) for a in arrays]
+    order) and ``ints``.  ``guard="end"``: each array is run from a copy that ends where an inaccessible
+    page begins, so a read or write past its end stops the process with the kernel's name (a GPU's
+    illegal memory access), where NumPy's heap would have let it pass; ``"start"``: a copy that begins
+    where such a page ends (an access before its start)."""
+    copies = _guarded(arrays, guard) if guard else [(a, None) for a in arrays]
     try:
         getattr(lib, f"emu_{name}")((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block),
                                     (ctypes.c_void_p * max(len(arrays), 1))(*[c.ctypes.data for c, _ in copies]),
@@ -219,10 +222,11 @@ _LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
-def _guarded(arrays: list) -> list:
-    """(copy, mapped region) per array: the copy ends 0-15 bytes before a PROT_NONE page (16: the
-    alignment of a four-wide load).  Arrays that share memory share a copy (an in-place update writes
-    through one and reads through another); arrays that overlap otherwise run unguarded."""
+def _guarded(arrays: list, where: str = "end") -> list:
+    """(copy, mapped region) per array, between two PROT_NONE pages: the copy ends 0-15 bytes before
+    the second (``where="end"``; 16: the alignment of a four-wide load) or begins right after the first
+    (``"start"``).  Arrays that share memory share a copy (an in-place update writes through one and
+    reads through another); arrays that overlap otherwise run unguarded."""
     page = mmap.PAGESIZE
     spans = [(a.__array_interface__["data"][0], a.nbytes) for a in arrays]
     out, shared = [], {}
@@ -235,14 +239,16 @@ def _guarded(arrays: list) -> list:
             continue
         padded = -(-size // 16) * 16
         span = -(-padded // page) * page
-        base = _LIBC.mmap(None, span + page, 3, 0x22, -1, 0)  # read/write, private and anonymous
+        base = _LIBC.mmap(None, span + 2 * page, 3, 0x22, -1, 0)  # read/write, private and anonymous
         if base in (None, ctypes.c_void_p(-1).value):
             raise OSError(ctypes.get_errno(), "cuda_emu: mmap failed")
-        _LIBC.mprotect(base + span, page, 0)  # the guard page
-        buffer = (ctypes.c_uint8 * size).from_address(base + span - padded)
+        _LIBC.mprotect(base, page, 0)  # the guard pages
+        _LIBC.mprotect(base + page + span, page, 0)
+        at = base + page + (span - padded if where == "end" else 0)
+        buffer = (ctypes.c_uint8 * size).from_address(at)
         copy = np.frombuffer(buffer, np.uint8).view(a.dtype).reshape(a.shape) if size else np.empty_like(a)
         copy[...] = a
-        shared[(start, size, a.dtype.str, a.shape)] = (copy, (base, span + page))
+        shared[(start, size, a.dtype.str, a.shape)] = (copy, (base, span + 2 * page))
         out.append(shared[(start, size, a.dtype.str, a.shape)])
     return out
 

@@ -86,13 +86,16 @@ def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
               f"from cuda_emu import emulation_library, launch; "
               f"lib, _ = emulation_library(open({str(tmp_path / 'k.cu')!r}).read(), {str(tmp_path)!r}); "
               f"x = np.zeros(64 * 1024 // 4, np.float32); y = np.zeros_like(x); "  # a whole number of pages
-              f"launch(lib, 'reverse', (256, 1, 1), (64, 1, 1), [x, y], guard=sys.argv[1] == '1'); print('finished')")
+              f"launch(lib, 'reverse', (256, 1, 1), (64, 1, 1), [x, y], guard=sys.argv[1] or None); print('finished')")
     (tmp_path / "k.cu").write_text(oob)
-    quiet = subprocess.run([sys.executable, "-c", script, "0"], capture_output=True, text=True)
+    quiet = subprocess.run([sys.executable, "-c", script, ""], capture_output=True, text=True)
     assert quiet.returncode == 0 and "finished" in quiet.stdout, quiet.stderr  # unguarded: passes unseen
-    caught = subprocess.run([sys.executable, "-c", script, "1"], capture_output=True, text=True)
+    caught = subprocess.run([sys.executable, "-c", script, "end"], capture_output=True, text=True)
     assert caught.returncode != 0 and "finished" not in caught.stdout
     assert "cuda_emu: kernel reverse read or wrote outside its buffers" in caught.stderr, caught.stderr
+    (tmp_path / "k.cu").write_text(oob.replace("threadIdx.x + 1]", "threadIdx.x - 1]"))  # and one before
+    caught = subprocess.run([sys.executable, "-c", script, "start"], capture_output=True, text=True)
+    assert caught.returncode != 0 and "outside its buffers" in caught.stderr, caught.stderr
 
 
 def emulated(graph, seed=0, params=None):
