@@ -58,6 +58,11 @@ struct EmuFiber {
 };
 
 constexpr size_t emu_stack_size = 256 * 1024;
+// The order a block's runnable threads run in between barriers: thread 0 first, or the last thread first.
+// A missing barrier between a write and a read of shared memory shows as a wrong result in one order or
+// the other (a race on a GPU).
+inline bool emu_reverse_order = false;
+extern "C" void emu_set_order(int reverse) { emu_reverse_order = reverse != 0; }
 inline EmuFiber* emu_current = nullptr;
 inline ucontext_t emu_scheduler;
 inline const std::function<void()>* emu_kernel = nullptr;
@@ -216,7 +221,8 @@ inline void emu_run_grid(const char* name, dim3 grid, dim3 block, const std::fun
         }
         for (int left = n; left > 0;) {
           bool ran = false;
-          for (auto& f : fibers) {
+          for (int i = 0; i < n; i++) {
+            EmuFiber& f = fibers[emu_reverse_order ? n - 1 - i : i];
             if (f.done || f.waiting) continue;
             emu_current = &f;
             swapcontext(&emu_scheduler, &f.context);

@@ -5,7 +5,8 @@ are fibers on one OS thread, ``__syncthreads`` a barrier, warp shuffles an excha
 block and arguments that TVM's host code computes (read from the host functions TVM's pipeline
 makes, before they are lowered to the packed-function ABI).  Every buffer a kernel gets is a copy
 that ends where an inaccessible page begins (at every second launch of a kernel: that begins where one
-ends): a read or write past its end (or before its start), which a GPU reports as an illegal memory
+ends, and the block's threads run in the reverse order, so that a missing barrier shows whichever thread
+should have waited): a read or write past its end (or before its start), which a GPU reports as an illegal memory
 access (and which NumPy's heap, or a WGSL driver's robust buffer access, would let pass), stops the
 process with the kernel's name.
 
@@ -189,8 +190,11 @@ class CudaEmulator:
             (grid if kind == "blockIdx" else block)["xyz".index(axis)] = int(value)
         arrays = [a for a, (_, pointer) in zip(args, params) if pointer]
         ints = [int(a) for a, (_, pointer) in zip(args, params) if not pointer]
-        # guard pages after the buffers, and at every second launch of a kernel before them
-        launch(self.lib, name, grid, block, arrays, ints, guard="start" if self.launches[name] % 2 else "end")
+        # At every second launch of a kernel: guard pages before the buffers (else after them), and the
+        # threads of a block run last one first (else first one first).
+        odd = self.launches[name] % 2
+        self.lib.emu_set_order(odd)
+        launch(self.lib, name, grid, block, arrays, ints, guard="start" if odd else "end")
         self.launches[name] += 1
 
 

@@ -32,6 +32,7 @@ KERNELS = r'''
 extern "C" __global__ void __launch_bounds__(64) reverse(float* __restrict__ x, float* __restrict__ y);
 extern "C" __global__ void __launch_bounds__(64) reverse_unsynced(float* __restrict__ x, float* __restrict__ y);
 extern "C" __global__ void __launch_bounds__(64) warp_sums(float* __restrict__ x, float* __restrict__ y, int n);
+extern "C" __global__ void __launch_bounds__(64) shift_unsynced(float* __restrict__ x, float* __restrict__ y);
 extern "C" __global__ void __launch_bounds__(64) reverse(float* __restrict__ x, float* __restrict__ y) {
   __shared__ alignas(16) float s[64];
   s[threadIdx.x] = x[blockIdx.x * 64 + threadIdx.x];
@@ -49,6 +50,11 @@ extern "C" __global__ void __launch_bounds__(64) warp_sums(float* __restrict__ x
   for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(__activemask(), v, d, 32);
   __syncthreads();
   if (threadIdx.x % 32 == 0) y[threadIdx.x / 32] = v;
+}
+extern "C" __global__ void __launch_bounds__(64) shift_unsynced(float* __restrict__ x, float* __restrict__ y) {
+  __shared__ alignas(16) float s[64];
+  s[threadIdx.x] = x[threadIdx.x];
+  y[threadIdx.x] = threadIdx.x ? s[threadIdx.x - 1] : 0.0f;  // a race: no barrier between
 }
 '''
 
@@ -74,6 +80,16 @@ def test_emulator_barriers_shuffles_and_shared_memory(tmp_path):
     sums = np.zeros(2, np.float32)
     launch(lib, "warp_sums", (1, 1, 1), (64, 1, 1), [x, sums], [64])
     np.testing.assert_array_equal(sums, [x[:32].sum(), x[32:64].sum()])
+    # A race that the first-thread-first order hides (thread t - 1 has written s[t - 1] when thread t
+    # reads it) and the reverse order shows; the emulator alternates the two between launches.
+    shifted, want = np.zeros(64, np.float32), np.concatenate([[0], x[:63]])
+    launch(lib, "shift_unsynced", (1, 1, 1), (64, 1, 1), [x[:64], shifted])
+    np.testing.assert_array_equal(shifted, want)
+    lib.emu_set_order(1)
+    x2 = x[:64] + 1000  # other values: shared memory still holds the last launch's
+    launch(lib, "shift_unsynced", (1, 1, 1), (64, 1, 1), [x2, shifted])
+    lib.emu_set_order(0)
+    assert not np.array_equal(shifted, np.concatenate([[0], x2[:63]]))
 
 
 def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
