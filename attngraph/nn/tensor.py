@@ -393,7 +393,11 @@ def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = No
         where = _users_line(e)
         if not where:
             raise
-        raise TraceError(f"tracing {graph.name} failed at {where}: {type(e).__name__}: {e}") from e
+        hint = ""
+        if isinstance(e, TypeError) and "'str'" in str(e):
+            hint = (" (a traced tensor's shape holds its symbolic dims as names, such as 'seq': Python cannot "
+                    "compare or compute with them; give that input a fixed size, or compute with tensors)")
+        raise TraceError(f"tracing {graph.name} failed at {where}: {type(e).__name__}: {e}{hint}") from e
     finally:
         _TRACERS.pop()
     if isinstance(out, Tensor):
