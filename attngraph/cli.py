@@ -56,20 +56,15 @@ def optimize_option(fn):
 
 def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None):
     """``graph`` through the pass pipeline at ``opt_level``, and the report (None at -O0 with nothing asked)."""
-    if not opt_level and not verify_each and not print_after:
+    if not opt_level and not verify_each and not print_after and not disable:
         return graph, None
     from . import passes
-    unknown = [name for name in disable if name not in passes.PASSES]
-    if unknown:
-        raise click.BadParameter(f"unknown pass {', '.join(unknown)}; passes: {', '.join(passes.PASSES)}",
-                                 param_hint="--disable-pass")
     try:
         return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
                                verify_each=verify_each)
-    except ValueError as e:
-        if print_after is not None and str(e).startswith(("unknown pass", f"pass {print_after} ")):
-            raise click.BadParameter(str(e), param_hint="--print-after") from None
-        raise
+    except passes.PassOptionError as e:
+        hint = {"disable": "--disable-pass", "print_after": "--print-after"}[e.option]
+        raise click.BadParameter(str(e), param_hint=hint) from None
 
 
 @main.command()

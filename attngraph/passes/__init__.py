@@ -3,6 +3,7 @@
 from .manager import (
            LEVELS,
            PASSES,
+           PassOptionError,
            PassReport,
            PassVerificationError,
            kernel_count,
@@ -10,5 +11,5 @@ from .manager import (
 )
 from .memory import MemoryPlan, liveness, plan_memory
 
-__all__ = ["LEVELS", "PASSES", "PassReport", "PassVerificationError", "kernel_count", "optimize",
+__all__ = ["LEVELS", "PASSES", "PassOptionError", "PassReport", "PassVerificationError", "kernel_count", "optimize",
            "MemoryPlan", "liveness", "plan_memory"]

@@ -39,6 +39,15 @@ class PassVerificationError(AssertionError):
     """A pass changed the model's outputs (found by ``verify_each``)."""
 
 
+class PassOptionError(ValueError):
+    """An option of ``optimize`` names a pass that does not exist or does not run: ``option`` says which
+    (``"passes"``, ``"disable"`` or ``"print_after"``)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
 @dataclass
 class PassStat:
     name: str
@@ -126,15 +135,18 @@ def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, veri
     if level not in LEVELS:
         raise ValueError(f"optimization level must be one of {sorted(LEVELS)}, got {level}")
     names = list(passes if passes is not None else LEVELS[level])
-    unknown = [n for n in list(disable) + names + [print_after or "all"] if n not in (*PASSES, "all")]
-    if unknown:
-        raise ValueError(f"unknown pass {', '.join(unknown)}; passes: {', '.join(PASSES)}")
+    for option, given in (("passes", names), ("disable", list(disable)),
+                          ("print_after", [print_after] if print_after not in (None, "all") else [])):
+        unknown = [n for n in given if n not in PASSES]
+        if unknown:
+            raise PassOptionError(option, f"unknown pass {', '.join(unknown)}; passes: {', '.join(PASSES)}")
     if print_after not in (None, "all", *names) or print_after in disable:
         runs = [f"-O{lv}" for lv, lv_names in LEVELS.items() if print_after in lv_names]
         why = "it is disabled" if print_after in disable else \
             f"it runs at {', '.join(runs)}" if runs else "no level runs it"
-        raise ValueError(f"pass {print_after} does not run in this pipeline (-O{level}: "
-                         f"{', '.join(names) or 'no passes'}), so there is no IR after it to print; {why}")
+        raise PassOptionError("print_after", f"pass {print_after} does not run in this pipeline (-O{level}: "
+                                             f"{', '.join(names) or 'no passes'}), so there is no IR after it to "
+                                             f"print; {why}")
     g = graph.copy()
     dims = verify_dims or g.meta.get("dims", {})
     report = PassReport(level, ops_before=g.op_counts(), kernels_before=kernel_count(g), bytes_before=_peak(g, dims))
