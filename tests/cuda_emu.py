@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import hashlib
 import mmap
 import os
@@ -31,28 +32,27 @@ HEADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu.h")
 _PROTOTYPE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\);')
 
 
-def host_functions(mod, tgt) -> dict:
-    """The host side of each function of ``mod`` after TVM's lowering pipeline has split host from
-    device code, by name: ``Bind``s of the values the kernels need and ``call_ffi_kernel`` launches."""
+def compile_with_hosts(mod, tgt) -> tuple:
+    """``tvm.compile(mod, target=tgt)``, and the host side of each function of ``mod`` as TVM's
+    lowering pipeline split it from the device code (by name: ``Bind``s of the values the kernels need
+    and ``call_ffi_kernel`` launches), taken from the same compile just before its MakePackedAPI pass."""
     import tvm
     from tvm import tirx
     captured = {}
+    original = tirx.transform.MakePackedAPI  # the pipeline looks the pass up when it runs
 
     @tvm.transform.module_pass(opt_level=0)
-    def capture(m, _ctx):
+    def capture_then_pack(m, _ctx):
         captured["mod"] = m
-        return m
+        return original()(m)
 
-    original = tirx.transform.MakePackedAPI  # the pipeline's next pass: the module as it is split
-    tirx.transform.MakePackedAPI = lambda: capture
+    tirx.transform.MakePackedAPI = lambda: capture_then_pack
     try:
-        bound = tirx.transform.BindTarget(tvm.target.Target(tgt).with_host("llvm"))(mod)
-        pipeline, _, _ = tirx.get_default_tir_pipeline(tvm.target.Target(tgt))
-        pipeline(bound)
+        executable = tvm.compile(mod, target=tgt)
     finally:
         tirx.transform.MakePackedAPI = original
-    return {gv.name_hint: f for gv, f in captured["mod"].functions.items()
-            if "tirx.kernel_launch_params" not in (f.attrs or {})}
+    return executable, {gv.name_hint: f for gv, f in captured["mod"].functions.items()
+                        if "tirx.kernel_launch_params" not in (f.attrs or {})}
 
 
 def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict]:
@@ -87,7 +87,7 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
     if not os.path.exists(lib):
         with open(src, "w") as f:
             f.write(text)
-        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-w", "-o", lib, src],
+        subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-o", lib, src],
                        check=True, capture_output=True, text=True)
     return ctypes.CDLL(lib), signatures
 
@@ -109,11 +109,10 @@ class CudaEmulator:
         if funcs is None:
             funcs, _ = lower_kernels(g, target)
         tgt = tvm_target if tvm_target is not None else get_target(target).make_target()
-        mod = tvm.IRModule(funcs)
-        self.source = cuda_source(tvm.compile(mod, target=tgt))
+        executable, self.hosts = compile_with_hosts(tvm.IRModule(funcs), tgt)
+        self.source = cuda_source(executable)
         if edit is not None:
             self.source = edit(self.source)
-        self.hosts = host_functions(mod, tgt)
         self.lib, self.signatures = emulation_library(self.source, workdir or tempfile.mkdtemp(prefix="cuda-emu-"))
         self.launches = collections.Counter()  # kernel name -> launches
 
@@ -262,10 +261,23 @@ def _is_const(expr) -> bool:
     return isinstance(expr, (tirx.IntImm, tirx.FloatImm))
 
 
-def _evaluate(expr, env):
+@functools.cache
+def _binary_ops() -> dict:
+    """TIR's binary expression types and their values on Python ints and floats (C's truncating
+    ``Div``/``Mod`` on ints; ``FloorDiv``/``FloorMod`` as Python's)."""
+    from tvm import tirx
+    return {tirx.Add: lambda a, b: a + b, tirx.Sub: lambda a, b: a - b, tirx.Mul: lambda a, b: a * b,
+            tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b,
+            tirx.Div: lambda a, b: int(a / b) if isinstance(a, int) and isinstance(b, int) else a / b,
+            tirx.Mod: lambda a, b: a - b * int(a / b), tirx.Min: min, tirx.Max: max,
+            tirx.LT: lambda a, b: a < b, tirx.LE: lambda a, b: a <= b, tirx.GT: lambda a, b: a > b,
+            tirx.GE: lambda a, b: a >= b, tirx.EQ: lambda a, b: a == b, tirx.NE: lambda a, b: a != b,
+            tirx.And: lambda a, b: a and b, tirx.Or: lambda a, b: a or b}
+
+
+def _evaluate(e, env):
     """A host-side TIR expression's value: Python ints and floats, or the array a handle stands for."""
     from tvm import tirx
-    e = expr
     if isinstance(e, (tirx.IntImm, tirx.FloatImm)):
         return e.value
     if isinstance(e, tirx.Var):
@@ -273,16 +285,9 @@ def _evaluate(expr, env):
     if isinstance(e, tirx.Cast):
         v = _evaluate(e.value, env)
         return int(v) if "int" in str(e.ty) else float(v)
-    binary = {tirx.Add: lambda a, b: a + b, tirx.Sub: lambda a, b: a - b, tirx.Mul: lambda a, b: a * b,
-              tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b,
-              tirx.Div: lambda a, b: int(a / b) if isinstance(a, int) and isinstance(b, int) else a / b,
-              tirx.Mod: lambda a, b: a - b * int(a / b), tirx.Min: min, tirx.Max: max,
-              tirx.LT: lambda a, b: a < b, tirx.LE: lambda a, b: a <= b, tirx.GT: lambda a, b: a > b,
-              tirx.GE: lambda a, b: a >= b, tirx.EQ: lambda a, b: a == b, tirx.NE: lambda a, b: a != b,
-              tirx.And: lambda a, b: a and b, tirx.Or: lambda a, b: a or b}
-    for kind, fn in binary.items():
-        if type(e) is kind:
-            return fn(_evaluate(e.a, env), _evaluate(e.b, env))
+    fn = _binary_ops().get(type(e))
+    if fn is not None:
+        return fn(_evaluate(e.a, env), _evaluate(e.b, env))
     if isinstance(e, tirx.Not):
         return not _evaluate(e.a, env)
     if getattr(getattr(e, "op", None), "name", None) == "tirx.buffer_data":  # a tensor param's pointer

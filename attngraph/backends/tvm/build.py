@@ -144,12 +144,13 @@ class Kernels:
 
 
 def lower_kernels(g: Graph, target: str = "llvm", *, generic: bool = False, tuned=None, variants=None,
-                  progress: Progress | None = None, dv: DimVars | None = None) -> tuple[dict, set]:
+                  progress: Progress | None = None, dv: DimVars | None = None, plan=None) -> tuple[dict, set]:
     """Every kernel of ``g`` as a scheduled PrimFunc for ``target``, by name (with the target's other
-    forms, e.g. ``NAME__few``, and tuned static variants), and the names of the hand-scheduled ones."""
+    forms, e.g. ``NAME__few``, and tuned static variants), and the names of the hand-scheduled ones.
+    ``plan``: ``plan_kernels(g)`` where the caller has it already."""
     tspec = get_target(target)
     tgt = tspec.make_target()
-    specs, symbol_of = plan_kernels(g)
+    specs, symbol_of = plan or plan_kernels(g)
     dv = dv or DimVars()
     progress = progress or Progress(enabled=False)
     funcs, hand = {}, set()
@@ -208,7 +209,7 @@ def build_kernels(g: Graph, target: str = "llvm", *, progress: Progress | None =
     start = time.perf_counter()
     dv = DimVars()
     funcs, hand = lower_kernels(g, target, generic=generic, tuned=tuned, variants=kernels.variants,
-                                progress=progress, dv=dv)
+                                progress=progress, dv=dv, plan=(specs, symbol_of))
     kernels.seconds["lower"] = time.perf_counter() - start
     progress.stage(f"compiling {len(funcs)} kernels for {target}")
     start = time.perf_counter()
