@@ -114,13 +114,13 @@ def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
     assert caught.returncode != 0 and "outside its buffers" in caught.stderr, caught.stderr
 
 
-def emulated(graph, seed=0, params=None):
+def emulated(graph, seed=0, params=None, edit=None):
     """``graph`` optimized at -O3 and built for cuda, on the emulator; the params (seeded random unless
-    given: the graph's own are picked from them) and the emulator."""
+    given: the graph's own are picked from them) and the emulator.  ``edit``: see ``CudaEmulator``."""
     opt, _ = passes.optimize(graph, 3)
     g = for_target(opt, TARGET)
     params = ag.init_params(graph, seed, perturb=True) if params is None else {k: params[k] for k in graph.params}
-    emu = CudaEmulator(g, TARGET)
+    emu = CudaEmulator(g, TARGET, edit=edit)
     return CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET), params, emu
 
 
@@ -163,18 +163,13 @@ def test_gpt_decode_step_runs_on_the_emulator():
 def test_a_kernel_broken_by_a_missing_barrier_fails_on_the_emulator():
     """The check can fail: the flash attention kernel with its barriers removed reads key tiles that
     are not loaded yet."""
-    graph = ag.models.load_graph("encoder-tiny")
-    opt, _ = passes.optimize(graph, 3)
-    g = for_target(opt, TARGET)
-
     def drop_barriers(source):
         start = source.index("_fused_attention_kernel(float*", source.index("_fused_attention_kernel(float*") + 1)
         end = source.index('extern "C"', start)
         return source[:start] + source[start:end].replace("__syncthreads();", "") + source[end:]
 
-    params = ag.init_params(graph, 0, perturb=True)
-    emu = CudaEmulator(g, TARGET, edit=drop_barriers)
-    model = CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET)
+    graph = ag.models.load_graph("encoder-tiny")
+    model, params, _ = emulated(graph, edit=drop_barriers)
     x = example(graph, seed=1)
     want = ag.reference.run(graph, x, params, dtype="float64")["y"]
     assert not np.allclose(model(x)["y"], want, rtol=RTOL, atol=ATOL)
@@ -187,10 +182,7 @@ def test_minilm_checkpoint_cuda_build_runs_on_the_emulator():
     masks) through the cuda build: last hidden states and sentence embeddings."""
     module = ag.models.get("minilm-l6")
     graph = ag.trace(module)
-    opt, _ = passes.optimize(graph, 3)
-    g = for_target(opt, TARGET)
-    params = module.default_params()
-    model = CompiledModel(g, params, CudaEmulator(g, TARGET), plan_kernels(g)[1], target=TARGET)
+    model, params, _ = emulated(graph, params=module.default_params())
     check(model, graph, params, {"batch": 2, "seq": 9})
 
 
