@@ -2,12 +2,17 @@
 graph at every stage of the pipeline.  Backends lower them to single kernels.
 
 Masks (``mask_kinds``, one per mask operand, applied in order to the scaled scores ``s``):
-``additive``: ``s + m`` (float); ``keep``: ``where(m, s, -inf)`` (bool, True = attend);
-``drop``: ``where(m, -inf, s)`` (bool, True = masked out, as PyTorch's key_padding_mask).
-Every mask broadcasts against the scores, shape (batch, heads, q_len, k_len).
+``additive``: ``s + m`` (float); ``keep``: ``where(m, s, fill)`` (bool, True = attend);
+``drop``: ``where(m, fill, s)`` (bool, True = masked out, as PyTorch's key_padding_mask).  ``fill``
+is the mask's entry of ``mask_fills`` (-inf where there is none): ``masked_fill(pad, -1e9)`` keeps
+its -1e9, so a fully masked row is uniform, as in PyTorch, where -inf makes it NaN.  Every mask
+broadcasts against the scores, shape (batch, heads, q_len, k_len).  ``apply_masks`` is that
+definition, written once for NumPy arrays, tensor expressions and kernel source alike.
 """
 
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -89,27 +94,55 @@ def add_layer_norm(a, b, gamma, beta, *, eps=1e-5):
     return O.layer_norm(a + b, gamma, beta, eps=eps)
 
 
-def _check_masks(types, attrs, scores_shape):
+NEG_INF = float("-inf")
+
+
+def mask_specs(attrs) -> list[tuple[str, float]]:
+    """(kind, fill) of each mask operand, in the order they apply."""
     kinds = tuple(attrs.get("mask_kinds", ()))
+    fills = tuple(attrs.get("mask_fills", ())) or (NEG_INF,) * len(kinds)
+    return list(zip(kinds, fills))
+
+
+def _check_masks(types, attrs, scores_shape):
+    kinds, fills = tuple(attrs.get("mask_kinds", ())), tuple(attrs.get("mask_fills", ()))
     if len(kinds) != len(types):
         raise ShapeError(f"{len(types)} mask operand(s) but mask_kinds {kinds}")
-    for kind, t in zip(kinds, types):
+    if fills and len(fills) != len(kinds):
+        raise ShapeError(f"mask_fills {fills} must give one value per mask ({len(kinds)})")
+    for (kind, fill), t in zip(mask_specs(attrs), types):
         if kind not in MASK_KINDS:
             raise ShapeError(f"unknown mask kind {kind!r}; expected one of {MASK_KINDS}")
         if (kind == "additive") == (t.dtype == "bool"):
             raise ShapeError(f"a {kind} mask cannot be {t.dtype}")
+        if not isinstance(fill, (int, float)) or np.isnan(fill) or fill == np.inf:
+            raise ShapeError(f"mask fill {fill!r} must be a number or -inf")
         if broadcast_shapes(t.shape, scores_shape) != tuple(scores_shape):
             raise ShapeError(f"mask {t} does not broadcast to the scores ({', '.join(map(str, scores_shape))})")
 
 
-def apply_masks(s, masks, kinds):
-    for m, kind in zip(masks, kinds):
+class MaskOps(NamedTuple):
+    """The three operations masking needs, for one kind of value (NumPy arrays, TVM expressions,
+    kernel source text): ``add(s, m)``, ``select(cond, a, b)``, ``const(number)``; ``truth(m)`` reads a
+    bool mask as a condition (a mask stored as int32 compares with 0)."""
+    add: Callable
+    select: Callable
+    const: Callable
+    truth: Callable = lambda m: m
+
+
+NUMPY = MaskOps(np.add, np.where, lambda v: v)
+
+
+def apply_masks(s, masks, attrs, ops: MaskOps = NUMPY):
+    """The scores ``s`` with every mask of ``attrs`` applied in order (the module docstring)."""
+    for m, (kind, fill) in zip(masks, mask_specs(attrs)):
         if kind == "additive":
-            s = s + m
+            s = ops.add(s, m)
         elif kind == "keep":
-            s = np.where(m, s, -np.inf)
+            s = ops.select(ops.truth(m), s, ops.const(fill))
         else:
-            s = np.where(m, -np.inf, s)
+            s = ops.select(ops.truth(m), ops.const(fill), s)
     return s
 
 
@@ -119,10 +152,10 @@ def _infer_sms(types, attrs):
     return x
 
 
-@op("scaled_masked_softmax", FUSED, None, _infer_sms, scale=1.0, mask_kinds=())
-def scaled_masked_softmax(x, *masks, scale=1.0, mask_kinds=()):
+@op("scaled_masked_softmax", FUSED, None, _infer_sms, scale=1.0, mask_kinds=(), mask_fills=())
+def scaled_masked_softmax(x, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
     """softmax(masks(x * scale)) over the last axis."""
-    s = apply_masks(x * np.asarray(scale, x.dtype), masks, mask_kinds)
+    s = apply_masks(x * np.asarray(scale, x.dtype), masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
     return O.softmax(s.astype(x.dtype, copy=False), axis=-1)
 
 
@@ -138,6 +171,42 @@ def _head_window(attrs) -> tuple | None:
     return heads
 
 
+class OperandView(NamedTuple):
+    """How an attention kernel reads q, k or v at (batch, head, position, channel): the layout, a size-1
+    batch or head axis broadcast (read at 0: multi-query attention's one key head, learned queries
+    shared by a batch) and the first head of a head window.  ``attention_views`` makes them; every
+    kernel indexes through ``index``, so the rule is written once."""
+    layout: str
+    batch_broadcast: bool
+    head_broadcast: bool
+    head_offset: int
+
+    def index(self, b, h, s, x, add=lambda a, b: a + b) -> tuple:
+        """The index of element (b, h, s, x); ``add`` adds the head offset (index expressions of any kind)."""
+        b = 0 if self.batch_broadcast else b
+        h = 0 if self.head_broadcast else add(h, self.head_offset) if self.head_offset else h
+        return (b, s, h, x) if self.layout == "bshd" else (b, h, s, x)
+
+
+def _split(t: TensorType, layout: str):
+    """(batch, heads, seq, dim) of an attention operand in ``layout``."""
+    b, x, y, d = t.shape
+    return (b, y, x, d) if layout == "bshd" else (b, x, y, d)
+
+
+def attention_views(in_types, out_type: TensorType, attrs) -> tuple[OperandView, OperandView, OperandView]:
+    """The ``OperandView`` of q, k and v of a ``fused_attention`` with these operand and result types."""
+    layout = attrs.get("layout", "bhsd")
+    b, h, _, _ = _split(out_type, layout)
+    window = _head_window(attrs)
+    offsets = window[1:] if window else (0, 0, 0)
+    views = []
+    for t, offset in zip(in_types[:3], offsets):
+        tb, th, _, _ = _split(t, layout)
+        views.append(OperandView(layout, tb == 1 and b != 1, window is None and th == 1 and h != 1, offset))
+    return tuple(views)
+
+
 def _infer_attention(types, attrs):
     if len(types) < 3:
         raise ShapeError("fused_attention takes q, k, v and optional masks")
@@ -147,30 +216,34 @@ def _infer_attention(types, attrs):
         raise ShapeError(f"unknown layout {layout!r}")
     if not (q.rank == k.rank == v.rank == 4):
         raise ShapeError(f"q, k, v must have rank 4, got {q}, {k}, {v}")
-    if layout == "bshd":  # (batch, seq, heads, dim)
-        (b, lq, h, d), (bk, lk, hk, dk), (bv, lv, hv, dv) = q.shape, k.shape, v.shape
-    else:                 # (batch, heads, seq, dim)
-        (b, h, lq, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = q.shape, k.shape, v.shape
+    (bq, hq, lq, d), (bk, hk, lk, dk), (bv, hv, lv, dv) = (_split(t, layout) for t in (q, k, v))
     window = _head_window(attrs)
     if window is not None:
         n = window[0]
-        for name, total, start in (("q", h, window[1]), ("k", hk, window[2]), ("v", hv, window[3])):
+        for name, total, start in (("q", hq, window[1]), ("k", hk, window[2]), ("v", hv, window[3])):
             if not isinstance(total, int) or start + n > total:
                 raise ShapeError(f"fused_attention: heads {window} reads {name} heads [{start}, {start + n}) "
                                  f"of {total}")
-        h = hk = hv = n
-    if (b, h) != (bk, hk) or (b, h) != (bv, hv) or d != dk or lk != lv:
+        hq = hk = hv = n
+    try:  # batch and heads broadcast (size 1 against any), as the matmuls they replace do
+        b, h = broadcast_shapes((bq, hq), (bk, hk), (bv, hv))
+    except ShapeError:
+        raise ShapeError(f"q {q}, k {k}, v {v} do not fit together in layout {layout}: batch and head axes "
+                         f"must be equal or 1") from None
+    if d != dk or lk != lv:
         raise ShapeError(f"q {q}, k {k}, v {v} do not fit together in layout {layout}")
     _check_masks(types[3:], attrs, (b, h, lq, lk))
     shape = (b, lq, h, dv) if layout == "bshd" else (b, h, lq, dv)
     return TensorType(shape, O._same_dtype(types[:3]))
 
 
-@op("fused_attention", FUSED, None, _infer_attention, scale=1.0, mask_kinds=(), layout="bhsd", heads=())
-def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), layout="bhsd", heads=()):
+@op("fused_attention", FUSED, None, _infer_attention, scale=1.0, mask_kinds=(), mask_fills=(), layout="bhsd",
+    heads=())
+def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), mask_fills=(), layout="bhsd", heads=()):
     """softmax(masks(q @ k^T * scale)) @ v in one op.  ``layout`` ``bhsd`` has q, k, v and the result
     as (batch, heads, seq, dim); ``bshd`` as (batch, seq, heads, dim), the layout projections
-    produce without any transpose.  ``heads`` (n, q0, k0, v0): read n heads of each from q0, k0, v0."""
+    produce without any transpose.  Batch and head axes of size 1 broadcast.  ``heads`` (n, q0, k0,
+    v0): read n heads of each from q0, k0, v0."""
     if heads:
         n, q0, k0, v0 = heads
         axis = 2 if layout == "bshd" else 1
@@ -178,6 +251,6 @@ def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), layout="bhsd", he
     if layout == "bshd":
         q, k, v = (np.swapaxes(t, 1, 2) for t in (q, k, v))
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)
-    p = O.softmax(apply_masks(s, masks, mask_kinds).astype(q.dtype, copy=False), axis=-1)
-    out = np.matmul(p, v)
+    s = apply_masks(s, masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
+    out = np.matmul(O.softmax(s.astype(q.dtype, copy=False), axis=-1), v)
     return np.swapaxes(out, 1, 2) if layout == "bshd" else out

@@ -27,8 +27,10 @@ def format_attr(value) -> str:
 
 
 def format_node(g: Graph, n: Node, scope: bool = True) -> str:
+    defaults = n.opdef.defaults
     attrs = {k: v for k, v in n.attrs.items()
-             if not (n.op in ("input", "param") and k == "type") and not (n.op == "const" and v is None)}
+             if not (n.op in ("input", "param") and k == "type") and not (n.op == "const" and v is None)
+             and not (isinstance(v, tuple) and v == () == defaults.get(k))}  # no masks, no fills: said by omission
     head = n.op
     if attrs:
         head += "[" + ", ".join(f"{k}={format_attr(v)}" for k, v in attrs.items()) + "]"

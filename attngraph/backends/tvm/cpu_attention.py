@@ -23,7 +23,8 @@ from tvm import s_tir, te, tirx
 
 from ...ir import TensorType
 from .cpu_kernels import _fast_math, _vectorize_static
-from .lowering import _bcast
+from ...ir.fused import apply_masks, attention_views
+from .lowering import _bcast, te_mask_ops
 from .shapes import DimVars
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
@@ -44,26 +45,19 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
     Q, K, V, masks = phs[0], phs[1], phs[2], phs[3:]
     seq_axis = 1 if bshd else 2
-    b, h, d = Q.shape[0], Q.shape[3 - seq_axis], Q.shape[3]
-    lq, lk, dv_ = Q.shape[seq_axis], K.shape[seq_axis], V.shape[3]
-    # A window of heads of each operand (``heads``: q, k and v may be one merged QKV tensor).
-    starts = (0, 0, 0)
-    if attrs.get("heads"):
-        n_heads, *starts = attrs["heads"]
-        h = _i64(n_heads)
-
-    def at(t, i, j, s, x):
-        """``t`` read at (batch i, head j, position s, x) whatever its layout."""
-        return t[i, s, j, x] if bshd else t[i, j, s, x]
+    b, lq, h, dv_ = (dim_vars.shape(out_type.shape)[a] for a in ((0, 1, 2, 3) if bshd else (0, 2, 1, 3)))
+    d, lk = Q.shape[3], K.shape[seq_axis]
+    # each operand's layout, broadcast batch or head axis and head window
+    q_view, k_view, v_view = attention_views(in_types, out_type, attrs)
 
     def q_at(i, j, m, r):
-        return at(Q, i, j + starts[0], m, r)
+        return Q[q_view.index(i, j, m, r)]
 
     def k_at(i, j, n, r):
-        return at(K, i, j + starts[1], n, r)
+        return K[k_view.index(i, j, n, r)]
 
     def v_at(i, j, n, c):
-        return at(V, i, j + starts[2], n, c)
+        return V[v_view.index(i, j, n, c)]
 
     rows = lq + (block - 1)  # room for a partial last block (its extra rows read the last query again)
     chunks = (lk + (lanes - 1)) // lanes
@@ -95,16 +89,12 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         vector of lanes is one compare per register (int64 lanes took four, 2% of the kernel)."""
         return tirx.Cast("int32", lane) < tirx.Cast("int32", lk - c * lanes)
 
+    ops = te_mask_ops(dtype)
+
     def score(i, j, m, c, lane):  # scaled and masked
         v = acc[i, j, m, c, lane] * scale
-        m, n = row(m), key(c, lane)
-        for read, kind in zip(reads, attrs.get("mask_kinds", ())):
-            if kind == "additive":
-                v = v + read(i, j, m, n)
-            elif kind == "keep":
-                v = tirx.Select(read(i, j, m, n), v, ninf)
-            else:
-                v = tirx.Select(read(i, j, m, n), ninf, v)
+        m, n = row(m), key(c, lane)  # the masks are read at the clamped query row and key
+        v = apply_masks(v, [read(i, j, m, n) for read in reads], attrs, ops)
         return tirx.Select(in_range(c, lane), v, ninf)
 
     s = te.compute(acc.shape, score, name="s")

@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
+from ...ir.fused import MaskOps, OperandView, apply_masks, attention_views
+
 #: Query rows per workgroup (one thread each) and keys per shared-memory tile.
 BQ = 64
 BK = 16
@@ -47,6 +49,12 @@ def _dim(d, names: dict) -> str | None:
         names[d] = f"d_{d}"
         return f"d_{d}"
     return None
+
+
+def _f32(value: float) -> str:
+    """TVMScript for the float32 constant ``value`` (-inf included)."""
+    value = float(value)
+    return f"T.float32({str(value)!r})" if value in (float("inf"), float("-inf")) else f"T.float32({value!r})"
 
 
 def _header(spec, bufs: list, dtypes: list):
@@ -99,16 +107,11 @@ def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) ->
     layout = spec.attrs.get("layout", "bhsd")
     if any(str(t.dtype) != "float32" for t in (q, k, v, spec.out_type)) or len(kinds) != len(masks):
         return None
-    if layout == "bshd":
-        (b, lq, h, d), lk, dvv = q.shape, k.shape[1], v.shape[3]
-    else:
-        (b, h, lq, d), lk, dvv = q.shape, k.shape[2], v.shape[3]
-    # head windows (``heads``: n, q0, k0, v0): n heads read from q, k, v at those head offsets (the
-    # three are one merged projection, ``passes.layout.read_merged_qkv``), no slice copies
-    heads = tuple(spec.attrs.get("heads") or ())
-    offset = dict(zip("QKV", heads[1:])) if heads else {}
-    if heads:
-        h = heads[0]
+    out = spec.out_type.shape
+    b, lq, h, dvv = out if layout == "bshd" else (out[0], out[2], out[1], out[3])
+    lk, d = k.shape[1 if layout == "bshd" else 2], q.shape[3]
+    # each operand's layout, broadcast batch or head axis and head window (``ir.fused.OperandView``)
+    views = dict(zip("QKV", attention_views(spec.in_types, spec.out_type, spec.attrs)))
     if not (isinstance(d, int) and isinstance(dvv, int) and 0 < d <= MAX_HEAD and 0 < dvv <= MAX_HEAD):
         return None
     limit = target.attrs.get("max_shared_memory_per_block")
@@ -124,24 +127,21 @@ def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) ->
         return None
     lines, shapes, names = head
     B, H, LQ, LK = (f"T.Cast('int32', {_dim(x, names)})" for x in (b, h, lq, lk))
+    out_view = OperandView(layout, False, False, 0)
 
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
-        hi = f"{hi} + {offset[buf]}" if offset.get(buf) else hi
-        return f"{buf}[{bi}, {si}, {hi}, {ci}]" if layout == "bshd" else f"{buf}[{bi}, {hi}, {si}, {ci}]"
+        index = views.get(buf, out_view).index(bi, hi, si, ci, add=lambda a, o: f"{a} + {o}")
+        return f"{buf}[{', '.join(map(str, index))}]"
+
+    ops = MaskOps(lambda a, m: f"{a} + {m}", lambda c, a, b: f"T.if_then_else({c}, {a}, {b})",
+                  _f32, (lambda m: f"{m} != 0") if narrow_bool else (lambda m: m))
 
     def mask_terms(score: str, key: str) -> list:
-        """Each mask read at (batch ``bi``, head ``hi``, query ``row``, ``key``), broadcast NumPy-style."""
-        terms = []
-        for i, (t, kind) in enumerate(zip(masks, kinds)):
-            names_ = ["bi", "hi", "row", key][4 - len(t.shape):]
-            read = f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, names_))}]"
-            if kind == "additive":
-                terms.append(f"{score} = {score} + {read}")
-            else:
-                cond = f"{read} != 0" if narrow_bool else read
-                keep, drop = (score, "T.float32('-inf')") if kind == "keep" else ("T.float32('-inf')", score)
-                terms.append(f"{score} = T.if_then_else({cond}, {keep}, {drop})")
-        return terms
+        """The statement applying every mask, read at (batch ``bi``, head ``hi``, query ``row``, ``key``),
+        broadcast NumPy-style, to the float32 ``score`` (none without masks)."""
+        reads = [f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, ['bi', 'hi', 'row', key][4 - len(t.shape):]))}]"
+                 for i, t in enumerate(masks)]
+        return [f"{score} = {apply_masks(score, reads, spec.attrs, ops)}"] if reads else []
 
     return _Attention(lines, at, mask_terms, B, H, LQ, LK, d, dvv, repr(float(spec.attrs.get("scale", 1.0))))
 

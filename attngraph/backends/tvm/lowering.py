@@ -11,6 +11,7 @@ import math
 from tvm import te, tirx
 
 from ...ir import TensorType
+from ...ir.fused import MaskOps, apply_masks, attention_views
 
 
 class LoweringError(NotImplementedError):
@@ -59,6 +60,7 @@ UNARY = {
     "relu": lambda x, a: tirx.max(x, _const(0, x.dtype)),
     "gelu": lambda x, a: _gelu(x, a.get("approximate", "none")),
     "cast": lambda x, a: x.astype(a["dtype"]),
+    "logical_not": lambda x, a: tirx.Not(x),
 }
 
 BINARY = {
@@ -124,39 +126,46 @@ def _layer_norm(x: te.Tensor, gamma, beta, eps, name):
                       * gamma[i[-1]] + beta[i[-1]], name=name)
 
 
-def _masked_scores(s, masks, kinds, scale, name):
+def te_mask_ops(dtype: str) -> MaskOps:
+    """``apply_masks`` over TVM expressions of ``dtype``."""
+    return MaskOps(lambda a, b: a + b, tirx.Select, lambda v: _const(v, dtype))
+
+
+def _masked_scores(s, masks, attrs, name):
     """``masks(s * scale)`` as one compute; masks broadcast to the scores' shape."""
     rank = len(s.shape)
     reads = [_bcast(m, rank) for m in masks]
-    ninf = _const(-math.inf, s.dtype)
-
-    def body(*i):
-        v = s[i] * _const(scale, s.dtype)
-        for read, kind in zip(reads, kinds):
-            if kind == "additive":
-                v = v + read(*i)
-            elif kind == "keep":
-                v = tirx.Select(read(*i), v, ninf)
-            else:
-                v = tirx.Select(read(*i), ninf, v)
-        return v
-    return te.compute(s.shape, body, name=f"{name}_scores")
+    ops = te_mask_ops(s.dtype)
+    return te.compute(s.shape, lambda *i: apply_masks(s[i] * _const(attrs["scale"], s.dtype), [r(*i) for r in reads],
+                                                      attrs, ops), name=f"{name}_scores")
 
 
-def _head_slice(t, n: int, start: int, layout: str, name: str):
-    """Heads [start, start + n) of ``t`` (head axis 2 in ``bshd``, 1 in ``bhsd``), computed inline."""
-    axis = 2 if layout == "bshd" else 1
-    # n in the dtype of the other dims (int64): an int32 extent among them casts the head index, which
-    # dlight's GPU rules then cannot analyze
-    shape = [t.shape[a] if a != axis else tirx.const(n, _dtype(t.shape[a])) for a in range(4)]
+def _attention(xs, attrs, out: TensorType, shape, name):
+    """``fused_attention``: the scores, the masked softmax and the value product as three computes, each
+    operand read through its ``OperandView`` (layout, broadcast batch or head axis, head window)."""
+    q, k, v = xs[:3]
+    views = attention_views(_placeholder_types(xs[:3]), out, attrs)
+    bshd = attrs["layout"] == "bshd"
+    b, lq, h, dv = shape if bshd else (shape[0], shape[2], shape[1], shape[3])
+    lk, d = k.shape[1 if bshd else 2], q.shape[3]
 
-    def read(*i):
-        return t[tuple(i[a] + start if a == axis else i[a] for a in range(4))]
-    return te.compute(shape, read, name=name)
+    def read(t, view, *i):
+        return t[view.index(*i)]
+    r = te.reduce_axis((0, d), name="r")
+    s = te.compute((b, h, lq, lk), lambda i, j, m, n: te.sum(read(q, views[0], i, j, m, r) * read(k, views[1], i, j, n, r),
+                                                             axis=r), name=f"{name}_qk")
+    p = _softmax(_masked_scores(s, xs[3:], attrs, name), f"{name}_p")
+    r2 = te.reduce_axis((0, lk), name="r2")
+    o = te.compute((b, h, lq, dv), lambda i, j, m, n: te.sum(p[i, j, m, r2] * read(v, views[2], i, j, r2, n), axis=r2),
+                   name=f"{name}_pv")
+    if bshd:
+        return te.compute(shape, lambda i, m, j, n: o[i, j, m, n], name=name)
+    return o
 
 
-def _swap_seq_heads(t: te.Tensor, name: str) -> te.Tensor:
-    return te.compute((t.shape[0], t.shape[2], t.shape[1], t.shape[3]), lambda b, h, s, d: t[b, s, h, d], name=name)
+def _placeholder_types(ts) -> list[TensorType]:
+    """Placeholders as attngraph types: static dims as ints, every symbolic one as "n" (which is not 1)."""
+    return [TensorType(tuple(int(d) if isinstance(d, tirx.IntImm) else "n" for d in t.shape), str(t.dtype)) for t in ts]
 
 
 def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: str = "out") -> te.Tensor:
@@ -205,27 +214,9 @@ def lower(op: str, attrs: dict, xs: list[te.Tensor], out: TensorType, dv, name: 
         s = te.compute(shape, lambda *i: a[i] + b(*i), name=f"{name}_sum")
         return _layer_norm(s, xs[2], xs[3], attrs["eps"], name)
     if op == "scaled_masked_softmax":
-        s = _masked_scores(xs[0], xs[1:], attrs["mask_kinds"], attrs["scale"], name)
-        return _softmax(s, name)
+        return _softmax(_masked_scores(xs[0], xs[1:], attrs, name), name)
     if op == "fused_attention":
-        q, k, v = xs[:3]
-        if attrs.get("heads"):  # a window of heads of each (a merged QKV tensor read in place)
-            n, *starts = attrs["heads"]
-            q, k, v = (_head_slice(t, n, start, attrs["layout"], f"{name}_{t.name}_heads")
-                       for t, start in zip((q, k, v), starts))
-        if attrs["layout"] == "bshd":  # read (b, s, h, d) as (b, h, s, d) without a copy
-            q, k, v = (_swap_seq_heads(t, f"{name}_{t.name}_bhsd") for t in (q, k, v))
-        b, h, lq, d = q.shape
-        lk = k.shape[2]
-        r = te.reduce_axis((0, d), name="r")
-        s = te.compute((b, h, lq, lk), lambda i, j, m, n: te.sum(q[i, j, m, r] * k[i, j, n, r], axis=r), name=f"{name}_qk")
-        p = _softmax(_masked_scores(s, xs[3:], attrs["mask_kinds"], attrs["scale"], name), f"{name}_p")
-        r2 = te.reduce_axis((0, lk), name="r2")
-        dv_ = v.shape[3]
-        o = te.compute((b, h, lq, dv_), lambda i, j, m, n: te.sum(p[i, j, m, r2] * v[i, j, r2, n], axis=r2), name=f"{name}_pv")
-        if attrs["layout"] == "bshd":
-            return te.compute(shape, lambda i, m, j, n: o[i, j, m, n], name=name)
-        return o
+        return _attention(xs, attrs, out, shape, name)
     if op in ("reduce_sum", "reduce_mean", "reduce_max"):
         (x,) = xs
         axes = sorted(a % len(x.shape) for a in attrs["axes"])
