@@ -27,14 +27,22 @@ class OutputCheck:
                 f"(tolerance rtol {self.rtol:g}, atol {self.atol:g}): {verdict}{self.note}")
 
 
+def same_nonfinite(got: np.ndarray, want: np.ndarray) -> bool:
+    """Whether ``got`` holds the non-finite entries of ``want`` (NaN, +inf, -inf) in the same places and
+    no others (NaN equals NaN here: a fully masked row is NaN in both)."""
+    finite = np.isfinite(want)
+    return bool(np.array_equal(finite, np.isfinite(got))
+                and np.array_equal(got[~finite], want[~finite].astype(got.dtype), equal_nan=True))
+
+
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> OutputCheck:
     """``got`` against the float64 ``want``: finite entries within tolerance, non-finite ones in the same places."""
     rtol, atol = TOLERANCE.get(got.dtype.name, (0.0, 0.0))
     if got.shape != want.shape:
         return OutputCheck(name, np.inf, np.inf, rtol, atol, False, f" (shape {got.shape} vs {want.shape})")
-    finite = np.isfinite(want)
-    if not np.array_equal(finite, np.isfinite(got)) or not np.array_equal(got[~finite], want[~finite].astype(got.dtype)):
+    if not same_nonfinite(got, want):
         return OutputCheck(name, np.inf, np.inf, rtol, atol, False, " (non-finite entries differ)")
+    finite = np.isfinite(want)
     g, w = got[finite].astype(np.float64), want[finite].astype(np.float64)
     err = np.abs(g - w)
     max_abs = float(err.max(initial=0.0))

@@ -21,3 +21,13 @@ def test_non_finite_entries_must_be_in_the_same_places():
     assert compare("y", np.array([-np.inf, 0.5], np.float32), want).ok
     assert not compare("y", np.array([0.0, 0.5], np.float32), want).ok
     assert not compare("y", np.array([np.nan, 0.5], np.float32), want).ok
+
+
+def test_nan_rows_in_the_same_places_pass_and_moved_ones_fail():
+    """A fully masked row is NaN in the interpreter and in the kernels alike: equal there (NaN != NaN
+    must not fail it), but a NaN moved, or in place of an inf, fails."""
+    want = np.array([[np.nan, np.nan], [0.25, 0.75]])
+    assert compare("y", np.array([[np.nan, np.nan], [0.25, 0.75]], np.float32), want).ok
+    assert not compare("y", np.array([[np.nan, 0.5], [0.25, np.nan]], np.float32), want).ok
+    assert not compare("y", np.array([[np.inf, np.nan], [0.25, 0.75]], np.float32), want).ok
+    assert not compare("y", np.array([np.inf, 0.5], np.float32), np.array([-np.inf, 0.5])).ok
