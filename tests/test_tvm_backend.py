@@ -114,7 +114,7 @@ def test_transformer_base_verifies_at_o3():
     from attngraph.cli import main
     r = CliRunner().invoke(main, ["verify", "transformer-base", "-O3", "--dim", "src_len=9", "--dim", "tgt_len=5"])
     assert r.exit_code == 0, r.output
-    assert "30 distinct kernels" in r.output and "log_probs: max abs error" in r.output and ": PASS" in r.output
+    assert "40 distinct kernels" in r.output and "log_probs: max abs error" in r.output and ": PASS" in r.output
 
 
 @pytest.mark.slow
@@ -173,8 +173,8 @@ class Stack(nn.Module):
 
     def forward(self, x, memory=None, pad=None):
         if self.cfg["kind"] == "encoder":
-            return self.body(x, key_padding_mask=pad)
-        return self.body(x, memory, memory_key_padding_mask=pad)
+            return self.body(x, src_key_padding_mask=pad)
+        return self.body(x, memory, memory_key_padding_mask=pad, tgt_is_causal=True)
 
 
 ODD_SHAPES = [

@@ -1,8 +1,9 @@
 """Fusions, written as rewrite rules anchored on the last op of each pattern.
 
-Each rule walks up from its anchor, checks that every value it would swallow has no other use,
-rewrites, and returns ``(matches, near_misses)``: a near miss names the node and why it was left
-alone, so a pattern that silently fails to match is never silent.
+Each rule matches its pattern (``rewrite.Pat``) from the anchor up through the operands, checks its
+guard (every value it would swallow has no other use), rewrites, and returns ``(matches,
+near_misses)``: a near miss names the node and why it was left alone, so a pattern that fails to
+match is never silent.
 """
 
 from __future__ import annotations
@@ -13,27 +14,103 @@ import numpy as np
 
 from ..ir import Graph
 from .memory import weights_only
-from .rewrite import anchors, node_if, only_used_by, remove_dead, replace, scalar_const
+from ..ir.ops import ShapeError
+from .rewrite import (Pat, anchors, first_match, is_scalar_const, only_used_by, remove_dead, replace, scalar_const,
+                      type_of, used_exactly_by)
 
 NEG_INF = float("-inf")
+SWAP_LAST = (0, 1, 3, 2)
+HEADS = (0, 2, 1, 3)
+
+
+def _last_axis(g: Graph, nid: int) -> bool:
+    n = g.node(nid)
+    return n.attrs["axis"] in (-1, n.type.rank - 1)
+
+
+def _reduced_last_axis(g: Graph, nid: int) -> bool:
+    """A reduction over the last axis alone, keeping it as size 1."""
+    n = g.node(nid)
+    return tuple(a % n.type.rank for a in n.attrs["axes"]) == (n.type.rank - 1,) and n.attrs["keepdims"]
+
+
+# x * c, c * x, x / c (c a scalar constant)
+SCALED = (Pat("mul", Pat(name="x"), Pat("const", name="c", where=is_scalar_const), commutative=True),
+          Pat("div", Pat(name="x"), Pat("const", name="c", where=is_scalar_const)))
+
+
+def _scale_of(g: Graph, nid: int):
+    """(x, factor) when ``nid`` is ``x * c``, ``c * x`` or ``x / c`` with a scalar constant c; else None."""
+    m = first_match(g, nid, *SCALED)
+    if m is None or g.node(m["x"]).type != g.node(nid).type:  # a constant that broadcasts x is not a scale
+        return None
+    c = scalar_const(g, m["c"])
+    if g.node(nid).op == "div":
+        return (m["x"], 1.0 / c) if c else None
+    return m["x"], c
+
+
+# -- softmax written by hand --------------------------------------------------------------------
+
+_EXP_SHIFTED = Pat("exp", Pat("sub", Pat(name="x"), Pat("reduce_max", Pat(name="x"), name="max",
+                                                        where=_reduced_last_axis), name="shifted"), name="e")
+_EXP = Pat("exp", Pat(name="x"), name="e")
+# exp(x - max(x)) / sum(exp(...)), with or without the max
+HAND_SOFTMAX = tuple(Pat("div", e, Pat("reduce_sum", e, name="sum", where=_reduced_last_axis))
+                     for e in (_EXP_SHIFTED, _EXP))
+# exp(log_softmax(x))
+EXP_LOG_SOFTMAX = Pat("exp", Pat("log_softmax", Pat(name="x"), name="ls", where=_last_axis))
+
+
+def softmax_by_hand(g: Graph):
+    """``exp(x - max(x)) / sum(exp(x - max(x)))`` (the max optional) and ``exp(log_softmax(x))``, over
+    the last axis -> ``softmax(x)``, so that the fusions after it see one softmax."""
+    matches, misses = 0, []
+    for nid, n in anchors(g, "div", "exp"):
+        m = first_match(g, nid, *HAND_SOFTMAX) if n.op == "div" else EXP_LOG_SOFTMAX.match(g, nid)
+        if m is None:
+            continue
+        # every value the pattern swallows is used by the pattern alone
+        expected = {"e": [nid, m.get("sum")], "sum": [nid], "shifted": [m.get("e")], "max": [m.get("shifted")],
+                    "ls": [nid]}
+        shared = [m[k] for k, users in expected.items() if k in m and not used_exactly_by(g, m[k], users)]
+        if shared:
+            misses.append(f"%{n.name}: a softmax written by hand, but %{g.node(shared[0]).name} is also used "
+                          f"elsewhere; not fused")
+            continue
+        replace(g, nid, "softmax", [m["x"]], {"axis": -1})
+        matches += 1
+    remove_dead(g)
+    return matches, misses
+
+
+# -- scale and masks into one softmax ------------------------------------------------------------
+
+def _fill(g: Graph, nid: int):
+    """The fill value of a mask branch: a scalar constant, -inf or a finite number; else None."""
+    value = scalar_const(g, nid)
+    return value if value is not None and not math.isnan(value) and value != math.inf else None
 
 
 def _peel_masks(g: Graph, nid: int, anchor: int):
     """Walk from a softmax operand through its masks, outermost first.
 
-    ``where(m, s, -inf)`` is a keep mask, ``where(m, -inf, s)`` a drop mask, ``s + m`` (m not on
-    the score chain) an additive one.  Returns (the scores below the masks, [(kind, mask)] in
-    application order, the swallowed nodes, a reason if a mask value is shared)."""
+    ``where(m, s, fill)`` is a keep mask, ``where(m, fill, s)`` a drop mask (fill -inf, or a large
+    negative number: ``masked_fill(pad, -1e9)``), ``s + m`` (m not on the score chain) an additive one.
+    Returns (the scores below the masks, [(kind, mask, fill)] in application order, the swallowed
+    nodes, a reason if a mask value is shared)."""
     masks, swallowed, user = [], [], anchor
     while True:
         n = g.node(nid)
         if n.op == "where":
             cond, a, b = g.operands(nid)
-            if scalar_const(g, b) == NEG_INF:
-                kind, mask, inner = "keep", cond, a
-            elif scalar_const(g, a) == NEG_INF:
-                kind, mask, inner = "drop", cond, b
+            if _fill(g, b) is not None:
+                kind, mask, inner, fill = "keep", cond, a, _fill(g, b)
+            elif _fill(g, a) is not None:
+                kind, mask, inner, fill = "drop", cond, b, _fill(g, a)
             else:
+                break
+            if g.node(inner).type != n.type:  # the mask broadcasts the scores to more: not a mask of them
                 break
         elif n.op == "add" and n.type.is_float:
             a, b = g.operands(nid)
@@ -44,42 +121,56 @@ def _peel_masks(g: Graph, nid: int, anchor: int):
                 inner, mask = b, a
             else:
                 break
-            kind = "additive"
+            kind, fill = "additive", 0.0
         else:
             break
         if not only_used_by(g, nid, user):
             return nid, masks[::-1], swallowed, f"%{n.name} ({n.op}) is also used elsewhere"
-        masks.append((kind, mask))
+        masks.append((kind, mask, fill))
         swallowed.append(nid)
         user, nid = nid, inner
     return nid, masks[::-1], swallowed, None
 
 
-def _scale_of(g: Graph, nid: int):
-    """If ``nid`` is ``s * c``, ``c * s`` or ``s / c`` with a scalar constant ``c``: (s, factor)."""
+def _key_side_scale(g: Graph, kt: int):
+    """(K^T without its scale, factor) when the product's right operand is ``(k * c)^T`` or ``k^T * c``."""
+    direct = _scale_of(g, kt)
+    if direct is not None:
+        return direct
+    n = g.node(kt)
+    if n.op == "transpose" and only_used_by(g, kt, g.users(kt)[0] if g.users(kt) else -1):
+        (inner,) = g.operands(kt)
+        under = _scale_of(g, inner)
+        if under is not None and only_used_by(g, inner, kt):
+            return g.add("transpose", [under[0]], {"perm": n.attrs["perm"]}, name="kt", meta=n.meta), under[1]
+    return None
+
+
+def _temperature(g: Graph, nid: int):
+    """(product, t, op) when ``nid`` is ``product * t`` or ``product / t`` with ``product`` a matmul and
+    ``t`` a float tensor that is not a scalar constant and is constant along the keys (its last axis,
+    aligned with the scores', is 1): a learned temperature, which can move onto Q."""
     n = g.node(nid)
-    if n.op == "mul":
-        a, b = g.operands(nid)
-        if scalar_const(g, b) is not None:
-            return a, scalar_const(g, b)
-        if scalar_const(g, a) is not None:
-            return b, scalar_const(g, a)
-    if n.op == "div":
-        a, b = g.operands(nid)
-        c = scalar_const(g, b)
-        if c:
-            return a, 1.0 / c
+    if n.op not in ("mul", "div"):
+        return None
+    a, b = g.operands(nid)
+    for product, t in ((a, b), (b, a)) if n.op == "mul" else ((a, b),):
+        tt = g.node(t).type
+        if g.node(product).op == "matmul" and g.node(product).type == n.type and tt.is_float \
+                and not is_scalar_const(g, t) and (tt.rank == 0 or tt.shape[-1] == 1):
+            return product, t, n.op
     return None
 
 
 def softmax_scaling(g: Graph):
     """``softmax(masks((Q @ K^T) * s))`` -> ``scaled_masked_softmax(Q @ K^T, masks; scale=s)``.
 
-    Matches ``mul(x, 1/sqrt(d))``, ``div(x, sqrt(d))``, the scale on Q or K before the product,
-    additive / keep / drop masks (causal masks are keep masks), or none."""
+    Matches ``mul(x, 1/sqrt(d))``, ``div(x, sqrt(d))``, the scale on Q or on K (before or after its
+    transpose), additive / keep / drop masks with -inf or a large negative fill (causal masks are
+    keep masks), or none.  A scale that is a tensor (a learned temperature) moves onto Q."""
     matches, misses = 0, []
     for nid, n in anchors(g, "softmax"):
-        if n.attrs["axis"] not in (-1, n.type.rank - 1):
+        if not _last_axis(g, nid):
             misses.append(f"%{n.name}: softmax over axis {n.attrs['axis']}, not the last")
             continue
         (x,) = g.operands(nid)
@@ -87,54 +178,114 @@ def softmax_scaling(g: Graph):
         if shared:
             misses.append(f"%{n.name}: {shared}")
             continue
+        user = swallowed[-1] if swallowed else nid  # the node that reads the scores
         scale, scaled = 1.0, _scale_of(g, scores)
-        user = swallowed[-1] if swallowed else nid
         if scaled and only_used_by(g, scores, user):
-            scores, scale = scaled
+            user, (scores, scale) = scores, scaled
+        temp = _temperature(g, scores)
+        if temp is not None and only_used_by(g, scores, user) and only_used_by(g, temp[0], scores):
+            product, t, op = temp
+            q, kt = g.operands(product)
+            try:  # t must not broadcast Q past the scores' own batch
+                fits = type_of(g, "matmul", [type_of(g, op, [q, t]), kt]) == g.node(scores).type
+            except ShapeError:
+                fits = False
+            if fits:
+                qt = g.add(op, [q, t], name="q_tempered", meta=g.node(product).meta)
+                scores = replace(g, scores, "matmul", [qt, kt], {}, g.node(product).meta)
         core = g.node(scores)
         if core.op == "matmul":
-            # The scale may sit on Q or on K^T before the product.
-            a, b = g.operands(scores)
-            for i, side in enumerate((a, b)):
-                pre = _scale_of(g, side)
-                if pre and only_used_by(g, side, scores):
-                    operands = [a, b]
-                    operands[i] = pre[0]
-                    scale *= pre[1]
-                    scores = replace(g, scores, "matmul", operands, {}, core.meta)
-                    break
+            q, kt = g.operands(scores)
+            pre = [(0, _scale_of(g, q)) if _scale_of(g, q) and only_used_by(g, q, scores) else None,
+                   (1, _key_side_scale(g, kt))]
+            pre = next((p for p in pre if p is not None and p[1] is not None), None)
+            if pre is not None and not only_used_by(g, scores, user):
+                misses.append(f"%{n.name}: the scores %{core.name} are also used elsewhere, so the scale written "
+                              f"on {'QK'[pre[0]]} stays there")
+            elif pre is not None:
+                operands = [q, kt]
+                operands[pre[0]] = pre[1][0]
+                scale *= pre[1][1]
+                scores = replace(g, scores, "matmul", operands, {}, core.meta)
             d = g.node(g.operands(scores)[0]).type.shape[-1]
             if isinstance(d, int) and not math.isclose(scale, 1 / math.sqrt(d), rel_tol=1e-6) and scale != 1.0:
                 misses.append(f"%{n.name}: fused, but the scale {scale:.6g} is not 1/sqrt(d_k) = "
                               f"{1 / math.sqrt(d):.6g} (d_k = {d}); kept as written")
         if scale == 1.0 and not masks:
             continue
-        replace(g, nid, "scaled_masked_softmax", [scores] + [m for _, m in masks],
-                {"scale": float(scale), "mask_kinds": tuple(k for k, _ in masks)})
+        attrs = {"scale": float(scale), "mask_kinds": tuple(k for k, _, _ in masks)}
+        if any(fill != NEG_INF for kind, _, fill in masks if kind != "additive"):
+            attrs["mask_fills"] = tuple(float(f) for _, _, f in masks)
+        replace(g, nid, "scaled_masked_softmax", [scores] + [m for _, m, _ in masks], attrs)
         matches += 1
     remove_dead(g)
     return matches, misses
 
 
-def _is_perm(g, nid, perm):
+# -- the whole attention -------------------------------------------------------------------------
+
+def _perm(g: Graph, nid: int) -> tuple | None:
     n = g.node(nid)
-    return n.op == "transpose" and tuple(n.attrs["perm"]) == perm
+    return tuple(n.attrs["perm"]) if n.op == "transpose" else None
 
 
-SWAP_LAST = (0, 1, 3, 2)
-HEADS = (0, 2, 1, 3)
+def _source(g: Graph, nid: int, swap: bool = False) -> tuple[int, tuple]:
+    """(X, p) with the bhsd operand equal to ``transpose(X, p)``, X the node under any chain of
+    transposes (p the identity when nid is X itself).  ``swap``: nid is K^T, and (X, p) describe K."""
+    p = tuple(range(g.node(nid).type.rank))
+    while _perm(g, nid) is not None:  # transpose(transpose(X, a), b) = transpose(X, a[b])
+        p = tuple(_perm(g, nid)[i] for i in p)
+        nid = g.operands(nid)[0]
+    if swap:
+        p = p[:-2] + (p[-1], p[-2])
+    return nid, p
+
+
+def _bhsd(g: Graph, x: int, p: tuple, meta) -> int:
+    """The node ``transpose(x, p)`` (x itself for the identity; an existing node where there is one)."""
+    if p == tuple(range(len(p))):
+        return x
+    for u in g.users(x):
+        if _perm(g, u) == p:
+            return u
+    return g.add("transpose", [x], {"perm": p}, name="bhsd", meta=meta)
+
+
+def _view(g: Graph, x: int, shape, meta) -> int:
+    """``x`` viewed with ``shape`` (a reshape: no copy); a reshape of a reshape reads the original."""
+    if g.node(x).op == "reshape":
+        x = g.operands(x)[0]
+    return g.add("reshape", [x], {"shape": tuple(shape)}, name="view", meta=meta)
+
+
+def _as_bshd(g: Graph, x: int, p: tuple, meta) -> int | None:
+    """The (batch, seq, heads, dim) form of the bhsd operand ``transpose(x, p)``, without a copy: x itself
+    when it was split into heads by ``transpose(0, 2, 1, 3)``, a view when it has one head; else None."""
+    if p == HEADS:
+        return x
+    t = g.node(x).type
+    if p == (0, 1, 2, 3) and t.shape[1] == 1:
+        return _view(g, x, (t.shape[0], t.shape[2], 1, t.shape[3]), meta)
+    return None
 
 
 def attention(g: Graph):
-    """``scaled_masked_softmax(Q @ K^T) @ V`` -> ``fused_attention(Q, K, V, masks)``; when Q, K and V
-    come from the head split (``reshape -> transpose(0,2,1,3)``) and the result goes back through
-    ``transpose(0,2,1,3)``, the transposes are absorbed: the attention reads and writes the
-    projections' (batch, seq, heads, dim) layout directly (``layout='bshd'``)."""
+    """``softmax(masks(Q @ K^T * s)) @ V`` (as ``scaled_masked_softmax`` or a plain softmax) ->
+    ``fused_attention(Q, K, V, masks)``.  Batch and head axes may broadcast (multi-query attention's
+    one key head, learned queries).  When Q, K and V come from the head split (``reshape ->
+    transpose(0,2,1,3)``, or have one head) and the result goes back through ``transpose(0,2,1,3)``, the
+    transposes are absorbed: the attention reads and writes the projections' (batch, seq, heads, dim)
+    layout directly (``layout='bshd'``).  The 3-D form (batch*heads, seq, dim) of fairseq's batched
+    products is the same attention with one head."""
     matches, misses = 0, []
     for nid, n in anchors(g, "matmul"):
         p, v = g.operands(nid)
-        sms = node_if(g, p, "scaled_masked_softmax")
-        if sms is None or n.type.rank != 4:
+        probs = g.node(p)
+        if not (probs.op == "scaled_masked_softmax" or probs.op == "softmax" and _last_axis(g, p)):
+            continue
+        if n.type.rank not in (3, 4):
+            misses.append(f"%{n.name}: attention of rank {n.type.rank}; fused for rank 4 (batch, heads, seq, dim) "
+                          f"and 3 (batch*heads, seq, dim)")
             continue
         scores, *masks = g.operands(p)
         if not only_used_by(g, p, nid) or not only_used_by(g, scores, p):
@@ -144,53 +295,99 @@ def attention(g: Graph):
             misses.append(f"%{n.name}: scores are not a matmul ({g.node(scores).op})")
             continue
         q, kt = g.operands(scores)
-        if not (_is_perm(g, kt, SWAP_LAST) and only_used_by(g, kt, scores)):
-            misses.append(f"%{n.name}: K^T is not a transpose of the last two axes")
+        rank = n.type.rank
+        if {g.node(t).type.rank for t in (q, kt, v)} != {rank}:
+            misses.append(f"%{n.name}: q, k and v have ranks {[g.node(t).type.rank for t in (q, kt, v)]}; fused "
+                          f"when all are {rank}")
             continue
-        (k,) = g.operands(kt)
-        attrs = {"scale": sms.attrs["scale"], "mask_kinds": sms.attrs["mask_kinds"], "layout": "bhsd"}
-        out_users = g.users(nid)
-        head_major = all(_is_perm(g, t, HEADS) for t in (q, k, v))
-        absorbed = head_major and len(out_users) == 1 and _is_perm(g, out_users[0], HEADS) \
-            and not g.is_output(nid)
-        if absorbed:
-            qkv = [g.operands(t)[0] for t in (q, k, v)]
+        attrs = {"scale": float(probs.attrs.get("scale", 1.0)), "mask_kinds": tuple(probs.attrs.get("mask_kinds", ())),
+                 "layout": "bhsd"}
+        if probs.attrs.get("mask_fills"):
+            attrs["mask_fills"] = tuple(probs.attrs["mask_fills"])
+        sources = [_source(g, q), _source(g, kt, swap=True), _source(g, v)]
+        if rank == 3:  # (batch*heads, seq, dim): viewed as one head; 3-D masks gain the head axis
+            views = []
+            for x, p_ in sources:
+                t = _bhsd(g, x, p_, n.meta)
+                views.append(_view(g, t, _one_head(g.node(t).type.shape), n.meta))
+            masks = [_view(g, m, _one_head(g.node(m).type.shape), n.meta) if g.node(m).type.rank == 3 else m
+                     for m in masks]
+            fused = g.add("fused_attention", views + masks, attrs, name="fused_attention", meta=n.meta)
+            replace(g, nid, "reshape", [fused], {"shape": n.type.shape}, n.meta)
+            matches += 1
+            remove_dead(g)
+            continue
+        last, perm = _transposes_after(g, nid)
+        back = perm == HEADS
+        bshd = [_as_bshd(g, x, p_, n.meta) for x, p_ in sources] if back else None
+        if back and None not in bshd:
             attrs["layout"] = "bshd"
-            replace(g, out_users[0], "fused_attention", qkv + masks, attrs, n.meta)
+            replace(g, last, "fused_attention", bshd + masks, attrs, n.meta)
         else:
-            if head_major:
-                misses.append(f"%{n.name}: fused in head-major layout: the output is not transposed back "
-                              f"by a single transpose(0,2,1,3)")
-            replace(g, nid, "fused_attention", [q, k, v] + masks, attrs)
+            if back or any(p_ == HEADS for _, p_ in sources):
+                misses.append(f"%{n.name}: fused in head-major layout: "
+                              + ("q, k or v is not split into heads by transpose(0,2,1,3)" if back else
+                                 "the output is not transposed back by a single transpose(0,2,1,3)"))
+            operands = [_bhsd(g, x, p_, n.meta) for x, p_ in sources]
+            replace(g, nid, "fused_attention", operands + masks, attrs)
         matches += 1
         remove_dead(g)
     return matches, misses
 
 
+def _transposes_after(g: Graph, nid: int) -> tuple[int, tuple | None]:
+    """(the last node, the composed permutation) of the chain of transposes that alone read ``nid`` and
+    each other; (nid, None) where none does."""
+    last, perm = nid, None
+    while True:
+        users = g.users(last)
+        if len(users) != 1 or _perm(g, users[0]) is None or not only_used_by(g, last, users[0]):
+            return last, perm
+        step = _perm(g, users[0])
+        perm = step if perm is None else tuple(perm[i] for i in step)
+        last = users[0]
+
+
+def _one_head(shape) -> tuple:
+    """A 3-D (batch*heads, seq, dim) shape as 4-D with one head: (batch*heads, 1, seq, dim)."""
+    return (shape[0], 1) + tuple(shape[1:])
+
+
+# -- projections ---------------------------------------------------------------------------------
+
 def linear_epilogue(g: Graph):
-    """``act(x @ W + b)`` with a 2-D weight -> ``linear(x, W, b; activation)``."""
+    """``act(x @ W + b)`` with a 2-D weight -> ``linear(x, W, b; activation)``; a projection without a
+    bias (``x @ W``, W a weight: LLaMA, T5, ViTs) becomes ``linear(x, W)`` too, so that the rules on
+    projections (folding the softmax scale, merging Q/K/V) see it."""
     matches, misses = 0, []
-    for nid, n in anchors(g, "add"):
-        a, b = g.operands(nid)
-        mm, bias = (a, b) if g.node(a).op == "matmul" else (b, a)
-        if g.node(mm).op != "matmul":
+    constant = weights_only(g)
+    for nid, n in anchors(g, "matmul"):
+        x, w = g.operands(nid)
+        wt = g.node(w).type
+        if wt.rank != 2 or n.type.rank < 2:
             continue
-        x, w = g.operands(mm)
-        wt, bt = g.node(w).type, g.node(bias).type
-        if wt.rank != 2 or bt.shape != (wt.shape[1],):
+        adds = [u for u in g.users(nid) if g.node(u).op == "add"]
+        bias = None
+        for add in adds:
+            a, b = g.operands(add)
+            other = b if a == nid else a
+            if g.node(other).type.shape == (wt.shape[1],) and other != nid:
+                bias = (add, other)
+                break
+        if bias is not None and not only_used_by(g, nid, bias[0]):
+            misses.append(f"%{g.node(bias[0]).name}: the product %{n.name} is used elsewhere; bias not fused")
+            bias = None
+        if bias is None and w not in constant:
             continue
-        if not only_used_by(g, mm, nid):
-            misses.append(f"%{n.name}: the product %{g.node(mm).name} is used elsewhere; bias not fused")
-            continue
-        activation, anchor = "none", nid
-        users = g.users(nid)
-        if len(users) == 1 and not g.is_output(nid):
+        activation, anchor = "none", bias[0] if bias else nid
+        users = g.users(anchor)
+        if len(users) == 1 and only_used_by(g, anchor, users[0]):
             u = g.node(users[0])
             if u.op == "relu":
                 activation, anchor = "relu", users[0]
             elif u.op == "gelu":
                 activation, anchor = ("gelu_tanh" if u.attrs["approximate"] == "tanh" else "gelu"), users[0]
-        replace(g, anchor, "linear", [x, w, bias], {"activation": activation}, g.node(mm).meta)
+        replace(g, anchor, "linear", [x, w] + ([bias[1]] if bias else []), {"activation": activation}, n.meta)
         matches += 1
     remove_dead(g)
     return matches, misses
@@ -217,20 +414,35 @@ def residual_layer_norm(g: Graph):
     return matches, misses
 
 
+def _projection_of(g: Graph, nid: int) -> int:
+    """The node under a reshape view (the projection an attention operand reads), or nid itself."""
+    return g.operands(nid)[0] if g.node(nid).op == "reshape" else nid
+
+
 def fold_scale_into_q(g: Graph):
     """``fused_attention(reshape(linear(x, Wq, bq)), ...; scale=s)`` -> the same with ``Wq*s, bq*s``
     and scale 1: the softmax scale costs nothing at run time (``Wq*s`` is weights-only)."""
     matches, misses = 0, []
     constant = weights_only(g)
-    for nid in g.topo_order():
-        n = g.node(nid)
-        if n.op != "fused_attention" or n.attrs["scale"] == 1.0:
+    for nid, n in anchors(g, "fused_attention"):
+        if n.attrs["scale"] == 1.0:
             continue
-        q = g.operands(nid)[0]
-        proj = g.operands(q)[0] if g.node(q).op == "reshape" and only_used_by(g, q, nid) else q
+        q, k, v = g.operands(nid)[:3]
+        proj = _projection_of(g, q)
         pn = g.node(proj)
-        if pn.op != "linear" or pn.attrs["activation"] != "none" or not only_used_by(g, proj, q if proj != q else nid):
-            misses.append(f"%{n.name}: Q is not a projection used by this attention alone; scale kept in the kernel")
+        if pn.op != "linear":
+            misses.append(f"%{n.name}: Q is not read from a projection (it is %{pn.name}, {pn.op}); scale kept in "
+                          f"the kernel")
+            continue
+        if pn.attrs["activation"] != "none":
+            misses.append(f"%{n.name}: the Q projection %{pn.name} has an activation; scale kept in the kernel")
+            continue
+        if proj in (_projection_of(g, k), _projection_of(g, v)) or q in (k, v):
+            misses.append(f"%{n.name}: the Q projection %{pn.name} also gives this attention's K or V (a shared "
+                          f"projection); scale kept in the kernel")
+            continue
+        if not (only_used_by(g, q, nid) and (proj == q or only_used_by(g, proj, q))):
+            misses.append(f"%{n.name}: the Q projection %{pn.name} is also used elsewhere; scale kept in the kernel")
             continue
         if not all(w in constant for w in g.operands(proj)[1:]):
             misses.append(f"%{n.name}: the Q projection's weights are not parameters; scale kept in the kernel")
@@ -244,36 +456,52 @@ def fold_scale_into_q(g: Graph):
     return matches, misses
 
 
-def _parent_scope(g: Graph, nid: int) -> str:
-    return g.node(nid).meta.get("scope", "").rpartition(".")[0]
-
-
 def merge_projections(g: Graph):
-    """Linear projections of one input inside one attention module (Q, K and V of self-attention;
-    K and V of the encoder memory in cross-attention) -> one ``linear`` over the concatenated
-    weights, whose result is sliced per projection along the last axis."""
-    matches, groups = 0, {}
-    for nid in g.topo_order():
-        n = g.node(nid)
-        ops_ = g.operands(nid)
-        if n.op == "linear" and n.attrs["activation"] == "none" and len(ops_) == 3 and _parent_scope(g, nid):
-            groups.setdefault((ops_[0], _parent_scope(g, nid)), []).append(nid)
-    for (x, scope), members in groups.items():
+    """Linear projections of one input whose weights are known when the weights are bound (Q, K and V
+    of self-attention; K and V of the encoder memory in cross-attention, of every decoder layer) -> one
+    ``linear`` over the concatenated weights, whose result is sliced per projection along the last
+    axis.  Projections with the same activation and both with or both without a bias merge."""
+    matches, misses = 0, []
+    constant = weights_only(g)
+    by_input: dict[int, list[int]] = {}
+    for nid, n in anchors(g, "linear"):
+        by_input.setdefault(g.operands(nid)[0], []).append(nid)
+    for x, members in by_input.items():
         if len(members) < 2:
             continue
-        weights = [g.operands(m)[1] for m in members]
-        biases = [g.operands(m)[2] for m in members]
-        meta = {**g.node(members[0]).meta, "scope": scope}
-        w = g.add("concat", weights, {"axis": 1}, name="merged_weight", meta=meta)
-        b = g.add("concat", biases, {"axis": 0}, name="merged_bias", meta=meta)
-        merged = g.add("linear", [x, w, b], {"activation": "none"}, name="merged_linear", meta=meta)
-        start = 0
+        groups: dict[tuple, list[int]] = {}
         for m in members:
-            width = g.node(m).type.shape[-1]
-            part = g.add("slice", [merged], {"axis": -1, "start": start, "stop": start + width},
-                         name="projection", meta=g.node(m).meta)
-            g.replace_all_uses(m, part)
-            start += width
-        matches += 1
+            mn = g.node(m)
+            if not all(w in constant for w in g.operands(m)[1:]):
+                misses.append(f"%{mn.name}: projects %{g.node(x).name} as others do, but its weights are not known "
+                              f"when the weights are bound; not merged")
+                continue
+            groups.setdefault((mn.attrs["activation"], len(g.operands(m)), mn.type.dtype), []).append(m)
+        if len(groups) > 1:
+            kinds = ", ".join(f"{len(ms)} with activation {a} {'and' if n == 3 else 'without'} a bias"
+                              for (a, n, _), ms in groups.items())
+            misses.append(f"%{g.node(x).name}: its projections differ ({kinds}); merged within each kind")
+        for (activation, arity, _), group in groups.items():
+            if len(group) < 2:
+                continue
+            _merge(g, x, group, activation, arity == 3)
+            matches += 1
     remove_dead(g)
-    return matches, []
+    return matches, misses
+
+
+def _merge(g: Graph, x: int, members: list[int], activation: str, bias: bool) -> None:
+    meta = dict(g.node(members[0]).meta)
+    w = g.add("concat", [g.operands(m)[1] for m in members], {"axis": 1}, name="merged_weight", meta=meta)
+    operands = [x, w]
+    if bias:
+        operands.append(g.add("concat", [g.operands(m)[2] for m in members], {"axis": 0}, name="merged_bias",
+                              meta=meta))
+    merged = g.add("linear", operands, {"activation": activation}, name="merged_linear", meta=meta)
+    start = 0
+    for m in members:
+        width = g.node(m).type.shape[-1]
+        part = g.add("slice", [merged], {"axis": -1, "start": start, "stop": start + width},
+                     name="projection", meta=g.node(m).meta)
+        g.replace_all_uses(m, part)
+        start += width

@@ -17,12 +17,14 @@ SOURCE_OPS = ("input", "param", "const")
 def weights_only(g: Graph) -> set[int]:
     """Nodes that depend on parameters and constants alone.  Executors compute them once, when the
     weights are bound (``W*scale``, ``concat(Wq, Wk, Wv)``), so they are neither kernels nor
-    intermediate memory at run time."""
+    intermediate memory at run time.  A value whose shape holds a symbolic dim (a constant table sliced
+    to the sequence length) depends on the run's sizes: it is computed at run time."""
     out: set[int] = set()
     for nid in g.topo_order():
         n = g.node(nid)
         if n.op in ("param", "const") or (n.op not in ("input", "arange") and g.operands(nid)
-                                         and all(o in out for o in g.operands(nid))):
+                                         and all(o in out for o in g.operands(nid))
+                                         and all(isinstance(d, int) for d in n.type.shape)):
             out.add(nid)
     return out
 
