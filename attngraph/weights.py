@@ -4,7 +4,9 @@ tensor that is missing, unexpected or of the wrong shape."""
 from __future__ import annotations
 
 import os
+import re
 import zlib
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
@@ -104,3 +106,118 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         kind = "NumPy archive" if path.endswith(".npz") else "safetensors file"
         raise WeightsError(f"cannot read {path!r} as a {kind}: {type(e).__name__}: {e}") from None
+
+
+# -- checkpoints of other frameworks ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """One checkpoint tensor's way into a model: ``source`` its name in the checkpoint, ``targets`` the
+    parameters it fills (several: the tensor splits evenly along its first axis, as PyTorch's
+    ``in_proj_weight`` holds Q, K and V), ``transpose`` for linear weights (PyTorch stores (out, in),
+    the DSL (in, out)).  Names are templates: ``{i}`` stands for a layer number in both."""
+    source: str
+    targets: tuple
+    transpose: bool = False
+
+    def _regex(self, template: str):
+        return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+    def match_source(self, name: str) -> list[str] | None:
+        """The parameter names that checkpoint tensor ``name`` fills, or None."""
+        m = self._regex(self.source).match(name)
+        return None if m is None else [t.format(**m.groupdict()) for t in self.targets]
+
+    def source_of(self, target: str) -> str | None:
+        """The checkpoint name that fills parameter ``target``, or None."""
+        for t in self.targets:
+            m = self._regex(t).match(target)
+            if m is not None:
+                return self.source.format(**m.groupdict())
+        return None
+
+
+def import_state_dict(tensors: Mapping[str, np.ndarray], model, rules, *, prefixes=(), ignore: str | None = None,
+                      source: str = "checkpoint", error=WeightsError) -> dict[str, np.ndarray]:
+    """``tensors`` (a checkpoint's state dict: NumPy arrays, or anything ``np.asarray`` reads, torch
+    tensors included) mapped onto ``model``'s parameters by ``rules``: linear weights transposed,
+    packed tensors split.  A name may carry one of ``prefixes``; names matching the regex ``ignore``
+    are skipped (buffers, heads the model has not).  Raises ``error`` naming every missing,
+    unexpected or misshapen tensor, with both names and the shapes found and expected."""
+    specs = _param_specs(model)
+    out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    problems = []
+    for name, value in tensors.items():
+        bare = next((name[len(p):] for p in prefixes if name.startswith(p)), name)
+        if ignore and re.match(ignore, bare):
+            continue
+        rule, targets = next(((r, t) for r in rules if (t := r.match_source(bare)) is not None), (None, None))
+        if rule is None or not all(t in specs for t in targets):
+            problems.append(f"unexpected tensor {name!r} (no parameter of the model takes it)")
+            continue
+        clash = next((t for t in targets if t in origin), None)
+        if clash is not None:
+            problems.append(f"tensors {origin[clash]!r} and {name!r} both map to {clash!r}")
+            continue
+        arrow = ", ".join(targets)
+        origin.update((t, name) for t in targets)  # found, whether or not it fits
+        value = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        shapes = [specs[t][0].concrete({}) for t in targets]
+        parts = [s[::-1] if rule.transpose else s for s in shapes]
+        want = (sum(p[0] for p in parts),) + tuple(parts[0][1:])
+        if tuple(value.shape) != want or any(p[1:] != parts[0][1:] for p in parts):
+            problems.append(f"tensor {name!r} (-> {arrow}) has shape {tuple(value.shape)}, expected {want}")
+            continue
+        if value.dtype.kind != "f":
+            problems.append(f"tensor {name!r} (-> {arrow}) has dtype {value.dtype}, expected a float type")
+            continue
+        start = 0
+        for t, part in zip(targets, parts):
+            piece = value[start:start + part[0]]
+            start += part[0]
+            out[t] = np.ascontiguousarray(piece.T if rule.transpose else piece, dtype=specs[t][0].dtype)
+    for t in specs:
+        if t not in origin:
+            src = next((s for r in rules if (s := r.source_of(t)) is not None), None)
+            problems.append(f"missing tensor for {t!r}" + (f" (expected {src!r})" if src else ""))
+    if problems:
+        what = getattr(model, "name", None) or type(model).__name__
+        raise error(f"{source} does not fit {what} ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
+    return out
+
+
+def _attention_rules(ours: str, theirs: str) -> list[Rule]:
+    """PyTorch ``nn.MultiheadAttention`` at ``theirs`` -> the DSL's ``MultiHeadAttention`` at ``ours``."""
+    proj = [f"{ours}.{p}_proj" for p in "qkv"]
+    return [Rule(f"{theirs}.in_proj_weight", tuple(f"{p}.weight" for p in proj), transpose=True),
+            Rule(f"{theirs}.in_proj_bias", tuple(f"{p}.bias" for p in proj)),
+            Rule(f"{theirs}.out_proj.weight", (f"{ours}.out_proj.weight",), transpose=True),
+            Rule(f"{theirs}.out_proj.bias", (f"{ours}.out_proj.bias",))]
+
+
+def _layer_rules(stack: str, attentions: dict, norms: int) -> list[Rule]:
+    layer = f"{stack}.layers.{{i}}"
+    rules = [r for ours, theirs in attentions.items() for r in _attention_rules(f"{layer}.{ours}", f"{layer}.{theirs}")]
+    for n in (1, 2):
+        rules += [Rule(f"{layer}.linear{n}.weight", (f"{layer}.ffn.linear{n}.weight",), transpose=True),
+                  Rule(f"{layer}.linear{n}.bias", (f"{layer}.ffn.linear{n}.bias",))]
+    rules += [Rule(f"{layer}.norm{n}.{w}", (f"{layer}.norm{n}.{w}",)) for n in range(1, norms + 1) for w in ("weight", "bias")]
+    return rules + [Rule(f"{stack}.norm.{w}", (f"{stack}.norm.{w}",)) for w in ("weight", "bias")]
+
+
+#: ``torch.nn.Transformer`` (and its encoder / decoder stacks) -> ``attngraph.nn.Transformer``.
+TORCH_TRANSFORMER = (_layer_rules("encoder", {"self_attn": "self_attn"}, 2)
+                     + _layer_rules("decoder", {"self_attn": "self_attn", "cross_attn": "multihead_attn"}, 3))
+
+
+def from_torch_transformer(state_dict: Mapping, model, at: str = "",
+                           source: str = "torch.nn.Transformer state dict") -> dict:
+    """The parameters of ``model``, an ``attngraph.nn.Transformer``, from a ``torch.nn.Transformer``
+    state dict: Q, K and V split out of ``in_proj_weight`` / ``in_proj_bias``, linear weights
+    transposed, ``multihead_attn`` read as ``cross_attn``.  ``at``: the path of ``model`` inside the
+    module that is traced (``"t"`` for ``self.t = nn.Transformer(...)``), which prefixes every name.
+    Every tensor that maps to nothing, every parameter left without one and every misshapen tensor is
+    named (``WeightsError``)."""
+    params = import_state_dict(state_dict, model, TORCH_TRANSFORMER, source=source)
+    return {f"{at}.{k}" if at else k: v for k, v in params.items()}

@@ -231,3 +231,99 @@ def test_python_errors_in_the_users_forward_name_its_line(tmp_path):
     with pytest.raises(ag.models.ModelNotFound, match=r"Broken: creating the model failed at .*branchy.py:12: "
                                                       r"ValueError: Parameter shape \(0, 4\)"):
         ag.models.get(f"{f}:Broken")
+
+
+def test_comparisons_are_ops_and_never_python_bools():
+    """``mask == 0`` records an op (as in PyTorch), so the Annotated Transformer's masked_fill(mask == 0, -1e9)
+    masks; ``if t:`` and ``bool(t)`` are errors naming the line; ``~`` is the not of a bool tensor."""
+    class M(nn.Module):
+        def forward(self, x, mask):
+            s = x @ x.transpose(-2, -1)
+            return {"eq": s.masked_fill(mask[:, None, :] == 0, -1e9).softmax(dim=-1),
+                    "ne": (mask != 0).astype("int64"), "not": ~(mask == 1)}
+
+    g = ag.trace(M(), {"x": nn.InputSpec(("b", 4, 8)), "mask": nn.InputSpec(("b", 4), "int64")})
+    assert {"eq", "ne", "logical_not"} <= set(g.op_counts())
+    x = np.random.default_rng(0).standard_normal((1, 4, 8))
+    mask = np.array([[1, 1, 0, 0]])
+    out = ag.reference.run(g, {"x": x, "mask": mask}, {}, dtype="float64")
+    assert out["eq"][0, :, 2:].max() < 1e-12 and np.allclose(out["eq"].sum(-1), 1)
+    np.testing.assert_array_equal(out["ne"], mask)
+    np.testing.assert_array_equal(out["not"], mask == 0)
+
+    class Branchy(nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:
+                return x
+            return -x
+
+    with pytest.raises(nn.TraceError, match=r"no truth value .*test_dsl.py:\d+ in forward"):
+        ag.trace(Branchy(), {"x": nn.InputSpec((2,))})
+
+    class NotOfFloat(nn.Module):
+        def forward(self, x):
+            return ~x
+
+    with pytest.raises(nn.TraceError, match=r"~ is the logical not of a bool tensor"):
+        ag.trace(NotOfFloat(), {"x": nn.InputSpec((2,))})
+
+
+def test_pytorch_spellings_contiguous_matmul_einsum_buffers_and_symbolic_slices():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("bias", np.tril(np.ones((16, 16), bool)).reshape(1, 1, 16, 16))
+
+        def forward(self, q, k):
+            n = q.shape[2]
+            s = q.matmul(k.transpose(-2, -1).contiguous())
+            return {"masked": F.where(self.bias[:, :, :n, :n], s, -1.0),
+                    "einsum": F.einsum("bhqd,bhkd->bhqk", q, k), "implicit": F.einsum("bhqd,bhkd", q, k)}
+
+    g = ag.trace(M(), {"q": nn.InputSpec((2, 3, "seq", 4)), "k": nn.InputSpec((2, 3, "seq", 4))})
+    (buf,) = [n for n in g.nodes() if n.op == "const" and n.meta.get("buffer")]
+    assert buf.name == "bias" and buf.type.shape == (1, 1, 16, 16)
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 3, 5, 4)), rng.standard_normal((2, 3, 5, 4))
+    out = ag.reference.run(g, {"q": q, "k": k}, {}, dtype="float64")
+    s = q @ k.swapaxes(-1, -2)
+    np.testing.assert_allclose(out["masked"], np.where(np.tril(np.ones((5, 5), bool)), s, -1.0))
+    np.testing.assert_allclose(out["einsum"], np.einsum("bhqd,bhkd->bhqk", q, k))
+    np.testing.assert_allclose(out["implicit"], np.einsum("bhqd,bhkd", q, k))
+    # the sliced buffer depends on the run's length: computed per run, not folded into a weight
+    from attngraph.passes.memory import weights_only
+    sliced = [n.id for n in g.nodes() if n.op == "slice"]
+    assert sliced and not set(sliced) & weights_only(g)
+
+
+@pytest.mark.parametrize("equation, shapes", [
+    ("bsd,de->bse", [("b", "s", 4), (4, 5)]),      # a projection: symbolic leading dims merged and split again
+    ("bqhd,bkhd->bhqk", [(2, 5, 3, 4), (2, 6, 3, 4)]),
+    ("bhqk,bkhd->bqhd", [(2, 3, 5, 6), (2, 6, 3, 4)]),
+    ("...qd,...kd->...qk", [(2, 3, 5, 4), (2, 3, 6, 4)]),
+    ("abcd,cde->abe", [(2, 3, 4, 5), (4, 5, 6)]),
+    ("i,i->", [(4,), (4,)]), ("bi,bj->bij", [(2, 3), (2, 4)]), ("ij->ji", [(3, 4)]), ("ij->i", [(3, 4)]),
+])
+def test_einsum_matches_numpy(equation, shapes):
+    class M(nn.Module):
+        def forward(self, **xs):
+            return F.einsum(equation, *xs.values())
+
+    g = ag.trace(M(), {f"x{i}": nn.InputSpec(s) for i, s in enumerate(shapes)})
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal([{"b": 2, "s": 3}.get(d, d) for d in s]) for s in shapes]
+    got = ag.reference.run(g, {f"x{i}": a for i, a in enumerate(arrays)}, {}, dtype="float64")["output"]
+    np.testing.assert_allclose(got, np.einsum(equation, *arrays), atol=1e-12)
+
+
+@pytest.mark.parametrize("equation, match", [
+    ("ii->i", "a letter repeated"), ("ij,jk,kl->il", "one or two are supported"), ("ijk->i", "names 3 axes"),
+    ("ij->z", "appear in no operand"),
+])
+def test_einsum_errors_name_the_equation(equation, match):
+    class M(nn.Module):
+        def forward(self, x):
+            return F.einsum(equation, *([x] * equation.split("->")[0].count(",")), x)
+
+    with pytest.raises(nn.TraceError, match=match):
+        ag.trace(M(), {"x": nn.InputSpec((3, 3))})

@@ -50,7 +50,7 @@ class EncLayer(nn.Module):
         self.layer = nn.EncoderLayer(D_MODEL, HEADS, D_FF, activation, norm_first)
 
     def forward(self, x, pad):
-        return self.layer(x, pad)
+        return self.layer(x, src_key_padding_mask=pad)
 
 
 class DecLayer(nn.Module):
@@ -59,7 +59,7 @@ class DecLayer(nn.Module):
         self.layer = nn.DecoderLayer(D_MODEL, HEADS, D_FF, activation, norm_first)
 
     def forward(self, x, memory, pad):
-        return self.layer(x, memory, pad)
+        return self.layer(x, memory, memory_key_padding_mask=pad, tgt_is_causal=True)
 
 
 def padding(batch, length):
@@ -201,3 +201,77 @@ def test_pytorch_spellings_of_reductions_views_and_masks():
             "all": tx.max(), "s": 4.0 + tx.sum()}
     for name, w in want.items():
         np.testing.assert_allclose(out[name], w.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_torch_transformer_port_example_runs():
+    """The README's port of a torch.nn.Transformer (examples/port_torch_transformer.py), as a user runs it."""
+    import os
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "port_torch_transformer.py")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "compiled vs torch.nn.Transformer" in run.stdout and "PASS" in run.stdout
+
+
+def test_state_dict_import_names_what_does_not_fit():
+    """from_torch_transformer: a missing tensor, one that maps to nothing and a misshapen one, each named."""
+    ref = torch.nn.Transformer(16, 2, 1, 1, 32, batch_first=True)
+    model = nn.Transformer(16, 2, 1, 1, 32, batch_first=True)
+    sd = dict(ref.state_dict())
+    del sd["decoder.norm.bias"]
+    sd["encoder.layers.0.linear1.weight"] = sd["encoder.layers.0.linear1.weight"].T
+    sd["generator.weight"] = torch.zeros(3, 16)
+    with pytest.raises(ag.WeightsError) as e:
+        ag.weights.from_torch_transformer(sd, model)
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "missing tensor for 'decoder.norm.bias' (expected 'decoder.norm.bias')" in msg
+    assert "'encoder.layers.0.linear1.weight' (-> encoder.layers.0.ffn.linear1.weight) has shape (16, 32), " \
+           "expected (32, 16)" in msg
+    assert "unexpected tensor 'generator.weight'" in msg
+    params = ag.weights.from_torch_transformer(ref.state_dict(), model)
+    np.testing.assert_array_equal(params["decoder.layers.0.cross_attn.k_proj.weight"],
+                                  ref.decoder.layers[0].multihead_attn.in_proj_weight[16:32].detach().numpy().T)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post-LN", "pre-LN"])
+def test_transformer_with_every_torch_mask_matches_torch(norm_first):
+    """nn.Transformer as torch.nn.Transformer, (seq, batch, d) inputs (batch_first=False), with each of
+    PyTorch's masks: a bool src_mask and memory_mask (True = not allowed), the float causal tgt_mask and
+    both key padding masks; weights from the torch state dict."""
+    S, T, B = 7, 5, 2
+    ref = torch.nn.Transformer(D_MODEL, HEADS, 2, 2, D_FF, dropout=0.0, norm_first=norm_first).eval()
+
+    class Port(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Transformer(D_MODEL, HEADS, 2, 2, D_FF, norm_first=norm_first)
+
+        def forward(self, src, tgt, src_mask, memory_mask, src_pad, tgt_pad):
+            return self.t(src, tgt, src_mask=src_mask, tgt_mask=nn.Transformer.generate_square_subsequent_mask(T),
+                          memory_mask=memory_mask, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
+                          memory_key_padding_mask=src_pad)
+
+    g = ag.trace(Port(), {"src": nn.InputSpec((S, B, D_MODEL)), "tgt": nn.InputSpec((T, B, D_MODEL)),
+                          "src_mask": nn.InputSpec((S, S), "bool"), "memory_mask": nn.InputSpec((T, S), "bool"),
+                          "src_pad": nn.InputSpec((B, S), "bool"), "tgt_pad": nn.InputSpec((B, T), "bool")})
+    params = ag.weights.from_torch_transformer(ref.state_dict(), ag.nn.Transformer(D_MODEL, HEADS, 2, 2, D_FF), at="t")
+    rng = np.random.default_rng(5)
+    x = {"src": rng.standard_normal((S, B, D_MODEL)).astype(np.float32),
+         "tgt": rng.standard_normal((T, B, D_MODEL)).astype(np.float32),
+         "src_mask": rng.random((S, S)) < 0.3, "memory_mask": rng.random((T, S)) < 0.3,
+         "src_pad": np.zeros((B, S), bool), "tgt_pad": np.zeros((B, T), bool)}
+    np.fill_diagonal(x["src_mask"], False)  # every query keeps a key: no NaN rows
+    x["memory_mask"][:, 0] = False
+    x["src_pad"][1, 5:] = True
+    x["tgt_pad"][1, 4:] = True
+    with torch.no_grad():
+        want = ref(t(x["src"]), t(x["tgt"]), src_mask=t(x["src_mask"]),
+                   tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T), memory_mask=t(x["memory_mask"]),
+                   src_key_padding_mask=t(x["src_pad"]), tgt_key_padding_mask=t(x["tgt_pad"]),
+                   memory_key_padding_mask=t(x["src_pad"])).numpy()
+    for level in (0, 3):
+        opt, _ = passes.optimize(g, level)
+        ours = ag.reference.run(opt, x, params)["output"]
+        np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL, err_msg=f"-O{level}")

@@ -233,6 +233,19 @@ _compare("logical_and", np.logical_and, "a and b")
 _compare("logical_or", np.logical_or, "a or b")
 
 
+def _infer_logical_not(types, attrs):
+    (x,) = types
+    if x.dtype != "bool":
+        raise ShapeError(f"logical_not expects a bool operand, got {x.dtype}")
+    return x
+
+
+@op("logical_not", COMPARE, 1, _infer_logical_not)
+def logical_not(x):
+    """not x (``~mask``)."""
+    return np.logical_not(x)
+
+
 def _infer_where(types, attrs):
     cond, a, b = types
     if cond.dtype != "bool":

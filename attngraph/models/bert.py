@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -28,7 +27,7 @@ import numpy as np
 
 from .. import nn
 from ..nn import functional as F
-from ..weights import WeightsError, load_weights
+from ..weights import Rule, WeightsError, import_state_dict, load_weights
 
 
 class CheckpointError(WeightsError):
@@ -155,7 +154,7 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         x = self.embeddings(input_ids, token_type_ids)
-        h = self.encoder(x, attention_mask.eq(0))  # the DSL's key padding mask is True at padding
+        h = self.encoder(x, src_key_padding_mask=attention_mask.eq(0))  # True at padding, as PyTorch's
         return {"last_hidden_state": h, "sentence_embedding": mean_pool_normalize(h, attention_mask)}
 
     def default_params(self, seed: int = 0) -> dict[str, np.ndarray]:
@@ -173,94 +172,36 @@ class BertModel(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Hugging Face parameter names -> the DSL's.
 
-_LAYER = {
-    "attention.self.query": "self_attn.q_proj",
-    "attention.self.key": "self_attn.k_proj",
-    "attention.self.value": "self_attn.v_proj",
-    "attention.output.dense": "self_attn.out_proj",
-    "attention.output.LayerNorm": "norm1",
-    "intermediate.dense": "ffn.linear1",
-    "output.dense": "ffn.linear2",
-    "output.LayerNorm": "norm2",
-}
-_EMBEDDINGS = {
-    "embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
-    "embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
-    "embeddings.token_type_embeddings.weight": "embeddings.token_type_embeddings.weight",
-    "embeddings.LayerNorm.weight": "embeddings.norm.weight",
-    "embeddings.LayerNorm.bias": "embeddings.norm.bias",
-    # checkpoints of older transformers versions name layer norm parameters gamma / beta
-    "embeddings.LayerNorm.gamma": "embeddings.norm.weight",
-    "embeddings.LayerNorm.beta": "embeddings.norm.bias",
-}
+def _rules() -> list[Rule]:
+    ours = "encoder.layers.{i}"
+    layer = {"attention.self.query": ("self_attn.q_proj", True), "attention.self.key": ("self_attn.k_proj", True),
+             "attention.self.value": ("self_attn.v_proj", True), "attention.output.dense": ("self_attn.out_proj", True),
+             "attention.output.LayerNorm": ("norm1", False), "intermediate.dense": ("ffn.linear1", True),
+             "output.dense": ("ffn.linear2", True), "output.LayerNorm": ("norm2", False)}
+    # checkpoints of older transformers versions name layer norm parameters gamma / beta (after weight / bias:
+    # a missing tensor is named by the first rule that fills it)
+    kinds = (("weight", "weight"), ("bias", "bias"), ("gamma", "weight"), ("beta", "bias"))
+    rules = [Rule(f"embeddings.{n}.weight", (f"embeddings.{n}.weight",))
+             for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    rules += [Rule(f"embeddings.LayerNorm.{theirs}", (f"embeddings.norm.{w}",)) for theirs, w in kinds]
+    for hf, (dsl, linear) in layer.items():
+        for theirs, w in kinds[:2] if linear else kinds:
+            rules.append(Rule(f"encoder.layer.{{i}}.{hf}.{theirs}", (f"{ours}.{dsl}.{w}",), transpose=linear and w == "weight"))
+    return rules
+
+
+#: Hugging Face BERT tensor names -> the DSL's.
+HF_BERT = _rules()
 #: Checkpoint tensors the encoder does not use: a buffer and BertModel's [CLS] pooler.
-IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\.dense\.(weight|bias))$")
-_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias|gamma|beta)$")
-
-
-def hf_to_dsl_name(name: str) -> str | None:
-    """The DSL parameter for a Hugging Face BERT tensor name (None: not a parameter of ours)."""
-    if name in _EMBEDDINGS:
-        return _EMBEDDINGS[name]
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER:
-        kind = {"gamma": "weight", "beta": "bias"}.get(m.group(3), m.group(3))
-        return f"encoder.layers.{m.group(1)}.{_LAYER[m.group(2)]}.{kind}"
-    return None
-
-
-def _transposed(dsl_name: str) -> bool:
-    """Linear weights: PyTorch stores (out, in), the DSL (in, out)."""
-    return dsl_name.endswith("_proj.weight") or (".ffn.linear" in dsl_name and dsl_name.endswith(".weight"))
+IGNORED = r"^(embeddings\.position_ids|pooler\.dense\.(weight|bias))$"
 
 
 def import_hf_bert(tensors: Mapping[str, np.ndarray], model: BertModel, source: str = "checkpoint") -> dict[str, np.ndarray]:
     """Map a Hugging Face BERT state dict (``BertModel`` names, or ``bert.``-prefixed ones) onto
     ``model``'s parameters, transposing linear weights.  Raises ``CheckpointError`` naming every
     missing, unexpected or wrongly shaped tensor (both names, the shapes found and expected)."""
-    specs = {n: p for n, p in model.named_parameters()}
-    out: dict[str, np.ndarray] = {}
-    origin: dict[str, str] = {}
-    problems = []
-    for name, value in tensors.items():
-        bare = name[5:] if name.startswith("bert.") else name
-        if IGNORED.match(bare):
-            continue
-        dsl = hf_to_dsl_name(bare)
-        if dsl is None or dsl not in specs:
-            problems.append(f"unexpected tensor {name!r} (no parameter of the model takes it)")
-            continue
-        if dsl in origin:
-            problems.append(f"tensors {origin[dsl]!r} and {name!r} both map to {dsl!r}")
-            continue
-        origin[dsl] = name
-        value = np.asarray(value)
-        want = specs[dsl].shape
-        hf_shape = want[::-1] if _transposed(dsl) else want
-        if tuple(value.shape) != tuple(hf_shape):
-            problems.append(f"tensor {name!r} (-> {dsl}) has shape {tuple(value.shape)}, expected {tuple(hf_shape)}")
-            continue
-        if value.dtype.kind != "f":
-            problems.append(f"tensor {name!r} (-> {dsl}) has dtype {value.dtype}, expected a float type")
-            continue
-        out[dsl] = np.ascontiguousarray(value.T if _transposed(dsl) else value, dtype=specs[dsl].dtype)
-    for dsl in specs:
-        if dsl not in origin:
-            problems.append(f"missing tensor for {dsl!r} (expected {_hf_name(dsl)!r} of shape "
-                            f"{tuple(specs[dsl].shape[::-1] if _transposed(dsl) else specs[dsl].shape)})")
-    if problems:
-        raise CheckpointError(f"{source} does not fit {model.name} ({len(problems)} problem(s)):\n  "
-                              + "\n  ".join(problems))
-    return out
-
-
-def _hf_name(dsl: str) -> str:
-    for hf, ours in _EMBEDDINGS.items():
-        if ours == dsl:
-            return hf
-    m = re.match(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", dsl)
-    hf = {v: k for k, v in _LAYER.items()}[m.group(2)]
-    return f"encoder.layer.{m.group(1)}.{hf}.{m.group(3)}"
+    return import_state_dict(tensors, model, HF_BERT, prefixes=("bert.",), ignore=IGNORED, source=source,
+                             error=CheckpointError)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,5 +228,5 @@ def minilm_l6() -> BertModel:
 
 ZOO = {"minilm-l6": minilm_l6}
 
-__all__ = ["BertConfig", "BertModel", "CheckpointError", "import_hf_bert", "hf_to_dsl_name", "mean_pool_normalize",
+__all__ = ["BertConfig", "BertModel", "CheckpointError", "import_hf_bert", "mean_pool_normalize",
            "minilm_dir", "minilm_l6", "ZOO"]

@@ -61,7 +61,7 @@ class Transformer(nn.Module):
 
     def encode(self, src):
         src_pad = src.eq(self.pad_id)
-        return self.encoder(self.embed(self.src_embed, src), src_pad), src_pad
+        return self.encoder(self.embed(self.src_embed, src), src_key_padding_mask=src_pad), src_pad
 
     def project(self, y):
         if self.generator is not None:
@@ -70,7 +70,7 @@ class Transformer(nn.Module):
 
     def forward(self, src, tgt):
         memory, src_pad = self.encode(src)
-        y = self.decoder(self.embed(self.tgt_embed, tgt), memory, src_pad)
+        y = self.decoder(self.embed(self.tgt_embed, tgt), memory, memory_key_padding_mask=src_pad, tgt_is_causal=True)
         return {"log_probs": F.log_softmax(self.project(y), axis=-1)}
 
     # -- incremental decoding: the entries ``attngraph.generate`` runs ----------------------------

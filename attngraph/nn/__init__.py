@@ -13,13 +13,14 @@ from .layers import (
                      Linear,
                      MultiHeadAttention,
                      SinusoidalPositionalEncoding,
+                     Transformer,
                      causal_mask,
                      sinusoidal_table,
 )
-from .module import InputSpec, Module, ModuleList, Parameter
+from .module import Buffer, InputSpec, Module, ModuleList, Parameter
 from .tensor import Tensor, TraceError, trace
 
 __all__ = ["functional", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",
            "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention",
-           "SinusoidalPositionalEncoding", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
-           "ModuleList", "Parameter", "Tensor", "TraceError", "trace"]
+           "SinusoidalPositionalEncoding", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
+           "ModuleList", "Parameter", "Buffer", "Tensor", "TraceError", "trace"]

@@ -118,3 +118,87 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal: b
     if is_causal:
         scores = where(causal_mask(query.shape[-2], key.shape[-2]), scores, float("-inf"))
     return softmax(scores, axis=-1) @ value
+
+
+def einsum(equation: str, *operands) -> Tensor:
+    """``torch.einsum`` / ``np.einsum`` for one or two operands, written as the transposes, reshapes,
+    sums and one batched ``matmul`` it stands for (so ``einsum("bhqd,bhkd->bhqk", q, k)`` is
+    ``q @ k.transpose(-2, -1)``, and the attention passes see the same ops).  Letters, an optional
+    ``...`` for leading dims, an explicit or implicit output; a letter repeated within one operand (a
+    diagonal) is not supported."""
+    from .tensor import TraceError, _user_location
+    ts = [as_tensor(o) for o in operands]
+    where = f"einsum({equation!r}) at {_user_location()}"
+    lhs, arrow, out = equation.replace(" ", "").partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(ts) or len(ts) not in (1, 2):
+        raise TraceError(f"{where}: {len(inputs)} operand spec(s) for {len(ts)} operand(s); one or two are supported")
+    specs = [_expand_ellipsis(s, t.ndim, where) for s, t in zip(inputs, ts)]
+    if arrow:
+        out = _expand_ellipsis(out, max(len(s) for s in specs) if "..." in out else len(out.replace("...", "")),
+                               where, specs)
+    else:  # implicit: the ellipsis dims, then the letters used once, in alphabetical order
+        letters = "".join(specs)
+        out = "".join(c for c in _ELLIPSIS if c in letters) + "".join(
+            sorted(c for c in set(letters) if letters.count(c) == 1 and c not in _ELLIPSIS))
+    for s in specs + [out]:
+        if len(set(s)) != len(s):
+            raise TraceError(f"{where}: a letter repeated within {s!r} (a diagonal) is not supported")
+    for s, t in zip(specs, ts):
+        if len(s) != t.ndim:
+            raise TraceError(f"{where}: {s!r} names {len(s)} axes of a tensor of rank {t.ndim} ({t.type})")
+    unknown = set(out) - set("".join(specs))
+    if unknown:
+        raise TraceError(f"{where}: output letter(s) {''.join(sorted(unknown))} appear in no operand")
+    # letters no one else reads are summed out first
+    for i, (s, t) in enumerate(zip(specs, ts)):
+        others = set(out).union(*(set(o) for j, o in enumerate(specs) if j != i))
+        gone = [a for a, c in enumerate(s) if c not in others]
+        if gone:
+            ts[i] = t.sum(gone)
+            specs[i] = "".join(c for c in s if c in others)
+    if len(ts) == 1:
+        return _permute_to(ts[0], specs[0], out)
+    (a, b), (sa, sb) = ts, specs
+    batch = [c for c in out if c in sa and c in sb]
+    free_a = [c for c in sa if c not in sb]
+    free_b = [c for c in sb if c not in sa]
+    contracted = [c for c in sa if c in sb and c not in out]
+    sizes = {c: d for s, t in zip(specs, ts) for c, d in zip(s, t.shape) if d != 1}
+    a = _group(_permute_to(a, sa, "".join(batch + free_a + contracted)), len(batch), [free_a, contracted], sizes)
+    b = _group(_permute_to(b, sb, "".join(batch + contracted + free_b)), len(batch), [contracted, free_b], sizes)
+    product = a @ b
+    lead = list(product.shape[:len(batch)])
+    full = product.reshape(lead + [sizes.get(c, 1) for c in free_a + free_b]) if len(free_a) != 1 or len(free_b) != 1 \
+        else product
+    return _permute_to(full, "".join(batch + free_a + free_b), out)
+
+
+#: Letters standing for the dims of ``...`` (not letters a user writes: they are not ASCII).
+_ELLIPSIS = "αβγδεζηθικλμ"
+
+
+def _expand_ellipsis(spec: str, rank: int, where: str, others=()) -> str:
+    if "..." not in spec:
+        return spec
+    n = rank - len(spec.replace("...", ""))
+    if others:  # the output: as many ellipsis dims as the widest operand has
+        n = max((sum(c in _ELLIPSIS for c in o) for o in others), default=0)
+    if n < 0:
+        from .tensor import TraceError
+        raise TraceError(f"{where}: {spec!r} names more axes than the tensor's {rank}")
+    return spec.replace("...", _ELLIPSIS[len(_ELLIPSIS) - n:] if n else "")
+
+
+def _permute_to(t, spec: str, target: str):
+    perm = [spec.index(c) for c in target]
+    return t if perm == list(range(len(perm))) else t.permute(perm)
+
+
+def _group(t, n_batch: int, groups, sizes):
+    """``t`` (batch dims, then the dims of each group in turn) reshaped to one dim per group, where a
+    group is not one dim already (symbolic dims multiply: ``batch*seq``)."""
+    if all(len(g) == 1 for g in groups):
+        return t
+    from ..ir import dims as D
+    return t.reshape(list(t.shape[:n_batch]) + [D.product(sizes.get(c, 1) for c in g) for g in groups])

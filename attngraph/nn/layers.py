@@ -1,7 +1,11 @@
 """Transformer layers, written as a user would: plain ops, no fusion by hand.
 
 Conventions: ``Linear.weight`` is stored ``(in_features, out_features)`` so ``y = x @ W + b``
-(PyTorch stores the transpose; ``attngraph.weights`` maps between the two).  Attention writes the
+(PyTorch stores the transpose; ``attngraph.weights.import_state_dict`` maps between the two, and
+``attngraph.weights.from_torch_transformer`` loads a ``torch.nn.Transformer`` state dict into
+``Transformer`` below).  The layers take PyTorch's mask arguments with PyTorch's meaning: a bool
+``src_mask`` / ``tgt_mask`` / ``memory_mask`` or key padding mask is True where attention is *not*
+allowed (``torch.nn.MultiheadAttention``), a float one is added to the scores.  Attention writes the
 scale the plain way, ``(q @ k^T) * (1/sqrt(d_k))`` then the mask then softmax, and the head split as
 ``reshape -> transpose``: recognizing and fusing those is the passes' work, not the model author's.
 """
@@ -125,8 +129,9 @@ class MultiHeadAttention(Module):
 
     def forward(self, query, key, value, key_padding_mask=None, causal=False, attn_mask=None,
                 causal_offset=None):
-        """``key_padding_mask``: bool (batch, k_len), True at padding (as PyTorch).  ``attn_mask``:
-        an additive float mask broadcastable to (batch, heads, q_len, k_len)."""
+        """``key_padding_mask``: bool (batch, k_len), True at padding (as PyTorch).  ``attn_mask``: as in
+        ``F.scaled_dot_product_attention``, a bool mask True where a query may attend, or a float mask
+        added to the scores; either broadcasts to (batch, heads, q_len, k_len)."""
         b, q_len, _ = query.shape
         k_len = key.shape[1]
         q = self.split_heads(self.q_proj(query))
@@ -134,7 +139,7 @@ class MultiHeadAttention(Module):
         v = self.split_heads(self.v_proj(value))
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))
         if attn_mask is not None:
-            scores = scores + attn_mask
+            scores = F.where(attn_mask, scores, NEG_INF) if attn_mask.dtype == "bool" else scores + attn_mask
         if causal:
             scores = F.where(causal_mask(q_len, k_len, causal_offset), scores, NEG_INF)
         if key_padding_mask is not None:
@@ -142,6 +147,12 @@ class MultiHeadAttention(Module):
         attn = F.softmax(scores, axis=-1)
         out = (attn @ v).permute(0, 2, 1, 3).reshape(b, q_len, self.d_model)
         return self.out_proj(out)
+
+
+def _torch_mask(mask):
+    """A ``torch.nn`` attention mask (bool True = not allowed, float added) as ``MultiHeadAttention``'s
+    ``attn_mask`` (bool True = allowed, float added)."""
+    return ~mask if mask is not None and mask.dtype == "bool" else mask
 
 
 class FeedForward(Module):
@@ -163,7 +174,9 @@ class FeedForward(Module):
 
 
 class EncoderLayer(Module):
-    """Self-attention and feed-forward, each with a residual; post-LN (the paper) or pre-LN."""
+    """Self-attention and feed-forward, each with a residual; post-LN (the paper) or pre-LN.
+    ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``: the arguments of
+    ``torch.nn.TransformerEncoderLayer``, with their meaning (the module docstring)."""
 
     def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5):
         super().__init__()
@@ -173,17 +186,22 @@ class EncoderLayer(Module):
         self.norm1 = LayerNorm(d_model, eps)
         self.norm2 = LayerNorm(d_model, eps)
 
-    def forward(self, x, key_padding_mask=None):
+    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
+        def attend(h):
+            return self.self_attn(h, h, h, src_key_padding_mask, causal=is_causal, attn_mask=_torch_mask(src_mask))
+        x = src
         if self.norm_first:
-            h = self.norm1(x)
-            x = x + self.self_attn(h, h, h, key_padding_mask)
+            x = x + attend(self.norm1(x))
             return x + self.ffn(self.norm2(x))
-        x = self.norm1(x + self.self_attn(x, x, x, key_padding_mask))
+        x = self.norm1(x + attend(x))
         return self.norm2(x + self.ffn(x))
 
 
 class DecoderLayer(Module):
-    """Causal self-attention, cross-attention over the encoder memory, feed-forward."""
+    """Self-attention, cross-attention over the encoder memory, feed-forward.  ``forward(tgt, memory,
+    tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+    tgt_is_causal=False, memory_is_causal=False)``: the arguments of ``torch.nn.TransformerDecoderLayer``
+    (the self-attention is causal where ``tgt_is_causal`` or a causal ``tgt_mask`` says so)."""
 
     def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5):
         super().__init__()
@@ -195,33 +213,47 @@ class DecoderLayer(Module):
         self.norm2 = LayerNorm(d_model, eps)
         self.norm3 = LayerNorm(d_model, eps)
 
-    def forward(self, x, memory, memory_key_padding_mask=None, tgt_key_padding_mask=None):
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        def self_attend(h):
+            return self.self_attn(h, h, h, tgt_key_padding_mask, causal=tgt_is_causal, attn_mask=_torch_mask(tgt_mask))
+
+        def cross_attend(h):
+            return self.cross_attn(h, memory, memory, memory_key_padding_mask, causal=memory_is_causal,
+                                   attn_mask=_torch_mask(memory_mask))
+        x = tgt
         if self.norm_first:
-            h = self.norm1(x)
-            x = x + self.self_attn(h, h, h, tgt_key_padding_mask, causal=True)
-            x = x + self.cross_attn(self.norm2(x), memory, memory, memory_key_padding_mask)
+            x = x + self_attend(self.norm1(x))
+            x = x + cross_attend(self.norm2(x))
             return x + self.ffn(self.norm3(x))
-        x = self.norm1(x + self.self_attn(x, x, x, tgt_key_padding_mask, causal=True))
-        x = self.norm2(x + self.cross_attn(x, memory, memory, memory_key_padding_mask))
+        x = self.norm1(x + self_attend(x))
+        x = self.norm2(x + cross_attend(x))
         return self.norm3(x + self.ffn(x))
 
 
 class Encoder(Module):
+    """``num_layers`` encoder layers, and a last norm where asked (``final_norm``; by default pre-LN
+    stacks have one, post-LN ones, the paper's, end normalized already).  ``forward`` takes the
+    arguments of ``torch.nn.TransformerEncoder``."""
+
     def __init__(self, num_layers, d_model, num_heads, d_ff, activation="relu", norm_first=False,
                  eps=1e-5, final_norm: bool | None = None):
         super().__init__()
         self.layers = ModuleList(EncoderLayer(d_model, num_heads, d_ff, activation, norm_first, eps)
                                  for _ in range(num_layers))
-        # Pre-LN stacks need a last norm; post-LN ones (the paper) end normalized already.
         self.norm = LayerNorm(d_model, eps) if (norm_first if final_norm is None else final_norm) else None
 
-    def forward(self, x, key_padding_mask=None):
+    def forward(self, src, mask=None, src_key_padding_mask=None, is_causal=False):
+        x = src
         for layer in self.layers:
-            x = layer(x, key_padding_mask)
+            x = layer(x, mask, src_key_padding_mask, is_causal)
         return self.norm(x) if self.norm is not None else x
 
 
 class Decoder(Module):
+    """``num_layers`` decoder layers and a last norm (as ``Encoder``); ``forward`` takes the arguments of
+    ``torch.nn.TransformerDecoder``."""
+
     def __init__(self, num_layers, d_model, num_heads, d_ff, activation="relu", norm_first=False,
                  eps=1e-5, final_norm: bool | None = None):
         super().__init__()
@@ -229,12 +261,48 @@ class Decoder(Module):
                                  for _ in range(num_layers))
         self.norm = LayerNorm(d_model, eps) if (norm_first if final_norm is None else final_norm) else None
 
-    def forward(self, x, memory, memory_key_padding_mask=None, tgt_key_padding_mask=None):
+    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
+                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
+        x = tgt
         for layer in self.layers:
-            x = layer(x, memory, memory_key_padding_mask, tgt_key_padding_mask)
+            x = layer(x, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                      tgt_is_causal, memory_is_causal)
         return self.norm(x) if self.norm is not None else x
 
 
+class Transformer(Module):
+    """``torch.nn.Transformer`` in the DSL: the same arguments, the same meaning, the same parameters
+    (``attngraph.weights.from_torch_transformer`` loads its state dict).  As PyTorch's, both stacks end
+    in a layer norm (also post-LN ones), ``batch_first=False`` means (seq, batch, d_model) inputs and
+    output, and a bool mask is True where attention is not allowed.  ``dropout`` is accepted and, as in
+    PyTorch's ``eval()`` mode, not applied."""
+
+    def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
+                 dropout=0.1, activation="relu", layer_norm_eps=1e-5, batch_first=False, norm_first=False):
+        super().__init__()
+        self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
+        self.encoder = Encoder(num_encoder_layers, d_model, nhead, dim_feedforward, activation, norm_first,
+                               layer_norm_eps, final_norm=True)
+        self.decoder = Decoder(num_decoder_layers, d_model, nhead, dim_feedforward, activation, norm_first,
+                               layer_norm_eps, final_norm=True)
+
+    def forward(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
+                tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=False, tgt_is_causal=False,
+                memory_is_causal=False):
+        if not self.batch_first:  # (seq, batch, d) as PyTorch's default
+            src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+        memory = self.encoder(src, src_mask, src_key_padding_mask, src_is_causal)
+        out = self.decoder(tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask,
+                           tgt_is_causal, memory_is_causal)
+        return out if self.batch_first else out.transpose(0, 1)
+
+    @staticmethod
+    def generate_square_subsequent_mask(sz):
+        """The causal mask of ``sz`` positions as PyTorch's: 0.0 where allowed, -inf above the diagonal
+        (``sz`` may be a symbolic dim)."""
+        return F.where(causal_mask(sz, sz), 0.0, NEG_INF)
+
+
 __all__ = ["Linear", "Embedding", "LayerNorm", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
-           "MultiHeadAttention", "FeedForward", "EncoderLayer", "DecoderLayer", "Encoder", "Decoder",
+           "MultiHeadAttention", "FeedForward", "EncoderLayer", "DecoderLayer", "Encoder", "Decoder", "Transformer",
            "causal_mask", "sinusoidal_table", "TensorOps"]

@@ -44,6 +44,30 @@ class Parameter(TensorOps):
         return f"Parameter({TensorType(self.shape_, self.dtype_)}, init={self.init})"
 
 
+class Buffer(TensorOps):
+    """A constant tensor a module holds (``Module.register_buffer``, as PyTorch's: GPT-2's causal
+    ``bias``, a table of positions).  In the graph it is a ``const`` named by its path, made once per
+    trace; float64 values are stored as float32, as every Python constant in the DSL."""
+
+    def __init__(self, value):
+        value = np.asarray(value)
+        self.value = value.astype(np.float32) if value.dtype == np.float64 else value
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return str(self.value.dtype)
+
+    def _traced(self) -> Tensor:
+        return current_tracer().buffer(self)
+
+    def __repr__(self) -> str:
+        return f"Buffer({TensorType(self.value.shape, str(self.value.dtype))})"
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """A model input: its shape (with symbolic dims), dtype and, for integers, the valid range
@@ -69,6 +93,7 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "_buffers", {})
 
     def __setattr__(self, name, value):
         if "_params" not in self.__dict__:
@@ -76,11 +101,18 @@ class Module:
                                  f"before assigning {name!r}")
         self._params.pop(name, None)
         self._modules.pop(name, None)
+        self._buffers.pop(name, None)
         if isinstance(value, Parameter):
             self._params[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
+        elif isinstance(value, Buffer):
+            self._buffers[name] = value
         object.__setattr__(self, name, value)
+
+    def register_buffer(self, name: str, value) -> None:
+        """Hold the array ``value`` as ``self.<name>``, a constant of the graph (as PyTorch's)."""
+        setattr(self, name, Buffer(value.detach().cpu().numpy() if hasattr(value, "detach") else value))
 
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
         yield prefix, self
@@ -95,6 +127,15 @@ class Module:
                 if id(p) not in seen:
                     seen.add(id(p))
                     yield (f"{mname}.{pname}" if mname else pname), p
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Buffer]]:
+        """Every buffer once, at the first path that reaches it."""
+        seen = set()
+        for mname, m in self.named_modules(prefix):
+            for bname, b in m._buffers.items():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    yield (f"{mname}.{bname}" if mname else bname), b
 
     def parameter_types(self) -> dict[str, TensorType]:
         return {n: TensorType(p.shape, p.dtype) for n, p in self.named_parameters()}

@@ -71,11 +71,14 @@ def _frame_text(frame, line: int | None = None) -> str:
 class Tracer:
     """The state of one trace: the graph, the parameter nodes made so far, the module scope."""
 
-    def __init__(self, graph: Graph, param_names: Mapping[int, str], module_names: Mapping[int, str]):
+    def __init__(self, graph: Graph, param_names: Mapping[int, str], module_names: Mapping[int, str],
+                 buffer_names: Mapping[int, str] | None = None):
         self.graph = graph
         self.param_names = dict(param_names)
         self.module_names = dict(module_names)
+        self.buffer_names = dict(buffer_names or {})
         self.param_nodes: dict[int, "Tensor"] = {}
+        self.buffer_nodes: dict[int, "Tensor"] = {}
         self.scope: list[str] = []
 
     def emit(self, op: str, operands: Sequence["Tensor"] = (), attrs: dict | None = None,
@@ -101,6 +104,16 @@ class Tracer:
                                  meta={"init": p.init})
             self.param_nodes[id(p)] = Tensor(self, nid)
         return self.param_nodes[id(p)]
+
+    def buffer(self, b) -> "Tensor":
+        if id(b) not in self.buffer_nodes:
+            if id(b) not in self.buffer_names:
+                raise TraceError("a Buffer that is not an attribute of the traced module (or of one of its "
+                                 "submodules) was used; register it with register_buffer")
+            nid = self.graph.add("const", (), {"value": b.value}, name=self.buffer_names[id(b)],
+                                 meta={"buffer": self.buffer_names[id(b)]})
+            self.buffer_nodes[id(b)] = Tensor(self, nid)
+        return self.buffer_nodes[id(b)]
 
 
 def current_tracer() -> Tracer:
@@ -174,8 +187,25 @@ class TensorOps:
     def __ge__(self, o): return self._binary("ge", o)
     def eq(self, o): return self._binary("eq", o)
     def ne(self, o): return self._binary("ne", o)
+    # ``mask == 0`` is an op, as in PyTorch and NumPy (the Annotated Transformer's masked_fill(mask == 0, ...))
+    def __eq__(self, o): return self._binary("eq", o)
+    def __ne__(self, o): return self._binary("ne", o)
+    __hash__ = object.__hash__  # defining __eq__ would drop it: tensors and parameters key dicts by identity
     def __and__(self, o): return self._binary("logical_and", o)
     def __or__(self, o): return self._binary("logical_or", o)
+    def __rand__(self, o): return self._binary("logical_and", o, True)
+    def __ror__(self, o): return self._binary("logical_or", o, True)
+    def __invert__(self):
+        """``~mask``: logical not of a bool tensor, as PyTorch's."""
+        t = self._traced()
+        if t.dtype != "bool":
+            raise TraceError(f"~ on %{t.node.name}: {t.type} at {_user_location()}: ~ is the logical not of a bool "
+                             f"tensor here (a bitwise not of integers is not supported)")
+        return t.tracer.emit("logical_not", (t,))
+
+    def __bool__(self):
+        raise TraceError(f"a traced tensor has no truth value (`if t:`, `bool(t)`, `and`/`or`) at {_user_location()}: "
+                         f"its value is only known when the graph runs; compute with F.where or masks instead")
 
     def __neg__(self):
         t = self._traced()
@@ -196,6 +226,11 @@ class TensorOps:
     def log_softmax(self, axis=-1, *, dim=None): return self._unary("log_softmax", axis=axis if dim is None else dim)
     def astype(self, dtype): return self._unary("cast", dtype=dtype)
     def float(self): return self.astype("float32")
+    def matmul(self, o): return self._binary("matmul", o)
+
+    def contiguous(self):
+        """The tensor itself (the graph has no strides: every value is contiguous), as PyTorch's."""
+        return self._traced()
 
     def sum(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
         return self._reduce("reduce_sum", axes, keepdims, dim, keepdim)
@@ -279,9 +314,13 @@ class TensorOps:
             size = t.shape[axis]
             if isinstance(i, slice):
                 start, stop, step = i.start or 0, i.stop, i.step or 1
-                if isinstance(size, int):
+                symbolic = [v for v in (start, stop) if isinstance(v, str)]
+                if isinstance(size, int) and not symbolic:
                     start, stop, step = slice(start, stop, step).indices(size)
                     stop = max(stop, start)
+                elif any(isinstance(v, int) and v < 0 for v in (start, stop)):
+                    raise TraceError(f"index [{i.start}:{i.stop}] of axis {axis} ({size}) at {_user_location()}: "
+                                     f"a negative bound with a symbolic one; write it as an offset from 0")
                 if (start, stop, step) != (0, size, 1) and not (start == 0 and stop is None and step == 1):
                     out = out.tracer.emit("slice", (out,), {"axis": axis, "start": start, "stop": stop, "step": step})
                 new_shape.append(out.shape[axis])
@@ -321,13 +360,8 @@ class Tensor(TensorOps):
     def __repr__(self) -> str:
         return f"Tensor(%{self.node.name}: {self.node.type})"
 
-    def __bool__(self):
-        raise TraceError("a traced Tensor has no truth value: its value is only known when the graph runs")
-
     def __iter__(self):
         raise TraceError("a traced Tensor cannot be iterated; index it explicitly")
-
-    __hash__ = object.__hash__
 
 
 def _normalize_spec(name, spec) -> tuple[TensorType, dict]:
@@ -372,7 +406,7 @@ def trace(module, inputs: Mapping[str, Any] | None = None, name: str | None = No
     module_names: dict[int, str] = {}
     for n, m in module.named_modules():
         module_names.setdefault(id(m), n)  # a shared module keeps its first path
-    tracer = Tracer(graph, param_names, module_names)
+    tracer = Tracer(graph, param_names, module_names, {id(b): n for n, b in module.named_buffers()})
     args = {}
     for arg, spec in inputs.items():
         ty, meta = _normalize_spec(arg, spec)
