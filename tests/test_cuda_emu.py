@@ -23,6 +23,7 @@ import attngraph as ag  # noqa: E402
 from attngraph import passes  # noqa: E402
 from attngraph.backends.tvm.build import for_target, plan_kernels  # noqa: E402
 from attngraph.backends.tvm.executor import CompiledModel  # noqa: E402
+from attngraph.numerics import compare  # noqa: E402
 from cuda_emu import CudaEmulator, emulation_library  # noqa: E402
 
 RTOL, ATOL = TOLERANCE["float32"]
@@ -207,3 +208,26 @@ def test_generation_with_the_cuda_builds_entries_on_the_emulator():
         [h.tokens for h in G.greedy_search(oracle, sources, 6)]
     assert [[h.tokens for h in hs] for hs in G.beam_search(stepper, sources, 2, 6, eos_id=2)] == \
         [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 6, eos_id=2)]
+
+
+#: Attention forms whose kernels index differently: fills, a broadcast head or batch axis, (batch*heads)
+#: products viewed with one head, head dim 1, a tied Q/K operand, masks of every kind.
+GPU_SPELLINGS = ["annotated-transformer-mask-eq-0", "hf-finfo-min-fill", "multi-query-kv-one-head",
+                 "latent-queries-broadcast-batch", "fairseq-3d-bmm", "head-dim-1", "tied-qk-projection",
+                 "learned-temperature", "gpt2-buffer-sliced-to-length"]
+
+
+@pytest.mark.parametrize("name", GPU_SPELLINGS)
+def test_attention_spellings_run_on_the_emulator(name):
+    from attention_spellings import SPELLINGS
+    from test_spellings import padded_inputs
+    graph = ag.trace(SPELLINGS[name][0]())
+    model, params, emu = emulated(graph)
+    for length in (7, 20):  # the few-rows form (decode_attention) and the flash kernel
+        x = padded_inputs(graph, length=length)
+        want = ag.reference.run(graph, x, params, dtype="float64")
+        got = model(x)
+        for out, w in want.items():
+            check = compare(out, got[out], w)  # NaN rows (a fully padded sequence, -inf fills) in the same places
+            assert check.ok, f"{check} at length {length}"
+    assert any("_fused_attention" in k for k in emu.launches), emu.launches

@@ -502,3 +502,19 @@ def test_generation_on_vulkan_keeps_its_state_on_the_device(kind, tmp_path):
         [h.tokens for h in G.greedy_search(oracle, sources, 5)]
     assert [[h.tokens for h in hs] for hs in G.beam_search(compiled, sources, 2, 5, eos_id=2)] == \
         [[h.tokens for h in hs] for hs in G.beam_search(oracle, sources, 2, 5, eos_id=2)]
+
+
+@needs_vulkan
+@pytest.mark.parametrize("name", ["annotated-transformer-mask-eq-0", "hf-finfo-min-fill", "multi-query-kv-one-head",
+                                  "latent-queries-broadcast-batch", "fairseq-3d-bmm", "head-dim-1",
+                                  "gpt2-buffer-sliced-to-length"])
+def test_attention_spellings_verify_on_vulkan(name):
+    """Fills, broadcast head and batch axes, one-head views of (batch*heads) products, head dim 1, a mask
+    sliced from a buffer: the WGSL kernels against the float64 interpreter, a fully padded sequence included."""
+    from attention_spellings import SPELLINGS
+    from test_spellings import padded_inputs
+    graph = ag.trace(SPELLINGS[name][0]())
+    for length in (7, 20):  # the few-rows attention (decode_attention) and the flash kernel
+        report = api.verify(graph, params=ag.init_params(graph, seed=1, perturb=True),
+                            inputs=padded_inputs(graph, length=length), target="vulkan")
+        assert report.ok, report.format()
