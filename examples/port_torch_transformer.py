@@ -4,6 +4,8 @@ call, compiled for this CPU and checked against PyTorch and the float64 interpre
     python examples/port_torch_transformer.py
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -11,6 +13,8 @@ import attngraph as ag
 from attngraph import nn
 
 D_MODEL, HEADS, LAYERS, FF = 64, 4, 2, 128
+
+warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # its nested-tensor fast-path notes
 
 # The model as it exists in PyTorch (trained weights would be loaded here; eval(): no dropout).
 torch.manual_seed(0)
