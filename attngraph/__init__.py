@@ -1,15 +1,15 @@
 """attngraph: declare Transformers in a Python DSL, optimize the graph, compile with TVM, verify
 the compiled numerics against a NumPy reference interpreter."""
 
-from . import ir, models, nn
-from .backends import ArtifactError, reference
+from . import ir, models, nn, reference
+from .backends import ArtifactError
 from .inputs import InputError, random_inputs
 from .ir import Graph, TensorType
 from .nn import InputSpec, Module, Parameter, trace
 from .threads import get_num_threads, set_num_threads
+from .version import __version__
 from .weights import WeightsError, init_params, load_weights, save_weights
 
-__version__ = "0.1.0"
 
 _COMPILE_API = ("build", "compile", "load", "verify")
 

@@ -43,26 +43,32 @@ def _graph_of(model) -> tuple[Graph, object]:
 
 
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
-            seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None):
+            seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
+            device: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
     weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
     a MetaSchedule database written by ``attngraph tune``; ``weight_dtype="float16"`` stores the
-    projection weights in half precision (llvm; ``backends.tvm.build.for_target``)."""
-    from .backends.tvm.build import compile_graph, resolve_target
+    projection weights in half precision (llvm); ``device``: run on another device than the target's
+    own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU)."""
+    from .backends.tvm.build import compile_graph
+    from .backends.tvm.targets import get_target
     from .passes import optimize
     from .weights import check_params, default_params
-    resolve_target(target)  # an unknown target fails before any work
+    tgt = get_target(target)  # an unknown target fails before any work
+    tgt.check_device(device)
     graph, module = _graph_of(model)
     #: where the weights came from when none were given: a checkpoint path, or None (seeded random)
     weights_from = getattr(module, "checkpoint", None) if params is None else None
     params = default_params(module if module is not None else graph, seed) if params is None else params
     check_params(graph, params)
-    g, _ = optimize(graph, opt_level) if opt_level else (graph, None)
+    # the level's passes, then the target's layout passes (reported, as every pass)
+    g, report = optimize(graph, opt_level, layout=tgt.layout_passes(weight_dtype))
     used = g.params  # a property that walks the graph: once, not per parameter
-    compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, target,
-                             progress=progress, tuning_db=tuning_db, weight_dtype=weight_dtype)
+    compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, tgt, progress=progress,
+                             tuning_db=tuning_db, device=device, layout=False)
     compiled.model_name, compiled.opt_level, compiled.weights_from = graph.name, opt_level, weights_from
+    compiled.report = report
     return compiled
 
 
@@ -85,11 +91,12 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
     return manifest
 
 
-def load(path: str):
+def load(path: str, device: str | None = None):
     """The compiled model in artifact directory ``path``: ``model(inputs) -> outputs`` with NumPy
     arrays by name; wrong input names, shapes or dtypes are an ``InputError``.  Works in a fresh
-    process (it needs only TVM's runtime, NumPy and safetensors)."""
-    return load_artifact(path)
+    process (it needs only TVM's runtime, NumPy and safetensors).  ``device``: another device than the
+    target's own (``"emulator"``: a cuda artifact on the CUDA source emulator)."""
+    return load_artifact(path, device)
 
 
 @dataclass
@@ -145,7 +152,8 @@ class VerifyReport:
 
 def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[str, np.ndarray] | None = None,
            inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
-           per_node: bool = False, progress=None, weight_dtype: str | None = None) -> VerifyReport:
+           per_node: bool = False, progress=None, weight_dtype: str | None = None,
+           device: str | None = None) -> VerifyReport:
     """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
     on the same inputs and weights (given, or seeded random at the model's default dims, overridden by
     ``dims``: each a dim of the model's inputs, else ``InputError``).
@@ -154,20 +162,20 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     (``attngraph.numerics.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
     places.  ``per_node``: every kernel's result against the interpreter's value of the same node;
     the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
-    from rounding carried in from earlier nodes."""
-    from .backends import reference
+    from rounding carried in from earlier nodes.  ``device``: see ``compile`` and ``load``."""
+    from . import reference
     from .inputs import InputError, bind_dims, dim_sizes, random_inputs
     start = time.perf_counter()
     if isinstance(model, str) and is_artifact(model):
         if params is not None:
             raise ValueError("an artifact carries its weights; rebuild it to change them")
-        compiled = load_artifact(model)
+        compiled = load_artifact(model, device)
         m = compiled.manifest
         name, target, opt_level = m["model"], m["target"], m["opt_level"]
-        how = f"loaded {model}: {name} for {target} at -O{opt_level}"
+        how = f"loaded {model}: {name} for {target} at -O{opt_level}" + (f" on the {device}" if device else "")
     else:
         compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                           weight_dtype=weight_dtype)
+                           weight_dtype=weight_dtype, device=device)
         name = compiled.model_name
         k = compiled.kernels
         how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "

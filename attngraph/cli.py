@@ -11,7 +11,7 @@ import numpy as np
 
 from . import models
 from .backends import is_artifact
-from .cli_common import artifact_options, parse_dims, reject_given, user_errors
+from .cli_common import artifact_options, check_target, parse_dims, reject_given, run_target_names, user_errors
 from .inputs import dim_sizes, random_inputs
 from .ir import to_dot, to_text
 from .nn import trace
@@ -54,14 +54,19 @@ def optimize_option(fn):
     return fn
 
 
-def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None):
-    """``graph`` through the pass pipeline at ``opt_level``, and the report (None at -O0 with nothing asked)."""
-    if not opt_level and not verify_each and not print_after and not disable:
+def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None, target=None):
+    """``graph`` through the pass pipeline at ``opt_level`` (then ``target``'s layout passes, where one is
+    given), and the report (None at -O0 with nothing asked)."""
+    if not opt_level and not verify_each and not print_after and not disable and not target:
         return graph, None
     from . import passes
+    layout = None
+    if target:
+        from .backends.tvm.targets import get_target
+        layout = get_target(target).layout_passes()
     try:
         return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
-                               verify_each=verify_each)
+                               verify_each=verify_each, layout=layout)
     except passes.PassOptionError as e:
         hint = {"disable": "--disable-pass", "print_after": "--print-after"}[e.option]
         raise click.BadParameter(str(e), param_hint=hint) from None
@@ -74,10 +79,13 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None)
 @optimize_option
 @click.option("--stats", is_flag=True, help="Print what each pass matched, missed and why, and the kernel/memory summary.")
 @click.option("--print-after", metavar="PASS|all", help="Print the IR after this pass (or after every pass).")
+@click.option("--target", default=None, metavar="TARGET", callback=check_target,
+              help="Also run this compile target's layout passes (llvm: pack-weights, read-merged-qkv), as a "
+                   "build does.")
 @user_errors
-def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after):
+def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target):
     """Print MODEL's graph (a zoo name or path/to/file.py:factory), optionally optimized."""
-    graph, report = optimized(models.load_graph(model), opt_level, disable, verify_each, print_after)
+    graph, report = optimized(models.load_graph(model), opt_level, disable, verify_each, print_after, target)
     if report is not None and (stats or print_after):
         click.echo(report.format(), err=fmt != "text" and not output)
     if fmt == "text":
@@ -132,30 +140,33 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
     return params, inputs
 
 
-TARGETS = ["numpy", "llvm", "cuda", "vulkan"]
-
-
 @main.command()
 @click.argument("model")
-@click.option("--target", type=click.Choice(TARGETS), default="numpy", show_default=True,
-              help="numpy: the reference interpreter; llvm: compiled with TVM for this CPU; cuda, vulkan: "
-                   "compiled with TVM for the GPU ('attngraph targets' says which run here).")
+@click.option("--target", default="numpy", show_default=True, callback=check_target, metavar="TARGET",
+              help=f"numpy: the reference interpreter; {', '.join(run_target_names()[1:])}: compiled with TVM "
+                   f"('attngraph targets' says what each is and which run here).")
+@click.option("--device", default=None, metavar="NAME",
+              help="Run the compiled model on another device than its target's own (emulator: a cuda build on "
+                   "the CUDA source emulator, without a GPU).")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @model_options
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Interpreter precision (numpy target).")
 @optimize_option
 @user_errors
-def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable, verify_each):
+def run(model, target, device, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable,
+        verify_each):
     """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
-    from .backends import reference
+    from . import reference
     if target != "numpy" or is_artifact(model):
         reject_given(["dtype"], "the interpreter's precision (--target numpy); compiled code runs float32",
                      same_as={"dtype": "float32"})
+    else:
+        reject_given(["device"], "where a compiled model runs (with --target or an artifact), not the interpreter")
     if is_artifact(model):
         artifact_options(model, ["target", "opt_level", "disable", "verify_each"])
         from .api import load
-        compiled = load(model)
+        compiled = load(model, device)
         _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)
         outputs = compiled(inputs)
         target = None
@@ -167,7 +178,7 @@ def run(model, target, output_path, inputs_path, weights_path, seed, dims, dtype
         outputs = reference.run(graph, inputs, params, dtype=dtype)
     elif target is not None:
         from .backends.tvm import compile_graph
-        outputs = compile_graph(graph, params, target)(inputs)
+        outputs = compile_graph(graph, params, target, device=device)(inputs)
     for name, value in outputs.items():
         finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
         stats = f"mean {finite.mean():.6g}, min {finite.min():.6g}, max {finite.max():.6g}" if finite.size else "no finite values"

@@ -12,13 +12,13 @@ import click
 from click.core import ParameterSource
 
 from .backends import ArtifactError, BuildError, DeviceUnavailable
-from .backends.reference import InterpreterError
 from .inputs import InputError
 from .ir import GraphError
 from .ir.ops import IndexOutOfRange
 from .models import ModelNotFound
 from .nn import TraceError
 from .passes import PassVerificationError
+from .reference import InterpreterError
 from .weights import WeightsError
 
 #: Errors whose message is the whole story: shown without a traceback.
@@ -40,6 +40,24 @@ def user_errors(fn, extra: tuple = ()):
                 raise
             raise click.ClickException(f"{e.filename}: {e.strerror or e}") from None
     return wrapper
+
+
+def run_target_names() -> list[str]:
+    """What ``--target`` of ``run`` and ``generate`` accepts: ``numpy`` (the interpreter) and every compile
+    target family (each also with its option: ``llvm:x86-64-v3``, ``cuda:sm_90``)."""
+    from .backends.tvm.targets import FAMILIES
+    return ["numpy", *FAMILIES]
+
+
+def check_target(ctx, param, value):
+    """A click callback: ``value`` names ``numpy`` or a compile target (``BuildError`` text otherwise)."""
+    if value is None or value == "numpy":
+        return value
+    from .backends.tvm.targets import FAMILIES
+    if value.partition(":")[0] not in FAMILIES:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(run_target_names())} (with an option: "
+                                 f"llvm:CPU, cuda:ARCH)")
+    return value
 
 
 def parse_dims(values) -> dict[str, int]:

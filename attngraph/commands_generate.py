@@ -12,7 +12,7 @@ import click
 
 from . import models
 from . import cli_common
-from .cli_common import artifact_options, reject_given
+from .cli_common import artifact_options, check_target, reject_given
 from .generate import (
     CompiledStepper,
     MANIFEST,
@@ -51,7 +51,7 @@ def parse_tokens(text: str) -> list[int]:
 @click.option("--no-early-stop", "no_early_stop", is_flag=True,
               help="Keep searching while a live beam can still beat the finished ones.")
 @click.option("--nbest", is_flag=True, help="Print every beam, not only the best.")
-@click.option("--target", type=click.Choice(["numpy", "llvm", "cuda", "vulkan"]), default="numpy", show_default=True,
+@click.option("--target", default="numpy", show_default=True, callback=check_target, metavar="TARGET",
               help="numpy: the reference interpreter; llvm, cuda, vulkan: the entries compiled with TVM for that target.")
 @click.option("--cache-len", "cache_len", type=click.IntRange(1),
               help="Positions each decoder cache holds (default: the prefix plus --max-len).")

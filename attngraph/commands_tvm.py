@@ -19,11 +19,17 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
 
 
-target_option = click.option("--target", default="llvm", show_default=True, metavar="TARGET",
-                              help="Compile target: llvm (this CPU with its vector units; llvm:CPU for another CPU model, e.g. "
-                                   "llvm:x86-64-v3 for any AVX2 machine), cuda (NVIDIA GPUs; "
-                                   "cuda:sm_90 or --arch for another architecture), vulkan (any Vulkan driver; "
-                                   "'attngraph targets' says which run here).")
+def _target_help() -> str:
+    from .backends.tvm.targets import FAMILIES
+    return ("Compile target: " + "; ".join(f"{name} ({what})" for name, (_, what) in FAMILIES.items())
+            + ". 'attngraph targets' says which run here.")
+
+
+target_option = click.option("--target", default="llvm", show_default=True, metavar="TARGET", help=_target_help())
+device_option = click.option("--device", default=None, metavar="NAME",
+                             help="Run on another device than the target's own: 'emulator' runs a cuda build on the "
+                                  "CUDA source emulator, on this CPU, without a GPU (slow; 'attngraph targets' lists "
+                                  "each target's devices).")
 arch_option = click.option("--arch", default=None, metavar="SM",
                             help="CUDA architecture for --target cuda (sm_80 by default; sm_86, sm_89, sm_90, ...).")
 
@@ -50,15 +56,8 @@ seed_option = click.option("--seed", default=0, show_default=True, help="Seed fo
 
 def device_source(out_dir: str, manifest: dict) -> str:
     """The generated device source of the artifact in ``out_dir``: CUDA C, or every kernel's WGSL."""
-    import os
-
     from .backends.tvm.targets import get_target
-    spec = get_target(manifest["target"])
-    if spec.source_file:
-        with open(os.path.join(out_dir, spec.source_file)) as f:
-            return f.read()
-    from .backends.tvm.webgpu import WebGPUModule
-    return WebGPUModule.load(os.path.join(out_dir, manifest["library"])).source()
+    return get_target(manifest["target"]).device_source(out_dir, manifest)
 
 
 @click.command()
@@ -85,9 +84,11 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     from .backends.tvm.progress import Progress
     from .weights import load_weights
     target = target_name(target, arch)
-    if dump_path and target.partition(":")[0] not in ("cuda", "vulkan"):
-        raise click.BadParameter(f"--dump-source is for the GPU targets (cuda, vulkan), not {target!r}",
-                                 param_hint="--dump-source")
+    from .backends.tvm.targets import get_target
+    tgt = get_target(target)
+    if dump_path and tgt.device_code is None:
+        raise click.BadParameter(f"--dump-source is for the targets that generate device source (cuda, vulkan), "
+                                 f"not {target!r}", param_hint="--dump-source")
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
@@ -130,8 +131,9 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
               help="Compare every kernel's result with the interpreter's value of the same node; name the first "
                    "that diverges.")
 @weight_dtype_option
+@device_option
 @user_errors
-def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype):
+def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, device):
     """Compile MODEL (or load an artifact DIR) and compare its outputs with the float64 interpreter
     on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5 (-inf/NaN entries must be in the same places)."""
@@ -151,7 +153,7 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
                             dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress,
-                            weight_dtype=weight_dtype)
+                            weight_dtype=weight_dtype, device=device)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)
@@ -193,16 +195,20 @@ def tune(model, target, opt_level, trials, only, dims, tuning_db):
 @click.command("targets")
 def targets():
     """List the compile targets: whether each compiles and runs here, and why not."""
-    from .backends.tvm.targets import KNOWN_TARGETS, target_status
-    for name in KNOWN_TARGETS:
+    from .backends.tvm.targets import FAMILIES, get_target, target_status
+    for name, (_, what) in FAMILIES.items():
         status = target_status(name)
         compiles = "yes" if status["compile"] is None else f"no ({status['compile']})"
         runs = "yes" if status["run"] is None else f"no ({status['run']})"
-        click.echo(f"{name}:\n  compile here: {compiles}\n  run here: {runs}")
+        click.echo(f"{name}: {what}\n  compile here: {compiles}\n  run here: {runs}")
         if status["note"]:
             click.echo(f"  {status['note']}")
-        if name == "llvm":
-            click.echo("  llvm:CPU builds for another CPU model (llvm:x86-64-v3: any AVX2 machine; x86-64-v4: AVX-512)")
+        try:
+            devices = get_target(name).devices
+        except Exception:  # noqa: BLE001 - the target's module fails to import: said above
+            devices = {}
+        for device, about in devices.items():
+            click.echo(f"  --device {device}: {about}")
 
 
 COMMANDS = (build, verify, tune, targets)

@@ -103,7 +103,7 @@ class SentenceEncoder:
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """The encoder's outputs (``last_hidden_state``, ``sentence_embedding``) for one batch."""
         if self.target == "numpy":
-            from .backends import reference
+            from . import reference
             if self._graph is None:
                 from .nn import trace
                 self._graph = trace(self.model)

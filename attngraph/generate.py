@@ -173,7 +173,7 @@ class InterpreterStepper(EntryStepper):
     """Decode steps on the reference interpreter (float32, or float64 for checking)."""
 
     def __init__(self, model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32"):
-        from .backends import reference
+        from . import reference
         self.graphs = trace_entries(model, cache_len)
 
         def entry(g: Graph) -> Entry:

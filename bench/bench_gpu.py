@@ -52,7 +52,7 @@ def gpu_problem() -> str | None:
     except ImportError:
         if shutil.which("nvcc"):
             os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-    from attngraph.backends.tvm.gpu import cuda_runtime_problem
+    from attngraph.backends.tvm.targets.cuda import cuda_runtime_problem
     problem = cuda_runtime_problem()
     if problem:
         return f"attngraph's cuda target cannot run here: {problem}"
@@ -75,7 +75,7 @@ def attention_kernel(compiled, inputs, repeat: int):
     on the GPU by TVM's time_evaluator on random operands of its shapes."""
     import tvm
 
-    from attngraph.backends.tvm.executor import flops
+    from attngraph.backends.tvm.runtime.executor import flops
     from attngraph.inputs import bind_dims
     g = compiled.graph
     dims = bind_dims(g.input_types(), inputs)

@@ -63,17 +63,17 @@ def compile_kernel(op, attrs, in_types):
     """(compiled kernel, full attrs) of attngraph's scheduled CPU kernel for ``op``: symbolic dims, one build."""
     import tvm
 
-    from attngraph.backends.tvm.build import llvm_target
-    from attngraph.backends.tvm.cpu_kernels import cpu_kernel
+    from attngraph.backends.tvm.plan import KernelSpec
     from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.backends.tvm.targets import get_target
     from attngraph.ir import ops as O
     attrs = {**O.get(op).defaults, **attrs}
     out_type = O.get(op).infer(in_types, attrs)
-    target = llvm_target()
-    f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), target)
+    llvm = get_target("llvm")
+    f = llvm.kernel(KernelSpec("k", op, attrs, tuple(in_types), out_type), DimVars())
     if f is None:
         raise click.ClickException(f"no scheduled CPU kernel for {op} on {in_types}")
-    ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=target)
+    ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=llvm.tvm_target)
     return ex["k"], attrs
 
 
@@ -97,7 +97,7 @@ def row(cells, widths):
 def bench_dense(ms, repeat, torch):
     """The projections as the llvm target runs them: ``linear_packed`` over weights packed in column
     panels at bind time (what every build of a model with bound weights calls), with its bias."""
-    from attngraph.backends.tvm.targets import get_target
+    from attngraph.backends.tvm.targets.cpu.tiles import PANEL_WIDTH
     from attngraph.ir import TensorType
     from attngraph.ir import ops as O
     widths = [48, 6, 9, 9, 6, 9, 9, 7]
@@ -108,7 +108,7 @@ def bench_dense(ms, repeat, torch):
     for model, what, k, n in DENSE_SHAPES:
         w = rng.standard_normal((k, n)).astype("float32")
         b = rng.standard_normal(n).astype("float32")
-        panels = O.get("pack_panels").ref(w, width=get_target("llvm").weight_panel)
+        panels = O.get("pack_panels").ref(w, width=PANEL_WIDTH)
         # One build per shape serves every M: the rows are symbolic.
         kernel, attrs = compile_kernel("linear_packed", {"n": n}, [TensorType(("batch", "seq", k), "float32"),
                                                                    TensorType(panels.shape, "float32"),

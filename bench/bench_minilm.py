@@ -8,7 +8,7 @@ Engines, each timed from token ids and attention mask to the pooled, normalized 
 (tokenization excluded, the same for all):
 
 - ``attngraph``: ``attngraph.api.compile("minilm-l6")`` (the encoder and the pooling in one graph).
-- ``torch``: a plain PyTorch BERT forward of the checkpoint's tensors (``tests/torch_bert.py``, the
+- ``torch``: a plain PyTorch BERT forward of the checkpoint's tensors (``torch_bert.py``, also the
   tests' oracle), eager, under ``inference_mode``.
 - ``sentence-transformers``: ``SentenceTransformer(dir).forward`` (``transformers``' BertModel, its
   default SDPA attention, then Pooling and Normalize), only where ``sentence_transformers`` imports.
@@ -39,7 +39,6 @@ import numpy as np  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # torch_bert.py, the plain-torch oracle
 from timing import interleaved_ms  # noqa: E402
 
 

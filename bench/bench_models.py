@@ -195,13 +195,13 @@ def main(model_names, case_names, engines, repeat, cpu):
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
-    from attngraph.backends.tvm.build import llvm_target
-    from attngraph.backends.tvm.cpu_kernels import cpu_tiles
-    target = llvm_target(cpu)
-    if cpu and cpu_tiles(target).isa == "avx2":
+    from attngraph.backends.tvm.targets import get_target
+    llvm = get_target("llvm" if cpu is None else f"llvm:{cpu}")
+    target = llvm.tvm_target
+    if cpu and llvm.tiles.isa == "avx2":
         hold_torch_to_avx2()
         print("PyTorch held to AVX2 (ATen, MKL, oneDNN, Inductor); ONNX Runtime is not (it picks AVX-512 itself)")
-    print(f"float32 peak of {THREADS} threads on this CPU with {target.mcpu}'s instructions ({cpu_tiles(target).isa} "
+    print(f"float32 peak of {THREADS} threads on this CPU with {target.mcpu}'s instructions ({llvm.tiles.isa} "
           f"kernels): {peak_gflops(cpu=cpu):.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:

@@ -48,7 +48,8 @@ BASELINE = "292b9bc"
 
 def _specs():
     """[(label, KernelSpec)] of the projections and attention of the benchmark encoders, as their builds plan them."""
-    from attngraph.backends.tvm.build import for_target, plan_kernels
+    from attngraph.backends.tvm.build import for_target
+    from attngraph.backends.tvm.plan import plan_kernels
     from attngraph.models.transformer import TransformerEncoderModel
     from attngraph.nn import trace
     from attngraph.passes import optimize
@@ -83,11 +84,12 @@ def _baseline_module(rev: str):
     return module
 
 
-def candidates(target, baseline: str | None):
-    """{function name: (label, variant, spec, PrimFunc)} of every candidate for ``target``."""
-    from attngraph.backends.tvm import gpu_kernels
-    from attngraph.backends.tvm.build import _finish, generic_func
+def candidates(cuda, baseline: str | None):
+    """{function name: (label, variant, spec, PrimFunc)} of every candidate for the cuda target ``cuda``."""
+    from attngraph.backends.tvm.build import finish, generic_func
     from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.backends.tvm.targets.gpu import kernels as gpu_kernels
+    target = cuda.tvm_target
     old = _baseline_module(baseline) if baseline else None
     dv = DimVars()
     out = {}
@@ -104,12 +106,12 @@ def candidates(target, baseline: str | None):
                 forms[f"flash BK {bk}{mark}"] = gpu_kernels.flash_attention(spec, dv, target, key_tile=bk)
             if old is not None:
                 forms[f"flash @{baseline}"] = old.flash_attention(spec, dv, target)
-        forms["dlight"] = generic_func(spec, dv, target)
+        forms["dlight"] = generic_func(spec, dv, cuda)
         for j, (variant, func) in enumerate(forms.items()):
             if func is None:
                 continue
             name = f"ab{i}_{j}"
-            out[name] = (label, variant, spec, _finish(func, spec, dv).with_attr("global_symbol", name))
+            out[name] = (label, variant, spec, finish(func, spec, dv, name))
     return out
 
 
@@ -127,12 +129,12 @@ def build(out, arch, baseline):
     """Compile every candidate into DIR/ab.so with its index DIR/ab.json."""
     import tvm
 
-    from attngraph.backends.tvm import gpu
     from attngraph.backends.tvm.shapes import scalar_dims
-    target = gpu.cuda_target(arch)
+    from attngraph.backends.tvm.targets import get_target
+    target = get_target(f"cuda:{arch}")
     start = time.perf_counter()
     funcs = candidates(target, baseline or None)
-    executable = gpu.compile_cuda_module(tvm.IRModule({n: f for n, (_, _, _, f) in funcs.items()}), target)
+    executable = target.compile(tvm.IRModule({n: f for n, (_, _, _, f) in funcs.items()}))
     os.makedirs(out, exist_ok=True)
     executable.export_library(os.path.join(out, "ab.so"))
     index = []
@@ -209,7 +211,7 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
     import torch
     import tvm
 
-    from attngraph.backends.tvm.executor import flops
+    from attngraph.backends.tvm.runtime.executor import flops
     first = entries[0]
     host, out_shape = _operands(first, dims, rng)
     work = flops(first["op"], first["attrs"], [a.shape for a in host], out_shape)
@@ -243,17 +245,15 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
 @click.option("--baseline", default=BASELINE, show_default=True)
 def emulate(batch, seq, baseline):
     """Check every candidate's numerics here, without a GPU: its CUDA source on the CUDA source emulator
-    (tests/cuda_emu.py; small sizes: the emulator runs a GPU's threads one after another)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from cuda_emu import CudaEmulator
-
-    from attngraph.backends.tvm import gpu
+    (attngraph's ``--device emulator``; small sizes: the emulator runs a GPU's threads one after another)."""
     from attngraph.backends.tvm.shapes import scalar_dims
+    from attngraph.backends.tvm.targets import get_target
+    from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
     from attngraph.numerics import compare
     start = time.perf_counter()
-    target = gpu.cuda_target("sm_90")
+    target = get_target("cuda:sm_90")
     funcs = candidates(target, baseline or None)
-    emu = CudaEmulator(funcs={n: f for n, (_, _, _, f) in funcs.items()}, tvm_target=target)
+    emu = CudaEmulator.from_funcs({n: f for n, (_, _, _, f) in funcs.items()}, target)
     click.echo(f"{len(funcs)} candidates compiled for the emulator in {time.perf_counter() - start:.0f} s")
     dims, rng, bad = {"batch": batch, "seq": seq}, np.random.default_rng(0), 0
     by_label: dict = {}

@@ -47,11 +47,11 @@ def peak_gflops(threads: int | None = None, cpu: str | None = None) -> float:
     with the vector instructions of CPU model ``cpu`` (default: this CPU's; ``x86-64-v3``: AVX2's)."""
     import tvm
 
-    from attngraph.backends.tvm.build import llvm_target
-    from attngraph.backends.tvm.cpu_kernels import cpu_tiles
+    from attngraph.backends.tvm.targets import get_target
     threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
-    target = llvm_target(cpu)
-    lanes = 16 if cpu_tiles(target).isa == "avx512" else 8  # float32 lanes of the widest vector
+    llvm = get_target("llvm" if cpu is None else f"llvm:{cpu}")
+    target = llvm.tvm_target
+    lanes = 16 if llvm.tiles.isa == "avx512" else 8  # float32 lanes of the widest vector
     best = 0.0
     for accumulators in (8, 16):  # enough to hide the FMA latency on two ports; no register spills
         width = lanes * accumulators

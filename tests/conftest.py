@@ -11,6 +11,9 @@ import pytest
 
 import attngraph as ag
 
+# The benchmarks' helpers some tests share (bench/torch_bert.py, the plain-torch BERT; bench/gpu_ab.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
+
 #: (rtol, atol) for comparing a computation against the float64 interpreter, by compute dtype.
 TOLERANCE = {"float64": (1e-10, 1e-10), "float32": (1e-4, 1e-5), "float16": (1e-2, 1e-2)}
 

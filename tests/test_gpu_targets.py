@@ -23,8 +23,10 @@ from conftest import TOLERANCE, example, outputs_in_fresh_process
 import attngraph as ag
 from attngraph import api
 from attngraph.backends import BuildError, DeviceUnavailable
-from attngraph.backends.tvm import gpu, webgpu
-from attngraph.backends.tvm.targets import get_target, target_status
+from attngraph.backends.tvm.build import finish
+from attngraph.backends.tvm.targets import cuda, get_target, target_status, vulkan
+from attngraph.backends.tvm.targets.vulkan import device as wgpu_device
+from attngraph.backends.tvm.targets.vulkan import wgsl
 from attngraph.commands_tvm import COMMANDS
 
 RTOL, ATOL = TOLERANCE["float32"]
@@ -34,7 +36,7 @@ SMALL = ("transformer-tiny", "encoder-tiny", "gpt-tiny")
 VULKAN_PROBLEM = target_status("vulkan")["run"]
 CUDA_PROBLEM = target_status("cuda")["run"]
 needs_vulkan = pytest.mark.skipif(VULKAN_PROBLEM is not None, reason=f"no Vulkan device here: {VULKAN_PROBLEM}")
-needs_nvcc = pytest.mark.skipif(gpu.find_nvcc() is None, reason="nvcc is not installed")
+needs_nvcc = pytest.mark.skipif(cuda.find_nvcc() is None, reason="nvcc is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +65,13 @@ def cuda_artifact(tmp_path_factory):
 
 def test_gpu_targets_register_on_first_use_and_commands_that_do_not_compile_do_not_import_them():
     code = ("import sys, attngraph.cli; "
-            "bad = [m for m in ('tvm', 'attngraph.backends.tvm.gpu', 'attngraph.backends.tvm.webgpu', 'wgpu') "
+            "bad = [m for m in ('tvm', 'attngraph.backends.tvm.targets.cuda', 'attngraph.backends.tvm.targets.vulkan', 'wgpu') "
             "if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
-    assert get_target("vulkan").kind == "webgpu" and get_target("vulkan").library_name == "kernels.wgsl.json"
-    assert get_target("cuda").make_target().attrs["arch"] == gpu.DEFAULT_ARCH
-    assert get_target("cuda:sm_90").make_target().attrs["arch"] == "sm_90"
+    assert get_target("vulkan").tvm_target.kind.name == "webgpu" and get_target("vulkan").library_name == "kernels.wgsl.json"
+    assert get_target("cuda").tvm_target.attrs["arch"] == cuda.DEFAULT_ARCH
+    assert get_target("cuda:sm_90").tvm_target.attrs["arch"] == "sm_90"
 
 
 def test_bad_target_or_arch_is_a_clear_error(tmp_path):
@@ -89,7 +91,8 @@ def test_targets_command_says_what_compiles_and_runs_here():
     r = CliRunner().invoke(COMMAND["targets"], [])
     assert r.exit_code == 0, r.output
     for name in ("llvm", "cuda", "vulkan"):
-        assert f"{name}:\n  compile here: yes" in r.output
+        assert re.search(rf"^{name}: .*\n  compile here: yes", r.output, re.M), r.output
+    assert "--device emulator: the CUDA source emulator" in r.output
     if CUDA_PROBLEM:
         assert f"run here: no ({CUDA_PROBLEM})" in r.output
     assert "path wgsl-wgpu" in r.output or "path spirv" in r.output
@@ -103,7 +106,7 @@ def test_targets_command_says_what_compiles_and_runs_here():
 def test_vulkan_build_verifies_against_the_interpreter(vulkan_artifacts, name):
     path, _, _, manifest = vulkan_artifacts[name]
     assert manifest["target"] == "vulkan" and manifest["library"] == "kernels.wgsl.json"
-    assert manifest["target_info"]["path"] == webgpu.vulkan_path() == "wgsl-wgpu"
+    assert manifest["target_info"]["path"] == vulkan.vulkan_path() == "wgsl-wgpu"
     report = api.verify(path, per_node=True)
     assert report.ok, report.format()
     assert report.first_divergence is None, report.format()
@@ -141,10 +144,10 @@ def test_vulkan_from_the_command_line(vulkan_artifacts, tmp_path):
                                               "--dump-source", str(src)])
     assert r.exit_code == 0, r.output
     assert "path wgsl-wgpu" in r.output
-    wgsl = src.read_text()
-    module = webgpu.WebGPUModule.load(str(tmp_path / "a" / "kernels.wgsl.json"))
-    assert wgsl.count("@compute") == len(module.kernels) > 0
-    assert "inff" not in wgsl and "i64" not in wgsl
+    text = src.read_text()
+    module = wgsl.WebGPUModule.load(str(tmp_path / "a" / "kernels.wgsl.json"))
+    assert text.count("@compute") == len(module.kernels) > 0
+    assert "inff" not in text and "i64" not in text
     r = CliRunner().invoke(COMMAND["verify"], [str(tmp_path / "a")])
     assert r.exit_code == 0 and r.output.rstrip().endswith("PASS"), r.output
 
@@ -162,10 +165,10 @@ def test_vulkan_artifact_runs_with_tvm_runtime_only(vulkan_artifacts, tmp_path):
 
 @needs_vulkan
 def test_vulkan_device_limits_and_features_are_clear_errors():
-    device = webgpu.WgpuDevice(None)
+    device = wgpu_device.WgpuDevice(None)
     lim = device.limits
-    def kernel(size=(64, 1, 1), shared=0, wgsl=""):
-        return webgpu.Kernel("k", wgsl, [["x", "float32", True]], [], list(size), shared)
+    def kernel(size=(64, 1, 1), shared=0, source=""):
+        return wgsl.Kernel("k", source, [["x", "float32", True]], [], list(size), shared)
 
     device.check_kernel(kernel())
     with pytest.raises(DeviceUnavailable, match="kernel k needs max-compute-workgroup-size-x"):
@@ -178,14 +181,15 @@ def test_vulkan_device_limits_and_features_are_clear_errors():
         device.allocate(lim["max-buffer-size"] + 16)
     device.features.discard("shader-f16")
     with pytest.raises(DeviceUnavailable, match="lacks the shader-f16 feature"):
-        device.check_kernel(kernel(wgsl="enable f16;\n"))
+        device.check_kernel(kernel(source="enable f16;\n"))
     with pytest.raises(ValueError, match="beyond 32 bits"):
         device.upload(np.array([2**40], dtype=np.int64))
 
 
 @pytest.fixture(scope="module")
 def attention_specs():
-    from attngraph.backends.tvm.build import for_target, plan_kernels
+    from attngraph.backends.tvm.build import for_target
+    from attngraph.backends.tvm.plan import plan_kernels
     from attngraph.passes import optimize
     g, _ = optimize(ag.models.load_graph("transformer-tiny"), 3)
     # as planned without and with the GPU layout (self-attention reading q, k, v from the merged projection)
@@ -202,20 +206,19 @@ def test_flash_attention_is_one_kernel_and_matches_the_op_with_fully_masked_rows
     in the interpreter), a causal mask."""
     import tvm
 
-    from attngraph.backends.tvm.build import _finish
-    from attngraph.backends.tvm.gpu_kernels import flash_attention
+    from attngraph.backends.tvm.targets.gpu.kernels import flash_attention
     from attngraph.backends.tvm.shapes import DimVars
     rng = np.random.default_rng(0)
     dv = DimVars()
     device = None
     kinds = set()
     for spec in attention_specs:
-        func = _finish(flash_attention(spec, dv, webgpu.webgpu_target(), narrow_bool=True), spec, dv)
-        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: func}))
+        func = finish(flash_attention(spec, dv, wgsl.webgpu_target(), narrow_bool=True), spec, dv)
+        module = wgsl.compile_webgpu(tvm.IRModule({spec.name: func}))
         (launch,) = module.entries[spec.name].launches
         assert module.kernels[launch.kernel].shared_bytes > 0
         if device is None:
-            device = webgpu.WgpuDevice(module)
+            device = wgpu_device.WgpuDevice(module)
         device.module = module
         finite = _check_attention(device, spec, {"batch": 3, "src_len": 37, "tgt_len": 70}, rng)
         kinds.add(spec.attrs["mask_kinds"][0])
@@ -247,7 +250,7 @@ def _check_attention(device, spec, dims, rng):
 
 
 def _linear_specs():
-    from attngraph.backends.tvm.build import KernelSpec
+    from attngraph.backends.tvm.plan import KernelSpec
     from attngraph.ir import TensorType as T
     f32 = "float32"
     return [  # (spec, sizes of its symbolic dims)
@@ -274,8 +277,7 @@ def test_gpu_linear_kernel_matches_numpy_at_any_rows_and_columns():
 
     import tvm
 
-    from attngraph.backends.tvm.build import _finish
-    from attngraph.backends.tvm.gpu_kernels import linear, linear_tile
+    from attngraph.backends.tvm.targets.gpu.kernels import linear, linear_tile
     from attngraph.backends.tvm.shapes import DimVars
     rng = np.random.default_rng(0)
     dv = DimVars()
@@ -286,8 +288,8 @@ def test_gpu_linear_kernel_matches_numpy_at_any_rows_and_columns():
     tiles = set()
     for spec, sizes in _linear_specs():
         tiles.add(linear_tile(spec.in_types[1].shape[1]))
-        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: _finish(linear(spec, dv, webgpu.webgpu_target()), spec, dv)}))
-        device = device or webgpu.WgpuDevice(module)
+        module = wgsl.compile_webgpu(tvm.IRModule({spec.name: finish(linear(spec, dv, wgsl.webgpu_target()), spec, dv)}))
+        device = device or wgpu_device.WgpuDevice(module)
         device.module = module
         args = [rng.standard_normal([sizes.get(d, d) for d in t.shape]).astype(np.float32) for t in spec.in_types]
         want = args[0].astype(np.float64) @ args[1] + (args[2] if len(args) == 3 else 0)
@@ -299,11 +301,11 @@ def test_gpu_linear_kernel_matches_numpy_at_any_rows_and_columns():
 
 
 def test_gpu_linear_kernel_applies_only_where_it_can():
-    from attngraph.backends.tvm.build import KernelSpec
-    from attngraph.backends.tvm.gpu_kernels import linear
+    from attngraph.backends.tvm.plan import KernelSpec
+    from attngraph.backends.tvm.targets.gpu.kernels import linear
     from attngraph.backends.tvm.shapes import DimVars
     from attngraph.ir import TensorType as T
-    target, dv = gpu.cuda_target("sm_90"), DimVars()
+    target, dv = cuda.cuda_target("sm_90"), DimVars()
     ok = (T(("n", 16), "float32"), T((16, 32), "float32"))
     assert linear(KernelSpec("k", "matmul", {}, ok, T(("n", 32), "float32")), dv, target) is not None
     for ins, out in (((T(("n", 12), "float32"), T((12, 32), "float32")), T(("n", 32), "float32")),  # K % 8
@@ -320,23 +322,22 @@ def test_decode_attention_matches_the_op_at_a_few_query_rows(attention_specs):
     than threads (the rest idle), a fully masked row (NaN), causal and padding masks, head windows."""
     import tvm
 
-    from attngraph.backends.tvm.build import _finish
-    from attngraph.backends.tvm.gpu_kernels import DT, decode_attention
+    from attngraph.backends.tvm.targets.gpu.kernels import DT, decode_attention
     from attngraph.backends.tvm.shapes import DimVars
     rng = np.random.default_rng(1)
     dv = DimVars()
     device = None
     for spec in attention_specs:
-        func = _finish(decode_attention(spec, dv, webgpu.webgpu_target(), narrow_bool=True), spec, dv)
-        module = webgpu.compile_webgpu(tvm.IRModule({spec.name: func}))
-        device = device or webgpu.WgpuDevice(module)
+        func = finish(decode_attention(spec, dv, wgsl.webgpu_target(), narrow_bool=True), spec, dv)
+        module = wgsl.compile_webgpu(tvm.IRModule({spec.name: func}))
+        device = device or wgpu_device.WgpuDevice(module)
         device.module = module
         for rows in (1, 5, 8):
             _check_attention(device, spec, {"batch": 3, "src_len": DT + 5, "tgt_len": rows}, rng)
 
 
 def test_wgsl_nonfinite_literals_and_unscheduled_functions():
-    fixed = webgpu._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
+    fixed = wgsl._fix_wgsl("fn f() { x = -inff; y = nanf; z = inffy; }")
     assert "-tvm_inf()" in fixed and "tvm_nan()" in fixed and "inffy" in fixed and "inff;" not in fixed
     import tvm
     from tvm import te
@@ -344,7 +345,7 @@ def test_wgsl_nonfinite_literals_and_unscheduled_functions():
     b = te.compute((8,), lambda i: a[i] * 2.0, name="b")
     unscheduled = tvm.IRModule({"f": te.create_prim_func([a, b]).with_attr("global_symbol", "f")})
     with pytest.raises(BuildError, match="no GPU schedule for f"):
-        webgpu.compile_webgpu(unscheduled)
+        wgsl.compile_webgpu(unscheduled)
 
 
 # -- cuda -------------------------------------------------------------------------------------------
@@ -353,10 +354,10 @@ def test_wgsl_nonfinite_literals_and_unscheduled_functions():
 def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
     path, _, _, manifest = cuda_artifact
     assert {"kernels.so", "kernels.cu"} <= set(os.listdir(path))
-    assert manifest["target"] == "cuda" and manifest["target_info"]["arch"] == gpu.DEFAULT_ARCH
+    assert manifest["target"] == "cuda" and manifest["target_info"]["arch"] == cuda.DEFAULT_ARCH
     with open(os.path.join(path, "kernels.cu")) as f:
         source = f.read()
-    names = gpu.kernel_names(source)
+    names = cuda.kernel_names(source)
     for kernel in manifest["kernels"]:  # every kernel has at least one device kernel
         assert f"{kernel['name']}_kernel" in names, kernel
     with open(os.path.join(path, "manifest.json")) as f:
@@ -375,7 +376,7 @@ def test_cuda_build_holds_the_module_and_its_source(cuda_artifact):
 def test_gpu_host_code_runs_on_any_cpu():
     # The launch code of a GPU build is generic for the architecture (no -mcpu): built on an AVX-512
     # machine, the artifact still loads on a GPU server with an AVX2 CPU.
-    for target in (gpu.cuda_target("sm_90"), gpu.webgpu_target()):
+    for target in (cuda.cuda_target("sm_90"), wgsl.webgpu_target()):
         assert target.host.kind.name == "llvm" and "mcpu" not in target.host.attrs
 
 
@@ -390,10 +391,10 @@ def test_cuda_source_compiles_with_nvcc_for_another_arch(tmp_path):
     assert manifest["target"] == "cuda:sm_90" and manifest["target_info"]["nvcc_checked"] is True
     source = dumped.read_text()
     assert source == (tmp_path / "a" / "kernels.cu").read_text()
-    ptx = gpu.check_cuda_source(source, "sm_90").decode()
-    assert ".target sm_90" in ptx and ptx.count(".entry") == len(gpu.kernel_names(source))
+    ptx = cuda.check_cuda_source(source, "sm_90").decode()
+    assert ".target sm_90" in ptx and ptx.count(".entry") == len(cuda.kernel_names(source))
     with pytest.raises(BuildError, match="nvcc could not compile"):
-        gpu.check_cuda_source(source + "\nthis is not CUDA;\n", "sm_90")
+        cuda.check_cuda_source(source + "\nthis is not CUDA;\n", "sm_90")
 
 
 @needs_nvcc
@@ -405,7 +406,7 @@ def test_cuda_kernels_keep_their_tiles_in_registers(tmp_path):
     r = CliRunner().invoke(COMMAND["build"], ["transformer-base-encoder-layer", "--target", "cuda:sm_90",
                                               "-o", str(tmp_path / "a"), "--dump-source", str(source)])
     assert r.exit_code == 0, r.output
-    out = subprocess.run([gpu.find_nvcc(), "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
+    out = subprocess.run([cuda.find_nvcc(), "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
                           str(source)], capture_output=True, text=True, check=True).stderr
     report = dict(re.findall(r"Compiling entry function '(\w+)'.*?\n(.*?Used \d+ registers[^\n]*)", out, re.S))
     hand = {k: v for k, v in report.items() if "_linear_" in k or "_fused_attention_" in k}
@@ -470,7 +471,7 @@ def test_every_zoo_model_compiles_for_vulkan_and_verifies_where_its_weights_fit(
     """Every model compiles; every model verifies on this Vulkan device, except where a weight is
     larger than one storage binding may be (lavapipe: 128 MiB; gpt-small's and transformer-big's
     embeddings are larger), which must be the clear error naming the limit.  About 2 minutes."""
-    limit = webgpu.WgpuDevice(None).limits["max-storage-buffer-binding-size"]
+    limit = wgpu_device.WgpuDevice(None).limits["max-storage-buffer-binding-size"]
     for name in ag.models.names():
         path = str(tmp_path / name)
         api.build(name, out_dir=path, target="vulkan")
@@ -497,7 +498,7 @@ def test_generation_on_vulkan_keeps_its_state_on_the_device(kind, tmp_path):
     sources = [[3, 4], [7, 8]] if kind == "gpt-tiny" else [[3, 4, 5, 6], [7, 8]]
     state = compiled.encode(np.array(sources if kind == "gpt-tiny" else [[3, 4, 5, 6], [7, 8, 0, 0]]))
     _, state = compiled.step(np.array([[1], [2]]), 0, state)
-    assert all(isinstance(state[n], webgpu.WgpuTensor) for n in compiled.info.caches)
+    assert all(isinstance(state[n], wgpu_device.WgpuTensor) for n in compiled.info.caches)
     assert [h.tokens for h in G.greedy_search(compiled, sources, 5)] == \
         [h.tokens for h in G.greedy_search(oracle, sources, 5)]
     assert [[h.tokens for h in hs] for hs in G.beam_search(compiled, sources, 2, 5, eos_id=2)] == \

@@ -8,7 +8,7 @@ from conftest import example
 
 import attngraph as ag
 from attngraph import nn
-from attngraph.backends.reference import InterpreterError
+from attngraph.reference import InterpreterError
 from attngraph.inputs import InputError
 
 

@@ -192,7 +192,7 @@ def test_memory_plan_reuses_buffers(tiny_graph):
 
 
 def test_pack_weights_packs_each_weight_once_and_keeps_the_meaning(tiny_graph):
-    from attngraph.passes.layout import pack_weights
+    from attngraph.backends.tvm.targets.cpu.layout import pack_weights
     g, _ = passes.optimize(tiny_graph, 3)
     packed = g.copy()
     matches, misses = pack_weights(packed, 16)
@@ -237,8 +237,9 @@ def test_attention_head_window_out_of_range_is_a_shape_error():
 
 
 def test_pack_panels_pads_the_last_panel():
+    from attngraph.backends.tvm.targets.cpu.ops import pack_panels
     w = np.arange(3 * 5, dtype=np.float32).reshape(3, 5)
-    p = ag.ir.ops.pack_panels(w, width=4)
+    p = pack_panels(w, width=4)
     assert p.shape == (2, 3, 4)
     np.testing.assert_array_equal(p[0], w[:, :4])
     np.testing.assert_array_equal(p[1, :, 0], w[:, 4])

@@ -142,17 +142,17 @@ def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp
     # Built where AVX-512 is (the manifest says so), loaded on an AVX2 CPU: a clear error naming the
     # missing instruction sets, instead of a crash on the first AVX-512 instruction.  The manifest lists
     # the build's instruction sets; an older one without the list names only the CPU model.
-    from attngraph.backends.tvm import targets
+    from attngraph.backends.tvm.targets.cpu import isa
     copy = str(tmp_path / "copy")
     shutil.copytree(tiny_artifact[0], copy)
     with open(os.path.join(copy, "manifest.json")) as f:
         manifest = json.load(f)
     info = {"cpu": "skylake-avx512", "mattr": [], "kernels": "avx512"}
     if listed:
-        info["features"] = sorted(targets._isa_features("skylake-avx512"))
+        info["features"] = sorted(isa.isa_features("skylake-avx512"))
     manifest["target_info"] = info
     _write(os.path.join(copy, "manifest.json"), json.dumps(manifest).encode(), "wb")
-    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
     with pytest.raises(ArtifactError, match=r"compiled for CPU 'skylake-avx512', whose instructions .*avx512f.* "
                                             r"this CPU lacks; rebuild it on this machine"):
         api.load(copy)
@@ -164,7 +164,7 @@ def test_build_for_another_cpu_model(tmp_path, monkeypatch):
     """``llvm:CPU`` builds for a deployment machine other than this one: x86-64-v3 (any AVX2 CPU) gets
     the AVX2 kernels, runs here (this CPU has AVX2) and matches the interpreter; the manifest names the
     CPU model and its instruction sets, so a CPU without them refuses the artifact."""
-    from attngraph.backends.tvm import targets
+    from attngraph.backends.tvm.targets.cpu import isa
     g = ag.models.load_graph("gpt-tiny")
     params = ag.init_params(g, 3, perturb=True)
     out = str(tmp_path / "v3")
@@ -176,7 +176,7 @@ def test_build_for_another_cpu_model(tmp_path, monkeypatch):
     want = ag.reference.run(g, x, params, dtype="float64")
     for k, v in api.load(out)(x).items():
         np.testing.assert_allclose(v, want[k], rtol=RTOL, atol=ATOL)
-    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: frozenset({"sse42", "avx"}))  # no AVX2, no FMA
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: frozenset({"sse42", "avx"}))  # no AVX2, no FMA
     with pytest.raises(ArtifactError, match=r"compiled for CPU 'x86-64-v3', whose instructions avx2, f16c, fma "
                                             r"this CPU lacks"):
         api.load(out)
@@ -186,12 +186,12 @@ def test_compiling_for_a_cpu_this_one_is_not(monkeypatch):
     # An unknown CPU model is a build error naming the target; kernels for a CPU with instructions
     # this one lacks compile, and running them here is refused before the first kernel call.
     from attngraph.backends import DeviceUnavailable
-    from attngraph.backends.tvm import targets
+    from attngraph.backends.tvm.targets.cpu import isa
     g = ag.models.load_graph("gpt-tiny")
     params = ag.init_params(g, 3)
     with pytest.raises(BuildError, match=r"unknown CPU 'pentium9' in target 'llvm:pentium9'"):
         api.compile(g, params, target="llvm:pentium9")
-    monkeypatch.setattr(targets, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
     model = api.compile(g, params, target="llvm:x86-64-v4")
     with pytest.raises(DeviceUnavailable, match=r"kernels built for CPU x86-64-v4 \(target llvm:x86-64-v4\) use "
                                                 r"instructions this CPU lacks: avx512bw, .*avx512f"):

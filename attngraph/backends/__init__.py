@@ -1,4 +1,5 @@
-"""Backends: ``reference`` (the NumPy interpreter, the oracle) and ``tvm`` (compiled kernels)."""
+"""Backends: ``tvm`` (compiled kernels, its targets and its runtime), and the errors a backend raises.
+The NumPy interpreter, the oracle every backend is checked against, is ``attngraph.reference``."""
 
 
 import os

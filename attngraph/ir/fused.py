@@ -45,39 +45,13 @@ def _infer_linear(types, attrs):
     return TensorType(x.shape[:-1] + (w.shape[1],), O._same_dtype(types))
 
 
-@op("linear", FUSED, None, _infer_linear, activation="none")
+@op("linear", FUSED, None, _infer_linear, flops=O.contraction_flops, activation="none")
 def linear(x, w, b=None, *, activation="none"):
     """activation(x @ w + b): a matmul with its bias and activation as epilogue."""
     y = np.matmul(x, w)
     if b is not None:
         y = y + b
     return _activate(y, activation)
-
-
-def _infer_linear_packed(types, attrs):
-    if len(types) not in (2, 3):
-        raise ShapeError(f"linear_packed takes x, packed weight and an optional bias, got {len(types)} operands")
-    x, w = types[0], types[1]
-    n = attrs["n"]
-    if attrs.get("activation", "none") not in ACTIVATIONS:
-        raise ShapeError(f"unknown activation {attrs['activation']!r}")
-    if w.rank != 3 or x.rank < 1 or x.shape[-1] != w.shape[1] or not isinstance(n, int) \
-            or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
-        raise ShapeError(f"linear_packed needs x (..., K) and weight panels (ceil(n/w), K, w) for n={n}, "
-                         f"got {x} and {w}")
-    if len(types) == 3 and types[2].shape != (n,):
-        raise ShapeError(f"linear_packed bias must have shape ({n},), got {types[2]}")
-    # The weight may be stored narrower than x (float16 panels); the product is computed in x's dtype.
-    if not w.is_float or np.dtype(w.dtype).itemsize > np.dtype(x.dtype).itemsize:
-        raise ShapeError(f"linear_packed weight {w} must be a float no wider than x {x}")
-    return TensorType(x.shape[:-1] + (n,), O._same_dtype([x] + list(types[2:])))
-
-
-@op("linear_packed", FUSED, None, _infer_linear_packed, activation="none", n=None)
-def linear_packed(x, w, b=None, *, activation="none", n=None):
-    """``linear`` over a weight in column panels (``pack_panels``): the CPU target's layout."""
-    panels, k, width = w.shape
-    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n].astype(x.dtype), b, activation=activation)
 
 
 def _infer_add_layer_norm(types, attrs):
@@ -88,7 +62,7 @@ def _infer_add_layer_norm(types, attrs):
     return O._infer_layer_norm([s, gamma, beta], attrs)
 
 
-@op("add_layer_norm", FUSED, 4, _infer_add_layer_norm, eps=1e-5)
+@op("add_layer_norm", FUSED, 4, _infer_add_layer_norm, rows=True, eps=1e-5)
 def add_layer_norm(a, b, gamma, beta, *, eps=1e-5):
     """layer_norm(a + b): the residual add folded into the norm."""
     return O.layer_norm(a + b, gamma, beta, eps=eps)
@@ -152,7 +126,7 @@ def _infer_sms(types, attrs):
     return x
 
 
-@op("scaled_masked_softmax", FUSED, None, _infer_sms, scale=1.0, mask_kinds=(), mask_fills=())
+@op("scaled_masked_softmax", FUSED, None, _infer_sms, rows=True, scale=1.0, mask_kinds=(), mask_fills=())
 def scaled_masked_softmax(x, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
     """softmax(masks(x * scale)) over the last axis."""
     s = apply_masks(x * np.asarray(scale, x.dtype), masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
@@ -237,8 +211,15 @@ def _infer_attention(types, attrs):
     return TensorType(shape, O._same_dtype(types[:3]))
 
 
-@op("fused_attention", FUSED, None, _infer_attention, scale=1.0, mask_kinds=(), mask_fills=(), layout="bhsd",
-    heads=())
+def _attention_flops(attrs, in_shapes, out_shape) -> int:
+    """Q K^T and P V: 2 x (scores) x head dim, 2 x (outputs) x keys."""
+    lk = in_shapes[1][1] if attrs.get("layout") == "bshd" else in_shapes[1][2]
+    size = int(np.prod(out_shape, dtype=np.int64))
+    return 2 * size * int(lk) + 2 * size // int(out_shape[-1]) * int(lk) * int(in_shapes[0][-1])
+
+
+@op("fused_attention", FUSED, None, _infer_attention, flops=_attention_flops, scale=1.0, mask_kinds=(), mask_fills=(),
+    layout="bhsd", heads=())
 def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), mask_fills=(), layout="bhsd", heads=()):
     """softmax(masks(q @ k^T * scale)) @ v in one op.  ``layout`` ``bhsd`` has q, k, v and the result
     as (batch, heads, seq, dim); ``bshd`` as (batch, seq, heads, dim), the layout projections

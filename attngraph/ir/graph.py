@@ -148,6 +148,13 @@ class Graph:
     def output_types(self) -> dict[str, TensorType]:
         return {name: self.node(o).type for name, o in self.outputs}
 
+    def describe(self, nid: int) -> str:
+        """``%name = op(%a, %b) (created at file:line, in module scope)``: a node in an error message."""
+        n = self.node(nid)
+        args = ", ".join(f"%{self.node(o).name}" for o in self.operands(nid))
+        where = n.where()
+        return f"%{n.name} = {n.op}({args})" + (f" ({where})" if where else "")
+
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for n in self.nodes():

@@ -33,6 +33,12 @@ class OpDef:
     ref: Callable[..., np.ndarray]
     defaults: dict = field(default_factory=dict)
     doc: str = ""
+    #: every output row (the last axis; softmax: its ``axis``, when that is the last) depends on the same
+    #: row of the first operand alone: softmax- and norm-like ops, which CPU kernels run a row at a time
+    rows: bool = False
+    #: (attrs, operand shapes, result shape) -> floating-point operations (2 per multiply-add), for the ops
+    #: whose work is counted in profiles (contractions, attention); None: not counted
+    flops: Callable | None = None
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -43,14 +49,36 @@ UNARY, BINARY, COMPARE, REDUCE, LAYOUT, NN, SOURCE, FUSED = (
 ELEMENTWISE_GROUPS = (UNARY, BINARY, COMPARE)
 
 
-def op(name: str, group: str, arity: int | None, infer, **defaults):
-    """Register ``fn`` (the NumPy reference) as op ``name``."""
+def op(name: str, group: str, arity: int | None, infer, *, rows: bool = False, flops: Callable | None = None,
+       **defaults):
+    """Register ``fn`` (the NumPy reference) as op ``name`` (``rows``, ``flops``: see ``OpDef``)."""
     def register(fn):
         if name in REGISTRY:
             raise ValueError(f"op {name!r} registered twice")
-        REGISTRY[name] = OpDef(name, group, arity, infer, fn, dict(defaults), (fn.__doc__ or "").strip())
+        REGISTRY[name] = OpDef(name, group, arity, infer, fn, dict(defaults), (fn.__doc__ or "").strip(), rows, flops)
         return fn
     return register
+
+
+def contraction_flops(attrs, in_shapes, out_shape) -> int:
+    """2 x (result elements) x (contracted length: the first operand's last dim)."""
+    return 2 * int(np.prod(out_shape, dtype=np.int64)) * int(in_shapes[0][-1])
+
+
+#: Attributes that may hold symbolic dims, evaluated once the inputs bind them.
+DIM_ATTRS = ("shape", "n", "start", "stop")
+
+
+def bind_attrs(attrs: dict, bindings) -> dict:
+    """``attrs`` with symbolic dims replaced by their values."""
+    out = dict(attrs)
+    for key in DIM_ATTRS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = D.evaluate(value, bindings)
+        elif isinstance(value, (list, tuple)):
+            out[key] = type(value)(D.evaluate(v, bindings) if isinstance(v, str) else v for v in value)
+    return out
 
 
 def get(name: str) -> OpDef:
@@ -272,7 +300,7 @@ def _infer_matmul(types, attrs):
     return TensorType(batch + (a.shape[-2], b.shape[-1]), _same_dtype(types))
 
 
-@op("matmul", NN, 2, _infer_matmul)
+@op("matmul", NN, 2, _infer_matmul, flops=contraction_flops)
 def matmul(a, b):
     """Batched matrix product with broadcasting batch dims, as ``np.matmul``."""
     return np.matmul(a, b)
@@ -284,7 +312,7 @@ def _infer_softmax(types, attrs):
     return x
 
 
-@op("softmax", NN, 1, _infer_softmax, axis=-1)
+@op("softmax", NN, 1, _infer_softmax, rows=True, axis=-1)
 def softmax(x, *, axis=-1):
     """exp(x - max) / sum(exp(x - max)) along ``axis``; rows of all -inf give NaN, as in PyTorch."""
     with np.errstate(invalid="ignore"):  # a fully masked row is NaN by definition
@@ -293,7 +321,7 @@ def softmax(x, *, axis=-1):
         return e / np.sum(e, axis=axis, keepdims=True)
 
 
-@op("log_softmax", NN, 1, _infer_softmax, axis=-1)
+@op("log_softmax", NN, 1, _infer_softmax, rows=True, axis=-1)
 def log_softmax(x, *, axis=-1):
     """x - logsumexp(x) along ``axis``."""
     m = np.max(x, axis=axis, keepdims=True)
@@ -311,7 +339,7 @@ def _infer_layer_norm(types, attrs):
     return x
 
 
-@op("layer_norm", NN, 3, _infer_layer_norm, eps=1e-5)
+@op("layer_norm", NN, 3, _infer_layer_norm, rows=True, eps=1e-5)
 def layer_norm(x, gamma, beta, *, eps=1e-5):
     """(x - mean) / sqrt(var + eps) * gamma + beta over the last axis (biased variance)."""
     mean = np.mean(x, axis=-1, keepdims=True)
@@ -458,34 +486,6 @@ def gather(table, idx):
         bad = idx[(idx < 0) | (idx >= table.shape[0])].ravel()[0]
         raise IndexOutOfRange(f"index {bad} is out of range for a table of {table.shape[0]} rows")
     return np.take(table, idx, axis=0)
-
-
-FLOAT_DTYPES = ("float16", "float32", "float64")
-
-
-def _infer_pack_panels(types, attrs):
-    (w,) = types
-    width, dtype = attrs["width"], attrs.get("dtype") or w.dtype
-    if w.rank != 2 or not all(isinstance(d, int) for d in w.shape):
-        raise ShapeError(f"pack_panels needs a 2-D weight of static shape, got {w}")
-    if not isinstance(width, int) or width < 1:
-        raise ShapeError(f"pack_panels: width must be a positive int, got {width!r}")
-    if not w.is_float or dtype not in FLOAT_DTYPES:
-        raise ShapeError(f"pack_panels packs float weights into {', '.join(FLOAT_DTYPES)}, got {w} -> {dtype}")
-    k, n = w.shape
-    return TensorType((-(-n // width), k, width), dtype)
-
-
-@op("pack_panels", LAYOUT, 1, _infer_pack_panels, dtype=None)
-def pack_panels(w, *, width, dtype=None):
-    """A (K, N) weight as column panels (ceil(N/width), K, width), the last panel zero-padded: each
-    panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``).
-    ``dtype`` stores the panels in another float type (float16: half the bytes a decode step reads)."""
-    k, n = w.shape
-    panels = -(-n // width)
-    padded = np.zeros((k, panels * width), dtype or w.dtype)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
 
 
 def _infer_update_slice(types, attrs):

@@ -8,9 +8,12 @@ so tests can compare printed IR and a person can read what a pass did::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from .graph import Graph, Node
+if TYPE_CHECKING:  # the graph prints itself with these functions (Graph.__str__)
+    from .graph import Graph, Node
 
 
 def format_attr(value) -> str:

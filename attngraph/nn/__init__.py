@@ -17,7 +17,8 @@ from .layers import (
                      causal_mask,
                      sinusoidal_table,
 )
-from .module import Buffer, InputSpec, Module, ModuleList, Parameter
+from .module import Buffer, Module, ModuleList, Parameter
+from .spec import InputSpec
 from .tensor import Tensor, TraceError, trace
 
 __all__ = ["functional", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",

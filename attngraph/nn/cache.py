@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from ..ir import TensorType
 from . import functional as F
 from .layers import NEG_INF, DecoderLayer, MultiHeadAttention, causal_mask
-from .module import InputSpec, Module
+from .module import Module
+from .spec import InputSpec
 from .tensor import current_tracer
 
 

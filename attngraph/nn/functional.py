@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..ir.dims import Dim
-from .tensor import Tensor, as_tensor, current_tracer
+from .tensor import Tensor, as_tensor, current_tracer, where  # noqa: F401  (where: F.where)
 
 
 def _emit(op, operands, **attrs) -> Tensor:
@@ -47,15 +47,6 @@ def cos(x) -> Tensor: return _emit("cos", [x])
 
 def matmul(a, b) -> Tensor:
     return _emit("matmul", [a, b])
-
-
-def where(cond, a, b) -> Tensor:
-    """``cond ? a : b``; a Python scalar takes the other branch's dtype."""
-    if isinstance(a, (int, float)) and not isinstance(b, (int, float)):
-        a = as_tensor(a, like=as_tensor(b))
-    if isinstance(b, (int, float)) and not isinstance(a, (int, float)):
-        b = as_tensor(b, like=as_tensor(a))
-    return _emit("where", [cond, a, b])
 
 
 def concat(xs: Sequence, axis: int) -> Tensor:

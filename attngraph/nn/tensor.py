@@ -15,6 +15,7 @@ import numpy as np
 
 from ..ir import Graph, GraphError, TensorType
 from ..ir.dims import Dim
+from .spec import InputSpec
 
 
 class TraceError(RuntimeError):
@@ -139,6 +140,16 @@ def as_tensor(x, like: "Tensor | None" = None) -> "Tensor":
     raise TraceError(f"cannot use {type(x).__name__} {x!r} as a tensor")
 
 
+def where(cond, a, b) -> "Tensor":
+    """``cond ? a : b``; a Python scalar takes the other branch's dtype."""
+    if isinstance(a, (int, float)) and not isinstance(b, (int, float)):
+        a = as_tensor(a, like=as_tensor(b))
+    if isinstance(b, (int, float)) and not isinstance(a, (int, float)):
+        b = as_tensor(b, like=as_tensor(a))
+    ts = [as_tensor(x) for x in (cond, a, b)]
+    return current_tracer().emit("where", ts)
+
+
 class TensorOps:
     """Operators and methods shared by ``Tensor`` and ``Parameter``; each records one or more ops."""
 
@@ -251,8 +262,7 @@ class TensorOps:
 
     def masked_fill(self, mask, value):
         """``value`` where ``mask`` is True, else this tensor (as ``torch.Tensor.masked_fill``)."""
-        from . import functional as F
-        return F.where(mask, value, self)
+        return where(mask, value, self)
 
     def size(self, dim=None):
         """The shape (``dim``: one size), as ``torch.Tensor.size``; symbolic dims are strings."""
@@ -365,7 +375,6 @@ class Tensor(TensorOps):
 
 
 def _normalize_spec(name, spec) -> tuple[TensorType, dict]:
-    from .module import InputSpec
     try:
         if isinstance(spec, InputSpec):
             ty, meta = spec.type, spec.meta()

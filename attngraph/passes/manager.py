@@ -111,7 +111,7 @@ def _peak(g: Graph, dims):
 
 
 def _outputs(g: Graph, inputs, params):
-    from ..backends import reference
+    from .. import reference
     return reference.run(g, inputs, params, dtype="float64")
 
 
@@ -129,19 +129,23 @@ def _compare(name, before, after):
 
 
 def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, verify_each=False,
-             verify_dims=None, seed: int = 0, passes: list[str] | None = None):
-    """Run the passes of ``level`` (or the list ``passes``) on a copy of ``graph``.
+             verify_dims=None, seed: int = 0, passes: list[str] | None = None, layout=None):
+    """Run the passes of ``level`` (or the list ``passes``) on a copy of ``graph``, then the target's layout
+    passes ``layout`` ({name: pass}, in order: ``Target.layout_passes``).
 
     Returns ``(optimized graph, PassReport)``.  ``print_after`` is a pass name or ``"all"``;
     ``verify_each`` checks the float64 interpreter's outputs after every pass."""
     if level not in LEVELS:
         raise ValueError(f"optimization level must be one of {sorted(LEVELS)}, got {level}")
-    names = list(passes if passes is not None else LEVELS[level])
+    layout = dict(layout or {})
+    known = {**PASSES, **layout}
+    names = list(passes if passes is not None else LEVELS[level]) + list(layout)
     for option, given in (("passes", names), ("disable", list(disable)),
                           ("print_after", [print_after] if print_after not in (None, "all") else [])):
-        unknown = [n for n in given if n not in PASSES]
+        unknown = [n for n in given if n not in known]
         if unknown:
-            raise PassOptionError(option, f"unknown pass {', '.join(unknown)}; passes: {', '.join(PASSES)}")
+            raise PassOptionError(option, f"unknown pass {', '.join(unknown)}; passes: {', '.join(known)} (a "
+                                          f"target's layout passes run when a target is given)")
     if print_after not in (None, "all", *names) or print_after in disable:
         runs = [f"-O{lv}" for lv, lv_names in LEVELS.items() if print_after in lv_names]
         why = "it is disabled" if print_after in disable else \
@@ -163,7 +167,7 @@ def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, veri
         if name in disable:
             continue
         before = len(g)
-        matches, misses = PASSES[name](g)
+        matches, misses = known[name](g)
         g.validate()
         stat = PassStat(name, before, len(g), matches, list(misses))
         if print_after in ("all", name):

@@ -1,11 +1,20 @@
-"""The TVM backend: lowering to tensor expressions, schedules, build, compile cache, and the
-executor that runs a kernel plan over planned buffers (llvm here; a GPU target registers itself
-with ``register_target``)."""
+"""The TVM backend.  Where to look:
+
+- ``plan.py``: which nodes run as kernels, the distinct kernels and their forms;
+- ``lower/``: every op as a tensor expression, one table filled per group of ops;
+- ``targets/``: one folder per family (``cpu``, ``gpu`` shared by ``cuda`` and ``vulkan``), each a
+  ``Target`` with its kernel table, generic schedule, layout passes and device;
+- ``build.py``: lowering, compiling and caching a graph's kernels for a target;
+- ``runtime/``: the device protocol, the executor, weights binding, host programs as data;
+- ``artifact.py``: the build directory; ``tune.py``: MetaSchedule (opt-in); ``cache.py``, ``shapes.py``.
+"""
 
 from .. import BuildError
-from .build import Kernels, KernelSpec, build_kernels, compile_graph, plan_kernels
-from .executor import CompiledModel, Device, TVMDevice
-from .targets import TARGETS, TargetSpec, get_target, register_target
+from .build import Kernels, build_kernels, compile_graph
+from .plan import KernelSpec, plan_kernels
+from .runtime.device import Device, TVMDevice
+from .runtime.executor import CompiledModel
+from .targets import FAMILIES, Target, get_target
 
-__all__ = ["TARGETS", "BuildError", "CompiledModel", "Device", "KernelSpec", "Kernels", "TVMDevice", "TargetSpec",
-           "build_kernels", "compile_graph", "get_target", "plan_kernels", "register_target"]
+__all__ = ["FAMILIES", "BuildError", "CompiledModel", "Device", "KernelSpec", "Kernels", "TVMDevice", "Target",
+           "build_kernels", "compile_graph", "get_target", "plan_kernels"]

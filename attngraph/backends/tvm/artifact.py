@@ -24,8 +24,8 @@ from ...ir import serialize
 from ...weights import WeightsError, load_weights, save_weights
 from .. import ArtifactError, BuildError, DeviceUnavailable, is_artifact  # noqa: F401  (re-exported)
 from .build import Kernels
-from .executor import CompiledModel
-from .targets import KNOWN_TARGETS, get_target
+from .runtime.executor import CompiledModel
+from .targets import FAMILIES, get_target
 
 #: The files every artifact has; the kernel library (kernels.so for llvm) is named by the target.
 FILES = ("manifest.json", "graph.json", "weights.safetensors")
@@ -35,7 +35,7 @@ FORMAT = 2
 def versions() -> dict:
     import tvm
 
-    from ... import __version__
+    from ...version import __version__
     return {"attngraph": __version__, "tvm": tvm.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
@@ -55,7 +55,7 @@ def manifest_of(model: CompiledModel, kernels: Kernels, *, model_name: str, opt_
     dims = g.meta.get("dims", {})
     manifest = {
         "format": FORMAT, "model": model_name, "target": kernels.target, "opt_level": opt_level,
-        "target_info": (get_target(kernels.target).describe or dict)(),
+        "target_info": get_target(kernels.target).describe(),
         "inputs": {n: t.to_json() for n, t in g.input_types().items()},
         "outputs": {n: t.to_json() for n, t in g.output_types().items()},
         "kernel_plan": [{"node": name[s.node], "op": g.node(s.node).op, "kernel": s.kernel,
@@ -107,17 +107,18 @@ def _write(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict)
     save_weights(os.path.join(out_dir, "weights.safetensors"), tensors)
     with open(os.path.join(out_dir, "graph.json"), "w") as f:
         json.dump(obj, f)
-    library = get_target(kernels.target).library_name
+    target = get_target(kernels.target)
+    library = target.library_name
     if kernels.library is not None:
         shutil.copyfile(kernels.library, os.path.join(out_dir, library))
     else:  # nothing to compute at run time (a graph of views and weights): an empty library marker
         open(os.path.join(out_dir, library), "wb").close()
     files = [f for f in FILES if f != "manifest.json"] + [library]
-    source = get_target(kernels.target).source_file  # the generated device source, beside the library
-    beside = os.path.join(os.path.dirname(kernels.library), source) if source and kernels.library else None
-    if beside and os.path.isfile(beside):
-        shutil.copyfile(beside, os.path.join(out_dir, source))
-        files.append(source)
+    for name in target.companion_files:  # the device source and what else the compile wrote beside the library
+        beside = os.path.join(os.path.dirname(kernels.library), name) if kernels.library else None
+        if beside and os.path.isfile(beside):
+            shutil.copyfile(beside, os.path.join(out_dir, name))
+            files.append(name)
     manifest = dict(manifest, library=library,
                     files={f: {"bytes": os.path.getsize(os.path.join(out_dir, f)),
                                "sha256": _sha256(os.path.join(out_dir, f))} for f in files})
@@ -139,9 +140,10 @@ def _check_files(path: str, manifest: dict) -> None:
                                 f"manifest; rebuild it with attngraph build")
 
 
-def load_artifact(path: str) -> CompiledModel:
+def load_artifact(path: str, device: str | None = None) -> CompiledModel:
     """The compiled model in ``path``: ``model(inputs) -> outputs`` (NumPy arrays by name), with
-    ``model.graph``, ``model.params`` and ``model.manifest``."""
+    ``model.graph``, ``model.params`` and ``model.manifest``.  ``device``: another device than the
+    target's own (``emulator``: a cuda build on the CUDA source emulator)."""
     from ...threads import ensure_threads
     rebuild = "rebuild it with: attngraph build MODEL -o " + path
     if not os.path.isdir(path):
@@ -159,20 +161,12 @@ def load_artifact(path: str) -> CompiledModel:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"artifact {path!r} has format {manifest.get('format')}, this attngraph reads {FORMAT}; "
                             f"{rebuild}")
-    target = manifest.get("target")
     try:
-        get_target(str(target))  # imports a GPU target's module on first use
+        target = get_target(str(manifest.get("target")))  # imports a GPU target's module on first use
     except BuildError:
-        raise ArtifactError(f"artifact {path!r} was built for target {target!r}, which this installation cannot run "
-                            f"(targets here: {', '.join(KNOWN_TARGETS)})") from None
-    if str(target).partition(":")[0] == "llvm":  # llvm, or llvm:CPU (built for another CPU model)
-        from .targets import missing_cpu_features
-        info = manifest.get("target_info") or {}
-        missing = missing_cpu_features(info if isinstance(info, dict) else {})
-        if missing:  # its kernels would stop on an illegal instruction
-            raise ArtifactError(f"artifact {path!r} was compiled for CPU {info.get('cpu')!r}, whose instructions "
-                                f"{', '.join(missing)} this CPU lacks; rebuild it on this machine "
-                                f"(attngraph build MODEL --target llvm -o DIR)")
+        raise ArtifactError(f"artifact {path!r} was built for target {manifest.get('target')!r}, which this "
+                            f"installation cannot run (targets here: {', '.join(FAMILIES)})") from None
+    target.check_manifest(manifest, path)
     library = manifest.get("library", "kernels.so")
     if not os.path.isfile(os.path.join(path, library)):
         raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")
@@ -189,14 +183,15 @@ def load_artifact(path: str) -> CompiledModel:
         raise ArtifactError(f"artifact {path!r} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
     ensure_threads()
     try:
-        device = get_target(target).open_device(os.path.join(path, library) if symbol_of else None)
-    except DeviceUnavailable:  # the artifact is fine; this machine cannot run it
+        target.check_device(device)
+        device = target.open_device(os.path.join(path, library) if symbol_of else None, device)
+    except (DeviceUnavailable, BuildError):  # the artifact is fine; this machine (or that device) cannot run it
         raise
     except Exception as e:  # noqa: BLE001 - the loader's own message is kept
         raise ArtifactError(f"cannot load {path}/{library} ({e}); {rebuild}") from None
     params = {k: v for k, v in tensors.items() if not k.startswith("__const__.")}
     try:
-        model = CompiledModel(graph, params, device, symbol_of, target=target, variants=variants)
+        model = CompiledModel(graph, params, device, symbol_of, target=target.name, variants=variants)
     except (RuntimeError, WeightsError) as e:
         raise ArtifactError(f"artifact {path!r} does not fit together ({e}); {rebuild}") from None
     model.manifest = manifest

@@ -9,6 +9,7 @@ unchanged rebuild loads the library instead of compiling.  ``ATTNGRAPH_CACHE=off
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,9 +18,11 @@ import tempfile
 
 import numpy as np
 
-#: The code that decides what a kernel compiles to: every module of this package (lowering,
-#: schedules, hand kernels, targets); editing one invalidates the cache.
-_CODE_DIR = os.path.dirname(os.path.abspath(__file__))
+#: The code that decides what a kernel compiles to: every file of this package (lowering, schedules,
+#: hand kernels, targets) and of the IR (the ops' meaning, the masks' one definition); editing one
+#: invalidates the cache.
+_CODE_DIRS = (os.path.dirname(os.path.abspath(__file__)),
+              os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "ir"))
 
 
 def cache_root() -> str | None:
@@ -41,13 +44,18 @@ def _canonical(value):
     return value if isinstance(value, (int, str, bool, type(None))) else str(value)
 
 
+@functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     import tvm
     h = hashlib.sha256(tvm.__version__.encode())
-    for name in sorted(os.listdir(_CODE_DIR)):
-        if name.endswith(".py"):
-            with open(os.path.join(_CODE_DIR, name), "rb") as f:
-                h.update(name.encode() + f.read())
+    for top in _CODE_DIRS:
+        for folder, dirs, files in sorted(os.walk(top)):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith((".py", ".h")):
+                    path = os.path.join(folder, name)
+                    with open(path, "rb") as f:
+                        h.update(os.path.relpath(path, top).encode() + f.read())
     return h.hexdigest()
 
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 from ...ir import Graph
 from .. import BuildError
-from .build import KernelSpec, for_target, generic_func, kernel_func, plan_kernels, resolve_target
+from .kernel import generic_func, kernel_func
+from .plan import KernelSpec, plan_kernels
+from .targets import get_target
 from .cache import cache_root
 from .shapes import DimVars
 
@@ -126,9 +128,9 @@ def tune_graph(g: Graph, sizes: dict, db_dir: str, *, target: str = "llvm", tria
     """Tune each distinct kernel of ``g`` (those of ``ops`` if given) at ``sizes``; records go to
     ``db_dir`` (a MetaSchedule JSON database plus ``results.json``)."""
     from tvm.s_tir import meta_schedule as ms
-    tgt = resolve_target(target)
+    tgt = get_target(target).tvm_target
     tgt_ms = _with_cores(tgt)
-    specs, _ = plan_kernels(for_target(g, target))
+    specs, _ = plan_kernels(get_target(target).layout(g))
     if ops:
         # "linear" names the projections also where the target packs their weights (linear_packed).
         def matches(spec, op):
@@ -156,7 +158,7 @@ def tune_graph(g: Graph, sizes: dict, db_dir: str, *, target: str = "llvm", tria
                          cost_model="random", num_tuning_cores=2,
                          database=ms.database.JSONDatabase(work_dir=work))
         sch = ms.tir_integration.compile_tir(db, mod, tgt_ms)
-        builtin = _time_ms(kernel_func(spec._replace(name="main"), StaticDims(sizes), tgt), spec, sizes, tgt)
+        builtin = _time_ms(kernel_func(spec._replace(name="main"), StaticDims(sizes), target), spec, sizes, tgt)
         tuned = _time_ms(sch.mod["main"], spec, sizes, tgt) if sch is not None else None
         r = TuneResult(spec.name, spec.op, at, builtin, tuned)
         results[_record_key(spec, sizes)] = {"kernel": spec.name, "op": spec.op, "sizes": at,

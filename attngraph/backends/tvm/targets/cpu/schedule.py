@@ -1,4 +1,5 @@
-"""The generic CPU schedule: what every kernel without a hand-written one gets.
+"""The generic CPU schedule, what every kernel without a hand-written one gets, and the scheduling
+helpers the hand-written kernels share.
 
 Simple but not naive: stages that only move or combine elements are inlined into their readers;
 every remaining stage runs its outer loops in parallel (fused into one parallel loop) and its
@@ -30,16 +31,12 @@ def _stages(sch):
     return list(sch.get_child_blocks(sch.get_sblock("root")))
 
 
-def _is_reduction(sch, block) -> bool:
-    return any(v.iter_type == REDUCE for v in sch.get(block).iter_vars)
-
-
 def _inline_injective(sch) -> None:
     """Inline every intermediate elementwise/layout stage into its readers (recomputing an index
     shuffle or an exp is cheaper than a round trip through memory)."""
     stages = _stages(sch)
     for block in stages[:-1]:
-        if _is_reduction(sch, block):
+        if is_reduction(sch, block):
             continue
         try:
             sch.compute_inline(block)
@@ -84,3 +81,52 @@ def _schedule_stage(sch, block) -> None:
         init_inner = sch.get_loops(init)[-1]
         if _static(sch, init_inner) and _static(sch, init_inner) <= LANES:
             sch.vectorize(init_inner)
+
+
+# -- helpers of the hand-written kernels ------------------------------------------------------
+
+def has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - get_sblock raises a generic error for a missing block
+        return False
+
+
+def is_reduction(sch, block) -> bool:
+    return any(v.iter_type == REDUCE for v in sch.get(block).iter_vars)
+
+
+def split_row_reduction(sch, block, lanes: int = 8):
+    """A row sum or max over a static extent as ``lanes`` interleaved partial results (rfactor):
+    a vector of independent accumulators instead of one serial dependency chain (float adds are
+    not reassociated by the compiler, so a plain reduction loop runs at one add per latency)."""
+    r = sch.get_loops(block)[-1]
+    extent = sch.get(r).extent
+    if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
+        _, ri = sch.split(r, [None, lanes])
+        sch.rfactor(ri, factor_axis=0)
+
+
+def vectorize_static(sch, loop):
+    """Vectorize ``loop`` when its extent is static (TVM cannot vectorize a symbolic extent for x86;
+    LLVM's own loop vectorizer still sees those loops).  A long loop is vectorized in chunks of 16
+    (or 8, 4) lanes: one vector of 37000 lanes (a vocabulary row) does not compile."""
+    extent = sch.get(loop).extent
+    if not isinstance(extent, tirx.IntImm):
+        return
+    if extent.value <= 64:
+        sch.vectorize(loop)
+        return
+    lanes = next((n for n in (16, 8, 4) if extent.value % n == 0), None)
+    if lanes is not None:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+def vectorize_weighted_sum(sch, block):
+    """P @ V for one query row: loop the keys outside, vectorize over the head dim inside."""
+    d, r = sch.get_loops(block)[-2:]
+    sch.reorder(r, d)
+    vectorize_static(sch, d)
+    init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
+    vectorize_static(sch, sch.get_loops(init)[-1])

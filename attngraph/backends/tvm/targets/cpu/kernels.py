@@ -1,4 +1,6 @@
-"""Hand-scheduled CPU kernels for the llvm target: ``cpu_kernel(op, attrs, in_types, out_type, dim_vars, target)``.
+"""The llvm target's kernel table: the hand-scheduled kernel of each op that has one (``kernel(spec, dv,
+tiles)``), and the other forms built beside a kernel (``forms``).  Row ops (``OpDef.rows``) get the
+row-wise schedule by that property, so a new norm needs no entry here.
 
 Each kernel is a complete, scheduled ``tvm.tirx.PrimFunc`` whose parameters are the operands in order,
 then the output, with shapes ``dim_vars.shape(t.shape)``; ``None`` means "use the generic lowering".
@@ -16,106 +18,68 @@ Kernels (float32 and float64):
   generic tensor expression scheduled row by row (``rowwise``): rows in parallel, every
   intermediate computed for one row at a time, row sums over a static extent in 8 vector lanes,
   float32 ``exp`` as a vectorizable polynomial.
-- ``fused_attention``: blocks of query rows against register-tiled key chunks (``cpu_attention.py``).
+- ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``).
 - ``update_slice`` in place (``write_slice``), for caches the executor donates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tvm import s_tir, te, tirx
 
-from ...ir import TensorType
-from .lowering import ACTIVATIONS, lower
-from .shapes import DimVars
+from .....ir import TensorType
+from .....ir import ops as O
+from ...lower import lower
+from ...lower.elementwise import ACTIVATIONS
+from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
+from ...shapes import DimVars
+from .attention import attention
+from .fastmath import fast_math
+from .schedule import has_block, is_reduction, split_row_reduction, vectorize_static, vectorize_weighted_sum
+from .tiles import PANEL_WIDTH, TILE_M, TILE_N, CpuTiles
 
 FLOATS = ("float32", "float64")
-
-# Register tile of the matmul that packs its weights per call: TILE_M rows x TILE_N columns of
-# accumulators.  4 x 16 float32 is 8 AVX2 registers of accumulators, leaving room for the B row and
-# the broadcast A value; measured against 6 x 16 and 8 x 16, no faster (6) or slower (8: spills).
-# TILE_N is also the width of the panels that weights are packed in at bind time (``pack_panels``).
-TILE_M, TILE_N = 4, 16
-
-
-@dataclass(frozen=True)
-class CpuTiles:
-    """Register tiles for one vector instruction set, as (rows, columns) of float32 accumulators.
-
-    ``dense``: the projection over packed weights; ``few_rows``: the same at 1-8 rows (a decode step,
-    where a tall tile's clamped extra rows are wasted work: ``targets.FEW_ROWS``); ``one_row``: at
-    exactly one row, where measured faster (``targets.ONE_ROW``); ``attention``: query rows per block
-    and keys per chunk of the fused attention (``cpu_attention.py``).
-    """
-    isa: str
-    dense: tuple
-    few_rows: tuple
-    attention: tuple
-    one_row: tuple | None = None
-    #: the projection prefetches the next column tile's weights as it goes (``dense``, ``prefetch``)
-    prefetch: bool = False
-
-
-# AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
-# at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32; at 1-2 rows 2 x 32 was 20-35% faster.
-# Attention (AVX2 code on an AVX-512 Xeon, 2 threads, S 128-512, head dim 32 and 64): 6 x 16 0-17% faster
-# than 4 x 16 and 5 x 16; 7 x 16 and 8 x 16 (14 and 16 accumulators: spills) 20-35% slower.
-# Prefetching the next column tile's weights (``dense``): with weights cold from memory at 128 rows 12-18%
-# faster (81-84% of the AVX2 peak -> 95-97%), warm the same.
-AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True)
-# AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
-# GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
-# zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
-# slower.  At 8 rows 2 x 64 is 1.5x the AVX2 few-rows tile, at 1-2 rows equal; at one row 1 x 64 reads
-# the 512 x 37000 output projection of a decode step 20% faster (1.9 against 2.4 ms) but is 1.4x slower
-# at 8 rows.  Attention: 8 query rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32, 64).
-# No prefetch: its 1 KB register tile lives in memory that LLVM must assume the prefetch may read, so the
-# accumulators are stored at every prefetch (10-15% slower warm, no gain cold).
-AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64))
-
-
-def cpu_tiles(target) -> CpuTiles:
-    """The register tiles for ``target``'s CPU: AVX-512 where it has ``avx512f``, else AVX2's."""
-    from tvm.target import codegen
-    if target is not None and codegen.target_has_features("avx512f", target):
-        return AVX512
-    return AVX2
-
-COMM_REDUCE = 2  # IterVar type of a reduction axis
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
 
 
-def cpu_kernel(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
-               dim_vars: DimVars, target) -> tirx.PrimFunc | None:
-    """A scheduled PrimFunc for ``op`` on these types, or None when the generic lowering must do."""
+def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
+    """The hand-scheduled kernel of ``spec`` on this CPU's ``tiles``, or None where the generic
+    lowering and schedule must do."""
+    op, attrs, in_types, out_type = spec.op, spec.attrs, list(spec.in_types), spec.out_type
     # Float kernels; only linear_packed reads a narrower weight (float16 panels).
     if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
             or len(in_types) > 1 and in_types[1].dtype != out_type.dtype and op != "linear_packed":
         return None
     if op == "matmul" and _is_dense(in_types):
-        return dense(in_types, out_type, dim_vars, bias=False, activation="none")
+        return dense(in_types, out_type, dv, bias=False, activation="none")
     if op == "matmul" and min(t.rank for t in in_types) >= 2:
-        return batched_matmul(in_types, out_type, dim_vars)
+        return batched_matmul(in_types, out_type, dv)
     if op == "linear" and _is_dense(in_types):
-        return dense(in_types, out_type, dim_vars, bias=len(in_types) == 3,
-                     activation=attrs.get("activation", "none"))
+        return dense(in_types, out_type, dv, bias=len(in_types) == 3, activation=attrs.get("activation", "none"))
     if op == "linear_packed" and _is_packed_dense(in_types):
-        tiles = cpu_tiles(target)
-        return _packed_linear(attrs, in_types, out_type, dim_vars, tiles.dense, prefetch=tiles.prefetch)
+        return _packed_linear(attrs, in_types, out_type, dv, tiles.dense, prefetch=tiles.prefetch)
     if op == "fused_attention":
-        from .cpu_attention import attention
-        rows, lanes = cpu_tiles(target).attention
-        return attention(attrs, in_types, out_type, dim_vars, block=rows, lanes=lanes)
-    if op in ROWWISE and out_type.rank >= 2 and (op != "softmax" and op != "log_softmax"
-                                                 or attrs.get("axis", -1) in (-1, out_type.rank - 1)):
-        return rowwise(op, attrs, in_types, out_type, dim_vars)
+        rows, lanes = tiles.attention
+        return attention(attrs, in_types, out_type, dv, block=rows, lanes=lanes)
+    if O.get(op).rows and out_type.rank >= 2 and attrs.get("axis", -1) in (-1, out_type.rank - 1):
+        return rowwise(op, attrs, in_types, out_type, dv)
     return None
 
 
-# Ops whose every output row depends on one row of the inputs (attention: one query row).
-ROWWISE = ("softmax", "log_softmax", "scaled_masked_softmax", "layer_norm", "add_layer_norm")
+def forms(spec, dv: DimVars, tiles: CpuTiles) -> dict:
+    """The other forms of ``spec``'s kernel: ``update_slice`` in place, ``linear_packed`` and the attention
+    for a few rows (a decode step), ``linear_packed`` for one row where the tiles have such a form."""
+    op, attrs, in_types, out_type = spec.op, spec.attrs, list(spec.in_types), spec.out_type
+    if op == "update_slice":
+        return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dv)}
+    if op == "fused_attention" and out_type.dtype in FLOATS:
+        return {FEW_ROWS: attention(attrs, in_types, out_type, dv, block=1, lanes=tiles.attention[1])}
+    if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
+        out = {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dv, tiles.few_rows)}
+        if tiles.one_row:
+            out[ONE_ROW] = _packed_linear(attrs, in_types, out_type, dv, tiles.one_row)
+        return out
+    return {}
 
 
 def _is_dense(in_types) -> bool:
@@ -126,8 +90,8 @@ def _is_dense(in_types) -> bool:
 
 
 def _is_packed_dense(in_types) -> bool:
-    """x (..., K) @ W in panels of TILE_N (``pack_panels``), x with at least one leading dim."""
-    return in_types[1].shape[2] == TILE_N and in_types[0].rank >= 2
+    """x (..., K) @ W in panels of PANEL_WIDTH (``pack_panels``), x with at least one leading dim."""
+    return in_types[1].shape[2] == PANEL_WIDTH and in_types[0].rank >= 2
 
 
 def _packed_linear(attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple,
@@ -255,7 +219,7 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         w = sch.get(ub).reads[_read_index(sch, ub, "in1")].source
         loop_vars = [sch.get(lp).loop_var for lp in (no, mo, ak)]
         func = _prefetch_next_tile(func, w, *loop_vars, K=K, panels=panels, tile_panels=tile_n // TILE_N)
-    return _fast_math(func) if dtype == "float32" else func
+    return fast_math(func) if dtype == "float32" else func
 
 
 #: k steps between two prefetches of the dense kernel (``_prefetch_next_tile``): the K loop is unrolled by as much.
@@ -306,7 +270,7 @@ def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.Pr
     rows = loops[:out_type.rank - 1]
     row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
     sch.parallel(row)
-    _vectorize_weighted_sum(sch, ob)
+    vectorize_weighted_sum(sch, ob)
     return sch.mod["main"]
 
 
@@ -320,20 +284,20 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
     sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
     stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     for name in stages[:-1]:
-        if _has_block(sch, name) and _is_reduction(sch, sch.get_sblock(name)):
-            _split_row_reduction(sch, sch.get_sblock(name))
+        if has_block(sch, name) and is_reduction(sch, sch.get_sblock(name)):
+            split_row_reduction(sch, sch.get_sblock(name))
     last = stages[-1]
     stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     ob = sch.get_sblock(last)
     loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
     row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     sch.parallel(row)
-    if not _is_reduction(sch, ob):
-        _vectorize_static(sch, sch.get_loops(ob)[-1])
-    for name in reversed([n for n in stages if _has_block(sch, n) and n != last]):
+    if not is_reduction(sch, ob):
+        vectorize_static(sch, sch.get_loops(ob)[-1])
+    for name in reversed([n for n in stages if has_block(sch, n) and n != last]):
         blk = sch.get_sblock(name)
         sch.compute_at(blk, row, preserve_unit_loops=True)
-    for name in [n for n in stages if _has_block(sch, n)]:
+    for name in [n for n in stages if has_block(sch, n)]:
         blk = sch.get_sblock(name)
         inner = sch.get_loops(blk)[-1]
         if name.endswith("_rf"):
@@ -345,132 +309,10 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
             sch.reorder(ro, ri)
             sch.vectorize(ri)
             sch.decompose_reduction(blk, ro)
-        elif name != last and not _is_reduction(sch, blk):
-            _vectorize_static(sch, inner)
+        elif name != last and not is_reduction(sch, blk):
+            vectorize_static(sch, inner)
     func = sch.mod["main"]
-    return _fast_math(func) if out_type.dtype == "float32" else func
-
-
-def _fast_exp(x):
-    """exp(x) for float32 as straight-line arithmetic (Cephes polynomial, as ``topi.fast_exp``, relative
-    error about 1e-7): unlike a call to the C library's expf, LLVM vectorizes a loop of it.  Results
-    below ~1e-38 (exp of a masked score, -inf) come out as about 4e-39 instead of 0; NaN stays NaN."""
-    f32 = "float32"
-
-    def c(v):
-        return tirx.const(v, f32)
-    xc = tirx.max(tirx.min(x, c(88.3762626647950)), c(-88.3762626647949))
-    n = tirx.floor(xc * c(1.44269504088896341) + c(0.5))
-    r = xc - n * c(0.6931471805599453)
-    p = c(1.9875691500e-4)
-    for coef in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
-        p = p * r + c(coef)
-    y = p * r * r + r + c(1.0)
-    two_n = tirx.reinterpret(f32, tirx.shift_left((n + c(127.0)).astype("int32"), tirx.const(23, "int32")))
-    return tirx.Select(x == x, tirx.max(two_n * y, x), x)
-
-
-# erf(x) = x P(x^2) / Q(x^2) on [-4, 4] (XLA's float32 erf; beyond 4, erf is 1 in float32).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)
-
-
-def _fast_erf(x):
-    """erf(x) for float32 as a rational function (absolute error below 5e-7, measured against
-    scipy on [-6, 6]): unlike a call to the C library's erff, LLVM vectorizes it, so exact GELU
-    epilogues (BERT's) run at the matmul's speed.  NaN stays NaN."""
-    f32 = "float32"
-    xc = tirx.max(tirx.min(x, tirx.const(4.0, f32)), tirx.const(-4.0, f32))
-    x2 = xc * xc
-    p, q = tirx.const(0.0, f32), tirx.const(0.0, f32)
-    for coef in _ERF_P:
-        p = p * x2 + tirx.const(coef, f32)
-    for coef in _ERF_Q:
-        q = q * x2 + tirx.const(coef, f32)
-    return tirx.Select(x == x, xc * p / q, x)
-
-
-_FAST = {"tirx.exp": _fast_exp, "tirx.erf": _fast_erf}
-
-
-def _fast_math(func):
-    """``func`` with every float32 ``exp`` and ``erf`` call replaced by ``_fast_exp`` / ``_fast_erf``."""
-    import tvm
-    import tvm_ffi
-
-    def visit(call, mutator):
-        if isinstance(call.op, tvm.ir.Op) and call.op.name in _FAST and str(call.ty) == "float32":
-            return _FAST[call.op.name](mutator.mutate(call.args[0]))
-        return mutator.default_mutate(call)
-    return tvm_ffi.structural_mutate(func, (tvm.ir.Call, visit))
-
-
-def _has_block(sch, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-        return True
-    except Exception:  # noqa: BLE001 - get_sblock raises a generic error for a missing block
-        return False
-
-
-def _is_reduction(sch, block) -> bool:
-    return any(v.iter_type == COMM_REDUCE for v in sch.get(block).iter_vars)
-
-
-def _split_row_reduction(sch, block, lanes: int = 8):
-    """A row sum or max over a static extent as ``lanes`` interleaved partial results (rfactor):
-    a vector of independent accumulators instead of one serial dependency chain (float adds are
-    not reassociated by the compiler, so a plain reduction loop runs at one add per latency)."""
-    r = sch.get_loops(block)[-1]
-    extent = sch.get(r).extent
-    if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
-        _, ri = sch.split(r, [None, lanes])
-        sch.rfactor(ri, factor_axis=0)
-
-
-def _vectorize_static(sch, loop):
-    """Vectorize ``loop`` when its extent is static (TVM cannot vectorize a symbolic extent for x86;
-    LLVM's own loop vectorizer still sees those loops).  A long loop is vectorized in chunks of 16
-    (or 8, 4) lanes: one vector of 37000 lanes (a vocabulary row) does not compile."""
-    extent = sch.get(loop).extent
-    if not isinstance(extent, tirx.IntImm):
-        return
-    if extent.value <= 64:
-        sch.vectorize(loop)
-        return
-    lanes = next((n for n in (16, 8, 4) if extent.value % n == 0), None)
-    if lanes is not None:
-        sch.vectorize(sch.split(loop, [None, lanes])[1])
-
-
-def _vectorize_weighted_sum(sch, block):
-    """P @ V for one query row: loop the keys outside, vectorize over the head dim inside."""
-    d, r = sch.get_loops(block)[-2:]
-    sch.reorder(r, d)
-    _vectorize_static(sch, d)
-    init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
-    _vectorize_static(sch, sch.get_loops(init)[-1])
-
-
-def kernel_forms(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType,
-                 dim_vars: DimVars, target=None) -> dict:
-    """The other forms of a kernel (``targets.TargetSpec.kernel_forms``): ``update_slice`` in place,
-    ``linear_packed`` for a few rows (and for one row, where the tiles have such a form)."""
-    from .targets import FEW_ROWS, IN_PLACE, ONE_ROW
-    if op == "update_slice":
-        return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dim_vars)}
-    if op == "fused_attention" and out_type.dtype in FLOATS:
-        from .cpu_attention import attention
-        return {FEW_ROWS: attention(attrs, in_types, out_type, dim_vars, block=1, lanes=cpu_tiles(target).attention[1])}
-    if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
-        tiles = cpu_tiles(target)
-        forms = {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dim_vars, tiles.few_rows)}
-        if tiles.one_row:
-            forms[ONE_ROW] = _packed_linear(attrs, in_types, out_type, dim_vars, tiles.one_row)
-        return forms
-    return {}
+    return fast_math(func) if out_type.dtype == "float32" else func
 
 
 def write_slice(in_types, out_type: TensorType, axis: int, dim_vars: DimVars) -> tirx.PrimFunc:

@@ -166,7 +166,7 @@ using std::isinf; using std::isnan;
 inline const char* emu_kernel_name = nullptr;  // the kernel running, if one is
 inline void emu_segv(int sig) {
   if (emu_kernel_name)
-    std::fprintf(stderr, "cuda_emu: kernel %s read or wrote outside its buffers (an illegal memory access on a "
+    std::fprintf(stderr, "cuda emulator: kernel %s read or wrote outside its buffers (an illegal memory access on a "
                  "GPU)\n", emu_kernel_name);
   std::signal(sig, SIG_DFL);
   std::raise(sig);
@@ -230,7 +230,7 @@ inline void emu_run_grid(const char* name, dim3 grid, dim3 block, const std::fun
             if (f.done) left--;
           }
           if (!ran) {
-            std::fprintf(stderr, "cuda_emu: every thread of block (%u, %u, %u) waits at a barrier that not all of "
+            std::fprintf(stderr, "cuda emulator: every thread of block (%u, %u, %u) waits at a barrier that not all of "
                          "them reach (a __syncthreads or shuffle in divergent code)\n", bx, by, bz);
             std::abort();
           }

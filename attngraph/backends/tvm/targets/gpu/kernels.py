@@ -32,7 +32,7 @@ from __future__ import annotations
 import re
 from typing import Callable, NamedTuple
 
-from ...ir.fused import MaskOps, OperandView, apply_masks, attention_views
+from .....ir.fused import MaskOps, OperandView, apply_masks, attention_views
 
 #: Query rows per workgroup (one thread each) and keys per shared-memory tile.
 BQ = 64
@@ -234,7 +234,7 @@ DT = 32
 
 
 def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
-    """The fused attention ``spec`` for a few query rows (a decode step: ``targets.FEW_ROWS``), or None
+    """The fused attention ``spec`` for a few query rows (a decode step: ``plan.FEW_ROWS``), or None
     where it does not apply.  ``flash_attention`` gives each query row one thread, so at one row per
     (batch, head) a workgroup of 64 threads has one at work walking every key; here a workgroup of
     ``DT`` threads serves one query row, each thread an online softmax over every ``DT``-th key (its
@@ -319,7 +319,7 @@ TM = TN = 8
 
 
 def _activation(kind: str, v: str) -> str | None:
-    """TVMScript for activation ``kind`` of the float32 expression ``v`` (as ``lowering.ACTIVATIONS``)."""
+    """TVMScript for activation ``kind`` of the float32 expression ``v`` (as ``lower.elementwise.ACTIVATIONS``)."""
     import math
     f = lambda c: f"T.float32({float(c)!r})"  # noqa: E731
     if kind == "none":

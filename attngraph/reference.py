@@ -12,35 +12,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..inputs import bind_dims
-from ..ir import Graph, Node
-from ..ir import dims as D
-from ..weights import check_params
-
-#: Attributes that may hold symbolic dims, evaluated once the inputs bind them.
-DIM_ATTRS = ("shape", "n", "start", "stop")
+from .inputs import bind_dims
+from .ir import Graph, Node
+from .ir.ops import DIM_ATTRS, bind_attrs  # noqa: F401  (bind_attrs: re-exported for the op tests)
+from .weights import check_params
 
 
 class InterpreterError(RuntimeError):
     """An op failed while running; the message names the node and the model line that made it."""
-
-
-def bind_attrs(attrs: dict, bindings: Mapping[str, int]) -> dict:
-    """``attrs`` with symbolic dims replaced by their values."""
-    out = dict(attrs)
-    for key in DIM_ATTRS:
-        value = out.get(key)
-        if isinstance(value, str):
-            out[key] = D.evaluate(value, bindings)
-        elif isinstance(value, (list, tuple)):
-            out[key] = type(value)(D.evaluate(v, bindings) if isinstance(v, str) else v for v in value)
-    return out
-
-
-def describe(g: Graph, n: Node) -> str:
-    args = ", ".join(f"%{g.node(o).name}" for o in g.operands(n.id))
-    where = n.where()
-    return f"%{n.name} = {n.op}({args})" + (f" ({where})" if where else "")
 
 
 def last_uses(g: Graph, order: list[int]) -> dict[int, int]:
@@ -91,7 +70,7 @@ def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndar
             if value.shape != want:
                 raise InterpreterError(f"produced shape {value.shape}, but its type says {n.type} = {want}")
         except Exception as e:  # noqa: BLE001 - re-raised with the node's context
-            raise InterpreterError(f"while executing {describe(g, n)}: {type(e).__name__}: {e}") from e
+            raise InterpreterError(f"while executing {g.describe(nid)}: {type(e).__name__}: {e}") from e
         env[nid] = value
         peak_values = max(peak_values, len(env))
         peak_bytes = max(peak_bytes, sum(v.nbytes for v in env.values()))

@@ -21,14 +21,15 @@ import math
 
 from tvm import s_tir, te, tirx
 
-from ...ir import TensorType
-from .cpu_kernels import _fast_math, _vectorize_static
-from ...ir.fused import apply_masks, attention_views
-from .lowering import _bcast, te_mask_ops
-from .shapes import DimVars
+from .....ir import TensorType
+from .....ir.fused import apply_masks, attention_views
+from ...lower.common import bcast, te_mask_ops
+from ...shapes import DimVars
+from .fastmath import fast_math
+from .schedule import vectorize_static
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
-#: ``cpu_kernels.cpu_tiles`` gives each instruction set's (AVX-512: 8 rows x 32 keys).
+#: ``tiles.cpu_tiles`` gives each instruction set's (AVX-512: 8 rows x 32 keys).
 ROWS, LANES = 6, 16
 
 
@@ -65,7 +66,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     ninf = tirx.const(-math.inf, dtype)
     zero = tirx.const(0.0, dtype)
     scale = tirx.const(attrs.get("scale", 1.0), dtype)
-    reads = [_bcast(m, 4) for m in masks]
+    reads = [bcast(m, 4) for m in masks]
 
     def row(m):
         return tirx.min(m, last_q)
@@ -177,7 +178,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.reorder(kt_c, kt_r, kt_l)
         sch.unroll(kt_l)
         sch.compute_at(sch.get_sblock("vp"), head)
-        _vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
+        vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
     elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
         _, lanes = sch.split(a_r, [None, 8])
         rf = sch.rfactor(lanes, factor_axis=0)
@@ -206,4 +207,4 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.vectorize(p_x)
     sch.decompose_reduction(pb, p_c)
     func = sch.mod["main"]
-    return _fast_math(func) if dtype == "float32" else func
+    return fast_math(func) if dtype == "float32" else func

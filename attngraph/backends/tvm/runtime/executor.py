@@ -8,8 +8,8 @@ the largest sizes seen.  Parameters, constants and weights-only values (``W*scal
 ``concat(Wq, Wk, Wv)``) are computed once by the reference interpreter when the weights are bound,
 and uploaded as constant buffers.
 
-Everything device-specific goes through a small ``Device`` interface, so the same executor runs
-TVM's CPU (and CUDA) runtime now and a wgpu device later.
+Everything device-specific goes through the ``Device`` protocol (``device.py``): TVM's CPU and CUDA
+runtimes, the wgpu device of the vulkan target and the CUDA source emulator run the same plan.
 """
 
 from __future__ import annotations
@@ -18,83 +18,19 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from ...inputs import InputError, bind_dims, is_device_tensor
-from ...ir import Graph, Node
-from ...ir.ops import IndexOutOfRange
-from ...passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_memory, weights_only
-from ...weights import check_params
-from ..reference import describe
-from .shapes import scalar_dims
-from .targets import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, ONE_ROW, tile_rows
-
-
-class Device(Protocol):
-    """What the executor needs from a device.  Buffers and tensors are opaque handles."""
-
-    name: str
-
-    def allocate(self, nbytes: int):
-        """A new buffer of ``nbytes`` bytes (contents undefined)."""
-
-    def view(self, base, shape: tuple, dtype: str):
-        """A tensor of ``shape`` and ``dtype`` over the first bytes of ``base`` (a buffer or a tensor)."""
-
-    def upload(self, array: np.ndarray):
-        """A new tensor holding a copy of ``array``."""
-
-    def download(self, tensor) -> np.ndarray:
-        """A NumPy copy of ``tensor``."""
-
-    def has_kernel(self, name: str) -> bool:
-        """Whether the compiled module has a kernel called ``name``."""
-
-    def call(self, name: str, args: list) -> None:
-        """Run kernel ``name`` on ``args``: operand tensors in order, the output tensor, then as ints
-        the dims no buffer shape gives (``shapes.scalar_dims``; usually none)."""
-
-    def synchronize(self) -> None:
-        """Wait until every kernel called so far has finished (a GPU runs them asynchronously)."""
-
-
-class TVMDevice:
-    """A TVM runtime device (``tvm.cpu()``, ``tvm.cuda()``) running the functions of a loaded module."""
-
-    def __init__(self, module, device=None):
-        import tvm
-        self.module = module
-        self.device = device if device is not None else tvm.cpu()
-        self.name = str(self.device)
-        self._funcs: dict = {}
-
-    def allocate(self, nbytes: int):
-        import tvm
-        return tvm.runtime.empty((max(int(nbytes), 1),), "uint8", self.device)
-
-    def view(self, base, shape, dtype):
-        return base._create_view(tuple(int(s) for s in shape), dtype)
-
-    def upload(self, array):
-        import tvm
-        return tvm.runtime.tensor(np.require(array, requirements="C"), self.device)  # keeps 0-d arrays 0-d
-
-    def download(self, tensor):
-        return tensor.numpy()
-
-    def has_kernel(self, name):
-        return self.module is not None and self.module.implements_function(name)
-
-    def call(self, name, args):
-        func = self._funcs.get(name)
-        if func is None:
-            func = self._funcs[name] = self.module[name]
-        func(*args)
-
-    def synchronize(self):
-        self.device.sync()
+from ....inputs import InputError, bind_dims, is_device_tensor
+from ....ir import Graph, Node
+from ....ir import ops as O
+from ....ir.ops import IndexOutOfRange
+from ....passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_memory, weights_only
+from ....weights import check_params
+from ..plan import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, ONE_ROW, tile_rows
+from ..shapes import scalar_dims
+from .bind import bind_constants, precomputed_nodes
+from .device import Device, TVMDevice
 
 
 @dataclass
@@ -112,16 +48,10 @@ class KernelTime:
 
 
 def flops(op: str, attrs: dict, in_shapes: list[tuple], out_shape: tuple) -> int:
-    """Multiply-add work of the ops that dominate a Transformer (2 flops per multiply-add):
-    matmul / linear and fused attention; 0 for the memory-bound rest."""
-    size = int(np.prod(out_shape, dtype=np.int64))
-    if op in ("matmul", "linear", "linear_packed"):
-        return 2 * size * int(in_shapes[0][-1])
-    if op == "fused_attention":
-        q, k = in_shapes[0], in_shapes[1]
-        lk = k[1] if attrs.get("layout") == "bshd" else k[2]
-        return 2 * size * int(lk) + 2 * size // int(out_shape[-1]) * int(lk) * int(q[-1])
-    return 0
+    """The floating-point work of one call of ``op`` (``OpDef.flops``: contractions and attention; 0 for
+    the memory-bound rest)."""
+    fn = O.get(op).flops
+    return int(fn(attrs, in_shapes, out_shape)) if fn is not None else 0
 
 
 def _nbytes(ty, dims) -> int:
@@ -173,8 +103,11 @@ class CompiledModel:
         self.few_rows = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + FEW_ROWS)}
         # ... and for exactly one row
         self.one_row = {s.kernel for s in self.steps if s.kind == "kernel" and device.has_kernel(s.kernel + ONE_ROW)}
-        self.precomputed = self._precompute_nodes()
-        self.constants = self._bind_constants()
+        #: how it was built, where known: the ``build.Kernels`` of a compile, the manifest of a loaded
+        #: artifact, the model's name, the optimization level and the passes' report, where its weights came from
+        self.kernels = self.manifest = self.model_name = self.opt_level = self.report = self.weights_from = None
+        self.precomputed = precomputed_nodes(graph, self.order)
+        self.constants = {nid: device.upload(v) for nid, v in bind_constants(graph, self.precomputed, self.params).items()}
         self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
         self._buffers: list = []
         self._buffer_bytes: list[int] = []
@@ -198,34 +131,8 @@ class CompiledModel:
                 types = [g.node(o).type for o in g.operands(nid)] + [n.type]
                 steps.append(Step("kernel", nid, self.symbol_of[nid], tuple(g.operands(nid)), scalar_dims(types)))
             else:
-                raise RuntimeError(f"no kernel was compiled for {describe(g, n)}")
+                raise RuntimeError(f"no kernel was compiled for {g.describe(n.id)}")
         return steps
-
-    def _precompute_nodes(self) -> list[int]:
-        """The weights-only values that a run reads: computed once when the weights are bound."""
-        g = self.graph
-        constant = weights_only(g)
-        return [nid for nid in self.order if nid in constant
-                and (any(u not in constant for u in g.users(nid)) or g.is_output(nid))]
-
-    def _bind_constants(self) -> dict:
-        from ...passes.cleanup import dead_code
-        from ..reference import run as interpret
-        g = self.graph
-        values = {nid: np.asarray(self.params[g.node(nid).name]) for nid in self.precomputed
-                  if g.node(nid).op == "param"}
-        computed = [nid for nid in self.precomputed if nid not in values]
-        if computed:
-            sub = g.copy()
-            sub.set_outputs([(str(nid), nid) for nid in computed])
-            dead_code(sub)
-            for i in list(sub.inputs):  # weights-only values never read an input
-                sub.remove(i)
-            # In float64, rounded once to each value's dtype: W*scale is then the nearest float32.
-            used = sub.params  # a property that walks the graph: once, not per parameter
-            out = interpret(sub, {}, {k: v for k, v in self.params.items() if k in used}, dtype="float64")
-            values.update((nid, out[str(nid)]) for nid in computed)
-        return {nid: self.device.upload(np.asarray(v, dtype=g.node(nid).type.dtype)) for nid, v in values.items()}
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -402,7 +309,7 @@ class CompiledModel:
         values = self.device.download(idx)
         if values.size and (values.min() < 0 or values.max() >= rows):
             bad = values[(values < 0) | (values >= rows)].ravel()[0]
-            raise IndexOutOfRange(f"{describe(self.graph, n)}: index {bad} is out of range for a table of {rows} rows")
+            raise IndexOutOfRange(f"{self.graph.describe(n.id)}: index {bad} is out of range for a table of {rows} rows")
 
     def _check_offset(self, n: Node, args, offset_node: int, inputs) -> None:
         cache, value, offset = args
@@ -411,7 +318,7 @@ class CompiledModel:
         # An input given on the host is read there; a computed offset is downloaded (a scalar).
         start = int(given) if isinstance(given, (int, np.integer, np.ndarray)) else int(self.device.download(offset))
         if start < 0 or start + value.shape[axis] > cache.shape[axis]:
-            raise IndexOutOfRange(f"{describe(self.graph, n)}: writing {value.shape[axis]} entries at offset "
+            raise IndexOutOfRange(f"{self.graph.describe(n.id)}: writing {value.shape[axis]} entries at offset "
                                   f"{start} overflows a cache of {cache.shape[axis]}")
 
     @property

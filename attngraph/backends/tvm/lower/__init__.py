@@ -1,0 +1,37 @@
+"""Every op as a TVM tensor expression, one table (``registry.LOWERINGS``) filled by one module per
+group of ops: ``elementwise``, ``contraction``, ``rows``, ``attention``, ``layout``; a target's own ops (the
+CPU's packed weights) register theirs the same way.  ``lower`` looks an op up; ``generic_func`` makes
+the unscheduled PrimFunc that a target's generic schedule turns into a kernel.  Importing this package
+imports no TVM: the groups load on first use (an artifact loads with TVM's runtime alone)."""
+
+from __future__ import annotations
+
+from ....ir import TensorType
+from .registry import LOWERINGS, Call, LoweringError, lookup, lowering
+
+
+def _load_groups() -> None:
+    from . import attention, contraction, elementwise, layout, rows  # noqa: F401  (each registers its lowerings)
+
+
+def lower(op: str, attrs: dict, xs: list, out: TensorType, dv, name: str = "out"):
+    """The tensor expression computing ``op(xs)`` with result type ``out``."""
+    _load_groups()
+    return lookup(op)(Call(op, attrs, list(xs), out, dv.shape(out.shape), dv, name))
+
+
+def generic_func(op: str, attrs: dict, in_types, out_type: TensorType, dv):
+    """The generic lowering of an op on these types as an unscheduled PrimFunc (params: the operands in
+    order, then the output)."""
+    from tvm import te
+    phs = [te.placeholder(dv.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
+    return te.create_prim_func(phs + [lower(op, attrs, phs, out_type, dv, name="out")])
+
+
+def lowered_ops() -> set:
+    """Every op with a lowering (the groups' and those registered by the targets imported so far)."""
+    _load_groups()
+    return set(LOWERINGS)
+
+
+__all__ = ["LOWERINGS", "Call", "LoweringError", "generic_func", "lower", "lowered_ops", "lowering"]

@@ -1,0 +1,107 @@
+"""Ops whose every output row depends on one row of their input (along the last axis, or a chosen
+axis): softmax, log-softmax, the norms, the scaled and masked softmax; and the reductions."""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from ....ir.fused import apply_masks
+from .common import bcast, const, te_mask_ops
+from .registry import lowering
+
+
+def softmax(x: te.Tensor, name: str, log: bool = False, axis: int = -1):
+    """softmax (or log-softmax) of ``x`` along ``axis``: max, exp, sum, normalize."""
+    rank = len(x.shape)
+    axis %= rank
+    n = x.shape[axis]
+
+    def red(i):  # output index i without the reduced axis
+        return tuple(i[a] for a in range(rank) if a != axis)
+    lead = [d for a, d in enumerate(x.shape) if a != axis]
+
+    def lead_row(j, k):  # the row element k for a reduced-shape index j
+        return tuple(list(j[:axis]) + [k] + list(j[axis:]))
+    k1 = te.reduce_axis((0, n), name="k1")
+    mx = te.compute(lead, lambda *j: te.max(x[lead_row(j, k1)], axis=k1), name=f"{name}_max")
+    e = te.compute(x.shape, lambda *i: tirx.exp(x[i] - mx[red(i)]), name=f"{name}_exp")
+    k2 = te.reduce_axis((0, n), name="k2")
+    sm = te.compute(lead, lambda *j: te.sum(e[lead_row(j, k2)], axis=k2), name=f"{name}_sum")
+    if log:
+        return te.compute(x.shape, lambda *i: x[i] - mx[red(i)] - tirx.log(sm[red(i)]), name=name)
+    return te.compute(x.shape, lambda *i: e[i] / sm[red(i)], name=name)
+
+
+def masked_scores(s, masks, attrs, name):
+    """``masks(s * scale)`` as one compute (``ir.fused.apply_masks``); masks broadcast to the scores' shape."""
+    rank = len(s.shape)
+    reads = [bcast(m, rank) for m in masks]
+    ops = te_mask_ops(s.dtype)
+    return te.compute(s.shape, lambda *i: apply_masks(s[i] * const(attrs["scale"], s.dtype), [r(*i) for r in reads],
+                                                      attrs, ops), name=f"{name}_scores")
+
+
+@lowering("softmax", "log_softmax")
+def _softmax(c):
+    return softmax(c.xs[0], c.name, log=c.op == "log_softmax", axis=c.attrs["axis"])
+
+
+@lowering("scaled_masked_softmax")
+def _scaled_masked_softmax(c):
+    return softmax(masked_scores(c.xs[0], c.xs[1:], c.attrs, c.name), c.name)
+
+
+def _layer_norm(x: te.Tensor, gamma, beta, eps, name):
+    *lead, n = x.shape
+    inv_n = const(1.0, x.dtype) / n.astype(x.dtype)
+    k1 = te.reduce_axis((0, n), name="k1")
+    mean = te.compute(lead, lambda *i: te.sum(x[i + (k1,)] * inv_n, axis=k1), name=f"{name}_mean")
+    k2 = te.reduce_axis((0, n), name="k2")
+    var = te.compute(lead, lambda *i: te.sum((x[i + (k2,)] - mean[i]) * (x[i + (k2,)] - mean[i]) * inv_n, axis=k2),
+                     name=f"{name}_var")
+    return te.compute(x.shape, lambda *i: (x[i] - mean[i[:-1]]) * tirx.rsqrt(var[i[:-1]] + const(eps, x.dtype))
+                      * gamma[i[-1]] + beta[i[-1]], name=name)
+
+
+def residual_sum(c) -> te.Tensor:
+    """``a + b`` of a fused residual norm (b broadcast to a's shape)."""
+    a, b = c.xs[0], bcast(c.xs[1], c.rank)
+    return te.compute(c.shape, lambda *i: a[i] + b(*i), name=f"{c.name}_sum")
+
+
+@lowering("layer_norm")
+def _layer_norm_op(c):
+    return _layer_norm(c.xs[0], c.xs[1], c.xs[2], c.attrs["eps"], c.name)
+
+
+@lowering("add_layer_norm")
+def _add_layer_norm(c):
+    return _layer_norm(residual_sum(c), c.xs[2], c.xs[3], c.attrs["eps"], c.name)
+
+
+@lowering("reduce_sum", "reduce_mean", "reduce_max")
+def _reduce(c):
+    (x,) = c.xs
+    axes = sorted(a % len(x.shape) for a in c.attrs["axes"])
+    keep = c.attrs.get("keepdims", False)
+    ks = [te.reduce_axis((0, x.shape[a]), name=f"k{a}") for a in axes]
+    count = const(1.0, x.dtype)
+    for a in axes:
+        count = count * x.shape[a].astype(x.dtype)
+
+    def body(*i):
+        it, idx = iter(i), []
+        for a in range(len(x.shape)):
+            if a in axes:
+                idx.append(ks[axes.index(a)])
+                if keep:
+                    next(it)
+            else:
+                idx.append(next(it))
+        val = x[tuple(idx)]
+        if c.op == "reduce_max":
+            return te.max(val, axis=ks)
+        if c.op == "reduce_mean":
+            return te.sum(val / count, axis=ks)
+        return te.sum(val, axis=ks)
+    return te.compute(c.shape, body, name=c.name)

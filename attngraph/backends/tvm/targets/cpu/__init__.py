@@ -1,0 +1,107 @@
+"""The ``llvm`` family: this CPU (``llvm``) or another CPU model (``llvm:CPU``).
+
+The kernels (``kernels.py``, the table of hand-scheduled kernels; ``attention.py``; ``schedule.py``,
+the generic schedule) follow the vector instruction set (``tiles.py``); the layout pass packs the
+projection weights in column panels (``layout.py``, over the target's own ops in ``ops.py``);
+``isa.py`` says which instruction sets a CPU has."""
+
+from __future__ import annotations
+
+import functools
+
+from .... import ArtifactError, BuildError, DeviceUnavailable
+from ..base import RUNTIME_ONLY, Target, compiler_loaded
+from . import isa
+from .layout import pack_weights
+from .tiles import PANEL_WIDTH, cpu_tiles
+
+#: The dtypes projection weights may be stored in (``weight_dtype``); None keeps the graph's.
+WEIGHT_DTYPES = ("float32", "float16")
+
+
+class LLVMTarget(Target):
+    """The CPU: ``llvm`` builds for this machine's CPU model with its real instruction sets, ``llvm:CPU``
+    for CPU model CPU as LLVM names it (``x86-64-v3``: any AVX2 machine, ``x86-64-v4``: AVX-512,
+    ``haswell``, ``znver4``, ...): an artifact to deploy elsewhere, refused where this CPU lacks its sets."""
+
+    family = "llvm"
+
+    def __init__(self, cpu: str | None = None, name: str | None = None):
+        super().__init__(name or ("llvm" if cpu is None else f"llvm:{cpu}"))
+        self.cpu = cpu
+
+    def make_tvm_target(self):
+        return isa.llvm_target(self.cpu)
+
+    @functools.cached_property
+    def tiles(self):
+        return cpu_tiles(self.tvm_target)
+
+    # The kernel table and the schedules import TVM's compiler: when a build asks for them, not when an
+    # artifact of this target loads (with TVM's runtime alone).
+    def kernel(self, spec, dv):
+        from . import kernels
+        return kernels.kernel(spec, dv, self.tiles)
+
+    def forms(self, spec, dv):
+        from . import kernels
+        return kernels.forms(spec, dv, self.tiles)
+
+    def schedule(self, func):
+        from .schedule import schedule_generic
+        return schedule_generic(func)
+
+    def layout_passes(self, weight_dtype=None):
+        if weight_dtype not in (None, *WEIGHT_DTYPES):
+            raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        dtype = None if weight_dtype == "float32" else weight_dtype
+        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype)}
+        return {**passes, **super().layout_passes()}
+
+    def open_device(self, path, device=None):
+        import tvm
+
+        from ...runtime.device import TVMDevice
+        self.check_device(device)
+        if self.cpu is not None and compiler_loaded():  # without it, the artifact's manifest was checked when it loaded
+            missing = isa.missing_here(self.cpu)
+            if missing:
+                raise DeviceUnavailable(f"kernels built for CPU {self.cpu} (target llvm:{self.cpu}) use instructions "
+                                        f"this CPU lacks: {', '.join(missing)}; build with --target llvm to run them here")
+        return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
+
+    def check_manifest(self, manifest, path):
+        info = manifest.get("target_info") or {}
+        missing = isa.missing_cpu_features(info if isinstance(info, dict) else {})
+        if missing:  # its kernels would stop on an illegal instruction
+            raise ArtifactError(f"artifact {path!r} was compiled for CPU {info.get('cpu')!r}, whose instructions "
+                                f"{', '.join(missing)} this CPU lacks; rebuild it on this machine "
+                                f"(attngraph build MODEL --target llvm -o DIR)")
+
+    def availability(self):
+        import tvm
+        if not compiler_loaded():
+            whose = "their" if self.cpu is None else f"{self.cpu}'s"
+            return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {whose} instruction sets"
+        if self.cpu is None:
+            return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {self.tiles.isa} kernels)"
+        missing = isa.missing_here(self.cpu)
+        return None, f"this CPU lacks {self.cpu}'s {', '.join(missing)}" if missing else None, \
+            f"CPU {self.cpu} ({self.tiles.isa} kernels)"
+
+    def describe(self):
+        t = self.tvm_target
+        mattr = [str(a) for a in t.attrs.get("mattr", ())]
+        return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(isa.isa_features(str(t.mcpu), tuple(mattr))),
+                "kernels": self.tiles.isa}
+
+
+def make_target(option: str | None, name: str) -> LLVMTarget:
+    """``llvm``, or ``llvm:CPU``: an unknown CPU name is a ``BuildError``."""
+    if option is not None and compiler_loaded():
+        import tvm
+        if not tvm.target.codegen.llvm_is_valid_cpu(option, tvm.target.codegen.llvm_get_system_triple()):
+            raise BuildError(f"unknown CPU {option!r} in target 'llvm:{option}': LLVM names CPUs like x86-64-v3 (any "
+                             f"AVX2 machine), x86-64-v4 (AVX-512), haswell, skylake-avx512, znver4; plain 'llvm' "
+                             f"builds for this CPU")
+    return LLVMTarget(option, name)

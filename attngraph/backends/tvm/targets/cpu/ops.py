@@ -1,0 +1,97 @@
+"""The CPU target's own ops, each defined in one place: the type rule and NumPy meaning (registered in
+the IR's op table, so the interpreter runs a graph in this target's layout) and the lowering.
+
+``pack_panels`` lays a weight out as contiguous column panels once, when the weights are bound;
+``linear_packed`` is the projection reading them (``layout.pack_weights`` puts both in the graph)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .....ir import ops as O
+from .....ir.fused import ACTIVATIONS, linear
+from .....ir.ops import FUSED, LAYOUT, ShapeError, op
+from .....ir.types import TensorType
+from ...lower.registry import lowering
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+def _infer_pack_panels(types, attrs):
+    (w,) = types
+    width, dtype = attrs["width"], attrs.get("dtype") or w.dtype
+    if w.rank != 2 or not all(isinstance(d, int) for d in w.shape):
+        raise ShapeError(f"pack_panels needs a 2-D weight of static shape, got {w}")
+    if not isinstance(width, int) or width < 1:
+        raise ShapeError(f"pack_panels: width must be a positive int, got {width!r}")
+    if not w.is_float or dtype not in FLOAT_DTYPES:
+        raise ShapeError(f"pack_panels packs float weights into {', '.join(FLOAT_DTYPES)}, got {w} -> {dtype}")
+    k, n = w.shape
+    return TensorType((-(-n // width), k, width), dtype)
+
+
+@op("pack_panels", LAYOUT, 1, _infer_pack_panels, dtype=None)
+def pack_panels(w, *, width, dtype=None):
+    """A (K, N) weight as column panels (ceil(N/width), K, width), the last panel zero-padded: each
+    panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``).
+    ``dtype`` stores the panels in another float type (float16: half the bytes a decode step reads)."""
+    k, n = w.shape
+    panels = -(-n // width)
+    padded = np.zeros((k, panels * width), dtype or w.dtype)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+
+
+def _infer_linear_packed(types, attrs):
+    if len(types) not in (2, 3):
+        raise ShapeError(f"linear_packed takes x, packed weight and an optional bias, got {len(types)} operands")
+    x, w = types[0], types[1]
+    n = attrs["n"]
+    if attrs.get("activation", "none") not in ACTIVATIONS:
+        raise ShapeError(f"unknown activation {attrs['activation']!r}")
+    if w.rank != 3 or x.rank < 1 or x.shape[-1] != w.shape[1] or not isinstance(n, int) \
+            or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
+        raise ShapeError(f"linear_packed needs x (..., K) and weight panels (ceil(n/w), K, w) for n={n}, "
+                         f"got {x} and {w}")
+    if len(types) == 3 and types[2].shape != (n,):
+        raise ShapeError(f"linear_packed bias must have shape ({n},), got {types[2]}")
+    # The weight may be stored narrower than x (float16 panels); the product is computed in x's dtype.
+    if not w.is_float or np.dtype(w.dtype).itemsize > np.dtype(x.dtype).itemsize:
+        raise ShapeError(f"linear_packed weight {w} must be a float no wider than x {x}")
+    return TensorType(x.shape[:-1] + (n,), O._same_dtype([x] + list(types[2:])))
+
+
+@op("linear_packed", FUSED, None, _infer_linear_packed, flops=O.contraction_flops, activation="none", n=None)
+def linear_packed(x, w, b=None, *, activation="none", n=None):
+    """``linear`` over a weight in column panels (``pack_panels``): the CPU target's layout."""
+    panels, k, width = w.shape
+    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n].astype(x.dtype), b, activation=activation)
+
+
+
+
+# The lowerings import TVM when they run: this module also loads where only TVM's runtime is (an artifact).
+
+@lowering("pack_panels")
+def _pack_panels(c):
+    from tvm import te, tirx
+
+    from ...lower.common import const
+    (w,) = c.xs
+    width, n = c.attrs["width"], w.shape[1]
+    zero = const(0.0, w.dtype)
+    return te.compute(c.shape, lambda p, k, col: tirx.Select(p * width + col < n, w[k, tirx.min(p * width + col, n - 1)],
+                                                             zero).astype(c.out.dtype), name=c.name)
+
+
+@lowering("linear_packed")
+def _linear_packed(c):
+    from tvm import te
+
+    from ...lower.contraction import epilogue
+    x, w = c.xs[0], c.xs[1]
+    width = int(w.shape[2])
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    y = te.compute(c.shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
+                                              axis=k), name=f"{c.name}_mm")
+    return epilogue(c, y, c.xs[2] if len(c.xs) == 3 else None)

@@ -1,0 +1,61 @@
+"""The CPU kernels' register tiles, one set per vector instruction set, each measured on its machine;
+and the width of the column panels weights are packed in (``PANEL_WIDTH``: the packing pass and the
+projection kernel read this one constant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Columns per panel of a packed weight (``ops.pack_panels``) and of the per-call packed panel: two
+#: AVX2 registers of float32.
+PANEL_WIDTH = 16
+
+# Register tile of the matmul that packs its weights per call: TILE_M rows x TILE_N columns of
+# accumulators.  4 x 16 float32 is 8 AVX2 registers of accumulators, leaving room for the B row and
+# the broadcast A value; measured against 6 x 16 and 8 x 16, no faster (6) or slower (8: spills).
+# TILE_N is the panel width.
+TILE_M, TILE_N = 4, PANEL_WIDTH
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """Register tiles for one vector instruction set, as (rows, columns) of float32 accumulators.
+
+    ``dense``: the projection over packed weights; ``few_rows``: the same at 1-8 rows (a decode step,
+    where a tall tile's clamped extra rows are wasted work: ``targets.FEW_ROWS``); ``one_row``: at
+    exactly one row, where measured faster (``targets.ONE_ROW``); ``attention``: query rows per block
+    and keys per chunk of the fused attention (``cpu_attention.py``).
+    """
+    isa: str
+    dense: tuple
+    few_rows: tuple
+    attention: tuple
+    one_row: tuple | None = None
+    #: the projection prefetches the next column tile's weights as it goes (``dense``, ``prefetch``)
+    prefetch: bool = False
+
+
+# AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
+# at 81-89 GFLOP/s against 79-81 for 4 x 16 and 77-79 for 2 x 32; at 1-2 rows 2 x 32 was 20-35% faster.
+# Attention (AVX2 code on an AVX-512 Xeon, 2 threads, S 128-512, head dim 32 and 64): 6 x 16 0-17% faster
+# than 4 x 16 and 5 x 16; 7 x 16 and 8 x 16 (14 and 16 accumulators: spills) 20-35% slower.
+# Prefetching the next column tile's weights (``dense``): with weights cold from memory at 128 rows 12-18%
+# faster (81-84% of the AVX2 peak -> 95-97%), warm the same.
+AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True)
+# AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
+# GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
+# zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
+# slower.  At 8 rows 2 x 64 is 1.5x the AVX2 few-rows tile, at 1-2 rows equal; at one row 1 x 64 reads
+# the 512 x 37000 output projection of a decode step 20% faster (1.9 against 2.4 ms) but is 1.4x slower
+# at 8 rows.  Attention: 8 query rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32, 64).
+# No prefetch: its 1 KB register tile lives in memory that LLVM must assume the prefetch may read, so the
+# accumulators are stored at every prefetch (10-15% slower warm, no gain cold).
+AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64))
+
+
+def cpu_tiles(target) -> CpuTiles:
+    """The register tiles for ``target``'s CPU: AVX-512 where it has ``avx512f``, else AVX2's."""
+    from tvm.target import codegen
+    if target is not None and codegen.target_has_features("avx512f", target):
+        return AVX512
+    return AVX2
