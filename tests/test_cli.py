@@ -112,6 +112,21 @@ def test_show_optimized_with_stats_and_print_after():
     assert r.exit_code != 0 and "unknown pass nope" in r.output
 
 
+def test_a_targets_layout_passes_run_in_the_pass_manager():
+    """A target's layout passes are passes like the others: reported, printed, verified, disabled."""
+    r = invoke("show", "transformer-tiny", "-O3", "--target", "llvm", "--stats", "--print-after", "pack-weights",
+               "--verify-each")
+    assert r.exit_code == 0, r.output
+    assert "pack-weights" in r.output and "read-merged-qkv" in r.output
+    assert "IR after pack-weights:" in r.output and "linear_packed" in r.output
+    r = invoke("show", "transformer-tiny", "-O3", "--target", "vulkan", "--stats")
+    assert r.exit_code == 0 and "read-merged-qkv" in r.output and "pack-weights" not in r.output, r.output
+    r = CliRunner().invoke(main, ["show", "transformer-tiny", "-O3", "--print-after", "pack-weights"])
+    assert r.exit_code == 2 and "a target's layout passes run when a target is given" in r.output, r.output
+    r = CliRunner().invoke(main, ["show", "transformer-tiny", "--target", "metal"])
+    assert r.exit_code == 2 and "'metal' is not one of numpy, llvm, cuda, vulkan" in r.output, r.output
+
+
 @pytest.mark.parametrize("args, says", [
     (["-O3", "--print-after", "nope"], "unknown pass nope"),
     (["--print-after", "attention"], "pass attention does not run in this pipeline (-O0: no passes)"),

@@ -236,3 +236,22 @@ def test_attention_spellings_run_on_the_emulator(name):
             check = compare(out, got[out], w)  # NaN rows (a fully padded sequence, -inf fills) in the same places
             assert check.ok, f"{check} at length {length}"
     assert any("_fused_attention" in k for k in emu.launches), emu.launches
+
+
+def test_verify_a_cuda_artifact_on_the_emulator_from_the_command_line(tmp_path):
+    """What a user without a GPU runs: build for cuda, then verify and run the artifact on the emulator;
+    asking another target for the emulator, or the interpreter for a device, is a usage error."""
+    from click.testing import CliRunner
+
+    from attngraph.cli import main
+    out = str(tmp_path / "a")
+    r = CliRunner().invoke(main, ["build", "encoder-tiny", "--target", "cuda:sm_90", "-o", out])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", out, "--device", "emulator", "--dim", "seq=9"])
+    assert r.exit_code == 0 and "on the emulator" in r.output and r.output.rstrip().endswith("PASS"), r.output
+    r = CliRunner().invoke(main, ["run", out, "--device", "emulator"])
+    assert r.exit_code == 0 and "y: float32[2, 16, 32]" in r.output, r.output
+    r = CliRunner().invoke(main, ["verify", "encoder-tiny", "--device", "emulator"])  # llvm
+    assert r.exit_code != 0 and "device 'emulator' cannot run llvm builds" in r.output, r.output
+    r = CliRunner().invoke(main, ["run", "encoder-tiny", "--device", "emulator"])  # the interpreter
+    assert r.exit_code == 2 and "--device" in r.output, r.output

@@ -204,3 +204,44 @@ def test_architectures_off_the_powers_of_two_match_the_interpreter(cfg):
         got = model(x)
         for name, w in want.items():
             np.testing.assert_allclose(got[name], w, rtol=RTOL, atol=ATOL, err_msg=f"{dims} {name}")
+
+
+class RMSBlock(nn.Module):
+    """A LLaMA-like block: bias-free projections, causal attention, RMSNorm after (or before) each residual."""
+
+    def __init__(self, pre: bool):
+        super().__init__()
+        self.pre = pre
+        self.attn = nn.MultiHeadAttention(16, 4, bias=False)
+        self.ffn = nn.FeedForward(16, 32, "gelu")
+        self.norm1, self.norm2 = nn.RMSNorm(16), nn.RMSNorm(16)
+
+    def input_specs(self):
+        return {"x": nn.InputSpec(("batch", "seq", 16))}
+
+    def default_dims(self):
+        return {"batch": 2, "seq": 11}
+
+    def forward(self, x):
+        if self.pre:
+            h = self.norm1(x)
+            x = x + self.attn(h, h, h, causal=True)
+            return x + self.ffn(self.norm2(x))
+        x = self.norm1(x + self.attn(x, x, x, causal=True))
+        return self.norm2(x + self.ffn(x))
+
+
+@pytest.mark.parametrize("target, device", [("llvm", None), ("vulkan", "lavapipe"), ("cuda:sm_90", "emulator")])
+def test_rms_norm_fuses_with_its_residual_and_runs_on_every_target(target, device):
+    from attngraph.backends.tvm.targets import target_status
+    for pre in (False, True):
+        g = ag.trace(RMSBlock(pre))
+        opt, report = passes.optimize(g, 3, verify_each=True)
+        counts = opt.op_counts()
+        assert counts.get("add_rms_norm", 0) == (0 if pre else 2) and counts.get("rms_norm", 0) == (2 if pre else 0)
+        assert bool(report.stat("residual-layer-norm").near_misses) == pre  # pre-norm: the sum is needed after
+        if device == "lavapipe" and target_status("vulkan")["run"]:
+            pytest.skip(f"no Vulkan device here: {target_status('vulkan')['run']}")
+        result = ag.verify(g, params=ag.init_params(g, seed=2, perturb=True), target=target,
+                           device="emulator" if device == "emulator" else None)
+        assert result.ok, result.format()

@@ -2,8 +2,10 @@
 
 Each kernel is built once with symbolic dims (b, s) and run at two sizes, both through the generic
 lowering and schedule (``generic``) and through the kernel a build picks (hand-scheduled where one
-exists).  Tolerance: the float32 one of ``attngraph.numerics`` (rtol 1e-4, atol 1e-5); -inf entries
-must be in the same places.
+exists), on llvm; the kernels a build picks, and their few-rows forms, also on vulkan (lavapipe) and on
+the CUDA source emulator.  Every op of the registry must have a lowering and a case here.  Tolerance:
+the float32 one of ``attngraph.numerics`` (rtol 1e-4, atol 1e-5); -inf entries must be in the same
+places.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import numpy as np
 import pytest
 import tvm
 
-from attngraph.backends.reference import bind_attrs
-from attngraph.backends.tvm.build import KernelSpec, kernel_func, llvm_target
+from attngraph.ir.ops import bind_attrs
+from attngraph.backends.tvm.build import kernel_func
+from attngraph.backends.tvm.plan import KernelSpec
+from attngraph.backends.tvm.targets import get_target
 from attngraph.backends.tvm.shapes import DimVars, scalar_dims
 from attngraph.ir import TensorType
 from attngraph.ir import dims as D
 from attngraph.ir import ops as O
 from attngraph.numerics import compare
 
-TARGET = llvm_target()
+TARGET = get_target("llvm")
 SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})
 
 
@@ -54,6 +58,7 @@ CASES = [
     ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
     ("layer_norm", {"eps": 1e-5}, [X, T(8), T(8)]),
     ("add_layer_norm", {"eps": 1e-6}, [X, X, T(8), T(8)]),
+    ("rms_norm", {"eps": 1e-6}, [X, T(8)]), ("add_rms_norm", {"eps": 1e-5}, [X, T("s", 8), T(8)]),
     ("scaled_masked_softmax", {"scale": 0.35}, [T("b", 2, "s", "s")]),
     ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
      [T("b", 2, "s", "s"), T("b", 1, 1, "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
@@ -80,6 +85,9 @@ CASES = [
     ("gather", {}, [T(10, 8), T("b", "s", dtype=I64)]),
     ("arange", {"n": "s"}, []),
     ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
+    # the llvm target's own ops (weights in column panels)
+    ("pack_panels", {"width": 16}, [T(8, 20)]),
+    ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),
 ]
 
 
@@ -110,7 +118,7 @@ def build(case, generic: bool):
     out_type = opdef.infer(list(types), attrs)
     spec = KernelSpec("k", op, attrs, tuple(types), out_type)
     func = kernel_func(spec, DimVars(), TARGET, generic=generic)
-    return tvm.compile(tvm.IRModule({"k": func}), target=TARGET)["k"], attrs, out_type
+    return tvm.compile(tvm.IRModule({"k": func}), target=TARGET.tvm_target)["k"], attrs, out_type
 
 
 def run_case(case, generic: bool):
@@ -152,10 +160,85 @@ def test_generic_lowering(case):
     run_case(case, generic=True)
 
 
-HAND = [c for c in CASES if c[0] in ("matmul", "linear", "softmax", "log_softmax", "layer_norm", "add_layer_norm",
-                                       "scaled_masked_softmax", "fused_attention")]
+HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "fused_attention") or O.get(c[0]).rows]
 
 
 @pytest.mark.parametrize("case", HAND, ids=[_id(c) for c in HAND])
 def test_kernel_a_build_picks(case):
     run_case(case, generic=False)
+
+
+# -- every op on every target that runs here ---------------------------------------------------------------
+
+def test_every_op_has_a_lowering_and_a_case():
+    """Adding an op to the registry without a lowering, or without a case above, fails here."""
+    from attngraph.backends.tvm.lower import lowered_ops
+    ops = set(O.REGISTRY) - set(O.SOURCE_OPS)
+    assert not ops - lowered_ops(), f"ops without a TVM lowering: {sorted(ops - lowered_ops())}"
+    assert not ops - {c[0] for c in CASES}, f"ops without a case in test_tvm_ops.CASES: {sorted(ops - {c[0] for c in CASES})}"
+
+
+def _device_cases(target):
+    """(module functions, [(case, spec, forms)]) of every case the ``target`` can hold (vulkan: no float64)."""
+    from attngraph.backends.tvm.build import finish
+    dv = DimVars()
+    funcs, cases = {}, []
+    for i, case in enumerate(CASES):
+        op, attrs, types = case
+        opdef = O.get(op)
+        attrs = {**opdef.defaults, **attrs}
+        out_type = opdef.infer(list(types), attrs)
+        if target.family == "vulkan" and "float64" in {t.dtype for t in list(types) + [out_type]}:
+            continue
+        spec = KernelSpec(f"c{i}_{op}", op, attrs, tuple(types), out_type)
+        funcs[spec.name] = kernel_func(spec, dv, target)
+        forms = target.forms(spec, dv)
+        funcs.update((spec.name + s, finish(f, spec, dv, spec.name + s)) for s, f in forms.items())
+        cases.append((case, spec, list(forms)))
+    return funcs, cases
+
+
+def _run_on(device, cases):
+    rng = np.random.default_rng(0)
+    for case, spec, forms in cases:
+        op, _, types = case
+        for sizes in SIZES:
+            args = [operand(t, op, sizes, rng) for t in types]
+            if op in ("scaled_masked_softmax", "fused_attention"):  # key 0 always kept (run_case says why)
+                first = 1 if op == "scaled_masked_softmax" else 3
+                for kind, j in zip(spec.attrs["mask_kinds"], range(first, len(args))):
+                    args[j][..., 0] = kind == "keep"
+            want = opdef_ref(op, args, spec.attrs, sizes)
+            scalars = [sizes[d] for d in scalar_dims(list(types) + [spec.out_type])]
+            for name in [spec.name] + [spec.name + f for f in forms if sizes["s"] == 1]:  # forms: at one row
+                out = device.upload(np.zeros(spec.out_type.concrete(sizes), spec.out_type.dtype))
+                device.call(name, [device.upload(np.require(a, requirements="C")) for a in args] + [out] + scalars)
+                got = device.download(out)
+                if got.dtype.kind == "f":
+                    check = compare(op, got, want.astype(got.dtype) if want.dtype.kind != "f" else want)
+                    assert check.ok, f"{name}: {check} at {sizes}"
+                else:
+                    np.testing.assert_array_equal(got, want, err_msg=f"{name} at {sizes}")
+
+
+def test_every_op_on_vulkan():
+    from attngraph.backends.tvm.targets import target_status
+    problem = target_status("vulkan")["run"]
+    if problem:
+        pytest.skip(f"no Vulkan device here: {problem}")
+    vulkan = get_target("vulkan")
+    funcs, cases = _device_cases(vulkan)
+    library = vulkan.compile(tvm.IRModule(funcs))
+    from attngraph.backends.tvm.targets.vulkan.device import WgpuDevice
+    _run_on(WgpuDevice(library), cases)
+
+
+def test_every_op_on_the_cuda_emulator():
+    import shutil
+    if shutil.which("g++") is None:
+        pytest.skip("the CUDA source emulator compiles with g++")
+    from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
+    cuda = get_target("cuda:sm_90")
+    funcs, cases = _device_cases(cuda)
+    _run_on(CudaEmulator.from_funcs(funcs, cuda), cases)
+

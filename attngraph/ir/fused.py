@@ -78,6 +78,20 @@ def mask_specs(attrs) -> list[tuple[str, float]]:
     return list(zip(kinds, fills))
 
 
+def _infer_add_rms_norm(types, attrs):
+    a, b, weight = types
+    s = O.infer_binary([a, b], attrs)
+    if s.shape != a.shape:
+        raise ShapeError(f"add_rms_norm: the residual {b} must not broadcast {a} to a larger shape")
+    return O._infer_rms_norm([s, weight], attrs)
+
+
+@op("add_rms_norm", FUSED, 3, _infer_add_rms_norm, rows=True, eps=1e-6)
+def add_rms_norm(a, b, weight, *, eps=1e-6):
+    """rms_norm(a + b): the residual add folded into the norm."""
+    return O.rms_norm(a + b, weight, eps=eps)
+
+
 def _check_masks(types, attrs, scores_shape):
     kinds, fills = tuple(attrs.get("mask_kinds", ())), tuple(attrs.get("mask_fills", ()))
     if len(kinds) != len(types):

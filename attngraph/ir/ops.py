@@ -347,6 +347,21 @@ def layer_norm(x, gamma, beta, *, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
+def _infer_rms_norm(types, attrs):
+    x, weight = types
+    infer_unary([x], attrs)
+    if weight.shape != (x.shape[-1],):
+        raise ShapeError(f"rms_norm weight must have shape ({x.shape[-1]},), got {weight}")
+    _same_dtype(types)
+    return x
+
+
+@op("rms_norm", NN, 2, _infer_rms_norm, rows=True, eps=1e-6)
+def rms_norm(x, weight, *, eps=1e-6):
+    """x / sqrt(mean(x**2) + eps) * weight over the last axis (LLaMA's, T5's norm: no mean, no bias)."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
 def _infer_reduce(types, attrs):
     (x,) = types
     axes = {_axis(a, x.rank) for a in attrs["axes"]}

@@ -12,6 +12,7 @@ from .layers import (
                      LearnedPositionalEmbedding,
                      Linear,
                      MultiHeadAttention,
+                     RMSNorm,
                      SinusoidalPositionalEncoding,
                      Transformer,
                      causal_mask,
@@ -22,6 +23,6 @@ from .spec import InputSpec
 from .tensor import Tensor, TraceError, trace
 
 __all__ = ["functional", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",
-           "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention",
+           "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention", "RMSNorm",
            "SinusoidalPositionalEncoding", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
            "ModuleList", "Parameter", "Buffer", "Tensor", "TraceError", "trace"]

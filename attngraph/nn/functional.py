@@ -29,6 +29,11 @@ def layer_norm(x, weight, bias, eps: float = 1e-5) -> Tensor:
     return _emit("layer_norm", [x, weight, bias], eps=float(eps))
 
 
+def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(mean(x**2) + eps) * weight over the last axis (``torch.nn.functional.rms_norm``)."""
+    return _emit("rms_norm", [x, weight], eps=float(eps))
+
+
 def gelu(x, approximate: str = "none") -> Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")

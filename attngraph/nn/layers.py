@@ -60,6 +60,18 @@ class LayerNorm(Module):
         return F.layer_norm(x, self.weight, self.bias, self.eps)
 
 
+class RMSNorm(Module):
+    """Root-mean-square norm with a learned scale (LLaMA, T5), as ``torch.nn.RMSNorm``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter((dim,), init=("ones",))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight, self.eps)
+
+
 def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...), in float64 (the test oracle)."""
     pos = np.arange(max_len, dtype=np.float64)[:, None]
@@ -303,6 +315,6 @@ class Transformer(Module):
         return F.where(causal_mask(sz, sz), 0.0, NEG_INF)
 
 
-__all__ = ["Linear", "Embedding", "LayerNorm", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
+__all__ = ["Linear", "Embedding", "LayerNorm", "RMSNorm", "SinusoidalPositionalEncoding", "LearnedPositionalEmbedding",
            "MultiHeadAttention", "FeedForward", "EncoderLayer", "DecoderLayer", "Encoder", "Decoder", "Transformer",
            "causal_mask", "sinusoidal_table", "TensorOps"]

@@ -393,11 +393,16 @@ def linear_epilogue(g: Graph):
     return matches, misses
 
 
+#: norm -> its form with the residual add folded in (operands: a, b, then the norm's own)
+RESIDUAL_NORMS = {"layer_norm": "add_layer_norm", "rms_norm": "add_rms_norm"}
+
+
 def residual_layer_norm(g: Graph):
-    """``layer_norm(a + b)`` -> ``add_layer_norm(a, b)`` when the sum has no other use."""
+    """``layer_norm(a + b)`` -> ``add_layer_norm(a, b)`` (and ``rms_norm(a + b)`` -> ``add_rms_norm``) when the
+    sum has no other use."""
     matches, misses = 0, []
-    for nid, n in anchors(g, "layer_norm"):
-        s, gamma, beta = g.operands(nid)
+    for nid, n in anchors(g, *RESIDUAL_NORMS):
+        s, *weights = g.operands(nid)
         if g.node(s).op != "add":
             continue
         a, b = g.operands(s)
@@ -408,7 +413,7 @@ def residual_layer_norm(g: Graph):
         if not only_used_by(g, s, nid):
             misses.append(f"%{n.name}: the residual sum %{g.node(s).name} is used elsewhere (pre-LN); not fused")
             continue
-        replace(g, nid, "add_layer_norm", [a, b, gamma, beta], {"eps": n.attrs["eps"]})
+        replace(g, nid, RESIDUAL_NORMS[n.op], [a, b, *weights], {"eps": n.attrs["eps"]})
         matches += 1
     remove_dead(g)
     return matches, misses

@@ -1,5 +1,6 @@
 """Ops whose every output row depends on one row of their input (along the last axis, or a chosen
-axis): softmax, log-softmax, the norms, the scaled and masked softmax; and the reductions."""
+axis): softmax, log-softmax, the norms (layer norm, RMSNorm, and their residual forms), the scaled and
+masked softmax; and the reductions."""
 
 from __future__ import annotations
 
@@ -77,6 +78,30 @@ def _layer_norm_op(c):
 @lowering("add_layer_norm")
 def _add_layer_norm(c):
     return _layer_norm(residual_sum(c), c.xs[2], c.xs[3], c.attrs["eps"], c.name)
+
+
+def _rms_norm(c, read):
+    """RMSNorm of the rows ``read(*index)`` gives: the sum of squares, then the scaled output, each reading
+    the input afresh (a residual sum is recomputed, not stored: one stage fewer for the GPU schedules)."""
+    *lead, n = c.shape
+    dtype = c.out.dtype
+    inv_n = const(1.0, dtype) / n.astype(dtype)
+    k = te.reduce_axis((0, n), name="k")
+    ms = te.compute(lead, lambda *i: te.sum(read(*i, k) * read(*i, k) * inv_n, axis=k), name=f"{c.name}_ms")
+    weight, eps = c.xs[-1], const(c.attrs["eps"], dtype)
+    return te.compute(c.shape, lambda *i: read(*i) * tirx.rsqrt(ms[i[:-1]] + eps) * weight[i[-1]], name=c.name)
+
+
+@lowering("rms_norm")
+def _rms_norm_op(c):
+    x = c.xs[0]
+    return _rms_norm(c, lambda *i: x[i])
+
+
+@lowering("add_rms_norm")
+def _add_rms_norm(c):
+    a, b = c.xs[0], bcast(c.xs[1], c.rank)
+    return _rms_norm(c, lambda *i: a[i] + b(*i))
 
 
 @lowering("reduce_sum", "reduce_mean", "reduce_max")

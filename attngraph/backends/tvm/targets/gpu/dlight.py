@@ -59,9 +59,15 @@ def schedule_module(mod, target, rules=None):
 
 
 def schedule_func(func, target):
-    """One PrimFunc with dlight's GPU schedule for ``target``."""
+    """One PrimFunc with dlight's GPU schedule for ``target``.  Where the default rules fail on it (seen:
+    a reduction reading a broadcast operand, ``add_rms_norm`` with a residual shared by a batch), dlight's
+    catch-all rule alone: one thread per output element, reductions serial, slower but correct."""
     import tvm
-    mod = schedule_module(tvm.IRModule({"main": func}), target)
+    from tvm.s_tir import dlight as dl
+    try:
+        mod = schedule_module(tvm.IRModule({"main": func}), target)
+    except Exception:  # noqa: BLE001 - a rule's ScheduleError, or a function left without threads
+        mod = schedule_module(tvm.IRModule({"main": func}), target, [dl.gpu.Fallback()])
     return mod["main"]
 
 
