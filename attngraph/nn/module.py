@@ -101,21 +101,19 @@ class Module:
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
         """Every parameter once, at the first path that reaches it (shared weights keep one name)."""
-        seen = set()
-        for mname, m in self.named_modules(prefix):
-            for pname, p in m._params.items():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    yield (f"{mname}.{pname}" if mname else pname), p
+        return self._named("_params", prefix)
 
     def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, Buffer]]:
         """Every buffer once, at the first path that reaches it."""
+        return self._named("_buffers", prefix)
+
+    def _named(self, table: str, prefix: str):
         seen = set()
         for mname, m in self.named_modules(prefix):
-            for bname, b in m._buffers.items():
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    yield (f"{mname}.{bname}" if mname else bname), b
+            for name, value in getattr(m, table).items():
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    yield (f"{mname}.{name}" if mname else name), value
 
     def parameter_types(self) -> dict[str, TensorType]:
         return {n: TensorType(p.shape, p.dtype) for n, p in self.named_parameters()}

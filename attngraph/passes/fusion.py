@@ -132,17 +132,21 @@ def _peel_masks(g: Graph, nid: int, anchor: int):
     return nid, masks[::-1], swallowed, None
 
 
-def _key_side_scale(g: Graph, kt: int):
-    """(K^T without its scale, factor) when the product's right operand is ``(k * c)^T`` or ``k^T * c``."""
-    direct = _scale_of(g, kt)
-    if direct is not None:
-        return direct
-    n = g.node(kt)
-    if n.op == "transpose" and only_used_by(g, kt, g.users(kt)[0] if g.users(kt) else -1):
+def _pre_scale(g: Graph, product: int):
+    """(operand index, a function making the operand without its scale, factor) when the product's Q is
+    ``q * c`` or its K^T is ``k^T * c`` or ``(k * c)^T``, the scaled value used by the product alone; else None."""
+    q, kt = g.operands(product)
+    for i, side in enumerate((q, kt)):
+        scaled = _scale_of(g, side)
+        if scaled and only_used_by(g, side, product):
+            return i, lambda x=scaled[0]: x, scaled[1]
+    perm = _perm(g, kt)
+    if perm is not None and only_used_by(g, kt, product):
         (inner,) = g.operands(kt)
-        under = _scale_of(g, inner)
-        if under is not None and only_used_by(g, inner, kt):
-            return g.add("transpose", [under[0]], {"perm": n.attrs["perm"]}, name="kt", meta=n.meta), under[1]
+        scaled = _scale_of(g, inner)
+        if scaled and only_used_by(g, inner, kt):
+            meta = g.node(kt).meta
+            return 1, lambda: g.add("transpose", [scaled[0]], {"perm": perm}, name="kt", meta=meta), scaled[1]
     return None
 
 
@@ -195,17 +199,15 @@ def softmax_scaling(g: Graph):
                 scores = replace(g, scores, "matmul", [qt, kt], {}, g.node(product).meta)
         core = g.node(scores)
         if core.op == "matmul":
-            q, kt = g.operands(scores)
-            pre = [(0, _scale_of(g, q)) if _scale_of(g, q) and only_used_by(g, q, scores) else None,
-                   (1, _key_side_scale(g, kt))]
-            pre = next((p for p in pre if p is not None and p[1] is not None), None)
+            pre = _pre_scale(g, scores)
             if pre is not None and not only_used_by(g, scores, user):
                 misses.append(f"%{n.name}: the scores %{core.name} are also used elsewhere, so the scale written "
                               f"on {'QK'[pre[0]]} stays there")
             elif pre is not None:
-                operands = [q, kt]
-                operands[pre[0]] = pre[1][0]
-                scale *= pre[1][1]
+                side, unscaled, factor = pre
+                operands = g.operands(scores)
+                operands[side] = unscaled()
+                scale *= factor
                 scores = replace(g, scores, "matmul", operands, {}, core.meta)
             d = g.node(g.operands(scores)[0]).type.shape[-1]
             if isinstance(d, int) and not math.isclose(scale, 1 / math.sqrt(d), rel_tol=1e-6) and scale != 1.0:

@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 
 from ... import BuildError
+from ....passes import optimize
 from ....passes.layout import read_merged_qkv
 
 #: Why a target cannot compile where TVM's compiler library is not loaded.
@@ -100,7 +101,6 @@ class Target:
     def layout(self, g, weight_dtype: str | None = None, **options):
         """``g`` in the layouts this target's kernels read: its ``layout_passes`` run by the pass manager
         (``options``: ``verify_each``, ``print_after``, ``disable``)."""
-        from ....passes import optimize
         graph, _ = optimize(g, 0, layout=self.layout_passes(weight_dtype), **options)
         return graph
 
