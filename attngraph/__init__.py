@@ -6,6 +6,7 @@ from .backends import ArtifactError
 from .inputs import InputError, random_inputs
 from .ir import Graph, TensorType
 from .nn import InputSpec, Module, Parameter, trace
+from .passes.autodiff import AutodiffError, grad
 from .threads import get_num_threads, set_num_threads
 from .version import __version__
 from .weights import WeightsError, init_params, load_weights, save_weights
@@ -22,5 +23,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'attngraph' has no attribute {name!r}")
 
 __all__ = ["ArtifactError", "build", "compile", "load", "verify", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
-           "InputSpec", "Module", "Parameter", "trace", "WeightsError", "init_params", "load_weights",
+           "InputSpec", "Module", "Parameter", "trace", "AutodiffError", "grad", "WeightsError", "init_params", "load_weights",
            "save_weights", "get_num_threads", "set_num_threads", "__version__"]

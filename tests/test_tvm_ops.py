@@ -3,7 +3,7 @@
 Each kernel is built once with symbolic dims (b, s) and run at two sizes, both through the generic
 lowering and schedule (``generic``) and through the kernel a build picks (hand-scheduled where one
 exists), on llvm; the kernels a build picks, and their few-rows forms, also on vulkan (lavapipe) and on
-the CUDA source emulator.  Every op of the registry must have a lowering and a case here.  Tolerance:
+the CUDA source emulator.  Every op of the registry must have a lowering and a case (``op_cases.CASES``).  Tolerance:
 the float32 one of ``attngraph.numerics`` (rtol 1e-4, atol 1e-5); -inf entries must be in the same
 places.
 """
@@ -19,96 +19,12 @@ from attngraph.backends.tvm.build import kernel_func
 from attngraph.backends.tvm.plan import KernelSpec
 from attngraph.backends.tvm.targets import get_target
 from attngraph.backends.tvm.shapes import DimVars, scalar_dims
-from attngraph.ir import TensorType
-from attngraph.ir import dims as D
 from attngraph.ir import ops as O
 from attngraph.numerics import compare
 
+from op_cases import CASES, SIZES, case_id, case_operands
+
 TARGET = get_target("llvm")
-SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})
-
-
-def T(*shape, dtype="float32"):
-    return TensorType(shape, dtype)
-
-
-BOOL, I64 = "bool", "int64"
-X = T("b", "s", 8)
-
-# (op, attrs, operand types).  The ids name the op and a hint of the case.
-CASES = [
-    ("neg", {}, [X]), ("exp", {}, [X]), ("log", {}, [X]), ("sqrt", {}, [X]), ("rsqrt", {}, [X]),
-    ("tanh", {}, [X]), ("erf", {}, [X]), ("sin", {}, [X]), ("cos", {}, [X]), ("relu", {}, [X]),
-    ("gelu", {}, [X]), ("gelu", {"approximate": "tanh"}, [X]),
-    ("cast", {"dtype": "float32"}, [T("b", "s", 8, dtype=BOOL)]), ("cast", {"dtype": "float64"}, [X]),
-    ("add", {}, [X, T(8)]), ("sub", {}, [X, T("b", 1, 8)]), ("mul", {}, [X, T()]), ("div", {}, [X, T("s", 1)]),
-    ("maximum", {}, [X, X]),
-    ("eq", {}, [T("b", "s", dtype=I64), T(dtype=I64)]), ("ne", {}, [X, X]), ("lt", {}, [X, T(8)]),
-    ("le", {}, [X, X]), ("gt", {}, [X, T()]), ("ge", {}, [X, X]),
-    ("logical_and", {}, [T("b", "s", dtype=BOOL), T("s", dtype=BOOL)]),
-    ("logical_or", {}, [T("b", "s", dtype=BOOL), T("b", "s", dtype=BOOL)]),
-    ("logical_not", {}, [T("b", "s", dtype=BOOL)]),
-    ("where", {}, [T("b", 1, 8, dtype=BOOL), X, T()]),
-    ("matmul", {}, [X, T(8, 12)]),
-    ("matmul", {}, [T("b", 2, "s", 4), T("b", 2, 4, "s")]),
-    ("matmul", {}, [T("b", 2, "s", "s"), T("b", 2, "s", 4)]),
-    ("matmul", {}, [T("s", 8), T(8, "s")]),
-    ("linear", {}, [X, T(8, 12)]), ("linear", {"activation": "relu"}, [X, T(8, 12), T(12)]),
-    ("linear", {"activation": "gelu"}, [X, T(8, 5), T(5)]), ("linear", {"activation": "gelu_tanh"}, [X, T(8, 4), T(4)]),
-    ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
-    ("layer_norm", {"eps": 1e-5}, [X, T(8), T(8)]),
-    ("add_layer_norm", {"eps": 1e-6}, [X, X, T(8), T(8)]),
-    ("rms_norm", {"eps": 1e-6}, [X, T(8)]), ("add_rms_norm", {"eps": 1e-5}, [X, T("s", 8), T(8)]),
-    ("scaled_masked_softmax", {"scale": 0.35}, [T("b", 2, "s", "s")]),
-    ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
-     [T("b", 2, "s", "s"), T("b", 1, 1, "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
-    ("fused_attention", {"scale": 0.5}, [T("b", 2, "s", 4)] * 3),
-    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "layout": "bshd"},
-     [T("b", "s", 2, 4)] * 3 + [T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
-    ("fused_attention", {"scale": 0.3, "mask_kinds": ("additive",)},
-     [T("b", 2, "s", 4), T("b", 2, 5, 4), T("b", 2, 5, 4), T("b", 1, 1, 5)]),
-    # masked_fill(-1e9) and finfo.min fills; one key/value head for all query heads; queries shared by a batch
-    ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "mask_fills": (-1e9, -3.4e38)},
-     [T("b", 2, "s", "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
-    ("fused_attention", {"scale": 0.5, "mask_kinds": ("drop",), "mask_fills": (-1e9,)},
-     [T("b", 2, "s", 4), T("b", 1, "s", 4), T("b", 1, "s", 4), T("b", 1, 1, "s", dtype=BOOL)]),
-    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep",), "layout": "bshd"},
-     [T(1, "s", 2, 4), T("b", "s", 2, 4), T("b", "s", 2, 4), T("s", "s", dtype=BOOL)]),
-    ("fused_attention", {"layout": "bshd"}, [T("b", "s", 4, 1), T("b", "s", 1, 1), T("b", "s", 1, 3)]),
-    ("reduce_sum", {"axes": (-1,)}, [X]), ("reduce_mean", {"axes": (1,), "keepdims": True}, [X]),
-    ("reduce_max", {"axes": (0, 2)}, [X]),
-    ("transpose", {"perm": (0, 2, 1)}, [X]), ("transpose", {"perm": (1, 0, 2)}, [X]),
-    ("reshape", {"shape": ("b", "s", 2, 4)}, [X]),
-    ("slice", {"axis": 2, "start": 1, "stop": 7, "step": 2}, [X]), ("slice", {"axis": 1, "start": 0, "stop": 1}, [X]),
-    ("slice", {"axis": 1, "start": 1, "stop": "s"}, [T("b", "s + 1", 8)]),
-    ("concat", {"axis": 2}, [T("b", "s", 3), T("b", "s", 5)]), ("concat", {"axis": 1}, [X, T("b", 2, 8), X]),
-    ("gather", {}, [T(10, 8), T("b", "s", dtype=I64)]),
-    ("arange", {"n": "s"}, []),
-    ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
-    # the llvm target's own ops (weights in column panels)
-    ("pack_panels", {"width": 16}, [T(8, 20)]),
-    ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),
-]
-
-
-def _id(case):
-    op, attrs, types = case
-    hint = ",".join(f"{k}={v}" for k, v in attrs.items() if k not in ("eps",))
-    return f"{op}[{hint}]({';'.join(str(t) for t in types)})"
-
-
-def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
-    shape = tuple(D.evaluate(d, sizes) for d in t.shape)
-    if t.dtype == BOOL:
-        return rng.random(shape) < 0.4
-    if t.dtype == I64:
-        if op == "gather":
-            return rng.integers(0, 10, shape)
-        if op == "update_slice":
-            return np.array(3)
-        return rng.integers(0, 3, shape)
-    x = rng.standard_normal(shape).astype(t.dtype)
-    return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt") else x
 
 
 def build(case, generic: bool):
@@ -126,16 +42,7 @@ def run_case(case, generic: bool):
     fn, attrs, out_type = build(case, generic)
     rng = np.random.default_rng(0)
     for sizes in SIZES:
-        args = [operand(t, op, sizes, rng) for t in types]
-        # No fully masked score row (its softmax is NaN by definition): key 0 is always kept.
-        if op in ("scaled_masked_softmax", "fused_attention"):
-            kinds = attrs["mask_kinds"]
-            first = 1 if op == "scaled_masked_softmax" else 3
-            for kind, j in zip(kinds, range(first, len(args))):
-                if kind == "keep":
-                    args[j][..., 0] = True
-                elif kind == "drop":
-                    args[j][..., 0] = False
+        args = case_operands(case, attrs, sizes, rng)
         want = opdef_ref(op, args, attrs, sizes)
         out = tvm.runtime.empty(out_type.concrete(sizes), out_type.dtype)
         scalars = [sizes[d] for d in scalar_dims(list(types) + [out_type])]
@@ -155,7 +62,7 @@ def opdef_ref(op, args, attrs, sizes):
     return np.asarray(O.get(op).ref(*wide, **bind_attrs(attrs, sizes)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_generic_lowering(case):
     run_case(case, generic=True)
 
@@ -163,7 +70,7 @@ def test_generic_lowering(case):
 HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "fused_attention") or O.get(c[0]).rows]
 
 
-@pytest.mark.parametrize("case", HAND, ids=[_id(c) for c in HAND])
+@pytest.mark.parametrize("case", HAND, ids=[case_id(c) for c in HAND])
 def test_kernel_a_build_picks(case):
     run_case(case, generic=False)
 
@@ -203,11 +110,7 @@ def _run_on(device, cases):
     for case, spec, forms in cases:
         op, _, types = case
         for sizes in SIZES:
-            args = [operand(t, op, sizes, rng) for t in types]
-            if op in ("scaled_masked_softmax", "fused_attention"):  # key 0 always kept (run_case says why)
-                first = 1 if op == "scaled_masked_softmax" else 3
-                for kind, j in zip(spec.attrs["mask_kinds"], range(first, len(args))):
-                    args[j][..., 0] = kind == "keep"
+            args = case_operands(case, spec.attrs, sizes, rng)
             want = opdef_ref(op, args, spec.attrs, sizes)
             scalars = [sizes[d] for d in scalar_dims(list(types) + [spec.out_type])]
             for name in [spec.name] + [spec.name + f for f in forms if sizes["s"] == 1]:  # forms: at one row

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import ops as O
-from .ops import FUSED, ShapeError, broadcast_shapes, op
+from .ops import FUSED, ShapeError, broadcast_shapes, derivative, op
 from .types import TensorType
 
 MASK_KINDS = ("additive", "keep", "drop")
@@ -54,6 +54,36 @@ def linear(x, w, b=None, *, activation="none"):
     return _activate(y, activation)
 
 
+_ACTIVATION_VJP = {
+    "relu": lambda d, pre, cot: d("where", d("gt", pre, d.const(0.0, pre)), cot, d.const(0.0, pre)),
+    "gelu": lambda d, pre, cot: O.REGISTRY["gelu"].vjp(d, _Attrs(approximate="none"), [pre], None, cot)[0],
+    "gelu_tanh": lambda d, pre, cot: O.REGISTRY["gelu"].vjp(d, _Attrs(approximate="tanh"), [pre], None, cot)[0],
+}
+
+
+class _Attrs:
+    """A node's attributes alone, for a derivative rule called on a value the graph does not hold."""
+
+    def __init__(self, **attrs):
+        self.attrs = attrs
+
+
+@derivative("linear")
+def _linear_vjp(d, n, xs, out, cot):
+    """Through the activation (its input recomputed without it), then d x = g W^T, d W = x^T g over every
+    leading dim of x, d b = the sum of g over them."""
+    x, w = xs[0], xs[1]
+    activation = n.attrs["activation"]
+    g = cot if activation == "none" else _ACTIVATION_VJP[activation](d, d("linear", *xs, activation="none"), cot)
+    k, m = d.type(w).shape
+    flat_x = d("reshape", x, shape=(-1, k))
+    flat_g = d("reshape", g, shape=(-1, m))
+    grads = [d("matmul", g, d("transpose", w, perm=(1, 0))), d("matmul", d("transpose", flat_x, perm=(1, 0)), flat_g)]
+    if len(xs) == 3:
+        grads.append(d("reduce_sum", flat_g, axes=(0,)))
+    return grads
+
+
 def _infer_add_layer_norm(types, attrs):
     a, b, gamma, beta = types
     s = O.infer_binary([a, b], attrs)
@@ -66,6 +96,13 @@ def _infer_add_layer_norm(types, attrs):
 def add_layer_norm(a, b, gamma, beta, *, eps=1e-5):
     """layer_norm(a + b): the residual add folded into the norm."""
     return O.layer_norm(a + b, gamma, beta, eps=eps)
+
+
+@derivative("add_layer_norm")
+def _add_layer_norm_vjp(d, n, xs, out, cot):
+    a, b, gamma, _ = xs
+    dx, dgamma, dbeta = O.layer_norm_backward(d, d("add", a, b), gamma, cot, n.attrs["eps"])
+    return [dx, d.sum_to(dx, b), dgamma, dbeta]
 
 
 NEG_INF = float("-inf")
@@ -90,6 +127,13 @@ def _infer_add_rms_norm(types, attrs):
 def add_rms_norm(a, b, weight, *, eps=1e-6):
     """rms_norm(a + b): the residual add folded into the norm."""
     return O.rms_norm(a + b, weight, eps=eps)
+
+
+@derivative("add_rms_norm")
+def _add_rms_norm_vjp(d, n, xs, out, cot):
+    a, b, weight = xs
+    dx, dweight = O.rms_norm_backward(d, d("add", a, b), weight, cot, n.attrs["eps"])
+    return [dx, d.sum_to(dx, b), dweight]
 
 
 def _check_masks(types, attrs, scores_shape):
@@ -145,6 +189,29 @@ def scaled_masked_softmax(x, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
     """softmax(masks(x * scale)) over the last axis."""
     s = apply_masks(x * np.asarray(scale, x.dtype), masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
     return O.softmax(s.astype(x.dtype, copy=False), axis=-1)
+
+
+def masked_softmax_backward(d, p, cot, masks, attrs, scale):
+    """(d scores, d of each mask) of ``softmax(masks(scores * scale))`` with probabilities ``p``: the softmax's
+    derivative, zero where a keep or drop mask replaced the score (its fill does not depend on it),
+    times the scale; an additive mask takes the derivative before the scale."""
+    ds = O.softmax_backward(d, p, cot)
+    zero = d.const(0.0, ds)
+    grads = []
+    for m, (kind, _) in zip(masks, mask_specs(attrs)):
+        if kind == "additive":
+            grads.append(ds)
+            continue
+        grads.append(None)
+        ds = d("where", m, ds, zero) if kind == "keep" else d("where", m, zero, ds)
+    grads = [d.sum_to(g, m) if g is not None else None for g, m in zip(grads, masks)]
+    return d("mul", ds, d.const(scale, ds)), grads
+
+
+@derivative("scaled_masked_softmax")
+def _sms_vjp(d, n, xs, out, cot):
+    dx, dmasks = masked_softmax_backward(d, out, cot, xs[1:], n.attrs, n.attrs["scale"])
+    return [dx, *dmasks]
 
 
 def _head_window(attrs) -> tuple | None:
@@ -249,3 +316,48 @@ def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), mask_fills=(), la
     s = apply_masks(s, masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
     out = np.matmul(O.softmax(s.astype(q.dtype, copy=False), axis=-1), v)
     return np.swapaxes(out, 1, 2) if layout == "bshd" else out
+
+
+@derivative("fused_attention")
+def _attention_vjp(d, n, xs, out, cot):
+    """The probabilities recomputed from q and k (the forward kept none of them), then d v = p^T cot,
+    d p = cot v^T, d s through the masked softmax, d q = d s k, d k = d s^T q: in the (batch, heads, seq, dim)
+    layout, each operand's cotangent put back in its own layout, head window and broadcast shape.  This
+    holds the (batch, heads, q_len, k_len) scores in memory, as the unfused graph does; a backward kernel
+    that recomputes them a block at a time from the forward's row statistics (FlashAttention's) is not
+    written yet."""
+    attrs = n.attrs
+    bshd = attrs.get("layout", "bhsd") == "bshd"
+    heads = tuple(attrs.get("heads", ()))
+
+    def bhsd(t, start):  # operand -> (batch, heads, seq, dim)
+        if heads:
+            t = d("slice", t, axis=2 if bshd else 1, start=start, stop=start + heads[0])
+        return d("transpose", t, perm=(0, 2, 1, 3)) if bshd else t
+
+    def back(g, t, start):  # the cotangent of a (batch, heads, seq, dim) view, in operand t's own shape and layout
+        if bshd:
+            g = d("transpose", g, perm=(0, 2, 1, 3))
+        tt = d.type(t)
+        if heads:  # into zeros of the whole operand, at the window's heads
+            axis = 2 if bshd else 1
+            window = tt.with_shape([heads[0] if a == axis else s for a, s in enumerate(tt.shape)])
+            g = d.sum_to(g, window)
+            offset = d.const(np.asarray(start, np.int64), None)
+            return d("update_slice", d("broadcast_like", d.const(0.0, g), t), g, offset, axis=axis)
+        return d.sum_to(g, tt)
+
+    starts = heads[1:] if heads else (0, 0, 0)
+    q, k, v = (bhsd(t, s) for t, s in zip(xs[:3], starts))
+    masks = xs[3:]
+    scores = d("matmul", q, d.swap_last(k))
+    p = d("scaled_masked_softmax", scores, *masks, scale=attrs["scale"], mask_kinds=tuple(attrs["mask_kinds"]),
+          mask_fills=tuple(attrs.get("mask_fills", ())))
+    g = d("transpose", cot, perm=(0, 2, 1, 3)) if bshd else cot
+    dv = d("matmul", d.swap_last(p), g)
+    dp = d("matmul", g, d.swap_last(v))
+    ds, dmasks = masked_softmax_backward(d, p, dp, masks, attrs, attrs["scale"])
+    dq, dk = d("matmul", ds, k), d("matmul", d.swap_last(ds), q)
+    # (q, k and v may be one tensor, windows of a merged projection: the transform adds their cotangents)
+    return [back(dq, xs[0], starts[0]), back(dk, xs[1], starts[1]), back(dv, xs[2], starts[2])] + dmasks
+

@@ -10,7 +10,7 @@ Adding an op is adding one ``@op`` function below (or in ``fused.py`` for ops th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -39,6 +39,10 @@ class OpDef:
     #: (attrs, operand shapes, result shape) -> floating-point operations (2 per multiply-add), for the ops
     #: whose work is counted in profiles (contractions, attention); None: not counted
     flops: Callable | None = None
+    #: the derivative: ``vjp(d, node, operands, out, cot)`` -> the cotangent of each operand (a node id, or
+    #: None where there is none: integer and bool operands), built with ``d`` (``passes.autodiff.Builder``:
+    #: ``d(op, *operands, **attrs)`` adds a node) from the result's cotangent ``cot``; None: no derivative
+    vjp: Callable | None = None
 
 
 REGISTRY: dict[str, OpDef] = {}
@@ -56,6 +60,15 @@ def op(name: str, group: str, arity: int | None, infer, *, rows: bool = False, f
         if name in REGISTRY:
             raise ValueError(f"op {name!r} registered twice")
         REGISTRY[name] = OpDef(name, group, arity, infer, fn, dict(defaults), (fn.__doc__ or "").strip(), rows, flops)
+        return fn
+    return register
+
+
+def derivative(*names: str):
+    """Register the decorated function as the derivative (``OpDef.vjp``) of the ops ``names``."""
+    def register(fn):
+        for name in names:
+            REGISTRY[name] = replace(REGISTRY[name], vjp=fn)
         return fn
     return register
 
@@ -215,6 +228,27 @@ _unary("cos", np.cos, "cosine")
 _unary("relu", lambda x: np.maximum(x, 0), "max(x, 0)")
 
 
+# Derivatives of the elementwise ops: cot * f'(x), written with the ops themselves (``out`` is f(x)).
+_UNARY_VJP = {
+    "neg": lambda d, x, out, cot: d("neg", cot),
+    "exp": lambda d, x, out, cot: d("mul", cot, out),
+    "log": lambda d, x, out, cot: d("div", cot, x),
+    "sqrt": lambda d, x, out, cot: d("div", cot, d("mul", out, d.const(2.0, x))),
+    "rsqrt": lambda d, x, out, cot: d("mul", cot, d("mul", d.const(-0.5, x), d("mul", out, d("mul", out, out)))),
+    "tanh": lambda d, x, out, cot: d("mul", cot, d("sub", d.const(1.0, x), d("mul", out, out))),
+    "erf": lambda d, x, out, cot: d("mul", cot, d("mul", d.const(2 / np.sqrt(np.pi), x),
+                                                    d("exp", d("neg", d("mul", x, x))))),
+    "sin": lambda d, x, out, cot: d("mul", cot, d("cos", x)),
+    "cos": lambda d, x, out, cot: d("neg", d("mul", cot, d("sin", x))),
+    "relu": lambda d, x, out, cot: d("where", d("gt", x, d.const(0.0, x)), cot, d.const(0.0, x)),
+}
+
+
+@derivative(*_UNARY_VJP)
+def _unary_vjp(d, n, xs, out, cot):
+    return [_UNARY_VJP[n.op](d, xs[0], out, cot)]
+
+
 @op("gelu", UNARY, 1, infer_unary, approximate="none")
 def gelu(x, *, approximate="none"):
     """x * Phi(x): exact (erf) or the tanh approximation."""
@@ -230,6 +264,28 @@ def cast(x, *, dtype):
     return x.astype(dtype)
 
 
+@derivative("gelu")
+def _gelu_vjp(d, n, xs, out, cot):
+    (x,) = xs
+    if n.attrs["approximate"] == "tanh":  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2), t = tanh(c (x + a x^3))
+        c, a = np.sqrt(2.0 / np.pi), 0.044715
+        x2 = d("mul", x, x)
+        t = d("tanh", d("mul", d.const(c, x), d("add", x, d("mul", d.const(a, x), d("mul", x2, x)))))
+        one = d.const(1.0, x)
+        dt = d("mul", d("sub", one, d("mul", t, t)), d("mul", d.const(c, x), d("add", one, d("mul", d.const(3 * a, x), x2))))
+        grad = d("add", d("mul", d.const(0.5, x), d("add", one, t)), d("mul", d("mul", d.const(0.5, x), x), dt))
+    else:  # Phi(x) + x phi(x)
+        phi = d("mul", d.const(1 / np.sqrt(2 * np.pi), x), d("exp", d("mul", d.const(-0.5, x), d("mul", x, x))))
+        cdf = d("mul", d.const(0.5, x), d("add", d.const(1.0, x), d("erf", d("mul", x, d.const(1 / np.sqrt(2), x)))))
+        grad = d("add", cdf, d("mul", x, phi))
+    return [d("mul", cot, grad)]
+
+
+@derivative("cast")
+def _cast_vjp(d, n, xs, out, cot):
+    return [d("cast", cot, dtype=d.type(xs[0]).dtype)] if d.type(xs[0]).is_float else [None]
+
+
 def _binary(name, fn, doc):
     def ref(a, b):
         return np.asarray(fn(a, b)).astype(np.result_type(a, b), copy=False)
@@ -242,6 +298,25 @@ _binary("sub", np.subtract, "a - b")
 _binary("mul", np.multiply, "a * b")
 _binary("div", np.divide, "a / b (true division)")
 _binary("maximum", np.maximum, "elementwise max")
+
+
+@derivative("add", "sub", "mul", "div", "maximum")
+def _binary_vjp(d, n, xs, out, cot):
+    """Each operand's cotangent summed back to its own shape (it may have been broadcast)."""
+    a, b = xs
+    if n.op == "add":
+        da, db = cot, cot
+    elif n.op == "sub":
+        da, db = cot, d("neg", cot)
+    elif n.op == "mul":
+        da, db = d("mul", cot, b), d("mul", cot, a)
+    elif n.op == "div":
+        da = d("div", cot, b)
+        db = d("neg", d("mul", da, d("div", a, b)))
+    else:  # the larger one takes it (a on a tie)
+        first = d("ge", a, b)
+        da, db = d("where", first, cot, d.const(0.0, cot)), d("where", first, d.const(0.0, cot), cot)
+    return [d.sum_to(da, a), d.sum_to(db, b)]
 
 
 def _compare(name, fn, doc):
@@ -287,6 +362,29 @@ def where(cond, a, b):
     return np.where(cond, a, b)
 
 
+@derivative("where")
+def _where_vjp(d, n, xs, out, cot):
+    cond, a, b = xs
+    zero = d.const(0.0, cot)
+    return [None, d.sum_to(d("where", cond, cot, zero), a), d.sum_to(d("where", cond, zero, cot), b)]
+
+
+def _infer_broadcast_like(types, attrs):
+    x, ref = types
+    return TensorType(broadcast_shapes(x.shape, ref.shape), x.dtype)
+
+
+@op("broadcast_like", LAYOUT, 2, _infer_broadcast_like)
+def broadcast_like(x, ref):
+    """``x`` broadcast against ``ref`` (whose values are not read): the derivative of a sum, zeros of a shape."""
+    return np.array(np.broadcast_to(x, np.broadcast_shapes(x.shape, ref.shape)))
+
+
+@derivative("broadcast_like")
+def _broadcast_like_vjp(d, n, xs, out, cot):
+    return [d.sum_to(cot, xs[0]), None]
+
+
 # ----------------------------------------------------------------------------------------------
 # Contractions and normalizations.
 
@@ -304,6 +402,13 @@ def _infer_matmul(types, attrs):
 def matmul(a, b):
     """Batched matrix product with broadcasting batch dims, as ``np.matmul``."""
     return np.matmul(a, b)
+
+
+@derivative("matmul")
+def _matmul_vjp(d, n, xs, out, cot):
+    """d a = cot @ b^T, d b = a^T @ cot, each summed over the batch dims it was broadcast along."""
+    a, b = xs
+    return [d.sum_to(d("matmul", cot, d.swap_last(b)), a), d.sum_to(d("matmul", d.swap_last(a), cot), b)]
 
 
 def _infer_softmax(types, attrs):
@@ -328,6 +433,62 @@ def log_softmax(x, *, axis=-1):
     return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
 
 
+@derivative("softmax")
+def _softmax_vjp(d, n, xs, out, cot):
+    """p (cot - sum(cot p)) along the axis."""
+    return [softmax_backward(d, out, cot, n.attrs["axis"])]
+
+
+def softmax_backward(d, p, cot, axis=-1):
+    return d("mul", p, d("sub", cot, d("reduce_sum", d("mul", cot, p), axes=(axis,), keepdims=True)))
+
+
+@derivative("log_softmax")
+def _log_softmax_vjp(d, n, xs, out, cot):
+    """cot - exp(out) sum(cot) along the axis."""
+    axis = n.attrs["axis"]
+    return [d("sub", cot, d("mul", d("exp", out), d("reduce_sum", cot, axes=(axis,), keepdims=True)))]
+
+
+def _infer_cross_entropy(types, attrs):
+    x, target = types
+    infer_unary([x], attrs)
+    if target.dtype not in ("int32", "int64"):
+        raise ShapeError(f"cross_entropy targets must be integers, got {target.dtype}")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ShapeError(f"cross_entropy: targets {target} must have the shape of the scores {x} without their "
+                         f"last (class) axis")
+    return TensorType(target.shape, x.dtype)
+
+
+@op("cross_entropy", NN, 2, _infer_cross_entropy, label_smoothing=0.0, ignore_index=-100, log_probs=False)
+def cross_entropy(x, target, *, label_smoothing=0.0, ignore_index=-100, log_probs=False):
+    """Per position, -sum_j q_j log p_j over the classes (the last axis): p = softmax(x), or x = log p with
+    ``log_probs``; q the target's one-hot smoothed as PyTorch's ``label_smoothing`` (1 - eps on the target,
+    eps/V on every class); 0 where the target is ``ignore_index``."""
+    logp = x if log_probs else log_softmax(x)
+    valid = target != ignore_index
+    nll = -np.take_along_axis(logp, np.where(valid, target, 0)[..., None], -1)[..., 0]
+    loss = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    return np.where(valid, loss, 0).astype(x.dtype)
+
+
+@derivative("cross_entropy")
+def _cross_entropy_vjp(d, n, xs, out, cot):
+    """(p - q) cot, or -q cot for log-probabilities, at the positions not ignored."""
+    x, target = xs
+    xt, a = d.type(x), n.attrs
+    classes = xt.shape[-1]
+    column = d("reshape", target, shape=tuple(d.type(target).shape) + (1,))
+    onehot = d("cast", d("eq", d("arange", n=classes, dtype=d.type(target).dtype), column), dtype=xt.dtype)
+    eps = a["label_smoothing"]
+    q = d("add", d("mul", onehot, d.const(1 - eps, x)), d.const(eps / classes, x))
+    g = d("neg", q) if a["log_probs"] else d("sub", d("softmax", x, axis=-1), q)
+    valid = d("ne", column, d.const(np.asarray(a["ignore_index"], d.type(target).dtype), None))
+    scaled = d("mul", g, d("reshape", cot, shape=d.type(column).shape))
+    return [d("where", valid, scaled, d.const(0.0, x)), None]
+
+
 def _infer_layer_norm(types, attrs):
     x, gamma, beta = types
     infer_unary([x], attrs)
@@ -347,6 +508,25 @@ def layer_norm(x, gamma, beta, *, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
+def layer_norm_backward(d, x, gamma, cot, eps):
+    """(d x, d gamma, d beta) of ``layer_norm(x, gamma, beta)``: the statistics recomputed,
+    dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = cot gamma."""
+    last = (-1,)
+    centered = d("sub", x, d("reduce_mean", x, axes=last, keepdims=True))
+    var = d("reduce_mean", d("mul", centered, centered), axes=last, keepdims=True)
+    rstd = d("rsqrt", d("add", var, d.const(eps, x)))
+    xhat = d("mul", centered, rstd)
+    g = d("mul", cot, gamma)
+    inner = d("sub", d("sub", g, d("reduce_mean", g, axes=last, keepdims=True)),
+              d("mul", xhat, d("reduce_mean", d("mul", g, xhat), axes=last, keepdims=True)))
+    return d("mul", rstd, inner), d.sum_to(d("mul", cot, xhat), gamma), d.sum_to(cot, gamma)
+
+
+@derivative("layer_norm")
+def _layer_norm_vjp(d, n, xs, out, cot):
+    return list(layer_norm_backward(d, xs[0], xs[1], cot, n.attrs["eps"]))
+
+
 def _infer_rms_norm(types, attrs):
     x, weight = types
     infer_unary([x], attrs)
@@ -360,6 +540,22 @@ def _infer_rms_norm(types, attrs):
 def rms_norm(x, weight, *, eps=1e-6):
     """x / sqrt(mean(x**2) + eps) * weight over the last axis (LLaMA's, T5's norm: no mean, no bias)."""
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def rms_norm_backward(d, x, weight, cot, eps):
+    """(d x, d weight) of ``rms_norm(x, weight)``: dx = r (g - xhat mean(g xhat)) with r = rsqrt(mean(x^2) + eps),
+    xhat = x r, g = cot weight."""
+    last = (-1,)
+    r = d("rsqrt", d("add", d("reduce_mean", d("mul", x, x), axes=last, keepdims=True), d.const(eps, x)))
+    xhat = d("mul", x, r)
+    g = d("mul", cot, weight)
+    dx = d("mul", r, d("sub", g, d("mul", xhat, d("reduce_mean", d("mul", g, xhat), axes=last, keepdims=True))))
+    return dx, d.sum_to(d("mul", cot, xhat), weight)
+
+
+@derivative("rms_norm")
+def _rms_norm_vjp(d, n, xs, out, cot):
+    return list(rms_norm_backward(d, xs[0], xs[1], cot, n.attrs["eps"]))
 
 
 def _infer_reduce(types, attrs):
@@ -381,6 +577,28 @@ def _reduce(name, fn, doc):
 _reduce("reduce_sum", np.sum, "sum over ``axes``")
 _reduce("reduce_mean", np.mean, "mean over ``axes``")
 _reduce("reduce_max", np.max, "max over ``axes``")
+
+
+@derivative("reduce_sum", "reduce_mean", "reduce_max")
+def _reduce_vjp(d, n, xs, out, cot):
+    """The cotangent spread back over the reduced axes (divided by their size for the mean; for the max,
+    to the positions that hold it)."""
+    (x,) = xs
+    xt = d.type(x)
+    axes = {a % xt.rank for a in n.attrs["axes"]}
+    kept = d("reshape", cot, shape=tuple(1 if i in axes else s for i, s in enumerate(xt.shape)))
+    if n.op == "reduce_max":
+        at_max = d("eq", x, d("reshape", out, shape=d.type(kept).shape))
+        return [d("where", at_max, d("broadcast_like", kept, x), d.const(0.0, x))]
+    spread = d("broadcast_like", kept, x)
+    if n.op == "reduce_mean":
+        sizes = [xt.shape[a] for a in axes]
+        if all(isinstance(s, int) for s in sizes):
+            return [d("mul", spread, d.const(1.0 / max(1, int(np.prod(sizes))), x))]
+        # a symbolic size: counted by the graph, at run time
+        count = d("reduce_sum", d("broadcast_like", d.const(1.0, x), x), axes=tuple(axes), keepdims=True)
+        spread = d("div", spread, d("broadcast_like", count, x))
+    return [spread]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,6 +631,11 @@ def reshape(x, *, shape):
     return np.reshape(x, shape)
 
 
+@derivative("reshape")
+def _reshape_vjp(d, n, xs, out, cot):
+    return [d("reshape", cot, shape=d.type(xs[0]).shape)]
+
+
 def _infer_transpose(types, attrs):
     (x,) = types
     perm = tuple(attrs["perm"])
@@ -425,6 +648,12 @@ def _infer_transpose(types, attrs):
 def transpose(x, *, perm):
     """Permute axes."""
     return np.transpose(x, perm)
+
+
+@derivative("transpose")
+def _transpose_vjp(d, n, xs, out, cot):
+    perm = tuple(n.attrs["perm"])
+    return [d("transpose", cot, perm=tuple(perm.index(a) for a in range(len(perm))))]
 
 
 def _infer_slice(types, attrs):
@@ -460,6 +689,28 @@ def slice_(x, *, axis, start=0, stop=None, step=1):
     return x[tuple(index)]
 
 
+@derivative("slice")
+def _slice_vjp(d, n, xs, out, cot):
+    """The cotangent written into zeros of the operand's shape at the slice's place; with a step, first
+    spread out: each row followed by step - 1 rows of zeros."""
+    (x,) = xs
+    xt, ct = d.type(x), d.type(cot)
+    axis, start, step = n.attrs["axis"] % xt.rank, n.attrs.get("start", 0), n.attrs.get("step", 1)
+    if not isinstance(start, int):
+        raise ShapeError(f"the derivative of a slice from the symbolic position {start} is not defined")
+    if step != 1:
+        rows, before, after = ct.shape[axis], tuple(ct.shape[:axis]), tuple(ct.shape[axis + 1:])
+        column = d("reshape", cot, shape=before + (rows, 1) + after)
+        gaps = d("broadcast_like", d.const(np.zeros((1,) * axis + (1, step - 1) + (1,) * len(after)), cot), column)
+        cot = d("reshape", d("concat", column, gaps, axis=axis + 1), shape=before + (rows * step,) + after)
+        room = D.sub(xt.shape[axis], start)
+        if not isinstance(room, int) or room < rows * step:
+            cot = d("slice", cot, axis=axis, start=0, stop=room)
+    zeros = d("broadcast_like", d.const(0.0, cot), x)
+    offset = d.const(np.asarray(start, np.int64), None)
+    return [d("update_slice", zeros, cot, offset, axis=axis)]
+
+
 def _infer_concat(types, attrs):
     if not types:
         raise ShapeError("concat needs at least one operand")
@@ -479,6 +730,16 @@ def _infer_concat(types, attrs):
 def concat(*xs, axis):
     """Join along ``axis``."""
     return np.concatenate(xs, axis=axis)
+
+
+@derivative("concat")
+def _concat_vjp(d, n, xs, out, cot):
+    axis, start, parts = n.attrs["axis"] % d.type(cot).rank, 0, []
+    for x in xs:
+        size = d.type(x).shape[axis]
+        parts.append(d("slice", cot, axis=axis, start=start, stop=D.add(start, size)))
+        start = D.add(start, size)
+    return parts
 
 
 def _infer_gather(types, attrs):
@@ -501,6 +762,36 @@ def gather(table, idx):
         bad = idx[(idx < 0) | (idx >= table.shape[0])].ravel()[0]
         raise IndexOutOfRange(f"index {bad} is out of range for a table of {table.shape[0]} rows")
     return np.take(table, idx, axis=0)
+
+
+@derivative("gather")
+def _gather_vjp(d, n, xs, out, cot):
+    table, idx = xs
+    return [d("scatter_add", idx, cot, table), None]
+
+
+def _infer_scatter_add(types, attrs):
+    idx, values, table = types
+    if idx.dtype not in ("int32", "int64"):
+        raise ShapeError(f"scatter_add indices must be integers, got {idx.dtype}")
+    if values.shape != idx.shape + table.shape[1:]:
+        raise ShapeError(f"scatter_add: values {values} must have the indices' shape {idx} then the rows' {table}")
+    return TensorType(table.shape, values.dtype)
+
+
+@op("scatter_add", LAYOUT, 3, _infer_scatter_add)
+def scatter_add(idx, values, table):
+    """Zeros of ``table``'s shape with each row of ``values`` added at its index (the derivative of a
+    gather: an embedding's gradient); ``table``'s values are not read."""
+    out = np.zeros(table.shape, values.dtype)
+    np.add.at(out, idx.reshape(-1), values.reshape((-1,) + table.shape[1:]))
+    return out
+
+
+@derivative("scatter_add")
+def _scatter_add_vjp(d, n, xs, out, cot):
+    idx, values, table = xs
+    return [None, d("gather", cot, idx), None]
 
 
 def _infer_update_slice(types, attrs):

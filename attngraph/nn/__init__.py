@@ -2,6 +2,7 @@
 
 from . import functional
 from .layers import (
+                     CrossEntropyLoss,
                      Decoder,
                      DecoderLayer,
                      Embedding,
@@ -22,7 +23,7 @@ from .module import Buffer, Module, ModuleList, Parameter
 from .spec import InputSpec
 from .tensor import Tensor, TraceError, trace
 
-__all__ = ["functional", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",
+__all__ = ["functional", "CrossEntropyLoss", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",
            "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention", "RMSNorm",
            "SinusoidalPositionalEncoding", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
            "ModuleList", "Parameter", "Buffer", "Tensor", "TraceError", "trace"]

@@ -34,6 +34,36 @@ def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
     return _emit("rms_norm", [x, weight], eps=float(eps))
 
 
+def cross_entropy(input, target, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                  log_probs: bool = False) -> Tensor:
+    """``torch.nn.functional.cross_entropy``: ``input`` holds scores (log-probabilities with ``log_probs``)
+    with the classes along axis 1 as in PyTorch ((N, C), or (N, C, d1, ...) for targets (N, d1, ...)); one
+    ``cross_entropy`` per position, then their mean over the positions whose target is not
+    ``ignore_index`` (``reduction="sum"``: their sum; ``"none"``: each)."""
+    from .tensor import TraceError, _user_location
+    input = as_tensor(input)
+    if input.ndim > 2:  # classes along axis 1 -> last, where the op reads them
+        input = input.permute(0, *range(2, input.ndim), 1)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise TraceError(f"cross_entropy at {_user_location()}: label_smoothing {label_smoothing} is not in [0, 1]")
+    if reduction not in ("mean", "sum", "none"):
+        raise TraceError(f"cross_entropy at {_user_location()}: reduction {reduction!r} is not mean, sum or none")
+    per = _emit("cross_entropy", [input, target], label_smoothing=float(label_smoothing),
+                ignore_index=int(ignore_index), log_probs=bool(log_probs))
+    if reduction == "none":
+        return per
+    total = per.sum()
+    if reduction == "sum":
+        return total
+    target = as_tensor(target)
+    return total / target.ne(ignore_index).astype(per.dtype).sum()
+
+
+def nll_loss(input, target, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """``torch.nn.functional.nll_loss``: ``cross_entropy`` of log-probabilities (classes along axis 1)."""
+    return cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction, log_probs=True)
+
+
 def gelu(x, approximate: str = "none") -> Tensor:
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")

@@ -133,7 +133,12 @@ def as_tensor(x, like: "Tensor | None" = None) -> "Tensor":
     if isinstance(x, (bool, int, float, np.number, np.ndarray)):
         value = np.asarray(x)
         if like is not None and not isinstance(x, np.ndarray):
-            value = value.astype(like.dtype)
+            dtype = np.dtype(like.dtype)
+            if dtype.kind == "f" and isinstance(x, (float, np.floating)):
+                # a Python float keeps its float64 value (a float64 run of the interpreter computes with it
+                # exactly) and takes the other operand's type
+                return tracer.emit("const", (), {"value": value.astype(np.float64), "dtype": dtype.name})
+            value = value.astype(dtype)
         elif value.dtype == np.float64:
             value = value.astype(np.float32)
         return tracer.emit("const", (), {"value": value})
@@ -296,6 +301,25 @@ class TensorOps:
         perm = list(range(self.ndim))
         perm[a], perm[b] = perm[b], perm[a]
         return self.permute(perm)
+
+    def t(self):
+        """The transpose of a matrix (as ``torch.Tensor.t``; a vector as it is)."""
+        if self.ndim > 2:
+            raise TraceError(f"t() of %{self._traced().node.name}: {self.type} at {_user_location()}: t() expects a "
+                             f"tensor of at most 2 dims; use transpose(a, b) or .mT")
+        return self.permute(1, 0) if self.ndim == 2 else self
+
+    @property
+    def T(self):
+        """Every axis reversed (as ``torch.Tensor.T``: a matrix transposed)."""
+        return self.permute(tuple(reversed(range(self.ndim))))
+
+    @property
+    def mT(self):
+        """The last two axes swapped (as ``torch.Tensor.mT``)."""
+        if self.ndim < 2:
+            raise TraceError(f".mT of %{self._traced().node.name}: {self.type} at {_user_location()}: needs 2 or more dims")
+        return self.transpose(-2, -1)
 
     def unsqueeze(self, axis: int):
         self._check_axes("unsqueeze", (axis,), self.ndim + 1)

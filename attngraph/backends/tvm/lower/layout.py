@@ -1,10 +1,11 @@
-"""Ops that move, select or build elements: transpose, reshape, slice, concat, gather, arange, and the
-KV-cache write ``update_slice``."""
+"""Ops that move, select or build elements: transpose, reshape, slice, concat, gather, arange, the
+KV-cache write ``update_slice``, and the derivatives' ``broadcast_like`` and ``scatter_add``."""
 
 from __future__ import annotations
 
 from tvm import te, tirx
 
+from .common import bcast
 from .registry import lowering
 
 
@@ -74,3 +75,20 @@ def _update_slice(c):
         j = tuple(tirx.max(tirx.min(i[a] - off, n - 1), 0) if a == axis else i[a] for a in range(c.rank))
         return tirx.Select(inside, value[j], cache[i])
     return te.compute(c.shape, body, name=c.name)
+
+
+@lowering("broadcast_like")
+def _broadcast_like(c):
+    return te.compute(c.shape, bcast(c.xs[0], c.rank), name=c.name)
+
+
+@lowering("scatter_add")
+def _scatter_add(c):
+    """Each output row sums the value rows whose index names it: a reduction over every index position."""
+    idx, values, _ = c.xs
+    r = len(idx.shape)
+    ks = [te.reduce_axis((0, n), name=f"k{a}") for a, n in enumerate(idx.shape)]
+    zero = tirx.const(0.0, values.dtype)
+    return te.compute(c.shape, lambda row, *i: te.sum(
+        tirx.Select(idx[tuple(ks)].astype("int64") == row, values[tuple(ks) + tuple(i)], zero), axis=ks),
+        name=c.name)

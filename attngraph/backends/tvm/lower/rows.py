@@ -104,6 +104,35 @@ def _add_rms_norm(c):
     return _rms_norm(c, lambda *i: a[i] + b(*i))
 
 
+@lowering("cross_entropy")
+def _cross_entropy(c):
+    """Per row: the log-sum-exp (0 for log-probabilities), the target's score and the mean score; the loss
+    from them, 0 where the target is ignored (its index clamped: every read stays in bounds)."""
+    x, t = c.xs
+    a, dtype = c.attrs, c.out.dtype
+    classes = x.shape[-1]
+    k1, k2, k3 = (te.reduce_axis((0, classes), name=f"k{i}") for i in (1, 2, 3))
+    total = te.compute(c.shape, lambda *i: te.sum(x[i + (k3,)], axis=k3), name=f"{c.name}_sum")
+    if a["log_probs"]:
+        def lse(*i):
+            return const(0.0, dtype)
+    else:
+        mx = te.compute(c.shape, lambda *i: te.max(x[i + (k1,)], axis=k1), name=f"{c.name}_max")
+        se = te.compute(c.shape, lambda *i: te.sum(tirx.exp(x[i + (k2,)] - mx[i]), axis=k2), name=f"{c.name}_exp")
+
+        def lse(*i):
+            return mx[i] + tirx.log(se[i])
+    eps = a["label_smoothing"]
+
+    def body(*i):
+        index = tirx.max(tirx.min(t[i].astype("int64"), classes - 1), tirx.const(0, "int64"))
+        nll = lse(*i) - x[i + (index,)]
+        smooth = lse(*i) - total[i] / classes.astype(dtype)
+        loss = const(1 - eps, dtype) * nll + const(eps, dtype) * smooth
+        return tirx.Select(t[i] == tirx.const(a["ignore_index"], t.dtype), const(0.0, dtype), loss)
+    return te.compute(c.shape, body, name=c.name)
+
+
 @lowering("reduce_sum", "reduce_mean", "reduce_max")
 def _reduce(c):
     (x,) = c.xs

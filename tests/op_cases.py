@@ -1,0 +1,117 @@
+"""One case per op of the registry (and per form worth its own kernel): (op, attrs, operand types) with
+symbolic dims b and s, and the operands to run them with.  The TVM op tests run every case on every
+target; the derivative tests check every differentiable one against finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attngraph.ir import TensorType
+from attngraph.ir import dims as D
+
+SIZES = ({"b": 1, "s": 1}, {"b": 3, "s": 7})
+
+
+def T(*shape, dtype="float32"):
+    return TensorType(shape, dtype)
+
+
+BOOL, I64 = "bool", "int64"
+X = T("b", "s", 8)
+
+# (op, attrs, operand types).  The ids name the op and a hint of the case.
+CASES = [
+    ("neg", {}, [X]), ("exp", {}, [X]), ("log", {}, [X]), ("sqrt", {}, [X]), ("rsqrt", {}, [X]),
+    ("tanh", {}, [X]), ("erf", {}, [X]), ("sin", {}, [X]), ("cos", {}, [X]), ("relu", {}, [X]),
+    ("gelu", {}, [X]), ("gelu", {"approximate": "tanh"}, [X]),
+    ("cast", {"dtype": "float32"}, [T("b", "s", 8, dtype=BOOL)]), ("cast", {"dtype": "float64"}, [X]),
+    ("add", {}, [X, T(8)]), ("sub", {}, [X, T("b", 1, 8)]), ("mul", {}, [X, T()]), ("div", {}, [X, T("s", 1)]),
+    ("maximum", {}, [X, X]),
+    ("eq", {}, [T("b", "s", dtype=I64), T(dtype=I64)]), ("ne", {}, [X, X]), ("lt", {}, [X, T(8)]),
+    ("le", {}, [X, X]), ("gt", {}, [X, T()]), ("ge", {}, [X, X]),
+    ("logical_and", {}, [T("b", "s", dtype=BOOL), T("s", dtype=BOOL)]),
+    ("logical_or", {}, [T("b", "s", dtype=BOOL), T("b", "s", dtype=BOOL)]),
+    ("logical_not", {}, [T("b", "s", dtype=BOOL)]),
+    ("where", {}, [T("b", 1, 8, dtype=BOOL), X, T()]),
+    ("matmul", {}, [X, T(8, 12)]),
+    ("matmul", {}, [T("b", 2, "s", 4), T("b", 2, 4, "s")]),
+    ("matmul", {}, [T("b", 2, "s", "s"), T("b", 2, "s", 4)]),
+    ("matmul", {}, [T("s", 8), T(8, "s")]),
+    ("linear", {}, [X, T(8, 12)]), ("linear", {"activation": "relu"}, [X, T(8, 12), T(12)]),
+    ("linear", {"activation": "gelu"}, [X, T(8, 5), T(5)]), ("linear", {"activation": "gelu_tanh"}, [X, T(8, 4), T(4)]),
+    ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
+    ("layer_norm", {"eps": 1e-5}, [X, T(8), T(8)]),
+    ("add_layer_norm", {"eps": 1e-6}, [X, X, T(8), T(8)]),
+    ("rms_norm", {"eps": 1e-6}, [X, T(8)]), ("add_rms_norm", {"eps": 1e-5}, [X, T("s", 8), T(8)]),
+    ("scaled_masked_softmax", {"scale": 0.35}, [T("b", 2, "s", "s")]),
+    ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
+     [T("b", 2, "s", "s"), T("b", 1, 1, "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.5}, [T("b", 2, "s", 4)] * 3),
+    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "layout": "bshd"},
+     [T("b", "s", 2, 4)] * 3 + [T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.3, "mask_kinds": ("additive",)},
+     [T("b", 2, "s", 4), T("b", 2, 5, 4), T("b", 2, 5, 4), T("b", 1, 1, 5)]),
+    # masked_fill(-1e9) and finfo.min fills; one key/value head for all query heads; queries shared by a batch
+    ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "mask_fills": (-1e9, -3.4e38)},
+     [T("b", 2, "s", "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.5, "mask_kinds": ("drop",), "mask_fills": (-1e9,)},
+     [T("b", 2, "s", 4), T("b", 1, "s", 4), T("b", 1, "s", 4), T("b", 1, 1, "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep",), "layout": "bshd"},
+     [T(1, "s", 2, 4), T("b", "s", 2, 4), T("b", "s", 2, 4), T("s", "s", dtype=BOOL)]),
+    ("fused_attention", {"layout": "bshd"}, [T("b", "s", 4, 1), T("b", "s", 1, 1), T("b", "s", 1, 3)]),
+    ("reduce_sum", {"axes": (-1,)}, [X]), ("reduce_mean", {"axes": (1,), "keepdims": True}, [X]),
+    ("reduce_max", {"axes": (0, 2)}, [X]),
+    ("transpose", {"perm": (0, 2, 1)}, [X]), ("transpose", {"perm": (1, 0, 2)}, [X]),
+    ("reshape", {"shape": ("b", "s", 2, 4)}, [X]),
+    ("slice", {"axis": 2, "start": 1, "stop": 7, "step": 2}, [X]), ("slice", {"axis": 1, "start": 0, "stop": 1}, [X]),
+    ("slice", {"axis": 1, "start": 1, "stop": "s"}, [T("b", "s + 1", 8)]),
+    ("concat", {"axis": 2}, [T("b", "s", 3), T("b", "s", 5)]), ("concat", {"axis": 1}, [X, T("b", 2, 8), X]),
+    ("gather", {}, [T(10, 8), T("b", "s", dtype=I64)]),
+    ("arange", {"n": "s"}, []),
+    # the derivatives' ops: an embedding's gradient, a sum's spread, the training loss
+    ("scatter_add", {}, [T("b", "s", dtype=I64), X, T(10, 8)]),
+    ("broadcast_like", {}, [T("s", 1), X]), ("broadcast_like", {}, [T(), T("b", "s")]),
+    ("cross_entropy", {"label_smoothing": 0.1, "ignore_index": 0}, [X, T("b", "s", dtype=I64)]),
+    ("cross_entropy", {"log_probs": True}, [X, T("b", "s", dtype=I64)]),
+    ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
+    # the llvm target's own ops (weights in column panels)
+    ("pack_panels", {"width": 16}, [T(8, 20)]),
+    ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),
+]
+
+
+def case_id(case):
+    op, attrs, types = case
+    hint = ",".join(f"{k}={v}" for k, v in attrs.items() if k not in ("eps",))
+    return f"{op}[{hint}]({';'.join(str(t) for t in types)})"
+
+
+def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
+    shape = tuple(D.evaluate(d, sizes) for d in t.shape)
+    if t.dtype == BOOL:
+        return rng.random(shape) < 0.4
+    if t.dtype == I64:
+        if op in ("gather", "scatter_add"):
+            return rng.integers(0, 10, shape)
+        if op == "cross_entropy":
+            return rng.integers(0, 8, shape)
+        if op == "update_slice":
+            return np.array(3)
+        return rng.integers(0, 3, shape)
+    x = rng.standard_normal(shape).astype(t.dtype)
+    return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt") else x
+
+
+def case_operands(case, attrs: dict, sizes: dict, rng) -> list[np.ndarray]:
+    """The operands of ``case`` at ``sizes``; no fully masked score row (its softmax is NaN by definition):
+    key 0 is always kept."""
+    op, _, types = case
+    args = [operand(t, op, sizes, rng) for t in types]
+    if op in ("scaled_masked_softmax", "fused_attention"):
+        first = 1 if op == "scaled_masked_softmax" else 3
+        for kind, j in zip(attrs["mask_kinds"], range(first, len(args))):
+            if kind == "keep":
+                args[j][..., 0] = True
+            elif kind == "drop":
+                args[j][..., 0] = False
+    return args
