@@ -178,6 +178,15 @@ class Graph:
             self.set_operand(user, idx, new)
         self.outputs = [(name, new if o == old else o) for name, o in self.outputs]
 
+    def param_to_input(self, nid: int) -> None:
+        """Make the parameter ``nid`` an input of the same name and type (a training step's parameters:
+        state passed in and returned updated, instead of weights bound once)."""
+        n = self.node(nid)
+        if n.op != "param":
+            raise GraphError(f"%{n.name} is a {n.op}, not a param")
+        n.op, n.attrs = "input", {"type": n.type}
+        self.inputs.append(nid)
+
     def remove(self, nid: int) -> None:
         if self.users(nid) or self.is_output(nid):
             raise GraphError(f"cannot remove %{self.node(nid).name}: it is still used")

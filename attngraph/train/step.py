@@ -1,0 +1,173 @@
+"""A training step as one graph, and the callable that runs it.
+
+``training_graph(graph, optimizer)`` differentiates ``graph``'s scalar loss (``passes.autodiff.grad``),
+clips the gradients if asked, and adds the optimizer's update of every parameter.  The parameters
+become inputs, and so do the optimizer's state (``adam.m:NAME``, ...) and its per-step scalars
+(``adam.step_size``, ...); the outputs are the loss and the new value of every parameter and slot, under
+the name of the input it replaces.  It is an ordinary graph: the passes optimize it, every target
+compiles it, the interpreter runs it.
+
+``TrainStep`` keeps that state where the step runs (device tensors for a compiled step: nothing goes
+back to the host between steps but the loss) and computes the step's scalars on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..ir import Graph, TensorType
+from ..passes import optimize
+from ..passes.autodiff import GRAD_PREFIX, AutodiffError, Builder, grad
+from ..passes.rewrite import remove_dead
+from ..weights import check_params, load_weights, save_weights
+from .optim import Optimizer
+
+STEP_KEY = "step"
+
+
+def _global_norm_clip(d: Builder, grads: dict[str, int], max_norm: float) -> dict[str, int]:
+    """``torch.nn.utils.clip_grad_norm_``: every gradient times ``min(1, max_norm / (norm + 1e-6))``, the
+    norm over all of them together."""
+    squares = []
+    for gr in grads.values():
+        sq = d("mul", gr, gr)
+        rank = d.type(sq).rank
+        squares.append(d("reduce_sum", sq, axes=tuple(range(rank))) if rank else sq)
+    total = squares[0]
+    for sq in squares[1:]:
+        total = d("add", total, sq)
+    coef = d("div", d.const(max_norm, total), d("add", d("sqrt", total), d.const(1e-6, total)))
+    coef = d("neg", d("maximum", d("neg", coef), d.const(-1.0, total)))  # min(coef, 1)
+    return {name: d("mul", gr, coef) for name, gr in grads.items()}
+
+
+def training_graph(graph: Graph, optimizer: Optimizer, loss: str = "loss", level: int = 3) -> Graph:
+    """The graph of one training step of ``graph`` (its output ``loss``, a float scalar) with ``optimizer``:
+    inputs are the batch, the parameters, the optimizer's slots and step scalars; outputs the loss and
+    the new parameters and slots, named as the inputs they replace.  The forward is optimized at ``level``
+    first: fused, an attention keeps no probabilities for the backward, whose derivative recomputes them."""
+    names = list(graph.params)
+    if not names:
+        raise AutodiffError(f"{graph.name} has no parameters to train")
+    dtypes = {graph.node(nid).type.dtype for nid in graph.params.values()}
+    if len(dtypes) > 1:
+        raise AutodiffError(f"{graph.name}'s parameters mix {', '.join(sorted(dtypes))}: a step updates one float type")
+    clash = sorted(set(names) & set(graph.input_types()))
+    if clash:
+        raise AutodiffError(f"inputs of {graph.name} are named like parameters: {', '.join(clash)}")
+    (dtype,) = dtypes
+    if level:
+        graph, _ = optimize(graph, level)
+    g = grad(graph, loss, keep_outputs=False)
+    outputs = dict(g.outputs)
+    params = g.params
+    d = Builder(g, {"scope": optimizer.name})
+    scalars = {k: g.add("input", (), {"type": TensorType((), dtype)}, name=optimizer.scalar_name(k))
+               for k in optimizer.scalars(1)}
+    grads = {n: outputs[GRAD_PREFIX + n] for n in names}
+    if optimizer.clip_norm is not None:
+        grads = _global_norm_clip(d, grads, optimizer.clip_norm)
+    new = [(loss, outputs[loss])]
+    for n in names:
+        t = g.node(params[n]).type
+        slots = {s: g.add("input", (), {"type": t}, name=optimizer.slot_name(s, n)) for s in optimizer.slots}
+        param, updated = optimizer.update(d, params[n], grads[n], slots, scalars)
+        new.append((n, param))
+        new += [(optimizer.slot_name(s, n), updated[s]) for s in optimizer.slots]
+    for n in names:
+        g.param_to_input(params[n])
+    g.set_outputs(new)
+    remove_dead(g)
+    g.name = f"{graph.name}.train"
+    g.validate()
+    return g
+
+
+class TrainStep:
+    """``step(batch)`` runs one training step on ``batch`` (the model's inputs by name) and returns the loss.
+
+    ``target``: "llvm", "vulkan", "cuda" (with ``device="emulator"``: on the CUDA source emulator) or
+    "interpreter" (the NumPy reference, in ``dtype``: the float64 oracle of the compiled steps).  The
+    parameters and the optimizer's state stay where the step runs; ``params()`` reads them back,
+    ``save``/``save_state`` write them (safetensors), ``load_state`` resumes."""
+
+    def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], optimizer: Optimizer, *, loss: str = "loss",
+                 target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str = "float64"):
+        check_params(graph, params)
+        self.optimizer, self.loss, self.target, self.dtype = optimizer, loss, target, dtype
+        self.graph = training_graph(graph, optimizer, loss, level=opt_level)
+        self.names = list(graph.params)
+        self.batch_inputs = set(graph.input_types())
+        self.step = 0
+        if target == "interpreter":
+            self.compiled = None
+        else:
+            from ..api import compile
+            self.compiled = compile(self.graph, {}, target=target, opt_level=opt_level, device=device)
+        state = {n: np.asarray(params[n]) for n in self.names}
+        state.update({optimizer.slot_name(s, n): np.zeros_like(state[n]) for n in self.names for s in optimizer.slots})
+        self._put(state)
+
+    def _put(self, state: Mapping[str, np.ndarray]) -> None:
+        types = self.graph.input_types()
+        arrays = {k: np.asarray(v, dtype=self._dtype(types[k].dtype)) for k, v in state.items()}
+        self.state = arrays if self.compiled is None else {k: self.compiled.device.upload(v) for k, v in arrays.items()}
+
+    def _dtype(self, dtype: str) -> str:
+        return self.dtype if self.compiled is None else dtype
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> float:
+        extra = sorted(set(batch) - self.batch_inputs)
+        if extra:
+            raise KeyError(f"the batch has {', '.join(extra)}, which {self.graph.name} does not take (its inputs: "
+                           f"{', '.join(sorted(self.batch_inputs))})")
+        step = self.step + 1
+        scalar_dtype = self._dtype(self.graph.input_types()[self.names[0]].dtype)
+        scalars = {self.optimizer.scalar_name(k): np.asarray(v, scalar_dtype)
+                   for k, v in self.optimizer.scalars(step).items()}
+        inputs = {**batch, **self.state, **scalars}
+        if self.compiled is None:
+            from .. import reference
+            out = reference.run(self.graph, inputs, {}, dtype=self.dtype)
+        else:
+            out = self.compiled(inputs, keep=list(self.state))
+        self.state = {k: out[k] for k in self.state}
+        self.step = step
+        return float(out[self.loss])
+
+    def _host(self, names) -> dict[str, np.ndarray]:
+        if self.compiled is None:
+            return {k: np.array(self.state[k]) for k in names}
+        return {k: self.compiled.device.download(self.state[k]) for k in names}
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The current parameters, on the host."""
+        return self._host(self.names)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer's slots and the step count (``step``)."""
+        out = self._host([k for k in self.state if k not in self.names])
+        out[STEP_KEY] = np.asarray(self.step, np.int64)
+        return out
+
+    def save(self, path: str) -> None:
+        save_weights(path, self.params())
+
+    def save_state(self, path: str) -> None:
+        save_weights(path, self.optimizer_state())
+
+    def load_state(self, params: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray] | str) -> None:
+        """Resume from saved parameters and optimizer state (a mapping or a file ``save_state`` wrote)."""
+        state = dict(load_weights(state) if isinstance(state, str) else state)
+        step = int(state.pop(STEP_KEY, 0))
+        want = {k for k in self.state if k not in self.names}
+        if set(state) != want:
+            missing, extra = sorted(want - set(state)), sorted(set(state) - want)
+            raise KeyError(f"optimizer state does not fit this step: missing {missing}, unexpected {extra}")
+        self._put({**{n: params[n] for n in self.names}, **state})
+        self.step = step
+
+
+__all__ = ["TrainStep", "training_graph"]

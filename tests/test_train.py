@@ -1,0 +1,215 @@
+"""Training steps (``attngraph.train``): Adam under the paper's schedule, SGD with momentum and gradient
+clipping against ``torch.optim`` with the same weights and batches, in the float64 interpreter (rtol 1e-9)
+and compiled in float32 (rtol 1e-4 of each parameter's scale); saving and resuming; errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import attngraph as ag
+from attngraph import nn, train
+from attngraph.nn import functional as F
+from attngraph.passes.autodiff import AutodiffError
+
+from tiny_models import D_MODEL, TorchTranslator, Translator, as_ours, batch
+
+pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # torch's float mask
+
+
+def torch_run(torch, theirs, make_optimizer, schedule, batches, clip=None):
+    """``len(batches)`` steps of PyTorch training: the step's rate from ``schedule`` (LambdaLR, base rate 1)."""
+    params = [p for _, p in theirs.named()]
+    opt = make_optimizer(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: schedule(epoch + 1))
+    losses = []
+    for data in batches:
+        opt.zero_grad()
+        loss = theirs.loss(**data)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+def batches(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [batch(rng) for _ in range(n)]
+
+
+#: the key projections' biases have a gradient of exactly 0 (a softmax does not see a shift shared by all its
+#: keys): what Adam sees there is rounding noise, normalized into steps that differ from run to run.  They
+#: are compared apart: they must stay where they started, to the noise's small steps.
+KEY_BIAS = "k_proj.bias"
+
+
+def compare_params(got, want, rtol, start=None, noise=1e-6):
+    for name, w in want.items():
+        if name.endswith(KEY_BIAS):
+            if start is not None:
+                np.testing.assert_allclose(got[name], start[name], rtol=0, atol=noise, err_msg=name)
+            continue
+        scale = float(np.abs(w).max())
+        np.testing.assert_allclose(got[name], w, rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def test_adam_with_the_papers_schedule_matches_torch(torch):
+    """Ten steps of Adam (betas 0.9, 0.98, eps 1e-9) under lrate = d^-0.5 min(step^-0.5, step warmup^-1.5) on
+    the tiny translator (label smoothing, padding ignored, tied output projection)."""
+    schedule = train.Noam(D_MODEL, warmup=4)
+    model, theirs = Translator(), TorchTranslator(torch)
+    params = as_ours(theirs.state(), model)
+    data = batches(10)
+    want_losses = torch_run(torch, theirs, lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.9, 0.98), eps=1e-9),
+                            schedule, data)
+    step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="interpreter")
+    losses = [step(b) for b in data]
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+    compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9, start=params)
+    state = step.optimizer_state()
+    assert int(state["step"]) == 10 and set(state) == {"step"} | {f"adam.{s}:{n}" for n in params for s in "mv"}
+
+
+def test_sgd_momentum_weight_decay_and_clipping_match_torch(torch):
+    model, theirs = Translator(), TorchTranslator(torch)
+    params = as_ours(theirs.state(), model)
+    data = batches(4, seed=1)
+    want_losses = torch_run(torch, theirs, lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, nesterov=True,
+                                                                     weight_decay=1e-2),
+                            train.Constant(0.05), data, clip=0.5)
+    opt = train.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, clip_norm=0.5)
+    step = train.TrainStep(ag.trace(model), params, opt, target="interpreter")
+    np.testing.assert_allclose([step(b) for b in data], want_losses, rtol=1e-10)
+    compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9, start=params)
+
+
+def test_adamw_matches_torch(torch):
+    model, theirs = Translator(), TorchTranslator(torch)
+    params = as_ours(theirs.state(), model)
+    data = batches(3, seed=2)
+    torch_run(torch, theirs, lambda p: torch.optim.AdamW(p, lr=1.0, weight_decay=0.1), train.Constant(1e-2), data)
+    step = train.TrainStep(ag.trace(model), params, train.AdamW(lr=1e-2, weight_decay=0.1), target="interpreter")
+    for b in data:
+        step(b)
+    compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9)
+
+
+@pytest.mark.parametrize("target", ["llvm", "vulkan", "emulator"])
+def test_compiled_steps_match_the_interpreter(target):
+    """Five Adam steps in float32 on each target that runs here against the float64 interpreter (the key
+    biases: float32 noise normalized by Adam moves them by up to the rate, about 0.05, a step)."""
+    from attngraph.backends.tvm.targets import target_status
+    device = None
+    if target == "emulator":
+        import shutil
+        if not shutil.which("g++"):
+            pytest.skip("the CUDA source emulator needs g++")
+        target, device = "cuda", "emulator"
+    elif target_status(target)["run"]:
+        pytest.skip(f"{target} does not run here: {target_status(target)['run']}")
+    g = ag.trace(Translator())
+    params = ag.init_params(g, seed=1, perturb=True)
+    opt = train.Adam(lr=train.Noam(D_MODEL, warmup=4), clip_norm=1.0)
+    oracle = train.TrainStep(g, params, opt, target="interpreter")
+    step = train.TrainStep(g, params, opt, target=target, device=device)
+    for b in batches(5, seed=3):
+        assert step(b) == pytest.approx(oracle(b), rel=1e-4)
+    compare_params(step.params(), oracle.params(), rtol=1e-4, start=params, noise=5 * 0.05)
+
+
+def test_resuming_from_saved_state_continues_the_run(tmp_path):
+    g = ag.trace(Translator())
+    params = ag.init_params(g, seed=4)
+    opt = train.Adam(lr=train.Noam(D_MODEL, warmup=4))
+    data = batches(5, seed=4)
+    straight = train.TrainStep(g, params, opt, target="interpreter")
+    for b in data:
+        straight(b)
+    first = train.TrainStep(g, params, opt, target="interpreter")
+    for b in data[:3]:
+        first(b)
+    first.save(str(tmp_path / "params.safetensors"))
+    first.save_state(str(tmp_path / "adam.safetensors"))
+    resumed = train.TrainStep(g, params, opt, target="interpreter")
+    resumed.load_state(ag.load_weights(str(tmp_path / "params.safetensors")), str(tmp_path / "adam.safetensors"))
+    assert resumed.step == 3
+    for b in data[3:]:
+        resumed(b)
+    compare_params(resumed.params(), straight.params(), rtol=1e-12)
+
+
+def test_a_compiled_model_learns():
+    """A decoder learns to count (each token the one after the last, modulo the vocabulary): llvm, float32."""
+    vocab = 8
+    gpt = ag.models.gpt.GPT(vocab_size=vocab, d_model=32, num_heads=2, d_ff=64, num_layers=1, max_len=16)
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt = gpt
+
+        def forward(self, tokens, targets):
+            return {"loss": F.nll_loss(self.gpt(tokens)["log_probs"].reshape(-1, vocab), targets.reshape(-1))}
+    ids = nn.InputSpec(("b", "s"), "int64", low=0, high=vocab)
+    g = ag.trace(LM(), {"tokens": ids, "targets": ids})
+    step = train.TrainStep(g, ag.init_params(g, seed=0), train.Adam(lr=1e-2), target="llvm")
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(40):
+        seq = (rng.integers(0, vocab, (8, 1)) + np.arange(11)) % vocab
+        losses.append(step({"tokens": seq[:, :-1], "targets": seq[:, 1:]}))
+    assert losses[0] > 1.5 and np.mean(losses[-5:]) < 0.05, losses
+
+
+def test_schedules():
+    noam = train.Noam(512, warmup=4000)
+    assert noam(4000) == pytest.approx(512 ** -0.5 * 4000 ** -0.5)
+    assert noam(1) < noam(2000) < noam(4000) > noam(8000)
+    cos = train.WarmupCosine(peak=1.0, warmup=10, total=110)
+    assert cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(1.0) and cos(110) == pytest.approx(0.0)
+    assert train.Adam(lr=0.1).schedule(7) == 0.1
+
+
+def test_errors_name_what_is_wrong():
+    g = ag.trace(Translator())
+    params = ag.init_params(g)
+    with pytest.raises(ValueError, match="betas must be in"):
+        train.Adam(betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="learning rate"):
+        train.SGD(lr=-1)
+    with pytest.raises(ValueError, match="clip_norm"):
+        train.SGD(clip_norm=0)
+    step = train.TrainStep(g, params, train.SGD(lr=0.1), target="interpreter")
+    with pytest.raises(KeyError, match="the batch has labels"):
+        step({**batches(1)[0], "labels": np.zeros(3)})
+    with pytest.raises(ag.WeightsError, match="missing tensor"):
+        train.TrainStep(g, {}, train.SGD(lr=0.1), target="interpreter")
+
+    class NoParams(nn.Module):
+        def forward(self, x):
+            return {"loss": (x * x).sum()}
+    with pytest.raises(AutodiffError, match="no parameters to train"):
+        train.training_graph(ag.trace(NoParams(), {"x": nn.InputSpec((3,))}), train.SGD())
+
+
+def test_the_step_graph_is_an_ordinary_graph():
+    """Parameters, slots and step scalars are inputs; the new values are outputs of the same names; the
+    forward is fused before it is differentiated (at level 0: not)."""
+    g = ag.trace(Translator())
+    tg = train.training_graph(g, train.Adam())
+    assert tg.op_counts()["fused_attention"] == 3
+    assert "fused_attention" not in train.training_graph(g, train.Adam(), level=0).op_counts()
+    names = set(g.params)
+    inputs = set(tg.input_types())
+    assert names <= inputs and {f"adam.m:{n}" for n in names} <= inputs and {"adam.step_size", "adam.bias2_sqrt"} <= inputs
+    assert [n for n, _ in tg.outputs] == ["loss"] + [x for n in g.params for x in (n, f"adam.m:{n}", f"adam.v:{n}")]
+    assert not tg.params
