@@ -37,6 +37,7 @@ CASES = [
     ("matmul", {}, [T("b", 2, "s", 4), T("b", 2, 4, "s")]),
     ("matmul", {}, [T("b", 2, "s", "s"), T("b", 2, "s", 4)]),
     ("matmul", {}, [T("s", 8), T(8, "s")]),
+    ("weight_grad", {}, [X, T("b", "s", 12)]), ("weight_grad", {}, [T("s", 12), T("s", 20)]),
     ("linear", {}, [X, T(8, 12)]), ("linear", {"activation": "relu"}, [X, T(8, 12), T(12)]),
     ("linear", {"activation": "gelu"}, [X, T(8, 5), T(5)]), ("linear", {"activation": "gelu_tanh"}, [X, T(8, 4), T(4)]),
     ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
@@ -70,6 +71,7 @@ CASES = [
     ("arange", {"n": "s"}, []),
     # the derivatives' ops: an embedding's gradient, a sum's spread, the training loss
     ("scatter_add", {}, [T("b", "s", dtype=I64), X, T(10, 8)]),
+    ("scatter_add", {}, [T("s", dtype=I64), T("s", 32), T(10, 32)]),
     ("broadcast_like", {}, [T("s", 1), X]), ("broadcast_like", {}, [T(), T("b", "s")]),
     ("cross_entropy", {"label_smoothing": 0.1, "ignore_index": 0}, [X, T("b", "s", dtype=I64)]),
     ("cross_entropy", {"log_probs": True}, [X, T("b", "s", dtype=I64)]),

@@ -67,7 +67,8 @@ def test_generic_lowering(case):
     run_case(case, generic=True)
 
 
-HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "fused_attention") or O.get(c[0]).rows]
+HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "weight_grad", "scatter_add", "fused_attention")
+        or O.get(c[0]).rows]
 
 
 @pytest.mark.parametrize("case", HAND, ids=[case_id(c) for c in HAND])

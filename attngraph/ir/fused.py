@@ -75,12 +75,9 @@ def _linear_vjp(d, n, xs, out, cot):
     x, w = xs[0], xs[1]
     activation = n.attrs["activation"]
     g = cot if activation == "none" else _ACTIVATION_VJP[activation](d, d("linear", *xs, activation="none"), cot)
-    k, m = d.type(w).shape
-    flat_x = d("reshape", x, shape=(-1, k))
-    flat_g = d("reshape", g, shape=(-1, m))
-    grads = [d("matmul", g, d("transpose", w, perm=(1, 0))), d("matmul", d("transpose", flat_x, perm=(1, 0)), flat_g)]
+    grads = [d("matmul", g, d("transpose", w, perm=(1, 0))), d("weight_grad", x, g)]
     if len(xs) == 3:
-        grads.append(d("reduce_sum", flat_g, axes=(0,)))
+        grads.append(d("reduce_sum", g, axes=tuple(range(d.type(g).rank - 1))))
     return grads
 
 

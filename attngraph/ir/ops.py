@@ -408,7 +408,34 @@ def matmul(a, b):
 def _matmul_vjp(d, n, xs, out, cot):
     """d a = cot @ b^T, d b = a^T @ cot, each summed over the batch dims it was broadcast along."""
     a, b = xs
-    return [d.sum_to(d("matmul", cot, d.swap_last(b)), a), d.sum_to(d("matmul", d.swap_last(a), cot), b)]
+    da = d.sum_to(d("matmul", cot, d.swap_last(b)), a)
+    if d.type(b).rank == 2 and d.type(a).rank >= 2:  # a weight: summed over every leading position at once
+        return [da, d("weight_grad", a, cot)]
+    return [da, d.sum_to(d("matmul", d.swap_last(a), cot), b)]
+
+
+def _infer_weight_grad(types, attrs):
+    x, g = types
+    if x.rank < 2 or g.rank != x.rank or tuple(x.shape[:-1]) != tuple(g.shape[:-1]):
+        raise ShapeError(f"weight_grad needs operands with the same leading dims, got {x} and {g}")
+    return TensorType((x.shape[-1], g.shape[-1]), _same_dtype(types))
+
+
+def _weight_grad_flops(attrs, in_shapes, out_shape) -> int:
+    return 2 * int(np.prod(in_shapes[0], dtype=np.int64)) * int(out_shape[-1])
+
+
+@op("weight_grad", NN, 2, _infer_weight_grad, flops=_weight_grad_flops)
+def weight_grad(x, g):
+    """x^T g over every leading position: (..., K), (..., N) -> (K, N), the sum of the outer products
+    x[p] g[p]^T (the gradient of a projection's weight, contracted over batch and sequence)."""
+    return np.matmul(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]))
+
+
+@derivative("weight_grad")
+def _weight_grad_vjp(d, n, xs, out, cot):
+    x, g = xs
+    return [d("matmul", g, d.swap_last(cot)), d("matmul", x, cot)]
 
 
 def _infer_softmax(types, attrs):

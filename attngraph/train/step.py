@@ -114,6 +114,7 @@ class TrainStep:
         types = self.graph.input_types()
         arrays = {k: np.asarray(v, dtype=self._dtype(types[k].dtype)) for k, v in state.items()}
         self.state = arrays if self.compiled is None else {k: self.compiled.device.upload(v) for k, v in arrays.items()}
+        self._spare: dict = {}
 
     def _dtype(self, dtype: str) -> str:
         return self.dtype if self.compiled is None else dtype
@@ -131,8 +132,9 @@ class TrainStep:
         if self.compiled is None:
             from .. import reference
             out = reference.run(self.graph, inputs, {}, dtype=self.dtype)
-        else:
-            out = self.compiled(inputs, keep=list(self.state))
+        else:  # the new state is written into the buffers of the state before this one
+            out = self.compiled(inputs, keep=list(self.state), into=self._spare)
+            self._spare = {k: v for k, v in self.state.items() if out[k] is not v}
         self.state = {k: out[k] for k in self.state}
         self.step = step
         return float(out[self.loss])

@@ -28,6 +28,14 @@ def _matmul(c):
     return te.compute(c.shape, lambda *i: te.sum(ra(i[:-2], i[-2], k) * rb(i[:-2], k, i[-1]), axis=k), name=c.name)
 
 
+@lowering("weight_grad")
+def _weight_grad(c):
+    x, g = c.xs
+    lead = [te.reduce_axis((0, n), name=f"p{a}") for a, n in enumerate(x.shape[:-1])]
+    return te.compute(c.shape, lambda i, j: te.sum(x[tuple(lead) + (i,)] * g[tuple(lead) + (j,)], axis=lead),
+                      name=c.name)
+
+
 def epilogue(c, y: te.Tensor, bias: te.Tensor | None) -> te.Tensor:
     """``activation(y + bias)`` of a projection: its bias and activation, applied as it is written back."""
     act = ACTIVATIONS[c.attrs["activation"]]

@@ -195,9 +195,11 @@ class CompiledModel:
     # -- running ------------------------------------------------------------------------------
 
     def __call__(self, inputs: Mapping, *, observe: Callable[[Node, np.ndarray], None] | None = None,
-                 times: dict | None = None, keep: Collection[str] = ()) -> dict:
+                 times: dict | None = None, keep: Collection[str] = (), into: Mapping | None = None) -> dict:
         """Run on ``inputs`` ({name: array}); returns the outputs by name, as NumPy arrays except those
-        named in ``keep``, which stay device tensors (fresh ones, never reused by a later call).
+        named in ``keep``, which stay device tensors (fresh ones, never reused by a later call; or the
+        device tensors ``into`` gives by output name, which the call writes: a training step's state,
+        double-buffered, allocates nothing per step).
 
         An input may be a device tensor (from an earlier call's ``keep``): it is used where it is,
         without a copy.  A cache input that an ``update_slice`` updates in place (``in_place``)
@@ -215,6 +217,17 @@ class CompiledModel:
         # Kept outputs computed into planned buffers get memory of their own instead (in-place
         # caches and inputs passed through are returned as they are).
         fresh = {o for name, o in g.outputs if name in keep and o not in self.in_place and g.node(o).op != "input"}
+        given = {}  # output node -> the caller's tensor it is computed into
+        for name, o in g.outputs:
+            tensor = (into or {}).get(name)
+            if tensor is not None and o in fresh and o in kernels and o not in given:
+                want = g.node(o).type
+                if tuple(tensor.shape) != want.concrete(dims) or str(tensor.dtype) != want.dtype:
+                    raise InputError(f"into[{name!r}] is {tuple(tensor.shape)} {tensor.dtype}, but the output is "
+                                     f"{want.concrete(dims)} {want.dtype}")
+                if any(tensor is v for v in inputs.values()):
+                    raise InputError(f"into[{name!r}] is also an input of this call")
+                given[o] = tensor
         moved = set()  # values given memory of their own this call (and views of them)
         env = dict(self.constants)
         for step in self.steps:
@@ -246,6 +259,10 @@ class CompiledModel:
                 name, dim_args = kernels[step.node]
                 if step.node in self.in_place:
                     out = args[0]
+                elif step.node in given:
+                    out = given[step.node]
+                    fresh.discard(step.node)
+                    moved.add(step.node)
                 elif step.node in fresh:
                     out = self.device.view(self.device.allocate(_nbytes(n.type, dims)), views[step.node].shape,
                                            n.type.dtype)

@@ -14,6 +14,9 @@ Kernels (float32 and float64):
 - batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a
   sum over K of a[k] * b[k, :], vectorized along N.
 - ``linear_packed``: the same over weights packed in column panels when the weights are bound.
+- ``weight_grad`` (x^T g over the positions: a projection's weight gradient): register tiles of the static
+  output, a loop over the positions of rank-1 updates from two contiguous rows.
+- ``scatter_add`` (an embedding's gradient): a loop over the positions adding rows, column strips in parallel.
 - ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm``: the
   generic tensor expression scheduled row by row (``rowwise``): rows in parallel, every
   intermediate computed for one row at a time, row sums over a static extent in 8 vector lanes,
@@ -46,6 +49,8 @@ def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
     """The hand-scheduled kernel of ``spec`` on this CPU's ``tiles``, or None where the generic
     lowering and schedule must do."""
     op, attrs, in_types, out_type = spec.op, spec.attrs, list(spec.in_types), spec.out_type
+    if op == "scatter_add" and out_type.rank == 2 and all(isinstance(v, int) for v in out_type.shape):
+        return scatter_rows(in_types, out_type, dv)
     # Float kernels; only linear_packed reads a narrower weight (float16 panels).
     if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
             or len(in_types) > 1 and in_types[1].dtype != out_type.dtype and op != "linear_packed":
@@ -54,6 +59,8 @@ def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
         return dense(in_types, out_type, dv, bias=False, activation="none")
     if op == "matmul" and min(t.rank for t in in_types) >= 2:
         return batched_matmul(in_types, out_type, dv)
+    if op == "weight_grad" and all(isinstance(v, int) for v in out_type.shape):
+        return weight_grad(in_types, out_type, dv, tiles.weight_grad)
     if op == "linear" and _is_dense(in_types):
         return dense(in_types, out_type, dv, bias=len(in_types) == 3, activation=attrs.get("activation", "none"))
     if op == "linear_packed" and _is_packed_dense(in_types):
@@ -256,6 +263,123 @@ def _prefetch_next_tile(func, w, tile, block, k_outer, *, K: int, panels: int, t
         blocks = tile_panels * PREFETCH_EVERY
         return tirx.IfThenElse(block < _i64(blocks), fetching, loop)
     return tvm_ffi.structural_mutate(func, (tirx.For, visit))
+
+
+def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) -> tirx.PrimFunc:
+    """x^T g for x (..., K), g (..., N) over every leading position (a projection's weight gradient), without
+    transposing x: column panels in parallel; in each, ``tile`` = (rows, columns) register tiles of the
+    (static) output, each a loop over the positions of rank-1 updates x[p, k:k+rows] g[p, n:n+columns], both
+    contiguous rows.  A worker's g panel (positions x columns) stays in cache over its row blocks; where the
+    columns do not fill whole tiles, the panel is first copied out clamped (so that no read is clamped per
+    element, which would keep the loop from loading whole vectors)."""
+    tile_k, tile_n = tile
+    x_t, g_t = in_types
+    dtype = out_type.dtype
+    lead = dim_vars.shape(x_t.shape[:-1])
+    M = lead[0]
+    for d in lead[1:]:
+        M = M * d
+    K, N = out_type.shape
+    k_pad = (K + tile_k - 1) // tile_k * tile_k
+    n_pad = (N + tile_n - 1) // tile_n * tile_n
+    X = te.placeholder((M, _i64(K)), dtype, name="in0")
+    G = te.placeholder((M, _i64(N)), dtype, name="in1")
+    p = te.reduce_axis((0, M), name="p")
+    ragged = N % tile_n != 0
+    if ragged:  # g copied into whole column panels, clamped there, so the loop reads whole vectors
+        panels = n_pad // tile_n
+        packed = te.compute((_i64(panels), M, _i64(tile_n)),
+                            lambda c, q, l: G[q, tirx.min(c * tile_n + l, _i64(N - 1))], name="packed")
+
+        def g_at(j):
+            return packed[j // tile_n, p, j % tile_n]
+    else:
+        def g_at(j):
+            return G[p, j]
+
+    def x_at(i):  # the last, partial row tile reads clamped rows (its results are not written back)
+        return X[p, i if K % tile_k == 0 else tirx.min(i, _i64(K - 1))]
+    acc = te.compute((_i64(k_pad), _i64(n_pad)), lambda i, j: te.sum(x_at(i) * g_at(j), axis=p), name="acc")
+    out = te.compute((_i64(K), _i64(N)), lambda i, j: acc[i, j], name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
+    ob = sch.get_sblock("out")
+    i, j = sch.get_loops(ob)
+    io, ii = sch.split(i, [None, tile_k])
+    jo, ji = sch.split(j, [None, tile_n])
+    sch.reorder(jo, io, ii, ji)
+    ab = sch.get_sblock("acc")
+    sch.compute_at(ab, io)
+    sch.set_scope(ab, 0, "local")
+    am, an, ak = sch.get_loops(ab)[-3:]
+    sch.reorder(ak, am, an)
+    sch.unroll(am)
+    if tile_n > TILE_N:  # one vector loop per TILE_N columns, unrolled
+        ap, an = sch.split(an, [None, TILE_N])
+        sch.unroll(ap)
+    sch.vectorize(an)
+    sch.vectorize(ji)
+    if ragged:  # one panel per worker iteration
+        pb = sch.get_sblock("packed")
+        sch.compute_at(pb, jo)
+        sch.vectorize(sch.get_loops(pb)[-1])
+    sch.parallel(jo)
+    init = sch.decompose_reduction(ab, ak)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if len(lead) > 1:
+        ub = sch.get_sblock("acc_update")
+        sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, c: _unravel(m, lead) + (c,))
+        reader = sch.get_sblock("packed") if ragged else ub
+        sch.transform_layout(reader, ("read", _read_index(sch, reader, "in1")), lambda m, c: _unravel(m, lead) + (c,))
+    func = sch.mod["main"]
+    return fast_math(func) if dtype == "float32" else func
+
+
+def scatter_rows(in_types, out_type: TensorType, dim_vars: DimVars, lanes: int = 16) -> tirx.PrimFunc:
+    """``scatter_add`` (an embedding's gradient) as the loop PyTorch's CPU backward runs, not as a reduction
+    over every position for every row: zero the table, then each worker owns a strip of ``lanes``
+    columns and adds every position's strip into the row its index names, in position order (so the sums
+    are the same on every run).  An index outside the table is skipped (the executor rejects it before
+    the forward's gather)."""
+    idx_t, values_t, _ = in_types
+    rows, width = out_type.shape
+    dtype = out_type.dtype
+    zero, i64 = tirx.const(0, dtype), _i64
+    strip = lanes if width % lanes == 0 else width
+    idx = te.placeholder(dim_vars.shape(idx_t.shape), idx_t.dtype, name="in0")
+    values = te.placeholder(dim_vars.shape(values_t.shape), dtype, name="in1")
+    table = te.placeholder((i64(rows), i64(width)), dtype, name="in2")
+
+    def loop(name, extent, kind, body_of):
+        var = tirx.Var(name, "int64")
+        return tirx.For(var, i64(0), extent, kind, body_of(var))
+
+    def body(ins, outs):
+        index, vals, _ = ins
+        (out,) = outs
+        inner = tirx.ForKind.VECTORIZED if strip == lanes else tirx.ForKind.SERIAL
+        clear = loop("r", i64(rows), tirx.ForKind.PARALLEL, lambda r: loop(
+            "c", i64(width), tirx.ForKind.SERIAL, lambda c: tirx.BufferStore(out, zero, [r, c])))
+
+        def add_position(pos, column_strip):
+            row = tirx.Var("row", "int64")
+
+            def add(c):
+                col = column_strip * i64(strip) + c
+                return tirx.BufferStore(out, tirx.BufferLoad(out, [row, col]) + tirx.BufferLoad(vals, pos + [col]),
+                                        [row, col])
+            inside = tirx.all(row >= i64(0), row < i64(rows))
+            return tirx.SeqStmt([tirx.Bind(row, tirx.BufferLoad(index, pos).astype("int64")),
+                                 tirx.IfThenElse(inside, loop("c", i64(strip), inner, add), None)])
+
+        def positions(column_strip, axis=0, pos=()):
+            if axis == len(idx.shape):
+                return add_position(list(pos), column_strip)
+            return loop(f"p{axis}", idx.shape[axis], tirx.ForKind.SERIAL,
+                        lambda p: positions(column_strip, axis + 1, pos + (p,)))
+        scatter = loop("strip", i64(width // strip), tirx.ForKind.PARALLEL, positions)
+        return tirx.SeqStmt([clear, scatter])
+    out = te.extern((i64(rows), i64(width)), [idx, values, table], body, name="out", dtype=dtype)
+    return te.create_prim_func([idx, values, table, out])
 
 
 def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:

@@ -31,6 +31,8 @@ class CpuTiles:
     few_rows: tuple
     attention: tuple
     one_row: tuple | None = None
+    #: the weight gradient x^T g (``kernels.weight_grad``)
+    weight_grad: tuple = (6, 16)
     #: the projection prefetches the next column tile's weights as it goes (``dense``, ``prefetch``)
     prefetch: bool = False
 
@@ -41,7 +43,10 @@ class CpuTiles:
 # than 4 x 16 and 5 x 16; 7 x 16 and 8 x 16 (14 and 16 accumulators: spills) 20-35% slower.
 # Prefetching the next column tile's weights (``dense``): with weights cold from memory at 128 rows 12-18%
 # faster (81-84% of the AVX2 peak -> 95-97%), warm the same.
-AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True)
+# The weight gradient (512 positions; K x N of 256 x 1024, 1024 x 256, 512 x 512, 256 x 768; 2 threads, Zen 4):
+# AVX2 6 x 16 at 99-109 GFLOP/s (85-93% of the AVX2 peak), 4 x 16, 8 x 16 and 3 x 32 83-102; AVX-512 4 x 64
+# at 207-214 (88-91%), 16 x 16 183-214, 8 x 32 189-202, 12 x 16 and 6 x 32 171-200.
+AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True, weight_grad=(6, 16))
 # AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
 # GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
 # zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
@@ -50,7 +55,7 @@ AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), pref
 # at 8 rows.  Attention: 8 query rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32, 64).
 # No prefetch: its 1 KB register tile lives in memory that LLVM must assume the prefetch may read, so the
 # accumulators are stored at every prefetch (10-15% slower warm, no gain cold).
-AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64))
+AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64), weight_grad=(4, 64))
 
 
 def cpu_tiles(target) -> CpuTiles:
