@@ -213,3 +213,16 @@ def test_the_step_graph_is_an_ordinary_graph():
     assert names <= inputs and {f"adam.m:{n}" for n in names} <= inputs and {"adam.step_size", "adam.bias2_sqrt"} <= inputs
     assert [n for n, _ in tg.outputs] == ["loss"] + [x for n in g.params for x in (n, f"adam.m:{n}", f"adam.v:{n}")]
     assert not tg.params
+
+
+def test_the_training_example_learns_to_reverse():
+    """The README's example (examples/train_reverse.py), as a user runs it: most reversed tokens right."""
+    import os
+    import re
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "examples", "train_reverse.py")
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    accuracy = float(re.search(r"([0-9.]+)% of the reversed tokens", run.stdout).group(1))
+    assert accuracy > 90, run.stdout
