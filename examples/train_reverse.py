@@ -1,5 +1,6 @@
-"""Train the paper's encoder-decoder, in miniature, to reverse sequences: the DSL model with its loss, Adam
-under the paper's warm-up schedule, compiled for this CPU; then its loss and accuracy on sequences it has not seen.
+"""Train the paper's encoder-decoder, in miniature, to reverse sequences: the DSL model with its loss and dropout,
+Adam under the paper's warm-up schedule, compiled for this CPU; then its loss and accuracy on sequences it has not
+seen.
 
     python examples/train_reverse.py [--steps 1000] [--target llvm]
 """
@@ -70,7 +71,8 @@ def main():
     p.add_argument("--target", default="llvm", help="llvm, vulkan, or interpreter")
     args = p.parse_args()
 
-    graph = ag.trace(Translator())
+    model = Translator()
+    graph = ag.trace(model.train())                               # train(): with dropout (0.1, as the paper)
     start = time.perf_counter()
     step = train.TrainStep(graph, ag.init_params(graph, seed=0), train.Adam(lr=train.Noam(D_MODEL, warmup=100)),
                            target=args.target)
@@ -84,8 +86,9 @@ def main():
     print(f"{args.steps} steps in {time.perf_counter() - start:.1f} s")
     # Held out: the trained parameters on a fresh batch, by the float64 interpreter: the loss, and how many
     # target tokens the model predicts right from the reference prefix.
-    model, params, data = Translator(), step.params(), batch(np.random.default_rng(1), size=256)
-    held_out = ag.reference.run(graph, data, params, dtype="float64")["loss"]
+    model.eval()                                                  # no dropout from here on
+    params, data = step.params(), batch(np.random.default_rng(1), size=256)
+    held_out = ag.reference.run(ag.trace(model), data, params, dtype="float64")["loss"]
     predict = ag.trace(model, model.input_specs_predict(), method="predict")
     logits = ag.reference.run(predict, {k: data[k] for k in ("src", "tgt_in")}, params, dtype="float64")["output"]
     real = data["tgt_out"] != PAD

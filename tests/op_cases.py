@@ -73,6 +73,7 @@ CASES = [
     ("scatter_add", {}, [T("b", "s", dtype=I64), X, T(10, 8)]),
     ("scatter_add", {}, [T("s", dtype=I64), T("s", 32), T(10, 32)]),
     ("broadcast_like", {}, [T("s", 1), X]), ("broadcast_like", {}, [T(), T("b", "s")]),
+    ("dropout", {"p": 0.3, "salt": 5}, [X, T(dtype=I64)]), ("dropout", {"p": 0.1, "salt": 1}, [T("b", "s"), T(dtype=I64)]),
     ("cross_entropy", {"label_smoothing": 0.1, "ignore_index": 0}, [X, T("b", "s", dtype=I64)]),
     ("cross_entropy", {"log_probs": True}, [X, T("b", "s", dtype=I64)]),
     ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
@@ -99,6 +100,8 @@ def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
             return rng.integers(0, 8, shape)
         if op == "update_slice":
             return np.array(3)
+        if op == "dropout":  # a step's seed
+            return np.array(rng.integers(0, 2 ** 31))
         return rng.integers(0, 3, shape)
     x = rng.standard_normal(shape).astype(t.dtype)
     return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt") else x

@@ -105,8 +105,8 @@ def test_adamw_matches_torch(torch):
 
 @pytest.mark.parametrize("target", ["llvm", "vulkan", "emulator"])
 def test_compiled_steps_match_the_interpreter(target):
-    """Five Adam steps in float32 on each target that runs here against the float64 interpreter (the key
-    biases: float32 noise normalized by Adam moves them by up to the rate, about 0.05, a step)."""
+    """Five Adam steps of the translator in training mode (dropout 0.1) in float32 on each target that runs
+    here against the float64 interpreter: the same elements dropped, step by step."""
     from attngraph.backends.tvm.targets import target_status
     device = None
     if target == "emulator":
@@ -116,14 +116,22 @@ def test_compiled_steps_match_the_interpreter(target):
         target, device = "cuda", "emulator"
     elif target_status(target)["run"]:
         pytest.skip(f"{target} does not run here: {target_status(target)['run']}")
-    g = ag.trace(Translator())
+    model = Translator()
+    g = ag.trace(model.train())
     params = ag.init_params(g, seed=1, perturb=True)
     opt = train.Adam(lr=train.Noam(D_MODEL, warmup=4), clip_norm=1.0)
-    oracle = train.TrainStep(g, params, opt, target="interpreter")
-    step = train.TrainStep(g, params, opt, target=target, device=device)
-    for b in batches(5, seed=3):
-        assert step(b) == pytest.approx(oracle(b), rel=1e-4)
-    compare_params(step.params(), oracle.params(), rtol=1e-4, start=params, noise=5 * 0.05)
+    oracle = train.TrainStep(g, params, opt, target="interpreter", seed=3)
+    step = train.TrainStep(g, params, opt, target=target, device=device, seed=3)
+    data = batches(5, seed=3)
+    without_dropout = train.TrainStep(ag.trace(model.eval()), params, opt, target="interpreter")(data[0])
+    for i, b in enumerate(data):
+        loss = step(b)
+        assert loss == pytest.approx(oracle(b), rel=1e-4)
+        if i == 0:
+            assert abs(loss - without_dropout) > 1e-3
+    # the key biases: Adam's normalized noise moves them at most the rate a step
+    compare_params(step.params(), oracle.params(), rtol=1e-4, start=params,
+                   noise=1.01 * sum(opt.schedule(t) for t in range(1, 6)))
 
 
 def test_resuming_from_saved_state_continues_the_run(tmp_path):
@@ -226,3 +234,48 @@ def test_the_training_example_learns_to_reverse():
     assert run.returncode == 0, run.stderr[-3000:]
     accuracy = float(re.search(r"([0-9.]+)% of the reversed tokens", run.stdout).group(1))
     assert accuracy > 90, run.stdout
+
+
+# -- dropout -----------------------------------------------------------------------------------------------
+
+def test_dropout_drops_a_fraction_p_and_keeps_the_mean():
+    class Drop(nn.Module):
+        def forward(self, x):
+            return {"a": F.dropout(x, 0.1), "b": F.dropout(x, 0.1), "c": F.dropout(x, 0.5)}
+    g = ag.trace(Drop(), {"x": nn.InputSpec(("n", 1000))})
+    x = np.ones((200, 1000))
+    out = ag.reference.run(g, {"x": x, "dropout_seed": np.array(7)}, {}, dtype="float64")
+    for name, p in (("a", 0.1), ("b", 0.1), ("c", 0.5)):
+        kept = out[name] != 0
+        assert abs(1 - kept.mean() - p) < 4 * (p * (1 - p) / x.size) ** 0.5, name  # within 4 standard errors
+        np.testing.assert_allclose(out[name][kept], 1 / (1 - p))
+    assert (out["a"] != out["b"]).mean() > 0.1  # two sites, two masks
+    again = ag.reference.run(g, {"x": x, "dropout_seed": np.array(8)}, {}, dtype="float64")
+    assert (again["a"] != out["a"]).mean() > 0.1  # another step, another mask
+    # neighbours are independent: as often both dropped as chance says
+    both = ((out["c"][:, 1:] == 0) & (out["c"][:, :-1] == 0)).mean()
+    assert abs(both - 0.25) < 0.01
+
+
+def test_dropout_is_only_in_training_graphs():
+    model = Translator()
+    assert "dropout" not in ag.trace(model).op_counts()  # a module starts in eval mode
+    g = ag.trace(model.train())
+    assert g.op_counts()["dropout"] == 7 and "dropout_seed" in g.input_types()  # 3 per encoder layer, 4 per decoder
+    assert "dropout" not in ag.trace(model.eval()).op_counts()
+
+
+def test_a_resumed_run_drops_what_the_straight_run_drops(tmp_path):
+    model = Translator()
+    g = ag.trace(model.train())
+    params = ag.init_params(g, seed=4)
+    opt = train.SGD(lr=0.1)
+    data = batches(4, seed=7)
+    straight = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    losses = [straight(b) for b in data]
+    first = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    for b in data[:2]:
+        first(b)
+    resumed = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    resumed.load_state(first.params(), first.optimizer_state())
+    assert [resumed(b) for b in data[2:]] == pytest.approx(losses[2:], rel=1e-12)

@@ -386,6 +386,62 @@ def _broadcast_like_vjp(d, n, xs, out, cot):
 
 
 # ----------------------------------------------------------------------------------------------
+# Dropout: a counter-based generator, so that every target and the interpreter drop the same elements.
+
+def mix32(x, const):
+    """A 32-bit integer hash (the "lowbias32" finalizer) of ``x``, a uint32 value or array; written once for
+    NumPy and for TVM expressions (``const(c)``: the uint32 constant ``c`` in that world)."""
+    x = x ^ (x >> const(16))
+    x = x * const(0x7FEB352D)
+    x = x ^ (x >> const(15))
+    x = x * const(0x846CA68B)
+    return x ^ (x >> const(16))
+
+
+def dropout_bits(index, seed, salt: int, const):
+    """32 random bits for the element at flat ``index`` of the dropout site ``salt`` in the step of ``seed``
+    (all uint32): a hash of the index keyed by a hash of the seed and the site."""
+    site = int(mix32(np.array([salt & 0xFFFFFFFF], np.uint32), np.uint32)[0])
+    key = mix32(seed ^ const(site), const)
+    return mix32(mix32(index, const) ^ key, const)
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept where its bits are at least this: a fraction ``p`` of the 2^32 values is below."""
+    return min(int(round(p * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def _infer_dropout(types, attrs):
+    x, seed = types
+    infer_unary([x], attrs)
+    if not x.is_float:
+        raise ShapeError(f"dropout needs a float tensor, got {x}")
+    if seed.rank != 0 or seed.dtype not in ("int32", "int64"):
+        raise ShapeError(f"dropout's seed must be an integer scalar, got {seed}")
+    if not 0.0 <= attrs["p"] < 1.0:
+        raise ShapeError(f"dropout probability must be in [0, 1), got {attrs['p']}")
+    return x
+
+
+@op("dropout", NN, 2, _infer_dropout, p=0.5, salt=0)
+def dropout(x, seed, *, p=0.5, salt=0):
+    """Each element zeroed with probability ``p``, the rest scaled by 1 / (1 - p), as
+    ``torch.nn.functional.dropout`` in training; which elements, a function of the step's ``seed``, the
+    site's ``salt`` and the element's flat index (``dropout_bits``), the same on every target."""
+    index = np.arange(x.size, dtype=np.uint64).astype(np.uint32).reshape(x.shape)
+    with np.errstate(over="ignore"):  # uint32 products wrap around, as they do in the kernels
+        bits = dropout_bits(index, np.uint32(np.int64(seed) & 0xFFFFFFFF), salt, np.uint32)
+    keep = bits >= np.uint32(dropout_threshold(p))
+    return np.where(keep, x * (1.0 / (1.0 - p)), 0.0).astype(x.dtype)
+
+
+@derivative("dropout")
+def _dropout_vjp(d, n, xs, out, cot):
+    """The same elements dropped from the cotangent, the rest scaled alike."""
+    return [d("dropout", cot, xs[1], p=n.attrs["p"], salt=n.attrs["salt"]), None]
+
+
+# ----------------------------------------------------------------------------------------------
 # Contractions and normalizations.
 
 def _infer_matmul(types, attrs):

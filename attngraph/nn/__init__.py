@@ -5,6 +5,7 @@ from .layers import (
                      CrossEntropyLoss,
                      Decoder,
                      DecoderLayer,
+                     Dropout,
                      Embedding,
                      Encoder,
                      EncoderLayer,
@@ -23,7 +24,7 @@ from .module import Buffer, Module, ModuleList, Parameter
 from .spec import InputSpec
 from .tensor import Tensor, TraceError, trace
 
-__all__ = ["functional", "CrossEntropyLoss", "Decoder", "DecoderLayer", "Embedding", "Encoder", "EncoderLayer",
+__all__ = ["functional", "CrossEntropyLoss", "Decoder", "DecoderLayer", "Dropout", "Embedding", "Encoder", "EncoderLayer",
            "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention", "RMSNorm",
            "SinusoidalPositionalEncoding", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
            "ModuleList", "Parameter", "Buffer", "Tensor", "TraceError", "trace"]

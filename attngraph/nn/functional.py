@@ -59,6 +59,22 @@ def cross_entropy(input, target, label_smoothing: float = 0.0, ignore_index: int
     return total / target.ne(ignore_index).astype(per.dtype).sum()
 
 
+def dropout(x, p: float = 0.5, training: bool = True) -> Tensor:
+    """``torch.nn.functional.dropout``: in training, each element zeroed with probability ``p`` and the rest
+    scaled by 1 / (1 - p); otherwise ``x``.  The elements dropped follow from the graph input
+    ``dropout_seed`` (one per step; the first dropout makes it) and the site, the same on every target."""
+    from .tensor import TraceError, _user_location
+    if not 0.0 <= p <= 1.0:
+        raise TraceError(f"dropout at {_user_location()}: p {p} is not in [0, 1]")
+    x = as_tensor(x)
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return x * 0.0
+    seed, salt = current_tracer().dropout_seed()
+    return _emit("dropout", [x, seed], p=float(p), salt=salt)
+
+
 def nll_loss(input, target, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
     """``torch.nn.functional.nll_loss``: ``cross_entropy`` of log-probabilities (classes along axis 1)."""
     return cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction, log_probs=True)

@@ -179,13 +179,29 @@ def _torch_mask(mask):
     return ~mask if mask is not None and mask.dtype == "bool" else mask
 
 
+class Dropout(Module):
+    """``torch.nn.Dropout``: ``F.dropout`` in training (``train()``), nothing in eval mode."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training)
+
+
 class FeedForward(Module):
-    def __init__(self, d_model: int, d_ff: int, activation: str = "relu"):
+    """linear2(dropout(activation(linear1(x)))), as the feed-forward of PyTorch's Transformer layers."""
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "relu", dropout: float = 0.0):
         super().__init__()
         if activation not in ("relu", "gelu", "gelu_tanh"):
             raise ValueError(f"activation must be relu, gelu or gelu_tanh, got {activation!r}")
         self.activation = activation
         self.linear1 = Linear(d_model, d_ff)
+        self.dropout = Dropout(dropout)
         self.linear2 = Linear(d_ff, d_model)
 
     def forward(self, x):
@@ -194,31 +210,38 @@ class FeedForward(Module):
             h = F.relu(h)
         else:
             h = F.gelu(h, "tanh" if self.activation == "gelu_tanh" else "none")
-        return self.linear2(h)
+        return self.linear2(self.dropout(h))
 
 
 class EncoderLayer(Module):
     """Self-attention and feed-forward, each with a residual; post-LN (the paper) or pre-LN.
     ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``: the arguments of
-    ``torch.nn.TransformerEncoderLayer``, with their meaning (the module docstring)."""
+    ``torch.nn.TransformerEncoderLayer``, with their meaning (the module docstring).  ``dropout`` (in
+    training) on each sub-layer's output before its residual and inside the feed-forward, as PyTorch's
+    layer; not on the attention probabilities (PyTorch's attention dropout)."""
 
-    def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5):
+    def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5, dropout=0.0):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads)
-        self.ffn = FeedForward(d_model, d_ff, activation)
+        self.ffn = FeedForward(d_model, d_ff, activation, dropout)
         self.norm1 = LayerNorm(d_model, eps)
         self.norm2 = LayerNorm(d_model, eps)
+        self.dropout1, self.dropout2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         def attend(h):
-            return self.self_attn(h, h, h, src_key_padding_mask, causal=is_causal, attn_mask=_torch_mask(src_mask))
+            return self.dropout1(self.self_attn(h, h, h, src_key_padding_mask, causal=is_causal,
+                                                attn_mask=_torch_mask(src_mask)))
+
+        def feed(h):
+            return self.dropout2(self.ffn(h))
         x = src
         if self.norm_first:
             x = x + attend(self.norm1(x))
-            return x + self.ffn(self.norm2(x))
+            return x + feed(self.norm2(x))
         x = self.norm1(x + attend(x))
-        return self.norm2(x + self.ffn(x))
+        return self.norm2(x + feed(x))
 
 
 class DecoderLayer(Module):
@@ -227,32 +250,37 @@ class DecoderLayer(Module):
     tgt_is_causal=False, memory_is_causal=False)``: the arguments of ``torch.nn.TransformerDecoderLayer``
     (the self-attention is causal where ``tgt_is_causal`` or a causal ``tgt_mask`` says so)."""
 
-    def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5):
+    def __init__(self, d_model, num_heads, d_ff, activation="relu", norm_first=False, eps=1e-5, dropout=0.0):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, num_heads)
         self.cross_attn = MultiHeadAttention(d_model, num_heads)
-        self.ffn = FeedForward(d_model, d_ff, activation)
+        self.ffn = FeedForward(d_model, d_ff, activation, dropout)
         self.norm1 = LayerNorm(d_model, eps)
         self.norm2 = LayerNorm(d_model, eps)
         self.norm3 = LayerNorm(d_model, eps)
+        self.dropout1, self.dropout2, self.dropout3 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
         def self_attend(h):
-            return self.self_attn(h, h, h, tgt_key_padding_mask, causal=tgt_is_causal, attn_mask=_torch_mask(tgt_mask))
+            return self.dropout1(self.self_attn(h, h, h, tgt_key_padding_mask, causal=tgt_is_causal,
+                                                attn_mask=_torch_mask(tgt_mask)))
 
         def cross_attend(h):
-            return self.cross_attn(h, memory, memory, memory_key_padding_mask, causal=memory_is_causal,
-                                   attn_mask=_torch_mask(memory_mask))
+            return self.dropout2(self.cross_attn(h, memory, memory, memory_key_padding_mask, causal=memory_is_causal,
+                                                 attn_mask=_torch_mask(memory_mask)))
+
+        def feed(h):
+            return self.dropout3(self.ffn(h))
         x = tgt
         if self.norm_first:
             x = x + self_attend(self.norm1(x))
             x = x + cross_attend(self.norm2(x))
-            return x + self.ffn(self.norm3(x))
+            return x + feed(self.norm3(x))
         x = self.norm1(x + self_attend(x))
         x = self.norm2(x + cross_attend(x))
-        return self.norm3(x + self.ffn(x))
+        return self.norm3(x + feed(x))
 
 
 class Encoder(Module):
@@ -261,9 +289,9 @@ class Encoder(Module):
     arguments of ``torch.nn.TransformerEncoder``."""
 
     def __init__(self, num_layers, d_model, num_heads, d_ff, activation="relu", norm_first=False,
-                 eps=1e-5, final_norm: bool | None = None):
+                 eps=1e-5, final_norm: bool | None = None, dropout=0.0):
         super().__init__()
-        self.layers = ModuleList(EncoderLayer(d_model, num_heads, d_ff, activation, norm_first, eps)
+        self.layers = ModuleList(EncoderLayer(d_model, num_heads, d_ff, activation, norm_first, eps, dropout)
                                  for _ in range(num_layers))
         self.norm = LayerNorm(d_model, eps) if (norm_first if final_norm is None else final_norm) else None
 
@@ -279,9 +307,9 @@ class Decoder(Module):
     ``torch.nn.TransformerDecoder``."""
 
     def __init__(self, num_layers, d_model, num_heads, d_ff, activation="relu", norm_first=False,
-                 eps=1e-5, final_norm: bool | None = None):
+                 eps=1e-5, final_norm: bool | None = None, dropout=0.0):
         super().__init__()
-        self.layers = ModuleList(DecoderLayer(d_model, num_heads, d_ff, activation, norm_first, eps)
+        self.layers = ModuleList(DecoderLayer(d_model, num_heads, d_ff, activation, norm_first, eps, dropout)
                                  for _ in range(num_layers))
         self.norm = LayerNorm(d_model, eps) if (norm_first if final_norm is None else final_norm) else None
 
@@ -298,17 +326,17 @@ class Transformer(Module):
     """``torch.nn.Transformer`` in the DSL: the same arguments, the same meaning, the same parameters
     (``attngraph.weights.from_torch_transformer`` loads its state dict).  As PyTorch's, both stacks end
     in a layer norm (also post-LN ones), ``batch_first=False`` means (seq, batch, d_model) inputs and
-    output, and a bool mask is True where attention is not allowed.  ``dropout`` is accepted and, as in
-    PyTorch's ``eval()`` mode, not applied."""
+    output, and a bool mask is True where attention is not allowed.  ``dropout`` applies in training
+    (``train()``) where PyTorch's layers apply it, but for the attention probabilities."""
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
                  dropout=0.1, activation="relu", layer_norm_eps=1e-5, batch_first=False, norm_first=False):
         super().__init__()
         self.d_model, self.nhead, self.batch_first = d_model, nhead, batch_first
         self.encoder = Encoder(num_encoder_layers, d_model, nhead, dim_feedforward, activation, norm_first,
-                               layer_norm_eps, final_norm=True)
+                               layer_norm_eps, final_norm=True, dropout=dropout)
         self.decoder = Decoder(num_decoder_layers, d_model, nhead, dim_feedforward, activation, norm_first,
-                               layer_norm_eps, final_norm=True)
+                               layer_norm_eps, final_norm=True, dropout=dropout)
 
     def forward(self, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None, src_key_padding_mask=None,
                 tgt_key_padding_mask=None, memory_key_padding_mask=None, src_is_causal=False, tgt_is_causal=False,

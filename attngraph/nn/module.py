@@ -68,12 +68,25 @@ class Buffer(TensorOps):
 
 
 class Module:
-    """Base class for layers and models: assign Parameters and Modules as attributes, write ``forward``."""
+    """Base class for layers and models: assign Parameters and Modules as attributes, write ``forward``.
+
+    ``training`` (set for a module and its submodules by ``train()`` and ``eval()``, as PyTorch's) says
+    whether a trace is of training, with dropout, or of inference; unlike PyTorch's, a module starts in
+    eval mode: a graph is for inference unless asked otherwise."""
 
     def __init__(self):
         object.__setattr__(self, "_params", {})
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "training", False)
+
+    def train(self, mode: bool = True) -> "Module":
+        for _, m in self.named_modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
 
     def __setattr__(self, name, value):
         if "_params" not in self.__dict__:

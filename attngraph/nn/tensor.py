@@ -69,6 +69,10 @@ def _frame_text(frame, line: int | None = None) -> str:
     return f"{path}:{line or frame.f_lineno} in {frame.f_code.co_name}"
 
 
+#: the graph input a training graph with dropout takes: a different value each step
+DROPOUT_SEED = "dropout_seed"
+
+
 class Tracer:
     """The state of one trace: the graph, the parameter nodes made so far, the module scope."""
 
@@ -81,6 +85,18 @@ class Tracer:
         self.param_nodes: dict[int, "Tensor"] = {}
         self.buffer_nodes: dict[int, "Tensor"] = {}
         self.scope: list[str] = []
+        self.seed: "Tensor | None" = None
+        self.dropout_sites = 0
+
+    def dropout_seed(self) -> tuple["Tensor", int]:
+        """The step's random seed (the graph input ``dropout_seed``, made at the first dropout) and a salt
+        of the dropout site asking, different for every site."""
+        if self.seed is None:
+            nid = self.graph.add("input", (), {"type": TensorType((), "int64")}, name=DROPOUT_SEED,
+                                 meta={"low": 0, "high": 2 ** 31, "kind": "seed"})
+            self.seed = Tensor(self, nid)
+        self.dropout_sites += 1
+        return self.seed, self.dropout_sites
 
     def emit(self, op: str, operands: Sequence["Tensor"] = (), attrs: dict | None = None,
              name: str | None = None) -> "Tensor":

@@ -8,7 +8,8 @@ the name of the input it replaces.  It is an ordinary graph: the passes optimize
 compiles it, the interpreter runs it.
 
 ``TrainStep`` keeps that state where the step runs (device tensors for a compiled step: nothing goes
-back to the host between steps but the loss) and computes the step's scalars on the host.
+back to the host between steps but the loss) and computes the step's scalars on the host, and the step's
+dropout seed where the graph has dropout (traced after ``model.train()``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..ir import Graph, TensorType
+from ..ir.ops import mix32
+from ..nn.tensor import DROPOUT_SEED
 from ..passes import optimize
 from ..passes.autodiff import GRAD_PREFIX, AutodiffError, Builder, grad
 from ..passes.rewrite import remove_dead
@@ -94,12 +97,14 @@ class TrainStep:
     ``save``/``save_state`` write them (safetensors), ``load_state`` resumes."""
 
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], optimizer: Optimizer, *, loss: str = "loss",
-                 target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str = "float64"):
+                 target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str = "float64",
+                 seed: int = 0):
         check_params(graph, params)
-        self.optimizer, self.loss, self.target, self.dtype = optimizer, loss, target, dtype
+        self.optimizer, self.loss, self.target, self.dtype, self.seed = optimizer, loss, target, dtype, seed
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)
         self.names = list(graph.params)
-        self.batch_inputs = set(graph.input_types())
+        self.batch_inputs = set(graph.input_types()) - {DROPOUT_SEED}
+        self.dropout = DROPOUT_SEED in graph.input_types()
         self.step = 0
         if target == "interpreter":
             self.compiled = None
@@ -129,6 +134,8 @@ class TrainStep:
         scalars = {self.optimizer.scalar_name(k): np.asarray(v, scalar_dtype)
                    for k, v in self.optimizer.scalars(step).items()}
         inputs = {**batch, **self.state, **scalars}
+        if self.dropout:
+            inputs[DROPOUT_SEED] = np.asarray(self.step_seed(step), np.int64)
         if self.compiled is None:
             from .. import reference
             out = reference.run(self.graph, inputs, {}, dtype=self.dtype)
@@ -138,6 +145,13 @@ class TrainStep:
         self.state = {k: out[k] for k in self.state}
         self.step = step
         return float(out[self.loss])
+
+    def step_seed(self, step: int) -> int:
+        """The dropout seed of ``step`` (from 1): a function of ``seed`` and the step alone, so a run resumed
+        from saved state drops what the uninterrupted run would have."""
+        def h(v: int) -> int:
+            return int(mix32(np.array([v & 0xFFFFFFFF], np.uint32), np.uint32)[0])
+        return h(self.seed ^ h(step)) & 0x7FFFFFFF
 
     def _host(self, names) -> dict[str, np.ndarray]:
         if self.compiled is None:

@@ -7,6 +7,7 @@ import math
 
 from tvm import te, tirx
 
+from ....ir.ops import dropout_bits, dropout_threshold
 from .common import bcast, const, dtype_of
 from .registry import lowering
 
@@ -64,3 +65,22 @@ def _binary(c):
 def _where(c):
     cond, a, b = (bcast(t, c.rank) for t in c.xs)
     return te.compute(c.shape, lambda *i: tirx.Select(cond(*i), a(*i), b(*i)), name=c.name)
+
+
+@lowering("dropout")
+def _dropout(c):
+    x, seed = c.xs
+    p = c.attrs["p"]
+    dtype = c.out.dtype
+
+    def u32(v):
+        return tirx.const(v, "uint32")
+
+    def body(*i):
+        flat = i[0]
+        for a in range(1, c.rank):
+            flat = flat * c.shape[a] + i[a]
+        bits = dropout_bits(flat.astype("uint32") if c.rank else u32(0), seed[()].astype("uint32"), c.attrs["salt"], u32)
+        return tirx.Select(bits >= u32(dropout_threshold(p)), x[i] * tirx.const(1.0 / (1.0 - p), dtype),
+                           tirx.const(0.0, dtype))
+    return te.compute(c.shape, body, name=c.name)
