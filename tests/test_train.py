@@ -199,6 +199,8 @@ def test_errors_name_what_is_wrong():
     step = train.TrainStep(g, params, train.SGD(lr=0.1), target="interpreter")
     with pytest.raises(KeyError, match="the batch has labels"):
         step({**batches(1)[0], "labels": np.zeros(3)})
+    with pytest.raises(KeyError, match="the batch lacks tgt_out"):
+        step({k: v for k, v in batches(1)[0].items() if k != "tgt_out"})
     with pytest.raises(ag.WeightsError, match="missing tensor"):
         train.TrainStep(g, {}, train.SGD(lr=0.1), target="interpreter")
 

@@ -125,10 +125,11 @@ class TrainStep:
         return self.dtype if self.compiled is None else dtype
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> float:
-        extra = sorted(set(batch) - self.batch_inputs)
-        if extra:
-            raise KeyError(f"the batch has {', '.join(extra)}, which {self.graph.name} does not take (its inputs: "
-                           f"{', '.join(sorted(self.batch_inputs))})")
+        extra, missing = sorted(set(batch) - self.batch_inputs), sorted(self.batch_inputs - set(batch))
+        if extra or missing:
+            what = [f"has {', '.join(extra)}, which {self.graph.name} does not take"] if extra else []
+            what += [f"lacks {', '.join(missing)}"] if missing else []
+            raise KeyError(f"the batch {' and '.join(what)} (its inputs: {', '.join(sorted(self.batch_inputs))})")
         step = self.step + 1
         scalar_dtype = self._dtype(self.graph.input_types()[self.names[0]].dtype)
         scalars = {self.optimizer.scalar_name(k): np.asarray(v, scalar_dtype)

@@ -127,6 +127,20 @@ def _read_index(sch, block, name: str) -> int:
     return [r.source.name for r in sch.get(block).reads].index(name)
 
 
+def _register_tiles(sch, rows: int, columns: int):
+    """Block ``out`` in tiles of ``rows`` x ``columns``, column tiles outermost (the loop to run in parallel),
+    each tile's accumulator ``acc`` computed in registers at its tile; returns the column tile loop, the row
+    tile loop, the loop over a tile's columns and the accumulator block."""
+    m, n = sch.get_loops(sch.get_sblock("out"))
+    mo, mi = sch.split(m, [None, rows])
+    no, ni = sch.split(n, [None, columns])
+    sch.reorder(no, mo, mi, ni)
+    ab = sch.get_sblock("acc")
+    sch.compute_at(ab, mo)
+    sch.set_scope(ab, 0, "local")
+    return no, mo, ni, ab
+
+
 def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
           packed: bool = False, tile_m: int = TILE_M, tile_n: int = TILE_N, prefetch: bool = False) -> tirx.PrimFunc:
     """activation(x @ W [+ b]) for x (..., K) and W (K, N), leading dims of x flattened into M.
@@ -179,14 +193,8 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     f = te.create_prim_func([X, W] + ([B] if bias else []) + [out])
 
     sch = s_tir.Schedule(f)
+    no, mo, ni, ab = _register_tiles(sch, tile_m, tile_n)
     ob = sch.get_sblock("out")
-    m, n = sch.get_loops(ob)
-    mo, mi = sch.split(m, [None, tile_m])
-    no, ni = sch.split(n, [None, tile_n])
-    sch.reorder(no, mo, mi, ni)
-    ab = sch.get_sblock("acc")
-    sch.compute_at(ab, mo)
-    sch.set_scope(ab, 0, "local")
     if tile_m > 1:
         am, an, ak = sch.get_loops(ab)[-3:]
         sch.reorder(ak, am, an)
@@ -302,14 +310,7 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
     acc = te.compute((_i64(k_pad), _i64(n_pad)), lambda i, j: te.sum(x_at(i) * g_at(j), axis=p), name="acc")
     out = te.compute((_i64(K), _i64(N)), lambda i, j: acc[i, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
-    ob = sch.get_sblock("out")
-    i, j = sch.get_loops(ob)
-    io, ii = sch.split(i, [None, tile_k])
-    jo, ji = sch.split(j, [None, tile_n])
-    sch.reorder(jo, io, ii, ji)
-    ab = sch.get_sblock("acc")
-    sch.compute_at(ab, io)
-    sch.set_scope(ab, 0, "local")
+    jo, _, ji, ab = _register_tiles(sch, tile_k, tile_n)
     am, an, ak = sch.get_loops(ab)[-3:]
     sch.reorder(ak, am, an)
     sch.unroll(am)
