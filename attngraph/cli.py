@@ -82,10 +82,15 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None,
 @click.option("--target", default=None, metavar="TARGET", callback=check_target,
               help="Also run this compile target's layout passes (llvm: pack-weights, read-merged-qkv), as a "
                    "build does.")
+@click.option("--train", "training", is_flag=True,
+              help="The graph of one training step instead: the model in training mode (dropout) with its token "
+                   "loss (label smoothing 0.1, padding ignored), the backward and Adam's update under the paper's "
+                   "schedule, as attngraph.train.TrainStep compiles it (the forward fused at -O first).")
 @user_errors
-def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target):
+def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target, training):
     """Print MODEL's graph (a zoo name or path/to/file.py:factory), optionally optimized."""
-    graph, report = optimized(models.load_graph(model), opt_level, disable, verify_each, print_after, target)
+    graph = models.load_graph(model) if not training else training_step_graph(model, opt_level or 0)
+    graph, report = optimized(graph, opt_level, disable, verify_each, print_after, target)
     if report is not None and (stats or print_after):
         click.echo(report.format(), err=fmt != "text" and not output)
     if fmt == "text":
@@ -104,6 +109,20 @@ def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text)
+
+
+def training_step_graph(model: str, opt_level: int):
+    """MODEL's training step graph: ``TokenLoss`` in training mode, Adam under the paper's schedule."""
+    from .train import Adam, Constant, Noam, TokenLoss, training_graph
+    from .train.objective import NotATokenModel
+    module = models.get(model)
+    try:
+        loss = TokenLoss(module).train()
+    except NotATokenModel as e:
+        raise click.BadParameter(str(e), param_hint="--train") from None
+    d_model = getattr(module, "d_model", None)
+    schedule = Noam(d_model) if isinstance(d_model, int) else Constant(1e-3)
+    return training_graph(trace(loss), Adam(lr=schedule), level=opt_level)
 
 
 def model_options(fn):

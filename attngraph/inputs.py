@@ -94,7 +94,8 @@ def dim_sizes(signature: Mapping[str, TensorType], defaults: Mapping[str, int], 
 
 def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], seed: int = 0,
                   meta: Mapping[str, dict] | None = None) -> dict[str, np.ndarray]:
-    """Random inputs: floats from N(0, 1), integers in the input's ``[low, high)`` range, bools False."""
+    """Random inputs: floats from N(0, 1) (their absolute values for an input whose meta says
+    ``nonnegative``: an optimizer's second moment), integers in the input's ``[low, high)`` range, bools False."""
     rng = np.random.default_rng(seed)
     meta = meta or {}
     out = {}
@@ -105,7 +106,8 @@ def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], 
             raise InputError(f"input {name!r}: {e}; give it with --dim NAME=VALUE") from None
         info = meta.get(name, {})
         if ty.is_float:
-            out[name] = rng.standard_normal(shape).astype(ty.dtype)
+            x = rng.standard_normal(shape)
+            out[name] = (np.abs(x) if info.get("nonnegative") else x).astype(ty.dtype)
         elif ty.dtype == "bool":
             out[name] = np.zeros(shape, bool)
         else:

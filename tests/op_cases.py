@@ -43,6 +43,7 @@ CASES = [
     ("softmax", {}, [X]), ("softmax", {"axis": 1}, [X]), ("log_softmax", {}, [X]),
     ("layer_norm", {"eps": 1e-5}, [X, T(8), T(8)]),
     ("add_layer_norm", {"eps": 1e-6}, [X, X, T(8), T(8)]),
+    ("layer_norm_grad", {"eps": 1e-5}, [X, T(8), X]),
     ("rms_norm", {"eps": 1e-6}, [X, T(8)]), ("add_rms_norm", {"eps": 1e-5}, [X, T("s", 8), T(8)]),
     ("scaled_masked_softmax", {"scale": 0.35}, [T("b", 2, "s", "s")]),
     ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
@@ -77,6 +78,14 @@ CASES = [
     ("cross_entropy", {"label_smoothing": 0.1, "ignore_index": 0}, [X, T("b", "s", dtype=I64)]),
     ("cross_entropy", {"log_probs": True}, [X, T("b", "s", dtype=I64)]),
     ("update_slice", {"axis": 1}, [T("b", 16, 8), X, T(dtype=I64)]),
+    # elementwise chains in one kernel (operands broadcast; steps read operands and earlier steps)
+    ("fused_elementwise", {"program": (("mul", (0, 2), ()), ("add", (4, 1), ()), ("tanh", (5,), ()),
+                                       ("where", (3, 6, 0), ()), ("gelu", (7,), (("approximate", "tanh"),)),
+                                       ("maximum", (8, 4), ()))},
+     [X, T(8), T(), T("b", 1, 8, dtype=BOOL)]),
+    ("fused_elementwise", {"program": (("eq", (0, 1), ()), ("logical_not", (2,), ()),
+                                       ("cast", (3,), (("dtype", "float32"),)))},
+     [T("b", "s", dtype=I64), T(dtype=I64)]),
     # the llvm target's own ops (weights in column panels)
     ("pack_panels", {"width": 16}, [T(8, 20)]),
     ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),

@@ -31,7 +31,8 @@ SIZES = {"b": 2, "s": 3}
 
 #: the ops without a derivative: their results are integers or bools (or the KV-cache write, an inference op).
 NOT_DIFFERENTIABLE = {"arange", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
-                      "update_slice"}
+                      "update_slice",
+                      "layer_norm_grad"}  # made by a derivative: no second derivatives
 
 
 def ir_ops():

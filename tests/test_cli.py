@@ -112,6 +112,24 @@ def test_show_optimized_with_stats_and_print_after():
     assert r.exit_code != 0 and "unknown pass nope" in r.output
 
 
+def test_show_a_training_step():
+    """show --train: the step graph TrainStep compiles (dropout, loss, backward, Adam), through the pass manager:
+    its fusions reported, each pass verified, the activations the backward keeps reported."""
+    r = invoke("show", "transformer-tiny", "--train", "-O3", "--stats", "--verify-each", "--print-after",
+               "fuse-elementwise", "-o", "/dev/null")
+    assert r.exit_code == 0, r.output
+    assert "IR after fuse-elementwise:" in r.output and "fused_elementwise[" in r.output
+    assert " = dropout[" in r.output and " = cross_entropy[" in r.output and " = weight_grad(" in r.output
+    assert "activations the backward reads (default dims)" in r.output
+    kernels = [line for line in r.output.splitlines() if line.strip().startswith("kernels ")]
+    before, after = (int(v) for v in kernels[0].split()[1::2])
+    assert after < before / 2
+    r = invoke("show", "transformer-tiny")
+    assert " = dropout[" not in r.output  # inference graphs have none
+    r = CliRunner().invoke(main, ["show", "encoder-tiny", "--train"])
+    assert r.exit_code == 2 and "has no log_probs output" in r.output, r.output
+
+
 def test_a_targets_layout_passes_run_in_the_pass_manager():
     """A target's layout passes are passes like the others: reported, printed, verified, disabled."""
     r = invoke("show", "transformer-tiny", "-O3", "--target", "llvm", "--stats", "--print-after", "pack-weights",

@@ -314,3 +314,152 @@ def test_random_graphs_keep_their_meaning(choices, level):
     g = ag.trace(RandomBlock(choices), {"x": nn.InputSpec(("b", "s", 8))})
     g.meta["dims"] = {"b": 2, "s": 3}
     assert_same_meaning(g, level)
+
+
+class Chains(nn.Module):
+    """Elementwise chains as an optimizer update and a norm's backward write them: a value read twice in one
+    chain, a value read by two chains, a value also read by a reduction, a graph output in the middle of a
+    chain, a smaller (broadcast) intermediate, and a chain on the weights alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter((8,))
+
+    def forward(self, x, m, v):
+        g = x * 0.5                                  # read by two chains: its own kernel
+        m2 = m * 0.9 + g * 0.1                       # an output, read by the update too
+        v2 = v * 0.98 + (g * g) * 0.02
+        row = (v2 - 1.0).sum(dim=-1, keepdim=True)  # a reduction reads v2 - 1
+        scaled = self.w * 2.0 + 1.0                  # weights alone: computed once at bind time, not fused
+        small = (row * 0.5).exp()                    # (b, s, 1): not swallowed by the (b, s, 8) chain
+        update = m2 / ((v2 * v2 + 1e-9).sqrt() + 1e-9) * scaled - small
+        return {"update": update.relu() * (x > 0).float(), "m": m2, "v": v2}
+
+
+def test_fuse_elementwise_makes_a_kernel_of_each_chain():
+    spec = {k: nn.InputSpec(("b", "s", 8)) for k in ("x", "m", "v")}
+    g = ag.trace(Chains(), spec)
+    g.meta["dims"] = {"b": 2, "s": 5}
+    opt, report = assert_same_meaning(g, b=2, s=5)
+    fused = [n for n in opt.nodes() if n.op == "fused_elementwise"]
+    assert report.stat("fuse-elementwise").matches == len(fused) == 4  # m2, v2, small, update
+    left = sorted((n.op, str(n.type)) for n in opt.nodes() if n.op not in ("input", "param", "const", "fused_elementwise"))
+    assert left == [("add", "f32[8]"), ("mul", "f32[8]"),  # the weights' chain (bind time)
+                    ("mul", "f32[b, s, 8]"), ("reduce_sum", "f32[b, s, 1]"), ("sub", "f32[b, s, 8]")]  # g; row
+    for name in ("m", "v"):  # outputs stay values of their own
+        assert opt.node(dict(opt.outputs)[name]).op == "fused_elementwise"
+    compiled = ag.compile(opt, ag.init_params(g, 0, perturb=True), target="llvm", opt_level=0)
+    x = example(g, 1, b=3, s=4)
+    want = run64(g, ag.init_params(g, 0, perturb=True), x)
+    got = compiled(x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_through_fused_chains_equal_the_unfused():
+    spec = {k: nn.InputSpec(("b", "s", 8)) for k in ("x", "m", "v")}
+
+    class Loss(Chains):
+        def forward(self, x, m, v):
+            return {"loss": (super().forward(x, m, v)["update"] * x).sum()}
+    g = ag.trace(Loss(), spec)
+    g.meta["dims"] = {"b": 2, "s": 3}
+    opt, _ = passes.optimize(g, 3)
+    assert opt.op_counts()["fused_elementwise"] >= 3
+    params, x = ag.init_params(g, 0, perturb=True), example(g, 2, b=2, s=3)
+    want = run64(ag.grad(g, inputs=("x",)), params, x)
+    got = run64(ag.grad(opt, inputs=("x",)), params, x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+
+
+def test_the_loss_reads_the_logits_instead_of_their_log_softmax():
+    from attngraph import train
+    g = ag.trace(train.TokenLoss(ag.models.get("gpt-tiny"), label_smoothing=0.1))
+    opt, report = assert_same_meaning(g)
+    assert report.stat("loss-of-log-softmax").matches == 1 and "log_softmax" not in opt.op_counts()
+
+    class Both(nn.Module):
+        def forward(self, x, t):
+            lp = F.log_softmax(x, axis=-1)
+            return {"log_probs": lp, "loss": F.cross_entropy(lp, t, log_probs=True, label_smoothing=0.2)}
+    g = ag.trace(Both(), {"x": nn.InputSpec(("n", 10)), "t": nn.InputSpec(("n",), "int64", low=0, high=10)})
+    g.meta["dims"] = {"n": 6}
+    opt, report = assert_same_meaning(g, n=6)
+    assert report.stat("loss-of-log-softmax").matches == 0
+    assert "also used elsewhere (or an output)" in report.stat("loss-of-log-softmax").near_misses[0]
+
+
+def test_the_gradient_of_a_merged_projection_is_one_concat():
+    """q, k, v read as slices of one merged projection: their cotangents become one concat, not three writes
+    into zeros added up; the gradients stay those of the unfused graph."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.EncoderLayer(16, 4, 32)
+
+        def forward(self, x):
+            return {"loss": (self.layer(x) * x).sum()}
+    g = ag.trace(Block(), {"x": nn.InputSpec(("b", "s", 16))})
+    g.meta["dims"] = {"b": 2, "s": 5}
+    fused, _ = passes.optimize(g, 3)
+    assert [n.type.shape[-1] for n in fused.nodes() if n.op == "linear"].count(48) == 1  # q, k, v merged into one
+    step, report = passes.optimize(ag.grad(fused), 3)
+    assert report.stat("slice-grads-to-concat").matches == 1 and "update_slice" not in step.op_counts()
+    params, x = ag.init_params(g, 0, perturb=True), example(g, 1, b=2, s=5)
+    want = run64(ag.grad(g), params, x)
+    got = run64(step, params, x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+
+
+def test_a_fused_chain_reads_at_most_16_operands():
+    """A global norm's sum over every gradient: chains of at most 16 operands (a kernel's buffers are bounded:
+    32 storage buffers on lavapipe), the same sum."""
+    class Total(nn.Module):
+        def forward(self, **xs):
+            total = None
+            for x in xs.values():
+                total = x * x if total is None else total + x * x
+            return total
+    g = ag.trace(Total(), {f"x{i}": nn.InputSpec(("n",)) for i in range(40)})
+    g.meta["dims"] = {"n": 3}
+    opt, _ = assert_same_meaning(g, n=3)
+    fused = [n for n in opt.nodes() if n.op == "fused_elementwise"]
+    assert len(fused) == 3 and all(len(opt.operands(n.id)) <= 16 for n in fused)
+
+
+def test_a_tied_projections_gradient_has_no_transposed_copies():
+    """h @ E^T with E the embedding table: the input gradient reads E (not E^T^T) and the table's gradient
+    is g^T h as one weight_grad (not (h^T g)^T); the gradients stay the unfused graph's."""
+    from attngraph import train
+    g = ag.trace(train.TokenLoss(ag.models.get("gpt-tiny")))
+    step, report = passes.optimize(ag.grad(g), 3)
+    assert report.stat("fold-transposes").matches >= 2
+    for n in step.nodes():
+        if n.op == "transpose":
+            assert step.node(step.operands(n.id)[0]).op not in ("transpose", "weight_grad"), step.describe(n.id)
+    params, x = ag.init_params(g, 0, perturb=True), example(g, 1)
+    want, got = run64(ag.grad(g), params, x), run64(step, params, x)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-9, atol=1e-12)
+
+
+def test_the_activations_a_backward_reads_are_reported():
+    """relu(x @ W1) @ W2 summed: the backward keeps the hidden values (for W2's gradient), the relu's input (for
+    its mask) and the summed product (the sum's derivative spreads the cotangent to its shape): 2 x batch x 16 +
+    batch x 4 floats; the weights and the inputs are not activations."""
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter((8, 16)), nn.Parameter((16, 4))
+
+        def forward(self, x):
+            return {"loss": ((x @ self.w1).relu() @ self.w2).sum()}
+    g = ag.trace(MLP(), {"x": nn.InputSpec(("b", 8))})
+    g.meta["dims"] = {"b": 5}
+    _, forward_only = passes.optimize(g, 0, passes=["dce"])
+    assert forward_only.activations_after is None
+    _, report = passes.optimize(ag.grad(g), 0, passes=["dce"])
+    assert report.activations_after == (2 * 5 * 16 + 5 * 4) * 4
+    assert "activations the backward reads (default dims) 720 bytes" in report.format()

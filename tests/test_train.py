@@ -281,3 +281,55 @@ def test_a_resumed_run_drops_what_the_straight_run_drops(tmp_path):
     resumed = train.TrainStep(g, params, opt, target="interpreter", seed=11)
     resumed.load_state(first.params(), first.optimizer_state())
     assert [resumed(b) for b in data[2:]] == pytest.approx(losses[2:], rel=1e-12)
+
+
+def _token_loss_reference(log_probs, labels, smoothing, pad):
+    """PyTorch's label-smoothed cross-entropy of log-probabilities, mean over the labels that are not ``pad``."""
+    lp = log_probs.reshape(-1, log_probs.shape[-1])
+    t = labels.reshape(-1)
+    per = (1 - smoothing) * -lp[np.arange(t.size), t] + smoothing * -lp.mean(axis=-1)
+    keep = t != pad if pad is not None else np.ones_like(t, bool)
+    return per[keep].sum() / keep.sum()
+
+
+@pytest.mark.parametrize("name", ["transformer-tiny", "gpt-tiny"])
+def test_token_loss_is_the_papers_loss_on_the_models_own_parameters(name):
+    model = ag.models.get(name)
+    loss = train.TokenLoss(model, label_smoothing=0.1)
+    assert dict(loss.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    g, m = ag.trace(loss), ag.trace(model)
+    assert set(g.input_types()) == set(m.input_types()) | {"labels"}
+    params = ag.init_params(m, 0, perturb=True)
+    x = ag.inputs.random_inputs(g.input_types(), g.meta["dims"], 3, {g.node(i).name: g.node(i).meta for i in g.inputs})
+    pad = getattr(model, "pad_id", None)
+    if pad is not None:
+        x["labels"][0, -3:] = pad  # padded positions do not count
+    got = ag.reference.run(g, x, params, dtype="float64")["loss"]
+    log_probs = ag.reference.run(m, {k: v for k, v in x.items() if k != "labels"}, params, dtype="float64")["log_probs"]
+    np.testing.assert_allclose(got, _token_loss_reference(log_probs, x["labels"], 0.1, pad), rtol=1e-12)
+    with pytest.raises(train.objective.NotATokenModel, match="no log_probs output"):
+        train.TokenLoss(ag.models.get("encoder-tiny"))
+
+
+def test_a_zoo_transformer_trains_with_dropout_and_its_weights_load_into_the_model():
+    """The paper's model, dropout 0.1 in training: a compiled step (llvm) against the float64 interpreter's,
+    then the trained parameters run the inference graph (no dropout) as they are."""
+    model = ag.models.get("transformer-tiny")
+    g = ag.trace(train.TokenLoss(model).train())
+    # the two embeddings; per encoder layer attention, FFN inside, FFN out; per decoder layer one more (cross)
+    assert g.op_counts()["dropout"] == 2 + 2 * 3 + 2 * 4
+    params = ag.init_params(ag.trace(model), 0)
+    rng = np.random.default_rng(0)
+    tgt = rng.integers(1, 64, (2, 7))
+    data = {"src": rng.integers(1, 64, (2, 9)), "tgt": tgt[:, :-1], "labels": tgt[:, 1:]}
+    data["src"][1, -2:] = 0
+    steps = {t: train.TrainStep(g, params, train.Adam(lr=train.Noam(32, warmup=10)), target=t, seed=5)
+             for t in ("interpreter", "llvm")}
+    for _ in range(3):
+        ours, ref = steps["llvm"](data), steps["interpreter"](data)
+        assert abs(ours - ref) <= 1e-4 * abs(ref)
+    trained = steps["llvm"].params()
+    model.eval()  # as in PyTorch: the loss's train() set its (the model's) layers training
+    out = ag.compile(ag.trace(model), trained, target="llvm")({"src": data["src"], "tgt": data["tgt"]})
+    want = ag.reference.run(ag.trace(model), {"src": data["src"], "tgt": data["tgt"]}, trained, dtype="float64")
+    np.testing.assert_allclose(out["log_probs"], want["log_probs"], rtol=1e-4, atol=1e-4)

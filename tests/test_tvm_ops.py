@@ -86,6 +86,14 @@ def test_every_op_has_a_lowering_and_a_case():
     assert not ops - {c[0] for c in CASES}, f"ops without a case in test_tvm_ops.CASES: {sorted(ops - {c[0] for c in CASES})}"
 
 
+def test_every_elementwise_op_can_be_a_fused_step():
+    """``fused_elementwise`` lowers its steps from one expression table: an elementwise op (the groups
+    ``fuse-elementwise`` takes) missing from it would fail to build once fused."""
+    from attngraph.backends.tvm.lower.elementwise import EXPRESSIONS
+    steps = {n for n, d in O.REGISTRY.items() if d.group in O.ELEMENTWISE_GROUPS}
+    assert steps <= set(EXPRESSIONS), f"elementwise ops without an expression: {sorted(steps - set(EXPRESSIONS))}"
+
+
 def _device_cases(target):
     """(module functions, [(case, spec, forms)]) of every case the ``target`` can hold (vulkan: no float64)."""
     from attngraph.backends.tvm.build import finish

@@ -358,3 +358,66 @@ def _attention_vjp(d, n, xs, out, cot):
     # (q, k and v may be one tensor, windows of a merged projection: the transform adds their cotangents)
     return [back(dq, xs[0], starts[0]), back(dk, xs[1], starts[1]), back(dv, xs[2], starts[2])] + dmasks
 
+
+
+# ----------------------------------------------------------------------------------------------
+# A chain of elementwise ops as one kernel.
+
+def elementwise_step_ok(op_name: str) -> bool:
+    """Whether ``op_name`` may be a step of ``fused_elementwise`` (the elementwise groups: one result
+    element from the same element of each operand)."""
+    return O.get(op_name).group in O.ELEMENTWISE_GROUPS
+
+
+def _step_types(types, program):
+    values = list(types)
+    for i, (op_name, args, attrs) in enumerate(program):
+        if not elementwise_step_ok(op_name):
+            raise ShapeError(f"step {i} of fused_elementwise is {op_name}, which is not elementwise")
+        if any(not 0 <= a < len(values) for a in args):
+            raise ShapeError(f"step {i} of fused_elementwise reads {args}: only operands and earlier steps "
+                             f"(0..{len(values) - 1})")
+        values.append(O.get(op_name).infer([values[a] for a in args], dict(attrs)))
+    return values[len(types):]
+
+
+def _infer_fused_elementwise(types, attrs):
+    steps = _step_types(types, attrs["program"])
+    if not steps:
+        raise ShapeError("fused_elementwise needs at least one step")
+    out = steps[-1]
+    odd = [i for i, t in enumerate(steps) if t.shape != out.shape]
+    if odd:
+        raise ShapeError(f"every step of fused_elementwise has the result's shape {out}; steps {odd} do not")
+    return out
+
+
+@op("fused_elementwise", FUSED, None, _infer_fused_elementwise, program=())
+def fused_elementwise(*xs, program=()):
+    """Elementwise ops run as one: ``program`` is a tuple of steps ``(op, operand indices, attrs as (key,
+    value) pairs)``; an index below the operand count reads an operand (broadcast to the result's shape),
+    one above reads an earlier step's result; the last step is the result.  Made by ``fuse-elementwise``."""
+    values = list(xs)
+    for op_name, args, attrs in program:
+        values.append(np.asarray(O.get(op_name).ref(*[values[a] for a in args], **dict(attrs))))
+    return values[-1]
+
+
+@derivative("fused_elementwise")
+def _fused_elementwise_vjp(d, n, xs, out, cot):
+    """The steps written out as ops again, each differentiated by its own rule."""
+    values = list(xs)
+    for op_name, args, attrs in n.attrs["program"]:
+        values.append(d(op_name, *[values[a] for a in args], **dict(attrs)))
+    cots = {len(values) - 1: cot}
+    for k in reversed(range(len(xs), len(values))):
+        if k not in cots:
+            continue
+        step = d.g.node(values[k])
+        op_name, args, _ = n.attrs["program"][k - len(xs)]
+        if step.opdef.vjp is None:
+            raise ShapeError(f"step {op_name} of fused_elementwise has no derivative")
+        for a, gr in zip(args, step.opdef.vjp(d, step, [values[a] for a in args], values[k], cots[k])):
+            if gr is not None:
+                cots[a] = gr if a not in cots else d("add", cots[a], gr)
+    return [cots.get(i) for i in range(len(xs))]

@@ -179,12 +179,13 @@ class Graph:
         self.outputs = [(name, new if o == old else o) for name, o in self.outputs]
 
     def param_to_input(self, nid: int) -> None:
-        """Make the parameter ``nid`` an input of the same name and type (a training step's parameters:
-        state passed in and returned updated, instead of weights bound once)."""
+        """Make the parameter ``nid`` an input of the same name and type, its meta ``param`` set (a training
+        step's parameters: state passed in and returned updated, instead of weights bound once)."""
         n = self.node(nid)
         if n.op != "param":
             raise GraphError(f"%{n.name} is a {n.op}, not a param")
         n.op, n.attrs = "input", {"type": n.type}
+        n.meta["param"] = True
         self.inputs.append(nid)
 
     def remove(self, nid: int) -> None:

@@ -591,18 +591,32 @@ def layer_norm(x, gamma, beta, *, eps=1e-5):
     return (x - mean) / np.sqrt(var + eps) * gamma + beta
 
 
+def _infer_norm_grad(types, attrs):
+    x, weight, cot = types
+    infer_unary([x], attrs)
+    if weight.shape != (x.shape[-1],) or cot != x:
+        raise ShapeError(f"a norm's gradient takes x, its weight ({x.shape[-1]},) and the cotangent of x's type, "
+                         f"got {x}, {weight}, {cot}")
+    _same_dtype(types)
+    return x
+
+
+@op("layer_norm_grad", NN, 3, _infer_norm_grad, rows=True, eps=1e-5)
+def layer_norm_grad(x, gamma, cot, *, eps=1e-5):
+    """d x of ``layer_norm(x, gamma, beta)`` given the result's cotangent, one row at a time with the
+    statistics recomputed: rstd (g - mean(g) - xhat mean(g xhat)), g = cot gamma, xhat = (x - mean) rstd."""
+    centered = x - np.mean(x, axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(np.mean(centered * centered, axis=-1, keepdims=True) + eps)
+    xhat, g = centered * rstd, cot * gamma
+    return rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+
+
 def layer_norm_backward(d, x, gamma, cot, eps):
-    """(d x, d gamma, d beta) of ``layer_norm(x, gamma, beta)``: the statistics recomputed,
-    dx = rstd (g - mean(g) - xhat mean(g xhat)) with g = cot gamma."""
-    last = (-1,)
-    centered = d("sub", x, d("reduce_mean", x, axes=last, keepdims=True))
-    var = d("reduce_mean", d("mul", centered, centered), axes=last, keepdims=True)
-    rstd = d("rsqrt", d("add", var, d.const(eps, x)))
-    xhat = d("mul", centered, rstd)
-    g = d("mul", cot, gamma)
-    inner = d("sub", d("sub", g, d("reduce_mean", g, axes=last, keepdims=True)),
-              d("mul", xhat, d("reduce_mean", d("mul", g, xhat), axes=last, keepdims=True)))
-    return d("mul", rstd, inner), d.sum_to(d("mul", cot, xhat), gamma), d.sum_to(cot, gamma)
+    """(d x, d gamma, d beta) of ``layer_norm(x, gamma, beta)``: d x one row kernel (``layer_norm_grad``),
+    d gamma the sum of cot xhat over the rows (xhat = ``layer_norm(x, 1, 0)``, another), d beta that of cot."""
+    ones, zeros = (d("broadcast_like", d.const(v, x), gamma) for v in (1.0, 0.0))
+    xhat = d("layer_norm", x, ones, zeros, eps=eps)
+    return (d("layer_norm_grad", x, gamma, cot, eps=eps), d.sum_to(d("mul", cot, xhat), gamma), d.sum_to(cot, gamma))
 
 
 @derivative("layer_norm")

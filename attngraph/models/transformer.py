@@ -13,11 +13,13 @@ class Transformer(nn.Module):
     """Embeddings scaled by sqrt(d_model) plus sinusoidal positions, N encoder and N decoder layers,
     and the output projection with log-softmax.  With ``share_embeddings`` (the paper's shared BPE
     vocabulary) the source and target embeddings and the pre-softmax projection are one matrix.
-    Source padding (token ``pad_id``) is masked out of encoder self-attention and cross-attention."""
+    Source padding (token ``pad_id``) is masked out of encoder self-attention and cross-attention.
+    ``dropout`` (P_drop 0.1 as the paper) applies in training graphs alone (traced after ``train()``): on the
+    embedding + position sums and on each sub-layer's output."""
 
     def __init__(self, vocab_size=37000, d_model=512, num_heads=8, d_ff=2048, num_layers=6,
                  max_len=1024, pad_id=0, share_embeddings=True, norm_first=False, activation="relu",
-                 tgt_vocab_size=None, name="transformer"):
+                 tgt_vocab_size=None, dropout=0.1, name="transformer"):
         super().__init__()
         self.name = name
         self.d_model, self.pad_id, self.max_len = d_model, pad_id, max_len
@@ -28,8 +30,9 @@ class Transformer(nn.Module):
         self.src_embed = nn.Embedding(self.src_vocab, d_model)
         self.tgt_embed = self.src_embed if share_embeddings else nn.Embedding(self.tgt_vocab, d_model)
         self.positions = nn.SinusoidalPositionalEncoding(d_model, max_len)
-        self.encoder = nn.Encoder(num_layers, d_model, num_heads, d_ff, activation, norm_first)
-        self.decoder = nn.Decoder(num_layers, d_model, num_heads, d_ff, activation, norm_first)
+        self.dropout = nn.Dropout(dropout)
+        self.encoder = nn.Encoder(num_layers, d_model, num_heads, d_ff, activation, norm_first, dropout=dropout)
+        self.decoder = nn.Decoder(num_layers, d_model, num_heads, d_ff, activation, norm_first, dropout=dropout)
         self.generator = None if share_embeddings else nn.Linear(d_model, self.tgt_vocab, bias=False)
         #: positions the decode-step caches hold: fixed when ``decode_step`` is traced (built).
         self.cache_len = min(max_len, 256)
@@ -57,7 +60,7 @@ class Transformer(nn.Module):
 
     def embed(self, table, tokens):
         scale = math.sqrt(self.d_model)
-        return table(tokens) * scale + self.positions(tokens.shape[1])
+        return self.dropout(table(tokens) * scale + self.positions(tokens.shape[1]))
 
     def encode(self, src):
         src_pad = src.eq(self.pad_id)

@@ -128,7 +128,7 @@ def grad(graph: Graph, loss: str = "loss", *, wrt=None, inputs=(), keep_outputs:
             if g.node(gr).type != g.node(o).type:
                 raise AutodiffError(f"the derivative of {n.op} gave {g.node(gr).type} for operand %{g.node(o).name}: "
                                     f"{g.node(o).type} ({g.describe(nid)})")
-            cot[o] = gr if o not in cot else g.add("add", [cot[o], gr], name="d_add", meta=n.meta)
+            cot[o] = gr if o not in cot else g.add("add", [cot[o], gr], name="d_add", meta={**n.meta, "backward": True})
     grads_out = []
     for nid, name in sources.items():
         if nid not in cot:

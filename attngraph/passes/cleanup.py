@@ -87,3 +87,31 @@ def constant_fold(g: Graph):
 
 
 __all__ = ["dead_code", "common_subexpressions", "constant_fold"]
+
+
+def fold_transposes(g: Graph):
+    """Transposes of transposes: ``transpose(transpose(x))`` -> ``x`` (or one transpose with the two
+    permutations composed), and ``transpose(weight_grad(x, g))`` -> ``weight_grad(g, x)`` (x^T g transposed is
+    g^T x).  A derivative makes both: a tied output projection (``h @ E^T``) has ``E^T^T`` in its input
+    gradient and ``(h^T g)^T`` as the table's gradient, each a full copy of the weight."""
+    from .rewrite import only_used_by, replace
+    matches = 0
+    for nid in g.topo_order():
+        if nid not in g or g.node(nid).op != "transpose":
+            continue
+        (src,) = g.operands(nid)
+        s = g.node(src)
+        perm = g.node(nid).attrs["perm"]
+        if s.op == "transpose":
+            composed = tuple(s.attrs["perm"][p] for p in perm)
+            if composed == tuple(range(len(composed))):
+                g.replace_all_uses(nid, g.operands(src)[0])
+            else:
+                replace(g, nid, "transpose", [g.operands(src)[0]], {"perm": composed})
+            matches += 1
+        elif s.op == "weight_grad" and perm == (1, 0) and only_used_by(g, src, nid):
+            x, cot = g.operands(src)
+            replace(g, nid, "weight_grad", [cot, x], {})
+            matches += 1
+    remove_dead(g)
+    return matches, []

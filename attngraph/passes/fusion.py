@@ -14,6 +14,7 @@ import numpy as np
 
 from ..ir import Graph
 from .memory import weights_only
+from ..ir.fused import elementwise_step_ok
 from ..ir.ops import ShapeError
 from .rewrite import (Pat, anchors, first_match, is_scalar_const, only_used_by, remove_dead, replace, scalar_const,
                       type_of, used_exactly_by)
@@ -512,3 +513,133 @@ def _merge(g: Graph, x: int, members: list[int], activation: str, bias: bool) ->
                      name="projection", meta=g.node(m).meta)
         g.replace_all_uses(m, part)
         start += width
+
+
+# -- the loss on log-probabilities ---------------------------------------------------------------
+
+def loss_of_log_softmax(g: Graph):
+    """``cross_entropy(log_softmax(x), log_probs=True)`` (through a reshape or not: a model's log-probs flattened
+    for the loss) -> ``cross_entropy(x)``: the loss's row pass normalizes the logits itself, so the
+    vocabulary-wide log-softmax is neither computed nor differentiated (its backward becomes the loss's
+    ``softmax - target``) when nothing else reads it."""
+    matches, misses = 0, []
+    for nid, n in anchors(g, "cross_entropy"):
+        if not n.attrs["log_probs"]:
+            continue
+        x, target = g.operands(nid)
+        view = x if g.node(x).op == "reshape" else None
+        ls = g.operands(view)[0] if view is not None else x
+        if g.node(ls).op != "log_softmax" or not _last_axis(g, ls):
+            continue
+        chain = [(view, nid), (ls, view)] if view is not None else [(ls, nid)]
+        if not all(only_used_by(g, v, u) for v, u in chain):
+            misses.append(f"%{n.name}: the loss reads %{g.node(ls).name}, which is also used elsewhere (or an output); "
+                          f"the log-softmax stays")
+            continue
+        logits = g.operands(ls)[0]
+        if view is not None:
+            logits = g.add("reshape", [logits], dict(g.node(view).attrs), name="reshape", meta=g.node(view).meta)
+        replace(g, nid, "cross_entropy", [logits, target], {**n.attrs, "log_probs": False})
+        matches += 1
+    remove_dead(g)
+    return matches, misses
+
+
+# -- the cotangent of a value read in slices -------------------------------------------------------
+
+def _zeros(g: Graph, nid: int) -> bool:
+    """``broadcast_like(0, x)``: zeros shaped as x."""
+    n = g.node(nid)
+    return n.op == "broadcast_like" and scalar_const(g, g.operands(nid)[0]) == 0.0
+
+
+def slice_grads_to_concat(g: Graph):
+    """``update_slice(zeros, c1, o1) + update_slice(zeros, c2, o2) + ...`` -> ``concat(c1, c2, ...)`` when the
+    slices tile the axis: the cotangent of a value read in slices (a merged Q/K/V projection's output, read
+    as q, k and v), which the slice's derivative writes into zeros, one copy of the whole per slice."""
+    matches, misses = 0, []
+    for nid in reversed(g.topo_order()):
+        if nid not in g or g.node(nid).op != "add":
+            continue
+        if any(g.node(u).op == "add" and only_used_by(g, nid, u) for u in g.users(nid)):
+            continue  # an inner add of a sum: its root takes it
+        leaves, stack, inner = [], [nid], []
+        while stack:
+            a = stack.pop()
+            for o in g.operands(a):
+                if g.node(o).op == "add" and only_used_by(g, o, a) and g.node(o).type == g.node(nid).type:
+                    stack.append(o)
+                    inner.append(o)
+                else:
+                    leaves.append(o)
+        writes = [w for w in leaves if g.node(w).op == "update_slice" and _zeros(g, g.operands(w)[0])]
+        if len(writes) != len(leaves) or len({g.node(w).attrs["axis"] for w in writes}) != 1:
+            continue
+        axis = g.node(writes[0]).attrs["axis"] % g.node(nid).type.rank
+        offsets = [scalar_const(g, g.operands(w)[2]) for w in writes]
+        if any(o is None for o in offsets) or any(len(g.users(w)) != 1 or not only_used_by(g, w, g.users(w)[0])
+                                                  for w in writes):
+            continue
+        parts = [g.operands(w)[1] for _, w in sorted(zip(offsets, writes))]
+        at, tiled = 0, True
+        for off, part in zip(sorted(offsets), parts):
+            size = g.node(part).type.shape[axis]
+            tiled = tiled and int(off) == at and isinstance(size, int)
+            at = at + size if isinstance(size, int) else at
+        if not tiled or at != g.node(nid).type.shape[axis]:
+            misses.append(f"%{g.node(nid).name}: sums slices written into zeros that do not tile axis {axis}; "
+                          f"left as writes")
+            continue
+        replace(g, nid, "concat", parts, {"axis": axis})
+        matches += 1
+    remove_dead(g)
+    return matches, misses
+
+
+# -- elementwise chains ---------------------------------------------------------------------------
+
+#: operands of one fused chain at most: a kernel's buffers are bounded (Vulkan: 32 storage buffers a shader on
+#: lavapipe, fewer on some devices); a global norm's sum over every gradient stops growing there
+MAX_FUSED_OPERANDS = 16
+
+
+def fuse_elementwise(g: Graph):
+    """Chains of elementwise ops -> one ``fused_elementwise`` each.  A value joins its users' chain when
+    all its uses are in that one chain, it has the chain's shape (nothing is recomputed per element of a
+    broadcast) and it is not a graph output or computed from the weights alone (those are computed once,
+    at bind time); what stays outside is read as an operand.  An optimizer's update, a norm's backward
+    between its reductions, a mask built from ids: a kernel each instead of one per op."""
+    constant = weights_only(g)
+    order = g.topo_order()
+    root_of: dict[int, int] = {}
+    members: dict[int, list[int]] = {}
+    reads: dict[int, set[int]] = {}  # root -> what its chain reads from outside
+    for nid in reversed(order):
+        n = g.node(nid)
+        if nid in constant or not elementwise_step_ok(n.op):
+            continue
+        roots = {root_of.get(u) for u in g.users(nid)}
+        root = nid
+        if len(roots) == 1 and None not in roots and not g.is_output(nid):
+            (candidate,) = roots
+            joined = (reads[candidate] - {nid}) | set(g.operands(nid))
+            if n.type.shape == g.node(candidate).type.shape and len(joined) <= MAX_FUSED_OPERANDS:
+                root = candidate
+        root_of[nid] = root
+        members.setdefault(root, []).append(nid)
+        reads[root] = (reads.get(root, set()) - {nid}) | set(g.operands(nid))
+    matches = 0
+    for root, ms in members.items():
+        if len(ms) < 2:
+            continue
+        inside = set(ms)
+        steps = [m for m in order if m in inside]
+        operands = list(dict.fromkeys(o for m in steps for o in g.operands(m) if o not in inside))
+        index = {o: i for i, o in enumerate(operands)}
+        index.update({m: len(operands) + k for k, m in enumerate(steps)})
+        program = tuple((g.node(m).op, tuple(index[o] for o in g.operands(m)), tuple(sorted(g.node(m).attrs.items())))
+                        for m in steps)
+        replace(g, root, "fused_elementwise", operands, {"program": program})
+        matches += 1
+    remove_dead(g)
+    return matches, []

@@ -11,13 +11,14 @@ import numpy as np
 from ..ir import Graph, to_text
 from ..numerics import same_nonfinite
 from . import cleanup, fusion
-from .memory import SOURCE_OPS, VIEW_OPS, plan_memory, weights_only
+from .memory import SOURCE_OPS, VIEW_OPS, activation_bytes, plan_memory, weights_only
 
 #: name -> pass; a pass rewrites the graph in place and returns (matches, near-misses).
 PASSES: dict[str, Callable] = {
     "dce": cleanup.dead_code,
     "cse": cleanup.common_subexpressions,
     "constant-fold": cleanup.constant_fold,
+    "fold-transposes": cleanup.fold_transposes,
     "softmax-by-hand": fusion.softmax_by_hand,
     "softmax-scaling": fusion.softmax_scaling,
     "attention": fusion.attention,
@@ -25,15 +26,20 @@ PASSES: dict[str, Callable] = {
     "residual-layer-norm": fusion.residual_layer_norm,
     "fold-scale-into-q": fusion.fold_scale_into_q,
     "merge-projections": fusion.merge_projections,
+    "loss-of-log-softmax": fusion.loss_of_log_softmax,
+    "slice-grads-to-concat": fusion.slice_grads_to_concat,
+    "fuse-elementwise": fusion.fuse_elementwise,
 }
 
 LEVELS = {
     0: [],
     1: ["dce", "cse", "constant-fold"],
-    2: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm"],
+    2: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
+        "loss-of-log-softmax"],
     # -O2 keeps the softmax scale in the kernel; -O3 folds it into the Q projection's weights.
     3: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "attention", "linear-epilogue",
-        "residual-layer-norm", "fold-scale-into-q", "merge-projections"],
+        "residual-layer-norm", "fold-scale-into-q", "merge-projections", "loss-of-log-softmax", "slice-grads-to-concat",
+        "fold-transposes", "fuse-elementwise"],
 }
 
 
@@ -80,6 +86,8 @@ class PassReport:
     kernels_after: int = 0
     bytes_before: int | None = None
     bytes_after: int | None = None
+    #: a training graph's forward values read by its backward (``memory.activation_bytes``), default dims
+    activations_after: int | None = None
 
     def stat(self, name: str) -> PassStat:
         return next(p for p in self.passes if p.name == name)
@@ -96,6 +104,8 @@ class PassReport:
         if self.bytes_before is not None:
             lines.append(f"  intermediate memory (planned peak, default dims) {self.bytes_before:,} -> "
                          f"{self.bytes_after:,} bytes")
+        if self.activations_after is not None:
+            lines.append(f"  activations the backward reads (default dims) {self.activations_after:,} bytes")
         fused = {op: c for op, c in self.ops_after.items() if c != self.ops_before.get(op, 0)}
         if fused:
             lines.append("  op counts changed: " + ", ".join(
@@ -106,6 +116,13 @@ class PassReport:
 def _peak(g: Graph, dims):
     try:
         return plan_memory(g, dims).peak_bytes
+    except Exception:  # noqa: BLE001 - dims missing: the summary just omits memory
+        return None
+
+
+def _activations(g: Graph, dims):
+    try:
+        return activation_bytes(g, dims)
     except Exception:  # noqa: BLE001 - dims missing: the summary just omits memory
         return None
 
@@ -176,4 +193,5 @@ def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, veri
         if verify_each:
             _compare(name, reference_out, _outputs(g, inputs, params))
     report.ops_after, report.kernels_after, report.bytes_after = g.op_counts(), kernel_count(g), _peak(g, dims)
+    report.activations_after = _activations(g, dims)
     return g, report

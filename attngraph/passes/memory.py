@@ -48,6 +48,30 @@ def liveness(g: Graph, order: list[int] | None = None) -> dict[int, tuple[int, i
     return live
 
 
+def activation_bytes(g: Graph, bindings: Mapping[str, int]) -> int | None:
+    """Bytes of the forward's values computed from the batch that the backward reads (nodes tagged
+    ``backward`` by ``passes.autodiff``): what a training step holds from its forward until its backward
+    has used it, the memory that recomputation (checkpointing) would trade for time.  Values of the
+    parameters alone (a merged projection's concatenated weights, in a step whose parameters are inputs
+    marked ``param``) are not counted.  None for a graph without a backward."""
+    backward = {n.id for n in g.nodes() if n.meta.get("backward")}
+    if not backward:
+        return None
+    constant = set(weights_only(g))
+    for nid in g.topo_order():  # the parameters' own values, where they are inputs (a training step)
+        n = g.node(nid)
+        if n.meta.get("param") or g.operands(nid) and n.op != "arange" and all(o in constant for o in g.operands(nid)):
+            constant.add(nid)
+
+    def base(nid: int) -> int:
+        while g.node(nid).op in VIEW_OPS:
+            nid = g.operands(nid)[0]
+        return nid
+    kept = {base(o) for b in backward for o in g.operands(b) if o not in backward}
+    return sum(int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * np.dtype(g.node(v).type.dtype).itemsize
+               for v in kept if g.node(v).op not in SOURCE_OPS and v not in constant and v not in backward)
+
+
 @dataclass
 class MemoryPlan:
     buffer_of: dict[int, int] = field(default_factory=dict)

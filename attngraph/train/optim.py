@@ -24,6 +24,8 @@ class Optimizer:
     name: str = field(default="opt", init=False)
     #: per-parameter state, zeros at step 0
     slots: tuple = field(default=(), init=False)
+    #: the slots that are never negative (Adam's second moment): random test inputs draw them so
+    nonnegative: tuple = field(default=(), init=False)
 
     def __post_init__(self):
         self.schedule = as_schedule(self.lr)
@@ -89,7 +91,7 @@ class Adam(Optimizer):
 
     def __post_init__(self):
         super().__post_init__()
-        self.name, self.slots = ("adamw" if self.decoupled else "adam"), ("m", "v")
+        self.name, self.slots, self.nonnegative = ("adamw" if self.decoupled else "adam"), ("m", "v"), ("v",)
         b1, b2 = self.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"Adam betas must be in [0, 1), got {self.betas}")

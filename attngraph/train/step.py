@@ -75,7 +75,8 @@ def training_graph(graph: Graph, optimizer: Optimizer, loss: str = "loss", level
     new = [(loss, outputs[loss])]
     for n in names:
         t = g.node(params[n]).type
-        slots = {s: g.add("input", (), {"type": t}, name=optimizer.slot_name(s, n)) for s in optimizer.slots}
+        slots = {s: g.add("input", (), {"type": t}, name=optimizer.slot_name(s, n),
+                          meta={"nonnegative": True} if s in optimizer.nonnegative else {}) for s in optimizer.slots}
         param, updated = optimizer.update(d, params[n], grads[n], slots, scalars)
         new.append((n, param))
         new += [(optimizer.slot_name(s, n), updated[s]) for s in optimizer.slots]

@@ -20,28 +20,36 @@ def gelu(x, approximate):
     return const(0.5, dt) * x * (const(1.0, dt) + tirx.erf(x * const(1 / math.sqrt(2.0), dt)))
 
 
-UNARY = {
-    "neg": lambda x, a: -x,
-    "exp": lambda x, a: tirx.exp(x),
-    "log": lambda x, a: tirx.log(x),
-    "sqrt": lambda x, a: tirx.sqrt(x),
-    "rsqrt": lambda x, a: const(1.0, x.dtype) / tirx.sqrt(x),
-    "tanh": lambda x, a: tirx.tanh(x),
-    "erf": lambda x, a: tirx.erf(x),
-    "sin": lambda x, a: tirx.sin(x),
-    "cos": lambda x, a: tirx.cos(x),
-    "relu": lambda x, a: tirx.max(x, const(0, x.dtype)),
-    "gelu": lambda x, a: gelu(x, a.get("approximate", "none")),
-    "cast": lambda x, a: x.astype(a["dtype"]),
-    "logical_not": lambda x, a: tirx.Not(x),
-}
-
-BINARY = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b,
-    "div": lambda a, b: a / b, "maximum": lambda a, b: tirx.max(a, b),
-    "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
-    "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
-    "logical_and": lambda a, b: tirx.all(a, b), "logical_or": lambda a, b: tirx.any(a, b),
+#: op -> expr(operands, attrs): one element of the op's result from the same element of each operand (each
+#: already broadcast); the single ops and ``fused_elementwise``'s steps are lowered from this one table
+EXPRESSIONS = {
+    "neg": lambda xs, a: -xs[0],
+    "exp": lambda xs, a: tirx.exp(xs[0]),
+    "log": lambda xs, a: tirx.log(xs[0]),
+    "sqrt": lambda xs, a: tirx.sqrt(xs[0]),
+    "rsqrt": lambda xs, a: const(1.0, dtype_of(xs[0])) / tirx.sqrt(xs[0]),
+    "tanh": lambda xs, a: tirx.tanh(xs[0]),
+    "erf": lambda xs, a: tirx.erf(xs[0]),
+    "sin": lambda xs, a: tirx.sin(xs[0]),
+    "cos": lambda xs, a: tirx.cos(xs[0]),
+    "relu": lambda xs, a: tirx.max(xs[0], const(0, dtype_of(xs[0]))),
+    "gelu": lambda xs, a: gelu(xs[0], a.get("approximate", "none")),
+    "cast": lambda xs, a: xs[0].astype(a["dtype"]),
+    "logical_not": lambda xs, a: tirx.Not(xs[0]),
+    "add": lambda xs, a: xs[0] + xs[1],
+    "sub": lambda xs, a: xs[0] - xs[1],
+    "mul": lambda xs, a: xs[0] * xs[1],
+    "div": lambda xs, a: xs[0] / xs[1],
+    "maximum": lambda xs, a: tirx.max(xs[0], xs[1]),
+    "eq": lambda xs, a: xs[0] == xs[1],
+    "ne": lambda xs, a: xs[0] != xs[1],
+    "lt": lambda xs, a: xs[0] < xs[1],
+    "le": lambda xs, a: xs[0] <= xs[1],
+    "gt": lambda xs, a: xs[0] > xs[1],
+    "ge": lambda xs, a: xs[0] >= xs[1],
+    "logical_and": lambda xs, a: tirx.all(xs[0], xs[1]),
+    "logical_or": lambda xs, a: tirx.any(xs[0], xs[1]),
+    "where": lambda xs, a: tirx.Select(xs[0], xs[1], xs[2]),
 }
 
 #: activation(x) of the projections' epilogue (``linear``'s ``activation`` attribute)
@@ -49,22 +57,23 @@ ACTIVATIONS = {"none": lambda x: x, "relu": lambda x: tirx.max(x, const(0, dtype
                "gelu": lambda x: gelu(x, "none"), "gelu_tanh": lambda x: gelu(x, "tanh")}
 
 
-@lowering(*UNARY)
-def _unary(c):
-    (x,) = c.xs
-    return te.compute(c.shape, lambda *i: UNARY[c.op](x[i], c.attrs), name=c.name)
+@lowering(*EXPRESSIONS)
+def _elementwise(c):
+    reads = [bcast(t, c.rank) for t in c.xs]
+    return te.compute(c.shape, lambda *i: EXPRESSIONS[c.op]([r(*i) for r in reads], c.attrs), name=c.name)
 
 
-@lowering(*BINARY)
-def _binary(c):
-    a, b = (bcast(t, c.rank) for t in c.xs)
-    return te.compute(c.shape, lambda *i: BINARY[c.op](a(*i), b(*i)), name=c.name)
+@lowering("fused_elementwise")
+def _fused_elementwise(c):
+    """The steps of ``program`` composed into one expression (every step has the result's shape)."""
+    reads = [bcast(t, c.rank) for t in c.xs]
 
-
-@lowering("where")
-def _where(c):
-    cond, a, b = (bcast(t, c.rank) for t in c.xs)
-    return te.compute(c.shape, lambda *i: tirx.Select(cond(*i), a(*i), b(*i)), name=c.name)
+    def body(*i):
+        values = [r(*i) for r in reads]
+        for op, args, attrs in c.attrs["program"]:
+            values.append(EXPRESSIONS[op]([values[a] for a in args], dict(attrs)))
+        return values[-1]
+    return te.compute(c.shape, body, name=c.name)
 
 
 @lowering("dropout")

@@ -64,6 +64,31 @@ def _layer_norm(x: te.Tensor, gamma, beta, eps, name):
                       * gamma[i[-1]] + beta[i[-1]], name=name)
 
 
+@lowering("layer_norm_grad")
+def _layer_norm_grad(c):
+    """rstd (g - mean(g) - xhat mean(g xhat)) per row: the statistics, then the two means, then the result."""
+    x, gamma, cot = c.xs
+    *lead, n = x.shape
+    dt = x.dtype
+    inv_n = const(1.0, dt) / n.astype(dt)
+
+    def row_mean(f, name):
+        k = te.reduce_axis((0, n), name=f"k_{name}")
+        return te.compute(lead, lambda *i: te.sum(f(*i, k) * inv_n, axis=k), name=f"{c.name}_{name}")
+    mean = row_mean(lambda *i: x[i], "mean")
+    var = row_mean(lambda *i: (x[i] - mean[i[:-1]]) * (x[i] - mean[i[:-1]]), "var")
+
+    def xhat(*i):
+        return (x[i] - mean[i[:-1]]) * tirx.rsqrt(var[i[:-1]] + const(c.attrs["eps"], dt))
+
+    def g(*i):
+        return cot[i] * gamma[i[-1]]
+    mg = row_mean(g, "mg")
+    mgx = row_mean(lambda *i: g(*i) * xhat(*i), "mgx")
+    return te.compute(x.shape, lambda *i: tirx.rsqrt(var[i[:-1]] + const(c.attrs["eps"], dt))
+                      * (g(*i) - mg[i[:-1]] - xhat(*i) * mgx[i[:-1]]), name=c.name)
+
+
 def residual_sum(c) -> te.Tensor:
     """``a + b`` of a fused residual norm (b broadcast to a's shape)."""
     a, b = c.xs[0], bcast(c.xs[1], c.rank)
