@@ -220,6 +220,12 @@ from .commands_embed import embed as _embed  # noqa: E402
 
 main.add_command(_embed)
 
+from .commands_train import evaluate as _evaluate  # noqa: E402
+from .commands_train import train as _train  # noqa: E402
+
+main.add_command(_train)
+main.add_command(_evaluate)
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -37,10 +37,37 @@ def parse_tokens(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
+def trained_model(path: str, weights_path=None):
+    """(model, parameters, tokenizer) of a directory ``attngraph train`` wrote."""
+    import os
+
+    from .train.data import load_tokenizer
+    from .train.trainer import PARAMS, TOKENIZER, load_run, translation_model
+    if weights_path:
+        raise click.BadParameter(f"{path} holds its trained weights", param_hint="--weights")
+    tokenizer = load_tokenizer(os.path.join(path, TOKENIZER))
+    module = translation_model(load_run(path), tokenizer.get_vocab_size())
+    return module, load_weights(os.path.join(path, PARAMS)), tokenizer
+
+
+def text_ids(tokenizer, text: str, where: str) -> list[int]:
+    """The ids of ``text``'s words; a word outside the vocabulary is an error that names it."""
+    from .train.data import encode
+    words = text.split()
+    if not words:
+        raise click.BadParameter("an empty --input", param_hint="--input")
+    unknown = [w for w in words if tokenizer.token_to_id(w) is None]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(map(repr, unknown))} not in the vocabulary of {where} "
+                                 f"({tokenizer.get_vocab_size()} tokens)", param_hint="--input")
+    return encode(tokenizer, text)
+
+
 @click.command()
 @click.argument("model")
 @click.option("--input", "inputs", multiple=True, required=True, metavar='"ID ID ..."',
-              help="A source sentence (encoder-decoder) or a prompt (decoder-only) as token ids; repeat for a batch.")
+              help="A source sentence (encoder-decoder) or a prompt (decoder-only) as token ids (as text for a DIR "
+                   "that attngraph train wrote); repeat for a batch.")
 @click.option("--beam", default=1, show_default=True, type=click.IntRange(1), help="Beam size; 1 is greedy decoding.")
 @click.option("--max-len", "max_len", default=32, show_default=True, type=click.IntRange(1),
               help="Most tokens to generate per source.")
@@ -48,8 +75,9 @@ def parse_tokens(text: str) -> list[int]:
 @click.option("--bos", "bos_id", type=int, default=1, show_default=True,
               help="Token the decoder starts from (encoder-decoder models).")
 @click.option("--alpha", default=0.6, show_default=True, help="Length penalty exponent: ((5+len)/6)^alpha.")
-@click.option("--no-early-stop", "no_early_stop", is_flag=True,
-              help="Keep searching while a live beam can still beat the finished ones.")
+@click.option("--early-stop/--no-early-stop", "early_stop", default=False, show_default=True,
+              help="Stop a source's search once it has BEAM finished hypotheses (faster; by default it goes on "
+                   "while a live beam can still beat the finished ones: exact).")
 @click.option("--nbest", is_flag=True, help="Print every beam, not only the best.")
 @click.option("--target", default="numpy", show_default=True, callback=check_target, metavar="TARGET",
               help="numpy: the reference interpreter; llvm, cuda, vulkan: the entries compiled with TVM for that target.")
@@ -64,10 +92,18 @@ def parse_tokens(text: str) -> list[int]:
               help="With --target llvm: store the projection weights in this dtype (float16: half the bytes "
                    "per token, float16's rounding of every weight).")
 @user_errors
-def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop, nbest, target, cache_len,
+def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nbest, target, cache_len,
              save_dir, weights_path, seed, weight_dtype):
-    """Generate from MODEL (a model, or a DIR of compiled entries from --save) for each --input."""
-    sources = [parse_tokens(text) for text in inputs]
+    """Generate from MODEL (a model, a DIR of compiled entries from --save, or a DIR that attngraph train wrote:
+    then --input is text and so is the output) for each --input."""
+    from .train.data import decode as words
+    from .train.trainer import is_training_dir
+    tokenizer = None
+    if is_training_dir(model):
+        module, params, tokenizer = trained_model(model, weights_path)
+        sources = [text_ids(tokenizer, text, model) for text in inputs]
+    else:
+        sources = [parse_tokens(text) for text in inputs]
     eos = None if eos_id < 0 else eos_id
     start = time.perf_counter()
     if is_generation_dir(model):
@@ -77,8 +113,9 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop,
         artifact_options(model, ["target", "cache_len", "weight_dtype", "seed", "save_dir"], MANIFEST)
         stepper = CompiledStepper(model)
     else:
-        module = models.get(model)
-        params = load_weights(weights_path) if weights_path else init_params(module, seed)
+        if tokenizer is None:
+            module = models.get(model)
+            params = load_weights(weights_path) if weights_path else init_params(module, seed)
         if cache_len is None:
             prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
             cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
@@ -98,13 +135,14 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, no_early_stop,
         results = [[h] for h in greedy_search(stepper, sources, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha)]
     else:
         results = beam_search(stepper, sources, beam, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha,
-                              early_stopping=not no_early_stop)
+                              early_stopping=early_stop)
     done = time.perf_counter()
     for i, hyps in enumerate(results):
         for rank, h in enumerate(hyps if nbest else hyps[:1]):
             label = f"{i}" if not nbest else f"{i}.{rank}"
             end = "" if h.finished else "  (no EOS)"
-            click.echo(f"{label}: {' '.join(map(str, h.tokens))}  [log-prob {h.log_prob:.4f}, score {h.score:.4f}]{end}")
+            out = ' '.join(map(str, h.tokens)) if tokenizer is None else words(tokenizer, h.tokens)
+            click.echo(f"{label}: {out}  [log-prob {h.log_prob:.4f}, score {h.score:.4f}]{end}")
     tokens = sum(len(h[0].tokens) for h in results)
     click.echo(f"{stepper.info.name}: {len(sources)} source(s), beam {beam}, cache {stepper.info.cache_len}: "
                f"setup {ready - start:.2f} s, search {done - ready:.2f} s ({tokens} tokens)", err=True)

@@ -134,8 +134,8 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
 @device_option
 @user_errors
 def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, device):
-    """Compile MODEL (or load an artifact DIR) and compare its outputs with the float64 interpreter
-    on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
+    """Compile MODEL (or a DIR attngraph train wrote; or load an artifact DIR) and compare its outputs with the
+    float64 interpreter on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5 (-inf/NaN entries must be in the same places)."""
     from . import api
     from .backends.tvm.progress import Progress
@@ -146,6 +146,10 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
         artifact_options(model, ["target", "arch", "opt_level", "weight_dtype"])
     target = target_name(target, arch)
     params = load_weights(weights_path) if weights_path else None
+    from .train.trainer import is_training_dir
+    if is_training_dir(model):  # a model attngraph train wrote: its weights
+        from .commands_generate import trained_model
+        model, params, _ = trained_model(model, weights_path)
     inputs = None
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:

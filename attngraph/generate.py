@@ -357,16 +357,18 @@ def _source_done(finished, live_scores, beam, length, max_len, alpha, early_stop
 
 def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, max_len: int, *,
                 eos_id: int | None = None, bos_id: int = 1, alpha: float = 0.6,
-                early_stopping: bool = True) -> list[list[Hypothesis]]:
+                early_stopping: bool = False) -> list[list[Hypothesis]]:
     """Beam search for a batch of sources (prompts): the ``beam`` best hypotheses of each, best first.
 
     At each step the 2*beam best extensions of a source's live beams are walked best first (ties:
     lower beam, then lower token id): an EOS among the first ``beam`` of them finishes a hypothesis,
     other extensions refill the live beams.  After ``max_len`` new tokens the live beams are kept
-    as unfinished hypotheses.  A source stops once it has ``beam`` finished hypotheses and
-    ``early_stopping`` is set, or once no live beam can still beat the worst of them (exact: the
-    result is then the one running to ``max_len`` would give).  The caches follow the surviving
-    beams through ``stepper.reorder``."""
+    as unfinished hypotheses.  A source stops once no live beam can still beat the worst of its ``beam``
+    finished hypotheses (exact: the result is then the one running to ``max_len`` would give; the
+    default, as Hugging Face's ``early_stopping=False``), or with ``early_stopping`` as soon as it has
+    ``beam`` finished ones: faster, but an EOS scored far below a live beam finishes a hypothesis
+    whenever the other extensions score lower still, and then ends the search.  The caches follow the
+    surviving beams through ``stepper.reorder``."""
     if beam < 1:
         raise GenerationError(f"beam must be at least 1, got {beam}")
     state, prefix = _start(stepper, sources, max_len, bos_id, eos_id)
@@ -420,7 +422,7 @@ def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, m
 
 def generate(stepper: Stepper, sources: Sequence[Sequence[int]], *, beam: int = 1, max_len: int = 32,
              eos_id: int | None = None, bos_id: int = 1, alpha: float = 0.6,
-             early_stopping: bool = True) -> list[Hypothesis]:
+             early_stopping: bool = False) -> list[Hypothesis]:
     """The best hypothesis per source: greedy decoding for ``beam`` 1, beam search otherwise."""
     if beam == 1:
         return greedy_search(stepper, sources, max_len, eos_id=eos_id, bos_id=bos_id, alpha=alpha)

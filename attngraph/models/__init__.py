@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+from functools import partial
 from typing import Callable
 
 from .bert import ZOO as BERT_ZOO
@@ -20,10 +21,13 @@ class ModelNotFound(LookupError):
 
 
 ZOO: dict[str, Callable] = {
-    "transformer-tiny": lambda: Transformer(vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2,
-                                            max_len=128, name="transformer-tiny"),
-    "transformer-base": lambda: Transformer(37000, 512, 8, 2048, 6, name="transformer-base"),
-    "transformer-big": lambda: Transformer(37000, 1024, 16, 4096, 6, name="transformer-big"),
+    "transformer-tiny": partial(Transformer, vocab_size=64, d_model=32, num_heads=4, d_ff=64, num_layers=2,
+                                max_len=128, name="transformer-tiny"),
+    # sized for training on a 2-core CPU (attngraph train): the vocabulary comes from the data
+    "transformer-small": partial(Transformer, vocab_size=1000, d_model=256, num_heads=4, d_ff=1024, num_layers=3,
+                                 max_len=256, name="transformer-small"),
+    "transformer-base": partial(Transformer, 37000, 512, 8, 2048, 6, name="transformer-base"),
+    "transformer-big": partial(Transformer, 37000, 1024, 16, 4096, 6, name="transformer-big"),
     "encoder-tiny": lambda: TransformerEncoderModel(32, 4, 64, 2, name="encoder-tiny"),
     "transformer-base-encoder": lambda: TransformerEncoderModel(512, 8, 2048, 6, name="transformer-base-encoder"),
     "transformer-base-encoder-layer": lambda: TransformerEncoderModel(512, 8, 2048, 1, name="transformer-base-encoder-layer"),
@@ -104,10 +108,23 @@ def get(spec: str):
                         f"or give your own as path/to/file.py:factory")
 
 
+def build(name: str, **overrides):
+    """Zoo model ``name`` with some of its constructor's arguments changed (``vocab_size=`` from a training
+    set's vocabulary, ``dropout=``): the zoo's encoder-decoder models take them."""
+    factory = ZOO.get(name)
+    if not isinstance(factory, partial):
+        raise ModelNotFound(f"{name!r} is not a zoo model built from arguments; those are: "
+                            f"{', '.join(n for n, f in ZOO.items() if isinstance(f, partial))}")
+    try:
+        return factory(**overrides)
+    except TypeError as e:
+        raise ModelNotFound(f"{name}: {e}") from None
+
+
 def load_graph(spec: str):
     """The traced graph of a zoo model or ``file.py:factory``."""
     from ..nn import trace
     return trace(get(spec))
 
 
-__all__ = ["BertModel", "GPT", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
+__all__ = ["BertModel", "GPT", "build", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]

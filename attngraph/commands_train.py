@@ -1,0 +1,147 @@
+"""``attngraph train``: teach a zoo encoder-decoder to translate (``attngraph.train.trainer``)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .cli_common import check_target, user_errors
+from .train.data import TASKS, DataError
+from .train.objective import NotATokenModel
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+def progress_line(line: dict, steps: int) -> str:
+    valid = f"  valid {line['valid_loss']:.4f}" if line.get("valid_loss") is not None else ""
+    return (f"step {line['step']}/{steps}  loss {line['loss']:.4f}{valid}  lr {line['lr']:.2e}  "
+            f"{line['tokens_per_s']:.0f} tokens/s  {_clock(line['seconds'])} elapsed, {_clock(line['seconds_left'])} left")
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", "out_dir", type=click.Path(file_okay=False),
+              help="The directory to train into (new or empty; with --resume: the resumed run's by default).")
+@click.option("--task", type=click.Choice(sorted(TASKS)), help="Built-in data made on the fly (numbers: digits to "
+                                                                "English words), with a fixed validation set.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Parallel text: one 'source<TAB>target' pair a line.")
+@click.option("--valid", type=click.Path(dir_okay=False), help="Validation pairs, as --data.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Steps to train to.")
+@click.option("--batch-tokens", type=click.IntRange(min=16), default=2048, show_default=True,
+              help="Tokens a batch (sentences of similar length together).")
+@click.option("--lr-warmup", "warmup", type=click.IntRange(min=1), default=4000, show_default=True,
+              help="Warm-up steps of the paper's learning-rate schedule.")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the weights, the batches and dropout.")
+@click.option("--target", default="llvm", show_default=True, callback=check_target,
+              help="Where the steps run: llvm, vulkan, cuda (with a GPU), or numpy (the interpreter, slow).")
+@click.option("--valid-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Steps between reports (validation loss; the directory is saved then).")
+@click.option("--max-len", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens a side at most: longer pairs are left out (and counted).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
+              help="Go on with the run saved in this directory (to --steps), as if never interrupted.")
+@user_errors
+def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, label_smoothing, dropout, seed, target,
+          valid_every, max_len, resume_dir):
+    """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR."""
+    from .train.trainer import RunConfig, Trainer, is_training_dir, load_run
+    try:
+        if resume_dir:
+            given = [name for name, value in (("MODEL", model), ("--task", task), ("--data", data)) if value]
+            if given:
+                raise click.UsageError(f"--resume goes on with the saved run's model and data; drop {', '.join(given)}")
+            if not is_training_dir(resume_dir):
+                raise click.BadParameter(f"{resume_dir} holds no training run", param_hint="--resume")
+            config = load_run(resume_dir)
+            config.steps = steps
+            out_dir = out_dir or resume_dir
+            if os.path.abspath(out_dir) != os.path.abspath(resume_dir):
+                raise click.BadParameter("a resumed run trains on in its own directory", param_hint="-o")
+        else:
+            if not model or not out_dir:
+                raise click.UsageError("give MODEL and -o DIR (or --resume DIR)")
+            if os.path.isdir(out_dir) and os.listdir(out_dir):
+                raise click.BadParameter(f"{out_dir} is not empty (--resume {out_dir} goes on with a run there)",
+                                         param_hint="-o")
+            config = RunConfig(model=model, task=task, data=data, valid=valid, steps=steps, batch_tokens=batch_tokens,
+                               warmup=warmup, label_smoothing=label_smoothing, dropout=dropout, seed=seed,
+                               target="interpreter" if target == "numpy" else target, valid_every=valid_every,
+                               max_len=max_len)
+        trainer = Trainer(config, out_dir, resume=bool(resume_dir),
+                          report=lambda line: click.echo(progress_line(line, config.steps)))
+        if trainer.dropped:
+            click.echo(f"left out {trainer.dropped} pair(s) longer than {config.max_len} tokens a side", err=True)
+        if trainer.step.step >= config.steps:
+            raise click.BadParameter(f"the run is at step {trainer.step.step} already; ask for more --steps",
+                                     param_hint="--steps")
+        trainer.run()
+    except (DataError, NotATokenModel) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {out_dir}")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--task", type=click.Choice(sorted(TASKS)), help="Evaluate on this task's validation set.")
+@click.option("--data", type=click.Path(dir_okay=False), help="Evaluate on these 'source<TAB>target' pairs.")
+@click.option("--beam", default=1, show_default=True, type=click.IntRange(1), help="Beam size; 1 is greedy.")
+@click.option("--max-len", default=64, show_default=True, type=click.IntRange(1), help="Most tokens a translation.")
+@click.option("--limit", type=click.IntRange(1), help="Evaluate the first N pairs only.")
+@click.option("--target", default="llvm", show_default=True, callback=check_target,
+              help="Where the decoder runs: llvm, vulkan, cuda, or numpy (the interpreter).")
+@click.option("--show", "show_errors", default=5, show_default=True, help="Print this many wrong translations.")
+@user_errors
+def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
+    """Translate a set with the model attngraph train wrote to DIRECTORY; print exact match and BLEU."""
+    import tempfile
+
+    from .commands_generate import trained_model
+    from .generate import CompiledStepper, InterpreterStepper, beam_search, greedy_search
+    from .train import data as D
+    from .train.metrics import corpus_bleu, exact_match
+    from .train.trainer import is_training_dir, load_run
+    if not is_training_dir(directory):
+        raise click.BadParameter(f"{directory} holds no trained model (attngraph train writes one)")
+    try:
+        if (task is None) == (data is None):
+            config = load_run(directory)
+            if task is None and data is None and config.task:
+                task = config.task
+            elif task is None and data is None and config.valid:
+                data = config.valid
+            else:
+                raise click.UsageError("give --task or --data (the set to translate)")
+        pairs = D.get_task(task).valid() if task else D.read_pairs(data)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    pairs = pairs[:limit] if limit else pairs
+    module, params, tok = trained_model(directory)
+    sources = [D.encode(tok, s) for s, _ in pairs]
+    cache_len = min(max_len + 1, module.max_len)
+    if target == "numpy":
+        stepper = InterpreterStepper(module, params, cache_len)
+    else:
+        out = tempfile.mkdtemp(prefix="attngraph-evaluate-")
+        CompiledStepper.build(module, params, out, target, cache_len=cache_len)
+        stepper = CompiledStepper(out)
+    hyps = []
+    for start in range(0, len(sources), 64):
+        chunk = sources[start:start + 64]
+        if beam == 1:
+            found = greedy_search(stepper, chunk, max_len, eos_id=D.EOS_ID, bos_id=D.BOS_ID)
+        else:
+            found = [h[0] for h in beam_search(stepper, chunk, beam, max_len, eos_id=D.EOS_ID, bos_id=D.BOS_ID)]
+        hyps += [D.decode(tok, h.tokens) for h in found]
+    refs = [t for _, t in pairs]
+    wrong = [(s, h, r) for (s, r), h in zip(pairs, hyps) if h.split() != r.split()]
+    for s, h, r in wrong[:show_errors]:
+        click.echo(f"  {s}  ->  {h}   (want: {r})")
+    what = f"the {task} task's validation set" if task else data
+    click.echo(f"{what}: {len(pairs)} pairs, beam {beam}: exact match {100 * exact_match(hyps, refs):.1f}% "
+               f"({len(pairs) - len(wrong)}/{len(pairs)}), BLEU {corpus_bleu(hyps, refs):.2f}")

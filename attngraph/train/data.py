@@ -1,0 +1,204 @@
+"""Data for training a translation model: parallel text, a vocabulary, batches of similar length.
+
+- Parallel text: a file of ``source<TAB>target`` lines (``read_pairs``: a malformed line is an error naming
+  the file and line), or a built-in task made on the fly (``TASKS``: ``numbers``, digits to English words).
+- The vocabulary is one word-level vocabulary for source and target alike (the paper shares one between
+  them), built with the ``tokenizers`` library and saved as its ``tokenizer.json``; ids 0-3 are the
+  specials ``<pad>`` (0: the models' ``pad_id``), ``<s>``, ``</s>`` and ``<unk>``.
+- ``length_batches``: teacher forcing's arrays (``src``; ``tgt`` = ``<s> y``; ``labels`` = ``y </s>``), the
+  pairs grouped by length so a batch holds about ``batch_tokens`` tokens with little padding, as the paper
+  batches by approximate length.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as given: the message names the file and line, or the task."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Parallel text.
+
+def read_pairs(path: str) -> list[tuple[str, str]]:
+    """The ``(source, target)`` pairs of a file of ``source<TAB>target`` lines (blank lines skipped; words
+    separated by spaces)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise DataError(f"{path}:{lineno}: expected 'source<TAB>target', got {len(fields)} tab-separated "
+                                f"field(s): {line[:60]!r}")
+            src, tgt = (" ".join(x.split()) for x in fields)
+            if not src or not tgt:
+                raise DataError(f"{path}:{lineno}: the {'source' if not src else 'target'} is empty")
+            pairs.append((src, tgt))
+    if not pairs:
+        raise DataError(f"{path}: no pairs (the file is empty)")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Built-in tasks.
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def _below_thousand(n: int) -> list[str]:
+    hundreds, rest = divmod(n, 100)
+    out = [_ONES[hundreds], "hundred"] if hundreds else []
+    if rest >= 20:
+        out += [_TENS[rest // 10]] + ([_ONES[rest % 10]] if rest % 10 else [])
+    elif rest:
+        out.append(_ONES[rest])
+    return out
+
+
+def number_words(n: int) -> str:
+    """``n`` (0 <= n < 1,000,000) in English words: lowercase, no "and", no hyphens (4096 -> "four thousand
+    ninety six", 700010 -> "seven hundred thousand ten")."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"numbers are 0 <= n < 1000000, got {n}")
+    if n == 0:
+        return "zero"
+    thousands, rest = divmod(n, 1000)
+    return " ".join((_below_thousand(thousands) + ["thousand"] if thousands else []) + _below_thousand(rest))
+
+
+class NumbersTask:
+    """``numbers``: the source an integer 0 <= n < 1,000,000 in digits separated by spaces ("4 0 9 6"), the
+    target its words.  Training draws numbers at random; the validation set is a fixed seeded sample of
+    ``valid_size`` numbers that training never draws."""
+
+    name = "numbers"
+    LIMIT = 1_000_000
+
+    def __init__(self, valid_size: int = 1000, valid_seed: int = 20261204):
+        rng = np.random.default_rng(valid_seed)
+        self.valid_numbers = [int(v) for v in rng.choice(self.LIMIT, size=valid_size, replace=False)]
+        self._held_out = set(self.valid_numbers)
+
+    @staticmethod
+    def pair(n: int) -> tuple[str, str]:
+        return " ".join(str(n)), number_words(n)
+
+    def valid(self) -> list[tuple[str, str]]:
+        return [self.pair(n) for n in self.valid_numbers]
+
+    def draw(self, count: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """``count`` training pairs, none from the validation set.  Lengths vary as the digits do: n is
+        drawn with a uniform number of digits (1-6), so short numbers are seen as often as long ones."""
+        out = []
+        while len(out) < count:
+            digits = int(rng.integers(1, 7))
+            n = int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits))
+            if n not in self._held_out:
+                out.append(self.pair(n))
+        return out
+
+    def vocabulary_text(self) -> list[str]:
+        """Text holding every word the task uses (for the vocabulary)."""
+        return [" ".join(str(d) for d in range(10))] + [number_words(n) for n in (*range(100), 100, 1000)]
+
+
+TASKS = {"numbers": NumbersTask}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; tasks: {', '.join(TASKS)}")
+    return TASKS[name]()
+
+
+# ------------------------------------------------------------------------------------------------
+# The vocabulary.
+
+def build_tokenizer(texts: Iterable[str]):
+    """A word-level ``tokenizers.Tokenizer`` over the words of ``texts`` (split at whitespace), the specials
+    first (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3); unknown words map to ``<unk>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = sorted({w for t in texts for w in t.split()} - set(SPECIALS))
+    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok
+
+
+def load_tokenizer(path: str):
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text).ids
+
+
+def decode(tok, ids: Sequence[int]) -> str:
+    """The words of ``ids`` up to the first ``</s>``, specials left out."""
+    out = []
+    for i in ids:
+        if i == EOS_ID:
+            break
+        if i >= len(SPECIALS):
+            out.append(tok.id_to_token(int(i)))
+    return " ".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batches.
+
+def pad(rows: Sequence[Sequence[int]], length: int | None = None) -> np.ndarray:
+    length = max(len(r) for r in rows) if length is None else length
+    out = np.full((len(rows), length), PAD_ID, np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def teacher_forcing(sources: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """``src``; ``tgt`` = ``<s> y``; ``labels`` = ``y </s>`` (padded with ``<pad>``, which the loss ignores)."""
+    return {"src": pad(sources), "tgt": pad([[BOS_ID, *t] for t in targets]),
+            "labels": pad([[*t, EOS_ID] for t in targets])}
+
+
+def length_batches(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_tokens: int,
+                   rng: np.random.Generator) -> Iterator[dict[str, np.ndarray]]:
+    """Teacher-forcing batches of ``pairs`` (token ids) grouped by length: sorted by their longer side (ties
+    at random), cut so that a batch's rows times its longest side stay within ``batch_tokens``, yielded in
+    random order."""
+    if not pairs:
+        return
+    order = sorted(range(len(pairs)), key=lambda i: (max(len(pairs[i][0]), len(pairs[i][1]) + 1), rng.random()))
+    batches, current, longest = [], [], 0
+    for i in order:
+        size = max(len(pairs[i][0]), len(pairs[i][1]) + 1)
+        if current and max(longest, size) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, size)
+    batches.append(current)
+    for b in rng.permutation(len(batches)):
+        rows = batches[b]
+        yield teacher_forcing([pairs[i][0] for i in rows], [pairs[i][1] for i in rows])
+
+
+__all__ = ["BOS_ID", "DataError", "EOS_ID", "NumbersTask", "PAD_ID", "TASKS", "UNK_ID", "build_tokenizer", "decode",
+           "encode", "get_task", "length_batches", "load_tokenizer", "number_words", "read_pairs", "teacher_forcing"]
