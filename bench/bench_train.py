@@ -1,4 +1,6 @@
-"""One training step of an encoder-decoder Transformer: attngraph (compiled for llvm) vs PyTorch eager.
+"""One training step of an encoder-decoder Transformer: attngraph (compiled for llvm) vs PyTorch eager and
+torch.compile (the model compiled, as ``model = torch.compile(model)``; its backward through AOTAutograd, Adam
+eager).
 
     python bench/bench_train.py [--threads 2] [--d-model 256] [--heads 4] [--layers 2] [--ff 1024]
                                 [--vocab 4000] [--batch 16] [--src-len 32] [--tgt-len 32] [--repeat 5]
@@ -31,6 +33,7 @@ def parse_args():
     p.add_argument("--tgt-len", type=int, default=32)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--top", type=int, default=12, help="attngraph kernels to list by time")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first step compiles for a minute)")
     return p.parse_args()
 
 
@@ -38,6 +41,7 @@ ARGS = parse_args()
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
     os.environ[var] = str(ARGS.threads)
 
+import copy  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -118,8 +122,20 @@ def main():
     state = {k[len("transformer."):]: v for k, v in theirs.state_dict().items() if k.startswith("transformer.")}
     params = ag.weights.from_torch_transformer(state, model.transformer, at="transformer")
     params.update({f"{n}.weight": getattr(theirs, n).weight.detach().numpy().copy() for n in ("src_embed", "tgt_embed")})
-    opt = torch.optim.Adam(theirs.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: schedule(epoch + 1))
+    compiled = None if ARGS.no_compile else torch.compile(copy.deepcopy(theirs))
+
+    def torch_engine(model):
+        opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: schedule(epoch + 1))
+
+        def run(b):
+            opt.zero_grad(set_to_none=True)
+            loss = model(*(torch.from_numpy(b[k]) for k in ("src", "tgt_in", "tgt_out")))
+            loss.backward()
+            opt.step()
+            sched.step()
+            return loss.item()
+        return run
 
     start = time.perf_counter()
     step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="llvm")
@@ -127,30 +143,30 @@ def main():
           f"{ARGS.src_len} -> {ARGS.tgt_len}; {ARGS.threads} threads")
     print(f"attngraph build: {time.perf_counter() - start:.1f} s, {step.compiled.kernel_count} kernel calls a step")
 
-    def torch_step(b):
-        opt.zero_grad(set_to_none=True)
-        loss = theirs(*(torch.from_numpy(b[k]) for k in ("src", "tgt_in", "tgt_out")))
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss.item()
-
+    engines = {"attngraph (llvm)": step, "torch eager": torch_engine(theirs)}
+    if compiled is not None:
+        engines["torch.compile"] = torch_engine(compiled)
     rng = np.random.default_rng(0)
     for i, b in enumerate(batches(3, rng)):
-        ours, ref = step(b), torch_step(b)
-        print(f"step {i + 1}: loss attngraph {ours:.6f}, torch {ref:.6f} (relative difference {abs(ours - ref) / ref:.1e})")
-        assert abs(ours - ref) <= 1e-4 * ref, "the two runs disagree: nothing to compare"
+        start = time.perf_counter()
+        losses = {name: run(b) for name, run in engines.items()}
+        ref = losses["torch eager"]
+        print(f"step {i + 1}: loss " + ", ".join(f"{name} {v:.6f}" for name, v in losses.items())
+              + f" ({time.perf_counter() - start:.1f} s)")
+        assert all(abs(v - ref) <= 1e-4 * ref for v in losses.values()), "the runs disagree: nothing to compare"
     data = batches(4, rng)
-    counter = {"ours": 0, "torch": 0}
+    counter = {name: 0 for name in engines}
 
-    def next_batch(engine):
-        counter[engine] += 1
-        return data[counter[engine] % len(data)]
-    ms = interleaved_ms({"attngraph (llvm)": lambda: step(next_batch("ours")),
-                         "torch eager": lambda: torch_step(next_batch("torch"))}, repeat=ARGS.repeat, block=2)
-    print(f"\n| engine | ms / step | ratio to torch |\n|---|---|---|")
+    def timed(name):
+        def call():
+            counter[name] += 1
+            return engines[name](data[counter[name] % len(data)])
+        return call
+    ms = interleaved_ms({name: timed(name) for name in engines}, repeat=ARGS.repeat, block=2)
+    tokens = ARGS.batch * ARGS.tgt_len
+    print(f"\n| engine | ms / step | target positions / s | ratio to torch eager |\n|---|---|---|---|")
     for name, t in ms.items():
-        print(f"| {name} | {t:.1f} | {t / ms['torch eager']:.2f} |")
+        print(f"| {name} | {t:.1f} | {tokens / t * 1e3:.0f} | {t / ms['torch eager']:.2f} |")
 
     b = data[0]
     scalars = {step.optimizer.scalar_name(k): np.asarray(v, np.float32) for k, v in step.optimizer.scalars(step.step + 1).items()}
