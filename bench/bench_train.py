@@ -164,7 +164,7 @@ def main():
         return call
     ms = interleaved_ms({name: timed(name) for name in engines}, repeat=ARGS.repeat, block=2)
     tokens = ARGS.batch * ARGS.tgt_len
-    print(f"\n| engine | ms / step | target positions / s | ratio to torch eager |\n|---|---|---|---|")
+    print("\n| engine | ms / step | target positions / s | ratio to torch eager |\n|---|---|---|---|")
     for name, t in ms.items():
         print(f"| {name} | {t:.1f} | {tokens / t * 1e3:.0f} | {t / ms['torch eager']:.2f} |")
 

@@ -86,7 +86,6 @@ def _broadcast_like(c):
 def _scatter_add(c):
     """Each output row sums the value rows whose index names it: a reduction over every index position."""
     idx, values, _ = c.xs
-    r = len(idx.shape)
     ks = [te.reduce_axis((0, n), name=f"k{a}") for a, n in enumerate(idx.shape)]
     zero = tirx.const(0.0, values.dtype)
     return te.compute(c.shape, lambda row, *i: te.sum(
