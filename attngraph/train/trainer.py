@@ -163,7 +163,7 @@ class Trainer:
             if k % cfg.valid_every == 0 or k == cfg.steps:
                 elapsed = time.perf_counter() - t0
                 last = {"step": k, "loss": float(np.mean(losses)), "valid_loss": self.valid_loss(),
-                        "lr": Noam(self.model.d_model, warmup=cfg.warmup)(k), "tokens_per_s": tokens / elapsed,
+                        "lr": self.step.optimizer.schedule(k), "tokens_per_s": tokens / elapsed,
                         "seconds": elapsed, "seconds_left": elapsed / (k - start) * (cfg.steps - k)}
                 losses = []
                 self.save(last)
