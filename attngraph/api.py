@@ -44,13 +44,14 @@ def _graph_of(model) -> tuple[Graph, object]:
 
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
             seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
-            device: str | None = None):
+            device: str | None = None, checkpoint: bool = False):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
     weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
     a MetaSchedule database written by ``attngraph tune``; ``weight_dtype="float16"`` stores the
     projection weights in half precision (llvm); ``device``: run on another device than the target's
-    own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU)."""
+    own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU); ``checkpoint``: a
+    training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``)."""
     from .backends.tvm.build import compile_graph
     from .backends.tvm.targets import get_target
     from .passes import optimize
@@ -63,7 +64,7 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     params = default_params(module if module is not None else graph, seed) if params is None else params
     check_params(graph, params)
     # the level's passes, then the target's layout passes (reported, as every pass)
-    g, report = optimize(graph, opt_level, layout=tgt.layout_passes(weight_dtype))
+    g, report = optimize(graph, opt_level, layout=tgt.layout_passes(weight_dtype), checkpoint=checkpoint)
     used = g.params  # a property that walks the graph: once, not per parameter
     compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, tgt, progress=progress,
                              tuning_db=tuning_db, device=device, layout=False)

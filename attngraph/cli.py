@@ -54,10 +54,10 @@ def optimize_option(fn):
     return fn
 
 
-def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None, target=None):
+def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None, target=None, checkpoint=False):
     """``graph`` through the pass pipeline at ``opt_level`` (then ``target``'s layout passes, where one is
-    given), and the report (None at -O0 with nothing asked)."""
-    if not opt_level and not verify_each and not print_after and not disable and not target:
+    given, and the checkpoint), and the report (None at -O0 with nothing asked)."""
+    if not opt_level and not verify_each and not print_after and not disable and not target and not checkpoint:
         return graph, None
     from . import passes
     layout = None
@@ -66,7 +66,7 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None,
         layout = get_target(target).layout_passes()
     try:
         return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
-                               verify_each=verify_each, layout=layout)
+                               verify_each=verify_each, layout=layout, checkpoint=checkpoint)
     except passes.PassOptionError as e:
         hint = {"disable": "--disable-pass", "print_after": "--print-after"}[e.option]
         raise click.BadParameter(str(e), param_hint=hint) from None
@@ -86,11 +86,16 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None,
               help="The graph of one training step instead: the model in training mode (dropout) with its token "
                    "loss (label smoothing 0.1, padding ignored), the backward and Adam's update under the paper's "
                    "schedule, as attngraph.train.TrainStep compiles it (the forward fused at -O first).")
+@click.option("--checkpoint", is_flag=True,
+              help="With --train: recompute each layer's values in the backward instead of keeping them "
+                   "(attngraph train --checkpoint).")
 @user_errors
-def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target, training):
+def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target, training, checkpoint):
     """Print MODEL's graph (a zoo name or path/to/file.py:factory), optionally optimized."""
+    if checkpoint and not training:
+        raise click.BadParameter("checkpointing is of a training step: add --train", param_hint="--checkpoint")
     graph = models.load_graph(model) if not training else training_step_graph(model, opt_level or 0)
-    graph, report = optimized(graph, opt_level, disable, verify_each, print_after, target)
+    graph, report = optimized(graph, opt_level, disable, verify_each, print_after, target, checkpoint)
     if report is not None and (stats or print_after):
         click.echo(report.format(), err=fmt != "text" and not output)
     if fmt == "text":

@@ -34,7 +34,18 @@ def progress_line(line: dict, steps: int) -> str:
 @click.option("--batch-tokens", type=click.IntRange(min=16), default=2048, show_default=True,
               help="Tokens a batch (sentences of similar length together).")
 @click.option("--lr-warmup", "warmup", type=click.IntRange(min=1), default=4000, show_default=True,
-              help="Warm-up steps of the paper's learning-rate schedule.")
+              help="Warm-up steps of the learning-rate schedule.")
+@click.option("--lr-schedule", "schedule", type=click.Choice(["noam", "cosine"]), default="noam", show_default=True,
+              help="noam: the paper's (warm-up, then 1/sqrt(step)); cosine: warm-up, then a cosine decay to 0 at "
+                   "--steps.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True),
+              help="The peak learning rate (at the end of the warm-up). Default: the paper's, "
+                   "d_model^-0.5 warmup^-0.5.")
+@click.option("--clip-norm", type=click.FloatRange(0, min_open=True),
+              help="Clip the gradients to this global norm (as torch.nn.utils.clip_grad_norm_).")
+@click.option("--checkpoint", is_flag=True,
+              help="Recompute each layer's values in the backward instead of keeping them from the forward: "
+                   "less memory, about a third more time a step.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the weights, the batches and dropout.")
@@ -47,8 +58,8 @@ def progress_line(line: dict, steps: int) -> str:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Go on with the run saved in this directory (to --steps), as if never interrupted.")
 @user_errors
-def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, label_smoothing, dropout, seed, target,
-          valid_every, max_len, resume_dir):
+def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedule, lr, clip_norm, checkpoint,
+          label_smoothing, dropout, seed, target, valid_every, max_len, resume_dir):
     """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR."""
     from .train.trainer import RunConfig, Trainer, is_training_dir, load_run
     try:
@@ -59,6 +70,9 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, label_
             if not is_training_dir(resume_dir):
                 raise click.BadParameter(f"{resume_dir} holds no training run", param_hint="--resume")
             config = load_run(resume_dir)
+            if config.schedule == "cosine" and steps != config.steps:
+                click.echo(f"note: the cosine schedule now decays to 0 at step {steps}, not {config.steps}: from here on "
+                           f"the rate is the longer schedule's", err=True)
             config.steps = steps
             out_dir = out_dir or resume_dir
             if os.path.abspath(out_dir) != os.path.abspath(resume_dir):
@@ -70,7 +84,8 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, label_
                 raise click.BadParameter(f"{out_dir} is not empty (--resume {out_dir} goes on with a run there)",
                                          param_hint="-o")
             config = RunConfig(model=model, task=task, data=data, valid=valid, steps=steps, batch_tokens=batch_tokens,
-                               warmup=warmup, label_smoothing=label_smoothing, dropout=dropout, seed=seed,
+                               warmup=warmup, schedule=schedule, lr=lr, clip_norm=clip_norm, checkpoint=checkpoint,
+                               label_smoothing=label_smoothing, dropout=dropout, seed=seed,
                                target="interpreter" if target == "numpy" else target, valid_every=valid_every,
                                max_len=max_len)
         trainer = Trainer(config, out_dir, resume=bool(resume_dir),

@@ -4,13 +4,18 @@ eager).
 
     python bench/bench_train.py [--threads 2] [--d-model 256] [--heads 4] [--layers 2] [--ff 1024]
                                 [--vocab 4000] [--batch 16] [--src-len 32] [--tgt-len 32] [--repeat 5]
+                                [--checkpoint] [--no-compile]
 
 The model is the paper's (embeddings scaled by sqrt(d_model) plus sinusoidal positions, torch.nn.Transformer
 layers, the output projection tied to the target embedding, label-smoothed cross-entropy ignoring padding)
 at the sizes given; a step is the forward, the loss, the backward and Adam's update under the paper's
 schedule.  Both start from the same weights and take the same batches; their losses are compared over the
 first steps before anything is timed.  Printed: the median milliseconds per step in interleaved rounds (see
-``timing.interleaved_ms``), the ratio attngraph / torch, and attngraph's slowest kernels.
+``timing.interleaved_ms``), GFLOP/s and the share of this machine's peak (``peak.py``; a step's FLOPs counted as
+6 x the parameters the tokens pass through x the tokens, the rule of thumb: forward 2, backward 4, per
+weight and token; the attention's own products are left out), the ratio to torch eager, attngraph's planned
+memory, and attngraph's slowest kernels.  ``--checkpoint`` adds attngraph with each layer recomputed in the
+backward (``TrainStep(checkpoint=True)``).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def parse_args():
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--top", type=int, default=12, help="attngraph kernels to list by time")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out (its first step compiles for a minute)")
+    p.add_argument("--checkpoint", action="store_true", help="also attngraph with its layers recomputed in the backward")
     return p.parse_args()
 
 
@@ -49,10 +55,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from peak import peak_gflops  # noqa: E402
 from timing import interleaved_ms  # noqa: E402
 import attngraph as ag  # noqa: E402
 from attngraph import nn, train  # noqa: E402
 from attngraph.nn import functional as F  # noqa: E402
+from attngraph.passes.memory import activation_bytes  # noqa: E402
 
 warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 torch.set_num_threads(ARGS.threads)
@@ -143,7 +151,11 @@ def main():
           f"{ARGS.src_len} -> {ARGS.tgt_len}; {ARGS.threads} threads")
     print(f"attngraph build: {time.perf_counter() - start:.1f} s, {step.compiled.kernel_count} kernel calls a step")
 
-    engines = {"attngraph (llvm)": step, "torch eager": torch_engine(theirs)}
+    engines = {"attngraph (llvm)": step}
+    if ARGS.checkpoint:
+        engines["attngraph (llvm, checkpoint)"] = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule),
+                                                                  target="llvm", checkpoint=True)
+    engines["torch eager"] = torch_engine(theirs)
     if compiled is not None:
         engines["torch.compile"] = torch_engine(compiled)
     rng = np.random.default_rng(0)
@@ -164,9 +176,26 @@ def main():
         return call
     ms = interleaved_ms({name: timed(name) for name in engines}, repeat=ARGS.repeat, block=2)
     tokens = ARGS.batch * ARGS.tgt_len
-    print("\n| engine | ms / step | target positions / s | ratio to torch eager |\n|---|---|---|---|")
+    # 6 FLOPs per weight and token: the encoder's weights and the cross-attention's K and V projections see the
+    # source tokens, the rest of the decoder and the output projection (tied to the target embedding) the
+    # target's; the embeddings' lookups are not products
+    per_src = L * (4 * D * D + 2 * D * FF) + L * 2 * D * D
+    per_tgt = L * (6 * D * D + 2 * D * FF) + D * V
+    flops = 6 * (per_src * ARGS.batch * ARGS.src_len + per_tgt * ARGS.batch * ARGS.tgt_len)
+    peak = peak_gflops(ARGS.threads)
+    print(f"\n{flops / 1e9:.1f} GFLOP a step; this machine's peak {peak:.0f} GFLOP/s on {ARGS.threads} threads")
+    print("\n| engine | ms / step | target positions / s | GFLOP/s | share of peak | ratio to torch eager |\n"
+          "|---|---|---|---|---|---|")
     for name, t in ms.items():
-        print(f"| {name} | {t:.1f} | {tokens / t * 1e3:.0f} | {t / ms['torch eager']:.2f} |")
+        gf = flops / t / 1e6
+        print(f"| {name} | {t:.1f} | {tokens / t * 1e3:.0f} | {gf:.0f} | {100 * gf / peak:.0f}% | "
+              f"{t / ms['torch eager']:.2f} |")
+    dims = {"b": ARGS.batch, "s": ARGS.src_len, "t": ARGS.tgt_len}
+    for name, engine in engines.items():
+        if isinstance(engine, train.TrainStep):
+            plan = engine.compiled.memory(**dims)
+            print(f"{name}: planned intermediate memory {plan.peak_bytes / 2**20:.0f} MiB in {len(plan.buffer_bytes)} "
+                  f"buffers; activations the backward reads {activation_bytes(engine.compiled.graph, dims) / 2**20:.0f} MiB")
 
     b = data[0]
     scalars = {step.optimizer.scalar_name(k): np.asarray(v, np.float32) for k, v in step.optimizer.scalars(step.step + 1).items()}

@@ -185,6 +185,13 @@ def test_schedules():
     cos = train.WarmupCosine(peak=1.0, warmup=10, total=110)
     assert cos(5) == pytest.approx(0.5) and cos(10) == pytest.approx(1.0) and cos(110) == pytest.approx(0.0)
     assert train.Adam(lr=0.1).schedule(7) == 0.1
+    from attngraph.train.trainer import RunConfig, learning_rate
+    paper = learning_rate(RunConfig("transformer-small", warmup=400), 256)
+    assert paper(400) == pytest.approx(256 ** -0.5 * 400 ** -0.5) and paper(100) == pytest.approx(paper(400) / 4)
+    scaled = learning_rate(RunConfig("transformer-small", warmup=400, lr=1e-3), 256)
+    assert scaled(400) == pytest.approx(1e-3) and scaled(1600) == pytest.approx(5e-4)  # the peak, then 1/sqrt(step)
+    cosine = learning_rate(RunConfig("transformer-small", warmup=400, lr=1e-3, schedule="cosine", steps=2400), 256)
+    assert cosine(400) == pytest.approx(1e-3) and cosine(1400) == pytest.approx(5e-4) and cosine(2400) == 0
 
 
 def test_errors_name_what_is_wrong():

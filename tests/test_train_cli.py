@@ -85,3 +85,24 @@ def test_train_mistakes_are_clear_errors(tmp_path, trained):
     assert "--resume goes on with the saved run's model" in fails("train", "transformer-tiny", "--resume", out)
     assert "at step 600 already" in fails("train", "--resume", out, "--steps", 600)
     assert "'zz' not in the vocabulary" in fails("generate", out, "--input", "a zz")
+
+
+def test_a_checkpointed_run_with_a_cosine_schedule_and_clipping(tmp_path, trained):
+    """--checkpoint recomputes the layers and takes the very steps of a run without it; --lr-schedule cosine,
+    --lr and --clip-norm are the run's, saved in its config and followed by its log."""
+    _, train, _, _ = trained
+    common = ["--data", train, "--steps", 4, "--batch-tokens", 256, "--lr-warmup", 2, "--valid-every", 2,
+              "--lr-schedule", "cosine", "--lr", "0.002", "--clip-norm", "0.5"]
+    assert invoke("train", "transformer-tiny", "-o", tmp_path / "plain", *common).exit_code == 0
+    r = invoke("train", "transformer-tiny", "-o", tmp_path / "ckpt", *common, "--checkpoint")
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert (config["schedule"], config["lr"], config["clip_norm"], config["checkpoint"]) == ("cosine", 0.002, 0.5, True)
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    assert [line["lr"] for line in log] == [pytest.approx(0.002), pytest.approx(0.0)]  # the peak at 2, 0 at the end
+    a, b = load_weights(str(tmp_path / "plain" / "params.safetensors")), \
+        load_weights(str(tmp_path / "ckpt" / "params.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    r = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "ckpt"), "--steps", 5])
+    assert r.exit_code == 0 and "the cosine schedule now decays to 0 at step 5, not 4" in r.output, r.output

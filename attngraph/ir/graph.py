@@ -188,6 +188,21 @@ class Graph:
         n.meta["param"] = True
         self.inputs.append(nid)
 
+    def renumber(self, order: Sequence[int]) -> None:
+        """Give the nodes the ids 0, 1, ... in ``order`` (a topological order of every node), so that
+        ``topo_order()`` (the order executors run the nodes in) is ``order``."""
+        if sorted(order) != sorted(self.nx.nodes) or len(set(order)) != len(order):
+            raise GraphError("renumber needs every node of the graph exactly once")
+        new = {old: i for i, old in enumerate(order)}
+        if any(new[src] >= new[dst] for src, dst in self.nx.edges()):
+            raise GraphError("renumber needs a topological order: an operand after its user")
+        self.nx = nx.relabel_nodes(self.nx, new, copy=True)
+        for nid in self.nx.nodes:
+            self.nx.nodes[nid]["node"].id = nid
+        self.inputs = [new[i] for i in self.inputs]
+        self.outputs = [(name, new[o]) for name, o in self.outputs]
+        self._next_id = len(order)
+
     def remove(self, nid: int) -> None:
         if self.users(nid) or self.is_output(nid):
             raise GraphError(f"cannot remove %{self.node(nid).name}: it is still used")

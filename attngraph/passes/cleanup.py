@@ -33,7 +33,7 @@ def common_subexpressions(g: Graph):
     seen, merged = {}, 0
     for nid in g.topo_order():
         n = g.node(nid)
-        if n.op in ("input", "param"):
+        if n.op in ("input", "param") or n.meta.get("recompute"):  # a checkpoint's copy stays a copy
             continue
         key = (n.op, _attr_key(n.attrs), tuple(g.operands(nid)))
         if key in seen and g.node(seen[key]).type == n.type:

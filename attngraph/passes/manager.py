@@ -10,8 +10,9 @@ import numpy as np
 
 from ..ir import Graph, to_text
 from ..numerics import same_nonfinite
+from . import checkpoint as _checkpoint
 from . import cleanup, fusion
-from .memory import SOURCE_OPS, VIEW_OPS, activation_bytes, plan_memory, weights_only
+from .memory import SOURCE_OPS, VIEW_OPS, activation_bytes, plan_memory, schedule_training, weights_only
 
 #: name -> pass; a pass rewrites the graph in place and returns (matches, near-misses).
 PASSES: dict[str, Callable] = {
@@ -29,6 +30,8 @@ PASSES: dict[str, Callable] = {
     "loss-of-log-softmax": fusion.loss_of_log_softmax,
     "slice-grads-to-concat": fusion.slice_grads_to_concat,
     "fuse-elementwise": fusion.fuse_elementwise,
+    # not in a level: ``optimize(checkpoint=True)`` runs it last
+    "checkpoint-layers": _checkpoint.checkpoint_layers,
 }
 
 LEVELS = {
@@ -146,9 +149,10 @@ def _compare(name, before, after):
 
 
 def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, verify_each=False,
-             verify_dims=None, seed: int = 0, passes: list[str] | None = None, layout=None):
+             verify_dims=None, seed: int = 0, passes: list[str] | None = None, layout=None, checkpoint: bool = False):
     """Run the passes of ``level`` (or the list ``passes``) on a copy of ``graph``, then the target's layout
-    passes ``layout`` ({name: pass}, in order: ``Target.layout_passes``).
+    passes ``layout`` ({name: pass}, in order: ``Target.layout_passes``), then, with ``checkpoint``, the
+    recomputation of each layer's values in a training graph's backward (``checkpoint-layers``).
 
     Returns ``(optimized graph, PassReport)``.  ``print_after`` is a pass name or ``"all"``;
     ``verify_each`` checks the float64 interpreter's outputs after every pass."""
@@ -157,6 +161,7 @@ def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, veri
     layout = dict(layout or {})
     known = {**PASSES, **layout}
     names = list(passes if passes is not None else LEVELS[level]) + list(layout)
+    names += ["checkpoint-layers"] if checkpoint and "checkpoint-layers" not in names else []
     for option, given in (("passes", names), ("disable", list(disable)),
                           ("print_after", [print_after] if print_after not in (None, "all") else [])):
         unknown = [n for n in given if n not in known]
@@ -192,6 +197,10 @@ def optimize(graph: Graph, level: int = 3, *, disable=(), print_after=None, veri
         report.passes.append(stat)
         if verify_each:
             _compare(name, reference_out, _outputs(g, inputs, params))
+    before = len(g)
+    moved = schedule_training(g)  # a training graph's order: the backward's side values just before their use
+    if moved:
+        report.passes.append(PassStat("schedule-training", before, len(g), moved, []))
     report.ops_after, report.kernels_after, report.bytes_after = g.op_counts(), kernel_count(g), _peak(g, dims)
     report.activations_after = _activations(g, dims)
     return g, report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -48,6 +49,17 @@ def liveness(g: Graph, order: list[int] | None = None) -> dict[int, tuple[int, i
     return live
 
 
+def parameter_values(g: Graph) -> set[int]:
+    """``weights_only`` and, in a training step (whose parameters are inputs marked ``param``), the values
+    of its parameters and constants alone: not activations, whatever the batch."""
+    constant = set(weights_only(g))
+    for nid in g.topo_order():
+        n = g.node(nid)
+        if n.meta.get("param") or g.operands(nid) and n.op != "arange" and all(o in constant for o in g.operands(nid)):
+            constant.add(nid)
+    return constant
+
+
 def activation_bytes(g: Graph, bindings: Mapping[str, int]) -> int | None:
     """Bytes of the forward's values computed from the batch that the backward reads (nodes tagged
     ``backward`` by ``passes.autodiff``): what a training step holds from its forward until its backward
@@ -57,11 +69,7 @@ def activation_bytes(g: Graph, bindings: Mapping[str, int]) -> int | None:
     backward = {n.id for n in g.nodes() if n.meta.get("backward")}
     if not backward:
         return None
-    constant = set(weights_only(g))
-    for nid in g.topo_order():  # the parameters' own values, where they are inputs (a training step)
-        n = g.node(nid)
-        if n.meta.get("param") or g.operands(nid) and n.op != "arange" and all(o in constant for o in g.operands(nid)):
-            constant.add(nid)
+    constant = parameter_values(g)
 
     def base(nid: int) -> int:
         while g.node(nid).op in VIEW_OPS:
@@ -70,6 +78,39 @@ def activation_bytes(g: Graph, bindings: Mapping[str, int]) -> int | None:
     kept = {base(o) for b in backward for o in g.operands(b) if o not in backward}
     return sum(int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * np.dtype(g.node(v).type.dtype).itemsize
                for v in kept if g.node(v).op not in SOURCE_OPS and v not in constant and v not in backward)
+
+
+def schedule_training(g: Graph) -> int:
+    """Renumber a training graph (one with ``backward`` nodes) so that the executors, which follow
+    ``topo_order``, run its nodes depth first from the outputs, the deepest operand first: the backward's
+    chain from the loss before the values a backward op computes from forward values alone (a recomputed
+    pre-activation or softmax, a checkpoint's copies of a layer), which then run just before their use
+    instead of at the end of the forward, held until the backward reaches their layer.  The outputs are
+    taken shallowest first: the last layer's parameter updates as soon as the backward has their
+    gradients.  Returns how many nodes moved (0: not a training graph)."""
+    order = g.topo_order()
+    if not any(g.node(nid).meta.get("backward") for nid in order):
+        return 0
+    pos = {nid: i for i, nid in enumerate(order)}
+    height: dict[int, int] = {}
+    for nid in order:
+        height[nid] = 1 + max((height[o] for o in g.operands(nid)), default=0)
+    deepest_last = lambda nid: (height[nid], pos[nid])  # noqa: E731
+    seen, sequence = set(), []
+    for root in sorted({o for _, o in g.outputs}, key=deepest_last):
+        stack = [(root, False)]
+        while stack:
+            nid, done = stack.pop()
+            if done:
+                sequence.append(nid)
+            elif nid not in seen:
+                seen.add(nid)
+                stack.append((nid, True))
+                stack += [(o, False) for o in sorted(set(g.operands(nid)), key=deepest_last) if o not in seen]
+    sequence += [nid for nid in order if nid not in seen]
+    moved = sum(a != b for a, b in zip(sequence, order))
+    g.renumber(sequence)
+    return moved
 
 
 @dataclass
@@ -85,37 +126,45 @@ class MemoryPlan:
 
 def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None = None,
                 in_place: set[int] = frozenset()) -> MemoryPlan:
-    """Place every computed value in a buffer, reusing a buffer once all values it held are dead.
+    """Place every computed value in a buffer that no value alive at the same time uses.
 
-    Views (reshapes) share their operand's buffer; a buffer is free only after the last use of
-    every value placed in it.  Best fit among free buffers, else a new one.  The ``in_place``
-    updates (see ``in_place_candidates``) live in their input's memory: they get no buffer."""
+    Views (reshapes) share their operand's buffer, which then lives until the views' last use.  The values
+    are placed largest first (greedy by size, as TFLite's arena planner): each in the smallest buffer none
+    of whose values is alive while it is, else in a new buffer of its size, so the small values fill the
+    gaps between the large ones' lives instead of pinning buffers of their own.  A value made by a kernel
+    may not share a buffer with that kernel's operands (its life starts where theirs end).  The
+    ``in_place`` updates (see ``in_place_candidates``) live in their input's memory: they get no buffer."""
     order = order or g.topo_order()
     live = liveness(g, order)
-    plan = MemoryPlan()
     constant = weights_only(g)
-    holders: dict[int, list[int]] = {}   # buffer -> values placed in it
-    free: list[int] = []
-    for i, nid in enumerate(order):
+    owner: dict[int, int] = {}           # planned value -> the value whose buffer it is (a view's: its operand's)
+    life: dict[int, list[int]] = {}      # owning value -> [made, last use of it or of a view of it]
+    for nid in order:
         n = g.node(nid)
         if n.op in SOURCE_OPS or nid in constant or nid in in_place:
             continue
-        if n.op in VIEW_OPS and g.operands(nid)[0] in plan.buffer_of:
-            buf = plan.buffer_of[g.operands(nid)[0]]
+        if n.op in VIEW_OPS and g.operands(nid)[0] in owner:
+            owner[nid] = owner[g.operands(nid)[0]]
+            life[owner[nid]][1] = max(life[owner[nid]][1], live[nid][1])
         else:
-            size = int(np.prod(n.type.concrete(bindings), dtype=np.int64)) * np.dtype(n.type.dtype).itemsize
-            plan.naive_bytes += size
-            fits = [b for b in free if plan.buffer_bytes[b] >= size]
-            if fits:
-                buf = min(fits, key=lambda b: plan.buffer_bytes[b])
-                free.remove(buf)
-            else:
-                buf = len(plan.buffer_bytes)
-                plan.buffer_bytes.append(size)
-        plan.buffer_of[nid] = buf
-        holders.setdefault(buf, []).append(nid)
-        # Release the buffers whose every value has had its last use at this step.
-        for b in {plan.buffer_of[o] for o in g.operands(nid) if o in plan.buffer_of} | {buf}:
-            if b not in free and all(live[v][1] <= i for v in holders[b]):
-                free.append(b)
+            owner[nid] = nid
+            life[nid] = list(live[nid])
+    size = {v: int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * np.dtype(g.node(v).type.dtype).itemsize
+            for v in life}
+    plan = MemoryPlan(naive_bytes=sum(size.values()))
+    lives: list[list[tuple[int, int]]] = []   # per buffer, the lives placed in it, sorted; buffers by size, largest first
+    buffer_of: dict[int, int] = {}
+    for v in sorted(life, key=lambda v: (-size[v], life[v][0])):
+        start, end = life[v]
+        for b in range(len(lives) - 1, -1, -1):   # the smallest buffer first
+            i = bisect.bisect(lives[b], (start, end))
+            if (i == 0 or lives[b][i - 1][1] < start) and (i == len(lives[b]) or end < lives[b][i][0]):
+                break
+        else:
+            b = len(lives)
+            lives.append([])
+            plan.buffer_bytes.append(size[v])
+        bisect.insort(lives[b], (start, end))
+        buffer_of[v] = b
+    plan.buffer_of = {nid: buffer_of[owner[nid]] for nid in order if nid in owner}
     return plan

@@ -93,13 +93,15 @@ class TrainStep:
     """``step(batch)`` runs one training step on ``batch`` (the model's inputs by name) and returns the loss.
 
     ``target``: "llvm", "vulkan", "cuda" (with ``device="emulator"``: on the CUDA source emulator) or
-    "interpreter" (the NumPy reference, in ``dtype``: the float64 oracle of the compiled steps).  The
+    "interpreter" (the NumPy reference, in ``dtype``: the float64 oracle of the compiled steps).
+    ``checkpoint``: recompute each layer's values in the backward from the layer's input (less memory,
+    about one more forward of time; ``passes.checkpoint``).  The
     parameters and the optimizer's state stay where the step runs; ``params()`` reads them back,
     ``save``/``save_state`` write them (safetensors), ``load_state`` resumes."""
 
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], optimizer: Optimizer, *, loss: str = "loss",
                  target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str = "float64",
-                 seed: int = 0):
+                 seed: int = 0, checkpoint: bool = False):
         check_params(graph, params)
         self.optimizer, self.loss, self.target, self.dtype, self.seed = optimizer, loss, target, dtype, seed
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)
@@ -109,9 +111,12 @@ class TrainStep:
         self.step = 0
         if target == "interpreter":
             self.compiled = None
+            if checkpoint:  # the same values as without; here to check that
+                self.graph, _ = optimize(self.graph, 0, checkpoint=True)
         else:
             from ..api import compile
-            self.compiled = compile(self.graph, {}, target=target, opt_level=opt_level, device=device)
+            self.compiled = compile(self.graph, {}, target=target, opt_level=opt_level, device=device,
+                                    checkpoint=checkpoint)
         state = {n: np.asarray(params[n]) for n in self.names}
         state.update({optimizer.slot_name(s, n): np.zeros_like(state[n]) for n in self.names for s in optimizer.slots})
         self._put(state)

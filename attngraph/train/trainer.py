@@ -29,7 +29,7 @@ from ..weights import init_params, load_weights
 from . import data as D
 from .objective import TokenLoss
 from .optim import Adam
-from .schedules import Noam
+from .schedules import Noam, WarmupCosine
 from .step import TrainStep
 
 CONFIG, TOKENIZER, PARAMS, OPTIMIZER, LOG = ("config.json", "tokenizer.json", "params.safetensors",
@@ -46,12 +46,31 @@ class RunConfig:
     steps: int = 1000
     batch_tokens: int = 2048
     warmup: int = 4000
+    schedule: str = "noam"  # noam: the paper's; cosine: warm-up, then a cosine decay to 0 at ``steps``
+    lr: float | None = None  # the peak rate; None: the paper's, d_model^-0.5 warmup^-0.5
+    clip_norm: float | None = None  # clip the gradients by their global norm
+    checkpoint: bool = False  # recompute each layer's values in the backward (less memory, more time)
     label_smoothing: float = 0.1
     dropout: float = 0.1
     seed: int = 0
     target: str = "llvm"
     valid_every: int = 100
     max_len: int = 128  # tokens a side: longer pairs are dropped (and counted)
+
+
+SCHEDULES = ("noam", "cosine")
+
+
+def learning_rate(config: RunConfig, d_model: int):
+    """The run's schedule: the paper's (``noam``, scaled so that its peak at ``warmup`` is ``lr`` when given)
+    or a linear warm-up to ``lr`` and a cosine decay to 0 at the run's last step (``cosine``)."""
+    paper_peak = d_model ** -0.5 * config.warmup ** -0.5
+    peak = paper_peak if config.lr is None else config.lr
+    if config.schedule == "noam":
+        return Noam(d_model, warmup=config.warmup, factor=peak / paper_peak)
+    if config.schedule == "cosine":
+        return WarmupCosine(peak=peak, warmup=config.warmup, total=config.steps)
+    raise D.DataError(f"unknown learning-rate schedule {config.schedule!r} (known: {', '.join(SCHEDULES)})")
 
 
 def translation_model(config: RunConfig, vocab_size: int):
@@ -92,8 +111,9 @@ class Trainer:
             self.eval_graph.param_to_input(nid)
         self._eval = None
         params = init_params(trace(self.model), config.seed)
-        self.step = TrainStep(self.train_graph, params, Adam(lr=Noam(self.model.d_model, warmup=config.warmup)),
-                              target=config.target, seed=config.seed)
+        self.step = TrainStep(self.train_graph, params,
+                              Adam(lr=learning_rate(config, self.model.d_model), clip_norm=config.clip_norm),
+                              target=config.target, seed=config.seed, checkpoint=config.checkpoint)
         if resume:
             self.step.load_state(load_weights(os.path.join(out_dir, PARAMS)), os.path.join(out_dir, OPTIMIZER))
         self.dropped = 0
@@ -195,4 +215,4 @@ def is_training_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, PARAMS))
 
 
-__all__ = ["RunConfig", "Trainer", "is_training_dir", "load_run", "translation_model"]
+__all__ = ["RunConfig", "SCHEDULES", "learning_rate", "Trainer", "is_training_dir", "load_run", "translation_model"]
