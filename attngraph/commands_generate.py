@@ -52,11 +52,10 @@ def trained_model(path: str, weights_path=None):
 
 def text_ids(tokenizer, text: str, where: str) -> list[int]:
     """The ids of ``text``'s words; a word outside the vocabulary is an error that names it."""
-    from .train.data import encode
-    words = text.split()
-    if not words:
+    from .train.data import encode, unknown_words
+    if not text.split():
         raise click.BadParameter("an empty --input", param_hint="--input")
-    unknown = [w for w in words if tokenizer.token_to_id(w) is None]
+    unknown = unknown_words(tokenizer, text)
     if unknown:
         raise click.BadParameter(f"{', '.join(map(repr, unknown))} not in the vocabulary of {where} "
                                  f"({tokenizer.get_vocab_size()} tokens)", param_hint="--input")

@@ -43,6 +43,10 @@ def progress_line(line: dict, steps: int) -> str:
                    "d_model^-0.5 warmup^-0.5.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True),
               help="Clip the gradients to this global norm (as torch.nn.utils.clip_grad_norm_).")
+@click.option("--tokenizer", type=click.Choice(["word", "bpe"]), default="word", show_default=True,
+              help="The vocabulary, one for both sides: a token per word, or byte-pair merges learned from the data.")
+@click.option("--vocab-size", type=click.IntRange(min=8), default=8000, show_default=True,
+              help="Tokens of a --tokenizer bpe vocabulary (the specials included).")
 @click.option("--checkpoint", is_flag=True,
               help="Recompute each layer's values in the backward instead of keeping them from the forward: "
                    "less memory, about a third more time a step.")
@@ -58,8 +62,8 @@ def progress_line(line: dict, steps: int) -> str:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Go on with the run saved in this directory (to --steps), as if never interrupted.")
 @user_errors
-def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedule, lr, clip_norm, checkpoint,
-          label_smoothing, dropout, seed, target, valid_every, max_len, resume_dir):
+def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedule, lr, clip_norm, tokenizer,
+          vocab_size, checkpoint, label_smoothing, dropout, seed, target, valid_every, max_len, resume_dir):
     """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR."""
     from .train.trainer import RunConfig, Trainer, is_training_dir, load_run
     try:
@@ -85,6 +89,7 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
                                          param_hint="-o")
             config = RunConfig(model=model, task=task, data=data, valid=valid, steps=steps, batch_tokens=batch_tokens,
                                warmup=warmup, schedule=schedule, lr=lr, clip_norm=clip_norm, checkpoint=checkpoint,
+                               tokenizer=tokenizer, vocab_size=vocab_size,
                                label_smoothing=label_smoothing, dropout=dropout, seed=seed,
                                target="interpreter" if target == "numpy" else target, valid_every=valid_every,
                                max_len=max_len)

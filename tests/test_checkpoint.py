@@ -126,3 +126,20 @@ def test_renumber_keeps_the_graph_and_follows_the_order():
         g.renumber([3, 0, 1, 2])
     with pytest.raises(GraphError, match="exactly once"):
         g.renumber([0, 1, 2])
+
+
+def test_a_steps_new_state_holds_no_planned_buffer():
+    """The new parameters and moments are written into the previous step's tensors, so the plan leaves them out
+    (they would live from their update to the end of the step, each in a buffer of its own)."""
+    module = models.build("transformer-tiny")
+    params = init_params(trace(module), 0)
+    step = TrainStep(trace(TokenLoss(module)), params, Adam(lr=1e-3))
+    compiled, dims = step.compiled, {"batch": 8, "src_len": 16, "tgt_len": 16}
+    plan = compiled.memory(**dims)
+    assert len(compiled.apart) == 3 * len(params) and not compiled.apart & set(plan.buffer_of)
+    everything = plan_memory(compiled.graph, dims, compiled.order, compiled.in_place).peak_bytes
+    assert plan.peak_bytes < 0.9 * everything
+    rng = np.random.default_rng(0)
+    batch = {"src": rng.integers(4, 32, (8, 16)), "tgt": rng.integers(4, 32, (8, 16)), "labels": rng.integers(4, 32, (8, 16))}
+    losses = [step(batch) for _ in range(3)]
+    assert losses[2] < losses[0]

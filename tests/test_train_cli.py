@@ -106,3 +106,22 @@ def test_a_checkpointed_run_with_a_cosine_schedule_and_clipping(tmp_path, traine
         np.testing.assert_array_equal(a[k], b[k])
     r = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "ckpt"), "--steps", 5])
     assert r.exit_code == 0 and "the cosine schedule now decays to 0 at step 5, not 4" in r.output, r.output
+
+
+def test_a_run_with_a_bpe_vocabulary(tmp_path):
+    """--tokenizer bpe: the run's vocabulary is byte-pair merges learned from its data, saved beside the weights,
+    and generate and evaluate read and write text through it."""
+    out = tmp_path / "bpe"
+    r = invoke("train", "transformer-tiny", "-o", out, "--task", "numbers", "--steps", 3, "--batch-tokens", 256,
+               "--valid-every", 3, "--tokenizer", "bpe", "--vocab-size", 60)
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["tokenizer"], config["vocab_size"]) == ("bpe", 60)
+    tok = json.loads((out / "tokenizer.json").read_text())
+    assert tok["model"]["type"] == "BPE" and tok["model"]["merges"]
+    r = invoke("generate", out, "--input", "4 0 9 6", "--max-len", 4)
+    assert r.exit_code == 0 and r.output.startswith("0: "), r.output
+    r = invoke("evaluate", out, "--limit", 4, "--max-len", 4)
+    assert r.exit_code == 0 and "4 pairs, beam 1: exact match" in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", str(out), "--input", "4 #"])
+    assert r.exit_code == 2 and "'#' not in the vocabulary" in r.output, r.output

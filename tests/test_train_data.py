@@ -70,6 +70,25 @@ def test_one_vocabulary_and_batches_by_length():
     assert seen == len(pairs)
 
 
+def test_a_bpe_vocabulary_round_trips_text(tmp_path):
+    """--tokenizer bpe: merges learned from the data, the specials first, words it never saw spelled in pieces
+    and decoded back to the same text (also after saving), characters it never saw named as unknown."""
+    texts = [D.number_words(n) for n in range(0, 100000, 37)]
+    tok = D.build_tokenizer(texts, "bpe", vocab_size=120)
+    assert [tok.id_to_token(i) for i in range(4)] == ["<pad>", "<s>", "</s>", "<unk>"]
+    assert tok.get_vocab_size() <= 120
+    for text in ("nine hundred ninety nine thousand", "one hundred fifteen", "teen ninety fourteen"):
+        ids = D.encode(tok, text)
+        assert D.UNK_ID not in ids and D.decode(tok, ids + [D.EOS_ID, 7]) == text
+    assert len(D.encode(tok, "seventy seven")) < len("seventy seven")  # pieces, not characters
+    tok.save(str(tmp_path / "tokenizer.json"))
+    again = D.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert D.decode(again, D.encode(again, "eighty three thousand")) == "eighty three thousand"
+    assert D.unknown_words(tok, "four quiz thousand") == ["quiz"] and D.unknown_words(tok, "four four") == []
+    with pytest.raises(D.DataError, match="unknown tokenizer 'sentencepiece'"):
+        D.build_tokenizer(texts, "sentencepiece")
+
+
 def test_bleu_and_exact_match():
     ref = ["the cat sat on the mat"]
     assert corpus_bleu(ref, ref) == pytest.approx(100.0)

@@ -2,9 +2,9 @@
 
 - Parallel text: a file of ``source<TAB>target`` lines (``read_pairs``: a malformed line is an error naming
   the file and line), or a built-in task made on the fly (``TASKS``: ``numbers``, digits to English words).
-- The vocabulary is one word-level vocabulary for source and target alike (the paper shares one between
-  them), built with the ``tokenizers`` library and saved as its ``tokenizer.json``; ids 0-3 are the
-  specials ``<pad>`` (0: the models' ``pad_id``), ``<s>``, ``</s>`` and ``<unk>``.
+- The vocabulary is one vocabulary for source and target alike (the paper shares one between them),
+  word-level or byte-pair (BPE), built with the ``tokenizers`` library and saved as its ``tokenizer.json``;
+  ids 0-3 are the specials ``<pad>`` (0: the models' ``pad_id``), ``<s>``, ``</s>`` and ``<unk>``.
 - ``length_batches``: teacher forcing's arrays (``src``; ``tgt`` = ``<s> y``; ``labels`` = ``y </s>``), the
   pairs grouped by length so a batch holds about ``batch_tokens`` tokens with little padding, as the paper
   batches by approximate length.
@@ -130,14 +130,29 @@ def get_task(name: str):
 # ------------------------------------------------------------------------------------------------
 # The vocabulary.
 
-def build_tokenizer(texts: Iterable[str]):
-    """A word-level ``tokenizers.Tokenizer`` over the words of ``texts`` (split at whitespace), the specials
-    first (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3); unknown words map to ``<unk>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    words = sorted({w for t in texts for w in t.split()} - set(SPECIALS))
-    vocab = {w: i for i, w in enumerate(SPECIALS + tuple(words))}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+TOKENIZERS = ("word", "bpe")
+
+
+def build_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 8000):
+    """A ``tokenizers.Tokenizer`` trained on ``texts``, the specials first (``<pad>`` 0, ``<s>`` 1, ``</s>`` 2,
+    ``<unk>`` 3).  ``word``: every whitespace-separated word of the texts, an unknown word is ``<unk>``.
+    ``bpe``: byte-pair merges learned from the texts' words up to ``vocab_size`` tokens (a word's last piece
+    ends in ``</w>``, which decoding turns back into a space); a character the texts never hold is ``<unk>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    if kind == "word":
+        words = sorted({w for t in texts for w in t.split()} - set(SPECIALS))
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIALS + tuple(words))}, unk_token=UNK))
+    elif kind == "bpe":
+        if vocab_size <= len(SPECIALS):
+            raise DataError(f"a BPE vocabulary needs more than the {len(SPECIALS)} specials, got {vocab_size}")
+        tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+        tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    else:
+        raise DataError(f"unknown tokenizer {kind!r} (known: {', '.join(TOKENIZERS)})")
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if kind == "bpe":
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
+                                                           end_of_word_suffix="</w>", show_progress=False))
     return tok
 
 
@@ -151,14 +166,15 @@ def encode(tok, text: str) -> list[int]:
 
 
 def decode(tok, ids: Sequence[int]) -> str:
-    """The words of ``ids`` up to the first ``</s>``, specials left out."""
-    out = []
-    for i in ids:
-        if i == EOS_ID:
-            break
-        if i >= len(SPECIALS):
-            out.append(tok.id_to_token(int(i)))
-    return " ".join(out)
+    """The text of ``ids`` up to the first ``</s>``, specials left out."""
+    ids = [int(i) for i in ids]
+    ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+    return tok.decode([i for i in ids if i >= len(SPECIALS)])
+
+
+def unknown_words(tok, text: str) -> list[str]:
+    """The words of ``text`` that the vocabulary cannot spell (they would be ``<unk>``, in part or whole)."""
+    return [w for w in text.split() if UNK_ID in encode(tok, w)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,5 +216,6 @@ def length_batches(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_t
         yield teacher_forcing([pairs[i][0] for i in rows], [pairs[i][1] for i in rows])
 
 
-__all__ = ["BOS_ID", "DataError", "EOS_ID", "NumbersTask", "PAD_ID", "TASKS", "UNK_ID", "build_tokenizer", "decode",
-           "encode", "get_task", "length_batches", "load_tokenizer", "number_words", "read_pairs", "teacher_forcing"]
+__all__ = ["BOS_ID", "DataError", "EOS_ID", "NumbersTask", "PAD_ID", "TASKS", "TOKENIZERS", "UNK_ID", "build_tokenizer",
+           "decode", "encode", "get_task", "length_batches", "load_tokenizer", "number_words", "read_pairs",
+           "teacher_forcing", "unknown_words"]

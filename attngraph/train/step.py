@@ -117,6 +117,9 @@ class TrainStep:
             from ..api import compile
             self.compiled = compile(self.graph, {}, target=target, opt_level=opt_level, device=device,
                                     checkpoint=checkpoint)
+            # the new state is written into the previous step's tensors: no planned buffers for it
+            self.compiled.outputs_apart(self.names + [optimizer.slot_name(s, n) for n in self.names
+                                                      for s in optimizer.slots])
         state = {n: np.asarray(params[n]) for n in self.names}
         state.update({optimizer.slot_name(s, n): np.zeros_like(state[n]) for n in self.names for s in optimizer.slots})
         self._put(state)

@@ -1,6 +1,6 @@
 """``attngraph train``: a zoo encoder-decoder trained on parallel text into a directory.
 
-The run: a vocabulary from the data (``data.build_tokenizer``), the zoo model built with that vocabulary and
+The run: a vocabulary from the data (``data.build_tokenizer``: a word-level or a BPE one), the zoo model built with that vocabulary and
 the run's dropout, its ``TokenLoss`` in training mode compiled as one step (``TrainStep``: Adam under the
 paper's schedule), batches of similar length, and now and then the loss on the validation pairs (the model
 in eval mode, compiled for the same target).  The directory holds what the model needs to translate and to
@@ -50,6 +50,8 @@ class RunConfig:
     lr: float | None = None  # the peak rate; None: the paper's, d_model^-0.5 warmup^-0.5
     clip_norm: float | None = None  # clip the gradients by their global norm
     checkpoint: bool = False  # recompute each layer's values in the backward (less memory, more time)
+    tokenizer: str = "word"  # word: a token per word; bpe: byte-pair merges up to vocab_size tokens
+    vocab_size: int = 8000  # of a bpe vocabulary
     label_smoothing: float = 0.1
     dropout: float = 0.1
     seed: int = 0
@@ -101,7 +103,8 @@ class Trainer:
             self.pairs = D.read_pairs(config.data)
             self.valid_pairs = D.read_pairs(config.valid) if config.valid else []
             texts = [side for pair in self.pairs for side in pair]
-        self.tokenizer = D.load_tokenizer(os.path.join(out_dir, TOKENIZER)) if resume else D.build_tokenizer(texts)
+        self.tokenizer = D.load_tokenizer(os.path.join(out_dir, TOKENIZER)) if resume else \
+            D.build_tokenizer(texts, config.tokenizer, config.vocab_size)
         self.model = translation_model(config, self.tokenizer.get_vocab_size())
         self.loss = TokenLoss(self.model, label_smoothing=config.label_smoothing)
         self.train_graph = trace(self.loss.train())

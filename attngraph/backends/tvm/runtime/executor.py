@@ -112,6 +112,8 @@ class CompiledModel:
         self._buffers: list = []
         self._buffer_bytes: list[int] = []
         self.last_peak_bytes = 0
+        #: outputs computed into memory of their own, never into a planned buffer (``outputs_apart``)
+        self.apart: set[int] = set()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -138,7 +140,21 @@ class CompiledModel:
 
     def memory(self, **dims) -> MemoryPlan:
         """The memory plan of a run with these symbolic dims (e.g. ``batch=1, seq=128``)."""
-        return plan_memory(self.graph, dims, self.order, self.in_place)
+        return plan_memory(self.graph, dims, self.order, self.in_place | self.apart)
+
+    def outputs_apart(self, names: Collection[str]) -> None:
+        """Compute the outputs ``names`` into memory of their own on every call (the tensors a call's ``into``
+        gives, else new ones) and plan no buffer for them: a training step's new parameters and optimizer
+        state, kept on the device and written into the previous step's, would otherwise also hold planned
+        buffers as large as themselves."""
+        by_name = dict(self.graph.outputs)
+        unknown = sorted(set(names) - set(by_name))
+        if unknown:
+            raise KeyError(f"no output {', '.join(unknown)} in {self.graph.name}")
+        self.apart = {by_name[n] for n in names if by_name[n] not in self.in_place
+                      and self.graph.node(by_name[n]).op not in ("input", "param", "const")
+                      and by_name[n] in self.symbol_of}
+        self._frames.clear()
 
     def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, dict]:
         """The memory plan at ``dims``, a tensor view for every planned value, and the kernel each
@@ -174,12 +190,13 @@ class CompiledModel:
                 kernels[step.node] = (step.kernel + IN_PLACE, [dims[d] for d in step.scalars])
             elif step.kind == "kernel":
                 n = g.node(step.node)
-                views[step.node] = self.device.view(self._buffers[plan.buffer_of[step.node]],
-                                                    n.type.concrete(dims), n.type.dtype)
+                # an output apart: the shape only, its memory is given or made per call
+                views[step.node] = n.type.concrete(dims) if step.node in self.apart else \
+                    self.device.view(self._buffers[plan.buffer_of[step.node]], n.type.concrete(dims), n.type.dtype)
                 name = next((name for d, name in self.variants.get(step.kernel, ())
                              if all(dims.get(k) == v for k, v in d.items())), step.kernel)
                 if name == step.kernel and step.kernel in self.few_rows | self.one_row:
-                    rows = tile_rows(n.op, n.attrs, views[step.node].shape)
+                    rows = tile_rows(n.op, n.attrs, n.type.concrete(dims))
                     if rows == 1 and step.kernel in self.one_row:
                         name = step.kernel + ONE_ROW
                     elif rows <= FEW_ROWS_MAX and step.kernel in self.few_rows:
@@ -217,6 +234,7 @@ class CompiledModel:
         # Kept outputs computed into planned buffers get memory of their own instead (in-place
         # caches and inputs passed through are returned as they are).
         fresh = {o for name, o in g.outputs if name in keep and o not in self.in_place and g.node(o).op != "input"}
+        fresh |= self.apart
         given = {}  # output node -> the caller's tensor it is computed into
         for name, o in g.outputs:
             tensor = (into or {}).get(name)
@@ -264,7 +282,7 @@ class CompiledModel:
                     fresh.discard(step.node)
                     moved.add(step.node)
                 elif step.node in fresh:
-                    out = self.device.view(self.device.allocate(_nbytes(n.type, dims)), views[step.node].shape,
+                    out = self.device.view(self.device.allocate(_nbytes(n.type, dims)), n.type.concrete(dims),
                                            n.type.dtype)
                     fresh.discard(step.node)
                     moved.add(step.node)
@@ -286,7 +304,7 @@ class CompiledModel:
             value = env[o]
             if name not in keep:
                 value = self.device.download(value)
-            elif o in fresh:  # a view of a planned buffer: copied out
+            elif o in fresh and o not in self.apart:  # a view of a planned buffer: copied out
                 value = self.device.upload(self.device.download(value))
             result[name] = value
         return result
