@@ -5,7 +5,8 @@ Simple but not naive: stages that only move or combine elements are inlined into
 every remaining stage runs its outer loops in parallel (fused into one parallel loop) and its
 innermost output axis vectorized when that axis has a static extent.  A matmul-like reduction
 (the reduced axis is not the output's last axis) moves the reduction outside the last output axis,
-so the inner loop is a vectorizable row update instead of a dot product.
+so the inner loop is a vectorizable row update instead of a dot product; so does a sum over the
+leading axes into a vector (a bias's gradient), split by columns across the threads.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from tvm import s_tir, tirx
 SPATIAL, REDUCE = 0, 2
 #: Inner-loop width on AVX2: 8 float32 lanes; a wider static axis is split so LLVM keeps it in registers.
 LANES = 8
+#: Columns a thread sums when a reduction over the leading axes is split by columns (a multiple of LANES).
+COLUMN_CHUNK = 64
 
 
 def schedule_generic(func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -58,9 +61,17 @@ def _schedule_stage(sch, block) -> None:
         return  # a scalar result: nothing to spread
     inner = spatial[-1]
     outer = spatial[:-1]
-    if reduce_ and len(spatial) >= 2 and _static(sch, inner):
+    last_var = [v for v in iters if v.iter_type == SPATIAL][-1].var
+    if reduce_ and _static(sch, inner) and (len(spatial) >= 2 or _reads_along(sch, block, last_var)):
         # matmul-like: (..., i, j, k) -> (..., i, k, j): the inner loop updates a row of outputs.
         sch.reorder(*reduce_, inner)
+        extent = _static(sch, inner)
+        if all(_static(sch, lp) == 1 for lp in outer) and extent >= 2 * COLUMN_CHUNK:
+            # a sum over the leading axes (a bias's gradient, x summed over batch and sequence into (1, 1, n)):
+            # nothing outer to spread, so the columns are, in chunks, each thread streaming every row's chunk
+            chunk, inner = sch.split(inner, [None, COLUMN_CHUNK])
+            sch.reorder(chunk, *reduce_)
+            outer = [chunk]
     elif reduce_:
         outer, inner = spatial, None  # reduction over the last axis: rows in parallel, reduce inside
     if outer:
@@ -81,6 +92,16 @@ def _schedule_stage(sch, block) -> None:
         init_inner = sch.get_loops(init)[-1]
         if _static(sch, init_inner) and _static(sch, init_inner) <= LANES:
             sch.vectorize(init_inner)
+
+
+def _reads_along(sch, block, var) -> bool:
+    """Whether ``block`` reads some buffer with ``var`` as its last index (a sum over the leading axes into
+    a vector: the inner loop over ``var`` then streams rows)."""
+    for region in sch.get(block).reads:
+        last = region.region[-1] if len(region.region) else None
+        if last is not None and isinstance(last.min, tirx.Var) and last.min.same_as(var):
+            return True
+    return False
 
 
 # -- helpers of the hand-written kernels ------------------------------------------------------
