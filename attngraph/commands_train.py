@@ -49,7 +49,7 @@ def progress_line(line: dict, steps: int) -> str:
               help="Tokens of a --tokenizer bpe vocabulary (the specials included).")
 @click.option("--checkpoint", is_flag=True,
               help="Recompute each layer's values in the backward instead of keeping them from the forward: "
-                   "less memory, about a third more time a step.")
+                   "less memory, about a fifth more time a step.")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the weights, the batches and dropout.")

@@ -124,6 +124,15 @@ def test_show_a_training_step():
     kernels = [line for line in r.output.splitlines() if line.strip().startswith("kernels ")]
     before, after = (int(v) for v in kernels[0].split()[1::2])
     assert after < before / 2
+    r = invoke("show", "transformer-tiny", "--train", "-O3", "--stats", "--checkpoint", "-o", "/dev/null")
+    assert r.exit_code == 0 and "checkpoint-layers    4 match(es)" in r.output and "schedule-training" in r.output, \
+        r.output
+    ckpt = int(r.output.split("activations the backward reads (default dims) ")[1].split()[0].replace(",", ""))
+    plain = int(invoke("show", "transformer-tiny", "--train", "-O3", "--stats", "-o", "/dev/null").output
+                .split("activations the backward reads (default dims) ")[1].split()[0].replace(",", ""))
+    assert ckpt < plain / 2
+    r = CliRunner().invoke(main, ["show", "transformer-tiny", "--checkpoint"])
+    assert r.exit_code == 2 and "add --train" in r.output, r.output
     r = invoke("show", "transformer-tiny")
     assert " = dropout[" not in r.output  # inference graphs have none
     r = CliRunner().invoke(main, ["show", "encoder-tiny", "--train"])
