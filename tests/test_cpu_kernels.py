@@ -236,3 +236,21 @@ def test_each_instruction_sets_tiles_compute_the_same(isa):
     for form in (None, FEW_ROWS):
         check("fused_attention", attrs, [merged, merged, merged, T(("batch", 1, 1, "seq"), "bool")],
               sizes + [{"batch": 2, "seq": 70}], form=form, tiles=tiles)
+
+
+@pytest.mark.parametrize("n", [96, 1000, 1024])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_sums_over_the_leading_axes(n, keepdims):
+    """A bias's gradient, x (batch, seq, n) summed over batch and seq: the generic schedule streams the rows
+    with the columns split across the threads (from 128 columns; 1000 leaves a partial chunk)."""
+    from attngraph.api import compile as compile_graph
+    from attngraph.ir import Graph
+    g = Graph("column_sums")
+    x = g.add("input", (), {"type": T(("batch", "seq", n), "float32")}, name="x")
+    g.set_outputs([("y", g.add("reduce_sum", [x], {"axes": (0, 1), "keepdims": keepdims}))])
+    m = compile_graph(g, {}, target="llvm", opt_level=0)
+    rng = np.random.default_rng(0)
+    for b, s in ((1, 1), (3, 45)):
+        a = rng.standard_normal((b, s, n)).astype(np.float32)
+        np.testing.assert_allclose(m({"x": a})["y"], a.astype(np.float64).sum((0, 1), keepdims=keepdims),
+                                   rtol=1e-5, atol=1e-4)
