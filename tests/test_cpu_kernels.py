@@ -254,3 +254,27 @@ def test_sums_over_the_leading_axes(n, keepdims):
         a = rng.standard_normal((b, s, n)).astype(np.float32)
         np.testing.assert_allclose(m({"x": a})["y"], a.astype(np.float64).sum((0, 1), keepdims=keepdims),
                                    rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("log_probs", [False, True])
+@pytest.mark.parametrize("vocab, dtype", [(4000, "float32"), (37, "float32"), (1000, "float64")])
+def test_cross_entropy_one_row_a_loss(log_probs, vocab, dtype):
+    """The loss's row op scheduled row by row (its statistics over the vocabulary in vector lanes, the row in
+    cache), with label smoothing and ignored positions, against the float64 reference."""
+    from attngraph.api import compile as compile_graph
+    from attngraph.ir import Graph
+    g = Graph("loss")
+    x = g.add("input", (), {"type": T(("batch", "seq", vocab), dtype)}, name="x")
+    t = g.add("input", (), {"type": T(("batch", "seq"), "int64")}, name="t")
+    attrs = {"label_smoothing": 0.1, "ignore_index": 0, "log_probs": log_probs}
+    g.set_outputs([("y", g.add("cross_entropy", [x, t], attrs))])
+    m = compile_graph(g, {}, target="llvm", opt_level=0)
+    rng = np.random.default_rng(0)
+    rtol, atol = TOLERANCE[dtype]
+    for b, s in ((1, 1), (3, 45)):
+        a = 3 * rng.standard_normal((b, s, vocab))
+        if log_probs:
+            a = a - np.log(np.exp(a).sum(-1, keepdims=True))
+        labels = rng.integers(0, vocab, (b, s))
+        want = O.get("cross_entropy").ref(a, labels, **attrs)
+        np.testing.assert_allclose(m({"x": a.astype(dtype), "t": labels})["y"], want, rtol=rtol, atol=atol)

@@ -17,10 +17,10 @@ Kernels (float32 and float64):
 - ``weight_grad`` (x^T g over the positions: a projection's weight gradient): register tiles of the static
   output, a loop over the positions of rank-1 updates from two contiguous rows.
 - ``scatter_add`` (an embedding's gradient): a loop over the positions adding rows, column strips in parallel.
-- ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm``: the
-  generic tensor expression scheduled row by row (``rowwise``): rows in parallel, every
-  intermediate computed for one row at a time, row sums over a static extent in 8 vector lanes,
-  float32 ``exp`` as a vectorizable polynomial.
+- ``softmax``, ``log_softmax``, ``scaled_masked_softmax``, ``layer_norm``, ``add_layer_norm``, and
+  ``cross_entropy`` (one loss per row): the generic tensor expression scheduled row by row (``rowwise``):
+  rows in parallel, every intermediate computed for one row at a time, row sums over a static extent in 8
+  vector lanes, float32 ``exp`` as a vectorizable polynomial.
 - ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``).
 - ``update_slice`` in place (``write_slice``), for caches the executor donates.
 """
@@ -53,6 +53,8 @@ def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
         return scatter_rows(in_types, out_type, dv)
     if op == "transpose" and _swaps_last_two(attrs["perm"]) and all(isinstance(v, int) for v in out_type.shape[-2:]):
         return transpose_blocks(in_types, out_type, dv)
+    if op == "cross_entropy" and out_type.rank >= 1 and out_type.dtype in FLOATS and in_types[0].dtype == out_type.dtype:
+        return rowwise(op, attrs, in_types, out_type, dv, reduces_row=True)  # (scores, integer targets)
     # Float kernels; only linear_packed reads a narrower weight (float16 panels).
     if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
             or len(in_types) > 1 and in_types[1].dtype != out_type.dtype and op != "linear_packed":
@@ -427,10 +429,13 @@ def batched_matmul(in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.Pr
     return sch.mod["main"]
 
 
-def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars) -> tirx.PrimFunc:
+def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars,
+            reduces_row: bool = False) -> tirx.PrimFunc:
     """The generic lowering of ``op`` scheduled one output row at a time, rows in parallel.
 
-    Every stage before the output is computed at the row loop, so its buffer is one row.
+    Every stage before the output is computed at the row loop, so its buffer is one row.  With
+    ``reduces_row`` each output element is the reduction of a row of the first operand (``cross_entropy``: a
+    position's loss over the vocabulary), so the row loop runs over every output axis.
     """
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
     out = lower(op, attrs, phs, out_type, dim_vars, name="out")
@@ -442,10 +447,11 @@ def rowwise(op: str, attrs: dict, in_types, out_type: TensorType, dim_vars: DimV
     last = stages[-1]
     stages = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
     ob = sch.get_sblock(last)
-    loops = sch.get_loops(ob)[:out_type.rank - 1]  # all but the last output axis (and any reduction)
+    # all but the last output axis (and any reduction); every output axis where an element is a row's reduction
+    loops = sch.get_loops(ob)[:out_type.rank if reduces_row else out_type.rank - 1]
     row = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     sch.parallel(row)
-    if not is_reduction(sch, ob):
+    if not is_reduction(sch, ob) and not reduces_row:
         vectorize_static(sch, sch.get_loops(ob)[-1])
     for name in reversed([n for n in stages if has_block(sch, n) and n != last]):
         blk = sch.get_sblock(name)
