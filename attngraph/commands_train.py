@@ -7,8 +7,9 @@ import os
 import click
 
 from .cli_common import check_target, user_errors
-from .train.data import TASKS, DataError
+from .train.data import TASKS, TOKENIZERS, DataError
 from .train.objective import NotATokenModel
+from .train.schedules import SCHEDULES
 
 
 def _clock(seconds: float) -> str:
@@ -35,7 +36,7 @@ def progress_line(line: dict, steps: int) -> str:
               help="Tokens a batch (sentences of similar length together).")
 @click.option("--lr-warmup", "warmup", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Warm-up steps of the learning-rate schedule.")
-@click.option("--lr-schedule", "schedule", type=click.Choice(["noam", "cosine"]), default="noam", show_default=True,
+@click.option("--lr-schedule", "schedule", type=click.Choice(SCHEDULES), default="noam", show_default=True,
               help="noam: the paper's (warm-up, then 1/sqrt(step)); cosine: warm-up, then a cosine decay to 0 at "
                    "--steps.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True),
@@ -43,7 +44,7 @@ def progress_line(line: dict, steps: int) -> str:
                    "d_model^-0.5 warmup^-0.5.")
 @click.option("--clip-norm", type=click.FloatRange(0, min_open=True),
               help="Clip the gradients to this global norm (as torch.nn.utils.clip_grad_norm_).")
-@click.option("--tokenizer", type=click.Choice(["word", "bpe"]), default="word", show_default=True,
+@click.option("--tokenizer", type=click.Choice(TOKENIZERS), default="word", show_default=True,
               help="The vocabulary, one for both sides: a token per word, or byte-pair merges learned from the data.")
 @click.option("--vocab-size", type=click.IntRange(min=8), default=8000, show_default=True,
               help="Tokens of a --tokenizer bpe vocabulary (the specials included).")

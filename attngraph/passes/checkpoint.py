@@ -19,7 +19,6 @@ common subexpressions leave a node marked ``recompute`` alone.
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 
 from ..ir import Graph
 from .memory import SOURCE_OPS, parameter_values
@@ -56,9 +55,6 @@ def checkpoint_layers(g: Graph):
     recompute = [v for v in order if internal(v) and any(u in backward for u in g.users(v))]
     if not recompute:
         return 0, ["no layer value that only its own layer and the backward read"]
-    by_layer: dict[str, list[int]] = defaultdict(list)
-    for v in recompute:
-        by_layer[layer[v]].append(v)
     copies: dict[int, int] = {}
 
     def copy(v: int) -> int:
@@ -69,13 +65,12 @@ def checkpoint_layers(g: Graph):
                               meta={**n.meta, "backward": True, "recompute": True})
         return copies[v]
 
-    for key in by_layer:
-        for v in by_layer[key]:
-            new = copy(v)
-            for user, index in g.uses(v):
-                if user in backward:
-                    g.set_operand(user, index, new)
-    return len(by_layer), []
+    for v in recompute:
+        new = copy(v)
+        for user, index in g.uses(v):
+            if user in backward:
+                g.set_operand(user, index, new)
+    return len({layer[v] for v in recompute}), []
 
 
 __all__ = ["checkpoint_layers", "layer_of"]

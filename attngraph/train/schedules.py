@@ -42,6 +42,10 @@ class WarmupCosine:
         return self.floor + 0.5 * (self.peak - self.floor) * (1 + math.cos(math.pi * done))
 
 
+#: the schedules ``attngraph train`` names (``--lr-schedule``)
+SCHEDULES = ("noam", "cosine")
+
+
 def as_schedule(lr) -> "Constant | Noam | WarmupCosine":
     """A schedule from a schedule, a callable (step -> lr) or a number (a constant rate)."""
     if callable(lr):
@@ -51,4 +55,4 @@ def as_schedule(lr) -> "Constant | Noam | WarmupCosine":
     raise ValueError(f"a learning rate is a non-negative number or a schedule (step -> rate), got {lr!r}")
 
 
-__all__ = ["Constant", "Noam", "WarmupCosine", "as_schedule"]
+__all__ = ["Constant", "Noam", "SCHEDULES", "WarmupCosine", "as_schedule"]

@@ -29,7 +29,7 @@ from ..weights import init_params, load_weights
 from . import data as D
 from .objective import TokenLoss
 from .optim import Adam
-from .schedules import Noam, WarmupCosine
+from .schedules import SCHEDULES, Noam, WarmupCosine
 from .step import TrainStep
 
 CONFIG, TOKENIZER, PARAMS, OPTIMIZER, LOG = ("config.json", "tokenizer.json", "params.safetensors",
@@ -58,9 +58,6 @@ class RunConfig:
     target: str = "llvm"
     valid_every: int = 100
     max_len: int = 128  # tokens a side: longer pairs are dropped (and counted)
-
-
-SCHEDULES = ("noam", "cosine")
 
 
 def learning_rate(config: RunConfig, d_model: int):
@@ -218,4 +215,4 @@ def is_training_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, PARAMS))
 
 
-__all__ = ["RunConfig", "SCHEDULES", "learning_rate", "Trainer", "is_training_dir", "load_run", "translation_model"]
+__all__ = ["RunConfig", "learning_rate", "Trainer", "is_training_dir", "load_run", "translation_model"]

@@ -151,9 +151,7 @@ class CompiledModel:
         unknown = sorted(set(names) - set(by_name))
         if unknown:
             raise KeyError(f"no output {', '.join(unknown)} in {self.graph.name}")
-        self.apart = {by_name[n] for n in names if by_name[n] not in self.in_place
-                      and self.graph.node(by_name[n]).op not in ("input", "param", "const")
-                      and by_name[n] in self.symbol_of}
+        self.apart = {by_name[n] for n in names if by_name[n] in self.symbol_of and by_name[n] not in self.in_place}
         self._frames.clear()
 
     def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, dict]:
@@ -304,7 +302,7 @@ class CompiledModel:
             value = env[o]
             if name not in keep:
                 value = self.device.download(value)
-            elif o in fresh and o not in self.apart:  # a view of a planned buffer: copied out
+            elif o in fresh:  # a view of a planned buffer: copied out
                 value = self.device.upload(self.device.download(value))
             result[name] = value
         return result
