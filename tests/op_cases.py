@@ -19,6 +19,11 @@ def T(*shape, dtype="float32"):
 BOOL, I64 = "bool", "int64"
 X = T("b", "s", 8)
 
+#: q, k, v, d out, lse, delta of the attention's gradient ops: self-attention with a value head dim of its own,
+#: and a cross-attention (5 keys) whose k and v are one batch's, and whose q, k and so lse have one head for all
+ATTENTION_GRAD = [T("b", 2, "s", 4), T("b", 2, "s", 4), T("b", 2, "s", 3), T("b", 2, "s", 3), T("b", 2, "s"), T("b", 2, "s")]
+CROSS_ATTENTION_GRAD = [T("b", 1, "s", 4), T(1, 1, 5, 4), T(1, 2, 5, 4), T("b", 2, "s", 4), T("b", 1, "s"), T("b", 2, "s")]
+
 # (op, attrs, operand types).  The ids name the op and a hint of the case.
 CASES = [
     ("neg", {}, [X]), ("exp", {}, [X]), ("log", {}, [X]), ("sqrt", {}, [X]), ("rsqrt", {}, [X]),
@@ -61,6 +66,17 @@ CASES = [
     ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep",), "layout": "bshd"},
      [T(1, "s", 2, 4), T("b", "s", 2, 4), T("b", "s", 2, 4), T("s", "s", dtype=BOOL)]),
     ("fused_attention", {"layout": "bshd"}, [T("b", "s", 4, 1), T("b", "s", 1, 1), T("b", "s", 1, 3)]),
+    # the attention's backward: row log-sum-exps, d q, d k and d v (masks; a cross-attention's other key length;
+    # one key/value head or batch for all; a masked_fill(-1e9) fill)
+    ("attention_lse", {"scale": 0.5}, [T("b", 2, "s", 4), T("b", 2, "s", 4)]),
+    ("attention_lse", {"scale": 0.3, "mask_kinds": ("additive", "drop"), "mask_fills": (-np.inf, -1e9)},
+     [T("b", 2, "s", 4), T(1, 2, 5, 4), T("b", 1, 1, 5), T("b", 1, 1, 5, dtype=BOOL)]),
+    ("attention_grad_q", {"scale": 0.5, "mask_kinds": ("keep",)}, ATTENTION_GRAD + [T("s", "s", dtype=BOOL)]),
+    ("attention_grad_q", {"scale": 0.3, "mask_kinds": ("additive", "drop"), "mask_fills": (-np.inf, -1e9)},
+     CROSS_ATTENTION_GRAD + [T("b", 1, 1, 5), T("b", 1, 1, 5, dtype=BOOL)]),
+    ("attention_grad_kv", {"scale": 0.5, "mask_kinds": ("keep",)}, ATTENTION_GRAD + [T("s", "s", dtype=BOOL)]),
+    ("attention_grad_kv", {"scale": 0.3, "mask_kinds": ("additive", "drop"), "mask_fills": (-np.inf, -1e9)},
+     CROSS_ATTENTION_GRAD + [T("b", 1, 1, 5), T("b", 1, 1, 5, dtype=BOOL)]),
     ("reduce_sum", {"axes": (-1,)}, [X]), ("reduce_mean", {"axes": (1,), "keepdims": True}, [X]),
     ("reduce_max", {"axes": (0, 2)}, [X]),
     ("transpose", {"perm": (0, 2, 1)}, [X]), ("transpose", {"perm": (1, 0, 2)}, [X]),
@@ -121,11 +137,17 @@ def case_operands(case, attrs: dict, sizes: dict, rng) -> list[np.ndarray]:
     key 0 is always kept."""
     op, _, types = case
     args = [operand(t, op, sizes, rng) for t in types]
-    if op in ("scaled_masked_softmax", "fused_attention"):
-        first = 1 if op == "scaled_masked_softmax" else 3
+    first = {"scaled_masked_softmax": 1, "fused_attention": 3, "attention_lse": 2, "attention_grad_q": 6,
+             "attention_grad_kv": 6}.get(op)
+    if first is not None:
         for kind, j in zip(attrs["mask_kinds"], range(first, len(args))):
             if kind == "keep":
                 args[j][..., 0] = True
             elif kind == "drop":
                 args[j][..., 0] = False
+    if first == 6:  # the row statistics of these q and k, so that the probabilities are probabilities
+        from attngraph.ir.fused import attention_lse
+        q, k = (a.astype(np.float64) for a in args[:2])
+        lse = attention_lse(q, k, *args[6:], **{a: attrs[a] for a in ("scale", "mask_kinds", "mask_fills")})
+        args[4] = lse.reshape(args[4].shape).astype(args[4].dtype)
     return args

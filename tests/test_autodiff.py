@@ -32,7 +32,8 @@ SIZES = {"b": 2, "s": 3}
 #: the ops without a derivative: their results are integers or bools (or the KV-cache write, an inference op).
 NOT_DIFFERENTIABLE = {"arange", "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_not",
                       "update_slice",
-                      "layer_norm_grad"}  # made by a derivative: no second derivatives
+                      # made by a derivative: no second derivatives
+                      "layer_norm_grad", "attention_lse", "attention_grad_q", "attention_grad_kv"}
 
 
 def ir_ops():
@@ -49,14 +50,15 @@ def test_every_op_has_a_derivative_or_no_float_result():
 
 # -- every op against central differences ------------------------------------------------------------------
 
-def single_op_graph(case, args):
-    """``loss = sum(op(operands) * W)`` with the float operands as parameters p0, p1, ... and the others as
-    constants; W fixed and random, so that every entry of the result weighs differently."""
+def single_op_graph(case, args, fixed=()):
+    """``loss = sum(op(operands) * W)`` with the float operands as parameters p0, p1, ... and the others (and
+    the operands at indices ``fixed``) as constants; W fixed and random, so that every entry of the result
+    weighs differently."""
     op, attrs, types = case
     g = Graph(op)
     operands, params = [], {}
     for i, (t, a) in enumerate(zip(types, args)):
-        if a.dtype.kind == "f":
+        if a.dtype.kind == "f" and i not in fixed:
             name = f"p{i}"
             operands.append(g.add("param", (), {"type": TensorType(a.shape, "float64")}, name=name))
             params[name] = a.astype(np.float64)
@@ -116,7 +118,8 @@ def types_of(args):
 @given(data=st.data())
 def test_attention_derivatives_over_shapes_masks_and_broadcast_heads(data):
     """fused_attention and scaled_masked_softmax at drawn sizes, layouts, masks (additive, keep, drop; per
-    query or per key; shared by the batch or not) and key/value heads broadcast to the query heads."""
+    query or per key; shared by the batch or not; an additive mask learned or fixed: the two forms of the
+    attention's backward) and key/value heads broadcast to the query heads."""
     draw = data.draw
     b, h, s, k, e = (draw(st.integers(1, n), label) for n, label in ((2, "b"), (3, "h"), (4, "s"), (5, "k"), (3, "e")))
     kv_heads = draw(st.sampled_from([h, 1]), "kv heads")
@@ -141,7 +144,11 @@ def test_attention_derivatives_over_shapes_masks_and_broadcast_heads(data):
             masks[-1][..., 0] = 0.0
     attrs = {"scale": 0.4, "mask_kinds": kinds, "layout": layout}
     args = [qkv(h, s), qkv(kv_heads, k), qkv(kv_heads, k)] + masks
-    g, params = single_op_graph(("fused_attention", attrs, types_of(args)), args)
+    learned = draw(st.booleans(), "additive masks learned")
+    g, params = single_op_graph(("fused_attention", attrs, types_of(args)), args,
+                                fixed=() if learned else range(3, len(args)))
+    assert any(n.op == "attention_grad_q" for n in grad(g, "loss").nodes()) \
+        == (not learned or "additive" not in kinds), "the backward's form"
     directional_check(g, ag.reference.run(grad(g, "loss"), {}, params, dtype="float64"), params)
     scores = [rng.standard_normal((b, h, s, k))] + masks
     sattrs = {"scale": 0.4, "mask_kinds": kinds}

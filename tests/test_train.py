@@ -232,6 +232,22 @@ def test_the_step_graph_is_an_ordinary_graph():
     assert not tg.params
 
 
+def test_the_attention_backward_holds_no_score_matrix():
+    """The step of the fused model differentiates each attention as FlashAttention does: the row statistics
+    and the two gradient kernels, no (batch, heads, q_len, k_len) value anywhere in the graph (the level-0
+    step, through the plain ops, has them).  The masks' (t, t) and (b, 1, 1, s) are not scores."""
+    g = ag.trace(Translator())
+
+    def score_shaped(tg):
+        return [n for n in tg.nodes() if n.type.is_float and n.type.rank == 4 and n.type.shape[1] != 1
+                and all(isinstance(d, str) for d in n.type.shape[2:])]
+    tg = train.training_graph(g, train.Adam())
+    counts = tg.op_counts()
+    assert counts["attention_lse"] == counts["attention_grad_q"] == counts["attention_grad_kv"] == 3
+    assert not score_shaped(tg), [str(n.type) for n in score_shaped(tg)]
+    assert score_shaped(train.training_graph(g, train.Adam(), level=0))
+
+
 def test_the_training_example_learns_to_reverse():
     """The README's example (examples/train_reverse.py), as a user runs it: most reversed tokens right."""
     import os

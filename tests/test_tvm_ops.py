@@ -67,7 +67,8 @@ def test_generic_lowering(case):
     run_case(case, generic=True)
 
 
-HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "weight_grad", "scatter_add", "fused_attention")
+HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "weight_grad", "scatter_add", "fused_attention",
+                                     "attention_lse", "attention_grad_q", "attention_grad_kv")
         or O.get(c[0]).rows]
 
 

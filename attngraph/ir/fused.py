@@ -317,24 +317,27 @@ def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), mask_fills=(), la
 
 @derivative("fused_attention")
 def _attention_vjp(d, n, xs, out, cot):
-    """The probabilities recomputed from q and k (the forward kept none of them), then d v = p^T cot,
-    d p = cot v^T, d s through the masked softmax, d q = d s k, d k = d s^T q: in the (batch, heads, seq, dim)
-    layout, each operand's cotangent put back in its own layout, head window and broadcast shape.  This
-    holds the (batch, heads, q_len, k_len) scores in memory, as the unfused graph does; a backward kernel
-    that recomputes them a block at a time from the forward's row statistics (FlashAttention's) is not
-    written yet."""
+    """FlashAttention's backward: the probabilities are recomputed from q, k and each query row's
+    log-sum-exp (``attention_lse``) inside the two gradient kernels, a block of rows at a time, never
+    held as a (batch, heads, q_len, k_len) matrix; delta = rowsum(d out * out) is each row's
+    sum(p * d p).  ``attention_grad_q`` walks the keys of each query row, ``attention_grad_kv`` the
+    queries of each key row (FlashAttention-2 adds d q up across key blocks with atomics instead: two
+    kernels here, as in its deterministic form and Triton's).  An additive mask whose gradient is
+    wanted (a learned position bias) takes the scores' form: its gradient is that matrix."""
     attrs = n.attrs
     bshd = attrs.get("layout", "bhsd") == "bshd"
     heads = tuple(attrs.get("heads", ()))
 
+    def layout(t):  # (batch, seq, heads, dim) <-> (batch, heads, seq, dim)
+        return d("transpose", t, perm=(0, 2, 1, 3)) if bshd else t
+
     def bhsd(t, start):  # operand -> (batch, heads, seq, dim)
         if heads:
             t = d("slice", t, axis=2 if bshd else 1, start=start, stop=start + heads[0])
-        return d("transpose", t, perm=(0, 2, 1, 3)) if bshd else t
+        return layout(t)
 
     def back(g, t, start):  # the cotangent of a (batch, heads, seq, dim) view, in operand t's own shape and layout
-        if bshd:
-            g = d("transpose", g, perm=(0, 2, 1, 3))
+        g = layout(g)
         tt = d.type(t)
         if heads:  # into zeros of the whole operand, at the window's heads
             axis = 2 if bshd else 1
@@ -347,17 +350,152 @@ def _attention_vjp(d, n, xs, out, cot):
     starts = heads[1:] if heads else (0, 0, 0)
     q, k, v = (bhsd(t, s) for t, s in zip(xs[:3], starts))
     masks = xs[3:]
-    scores = d("matmul", q, d.swap_last(k))
-    p = d("scaled_masked_softmax", scores, *masks, scale=attrs["scale"], mask_kinds=tuple(attrs["mask_kinds"]),
-          mask_fills=tuple(attrs.get("mask_fills", ())))
-    g = d("transpose", cot, perm=(0, 2, 1, 3)) if bshd else cot
-    dv = d("matmul", d.swap_last(p), g)
-    dp = d("matmul", g, d.swap_last(v))
-    ds, dmasks = masked_softmax_backward(d, p, dp, masks, attrs, attrs["scale"])
-    dq, dk = d("matmul", ds, k), d("matmul", d.swap_last(ds), q)
+    g = layout(cot)
     # (q, k and v may be one tensor, windows of a merged projection: the transform adds their cotangents)
+    if any(kind == "additive" and d.needs(m) for m, (kind, _) in zip(masks, mask_specs(attrs))):
+        dq, dk, dv, dmasks = _attention_scores_backward(d, attrs, q, k, v, g, masks)
+    else:
+        mask_attrs = {"scale": attrs["scale"], "mask_kinds": tuple(attrs["mask_kinds"]),
+                      "mask_fills": tuple(attrs.get("mask_fills", ()))}
+        lse = d("attention_lse", q, k, *masks, **mask_attrs)
+        delta = d("reduce_sum", d("mul", g, layout(out)), axes=(3,))
+        dq = d("attention_grad_q", q, k, v, g, lse, delta, *masks, **mask_attrs)
+        dkv = d("attention_grad_kv", q, k, v, g, lse, delta, *masks, **mask_attrs)
+        e, ev = d.type(q).shape[3], d.type(v).shape[3]
+        dk, dv = d("slice", dkv, axis=3, start=0, stop=e), d("slice", dkv, axis=3, start=e, stop=e + ev)
+        dmasks = [None] * len(masks)
     return [back(dq, xs[0], starts[0]), back(dk, xs[1], starts[1]), back(dv, xs[2], starts[2])] + dmasks
 
+
+def _attention_scores_backward(d, attrs, q, k, v, g, masks):
+    """The backward through the (batch, heads, q_len, k_len) probabilities, recomputed by plain ops:
+    d v = p^T g, d p = g v^T, d s through the masked softmax, d q = d s k, d k = d s^T q."""
+    p = d("scaled_masked_softmax", d("matmul", q, d.swap_last(k)), *masks, scale=attrs["scale"],
+          mask_kinds=tuple(attrs["mask_kinds"]), mask_fills=tuple(attrs.get("mask_fills", ())))
+    dv = d("matmul", d.swap_last(p), g)
+    ds, dmasks = masked_softmax_backward(d, p, d("matmul", g, d.swap_last(v)), masks, attrs, attrs["scale"])
+    return d("matmul", ds, k), d("matmul", d.swap_last(ds), q), dv, dmasks
+
+
+# -- the attention's backward kernels (made by its derivative) ---------------------------------------------
+
+def _infer_attention_lse(types, attrs):
+    if len(types) < 2 or any(t.rank != 4 for t in types[:2]):
+        raise ShapeError(f"attention_lse takes q and k (batch, heads, seq, dim) and optional masks, got "
+                         f"{', '.join(map(str, types[:2]))}")
+    q, k = types[:2]
+    try:
+        b, h = broadcast_shapes(q.shape[:2], k.shape[:2])
+    except ShapeError:
+        raise ShapeError(f"attention_lse: q {q} and k {k} must have equal or size-1 batch and head axes") from None
+    if q.shape[3] != k.shape[3]:
+        raise ShapeError(f"attention_lse: q {q} and k {k} must have the same head dim")
+    _check_masks(types[2:], attrs, (b, h, q.shape[2], k.shape[2]))
+    return TensorType((b, h, q.shape[2]), O._same_dtype(types[:2]))
+
+
+def _grad_operands(name, types, attrs):
+    """(batch, heads, q_len, k_len, head dim, value head dim) of an attention gradient op's operands
+    q, k, v, d out (batch, heads, seq, dim), lse and delta (batch, heads, q_len) and masks; q, k, v and
+    lse may have batch or head axes of size 1 (broadcast), d out and delta have the result's."""
+    if len(types) < 6 or any(t.rank != 4 for t in types[:4]) or any(t.rank != 3 for t in types[4:6]):
+        raise ShapeError(f"{name} takes q, k, v, d out (batch, heads, seq, dim), lse and delta (batch, heads, "
+                         f"q_len) and optional masks, got {', '.join(map(str, types[:6]))}")
+    q, k, v, g, lse, delta = types[:6]
+    b, h, lq, dv = g.shape
+    e, lk = q.shape[3], k.shape[2]
+    if not all(_broadcasts_to(t.shape[:2], (b, h)) for t in (q, k, v)) or k.shape[3] != e or v.shape[2] != lk or v.shape[3] != dv or q.shape[2] != lq \
+            or delta.shape != (b, h, lq) or not _broadcasts_to(lse.shape, (b, h, lq)):
+        raise ShapeError(f"{name}: q {q}, k {k}, v {v}, d out {g}, lse {lse} and delta {delta} do not fit together")
+    if not all(isinstance(x, int) for x in (e, dv)):
+        raise ShapeError(f"{name}: the head dims must be static, got {e} and {dv}")
+    _check_masks(types[6:], attrs, (b, h, lq, lk))
+    O._same_dtype(types[:6])
+    return b, h, lq, lk, e, dv
+
+
+def _broadcasts_to(shape, to) -> bool:
+    try:
+        return broadcast_shapes(shape, to) == tuple(to)
+    except ShapeError:
+        return False
+
+
+def _infer_grad_q(types, attrs):
+    b, h, lq, _, e, _ = _grad_operands("attention_grad_q", types, attrs)
+    return TensorType((b, h, lq, e), types[0].dtype)
+
+
+def _infer_grad_kv(types, attrs):
+    b, h, _, lk, e, dv = _grad_operands("attention_grad_kv", types, attrs)
+    return TensorType((b, h, lk, e + dv), types[0].dtype)
+
+
+def _lse_flops(attrs, in_shapes, out_shape) -> int:
+    return 2 * int(np.prod(out_shape, dtype=np.int64)) * int(in_shapes[1][2]) * int(in_shapes[0][3])
+
+
+def _grad_flops(key_dims: int, value_dims: int):
+    """2 x (batch, heads, q_len, k_len) x the head dims summed over: the scores, d p and d q (``key_dims``
+    2, ``value_dims`` 1); and d k, d v (2, 2)."""
+    def flops(attrs, in_shapes, out_shape) -> int:
+        b, h, lq, dv = (int(x) for x in in_shapes[3])
+        return 2 * b * h * lq * int(in_shapes[1][2]) * (key_dims * int(in_shapes[0][3]) + value_dims * dv)
+    return flops
+
+
+def mask_score_grad(ds, masks, attrs, ops: MaskOps = NUMPY):
+    """``ds`` (a cotangent of the masked scores, as the scores' shape) with 0 where a keep or drop mask
+    replaced the score by its fill: the result does not depend on the score there."""
+    zero = ops.const(0.0)
+    for m, (kind, _) in zip(masks, mask_specs(attrs)):
+        if kind == "keep":
+            ds = ops.select(ops.truth(m), ds, zero)
+        elif kind == "drop":
+            ds = ops.select(ops.truth(m), zero, ds)
+    return ds
+
+
+def _scores(q, k, masks, attrs):
+    s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(attrs["scale"], q.dtype)
+    return apply_masks(s, masks, attrs).astype(q.dtype, copy=False)
+
+
+def _probs_and_score_grad(q, k, v, g, lse, delta, masks, attrs):
+    """p = exp(s - lse) and d s = p (d out v^T - delta) (0 where a mask replaced the score) times the scale."""
+    p = np.exp(_scores(q, k, masks, attrs) - lse[..., None])
+    ds = mask_score_grad(p * (np.matmul(g, np.swapaxes(v, -1, -2)) - delta[..., None]), masks, attrs)
+    return p, ds * np.asarray(attrs["scale"], q.dtype)
+
+
+@op("attention_lse", FUSED, None, _infer_attention_lse, flops=_lse_flops, scale=1.0, mask_kinds=(), mask_fills=())
+def attention_lse(q, k, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
+    """log(sum(exp(masks(q @ k^T * scale)))) of each query row (batch, heads, q_len): the row statistic
+    the attention's gradient kernels recompute the probabilities from."""
+    s = _scores(q, k, masks, {"scale": scale, "mask_kinds": mask_kinds, "mask_fills": mask_fills})
+    mx = np.max(s, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # a fully masked row (all -inf): NaN, as the attention's own
+        return (mx + np.log(np.sum(np.exp(s - mx), axis=-1, keepdims=True)))[..., 0]
+
+
+@op("attention_grad_q", FUSED, None, _infer_grad_q, flops=_grad_flops(2, 1), scale=1.0, mask_kinds=(), mask_fills=())
+def attention_grad_q(q, k, v, g, lse, delta, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
+    """d q of ``fused_attention`` (in its (batch, heads, seq, dim) form) from its cotangent ``g``: d s k,
+    where p = exp(masks(q k^T scale) - lse) and d s = p (g v^T - delta) scale (``_attention_vjp``)."""
+    _, ds = _probs_and_score_grad(q, k, v, g, lse, delta, masks,
+                                  {"scale": scale, "mask_kinds": mask_kinds, "mask_fills": mask_fills})
+    return np.matmul(ds, k)
+
+
+@op("attention_grad_kv", FUSED, None, _infer_grad_kv, flops=_grad_flops(2, 2), scale=1.0, mask_kinds=(), mask_fills=())
+def attention_grad_kv(q, k, v, g, lse, delta, *masks, scale=1.0, mask_kinds=(), mask_fills=()):
+    """d k and d v of ``fused_attention`` side by side on the last axis (batch, heads, k_len, dim + value
+    dim): d s^T q and p^T g (``attention_grad_q``'s p and d s)."""
+    p, ds = _probs_and_score_grad(q, k, v, g, lse, delta, masks,
+                                  {"scale": scale, "mask_kinds": mask_kinds, "mask_fills": mask_fills})
+    dk = np.matmul(np.swapaxes(ds, -1, -2), q)
+    dv = np.matmul(np.swapaxes(p, -1, -2), g)
+    return np.concatenate([dk, dv], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,10 +30,15 @@ class AutodiffError(ValueError):
 
 class Builder:
     """What a derivative rule writes with: ``d(op, *operands, **attrs)`` adds ``op(operands)`` to the
-    graph being differentiated (tagged with the forward node's line and scope) and returns its id."""
+    graph being differentiated (tagged with the forward node's line and scope) and returns its id.
+    ``needs(x)``: whether value ``x`` is on a path from a differentiated parameter or input (its
+    cotangent is used)."""
 
-    def __init__(self, g: Graph, meta: dict):
-        self.g, self.meta = g, meta
+    def __init__(self, g: Graph, meta: dict, needed: set[int] | None = None):
+        self.g, self.meta, self.needed = g, meta, needed
+
+    def needs(self, nid: int) -> bool:
+        return self.needed is None or nid in self.needed
 
     def __call__(self, op: str, *operands: int, **attrs) -> int:
         return self.g.add(op, operands, attrs, name=f"d_{op}", meta=self.meta)
@@ -119,7 +124,7 @@ def grad(graph: Graph, loss: str = "loss", *, wrt=None, inputs=(), keep_outputs:
                                 f"the loss")
         operands = g.operands(nid)
         try:
-            grads = n.opdef.vjp(Builder(g, {**n.meta, "backward": True}), n, operands, nid, cot[nid])
+            grads = n.opdef.vjp(Builder(g, {**n.meta, "backward": True}, needed), n, operands, nid, cot[nid])
         except (ShapeError, GraphError) as e:
             raise AutodiffError(f"differentiating {g.describe(nid)}: {e}") from None
         for o, gr in zip(operands, grads):

@@ -22,7 +22,7 @@ import math
 from tvm import s_tir, te, tirx
 
 from .....ir import TensorType
-from .....ir.fused import apply_masks, attention_views
+from .....ir.fused import apply_masks, attention_views, mask_score_grad
 from ...lower.common import bcast, te_mask_ops
 from ...shapes import DimVars
 from .fastmath import fast_math
@@ -206,5 +206,157 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.unroll(p_mi)
     sch.vectorize(p_x)
     sch.decompose_reduction(pb, p_c)
+    func = sch.mod["main"]
+    return fast_math(func) if dtype == "float32" else func
+
+
+def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
+                       block: int = ROWS, lanes: int = LANES) -> tirx.PrimFunc:
+    """The scheduled PrimFunc of the attention's backward op ``op`` (``attention_lse``, ``attention_grad_q``,
+    ``attention_grad_kv``; ``ir.fused``), ``block`` rows at a time.
+
+    The rows are the query rows (the log-sum-exp, d q) or the key rows (d k and d v side by side); the
+    columns the other side, in chunks of ``lanes`` (the last padded by repeating the last column, whose
+    probability is set to 0).  Per (batch, head) in parallel: the column side's vectors transposed once;
+    per block of rows: the scores (a vector of lanes accumulated over the head dim), the row statistics
+    (in vector lanes, then across them), the probabilities exp(s - lse), d p, d s, and their products
+    with the column side's vectors (vectorized over the head dim): a block x columns of each in memory,
+    never the (batch, heads, q_len, k_len) matrices.  Rows past the end (a partial last block) read the
+    last row again and are never written."""
+    dtype = out_type.dtype
+    phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
+    lse_only = op == "attention_lse"
+    by_key = op == "attention_grad_kv"
+    masks = phs[2:] if lse_only else phs[6:]
+    q_at, k_at = bcast(phs[0], 4), bcast(phs[1], 4)
+    shape = dim_vars.shape(out_type.shape)
+    b, h = shape[0], shape[1]
+    lq, lk, e = phs[0].shape[2], phs[1].shape[2], phs[0].shape[3]
+    rows, cols = (lk, lq) if by_key else (lq, lk)
+    padded, chunks = rows + (block - 1), (cols + (lanes - 1)) // lanes
+    tile = (b, h, padded, chunks, _i64(lanes))
+    scale = tirx.const(attrs.get("scale", 1.0), dtype)
+    zero, ninf = tirx.const(0.0, dtype), tirx.const(-math.inf, dtype)
+    ops = te_mask_ops(dtype)
+    reads = [bcast(m, 4) for m in masks]
+
+    def row(m):
+        return tirx.min(m, rows - 1)
+
+    def col(c, lane):
+        return tirx.min(c * lanes + lane, cols - 1)
+
+    def in_range(c, lane):  # column c * lanes + lane exists (int32 compares: one per vector of lanes)
+        return tirx.Cast("int32", lane) < tirx.Cast("int32", cols - c * lanes)
+
+    def query_key(m, c, lane):  # (query, key) of row m and column (c, lane)
+        return (col(c, lane), row(m)) if by_key else (row(m), col(c, lane))
+
+    def mask_values(i, j, m, c, lane):
+        qi, ki = query_key(m, c, lane)
+        return [read(i, j, qi, ki) for read in reads]
+
+    def products(row_side, col_side, depth, name):
+        """row_side(row) . col_side(column) for a block of rows against every column chunk (the column
+        side transposed per head)."""
+        ct = te.compute((b, h, depth, chunks, _i64(lanes)), lambda i, j, r, c, lane: col_side(i, j, col(c, lane), r),
+                        name=f"{name}_t")
+        r = te.reduce_axis((0, depth), name=f"{name}_r")
+        acc = te.compute(tile, lambda i, j, m, c, lane: te.sum(row_side(i, j, row(m), r) * ct[i, j, r, c, lane],
+                                                               axis=r), name=f"{name}_acc")
+        return te.compute(tile, lambda *i: acc[i], name=name)
+
+    acc = products(k_at, q_at, e, "s") if by_key else products(q_at, k_at, e, "s")
+
+    def score(i, j, m, c, lane):
+        return apply_masks(acc[i, j, m, c, lane] * scale, mask_values(i, j, m, c, lane), attrs, ops)
+    stages = ["s", "s_t"]
+    if lse_only:
+        sc = te.compute(tile, lambda *i: tirx.Select(in_range(*i[3:]), score(*i), ninf), name="sc")
+        c1, c2 = te.reduce_axis((0, chunks), name="c1"), te.reduce_axis((0, chunks), name="c2")
+        l1, l2 = te.reduce_axis((0, lanes), name="l1"), te.reduce_axis((0, lanes), name="l2")
+        mx_lanes = te.compute((b, h, padded, _i64(lanes)), lambda i, j, m, lane: te.max(sc[i, j, m, c1, lane], axis=c1),
+                              name="mx_lanes")
+        mx = te.compute((b, h, padded), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
+        ex = te.compute(tile, lambda i, j, m, c, lane: tirx.Select(
+            in_range(c, lane), te.exp(sc[i, j, m, c, lane] - mx[i, j, m]), zero), name="ex")
+        se_lanes = te.compute((b, h, padded, _i64(lanes)), lambda i, j, m, lane: te.sum(ex[i, j, m, c2, lane], axis=c2),
+                              name="se_lanes")
+        se = te.compute((b, h, padded), lambda i, j, m: te.sum(se_lanes[i, j, m, l2], axis=l2), name="se")
+        out = te.compute(shape, lambda i, j, m: mx[i, j, m] + tirx.log(se[i, j, m]), name="out")
+        stages += ["sc", "mx_lanes", "mx", "ex", "se_lanes", "se"]
+    else:
+        v_at, g, lse, delta = bcast(phs[2], 4), phs[3], bcast(phs[4], 3), phs[5]
+        dv_ = phs[2].shape[3]
+
+        def g_at(i, j, m, x):
+            return g[i, j, m, x]
+
+        def query(m, c, lane):
+            return query_key(m, c, lane)[0]
+        p = te.compute(tile, lambda i, j, m, c, lane: tirx.Select(
+            in_range(c, lane), te.exp(score(i, j, m, c, lane) - lse(i, j, query(m, c, lane))), zero), name="p")
+        dp = products(v_at, g_at, dv_, "dp") if by_key else products(g_at, v_at, dv_, "dp")
+        ds = te.compute(tile, lambda i, j, m, c, lane: mask_score_grad(
+            p[i, j, m, c, lane] * (dp[i, j, m, c, lane] - delta[i, j, query(m, c, lane)]) * scale,
+            mask_values(i, j, m, c, lane), attrs, ops), name="ds")
+        stages += ["p", "dp", "dp_t", "ds"]
+
+        def weighted(w, col_rows, width, name):
+            """sum over the columns of w(row, column) x the column's vector of ``col_rows`` (padded columns: w is 0)."""
+            c, lane = te.reduce_axis((0, chunks), name=f"{name}_c"), te.reduce_axis((0, lanes), name=f"{name}_l")
+            return te.compute((b, h, padded, width), lambda i, j, m, x: te.sum(
+                w[i, j, m, c, lane] * col_rows(i, j, col(c, lane), x), axis=[c, lane]), name=name)
+        if by_key:
+            dk, dvv = weighted(ds, q_at, e, "dk"), weighted(p, g_at, dv_, "dv")
+            out = te.compute(shape, lambda i, j, m, x: tirx.Select(x < e, dk[i, j, m, tirx.min(x, e - 1)],
+                                                                   dvv[i, j, m, tirx.max(x - e, 0)]), name="out")
+            stages += ["dk", "dv"]
+        else:
+            dq = weighted(ds, k_at, e, "dq")
+            out = te.compute(shape, lambda i, j, m, x: dq[i, j, m, x], name="out")
+            stages += ["dq"]
+
+    sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
+    loops = sch.get_loops(sch.get_sblock("out"))
+    head = sch.fuse(loops[0], loops[1])
+    sch.parallel(head)
+    mo, _ = sch.split(loops[2], [None, block])
+    computed = [s for s in reversed(stages) if not s.endswith("_t")]
+    for name in computed + [f"{n}_acc" for n in ("s", "dp") if n in stages]:
+        sch.compute_at(sch.get_sblock(name), mo, preserve_unit_loops=True)
+    for name in stages:
+        if name.endswith("_t"):  # the transposed column side, once per head
+            sch.compute_at(sch.get_sblock(name), head, preserve_unit_loops=True)
+    for name in computed:
+        blk = sch.get_sblock(name)
+        inner = sch.get_loops(blk)
+        if name in ("s", "dp"):
+            # for each column chunk: a block x lanes register tile summed over the depth (a chunk of the
+            # transposed column side loaded once for the block's rows), as the forward kernel's scores
+            mi, c, lane = inner[-3:]
+            sch.reorder(c, mi, lane)
+            sch.vectorize(lane)
+            acc = sch.get_sblock(f"{name}_acc")
+            sch.compute_at(acc, c, preserve_unit_loops=True)
+            sch.set_scope(acc, 0, "local")
+            loops = sch.get_loops(acc)  # ..., row, (chunk), lane, depth
+            a_mi, a_l, a_r = loops[-4], loops[-2], loops[-1]
+            sch.reorder(a_r, a_mi, a_l)
+            sch.unroll(a_mi)
+            sch.vectorize(a_l)
+            sch.decompose_reduction(acc, a_r)
+        elif name in ("dq", "dk", "dv"):  # rows, width, chunks, lanes -> rows, chunks, lanes, width (a vector)
+            x, c, lane = inner[-3], inner[-2], inner[-1]
+            sch.reorder(c, lane, x)
+            vectorize_static(sch, x)
+            sch.decompose_reduction(blk, c)
+        elif name in ("mx_lanes", "se_lanes"):  # rows, lanes, chunks -> rows, chunks, lanes (a vector)
+            lane, c = inner[-2], inner[-1]
+            sch.reorder(c, lane)
+            sch.vectorize(lane)
+            sch.decompose_reduction(blk, c)
+        elif name in ("sc", "ex", "p", "ds"):
+            sch.vectorize(inner[-1])
     func = sch.mod["main"]
     return fast_math(func) if dtype == "float32" else func

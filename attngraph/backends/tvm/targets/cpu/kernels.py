@@ -21,7 +21,9 @@ Kernels (float32 and float64):
   ``cross_entropy`` (one loss per row): the generic tensor expression scheduled row by row (``rowwise``):
   rows in parallel, every intermediate computed for one row at a time, row sums over a static extent in 8
   vector lanes, float32 ``exp`` as a vectorizable polynomial.
-- ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``).
+- ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``); its
+  backward's ops (``attention_lse``, ``attention_grad_q``, ``attention_grad_kv``): blocks of rows against
+  every column, nothing of (batch, heads, q_len, k_len) kept (``attention.py``).
 - ``update_slice`` in place (``write_slice``), for caches the executor donates.
 """
 
@@ -35,7 +37,7 @@ from ...lower import lower
 from ...lower.elementwise import ACTIVATIONS
 from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
 from ...shapes import DimVars
-from .attention import attention
+from .attention import attention, attention_backward
 from .fastmath import fast_math
 from .schedule import has_block, is_reduction, split_row_reduction, vectorize_static, vectorize_weighted_sum
 from .tiles import PANEL_WIDTH, TILE_M, TILE_N, CpuTiles
@@ -72,6 +74,9 @@ def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
     if op == "fused_attention":
         rows, lanes = tiles.attention
         return attention(attrs, in_types, out_type, dv, block=rows, lanes=lanes)
+    if op in ("attention_lse", "attention_grad_q", "attention_grad_kv"):
+        rows, lanes = tiles.attention
+        return attention_backward(op, attrs, in_types, out_type, dv, block=rows, lanes=lanes)
     if O.get(op).rows and out_type.rank >= 2 and attrs.get("axis", -1) in (-1, out_type.rank - 1):
         return rowwise(op, attrs, in_types, out_type, dv)
     return None
