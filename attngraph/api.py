@@ -23,6 +23,7 @@ from .backends.tvm.artifact import (
     write_artifact,
 )
 from .ir import Graph
+from .ir.types import HALF_DTYPES
 from .numerics import OutputCheck, compare, verify_outputs
 
 __all__ = ["ArtifactError", "BuildError", "NodeCheck", "VerifyReport", "build", "compile", "load", "verify"]
@@ -44,25 +45,37 @@ def _graph_of(model) -> tuple[Graph, object]:
 
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
             seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
-            device: str | None = None, checkpoint: bool = False):
+            device: str | None = None, checkpoint: bool = False, dtype: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
     weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
     a MetaSchedule database written by ``attngraph tune``; ``weight_dtype="float16"`` stores the
     projection weights in half precision (llvm); ``device``: run on another device than the target's
     own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU); ``checkpoint``: a
-    training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``)."""
+    training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``);
+    ``dtype="float16"`` or ``"bfloat16"``: the model's weights and activations in that type, its arithmetic in
+    float32 (``passes.precision``)."""
     from .backends.tvm.build import compile_graph
     from .backends.tvm.targets import get_target
     from .passes import optimize
+    from .passes.precision import params_in, to_dtype
     from .weights import check_params, default_params
     tgt = get_target(target)  # an unknown target fails before any work
     tgt.check_device(device)
+    if dtype not in (None, "float32", *HALF_DTYPES):
+        raise BuildError(f"dtype {dtype!r}: a model builds in float32, {' or '.join(HALF_DTYPES)}")
+    if dtype not in (None, "float32") and dtype not in tgt.half_dtypes:
+        raise BuildError(f"target {target} cannot build a model in {dtype}"
+                         + (f": {tgt.half_dtypes_note}" if tgt.half_dtypes_note else "")
+                         + f"; it builds {', '.join(('float32',) + tgt.half_dtypes)}")
     graph, module = _graph_of(model)
     #: where the weights came from when none were given: a checkpoint path, or None (seeded random)
     weights_from = getattr(module, "checkpoint", None) if params is None else None
     params = default_params(module if module is not None else graph, seed) if params is None else params
     check_params(graph, params)
+    if dtype not in (None, "float32"):
+        graph = to_dtype(graph, dtype)
+        params = params_in(params, graph)
     # the level's passes, then the target's layout passes (reported, as every pass)
     g, report = optimize(graph, opt_level, layout=tgt.layout_passes(weight_dtype), checkpoint=checkpoint)
     used = g.params  # a property that walks the graph: once, not per parameter
@@ -75,7 +88,7 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
 
 def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | None = None, target: str = "llvm",
           opt_level: int = 3, *, seed: int = 0, progress=None, tuning_db: str | None = None,
-          weight_dtype: str | None = None) -> dict:
+          weight_dtype: str | None = None, dtype: str | None = None) -> dict:
     """Optimize and compile ``model`` and write the artifact directory ``out_dir`` (manifest,
     kernels.so, weights.safetensors, graph.json).  Returns the manifest, with the build's timings
     under ``"build"``."""
@@ -83,9 +96,10 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
         raise ValueError("build needs out_dir, the artifact directory to write")
     start = time.perf_counter()
     compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                       tuning_db=tuning_db, weight_dtype=weight_dtype)
+                       tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
     kernels = compiled.kernels
     manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
+    manifest["dtype"] = dtype or "float32"
     manifest = write_artifact(out_dir, compiled, kernels, manifest)
     manifest["build"] = {"seconds": round(time.perf_counter() - start, 3), "cached": kernels.cached,
                          **{k: round(v, 3) for k, v in kernels.seconds.items()}}
@@ -154,14 +168,15 @@ class VerifyReport:
 def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[str, np.ndarray] | None = None,
            inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
            per_node: bool = False, progress=None, weight_dtype: str | None = None,
-           device: str | None = None) -> VerifyReport:
+           device: str | None = None, dtype: str | None = None) -> VerifyReport:
     """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
     on the same inputs and weights (given, or seeded random at the model's default dims, overridden by
     ``dims``: each a dim of the model's inputs, else ``InputError``).
 
     Each output: max abs and rel error and pass/fail at the tolerance of its dtype
-    (``attngraph.numerics.TOLERANCE``: float32 rtol 1e-4, atol 1e-5); -inf/NaN must be in the same
-    places.  ``per_node``: every kernel's result against the interpreter's value of the same node;
+    (``attngraph.numerics.TOLERANCE``: float32 rtol 1e-4, atol 1e-5; float16 1e-2, 1e-2; bfloat16 4e-2, 4e-2:
+    the interpreter rounds each op's result to a half-precision type as the build does); -inf/NaN must
+    be in the same places.  ``dtype``: see ``compile``.  ``per_node``: every kernel's result against the interpreter's value of the same node;
     the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
     from rounding carried in from earlier nodes.  ``device``: see ``compile`` and ``load``."""
     from . import reference
@@ -176,7 +191,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
         how = f"loaded {model}: {name} for {target} at -O{opt_level}" + (f" on the {device}" if device else "")
     else:
         compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                           weight_dtype=weight_dtype, device=device)
+                           weight_dtype=weight_dtype, device=device, dtype=dtype)
         name = compiled.model_name
         k = compiled.kernels
         how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "

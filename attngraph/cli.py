@@ -174,21 +174,25 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
                    "the CUDA source emulator, without a GPU).")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Write the outputs to this .npz.")
 @model_options
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
-              help="Interpreter precision (numpy target).")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32",
+              show_default=True,
+              help="float32, float64: the interpreter's precision (numpy target). float16, bfloat16: the model "
+                   "in that type (weights and activations; arithmetic in float32, each value rounded to the type), "
+                   "interpreted or compiled.")
 @optimize_option
 @user_errors
 def run(model, target, device, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable,
         verify_each):
     """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
     from . import reference
-    if target != "numpy" or is_artifact(model):
-        reject_given(["dtype"], "the interpreter's precision (--target numpy); compiled code runs float32",
-                     same_as={"dtype": "float32"})
-    else:
+    from .ir.types import HALF_DTYPES
+    if target != "numpy" and not is_artifact(model) and dtype == "float64":
+        reject_given(["dtype"], "float64 is the interpreter's precision (--target numpy); compiled code runs float32, "
+                                "float16 or bfloat16")
+    elif target == "numpy" and not is_artifact(model):
         reject_given(["device"], "where a compiled model runs (with --target or an artifact), not the interpreter")
     if is_artifact(model):
-        artifact_options(model, ["target", "opt_level", "disable", "verify_each"])
+        artifact_options(model, ["target", "opt_level", "disable", "verify_each", "dtype"])
         from .api import load
         compiled = load(model, device)
         _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)
@@ -196,10 +200,17 @@ def run(model, target, device, output_path, inputs_path, weights_path, seed, dim
         target = None
     else:
         module = models.get(model)
-        graph, _ = optimized(trace(module), opt_level, disable, verify_each)
+        graph = trace(module)
+        if dtype in HALF_DTYPES:
+            from .passes.precision import to_dtype
+            graph = to_dtype(graph, dtype)
+        graph, _ = optimized(graph, opt_level, disable, verify_each)
         params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, module=module)
+        if dtype in HALF_DTYPES:
+            from .passes.precision import params_in
+            params = params_in(params, graph)
     if target == "numpy":
-        outputs = reference.run(graph, inputs, params, dtype=dtype)
+        outputs = reference.run(graph, inputs, params, dtype="float32" if dtype in HALF_DTYPES else dtype)
     elif target is not None:
         from .backends.tvm import compile_graph
         outputs = compile_graph(graph, params, target, device=device)(inputs)

@@ -52,6 +52,11 @@ weight_dtype_option = click.option(
     help="Store the projection weights in this dtype (llvm; float16 halves what a decode step reads, computed "
          "in float32; verify then checks the kernels against the same rounded weights).")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+    help="The model's weights and activations in this type, its arithmetic in float32 (products accumulated, "
+         "softmax and norm statistics in float32, as PyTorch's autocast); verify rounds the interpreter's values "
+         "the same way. vulkan: float16 only, where the device has shader-f16.")
 
 
 def device_source(out_dir: str, manifest: dict) -> str:
@@ -74,8 +79,9 @@ def device_source(out_dir: str, manifest: dict) -> str:
 @click.option("--dump-source", "dump_path", type=click.Path(dir_okay=False), default=None,
               help="Also write the generated device source (CUDA C for cuda, WGSL for vulkan) to this file.")
 @weight_dtype_option
+@dtype_option
 @user_errors
-def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype):
+def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype, dtype):
     """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
     (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
     'attngraph run DIR', check it with 'attngraph verify DIR'.  An unchanged rebuild comes from the
@@ -92,7 +98,7 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
-                             tuning_db=tuning_db, weight_dtype=weight_dtype)
+                             tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
     b = manifest["build"]
     how = "from the compile cache" if b["cached"] else \
         f"lowering {b.get('lower', 0):.1f} s, compile {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
@@ -131,19 +137,21 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
               help="Compare every kernel's result with the interpreter's value of the same node; name the first "
                    "that diverges.")
 @weight_dtype_option
+@dtype_option
 @device_option
 @user_errors
-def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, device):
+def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, dtype, device):
     """Compile MODEL (or a DIR attngraph train wrote; or load an artifact DIR) and compare its outputs with the
     float64 interpreter on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
-    rtol 1e-4, atol 1e-5 (-inf/NaN entries must be in the same places)."""
+    rtol 1e-4, atol 1e-5; float16 1e-2, 1e-2 and bfloat16 4e-2, 4e-2, the interpreter rounding each value to
+    that type as the build stores it (-inf/NaN entries must be in the same places)."""
     from . import api
     from .backends.tvm.progress import Progress
     from .weights import load_weights
     if weights_path and is_artifact(model):
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
     if is_artifact(model):
-        artifact_options(model, ["target", "arch", "opt_level", "weight_dtype"])
+        artifact_options(model, ["target", "arch", "opt_level", "weight_dtype", "dtype"])
     target = target_name(target, arch)
     params = load_weights(weights_path) if weights_path else None
     from .train.trainer import is_training_dir
@@ -157,7 +165,7 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
                             dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress,
-                            weight_dtype=weight_dtype, device=device)
+                            weight_dtype=weight_dtype, device=device, dtype=dtype)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)

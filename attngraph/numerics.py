@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 
 #: (rtol, atol) of a compiled result against the float64 interpreter, by the result's dtype.
-TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (1e-2, 1e-2), "float64": (1e-10, 1e-12)}
+TOLERANCE = {"float32": (1e-4, 1e-5), "float16": (1e-2, 1e-2), "bfloat16": (4e-2, 4e-2), "float64": (1e-10, 1e-12)}
 
 
 @dataclass
@@ -38,6 +38,8 @@ def same_nonfinite(got: np.ndarray, want: np.ndarray) -> bool:
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> OutputCheck:
     """``got`` against the float64 ``want``: finite entries within tolerance, non-finite ones in the same places."""
     rtol, atol = TOLERANCE.get(got.dtype.name, (0.0, 0.0))
+    if got.dtype.name == "bfloat16":  # ml_dtypes' type, compared in float32 (which holds it exactly)
+        got = got.astype(np.float32)
     if got.shape != want.shape:
         return OutputCheck(name, np.inf, np.inf, rtol, atol, False, f" (shape {got.shape} vs {want.shape})")
     if not same_nonfinite(got, want):

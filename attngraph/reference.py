@@ -3,7 +3,9 @@
 It is the oracle every optimization and every compiled kernel is checked against, so it stays
 small: bind the inputs, walk the nodes in order applying each op's reference function, check each
 result's shape against the node's type, drop values after their last use.  Every floating-point
-value is held in the dtype asked for (float32, or float64 for verification).
+value is held in the dtype asked for (float32, or float64 for verification); a value whose type is a
+half-precision one (float16, bfloat16) is rounded to it first, as a compiled kernel stores its result
+(computed in float32), so a half-precision graph runs here with the roundings of its build.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from .inputs import bind_dims
 from .ir import Graph, Node
+from .ir.types import HALF_DTYPES, numpy_dtype
 from .ir.ops import DIM_ATTRS, bind_attrs  # noqa: F401  (bind_attrs: re-exported for the op tests)
 from .weights import check_params
 
@@ -62,7 +65,9 @@ def run(g: Graph, inputs: Mapping[str, np.ndarray], params: Mapping[str, np.ndar
             else:
                 args = [env[o] for o in g.operands(nid)]
                 value = np.asarray(n.opdef.ref(*args, **bind_attrs(n.attrs, bindings)))
-            if value.dtype.kind == "f":
+            if n.type.dtype in HALF_DTYPES:  # computed in float32 or wider, stored in half precision
+                value = value.astype(np.float32, copy=False).astype(numpy_dtype(n.type.dtype)).astype(dtype)
+            elif value.dtype.kind == "f":
                 value = value.astype(dtype, copy=False)
             elif value.dtype.name != n.type.dtype:
                 value = value.astype(n.type.dtype)

@@ -64,6 +64,11 @@ def default_params(model, seed: int = 0) -> dict[str, np.ndarray]:
     return own(seed) if callable(own) else init_params(model, seed)
 
 
+def is_float_array(value: np.ndarray) -> bool:
+    """A NumPy float array, or ``ml_dtypes``' bfloat16 (which NumPy does not count as a float kind)."""
+    return value.dtype.kind == "f" or value.dtype.name == "bfloat16"
+
+
 def check_params(model, params: Mapping[str, np.ndarray]) -> None:
     """Raise ``WeightsError`` naming every missing, unexpected or wrongly shaped/typed tensor."""
     specs = _param_specs(model)
@@ -77,7 +82,7 @@ def check_params(model, params: Mapping[str, np.ndarray]) -> None:
         want = ty.concrete({})
         if tuple(value.shape) != want:
             problems.append(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want}")
-        elif value.dtype.kind != np.dtype(ty.dtype).kind:
+        elif not (ty.is_float and is_float_array(value)) and value.dtype.kind != np.dtype(ty.dtype).kind:
             problems.append(f"tensor {name!r} has dtype {value.dtype}, expected {ty.dtype}")
     if problems:
         raise WeightsError(f"weights do not fit the model ({len(problems)} problem(s)):\n  " + "\n  ".join(problems))
@@ -93,6 +98,34 @@ def save_weights(path: str, params: Mapping[str, np.ndarray]) -> None:
         save_file(arrays, path)
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _read_bfloat16(path: str) -> dict[str, np.ndarray] | None:
+    """A safetensors file holding bfloat16 tensors, which ``safetensors.numpy`` cannot read (NumPy has no
+    bfloat16; ``ml_dtypes`` gives one): read by the format (an 8-byte little-endian header length, the
+    JSON header of dtype, shape and byte range per tensor, the data).  None for a file without them."""
+    import json
+    import struct
+
+    from .ir.types import numpy_dtype
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+            return None
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        dtype = numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        out[name] = np.frombuffer(data[start:stop], dtype=dtype).reshape(info["shape"]).copy()
+    return out
+
+
 def load_weights(path: str) -> dict[str, np.ndarray]:
     """Read ``.safetensors`` or ``.npz``; a missing or malformed file is a ``WeightsError``."""
     if not os.path.isfile(path):
@@ -102,7 +135,7 @@ def load_weights(path: str) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         from safetensors.numpy import load_file
-        return load_file(path)
+        return _read_bfloat16(path) or load_file(path)
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
         kind = "NumPy archive" if path.endswith(".npz") else "safetensors file"
         raise WeightsError(f"cannot read {path!r} as a {kind}: {type(e).__name__}: {e}") from None

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import dims as D
 from .dims import Dim
-from .types import TensorType, check_dtype
+from .types import TensorType, check_dtype, numpy_dtype
 
 
 class ShapeError(ValueError):
@@ -261,7 +261,7 @@ def gelu(x, *, approximate="none"):
 @op("cast", UNARY, 1, lambda types, attrs: types[0].with_dtype(attrs["dtype"]))
 def cast(x, *, dtype):
     """Convert to ``dtype``."""
-    return x.astype(dtype)
+    return x.astype(numpy_dtype(dtype))
 
 
 @derivative("gelu")

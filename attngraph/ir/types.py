@@ -15,12 +15,23 @@ DTYPES = {
     "float64": "f64",
     "float32": "f32",
     "float16": "f16",
+    "bfloat16": "bf16",
     "int64": "i64",
     "int32": "i32",
     "bool": "bool",
 }
-FLOAT_DTYPES = ("float64", "float32", "float16")
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+#: storage types whose arithmetic runs in float32: each op's result rounded to them (``numpy_dtype``)
+HALF_DTYPES = ("float16", "bfloat16")
 INT_DTYPES = ("int64", "int32")
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype of dtype ``name`` (bfloat16: ``ml_dtypes``', which TVM's runtime reads too)."""
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def check_dtype(dtype) -> str:

@@ -7,6 +7,7 @@ imports no TVM: the groups load on first use (an artifact loads with TVM's runti
 from __future__ import annotations
 
 from ....ir import TensorType
+from ....ir.types import HALF_DTYPES
 from .registry import LOWERINGS, Call, LoweringError, lookup, lowering
 
 
@@ -15,9 +16,22 @@ def _load_groups() -> None:
 
 
 def lower(op: str, attrs: dict, xs: list, out: TensorType, dv, name: str = "out"):
-    """The tensor expression computing ``op(xs)`` with result type ``out``."""
+    """The tensor expression computing ``op(xs)`` with result type ``out``.  Half-precision operands
+    (float16, bfloat16) are read into float32 and the op computed there, the result rounded to ``out``'s
+    type once (``passes.precision``): every lowering is written for float32 and float64 alone."""
     _load_groups()
-    return lookup(op)(Call(op, attrs, list(xs), out, dv.shape(out.shape), dv, name))
+    half = [str(x.dtype) in HALF_DTYPES for x in xs]
+    if out.dtype not in HALF_DTYPES and not any(half):
+        return lookup(op)(Call(op, attrs, list(xs), out, dv.shape(out.shape), dv, name))
+    from tvm import te
+    def widen(x, k):
+        return te.compute(x.shape, lambda *i: x[i].astype("float32"), name=f"{name}_f32_{k}")
+    wide = [widen(x, k) if h else x for k, (x, h) in enumerate(zip(xs, half))]
+    inner = out.with_dtype("float32") if out.dtype in HALF_DTYPES else out
+    result = lookup(op)(Call(op, attrs, wide, inner, dv.shape(out.shape), dv, f"{name}_f32"))
+    if str(result.dtype) == out.dtype:
+        return result
+    return te.compute(result.shape, lambda *i: result[i].astype(out.dtype), name=name)
 
 
 def generic_func(op: str, attrs: dict, in_types, out_type: TensorType, dv):

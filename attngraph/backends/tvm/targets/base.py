@@ -53,6 +53,9 @@ class Target:
     device_code: str | None = None
     #: devices other than the default that can run this target's builds (``--device``), name -> what it is
     devices: dict = {}
+    #: the half-precision types a model may be built in (``compile(dtype=)``), and why not the others
+    half_dtypes: tuple = ("float16", "bfloat16")
+    half_dtypes_note: str = ""
 
     def __init__(self, name: str):
         self.name = name

@@ -41,15 +41,18 @@ class LLVMTarget(Target):
     # artifact of this target loads (with TVM's runtime alone).
     def kernel(self, spec, dv):
         from . import kernels
-        return kernels.kernel(spec, dv, self.tiles)
+        from .schedule import scalar_bfloat16
+        func = kernels.kernel(spec, dv, self.tiles)
+        return None if func is None else scalar_bfloat16(func)
 
     def forms(self, spec, dv):
         from . import kernels
-        return kernels.forms(spec, dv, self.tiles)
+        from .schedule import scalar_bfloat16
+        return {k: scalar_bfloat16(f) for k, f in kernels.forms(spec, dv, self.tiles).items()}
 
     def schedule(self, func):
-        from .schedule import schedule_generic
-        return schedule_generic(func)
+        from .schedule import scalar_bfloat16, schedule_generic
+        return scalar_bfloat16(schedule_generic(func))
 
     def layout_passes(self, weight_dtype=None):
         if weight_dtype not in (None, *WEIGHT_DTYPES):

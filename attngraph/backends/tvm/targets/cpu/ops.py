@@ -14,7 +14,7 @@ from .....ir.ops import FUSED, LAYOUT, ShapeError, op
 from .....ir.types import TensorType
 from ...lower.registry import lowering
 
-FLOAT_DTYPES = ("float16", "float32", "float64")
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 def _infer_pack_panels(types, attrs):

@@ -151,3 +151,20 @@ def vectorize_weighted_sum(sch, block):
     vectorize_static(sch, d)
     init = sch.decompose_reduction(block, r)  # after vectorize, or the schedule rejects it
     vectorize_static(sch, sch.get_loops(init)[-1])
+
+
+def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` with its vectorized loops made serial where it reads or writes bfloat16: TVM's llvm lowering
+    widens bfloat16 to float32 element by element and rejects a vector of them (LLVM may still vectorize
+    the loops itself)."""
+    if "bfloat16" not in func.script():
+        return func
+    import tvm_ffi
+
+    def visit(loop, mutator):
+        loop = mutator.default_mutate(loop)
+        if loop.kind != tirx.ForKind.VECTORIZED:
+            return loop
+        return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
+                        loop.annotations)
+    return tvm_ffi.structural_mutate(func, (tirx.For, visit))

@@ -157,6 +157,25 @@ using std::isinf; using std::isnan;
 #define CUDART_INF_F (__int_as_float(0x7f800000))
 #define CUDART_NAN_F (__int_as_float(0x7fffffff))
 
+// Half precision: float16 is GCC's _Float16 (IEEE binary16; conversions round to nearest even, as
+// __float2half_rn); its arithmetic promotes to float, as the kernels compute (they store half only).
+using half = _Float16;
+EMU_VEC(half, half)
+// bfloat16: a float's upper 16 bits, rounded to nearest even from a float (as __float2bfloat16_rn; NaN stays
+// NaN); read back exactly.
+struct nv_bfloat16 {
+  unsigned short bits;
+  nv_bfloat16() = default;
+  nv_bfloat16(float f) {
+    unsigned u = (unsigned)__float_as_int(f);
+    bits = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u)
+                                           : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  nv_bfloat16(double d) : nv_bfloat16((float)d) {}
+  operator float() const { return __int_as_float((int)((unsigned)bits << 16)); }
+};
+EMU_VEC(nv_bfloat16, nv_bfloat16)
+
 #define uint unsigned int
 #define uchar unsigned char
 #define ushort unsigned short

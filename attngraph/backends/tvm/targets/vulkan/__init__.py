@@ -38,6 +38,8 @@ class VulkanTarget(GPUTarget):
     device_code = "WGSL"
     narrow_bool = True
     unroll = False
+    half_dtypes = ("float16",)
+    half_dtypes_note = "WGSL has no bfloat16 type (float16 runs where the device has shader-f16)"
 
     def make_tvm_target(self):
         return webgpu_target()

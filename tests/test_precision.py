@@ -1,0 +1,173 @@
+"""Models in half precision (``compile(dtype=)``, ``--dtype``; ``passes.precision``): float16 and bfloat16
+storage, float32 arithmetic, the interpreter rounding each value as a build stores it.
+
+Tolerances (``attngraph.numerics.TOLERANCE``) against the float64 interpreter of the same half-precision graph,
+which rounds each op's result to the storage type: float16 rtol 1e-2, atol 1e-2; bfloat16 4e-2, 4e-2 (one
+rounding of a value computed a little differently flips the last bit: 2^-11 relative in float16, 2^-8 in
+bfloat16, and the flips travel through the layers).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+
+import attngraph as ag
+from attngraph import reference
+from attngraph.backends import BuildError
+from attngraph.backends.tvm.build import kernel_func
+from attngraph.backends.tvm.plan import KernelSpec
+from attngraph.backends.tvm.shapes import DimVars, scalar_dims
+from attngraph.backends.tvm.targets import get_target, target_status
+from attngraph.ir import Graph, TensorType
+from attngraph.ir import ops as O
+from attngraph.ir.types import numpy_dtype
+from attngraph.numerics import compare
+from attngraph.passes.precision import PrecisionError, to_dtype
+
+from op_cases import CASES, SIZES, case_id, case_operands
+
+HALF = ["float16", "bfloat16"]
+
+
+def rounded(x, dtype):
+    return np.asarray(x, np.float32).astype(numpy_dtype(dtype)).astype(np.float64)
+
+
+def test_the_interpreter_rounds_each_value_to_its_type():
+    g = Graph("g")
+    x = g.add("input", (), {"type": TensorType((4,), "float32")}, name="x")
+    w = g.add("param", (), {"type": TensorType((4,), "float32")}, name="w")
+    g.set_outputs([("y", g.add("exp", [g.add("mul", [x, w])]))])
+    h = to_dtype(g, "bfloat16")
+    assert [str(t) for t in h.output_types().values()] == ["bf16[4]"] and h.input_types()["x"].dtype == "float32"
+    xv, wv = np.array([0.1, 1.3, -2.7, 3.14159]), np.array([1.001, 0.77, 3.3, -0.5])
+    got = reference.run(h, {"x": xv}, {"w": wv}, dtype="float64")["y"]
+    want = rounded(np.exp(rounded(rounded(xv, "bfloat16") * rounded(wv, "bfloat16"), "bfloat16")), "bfloat16")
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, np.exp(xv * wv))
+
+
+def test_only_float32_models_convert_to_a_half_type():
+    g = Graph("g")
+    x = g.add("input", (), {"type": TensorType((4,), "float64")}, name="x")
+    g.set_outputs([("y", g.add("neg", [x]))])
+    with pytest.raises(PrecisionError, match="float64 parameters or inputs"):
+        to_dtype(g, "float16")
+    with pytest.raises(PrecisionError, match="not 'int8'"):
+        to_dtype(g, "int8")
+    with pytest.raises(BuildError, match="dtype 'float64'"):
+        ag.compile("encoder-tiny", dtype="float64")
+    with pytest.raises(BuildError, match="WGSL has no bfloat16"):
+        ag.compile("encoder-tiny", target="vulkan", dtype="bfloat16")
+
+
+# -- every op's lowering computes in float32 from half-precision operands -------------------------------
+
+HALF_CASES = [c for c in CASES if any(t.dtype == "float32" for t in c[2]) and not c[1].get("dtype") == "float64"
+              and c[0] not in ("pack_panels", "linear_packed")]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", HALF_CASES, ids=[case_id(c) for c in HALF_CASES])
+def test_every_op_in_half_precision_on_llvm(case, dtype):
+    """The generic lowering with the float32 operands in ``dtype``: the result is the float64 meaning of the
+    rounded operands, rounded once to ``dtype`` (its arithmetic in float32, not in ``dtype``)."""
+    op, attrs, types = case
+    attrs = {**O.get(op).defaults, **attrs}
+    types = [t.with_dtype(dtype) if t.dtype == "float32" else t for t in types]
+    out_type = O.get(op).infer(list(types), attrs)
+    target = get_target("llvm")
+    func = kernel_func(KernelSpec("k", op, attrs, tuple(types), out_type), DimVars(), target, generic=True)
+    fn = tvm.compile(tvm.IRModule({"k": func}), target=target.tvm_target)["k"]
+    rng = np.random.default_rng(0)
+    for sizes in SIZES:
+        args = case_operands(case, attrs, sizes, rng)
+        args = [a.astype(numpy_dtype(dtype)) if t.dtype == dtype else a for a, t in zip(args, types)]
+        wide = [a.astype(np.float64) if t.dtype == dtype else a for a, t in zip(args, types)]
+        want = np.asarray(O.get(op).ref(*wide, **O.bind_attrs(attrs, sizes)))
+        if out_type.dtype == dtype:
+            want = rounded(want, dtype)
+        out = tvm.runtime.empty(out_type.concrete(sizes), out_type.dtype)
+        fn(*[tvm.runtime.tensor(np.require(a, requirements="C")) for a in args], out,
+           *[sizes[d] for d in scalar_dims(list(types) + [out_type])])
+        got = out.numpy()
+        if out_type.dtype == dtype:
+            assert got.dtype == numpy_dtype(dtype)
+            check = compare(op, got, want)
+            assert check.ok, f"{check} at {sizes}"
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+def long_sum_graph(dtype):
+    """x (1, 4096) @ w (4096, 1): 4096 products of 0.01, 40.96 in float32 arithmetic; float16 steps would
+    stall where 0.01 is below half the spacing of the running sum (0.0156 from 16 on)."""
+    g = Graph("sum")
+    x = g.add("input", (), {"type": TensorType((1, 4096), "float32")}, name="x")
+    w = g.add("param", (), {"type": TensorType((4096, 1), "float32")}, name="w")
+    g.set_outputs([("y", g.add("matmul", [x, w]))])
+    return g
+
+
+TARGETS = ["llvm", "vulkan", "cuda"]
+
+
+def runnable(target, dtype):
+    if target == "vulkan" and (dtype == "bfloat16" or target_status("vulkan")["run"]):
+        return False
+    return target != "cuda" or shutil.which("g++") is not None
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("target", TARGETS)
+def test_products_accumulate_in_float32(target, dtype):
+    if not runnable(target, dtype):
+        pytest.skip(f"{target} does not run {dtype} here")
+    device = "emulator" if target == "cuda" else None
+    m = ag.compile(long_sum_graph(dtype), {"w": np.full((4096, 1), 0.01, np.float32)}, target=target, dtype=dtype,
+                   device=device)
+    y = m({"x": np.ones((1, 4096), np.float32)})["y"]
+    assert y.dtype == numpy_dtype(dtype)
+    w = float(rounded(0.01, dtype))
+    assert float(y[0, 0]) == pytest.approx(4096 * w, rel=2 ** -7), "summed in float32, rounded once"
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("model", ["encoder-tiny", "gpt-tiny"])
+def test_models_in_half_precision_match_the_rounding_interpreter(model, target, dtype):
+    if not runnable(target, dtype):
+        pytest.skip(f"{target} does not run {dtype} here")
+    report = ag.verify(model, target=target, dtype=dtype, device="emulator" if target == "cuda" else None)
+    assert report.ok, report.format()
+    assert all(c.rtol == {"float16": 1e-2, "bfloat16": 4e-2}[dtype] for c in report.outputs)
+
+
+def test_a_bfloat16_artifact_builds_saves_loads_and_verifies(tmp_path):
+    from click.testing import CliRunner
+
+    from attngraph.cli import main
+    out = str(tmp_path / "bf16")
+    runner = CliRunner()
+    r = runner.invoke(main, ["build", "encoder-tiny", "--dtype", "bfloat16", "-o", out])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["verify", out])
+    assert r.exit_code == 0 and "rtol 0.04" in r.output and "PASS" in r.output, r.output
+    r = runner.invoke(main, ["verify", out, "--dtype", "float16"])
+    assert r.exit_code != 0 and "compiled already" in r.output
+    params = ag.load(out).params
+    assert {v.dtype.name for v in params.values() if v.dtype.kind != "i"} == {"bfloat16"}
+
+
+def test_run_in_half_precision_on_the_interpreter_and_compiled():
+    from click.testing import CliRunner
+
+    from attngraph.cli import main
+    r = CliRunner().invoke(main, ["run", "encoder-tiny", "--dtype", "float16"])
+    assert r.exit_code == 0 and "y: float32[2, 16, 32]" in r.output, r.output  # half values held in float32
+    r = CliRunner().invoke(main, ["run", "encoder-tiny", "--dtype", "float16", "--target", "llvm"])
+    assert r.exit_code == 0 and "y: float16[2, 16, 32]" in r.output, r.output
