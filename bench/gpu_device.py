@@ -9,8 +9,9 @@ TVM wheel (the 259 MB compiler library alone) does not fit.  So the builds happe
 artifacts, and the GPU side runs them with TVM's runtime alone (``TVM_USE_RUNTIME_LIB=1``; TVM compiles
 each artifact's CUDA source with NVRTC when it is loaded).  ``bundle`` writes into ``--out``:
 
-- ``artifacts/cuda/<model>``: cuda builds of the small zoo models (their numerics: ``attngraph verify``)
-  and of the two benchmark encoders of ``bench_gpu.py`` (numerics and speed).  The encoders' weights
+- ``artifacts/cuda/<model>``: cuda builds of the small zoo models (their numerics: ``attngraph verify``),
+  also in float16 and bfloat16 (``<model>.float16``: half storage, float32 arithmetic; their projections are
+  too narrow for dlight's tensor-core rule, which takes matmuls wider than 64), and of the two benchmark encoders of ``bench_gpu.py`` (numerics and speed).  The encoders' weights
   (76 and 42 MB) do not fit: their parameters are left out and drawn again there from the seed they
   were drawn from (``weights.json``); the graph's constants travel;
 - ``artifacts/vulkan/<model>``: vulkan builds of the small zoo models (WGSL run by ``wgpu`` on the GPU's
@@ -46,6 +47,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 #: Small zoo models whose cuda builds are verified there (those of tests/test_gpu_targets.py).
 SMALL = ("transformer-tiny", "encoder-tiny", "gpt-tiny")
+#: The half-precision types the small models are also built in (``--dtype``), verified there as the others.
+HALF = ("float16", "bfloat16")
 #: The device tool's limit on what one call carries.
 LIMIT_BYTES = 64 << 20
 FFI_WHEEL = "apache-tvm-ffi==0.1.14.post0"
@@ -174,6 +177,11 @@ def bundle(out, target, ffi_wheel, vulkan):
         start = time.perf_counter()
         api.build(name, out_dir=os.path.join(arts, name), target=target)
         click.echo(f"built {name} for {target} in {time.perf_counter() - start:.1f} s")
+    if target.partition(":")[0] == "cuda":  # half precision: float16 and bfloat16 storage, float32 arithmetic
+        for name in SMALL:
+            for dtype in HALF:
+                api.build(name, out_dir=os.path.join(arts, f"{name}.{dtype}"), target=target, dtype=dtype)
+                click.echo(f"built {name} for {target} in {dtype}")
     for name, (d, heads, ff, layers) in MODELS.items():
         start = time.perf_counter()
         graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))

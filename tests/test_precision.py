@@ -9,6 +9,7 @@ bfloat16, and the flips travel through the layers).
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -171,3 +172,92 @@ def test_run_in_half_precision_on_the_interpreter_and_compiled():
     assert r.exit_code == 0 and "y: float32[2, 16, 32]" in r.output, r.output  # half values held in float32
     r = CliRunner().invoke(main, ["run", "encoder-tiny", "--dtype", "float16", "--target", "llvm"])
     assert r.exit_code == 0 and "y: float16[2, 16, 32]" in r.output, r.output
+
+
+# -- tensor cores on cuda, checked on the emulator ----------------------------------------------------------
+
+WMMA_KERNELS = r'''
+extern "C" __global__ void __launch_bounds__(32) tile(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
+extern "C" __global__ void __launch_bounds__(32) tile_b_as_rows(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
+extern "C" __global__ void __launch_bounds__(32) tile_lanes_apart(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
+extern "C" __global__ void __launch_bounds__(32) tile(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::col_major> fb;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
+  nvcuda::wmma::fill_fragment(fc, 0.0f);
+  nvcuda::wmma::load_matrix_sync(fa, a, 16);
+  nvcuda::wmma::load_matrix_sync(fb, b, 16);
+  nvcuda::wmma::mma_sync(fc, fa, fb, fc);
+  nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
+}
+extern "C" __global__ void __launch_bounds__(32) tile_b_as_rows(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::row_major> fb;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
+  nvcuda::wmma::fill_fragment(fc, 0.0f);
+  nvcuda::wmma::load_matrix_sync(fa, a, 16);
+  nvcuda::wmma::load_matrix_sync(fb, b, 16);
+  nvcuda::wmma::mma_sync(fc, fa, fb, fc);
+  nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
+}
+extern "C" __global__ void __launch_bounds__(32) tile_lanes_apart(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
+  nvcuda::wmma::load_matrix_sync(fa, a + (threadIdx.x & 1), 16);
+}
+'''
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+def test_the_emulator_runs_wmma_and_honours_the_fragment_layouts(tmp_path):
+    """A 16 x 16 x 16 tile: B declared col_major is read as B^T's rows (the product a @ b for b stored by
+    columns); the same kernel declaring row_major reads another matrix, and its product is wrong here as on
+    a GPU; a warp whose lanes load different tiles stops the process with the kernel's name."""
+    import subprocess
+    import sys
+
+    from attngraph.backends.tvm.targets.cuda.emulator import emulation_library
+    from test_cuda_emu import launch
+    lib, _ = emulation_library(WMMA_KERNELS, str(tmp_path))
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 16)).astype(np.float16), rng.standard_normal((16, 16)).astype(np.float16)
+    want = a.astype(np.float32) @ b.astype(np.float32)
+    for name, stored in (("tile", np.ascontiguousarray(b.T)), ("tile_b_as_rows", np.ascontiguousarray(b.T))):
+        c = np.zeros((16, 16), np.float32)
+        launch(lib, name, (1, 1, 1), (32, 1, 1), [a, stored, c])
+        if name == "tile":
+            np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert not np.allclose(c, want, atol=1e-2)
+    (tmp_path / "k.cu").write_text(WMMA_KERNELS)
+    script = (f"import numpy as np; from attngraph.backends.tvm.targets.cuda.emulator import emulation_library; "
+              f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"from test_cuda_emu import launch; "
+              f"lib, _ = emulation_library(open({str(tmp_path / 'k.cu')!r}).read(), {str(tmp_path)!r}); "
+              f"x = np.zeros((17, 16), np.float16); launch(lib, 'tile_lanes_apart', (1, 1, 1), (32, 1, 1), "
+              f"[x, x, np.zeros(256, np.float32)]); print('finished')")
+    caught = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert caught.returncode != 0 and "finished" not in caught.stdout
+    assert "kernel tile_lanes_apart: wmma::load_matrix_sync with lanes disagreeing" in caught.stderr, caught.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+def test_half_precision_projections_run_on_tensor_cores_on_cuda():
+    """A float16 projection at d_model 256 on cuda: dlight's tensorized matmul (WMMA fragments, float32
+    accumulators), run on the emulator against the rounding interpreter."""
+    g = Graph("proj")
+    x = g.add("input", (), {"type": TensorType(("b", 256), "float32")}, name="x")
+    w = g.add("param", (), {"type": TensorType((256, 256), "float32")}, name="w")
+    bias = g.add("param", (), {"type": TensorType((256,), "float32")}, name="bias")
+    g.set_outputs([("y", g.add("add", [g.add("matmul", [x, w]), bias]))])
+    g.meta["dims"] = {"b": 96}
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((256, 256)).astype(np.float32) / 16, "bias": rng.standard_normal(256).astype(np.float32)}
+    m = ag.compile(g, params, target="cuda", dtype="float16", device="emulator")
+    from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
+    with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:
+        assert "nvcuda::wmma::mma_sync" in f.read()
+    inputs = {"x": rng.standard_normal((96, 256)).astype(np.float32)}
+    got = m(inputs)["y"]
+    want = reference.run(m.graph, inputs, m.params, dtype="float64")["y"]
+    check = compare("y", got, want)
+    assert got.dtype == np.float16 and check.ok, check

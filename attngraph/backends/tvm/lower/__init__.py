@@ -15,6 +15,17 @@ def _load_groups() -> None:
     from . import attention, contraction, elementwise, layout, rows  # noqa: F401  (each registers its lowerings)
 
 
+#: the name of a stage reading a half-precision operand into float32 is the result's name, this, the operand's index
+WIDENED = "_f32_in"
+
+
+def is_widening(stage: str) -> bool:
+    """Whether ``stage`` (a block name) only reads a half-precision operand into float32 (``lower``): a schedule
+    inlines it into its readers (dlight's matmul rule then sees half-precision products and takes tensor cores)."""
+    head, _, index = stage.rpartition(WIDENED)
+    return bool(head) and index.isdigit()
+
+
 def lower(op: str, attrs: dict, xs: list, out: TensorType, dv, name: str = "out"):
     """The tensor expression computing ``op(xs)`` with result type ``out``.  Half-precision operands
     (float16, bfloat16) are read into float32 and the op computed there, the result rounded to ``out``'s
@@ -25,7 +36,7 @@ def lower(op: str, attrs: dict, xs: list, out: TensorType, dv, name: str = "out"
         return lookup(op)(Call(op, attrs, list(xs), out, dv.shape(out.shape), dv, name))
     from tvm import te
     def widen(x, k):
-        return te.compute(x.shape, lambda *i: x[i].astype("float32"), name=f"{name}_f32_{k}")
+        return te.compute(x.shape, lambda *i: x[i].astype("float32"), name=f"{name}{WIDENED}{k}")
     wide = [widen(x, k) if h else x for k, (x, h) in enumerate(zip(xs, half))]
     inner = out.with_dtype("float32") if out.dtype in HALF_DTYPES else out
     result = lookup(op)(Call(op, attrs, wide, inner, dv.shape(out.shape), dv, f"{name}_f32"))
@@ -48,4 +59,5 @@ def lowered_ops() -> set:
     return set(LOWERINGS)
 
 
-__all__ = ["LOWERINGS", "Call", "LoweringError", "generic_func", "lower", "lowered_ops", "lowering"]
+__all__ = ["LOWERINGS", "WIDENED", "Call", "LoweringError", "generic_func", "is_widening", "lower", "lowered_ops",
+           "lowering"]

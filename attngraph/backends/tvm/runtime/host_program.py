@@ -97,6 +97,12 @@ def _walk(node, cls, fn) -> None:
     tvm_ffi.structural_walk(node, (cls, visit), order="pre")
 
 
+#: the launch parameter of a kernel's dynamic shared memory (bytes), and the most a launch may ask: sm_90's
+#: 227 KiB per block, what the CUDA emulator gives every block (``emu.h``: EMU_DYN_SHMEM_BYTES)
+DYNAMIC_SHARED = "tirx.use_dyn_shared_memory"
+MAX_DYNAMIC_SHARED = 227 * 1024
+
+
 def _is_buffer(arg) -> bool:
     return getattr(getattr(arg, "op", None), "name", "") == "tirx.buffer_data"
 
@@ -134,9 +140,13 @@ def _entry(name: str, func) -> Entry:
             raise BuildError(f"kernel {kname} reads buffers {unknown} that {name} neither takes nor allocates "
                              f"(buffer names must be unique within a PrimFunc)")
         values = dict(zip(tags, extents))
-        if any(t not in ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y", "threadIdx.z")
-               for t in tags):
-            raise BuildError(f"kernel {kname}: launch parameters {tags} (dynamic shared memory?) are not supported")
+        if any(t not in ("blockIdx.x", "blockIdx.y", "blockIdx.z", "threadIdx.x", "threadIdx.y", "threadIdx.z",
+                         DYNAMIC_SHARED) for t in tags):
+            raise BuildError(f"kernel {kname}: launch parameters {tags} are not supported")
+        shared = values.get(DYNAMIC_SHARED)
+        if shared is not None and not (isinstance(shared, tirx.IntImm) and shared.value <= MAX_DYNAMIC_SHARED):
+            raise BuildError(f"kernel {kname}: dynamic shared memory of {shared} bytes; the launches hold up to "
+                             f"{MAX_DYNAMIC_SHARED} (sm_90's most per block), a static size")
         grid = [expr_to_json(values.get(t, 1)) for t in ("blockIdx.x", "blockIdx.y", "blockIdx.z")]
         block = [values.get(t, 1) for t in ("threadIdx.x", "threadIdx.y", "threadIdx.z")]
         if not all(isinstance(b, int) or isinstance(b, tirx.IntImm) for b in block):

@@ -161,6 +161,8 @@ using std::isinf; using std::isnan;
 // __float2half_rn); its arithmetic promotes to float, as the kernels compute (they store half only).
 using half = _Float16;
 EMU_VEC(half, half)
+inline half __float2half_rn(float f) { return (half)f; }
+inline float __half2float(half h) { return (float)h; }
 // bfloat16: a float's upper 16 bits, rounded to nearest even from a float (as __float2bfloat16_rn; NaN stays
 // NaN); read back exactly.
 struct nv_bfloat16 {
@@ -175,10 +177,82 @@ struct nv_bfloat16 {
   operator float() const { return __int_as_float((int)((unsigned)bits << 16)); }
 };
 EMU_VEC(nv_bfloat16, nv_bfloat16)
+inline nv_bfloat16 __float2bfloat16_rn(float f) { return nv_bfloat16(f); }
+inline float __bfloat162float(nv_bfloat16 h) { return (float)h; }
 
+#define __align__(n) alignas(n)
+//: dynamic shared memory (``extern __shared__ T name[]``) becomes a static array of this many bytes: the most a
+//: block may have (227 KiB on sm_90); blocks run one at a time
+#define EMU_DYN_SHMEM_BYTES (227 * 1024)
 #define uint unsigned int
 #define uchar unsigned char
 #define ushort unsigned short
+
+// Tensor cores through nvcuda::wmma (what dlight's tensorized matmul emits).  The fragments are warp-collective:
+// every lane of the warp calls load/store/mma with the same tile, which is checked (a lane passing another
+// pointer, stride or layout stops the process with the kernel's name).  CUDA leaves the mapping of a fragment's
+// elements onto the lanes unspecified, so here every lane holds the whole tile, in the tile's row-major order;
+// the memory layout (row_major / col_major of matrix_a and matrix_b, mem_row_major / mem_col_major of the
+// accumulator's loads and stores) is honoured element by element, so a kernel that names the wrong one
+// computes a wrong product here too.  The product accumulates in the accumulator's type (float).
+inline void emu_fail(const char* what);
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
+  static constexpr int rows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int cols = std::is_same_v<Use, matrix_a> ? K : N;
+  static constexpr int num_elements = rows * cols;
+  T x[num_elements];
+};
+inline void emu_same_across_warp(const void* p, unsigned ldm, int layout, const char* op) {
+  uint64_t key = (uint64_t)(uintptr_t)p ^ ((uint64_t)ldm << 48) ^ ((uint64_t)layout << 62);
+  if (emu_exchange(key, 0, true) != key) emu_fail(op);
+}
+template <class Use, int M, int N, int K, class T, class Layout, class S>
+inline void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const S* p, unsigned ldm) {
+  using F = fragment<Use, M, N, K, T, Layout>;
+  constexpr bool col = std::is_same_v<Layout, col_major>;
+  emu_same_across_warp(p, ldm, col, "wmma::load_matrix_sync with lanes disagreeing on the tile");
+  for (int r = 0; r < F::rows; ++r)
+    for (int c = 0; c < F::cols; ++c) f.x[r * F::cols + c] = (T)(col ? p[c * ldm + r] : p[r * ldm + c]);
+}
+template <int M, int N, int K, class T, class S>
+inline void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const S* p, unsigned ldm, layout_t layout) {
+  emu_same_across_warp(p, ldm, layout, "wmma::load_matrix_sync with lanes disagreeing on the tile");
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = (T)(layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]);
+}
+template <int M, int N, int K, class T, class S>
+inline void store_matrix_sync(S* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  emu_same_across_warp(p, ldm, layout, "wmma::store_matrix_sync with lanes disagreeing on the tile");
+  if (emu_self.lane == 0)  // one lane writes: the others hold the same tile
+    for (int r = 0; r < M; ++r)
+      for (int c = 0; c < N; ++c) (layout == mem_col_major ? p[c * ldm + r] : p[r * ldm + c]) = (S)f.x[r * N + c];
+  emu_self.warp->barrier.wait();
+}
+template <class Use, int M, int N, int K, class T, class Layout, class V>
+inline void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, V v) {
+  for (auto& e : f.x) e = (T)v;
+}
+template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC>
+inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+                     const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+  // Lane 0 multiplies (every lane holds the same tiles, which the loads checked); the others copy its result.
+  TC out[M * N];
+  if (emu_self.lane == 0)
+    for (int i = 0; i < M; ++i)
+      for (int j = 0; j < N; ++j) {
+        TC acc = c.x[i * N + j];
+        for (int k = 0; k < K; ++k) acc += (TC)a.x[i * K + k] * (TC)b.x[k * N + j];
+        out[i * N + j] = acc;
+      }
+  const TC* product = emu_exchange(out, 0, true);  // lane 0's array (the warp's fibers share one address space)
+  std::memcpy(d.x, product, sizeof out);
+  emu_self.warp->barrier.wait();  // lane 0's array lives until every lane has copied it
+}
+}}  // namespace nvcuda::wmma
 
 // A kernel that reads or writes past the end of a buffer hits the guard page after it (the emulator
 // places every buffer so that it ends where such a page begins): say which kernel, then crash as usual.
@@ -189,6 +263,12 @@ inline void emu_segv(int sig) {
                  "GPU)\n", emu_kernel_name);
   std::signal(sig, SIG_DFL);
   std::raise(sig);
+}
+// A misuse the hardware would not report (a warp-collective op called with lanes disagreeing): say which
+// kernel and what, then stop.
+inline void emu_fail(const char* what) {
+  std::fprintf(stderr, "cuda emulator: kernel %s: %s\n", emu_kernel_name ? emu_kernel_name : "?", what);
+  std::abort();
 }
 struct EmuSegvHandler {
   EmuSegvHandler() {

@@ -50,6 +50,8 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
         signatures[name] = parsed
     body = cuda_source[cuda_source.index('extern "C"'):]  # the header replaces TVM's CUDA preamble
     body = re.sub(r"__shared__\s+alignas\((\d+)\)", r"alignas(\1) static", body)
+    body = re.sub(r"extern __shared__ __align__\((\d+)\) (\w+) (\w+)\[\];",
+                  r"alignas(\1) static \2 \3[EMU_DYN_SHMEM_BYTES / sizeof(\2)];", body)
     launchers = []
     for name, params in signatures.items():
         args, n_ptr, n_int = [], 0, 0

@@ -64,11 +64,26 @@ def schedule_func(func, target):
     catch-all rule alone: one thread per output element, reductions serial, slower but correct."""
     import tvm
     from tvm.s_tir import dlight as dl
+    func = inline_widening(func)
     try:
         mod = schedule_module(tvm.IRModule({"main": func}), target)
     except Exception:  # noqa: BLE001 - a rule's ScheduleError, or a function left without threads
         mod = schedule_module(tvm.IRModule({"main": func}), target, [dl.gpu.Fallback()])
     return mod["main"]
+
+
+def inline_widening(func):
+    """``func`` with its stages that read a half-precision operand into float32 inlined into their readers
+    (``lower.is_widening``): a matmul of float16 operands then reads them as such, and dlight's matmul rule
+    puts it on tensor cores (WMMA fragments, float32 accumulators) on cuda at sm_70 and later."""
+    from tvm import s_tir
+
+    from ...lower import is_widening
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if is_widening(sch.get(block).name_hint):
+            sch.compute_inline(block)
+    return sch.mod["main"]
 
 
 def require_device_kernels(mod) -> None:
