@@ -154,10 +154,10 @@ def vectorize_weighted_sum(sch, block):
 
 
 def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with its vectorized loops made serial where it reads or writes bfloat16: TVM's llvm lowering
+    """``func`` with its vectorized loops made serial where it reads or writes bfloat16 buffers: TVM's llvm lowering
     widens bfloat16 to float32 element by element and rejects a vector of them (LLVM may still vectorize
     the loops itself)."""
-    if "bfloat16" not in func.script():
+    if not any(str(getattr(p.ty, "dtype", "")) == "bfloat16" for p in func.params):
         return func
     import tvm_ffi
 
