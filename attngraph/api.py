@@ -176,8 +176,8 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     Each output: max abs and rel error and pass/fail at the tolerance of its dtype
     (``attngraph.numerics.TOLERANCE``: float32 rtol 1e-4, atol 1e-5; float16 1e-2, 1e-2; bfloat16 4e-2, 4e-2:
     the interpreter rounds each op's result to a half-precision type as the build does); -inf/NaN must
-    be in the same places.  ``dtype``: see ``compile``.  ``per_node``: every kernel's result against the interpreter's value of the same node;
-    the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
+    be in the same places.  ``dtype``: see ``compile``.  ``per_node``: every kernel's result against the
+    interpreter's value of the same node; the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
     from rounding carried in from earlier nodes.  ``device``: see ``compile`` and ``load``."""
     from . import reference
     from .inputs import InputError, bind_dims, dim_sizes, random_inputs

@@ -122,7 +122,8 @@ def _read_bfloat16(path: str) -> dict[str, np.ndarray] | None:
             continue
         start, stop = info["data_offsets"]
         dtype = numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        out[name] = np.frombuffer(data[start:stop], dtype=dtype).reshape(info["shape"]).copy()
+        count = (stop - start) // dtype.itemsize
+        out[name] = np.frombuffer(data, dtype, count, start).reshape(info["shape"]).copy()
     return out
 
 

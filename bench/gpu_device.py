@@ -11,9 +11,10 @@ each artifact's CUDA source with NVRTC when it is loaded).  ``bundle`` writes in
 
 - ``artifacts/cuda/<model>``: cuda builds of the small zoo models (their numerics: ``attngraph verify``),
   also in float16 and bfloat16 (``<model>.float16``: half storage, float32 arithmetic; their projections are
-  too narrow for dlight's tensor-core rule, which takes matmuls wider than 64), and of the two benchmark encoders of ``bench_gpu.py`` (numerics and speed).  The encoders' weights
-  (76 and 42 MB) do not fit: their parameters are left out and drawn again there from the seed they
-  were drawn from (``weights.json``); the graph's constants travel;
+  too narrow for dlight's tensor-core rule, which takes matmuls wider than 64), and of the two benchmark
+  encoders of ``bench_gpu.py`` (numerics and speed).  The encoders' weights (76 and 42 MB) do not fit:
+  their parameters are left out and drawn again there from the seed they were drawn from
+  (``weights.json``); the graph's constants travel;
 - ``artifacts/vulkan/<model>``: vulkan builds of the small zoo models (WGSL run by ``wgpu`` on the GPU's
   Vulkan driver), with the ``wgpu`` wheels (``whl/``) and the Vulkan loader (``deb/``, ``libvulkan1``),
   which that machine lacks;

@@ -176,31 +176,23 @@ def test_run_in_half_precision_on_the_interpreter_and_compiled():
 
 # -- tensor cores on cuda, checked on the emulator ----------------------------------------------------------
 
-WMMA_KERNELS = r'''
-extern "C" __global__ void __launch_bounds__(32) tile(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
-extern "C" __global__ void __launch_bounds__(32) tile_b_as_rows(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
-extern "C" __global__ void __launch_bounds__(32) tile_lanes_apart(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c);
-extern "C" __global__ void __launch_bounds__(32) tile(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
+WMMA_SIGNATURE = ('extern "C" __global__ void __launch_bounds__(32) {name}(half* __restrict__ a, half* __restrict__ b, '
+                  'float* __restrict__ c)')
+#: c = a b of one 16 x 16 x 16 tile, b's fragment declared in ``{layout}``
+WMMA_TILE = WMMA_SIGNATURE + r''' {{
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::col_major> fb;
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::{layout}> fb;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
   nvcuda::wmma::fill_fragment(fc, 0.0f);
   nvcuda::wmma::load_matrix_sync(fa, a, 16);
   nvcuda::wmma::load_matrix_sync(fb, b, 16);
   nvcuda::wmma::mma_sync(fc, fa, fb, fc);
   nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
-}
-extern "C" __global__ void __launch_bounds__(32) tile_b_as_rows(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
-  nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, half, nvcuda::wmma::row_major> fb;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> fc;
-  nvcuda::wmma::fill_fragment(fc, 0.0f);
-  nvcuda::wmma::load_matrix_sync(fa, a, 16);
-  nvcuda::wmma::load_matrix_sync(fb, b, 16);
-  nvcuda::wmma::mma_sync(fc, fa, fb, fc);
-  nvcuda::wmma::store_matrix_sync(c, fc, 16, nvcuda::wmma::mem_row_major);
-}
-extern "C" __global__ void __launch_bounds__(32) tile_lanes_apart(half* __restrict__ a, half* __restrict__ b, float* __restrict__ c) {
+}}
+'''
+WMMA_KERNELS = "".join(WMMA_SIGNATURE.format(name=n) + ";\n" for n in ("tile", "tile_b_as_rows", "tile_lanes_apart")) \
+    + WMMA_TILE.format(name="tile", layout="col_major") + WMMA_TILE.format(name="tile_b_as_rows", layout="row_major") \
+    + WMMA_SIGNATURE.format(name="tile_lanes_apart") + r''' {
   nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half, nvcuda::wmma::row_major> fa;
   nvcuda::wmma::load_matrix_sync(fa, a + (threadIdx.x & 1), 16);
 }
@@ -251,7 +243,8 @@ def test_half_precision_projections_run_on_tensor_cores_on_cuda():
     g.set_outputs([("y", g.add("add", [g.add("matmul", [x, w]), bias]))])
     g.meta["dims"] = {"b": 96}
     rng = np.random.default_rng(0)
-    params = {"w": rng.standard_normal((256, 256)).astype(np.float32) / 16, "bias": rng.standard_normal(256).astype(np.float32)}
+    params = {"w": rng.standard_normal((256, 256)).astype(np.float32) / 16,
+              "bias": rng.standard_normal(256).astype(np.float32)}
     m = ag.compile(g, params, target="cuda", dtype="float16", device="emulator")
     from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
     with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:

@@ -351,12 +351,12 @@ def _attention_vjp(d, n, xs, out, cot):
     q, k, v = (bhsd(t, s) for t, s in zip(xs[:3], starts))
     masks = xs[3:]
     g = layout(cot)
+    mask_attrs = {"scale": attrs["scale"], "mask_kinds": tuple(attrs["mask_kinds"]),
+                  "mask_fills": tuple(attrs.get("mask_fills", ()))}
     # (q, k and v may be one tensor, windows of a merged projection: the transform adds their cotangents)
     if any(kind == "additive" and d.needs(m) for m, (kind, _) in zip(masks, mask_specs(attrs))):
-        dq, dk, dv, dmasks = _attention_scores_backward(d, attrs, q, k, v, g, masks)
+        dq, dk, dv, dmasks = _attention_scores_backward(d, mask_attrs, q, k, v, g, masks)
     else:
-        mask_attrs = {"scale": attrs["scale"], "mask_kinds": tuple(attrs["mask_kinds"]),
-                      "mask_fills": tuple(attrs.get("mask_fills", ()))}
         lse = d("attention_lse", q, k, *masks, **mask_attrs)
         delta = d("reduce_sum", d("mul", g, layout(out)), axes=(3,))
         dq = d("attention_grad_q", q, k, v, g, lse, delta, *masks, **mask_attrs)
@@ -369,9 +369,9 @@ def _attention_vjp(d, n, xs, out, cot):
 
 def _attention_scores_backward(d, attrs, q, k, v, g, masks):
     """The backward through the (batch, heads, q_len, k_len) probabilities, recomputed by plain ops:
-    d v = p^T g, d p = g v^T, d s through the masked softmax, d q = d s k, d k = d s^T q."""
-    p = d("scaled_masked_softmax", d("matmul", q, d.swap_last(k)), *masks, scale=attrs["scale"],
-          mask_kinds=tuple(attrs["mask_kinds"]), mask_fills=tuple(attrs.get("mask_fills", ())))
+    d v = p^T g, d p = g v^T, d s through the masked softmax, d q = d s k, d k = d s^T q.  ``attrs``: the
+    scale and the masks' kinds and fills."""
+    p = d("scaled_masked_softmax", d("matmul", q, d.swap_last(k)), *masks, **attrs)
     dv = d("matmul", d.swap_last(p), g)
     ds, dmasks = masked_softmax_backward(d, p, d("matmul", g, d.swap_last(v)), masks, attrs, attrs["scale"])
     return d("matmul", ds, k), d("matmul", d.swap_last(ds), q), dv, dmasks
@@ -404,8 +404,9 @@ def _grad_operands(name, types, attrs):
     q, k, v, g, lse, delta = types[:6]
     b, h, lq, dv = g.shape
     e, lk = q.shape[3], k.shape[2]
-    if not all(_broadcasts_to(t.shape[:2], (b, h)) for t in (q, k, v)) or k.shape[3] != e or v.shape[2] != lk or v.shape[3] != dv or q.shape[2] != lq \
-            or delta.shape != (b, h, lq) or not _broadcasts_to(lse.shape, (b, h, lq)):
+    fits = all(_broadcasts_to(t.shape[:2], (b, h)) for t in (q, k, v)) and _broadcasts_to(lse.shape, (b, h, lq))
+    if not fits or k.shape[3] != e or v.shape[2] != lk or v.shape[3] != dv or q.shape[2] != lq \
+            or delta.shape != (b, h, lq):
         raise ShapeError(f"{name}: q {q}, k {k}, v {v}, d out {g}, lse {lse} and delta {delta} do not fit together")
     if not all(isinstance(x, int) for x in (e, dv)):
         raise ShapeError(f"{name}: the head dims must be static, got {e} and {dv}")

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 
 from ..ir import Graph, TensorType
-from ..ir.types import HALF_DTYPES
+from ..ir.types import HALF_DTYPES, numpy_dtype
 
 
 class PrecisionError(ValueError):
@@ -51,7 +51,6 @@ def to_dtype(graph: Graph, dtype: str) -> Graph:
 
 def params_in(params, graph: Graph) -> dict:
     """``params`` in the dtypes ``graph`` stores them in (float32 weights rounded to its half type)."""
-    from ..ir.types import numpy_dtype
     types = graph.param_types()
     return {k: np.asarray(v).astype(numpy_dtype(types[k].dtype)) if k in types and types[k].dtype in HALF_DTYPES
             else v for k, v in params.items()}

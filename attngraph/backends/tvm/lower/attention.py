@@ -53,7 +53,8 @@ def _attention_lse(c):
     s = masked_scores(_scores(c, lq, lk), c.xs[2:], c.attrs, c.name)
     n1, n2 = te.reduce_axis((0, lk), name="n1"), te.reduce_axis((0, lk), name="n2")
     mx = te.compute(c.shape, lambda i, j, m: te.max(s[i, j, m, n1], axis=n1), name=f"{c.name}_max")
-    se = te.compute(c.shape, lambda i, j, m: te.sum(tirx.exp(s[i, j, m, n2] - mx[i, j, m]), axis=n2), name=f"{c.name}_sum")
+    se = te.compute(c.shape, lambda i, j, m: te.sum(tirx.exp(s[i, j, m, n2] - mx[i, j, m]), axis=n2),
+                    name=f"{c.name}_sum")
     return te.compute(c.shape, lambda i, j, m: mx[i, j, m] + tirx.log(se[i, j, m]), name=c.name)
 
 
