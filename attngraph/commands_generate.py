@@ -90,9 +90,12 @@ def text_ids(tokenizer, text: str, where: str) -> list[int]:
 @click.option("--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="With --target llvm: store the projection weights in this dtype (float16: half the bytes "
                    "per token, float16's rounding of every weight).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="The model's weights, activations and caches in this type, its arithmetic in float32 (as "
+                   "attngraph build --dtype); with --target numpy the interpreter rounds each value the same way.")
 @user_errors
 def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nbest, target, cache_len,
-             save_dir, weights_path, seed, weight_dtype):
+             save_dir, weights_path, seed, weight_dtype, dtype):
     """Generate from MODEL (a model, a DIR of compiled entries from --save, or a DIR that attngraph train wrote:
     then --input is text and so is the output) for each --input."""
     from .train.data import decode as words
@@ -109,7 +112,7 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
         if weights_path:
             raise click.BadParameter("compiled entries carry their weights; rebuild them to change them",
                                      param_hint="--weights")
-        artifact_options(model, ["target", "cache_len", "weight_dtype", "seed", "save_dir"], MANIFEST)
+        artifact_options(model, ["target", "cache_len", "weight_dtype", "dtype", "seed", "save_dir"], MANIFEST)
         stepper = CompiledStepper(model)
     else:
         if tokenizer is None:
@@ -124,10 +127,11 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
             if weight_dtype != "float32":
                 raise click.BadParameter("--weight-dtype applies to a compile target, not numpy",
                                          param_hint="--weight-dtype")
-            stepper = InterpreterStepper(module, params, cache_len)
+            stepper = InterpreterStepper(module, params, cache_len, precision=dtype)
         else:
             out_dir = save_dir or tempfile.mkdtemp(prefix="attngraph-generate-")
-            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len, weight_dtype=weight_dtype)
+            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len, weight_dtype=weight_dtype,
+                                  dtype=dtype)
             stepper = CompiledStepper(out_dir)
     ready = time.perf_counter()
     if beam == 1:

@@ -28,6 +28,8 @@ from typing import Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .ir import Graph, TensorType
+from .ir.types import numpy_dtype
+from .passes.precision import STATE
 
 #: The entries a generating model provides (``encode_entry`` only with an encoder).
 ENTRIES = ("encode_entry", "decode_step", "reorder_cache")
@@ -110,11 +112,13 @@ class EntryStepper:
     the interpreter and compiled steppers differ only in how they make those callables."""
 
     def __init__(self, info: DecoderInfo, entries: Mapping[str, Entry], dtype: str = "float32"):
+        """``dtype``: the type the caches are stored in."""
         self.info, self.entries, self.dtype = info, dict(entries), dtype
 
     def _zero_caches(self, batch: int) -> dict:
         # Zeros, not garbage: masked-out entries are multiplied by 0, and 0 * NaN is NaN.
-        return {n: np.zeros(self.info.state[n].concrete({"batch": batch}), self.dtype) for n in self.info.caches}
+        return {n: np.zeros(self.info.state[n].concrete({"batch": batch}), numpy_dtype(self.dtype))
+                for n in self.info.caches}
 
     def encode(self, sources):
         sources = np.asarray(sources, np.int64)
@@ -136,8 +140,11 @@ class EntryStepper:
                                   f"{self.info.cache_len} positions (built with cache_len={self.info.cache_len})")
         out = self.entries["decode_step"]({"tokens": tokens, "pos": np.int64(pos), **state})
         # The entry gives every new position's log-probs (no symbolic slice to lower); the next
-        # token only needs the last.
-        return np.asarray(out["log_probs"])[:, -1], {**state, **{n: out[n] for n in self.info.caches}}
+        # token only needs the last (a half-precision model's in float32, for the search's sums).
+        log_probs = np.asarray(out["log_probs"])[:, -1]
+        if log_probs.dtype.itemsize < 4:
+            log_probs = log_probs.astype(np.float32)
+        return log_probs, {**state, **{n: out[n] for n in self.info.caches}}
 
     def reorder(self, state, indices):
         out = self.entries["reorder_cache"]({"indices": np.asarray(indices, np.int64),
@@ -166,22 +173,35 @@ def trace_entries(model, cache_len: int | None = None) -> dict[str, Graph]:
     graphs = {m: trace(model, method=m) for m in ENTRIES if m != "encode_entry" or hasattr(model, "encode_entry")}
     state = {n: t for n, t in graphs["decode_step"].input_types().items() if n not in ("tokens", "pos")}
     graphs["expand_state"] = trace(Reorder(state), name=f"{graphs['decode_step'].name.rpartition('.')[0]}.expand_state")
+    for g in graphs.values():  # in half precision, stored in the type (``passes.precision.STATE``)
+        g.meta[STATE] = sorted(n for n in g.input_types() if n in state)
     return graphs
 
 
 class InterpreterStepper(EntryStepper):
-    """Decode steps on the reference interpreter (float32, or float64 for checking)."""
+    """Decode steps on the reference interpreter (float32, or float64 for checking).  ``precision``: the
+    model in float16 or bfloat16 (``passes.precision.to_dtype``: the interpreter rounds as a build does)."""
 
-    def __init__(self, model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32"):
+    def __init__(self, model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32",
+                 precision: str | None = None):
         from . import reference
+        from .passes.precision import params_in, to_dtype
         self.graphs = trace_entries(model, cache_len)
+        info = DecoderInfo.from_model(model, self.graphs["decode_step"], self.graphs.get("encode_entry"))
+        half = precision not in (None, "float32")
+        if half:
+            self.graphs = {m: to_dtype(g, precision) for m, g in self.graphs.items()}
 
         def entry(g: Graph) -> Entry:
-            own = {k: params[k] for k in g.params}
-            return lambda inputs: reference.run(g, inputs, own, dtype=dtype)
+            own = params_in({k: params[k] for k in g.params}, g)
+            types = g.output_types()
 
-        info = DecoderInfo.from_model(model, self.graphs["decode_step"], self.graphs.get("encode_entry"))
-        super().__init__(info, {m: entry(g) for m, g in self.graphs.items()}, dtype)
+            def run(inputs):  # each value in the type it is stored in (the interpreter holds them in ``dtype``)
+                out = reference.run(g, inputs, own, dtype=dtype)
+                return {k: v.astype(numpy_dtype(types[k].dtype)) if half else v for k, v in out.items()}
+            return run
+
+        super().__init__(info, {m: entry(g) for m, g in self.graphs.items()}, precision if half else dtype)
 
 
 class CompiledStepper(EntryStepper):
@@ -195,18 +215,19 @@ class CompiledStepper(EntryStepper):
 
     @staticmethod
     def build(model, params: Mapping[str, np.ndarray], out_dir: str, target: str = "llvm", opt_level: int = 3,
-              cache_len: int | None = None, weight_dtype: str | None = None) -> dict:
+              cache_len: int | None = None, weight_dtype: str | None = None, dtype: str | None = None) -> dict:
         """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written.
-        ``weight_dtype="float16"`` stores the projection weights in half precision (llvm)."""
+        ``weight_dtype="float16"`` stores the projection weights in half precision (llvm); ``dtype``: the
+        model in float16 or bfloat16 (``attngraph.compile``), its caches and encoder memory in that type."""
         from .api import build
         graphs = trace_entries(model, cache_len)
         info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
         os.makedirs(out_dir, exist_ok=True)
         for name, g in graphs.items():
             build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target, opt_level=opt_level,
-                  weight_dtype=weight_dtype)
+                  weight_dtype=weight_dtype, dtype=dtype)
         manifest = {"format": 1, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
-                    "weight_dtype": weight_dtype or "float32",
+                    "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
                     "cache_len": info.cache_len, "decoder": info.to_json()}
         with open(os.path.join(out_dir, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
@@ -227,7 +248,7 @@ class CompiledStepper(EntryStepper):
             return lambda inputs: model(inputs, keep=state)
 
         super().__init__(DecoderInfo.from_json(self.manifest["decoder"]),
-                         {m: entry(model) for m, model in self.models.items()})
+                         {m: entry(model) for m, model in self.models.items()}, self.manifest.get("dtype", "float32"))
 
 
 def is_generation_dir(path: str) -> bool:

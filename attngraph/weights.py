@@ -12,6 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from .ir import Graph, TensorType
+from .ir.types import HALF_DTYPES, numpy_dtype
 
 
 class WeightsError(ValueError):
@@ -42,7 +43,9 @@ def _fill(rng: np.random.Generator, ty: TensorType, init: tuple, perturb: bool) 
             x = x + rng.normal(0.0, 0.1, shape)
     else:
         raise WeightsError(f"unknown init {init!r}")
-    return x.astype(ty.dtype)
+    if ty.dtype in HALF_DTYPES:  # drawn as a float32 model's, rounded once (``passes.precision.params_in``)
+        x = x.astype(np.float32)
+    return x.astype(numpy_dtype(ty.dtype))
 
 
 def init_params(model, seed: int = 0, perturb: bool = False) -> dict[str, np.ndarray]:

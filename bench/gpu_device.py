@@ -10,9 +10,9 @@ artifacts, and the GPU side runs them with TVM's runtime alone (``TVM_USE_RUNTIM
 each artifact's CUDA source with NVRTC when it is loaded).  ``bundle`` writes into ``--out``:
 
 - ``artifacts/cuda/<model>``: cuda builds of the small zoo models (their numerics: ``attngraph verify``),
-  also in float16 and bfloat16 (``<model>.float16``: half storage, float32 arithmetic; their projections are
-  too narrow for dlight's tensor-core rule, which takes matmuls wider than 64), and of the two benchmark
-  encoders of ``bench_gpu.py`` (numerics and speed).  The encoders' weights (76 and 42 MB) do not fit:
+  also in float16 and bfloat16 (``<model>.float16``: half storage, float32 arithmetic; projections on tensor
+  cores, the attention not: their heads of 8 are narrower than the tensor-core kernel's 16), and of the two benchmark encoders of
+  ``bench_gpu.py`` in float32, float16 and bfloat16 (numerics and speed; in the half types on tensor cores).  The encoders' weights (76 and 42 MB) do not fit:
   their parameters are left out and drawn again there from the seed they were drawn from
   (``weights.json``); the graph's constants travel;
 - ``artifacts/vulkan/<model>``: vulkan builds of the small zoo models (WGSL run by ``wgpu`` on the GPU's
@@ -26,7 +26,8 @@ each artifact's CUDA source with NVRTC when it is loaded).  ``bundle`` writes in
 
 ``check`` (there) verifies every artifact against the float64 interpreter, times the kernel
 candidates (``gpu_ab.check``), then times each encoder
-against PyTorch eager and torch.compile (``bench_gpu.bench_model``) and its fused attention kernel,
+against PyTorch eager and torch.compile (``bench_gpu.bench_model``) and its fused attention kernel (in
+float32 at 8 x 512; in float16 and bfloat16 at 8 x 512 and 32 x 512, against FlashAttention-2 and cuBLAS too),
 and ends with a table of all of it.  Only what the artifacts need is run there: nothing is compiled.
 """
 
@@ -183,13 +184,17 @@ def bundle(out, target, ffi_wheel, vulkan):
             for dtype in HALF:
                 api.build(name, out_dir=os.path.join(arts, f"{name}.{dtype}"), target=target, dtype=dtype)
                 click.echo(f"built {name} for {target} in {dtype}")
+    cuda = target.partition(":")[0] == "cuda"
     for name, (d, heads, ff, layers) in MODELS.items():
-        start = time.perf_counter()
         graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
-        art = os.path.join(arts, name)
-        api.build(graph, init_params(graph, 0, perturb=True), out_dir=art, target=target, opt_level=3)
-        _strip_params(art, seed=0)
-        click.echo(f"built {name} for {target} in {time.perf_counter() - start:.1f} s (parameters left out)")
+        for dtype in ("float32",) + (HALF if cuda else ()):
+            start = time.perf_counter()
+            art = os.path.join(arts, name if dtype == "float32" else f"{name}.{dtype}")
+            api.build(graph, init_params(graph, 0, perturb=True), out_dir=art, target=target, opt_level=3,
+                      dtype=dtype)
+            _strip_params(art, seed=0)
+            click.echo(f"built {name} for {target} in {dtype} in {time.perf_counter() - start:.1f} s "
+                       f"(parameters left out)")
     if target.partition(":")[0] == "cuda":  # every candidate kernel, timed alone there (gpu_ab.py)
         import gpu_ab
         gpu_ab.build.callback(out=os.path.join(out, "ab"), arch=target.partition(":")[2] or "sm_80",
@@ -277,6 +282,10 @@ def check(bundle_dir, repeat, no_bench):
         from bench_gpu import bench_model
         for name in MODELS:
             rows += bench_model(name, [(8, 512)], repeat, artifact=os.path.join(arts, "cuda", name))
+        for name in MODELS:  # the issue's half-precision cases: end to end, attention vs FlashAttention-2, cuBLAS
+            for dtype in HALF:
+                rows += bench_model(name, [(8, 512), (32, 512)], repeat,
+                                    artifact=os.path.join(arts, "cuda", f"{name}.{dtype}"), dtype=dtype)
     click.echo("\n" + "\n".join(rows))
 
 

@@ -420,3 +420,41 @@ def test_compiled_steps_with_float16_weights(tmp_path):
         la, a = compiled.step(np.array(tokens)[:, None], pos, a)
         lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
         assert np.abs(la - lb).max() < 1e-2, f"position {pos}"  # float16's rounding of the weights
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_compiled_steps_in_half_precision_match_the_rounding_interpreter(tmp_path, dtype):
+    """``generate --dtype``: the entries built in a half type (weights, activations, caches and encoder memory
+    stored in it, arithmetic in float32) step as the interpreter running the same half-precision entries
+    (each value rounded as the build stores it), within the type's tolerance, and search the same tokens."""
+    pytest.importorskip("tvm")
+    from attngraph.ir.types import numpy_dtype
+    from attngraph.numerics import TOLERANCE as HALF_TOLERANCE
+    model = tiny("seq2seq")
+    params = params_of(model)
+    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, dtype=dtype)
+    assert manifest["dtype"] == dtype
+    compiled = G.CompiledStepper(str(tmp_path))
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64", precision=dtype)
+    src = np.array([[3, 4, 5, 6], [7, 8, 0, 0]])
+    a, b = compiled.encode(src), oracle.encode(src)
+    floats = [n for n, v in b.items() if v.dtype != bool]  # the caches and the encoder's keys and values
+    assert set(a) == set(b) and len(floats) == 8 and all(b[n].dtype == numpy_dtype(dtype) for n in floats)
+    assert all((a[n].numpy() if hasattr(a[n], "numpy") else a[n]).dtype == numpy_dtype(dtype) for n in floats)
+    rtol, atol = HALF_TOLERANCE[dtype]
+    for pos, tokens in enumerate([[1, 1], [5, 9], [12, 3]]):
+        la, a = compiled.step(np.array(tokens)[:, None], pos, a)
+        lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
+        assert la.dtype == np.float32
+        np.testing.assert_allclose(la, lb, rtol=rtol, atol=atol, err_msg=f"position {pos}")
+    sources = [[3, 4, 5, 6], [7, 8]]
+    assert [h.tokens for h in G.greedy_search(compiled, sources, 6)] == \
+        [h.tokens for h in G.greedy_search(oracle, sources, 6)]
+    runner = CliRunner()
+    other = "float16" if dtype == "bfloat16" else "bfloat16"
+    ok = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", "--dtype", dtype])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--dtype", other])
+    assert bad.exit_code == 2 and f"Invalid value for --dtype: {tmp_path} is compiled already" in bad.output, bad.output
+    fresh = runner.invoke(generate_command, ["gpt-tiny", "--input", "3 4", "--max-len", "3", "--dtype", dtype])
+    assert fresh.exit_code == 0 and fresh.output.startswith("0: "), fresh.output

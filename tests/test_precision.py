@@ -232,25 +232,186 @@ def test_the_emulator_runs_wmma_and_honours_the_fragment_layouts(tmp_path):
     assert "kernel tile_lanes_apart: wmma::load_matrix_sync with lanes disagreeing" in caught.stderr, caught.stderr
 
 
+#: one m16n8k16 ``mma.sync`` (PTX fragments): c = a b^T for a (16, 16), b (8, 16); a's fragment read with
+#: rows ``{a_row}`` and columns ``{a_col}`` apart, in a block of ``{threads}`` threads
+MMA_TILE = """
+@T.prim_func
+def main(a_h: T.handle, b_h: T.handle, c_h: T.handle):
+    T.func_attr({{'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True}})
+    A = T.match_buffer(a_h, (16, 16), "{dtype}")
+    B = T.match_buffer(b_h, (8, 16), "{dtype}")
+    C = T.match_buffer(c_h, (16, 8), "float32")
+    tx = T.launch_thread("threadIdx.x", {threads})
+    af = T.alloc_buffer((8,), "{dtype}", scope="local")
+    bf = T.alloc_buffer((4,), "{dtype}", scope="local")
+    cf = T.alloc_buffer((4,), "float32", scope="local")
+    for i in T.unroll(8):
+        af[i] = A[tx // 4 + {a_row}, tx % 4 * 2 + i % 2 + {a_col}]
+    for i in T.unroll(4):
+        bf[i] = B[tx // 4, tx % 4 * 2 + i % 2 + i // 2 * 8]
+    for i in T.unroll(4):
+        cf[i] = T.float32(0)
+    {mma}
+    for i in T.unroll(4):
+        C[tx // 4 + i // 2 * 8, tx % 4 * 2 + i % 2] = cf[i]
+"""
+#: the PTX ISA's A fragment (a2, a3 eight rows down; a4..a7 eight columns right), and the two halves mixed up
+PTX_A, SWAPPED_A = {"a_row": "i // 2 % 2 * 8", "a_col": "i // 4 * 8"}, {"a_row": "i // 4 * 8", "a_col": "i // 2 % 2 * 8"}
+
+
+def mma_tile(dtype, threads=32, layout=PTX_A):
+    from attngraph.backends.tvm.targets.cuda.tensor_cores import _MMA_TYPE, mma
+    kind = _MMA_TYPE[dtype]
+    return tvm.script.from_source(MMA_TILE.format(dtype=dtype, threads=threads, mma=mma(kind, "af", "0", "bf", "0", "cf", "0"),
+                                                  **layout))
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
-def test_half_precision_projections_run_on_tensor_cores_on_cuda():
-    """A float16 projection at d_model 256 on cuda: dlight's tensorized matmul (WMMA fragments, float32
-    accumulators), run on the emulator against the rounding interpreter."""
-    g = Graph("proj")
-    x = g.add("input", (), {"type": TensorType(("b", 256), "float32")}, name="x")
-    w = g.add("param", (), {"type": TensorType((256, 256), "float32")}, name="w")
-    bias = g.add("param", (), {"type": TensorType((256,), "float32")}, name="bias")
-    g.set_outputs([("y", g.add("add", [g.add("matmul", [x, w]), bias]))])
-    g.meta["dims"] = {"b": 96}
+@pytest.mark.parametrize("dtype", HALF)
+def test_the_emulator_runs_mma_sync_in_the_ptx_fragment_layouts(dtype, tmp_path):
+    """One m16n8k16 ``mma.sync`` as TVM emits it (inline PTX), on the emulator: with the PTX ISA's fragment
+    layout the product is right; with A's two halves mixed up (a2/a3 taken as the columns to the right, a4..a7
+    as the rows below) it is wrong here as on a GPU; a block of 16 threads (half a warp) stops the process."""
+    import subprocess
+    import sys
+
+    from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
     rng = np.random.default_rng(0)
-    params = {"w": rng.standard_normal((256, 256)).astype(np.float32) / 16,
-              "bias": rng.standard_normal(256).astype(np.float32)}
-    m = ag.compile(g, params, target="cuda", dtype="float16", device="emulator")
+    a = rng.standard_normal((16, 16)).astype(numpy_dtype(dtype))
+    b = rng.standard_normal((8, 16)).astype(numpy_dtype(dtype))
+    want = a.astype(np.float64) @ b.astype(np.float64).T
+    for layout, right in ((PTX_A, True), (SWAPPED_A, False)):
+        emu = CudaEmulator.from_funcs({"main": mma_tile(dtype, layout=layout)})
+        assert "mma.sync.aligned.m16n8k16.row.col.f32" in emu.source
+        c = np.zeros((16, 8), np.float32)
+        emu.call("main", [a, b, c])
+        assert np.allclose(c, want, rtol=1e-5, atol=1e-5) == right, layout
+    script = (f"import sys, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"from test_precision import mma_tile; from attngraph.ir.types import numpy_dtype; "
+              f"from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator; "
+              f"emu = CudaEmulator.from_funcs({{'main': mma_tile({dtype!r}, threads=16)}}); "
+              f"x = np.zeros((16, 16), numpy_dtype({dtype!r})); emu.call('main', [x, x[:8], np.zeros((16, 8), np.float32)]); "
+              f"print('finished')")
+    caught = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert caught.returncode != 0 and "finished" not in caught.stdout
+    assert "kernel main_kernel: mma.sync in a warp without all 32 lanes" in caught.stderr, caught.stderr[-2000:]
+
+
+def attention_graph(d, dv, layout, masks, heads=2):
+    """q (b, heads, s, d), k (b, heads, t, d), v (b, heads, t, dv) (``layout`` bshd: seq before heads) and
+    ``masks`` [(kind, shape)] into one ``fused_attention``."""
+    g = Graph("att")
+
+    def operand(name, seq, width):
+        shape = ("b", seq, heads, width) if layout == "bshd" else ("b", heads, seq, width)
+        return g.add("input", (), {"type": TensorType(shape, "float32")}, name=name)
+    ops = [operand("q", "s", d), operand("k", "t", d), operand("v", "t", dv)]
+    for i, (kind, shape) in enumerate(masks):
+        dtype = "float32" if kind == "additive" else "bool"
+        ops.append(g.add("input", (), {"type": TensorType(shape, dtype)}, name=f"m{i}"))
+    attrs = {"scale": d ** -0.5, "mask_kinds": tuple(k for k, _ in masks), "layout": layout}
+    g.set_outputs([("y", g.add("fused_attention", ops, attrs))])
+    return g
+
+
+def attention_inputs(g, dims, rng):
+    """Random inputs of ``attention_graph`` at ``dims``; a (b, 1, 1, t) padding mask hides every key of
+    sequence 1 (its rows NaN, as in the interpreter)."""
+    x = {}
+    for name, t in g.input_types().items():
+        shape = t.concrete(dims)
+        if t.dtype == "bool":
+            x[name] = rng.random(shape) < 0.7
+            if name == "m0" and len(shape) == 4 and shape[2] == 1:
+                x[name][1] = False
+        else:
+            x[name] = rng.standard_normal(shape).astype(np.float32)
+    return x
+
+
+TC_ATTENTION = [  # (d, dv, layout, masks, dims): key tiles of 64 with a tail, query tiles of 64 with a tail
+    (32, 32, "bhsd", [("keep", ("b", 1, 1, "t"))], {"b": 2, "s": 70, "t": 90}),
+    (64, 32, "bshd", [("drop", ("s", "t")), ("additive", (1, 2, "s", "t"))], {"b": 1, "s": 65, "t": 65}),
+    (16, 48, "bhsd", [], {"b": 1, "s": 3, "t": 130}),  # few rows: the decode form (SIMT, half operands)
+]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("case", TC_ATTENTION, ids=["keep-padding", "bshd-causal-bias", "decode"])
+def test_half_attention_runs_on_tensor_cores_on_cuda(case, dtype):
+    """The fused attention in a half type on cuda: the FlashAttention-2-style kernel (``mma.sync``, online
+    softmax over the accumulator fragments) against the rounding interpreter; masks of every kind (an additive
+    one stored in the half type, -1e9 in it overflowing to -inf as in the interpreter), a fully masked sequence
+    NaN, tails of query and key tiles; at a few query rows the decode form."""
+    d, dv, layout, masks, dims = case
+    g = attention_graph(d, dv, layout, masks)
+    g.meta["dims"] = dims
+    m = ag.compile(g, {}, target="cuda", dtype=dtype, device="emulator")
     from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
     with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:
-        assert "nvcuda::wmma::mma_sync" in f.read()
-    inputs = {"x": rng.standard_normal((96, 256)).astype(np.float32)}
-    got = m(inputs)["y"]
-    want = reference.run(m.graph, inputs, m.params, dtype="float64")["y"]
+        assert f.read().count("mma.sync.aligned.m16n8k16") >= 2
+    x = attention_inputs(g, dims, np.random.default_rng(0))
+    if len(masks) > 1:
+        x["m1"][..., 0] = -1e9
+    got = m(x)["y"]
+    want = reference.run(m.graph, x, m.params, dtype="float64")["y"]
     check = compare("y", got, want)
-    assert got.dtype == np.float16 and check.ok, check
+    assert got.dtype == numpy_dtype(dtype) and check.ok, check
+    launched = set(m.device.launches)
+    few = dims["s"] <= 8
+    assert any(k.endswith("_fused_attention__few_kernel" if few else "_fused_attention_kernel") for k in launched), launched
+    if masks and len(masks[0][1]) == 4 and masks[0][1][2] == 1:
+        assert np.isnan(got[1]).all() and not np.isnan(got[0]).any()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+def test_a_wrong_fragment_in_the_attention_kernel_fails_on_the_emulator():
+    """The check can fail: the tensor-core attention with the two registers of each B fragment swapped (keys
+    2q and 2q + 8 exchanged) computes another product on the emulator."""
+    from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE, LAUNCHES
+    from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
+    d, dv, layout, masks, dims = TC_ATTENTION[0]
+    g = attention_graph(d, dv, layout, masks)
+    g.meta["dims"] = dims
+    m = ag.compile(g, {}, target="cuda", dtype="float16", device="emulator")
+    x = attention_inputs(g, dims, np.random.default_rng(0))
+    want = reference.run(m.graph, x, m.params, dtype="float64")["y"]
+    assert compare("y", m(x)["y"], want).ok
+    b = '"r"(((unsigned *)(bf_ptr + 0))[{}])'
+    swap = lambda src: src.replace(b.format(0) + ", " + b.format(1), b.format(1) + ", " + b.format(0))  # noqa: E731
+    folder = os.path.dirname(m.kernels.library)
+    m.device = CudaEmulator.from_files(os.path.join(folder, CUDA_SOURCE), os.path.join(folder, LAUNCHES), edit=swap)
+    assert b.format(1) + ", " + b.format(0) in m.device.source
+    assert not compare("y", m(x)["y"], want).ok
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_precision_projections_run_on_tensor_cores_on_cuda(dtype):
+    """A projection with bias and GELU (K 96, N 200: a partial column tile) on cuda: the tensor-core kernel
+    (``mma.sync``, bias and activation on the accumulators, one rounding) over 3 x 33 rows, and at 3 rows the
+    few-rows form (dlight's schedule: in float16 its tensorized matmul, WMMA fragments), each on the
+    emulator against the rounding interpreter."""
+    g = Graph("proj")
+    x = g.add("input", (), {"type": TensorType(("b", "s", 96), "float32")}, name="x")
+    w = g.add("param", (), {"type": TensorType((96, 200), "float32")}, name="w")
+    bias = g.add("param", (), {"type": TensorType((200,), "float32")}, name="bias")
+    g.set_outputs([("y", g.add("gelu", [g.add("add", [g.add("matmul", [x, w]), bias])]))])
+    g.meta["dims"] = {"b": 3, "s": 33}
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((96, 200)).astype(np.float32) / 10,
+              "bias": rng.standard_normal(200).astype(np.float32)}
+    m = ag.compile(g, params, target="cuda", dtype=dtype, device="emulator")
+    from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
+    with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:
+        source = f.read()
+    assert "mma.sync.aligned.m16n8k16" in source and ("nvcuda::wmma::mma_sync" in source) == (dtype == "float16")
+    for dims in ({"b": 3, "s": 33}, {"b": 1, "s": 3}):
+        inputs = {"x": rng.standard_normal((dims["b"], dims["s"], 96)).astype(np.float32)}
+        got = m(inputs)["y"]
+        want = reference.run(m.graph, inputs, m.params, dtype="float64")["y"]
+        check = compare("y", got, want)
+        assert got.dtype == numpy_dtype(dtype) and check.ok, f"{check} at {dims}"
+    assert any(k.endswith("_linear_kernel") for k in m.device.launches), m.device.launches
+    assert any(k.endswith("_linear__few_kernel") for k in m.device.launches), m.device.launches

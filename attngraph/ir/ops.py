@@ -260,8 +260,9 @@ def gelu(x, *, approximate="none"):
 
 @op("cast", UNARY, 1, lambda types, attrs: types[0].with_dtype(attrs["dtype"]))
 def cast(x, *, dtype):
-    """Convert to ``dtype``."""
-    return x.astype(numpy_dtype(dtype))
+    """Convert to ``dtype`` (a float past the type's range becomes inf, as in IEEE arithmetic: no warning)."""
+    with np.errstate(over="ignore"):
+        return x.astype(numpy_dtype(dtype))
 
 
 @derivative("gelu")

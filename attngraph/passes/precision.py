@@ -20,9 +20,15 @@ class PrecisionError(ValueError):
     """A model that cannot be converted to the asked precision (names what and where)."""
 
 
+#: ``graph.meta[STATE]``: the inputs that are state a model hands back to itself (a decoder's caches and
+#: encoder memory, ``generate.trace_entries``); in half precision they are stored in the type, as its outputs.
+STATE = "state_inputs"
+
+
 def to_dtype(graph: Graph, dtype: str) -> Graph:
     """``graph`` with its float32 parameters, constants and casts in ``dtype``; a float32 input stays
-    float32 (the model's interface is unchanged) and is cast to ``dtype`` where it enters."""
+    float32 (the model's interface is unchanged) and is cast to ``dtype`` where it enters, except the
+    state inputs (``STATE``), which are stored in ``dtype`` as the outputs they come from."""
     if dtype not in HALF_DTYPES:
         raise PrecisionError(f"a model converts to {' or '.join(HALF_DTYPES)}, not {dtype!r}")
     others = sorted({n.type.dtype for n in graph.nodes() if n.op in ("param", "input") and n.type.is_float}
@@ -32,18 +38,19 @@ def to_dtype(graph: Graph, dtype: str) -> Graph:
                              f"to {dtype}")
     g = Graph(graph.name)
     g.meta = copy.deepcopy(graph.meta)
+    state = set(graph.meta.get(STATE, ()))
     new: dict[int, int] = {}
     for nid in graph.topo_order():
         n = graph.node(nid)
         attrs = dict(n.attrs)
-        if n.op == "param" and n.type.dtype == "float32":
+        if n.type.dtype == "float32" and (n.op == "param" or n.op == "input" and n.name in state):
             attrs["type"] = TensorType(n.type.shape, dtype)
         elif n.op == "const" and n.type.dtype == "float32":
             attrs["dtype"] = dtype
         elif n.op == "cast" and attrs.get("dtype") == "float32":
             attrs["dtype"] = dtype
         new[nid] = g.add(n.op, [new[o] for o in graph.operands(nid)], attrs, name=n.name, meta=n.meta)
-        if n.op == "input" and n.type.dtype == "float32":
+        if n.op == "input" and n.type.dtype == "float32" and n.name not in state:
             new[nid] = g.add("cast", [new[nid]], {"dtype": dtype}, name=f"{n.name}_{dtype}", meta=n.meta)
     g.set_outputs([(name, new[o]) for name, o in graph.outputs])
     return g

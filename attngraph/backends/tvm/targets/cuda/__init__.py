@@ -5,7 +5,8 @@ through ``cuda-bindings``, or nvcc with ``TVM_CUDA_COMPILE_MODE=nvcc``); where n
 build's source is compiled to PTX as a check (``nvcc.py``).  The build needs no GPU (a machine without
 one gets a compile-only model that says why it cannot run).  Beside the library a build keeps the
 source (``kernels.cu``) and its host programs (``kernels.launch.json``), from which the CUDA source
-emulator (``emulator.py``, ``--device emulator``) runs it on this CPU."""
+emulator (``emulator.py``, ``--device emulator``) runs it on this CPU.  A model in float16 or bfloat16 gets
+its attention and projections on tensor cores (``tensor_cores.py``: PTX ``mma.sync``, sm_80 on)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ import os
 import re
 
 from .... import BuildError
+from ...lower import generic_func
+from ...plan import FEW_ROWS
 from ...runtime import host_program
 from ..base import RUNTIME_ONLY, compiler_loaded, portable_host
 from ..gpu import GPUTarget, GPUUnavailable, device_source
 from ..gpu.dlight import require_device_kernels
 from .nvcc import check_cuda_source, find_nvcc, kernel_names, nvcc_check_enabled
+from .tensor_cores import mma_attention, mma_linear, mma_linear_applies
 
 #: The CUDA architecture a plain ``cuda`` target builds for (A100; runs on H100 as well).
 DEFAULT_ARCH = "sm_80"
@@ -81,8 +85,9 @@ class CudaLibrary:
 
 
 class CudaTarget(GPUTarget):
-    """An NVIDIA GPU architecture: the flash-style attention and the register-tiled projection by hand,
-    dlight's schedules for the rest; the build checked with nvcc where it is installed."""
+    """An NVIDIA GPU architecture: the flash-style attention (on tensor cores in float16 and bfloat16) and the
+    register-tiled projection by hand, dlight's schedules for the rest; the build checked with nvcc where it
+    is installed."""
 
     family = "cuda"
     source_file = CUDA_SOURCE
@@ -97,6 +102,19 @@ class CudaTarget(GPUTarget):
 
     def make_tvm_target(self):
         return cuda_target(self.arch)
+
+    def kernel(self, spec, dv):
+        """A float16 or bfloat16 attention or projection on tensor cores (``tensor_cores``, sm_80 on), else the
+        kernels every GPU target has."""
+        return (mma_attention(spec, dv, self.tvm_target) or mma_linear(spec, dv, self.tvm_target)
+                or super().kernel(spec, dv))
+
+    def forms(self, spec, dv):
+        """As every GPU target's; a projection on tensor cores gets dlight's schedule at a few rows (its 64-row
+        tile would compute mostly clamped rows)."""
+        if mma_linear_applies(spec, self.tvm_target):
+            return {FEW_ROWS: self.schedule(generic_func(spec.op, spec.attrs, spec.in_types, spec.out_type, dv))}
+        return super().forms(spec, dv)
 
     def compile(self, mod):
         """``tvm.compile``, the host programs of the same compile, and where nvcc is present the generated

@@ -254,6 +254,44 @@ inline void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matri
 }
 }}  // namespace nvcuda::wmma
 
+// Tensor cores through PTX: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (what TVM emits for
+// T.ptx_legacy.mma; the emulator rewrites each such asm statement into a call of emu_mma_m16n8k16).  Each lane
+// holds its part of the fragments in the PTX ISA's layouts (groupID g = lane / 4, q = lane % 4):
+//   A 16 x 16, row: a[i] (8 halves in 4 registers) is A[g + 8 * (i / 2 % 2)][2 q + i % 2 + 8 * (i / 4)]
+//   B 16 x 8, col: b[i] (4 halves in 2 registers) is B[2 q + i % 2 + 8 * (i / 2)][g]
+//   C, D 16 x 8:   c[i] (4 floats) is C[g + 8 * (i / 2)][2 q + i % 2]
+// The instruction is warp-collective: every lane publishes where its fragments are, then computes its four
+// outputs from the whole warp's (a warp of fewer than 32 threads at the instruction stops the process).
+struct EmuMmaLane { const unsigned* a; const unsigned* b; const float* c; };
+template <class T> inline float emu_half_in(const unsigned* regs, int i) {
+  T h[2];
+  std::memcpy(h, &regs[i / 2], sizeof h);
+  return (float)h[i % 2];
+}
+template <class T> inline void emu_mma_m16n8k16(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) {
+  EmuWarp* w = emu_self.warp;
+  if (w->barrier.members != 32) emu_fail("mma.sync in a warp without all 32 lanes taking part");
+  EmuMmaLane mine{a, b, c};
+  w->slot[emu_self.lane] = (uint64_t)(uintptr_t)&mine;
+  w->barrier.wait();
+  const EmuMmaLane* lane[32];
+  for (int l = 0; l < 32; ++l) lane[l] = (const EmuMmaLane*)(uintptr_t)w->slot[l];
+  float out[4];
+  int g = emu_self.lane / 4, q = emu_self.lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    int row = g + 8 * (i / 2), col = 2 * q + i % 2;
+    float acc = c[i];
+    for (int k = 0; k < 16; ++k) {
+      float x = emu_half_in<T>(lane[(row % 8) * 4 + k % 8 / 2]->a, k % 2 + 2 * (row / 8) + 4 * (k / 8));
+      float y = emu_half_in<T>(lane[col * 4 + k % 8 / 2]->b, k % 2 + 2 * (k / 8));
+      acc += x * y;
+    }
+    out[i] = acc;
+  }
+  w->barrier.wait();  // every lane has read the others' fragments
+  std::memcpy(d, out, sizeof out);
+}
+
 // A kernel that reads or writes past the end of a buffer hits the guard page after it (the emulator
 // places every buffer so that it ends where such a page begins): say which kernel, then crash as usual.
 inline const char* emu_kernel_name = nullptr;  // the kernel running, if one is

@@ -11,7 +11,10 @@ access (and which NumPy's heap, or a WGSL driver's robust buffer access, would l
 process with the kernel's name.
 
 What it checks: that the kernels' CUDA source, as TVM emits it for the cuda target (unrolled loops,
-four-wide vector loads, warp reductions), computes what the graph says.  What it cannot: NVRTC's or
+four-wide vector loads, warp reductions, tensor cores through ``nvcuda::wmma`` and through inline PTX
+``mma.sync``, each statement of which is rewritten into a call of ``emu.h``'s warp-collective
+``emu_mma_m16n8k16`` in the PTX ISA's fragment layouts; any other inline PTX is refused by name), computes
+what the graph says.  What it cannot: NVRTC's or
 ptxas' code, the GPU's memory model beyond what a correct kernel relies on, speed."""
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
     body = re.sub(r"__shared__\s+alignas\((\d+)\)", r"alignas(\1) static", body)
     body = re.sub(r"extern __shared__ __align__\((\d+)\) (\w+) (\w+)\[\];",
                   r"alignas(\1) static \2 \3[EMU_DYN_SHMEM_BYTES / sizeof(\2)];", body)
+    body = _ptx_calls(body)
     launchers = []
     for name, params in signatures.items():
         args, n_ptr, n_int = [], 0, 0
@@ -74,6 +78,40 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
         subprocess.run(["g++", "-std=c++20", "-O1", "-fPIC", "-shared", "-w", "-o", lib, src],
                        check=True, capture_output=True, text=True)
     return ctypes.CDLL(lib), signatures
+
+
+_ASM = re.compile(r'__asm__ __volatile__\(\s*"([^"]*)"\s*"[^"]*"\s*:(.*?)\);', re.S)
+_MMA = re.compile(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(f16|bf16)\.\1\.f32$")
+_OPERAND = re.compile(r'\s*"=?[a-z]"\((.*)\)\s*$', re.S)
+
+
+def _split_top(text: str, sep: str) -> list:
+    """``text`` split at each ``sep`` outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def _ptx_calls(body: str) -> str:
+    """``body`` with each inline PTX ``mma.sync`` statement (as TVM's codegen writes it) replaced by a call of
+    ``emu.h``'s ``emu_mma_m16n8k16``; any other inline PTX is refused, naming the instruction."""
+    def call(m):
+        instruction = m.group(1).strip()
+        kind = _MMA.match(instruction)
+        if kind is None:
+            raise DeviceUnavailable(f"the CUDA emulator does not implement the PTX instruction {instruction!r}")
+        outs, ins = (_split_top(part, ",") for part in _split_top(m.group(2), ":"))
+        outs, ins = ([_OPERAND.match(o).group(1) for o in group] for group in (outs, ins))
+        element = "nv_bfloat16" if kind.group(1) == "bf16" else "half"
+        return (f"{{ const unsigned emu_a[4] = {{{', '.join(ins[:4])}}}; const unsigned emu_b[2] = {{{', '.join(ins[4:6])}}}; "
+                f"const float emu_c[4] = {{{', '.join(ins[6:10])}}}; float emu_d[4]; "
+                f"emu_mma_m16n8k16<{element}>(emu_d, emu_a, emu_b, emu_c); "
+                + " ".join(f"{o} = emu_d[{i}];" for i, o in enumerate(outs)) + " }")
+    return _ASM.sub(call, body)
 
 
 class CudaEmulator:

@@ -1,6 +1,6 @@
 """What the GPU targets (cuda, vulkan) share: the hand-written SIMT kernels (``kernels.py``: the
-flash-style attention, its few-rows form, the register-tiled projection), dlight's schedules for
-everything else (``dlight.py``), and the few-rows forms of a decode step."""
+flash-style attention, its few-rows form, the register-tiled projection; the attention in every float
+type), dlight's schedules for everything else (``dlight.py``), and the few-rows forms of a decode step."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Hand-written GPU kernels for cuda and for the vulkan target's WGSL path: the fused attention in the
-flash-attention style, and the projection (``linear``) as a register-tiled SIMT matmul.
+flash-attention style (and its few-rows form), and the projection (``linear``) as a register-tiled SIMT
+matmul; the parts of a kernel's TVMScript that cuda's tensor-core kernels share with them.
 
 dlight has no rule for a whole attention (a matmul, masks, a softmax and a second matmul in one
 PrimFunc): its Fallback rule makes four kernels, one thread per output, with the full
@@ -17,9 +18,10 @@ PrimFunc): its Fallback rule makes four kernels, one thread per output, with the
 Masks (additive, keep, drop; any shape that broadcasts to the scores) and the scale are applied to
 each score exactly as the generic lowering does, and a row whose every score is masked comes out
 NaN, as in the interpreter.  All dims but the head sizes stay symbolic: one kernel serves every
-batch and length.  float32 only, head sizes up to 128 (up to 64 in registers at sm_90: 247 of them,
-no spills; beyond, ptxas spills some); anything else returns None (the generic kernel serves it).  It
-uses CUDA cores, not tensor cores.
+batch and length.  float32, float16 or bfloat16 (read into float32 registers), head sizes up to 128
+(up to 64 in registers at sm_90: 247 of them, no spills; beyond, ptxas spills some); anything else
+returns None (the generic kernel serves it).  It uses CUDA cores; on cuda a half-precision attention
+whose heads are multiples of 16 goes to tensor cores instead (``targets/cuda/tensor_cores.py``).
 
 Written in TVMScript as plain loops over thread indices (``T.launch_thread``), as one would write CUDA.
 TVM 0.27 miscompiles a Bind (``v: T.int32 = ...``) inside a vectorized or unrolled loop (every lane
@@ -57,7 +59,7 @@ def _f32(value: float) -> str:
     return f"T.float32({str(value)!r})" if value in (float("inf"), float("-inf")) else f"T.float32({value!r})"
 
 
-def _header(spec, bufs: list, dtypes: list):
+def kernel_header(spec, bufs: list, dtypes: list):
     """The TVMScript head of a kernel on ``spec``'s operands then result, as buffers named ``bufs`` stored
     in ``dtypes``: (lines declaring the function, a ``T.int64()`` per symbolic dim and a ``match_buffer``
     per buffer; each buffer's dims as TVMScript; {dim name: its variable}), or None where a dim is neither
@@ -81,11 +83,11 @@ def _header(spec, bufs: list, dtypes: list):
     return lines, shapes, names
 
 
-class _Attention(NamedTuple):
-    """What both attention kernels need of a ``fused_attention`` spec (``_attention_parts``)."""
-    lines: list  # the TVMScript function head (``_header``)
-    at: Callable  # (buffer, batch, head, seq, channel) index expressions -> TVMScript read of Q, K, V or O
-    mask_terms: list  # (score, key) -> statements applying every mask to the float32 ``score``
+class AttentionParts(NamedTuple):
+    """What the attention kernels need of a ``fused_attention`` spec (``attention_parts``)."""
+    lines: list  # the TVMScript function head (``kernel_header``)
+    at: Callable  # (buffer, batch, head, seq, channel) index expressions -> TVMScript access of Q, K, V or O
+    mask_terms: Callable  # (score, key, row) -> statements applying every mask to the float32 ``score``
     B: str
     H: str
     LQ: str
@@ -93,19 +95,36 @@ class _Attention(NamedTuple):
     d: int
     dvv: int
     scale: str
+    dtype: str  # the type Q, K, V and O are stored in
+
+    def load(self, *access) -> str:
+        """``at(*access)`` read as float32."""
+        read = self.at(*access)
+        return read if self.dtype == "float32" else f"T.Cast('float32', {read})"
+
+    def store(self, value: str) -> str:
+        """The float32 expression ``value`` as the stored type."""
+        return value if self.dtype == "float32" else f"T.Cast('{self.dtype}', {value})"
 
 
-def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) -> _Attention | None:
+#: The float types of an additive mask (read as float32).
+_FLOATS = ("float32", "float16", "bfloat16")
+
+
+def attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable,
+                     dtypes: tuple = _FLOATS) -> AttentionParts | None:
     """The parts of a GPU kernel for the fused attention ``spec``, or None where the hand kernels do
-    not apply (float32, head sizes up to ``MAX_HEAD``, dims an int or a plain name, masks of rank up to
-    4 broadcasting to the scores, ``shared_bytes(d, dv)`` within the target's shared memory)."""
+    not apply (Q, K, V and the result of one type of ``dtypes``, head sizes up to ``MAX_HEAD``, dims an
+    int or a plain name, masks of rank up to 4 broadcasting to the scores, ``shared_bytes(d, dv)``
+    within the target's shared memory)."""
     if spec.op != "fused_attention":
         return None
     q, k, v = spec.in_types[:3]
     masks = spec.in_types[3:]
     kinds = list(spec.attrs.get("mask_kinds", ()))
     layout = spec.attrs.get("layout", "bhsd")
-    if any(str(t.dtype) != "float32" for t in (q, k, v, spec.out_type)) or len(kinds) != len(masks):
+    dtype = str(spec.out_type.dtype)
+    if dtype not in dtypes or any(str(t.dtype) != dtype for t in (q, k, v)) or len(kinds) != len(masks):
         return None
     out = spec.out_type.shape
     b, lq, h, dvv = out if layout == "bshd" else (out[0], out[2], out[1], out[3])
@@ -117,12 +136,12 @@ def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) ->
     limit = target.attrs.get("max_shared_memory_per_block")
     if limit is not None and shared_bytes(d, dvv) > int(limit):
         return None
-    if any(len(t.shape) > 4 for t in masks) or any(kind == "additive" and str(t.dtype) != "float32"
+    if any(len(t.shape) > 4 for t in masks) or any(kind == "additive" and str(t.dtype) not in _FLOATS
                                                    for t, kind in zip(masks, kinds)):
         return None
     mask_dtypes = [("int32" if narrow_bool and str(t.dtype) == "bool" else str(t.dtype)) for t in masks]
     bufs = ["Q", "K", "V"] + [f"M{i}" for i in range(len(masks))] + ["O"]
-    head = _header(spec, bufs, ["float32"] * 3 + mask_dtypes + ["float32"])
+    head = kernel_header(spec, bufs, [dtype] * 3 + mask_dtypes + [dtype])
     if head is None:
         return None
     lines, shapes, names = head
@@ -136,14 +155,16 @@ def _attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable) ->
     ops = MaskOps(lambda a, m: f"{a} + {m}", lambda c, a, b: f"T.if_then_else({c}, {a}, {b})",
                   _f32, (lambda m: f"{m} != 0") if narrow_bool else (lambda m: m))
 
-    def mask_terms(score: str, key: str) -> list:
+    def mask_terms(score: str, key: str, row: str = "row") -> list:
         """The statement applying every mask, read at (batch ``bi``, head ``hi``, query ``row``, ``key``),
         broadcast NumPy-style, to the float32 ``score`` (none without masks)."""
-        reads = [f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, ['bi', 'hi', 'row', key][4 - len(t.shape):]))}]"
+        reads = [f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, ['bi', 'hi', row, key][4 - len(t.shape):]))}]"
                  for i, t in enumerate(masks)]
+        reads = [r if str(t.dtype) in ("float32", "bool", "int32") or kind != "additive" else f"T.Cast('float32', {r})"
+                 for r, t, kind in zip(reads, masks, kinds)]
         return [f"{score} = {apply_masks(score, reads, spec.attrs, ops)}"] if reads else []
 
-    return _Attention(lines, at, mask_terms, B, H, LQ, LK, d, dvv, repr(float(spec.attrs.get("scale", 1.0))))
+    return AttentionParts(lines, at, mask_terms, B, H, LQ, LK, d, dvv, repr(float(spec.attrs.get("scale", 1.0))), dtype)
 
 
 def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool = True, key_tile: int = BK):
@@ -154,10 +175,11 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     driver's compiler unrolls such loops itself).  ``key_tile``: keys per shared-memory tile (``BK``)."""
     import tvm
 
-    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: key_tile * (d + dvv) * 4)
+    parts = attention_parts(spec, target, narrow_bool, lambda d, dvv: key_tile * (d + dvv) * 4)
     if parts is None:
         return None
-    lines, at, _, B, H, LQ, LK, d, dvv, scale = parts
+    lines, at, _, B, H, LQ, LK, d, dvv, scale, _ = parts
+    load = parts.load
     mask_terms = parts.mask_terms("st[j]", f"t * {key_tile} + j")
     U = "T.unroll" if unroll else "T.serial"
     NQT = f"(({LQ} + {BQ - 1}) // {BQ})"  # query tiles per (batch, head)
@@ -180,7 +202,7 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     hi: T.int32 = bh % {H}
     row: T.int32 = bx % {NQT} * {BQ} + tx
     for c in {U}({d}):
-        qr[c] = T.if_then_else(row < {LQ}, {at("Q", "bi", "hi", f"T.min(row, {LQ} - 1)", "c")}, T.float32(0))
+        qr[c] = T.if_then_else(row < {LQ}, {load("Q", "bi", "hi", f"T.min(row, {LQ} - 1)", "c")}, T.float32(0))
     for c in {U}({dvv}):
         acc[c] = T.float32(0)
     mi[0] = T.float32('-inf')
@@ -188,10 +210,10 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
     for t in range(({LK} + {key_tile - 1}) // {key_tile}):
         for e in range({-(-key_tile * d // BQ)}):
             if e * {BQ} + tx < {key_tile * d}:
-                Ks[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {d} < {LK}, {at("K", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {d}, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
+                Ks[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {d} < {LK}, {load("K", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {d}, {LK} - 1)", f"(e * {BQ} + tx) % {d}")}, T.float32(0))
         for e in range({-(-key_tile * dvv // BQ)}):
             if e * {BQ} + tx < {key_tile * dvv}:
-                Vs[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {dvv} < {LK}, {at("V", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {dvv}, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
+                Vs[e * {BQ} + tx] = T.if_then_else(t * {key_tile} + (e * {BQ} + tx) // {dvv} < {LK}, {load("V", "bi", "hi", f"T.min(t * {key_tile} + (e * {BQ} + tx) // {dvv}, {LK} - 1)", f"(e * {BQ} + tx) % {dvv}")}, T.float32(0))
         T.tvm_storage_sync("shared")
         for j in {U}({key_tile}):
             st[j] = T.float32(0)
@@ -223,7 +245,7 @@ def flash_attention(spec, dv, target, *, narrow_bool: bool = False, unroll: bool
         T.tvm_storage_sync("shared")
     if row < {LQ}:
         for c in {U}({dvv}):
-            {at("O", "bi", "hi", "row", "c")} = T.if_then_else(li[0] == T.float32(0), T.float32('nan'), acc[c] / li[0])
+            {at("O", "bi", "hi", "row", "c")} = {parts.store("T.if_then_else(li[0] == T.float32(0), T.float32('nan'), acc[c] / li[0])")}
 """
     source = "\n".join(lines) + body
     return tvm.script.from_source(source)
@@ -243,10 +265,10 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
     fully masked row NaN) as ``flash_attention``."""
     import tvm
 
-    parts = _attention_parts(spec, target, narrow_bool, lambda d, dvv: DT * (dvv + 2) * 4)
+    parts = attention_parts(spec, target, narrow_bool, lambda d, dvv: DT * (dvv + 2) * 4)
     if parts is None:
         return None
-    at, d, dvv, LQ, LK = parts.at, parts.d, parts.dvv, parts.LQ, parts.LK
+    at, load, d, dvv, LQ, LK = parts.at, parts.load, parts.d, parts.dvv, parts.LQ, parts.LK
     key = f"t * {DT} + tx"
     terms = "\n".join("            " + m for m in parts.mask_terms("sc[0]", key))
     body = f"""
@@ -269,7 +291,7 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
     hi: T.int32 = bh % {parts.H}
     row: T.int32 = bx % {LQ}
     for c in range({d}):
-        qr[c] = {at("Q", "bi", "hi", "row", "c")}
+        qr[c] = {load("Q", "bi", "hi", "row", "c")}
     for c in range({dvv}):
         acc[c] = T.float32(0)
     mi[0] = T.float32('-inf')
@@ -278,7 +300,7 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
         if {key} < {LK}:
             sc[0] = T.float32(0)
             for c in range({d}):
-                sc[0] = sc[0] + qr[c] * {at("K", "bi", "hi", key, "c")}
+                sc[0] = sc[0] + qr[c] * {load("K", "bi", "hi", key, "c")}
             sc[0] = sc[0] * T.float32({parts.scale})
 {terms}
             if sc[0] != T.float32('-inf'):
@@ -287,7 +309,7 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
                 sc[0] = T.exp(sc[0] - mn[0])
                 li[0] = li[0] * cr[0] + sc[0]
                 for c in range({dvv}):
-                    acc[c] = acc[c] * cr[0] + sc[0] * {at("V", "bi", "hi", key, "c")}
+                    acc[c] = acc[c] * cr[0] + sc[0] * {load("V", "bi", "hi", key, "c")}
                 mi[0] = mn[0]
     Sm[tx] = mi[0]
     Sl[tx] = li[0]
@@ -305,7 +327,7 @@ def decode_attention(spec, dv, target, *, narrow_bool: bool = False):
                 cr[0] = T.if_then_else(Sm[i] == T.float32('-inf'), T.float32(0), T.exp(Sm[i] - mn[0]))
                 num[0] = num[0] + Sa[i * {dvv} + e * {DT} + tx] * cr[0]
                 den[0] = den[0] + Sl[i] * cr[0]
-            {at("O", "bi", "hi", "row", f"e * {DT} + tx")} = T.if_then_else(den[0] == T.float32(0), T.float32('nan'), num[0] / den[0])
+            {at("O", "bi", "hi", "row", f"e * {DT} + tx")} = {parts.store("T.if_then_else(den[0] == T.float32(0), T.float32('nan'), num[0] / den[0])")}
 """
     return tvm.script.from_source("\n".join(parts.lines) + body)
 
@@ -318,7 +340,7 @@ TK = 8
 TM = TN = 8
 
 
-def _activation(kind: str, v: str) -> str | None:
+def activation_script(kind: str, v: str) -> str | None:
     """TVMScript for activation ``kind`` of the float32 expression ``v`` (as ``lower.elementwise.ACTIVATIONS``)."""
     import math
     f = lambda c: f"T.float32({float(c)!r})"  # noqa: E731
@@ -334,6 +356,28 @@ def _activation(kind: str, v: str) -> str | None:
     return None
 
 
+def flat_row_index(lead: list, r: str) -> str:
+    """The leading indices of flat row ``r`` of an operand whose leading dims are ``lead`` (row-major)."""
+    idx = []
+    for i in range(len(lead)):
+        stride = " * ".join(lead[i + 1:])
+        v = f"T.truncdiv({r}, {stride})" if stride else r
+        idx.append(f"T.truncmod({v}, {lead[i]})" if i else v)
+    return ", ".join(idx)
+
+
+def projection_parts(spec) -> tuple | None:
+    """(K, N, has bias, activation) of a projection ``spec`` (``linear`` with or without bias, or a ``matmul``
+    by a 2-D weight of static shape), or None where ``spec`` is not one."""
+    if len(spec.in_types) not in {"matmul": (2,), "linear": (2, 3)}.get(spec.op, ()):
+        return None
+    x, w = spec.in_types[0], spec.in_types[1]
+    if not (w.rank == 2 and x.rank >= 2 and all(isinstance(d, int) for d in w.shape) and x.shape[-1] == w.shape[0]):
+        return None
+    activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
+    return w.shape[0], w.shape[1], len(spec.in_types) == 3, activation
+
+
 def linear_tile(n: int) -> tuple:
     """Output rows x columns per workgroup of ``linear`` for N output columns (each thread computes
     8 x 8 of them).  128 x 128 (256 threads) reads the least per multiply-add; at N below 1024 it
@@ -346,17 +390,12 @@ def linear_tile(n: int) -> tuple:
 def linear_applies(spec, target, tile: tuple | None = None) -> bool:
     """Whether ``linear`` serves ``spec``: x (..., K) @ W (K, N) (+ bias, activation), float32, static K
     a multiple of ``TK``, N of 4, a tile whose loads divide evenly among its threads."""
-    if len(spec.in_types) not in {"matmul": (2,), "linear": (2, 3)}.get(spec.op, ()):
+    parts = projection_parts(spec)
+    if parts is None or any(str(t.dtype) != "float32" for t in list(spec.in_types) + [spec.out_type]):
         return False
-    x, w = spec.in_types[0], spec.in_types[1]
-    if not (w.rank == 2 and x.rank >= 2 and all(isinstance(d, int) for d in w.shape) and x.shape[-1] == w.shape[0]):
-        return False
-    if any(str(t.dtype) != "float32" for t in list(spec.in_types) + [spec.out_type]):
-        return False
-    K, N = w.shape
+    K, N, _, activation = parts
     bm, bn = tile or linear_tile(N)
-    activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
-    if _activation(activation, "y") is None or K % TK or N % 4 or bm % TM or bn % TN:
+    if activation_script(activation, "y") is None or K % TK or N % 4 or bm % TM or bn % TN:
         return False
     nt = (bn // TN) * (bm // TM)
     return (bm * TK // 4) % nt == 0 and (TK * bn // 4) % nt == 0 and nt <= int(target.attrs.get("max_num_threads", 1024))
@@ -379,29 +418,19 @@ def linear(spec, dv, target, tile: tuple | None = None):
 
     if not linear_applies(spec, target, tile):
         return None
-    K, N = spec.in_types[1].shape
-    bias = len(spec.in_types) == 3
-    activation = spec.attrs.get("activation", "none") if spec.op == "linear" else "none"
+    K, N, bias, activation = projection_parts(spec)
     bm, bn = tile or linear_tile(N)
     tx_n, ty_n = bn // TN, bm // TM
     nt = tx_n * ty_n
     a_loads, b_loads = bm * TK // 4, TK * bn // 4  # four-wide loads per K step
     la, lb = a_loads // nt, b_loads // nt
-    head = _header(spec, ["X", "W"] + (["Bias"] if bias else []) + ["O"], ["float32"] * (len(spec.in_types) + 1))
+    head = kernel_header(spec, ["X", "W"] + (["Bias"] if bias else []) + ["O"], ["float32"] * (len(spec.in_types) + 1))
     if head is None:
         return None
     lines, shapes, _ = head
     lead = [f"T.Cast('int32', {d})" for d in shapes[0][:-1]]
     rows = " * ".join(lead)  # M: x's leading dims flattened
-
-    def row_index(r: str) -> str:
-        """The leading indices of flat row ``r`` (row-major over x's leading dims)."""
-        idx = []
-        for i in range(len(lead)):
-            stride = " * ".join(lead[i + 1:])
-            v = f"T.truncdiv({r}, {stride})" if stride else r
-            idx.append(f"T.truncmod({v}, {lead[i]})" if i else v)
-        return ", ".join(idx)
+    row_index = lambda r: flat_row_index(lead, r)  # noqa: E731
 
     pad = bm + 4  # the transposed x tile's row length: the four stores of a thread hit different banks
     full_n = N % bn == 0
@@ -413,7 +442,7 @@ def linear(spec, dv, target, tile: tuple | None = None):
     n_load = f"bx * {bn} + ((e * {nt} + tx) % {bn // 4}) * 4 + v"  # the W column a thread loads
     n_out = f"(bx * {bn} + h * {bn // 2} + tc * 4 + j)"  # the output column it writes
     y = f"(acc[i * {TN} + h * 4 + j]{f' + Bias[{n_out}]' if bias else ''})"
-    act = _activation(activation, y)
+    act = activation_script(activation, y)
     body = f"""
     bx = T.launch_thread("blockIdx.x", {-(-N // bn)})
     by = T.launch_thread("blockIdx.y", ({rows} + {bm - 1}) // {bm})
