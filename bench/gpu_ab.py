@@ -14,10 +14,14 @@ machine runs it with TVM's runtime alone.  Candidates:
   ``gpu_kernels.linear`` at each workgroup tile of ``TILES`` (the one ``linear_tile`` picks is marked),
   and dlight's default schedule of the generic lowering (what the cuda target used before);
 - attention (as the encoders' builds plan it): ``gpu_kernels.flash_attention`` at several key-tile
-  sizes, and the same function of git revision ``--baseline`` (the kernel before the current one).
+  sizes, and the same function of git revision ``--baseline`` (the kernel before the current one);
+- the same shapes in float16 and bfloat16 (``HALF``): the tensor-core projection (``tensor_cores.mma_linear``)
+  at each of its workgroup tiles, and the tensor-core attention (``tensor_cores.mma_attention``) at several
+  key tiles and warp counts, beside dlight's schedule (float16 matmuls: its WMMA rule) and the SIMT kernel.
 
 ``check`` prints, per shape, each candidate's median time, its TFLOP/s and its ratio to PyTorch's
-(cuBLAS float32 without TF32 for ``addmm``; ``scaled_dot_product_attention`` for attention), and the
+(cuBLAS float32 without TF32 for ``addmm``, in the half types cuBLAS on tensor cores;
+``scaled_dot_product_attention`` for attention: FlashAttention-2 in the half types), and the
 largest difference from the float64 reference (the interpreter's op on the same operands), so a
 candidate that is fast and wrong is seen at once.
 """
@@ -42,6 +46,9 @@ from timing import median_ms  # noqa: E402
 BATCH, SEQ = 8, 512
 TILES = ((128, 128), (64, 128), (128, 64), (64, 64))
 ATTENTION_TILES = (8, 16, 32)
+#: The half-precision types whose tensor-core candidates are timed, and the (keys, warps) of the attention's.
+HALF = ("float16", "bfloat16")
+MMA_ATTENTION_FORMS = ((32, 4), (64, 4), (128, 4), (64, 8))
 #: The commit whose attention kernel is the baseline (one dot-product chain per thread, scores in local memory).
 BASELINE = "292b9bc"
 
@@ -53,20 +60,24 @@ def _specs():
     from attngraph.models.transformer import TransformerEncoderModel
     from attngraph.nn import trace
     from attngraph.passes import optimize
+    from attngraph.passes.precision import to_dtype
     from bench_gpu import MODELS
     out = []
-    for name, (d, heads, ff, layers) in MODELS.items():
-        graph, _ = optimize(trace(TransformerEncoderModel(d, heads, ff, 1, name=name)), 3)
-        for spec in plan_kernels(for_target(graph, "cuda"))[0]:
-            if spec.op == "linear":
-                k, n = spec.in_types[1].shape
-                act = spec.attrs.get("activation", "none")
-                out.append((f"{name} linear {k}x{n}{'' if act == 'none' else ' ' + act}", spec))
-            elif spec.op == "fused_attention":
-                out.append((f"{name} attention on the merged QKV {spec.in_types[0]}", spec))
-        # and on separate q, k, v (before read_merged_qkv; what the baseline kernel reads)
-        spec = next(s for s in plan_kernels(graph)[0] if s.op == "fused_attention")
-        out.append((f"{name} attention on q, k, v {spec.in_types[0]}", spec))
+    for dtype in ("float32",) + HALF:
+        for name, (d, heads, ff, layers) in MODELS.items():
+            traced = trace(TransformerEncoderModel(d, heads, ff, 1, name=name))
+            graph, _ = optimize(traced if dtype == "float32" else to_dtype(traced, dtype), 3)
+            tag = "" if dtype == "float32" else f" {dtype}"
+            for spec in plan_kernels(for_target(graph, "cuda"))[0]:
+                if spec.op == "linear":
+                    k, n = spec.in_types[1].shape
+                    act = spec.attrs.get("activation", "none")
+                    out.append((f"{name}{tag} linear {k}x{n}{'' if act == 'none' else ' ' + act}", spec))
+                elif spec.op == "fused_attention":
+                    out.append((f"{name}{tag} attention on the merged QKV {spec.in_types[0]}", spec))
+            if dtype == "float32":  # and on separate q, k, v (before read_merged_qkv; what the baseline kernel reads)
+                spec = next(s for s in plan_kernels(graph)[0] if s.op == "fused_attention")
+                out.append((f"{name} attention on q, k, v {spec.in_types[0]}", spec))
     return out
 
 
@@ -88,6 +99,7 @@ def candidates(cuda, baseline: str | None):
     """{function name: (label, variant, spec, PrimFunc)} of every candidate for the cuda target ``cuda``."""
     from attngraph.backends.tvm.build import finish, generic_func
     from attngraph.backends.tvm.shapes import DimVars
+    from attngraph.backends.tvm.targets.cuda import tensor_cores
     from attngraph.backends.tvm.targets.gpu import kernels as gpu_kernels
     target = cuda.tvm_target
     old = _baseline_module(baseline) if baseline else None
@@ -95,7 +107,17 @@ def candidates(cuda, baseline: str | None):
     out = {}
     for i, (label, spec) in enumerate(_specs()):
         forms = {}
-        if spec.op == "linear":
+        if str(spec.out_type.dtype) in HALF and spec.op == "linear":
+            for tile in tensor_cores.LINEAR_TILES:
+                mark = "*" if tile == (tensor_cores.PM, tensor_cores.PN) else ""
+                forms[f"mma {tile[0]}x{tile[1]}{mark}"] = tensor_cores.mma_linear(spec, dv, target, tile)
+        elif str(spec.out_type.dtype) in HALF:
+            for keys, warps in MMA_ATTENTION_FORMS:
+                mark = "*" if (keys, warps) == (tensor_cores.KEYS, tensor_cores.WARPS) else ""
+                forms[f"mma K{keys} W{warps}{mark}"] = tensor_cores.mma_attention(spec, dv, target, keys=keys,
+                                                                                   warps=warps)
+            forms["SIMT flash"] = gpu_kernels.flash_attention(spec, dv, target)
+        elif spec.op == "linear":
             chosen = gpu_kernels.linear_tile(spec.in_types[1].shape[1])
             for tile in TILES:
                 mark = "*" if tile == chosen else ""
@@ -151,7 +173,7 @@ def build(out, arch, baseline):
 def _reference(entry, host):
     """The float64 result of ``entry``'s op on ``host`` operands (the interpreter's semantics)."""
     from attngraph.ir.fused import fused_attention
-    args = [a.astype(np.float64) if a.dtype == np.float32 else a for a in host]
+    args = [a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a for a in host]
     if entry["op"] == "linear":
         y = args[0] @ args[1] + (args[2] if len(args) == 3 else 0)
         return np.maximum(y, 0) if entry["attrs"].get("activation") == "relu" else y
@@ -163,7 +185,8 @@ def _torch_run(entry, host):
     attention in PyTorch's own (batch, heads, seq, dim) layout)."""
     import torch
     import torch.nn.functional as F
-    t = [torch.from_numpy(a).cuda() for a in host]
+    t = [torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16).cuda() if a.dtype.name == "bfloat16"
+         else torch.from_numpy(a).cuda() for a in host]
     if entry["op"] == "linear":
         x2 = t[0].reshape(-1, t[0].shape[-1])
         relu = entry["attrs"].get("activation") == "relu"
@@ -192,6 +215,7 @@ def check(ab_dir, repeat):
 def _operands(entry, dims, rng) -> tuple[list[np.ndarray], tuple]:
     """Random operands of ``entry``'s kernel at ``dims``, and its output shape."""
     from attngraph.ir import TensorType
+    from attngraph.ir.types import numpy_dtype
     types_ = [TensorType(tuple(s), dt) for s, dt in entry["in_types"]]
     host = []
     for t in types_:
@@ -201,7 +225,8 @@ def _operands(entry, dims, rng) -> tuple[list[np.ndarray], tuple]:
             m[..., int(s[-1] * 0.9):] = False
             host.append(m)
         else:
-            host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32))
+            host.append((rng.standard_normal(s) * (0.1 if len(s) == 2 else 1.0)).astype(np.float32)
+                        .astype(numpy_dtype(t.dtype)))
     return host, TensorType(tuple(entry["out_type"][0]), entry["out_type"][1]).concrete(dims)
 
 
@@ -224,11 +249,11 @@ def _time_label(label, entries, dims, module, dev, repeat, rng) -> list[str]:
             f"{work / torch_s / 1e12:.2f} TFLOP/s"]
     args = [tvm.runtime.tensor(a, dev) for a in host]
     for entry in entries:
-        out = tvm.runtime.empty(out_shape, "float32", dev)
+        out = tvm.runtime.empty(out_shape, entry["out_type"][1], dev)
         scalars = [dims[d] for d in entry["scalars"]]
         try:
             module[entry["name"]](*args, out, *scalars)
-            err = float(np.nanmax(np.abs(out.numpy() - want)))
+            err = float(np.nanmax(np.abs(out.numpy().astype(np.float64) - want)))
             timer = module.time_evaluator(entry["name"], dev, number=20, repeat=repeat)
             s = float(np.median(timer(*args, out, *scalars).results))
             rows.append(f"  {entry['variant']:16s} {s * 1e3:8.3f} ms {work / s / 1e12:6.2f} TFLOP/s "
@@ -249,6 +274,7 @@ def emulate(batch, seq, baseline):
     from attngraph.backends.tvm.shapes import scalar_dims
     from attngraph.backends.tvm.targets import get_target
     from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
+    from attngraph.ir.types import numpy_dtype
     from attngraph.numerics import compare
     start = time.perf_counter()
     target = get_target("cuda:sm_90")
@@ -266,7 +292,7 @@ def emulate(batch, seq, baseline):
         host, out_shape = _operands(entry, dims, rng)
         want = _reference(entry, host)
         bound = None
-        if spec.op == "linear":  # float32 sums of K products: rounding grows as sqrt(K) times their sizes
+        if spec.op == "linear" and str(spec.out_type.dtype) == "float32":  # float32 sums of K products: rounding grows as sqrt(K) times their sizes
             x, w = (np.abs(a.astype(np.float64)) for a in host[:2])
             sizes = x @ w + (np.abs(host[2]) if len(host) == 3 else 0)
             bound = 1e-6 + 8 * np.sqrt(w.shape[0]) * 2.0 ** -24 * sizes
@@ -274,9 +300,9 @@ def emulate(batch, seq, baseline):
         for name, variant, spec in entries:
             ok, err = True, 0.0
             for _ in range(2):  # the emulator's two launch modes (guard pages after / before, thread order)
-                out = np.full(out_shape, np.nan, np.float32)
+                out = np.full(out_shape, np.nan, np.float32).astype(numpy_dtype(str(spec.out_type.dtype)))
                 emu.call(name, host + [out] + [dims[d] for d in scalar_dims(tuple(spec.in_types) + (spec.out_type,))])
-                if bound is None:  # attention: the float32 tolerance of every compiled result
+                if bound is None:  # attention, and the half types: the tolerance of every compiled result
                     result = compare(name, out, want)
                     ok, err = ok and result.ok, max(err, result.max_abs)
                 else:

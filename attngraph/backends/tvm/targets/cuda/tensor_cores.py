@@ -59,13 +59,25 @@ def mma(kind: str, a: str, a_at: str, b: str, b_at: str, c: str, c_at: str) -> s
             f'{b}.data, {b_at}, {c}.data, {c_at}, False, dtype="float32"))')
 
 
-def mma_attention(spec, dv, target):
+def _tile_loads(count: int, threads: int, body: str, indent: str) -> str:
+    """TVMScript dealing ``count`` 16-byte vectors of a tile out among ``threads`` threads (vector ``e * threads
+    + tx``): ``body`` (lines at one indent past ``indent``) under a loop, guarded where they do not divide."""
+    lines = [f"{indent}for e in T.unroll({-(-count // threads)}):"]
+    if count % threads:
+        lines.append(f"{indent}    if e * {threads} + tx < {count}:")
+        body = "\n".join("    " + line for line in body.split("\n"))
+    return "\n".join(lines + [body])
+
+
+def mma_attention(spec, dv, target, *, keys: int = KEYS, warps: int = WARPS):
     """The fused attention ``spec`` in float16 or bfloat16 as one FlashAttention-2-style kernel on tensor
-    cores (a scheduled PrimFunc; the module docstring), or None where it does not apply."""
+    cores (a scheduled PrimFunc; the module docstring), or None where it does not apply.  ``keys``: keys per
+    shared-memory tile (a multiple of 16); ``warps``: warps per workgroup (16 query rows each)."""
     import tvm
 
     if not has_mma(target):
         return None
+    KEYS, WARPS = keys, warps  # noqa: N806 - the module's defaults, as the docstring names them
     smem = lambda d, dvv: (KEYS * (d + PAD) + dvv * (KEYS + PAD)) * 2  # noqa: E731
     parts = attention_parts(spec, target, False, smem, dtypes=tuple(_MMA_TYPE))
     if parts is None or parts.d % 16 or parts.dvv % 16:
@@ -80,6 +92,12 @@ def mma_attention(spec, dv, target):
     masks = "\n".join("                    " + m for m in parts.mask_terms("s[n * 4 + i]", key, row))
     kvec = f"(e * {threads} + tx)"  # a thread's 16-byte vector of a tile: key kvec // (d / 8), channels 8 (kvec % (d / 8))
     full = "T.uint32(4294967295)"
+    k_loads = _tile_loads(KEYS * d // 8, threads, f"""            for v in T.vectorized(8):
+                Ks[{kvec} // {d // 8} * {ldk} + {kvec} % {d // 8} * 8 + v] = {at("K", "bi", "hi", f"T.min(t * {KEYS} + {kvec} // {d // 8}, {LK} - 1)", f"{kvec} % {d // 8} * 8 + v")}""", "        ")
+    v_loads = _tile_loads(KEYS * dvv // 8, threads, f"""            for v in T.vectorized(8):
+                vr[v] = {at("V", "bi", "hi", f"T.min(t * {KEYS} + {kvec} // {dvv // 8}, {LK} - 1)", f"{kvec} % {dvv // 8} * 8 + v")}
+            for v in T.unroll(8):
+                Vt[({kvec} % {dvv // 8} * 8 + v) * {ldv} + {kvec} // {dvv // 8}] = vr[v]""", "        ")
     body = f"""
     bx = T.launch_thread("blockIdx.x", {NQT} * {parts.H} * {parts.B})
     tx = T.launch_thread("threadIdx.x", {threads})
@@ -110,14 +128,8 @@ def mma_attention(spec, dv, target):
         mi[j] = T.float32('-inf')
         li[j] = T.float32(0)
     for t in range(({LK} + {KEYS - 1}) // {KEYS}):
-        for e in T.unroll({KEYS * d // 8 // threads}):
-            for v in T.vectorized(8):
-                Ks[{kvec} // {d // 8} * {ldk} + {kvec} % {d // 8} * 8 + v] = {at("K", "bi", "hi", f"T.min(t * {KEYS} + {kvec} // {d // 8}, {LK} - 1)", f"{kvec} % {d // 8} * 8 + v")}
-        for e in T.unroll({KEYS * dvv // 8 // threads}):
-            for v in T.vectorized(8):
-                vr[v] = {at("V", "bi", "hi", f"T.min(t * {KEYS} + {kvec} // {dvv // 8}, {LK} - 1)", f"{kvec} % {dvv // 8} * 8 + v")}
-            for v in T.unroll(8):
-                Vt[({kvec} % {dvv // 8} * 8 + v) * {ldv} + {kvec} // {dvv // 8}] = vr[v]
+{k_loads}
+{v_loads}
         T.tvm_storage_sync("shared")
         for n in T.unroll({KEYS // 8}):
             for i in T.unroll(4):
@@ -169,8 +181,10 @@ def mma_attention(spec, dv, target):
     return tvm.script.from_source("\n".join(parts.lines) + body)
 
 
-#: The projection's workgroup tile: ``PM`` rows x ``PN`` columns (2 x 2 warps of 32 x 32), steps of ``PK`` along K.
+#: The projection's workgroup tile: ``PM`` rows x ``PN`` columns (warps of 32 x 32), steps of ``PK`` along K.
 PM, PN, PK = 64, 64, 32
+#: The workgroup tiles ``mma_linear`` takes (``gpu_ab.py`` times each on a GPU).
+LINEAR_TILES = ((64, 64), (128, 64), (64, 128), (128, 128))
 
 
 def mma_linear_applies(spec, target) -> bool:
@@ -185,19 +199,20 @@ def mma_linear_applies(spec, target) -> bool:
             and N % 8 == 0 and activation_script(activation, "y") is not None)
 
 
-def mma_linear(spec, dv, target):
+def mma_linear(spec, dv, target, tile: tuple = (PM, PN)):
     """The projection ``spec`` in float16 or bfloat16 on tensor cores, or None where it does not apply.
 
-    A workgroup of 4 warps computes a ``PM`` x ``PN`` tile of the output, each warp 32 x 32 of it (2 x 4 m16n8
-    accumulator tiles, 32 float32 registers a lane); x and W stream through shared memory in steps of ``PK``
+    A workgroup of (``tile`` / 32) warps computes a ``tile`` (``PM`` x ``PN``; one of ``LINEAR_TILES``) of the
+    output, each warp 32 x 32 of it (2 x 4 m16n8 accumulator tiles, 32 float32 registers a lane); x and W stream through shared memory in steps of ``PK``
     along K, in 16-byte vectors, W transposed on the way (a B fragment is two neighbouring k of one column),
     rows padded by ``PAD``; bias and activation in float32 on the accumulators, rounded once to the storage
     type as they are written.  Rows (x's leading dims, flattened) stay symbolic, read clamped to the last
     row; columns past N (N a multiple of 8, not of ``PN``) read clamped and are not written."""
     import tvm
 
-    if not mma_linear_applies(spec, target):
+    if not mma_linear_applies(spec, target) or tuple(tile) not in LINEAR_TILES:
         return None
+    PM, PN = tile  # noqa: N806
     K, N, bias, activation = projection_parts(spec)
     DT = str(spec.out_type.dtype)
     kind = _MMA_TYPE[DT]
@@ -207,10 +222,16 @@ def mma_linear(spec, dv, target):
     lines, shapes, _ = head
     lead = [f"T.Cast('int32', {d})" for d in shapes[0][:-1]]
     ld = PK + PAD
-    threads = 128
+    threads = 32 * (PM // 32) * (PN // 32)
     vec = f"(e * {threads} + tx)"  # a thread's 16-byte vector of a tile
-    row = "(by * 64 + wm * 32 + mt * 16 + g + i // 2 * 8)"  # the output row of accumulator element i of tile mt
-    col = "(bx * 64 + wn * 32 + nt * 8 + lq * 2 + i % 2)"
+    row = f"(by * {PM} + wm * 32 + mt * 16 + g + i // 2 * 8)"  # the output row of accumulator element i of tile mt
+    col = f"(bx * {PN} + wn * 32 + nt * 8 + lq * 2 + i % 2)"
+    x_loads = _tile_loads(PM * PK // 8, threads, f"""            for v in T.vectorized(8):
+                Xs[{vec} // {PK // 8} * {ld} + {vec} % {PK // 8} * 8 + v] = X[{flat_row_index(lead, f"T.min(by * {PM} + {vec} // {PK // 8}, M - 1)")}, kt * {PK} + {vec} % {PK // 8} * 8 + v]""", "        ")
+    w_loads = _tile_loads(PK * PN // 8, threads, f"""            for v in T.vectorized(8):
+                wr[v] = W[kt * {PK} + {vec} // {PN // 8}, T.min(bx * {PN} + {vec} % {PN // 8} * 8, {N - 8}) + v]
+            for v in T.unroll(8):
+                Wt[({vec} % {PN // 8} * 8 + v) * {ld} + {vec} // {PN // 8}] = wr[v]""", "        ")
     y = f"(acc[(mt * 4 + nt) * 4 + i]{f' + T.Cast({chr(39)}float32{chr(39)}, Bias[{col}])' if bias else ''})"
     body = f"""
     bx = T.launch_thread("blockIdx.x", {-(-N // PN)})
@@ -223,21 +244,15 @@ def mma_linear(spec, dv, target):
     af = T.alloc_buffer((16,), "{DT}", scope="local")
     bf = T.alloc_buffer((4,), "{DT}", scope="local")
     acc = T.alloc_buffer((32,), "float32", scope="local")
-    wm: T.int32 = tx // 64
-    wn: T.int32 = tx // 32 % 2
+    wm: T.int32 = tx // 32 // {PN // 32}
+    wn: T.int32 = tx // 32 % {PN // 32}
     g: T.int32 = tx % 32 // 4
     lq: T.int32 = tx % 4
     for i in T.unroll(32):
         acc[i] = T.float32(0)
     for kt in range({K // PK}):
-        for e in T.unroll({PM * PK // 8 // threads}):
-            for v in T.vectorized(8):
-                Xs[{vec} // {PK // 8} * {ld} + {vec} % {PK // 8} * 8 + v] = X[{flat_row_index(lead, f"T.min(by * {PM} + {vec} // {PK // 8}, M - 1)")}, kt * {PK} + {vec} % {PK // 8} * 8 + v]
-        for e in T.unroll({PK * PN // 8 // threads}):
-            for v in T.vectorized(8):
-                wr[v] = W[kt * {PK} + {vec} // {PN // 8}, T.min(bx * {PN} + {vec} % {PN // 8} * 8, {N - 8}) + v]
-            for v in T.unroll(8):
-                Wt[({vec} % {PN // 8} * 8 + v) * {ld} + {vec} // {PN // 8}] = wr[v]
+{x_loads}
+{w_loads}
         T.tvm_storage_sync("shared")
         for kk in T.unroll({PK // 16}):
             for mt in T.unroll(2):
