@@ -7,6 +7,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 from conftest import example
 
 import attngraph as ag
@@ -15,10 +16,13 @@ from attngraph import api
 import gpu_device  # noqa: E402
 
 
-def test_parameters_left_out_are_drawn_again_to_the_same_artifact(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_parameters_left_out_are_drawn_again_to_the_same_artifact(tmp_path, dtype):
+    """The bundle's encoders travel without their weights, in float32 and in the half types: drawn again there
+    (a half-precision artifact's as float32, rounded once, as the build stored them), byte for byte."""
     g = ag.models.load_graph("transformer-tiny")
     art = str(tmp_path / "tiny")
-    api.build(g, ag.init_params(g, 0, perturb=True), art, "llvm", 3)
+    api.build(g, ag.init_params(g, 0, perturb=True), art, "llvm", 3, dtype=dtype)
     original = api.load(art)
     x = example(g, seed=3)
     want = original(x)

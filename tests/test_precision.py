@@ -297,6 +297,62 @@ def test_the_emulator_runs_mma_sync_in_the_ptx_fragment_layouts(dtype, tmp_path)
     assert "kernel main_kernel: mma.sync in a warp without all 32 lanes" in caught.stderr, caught.stderr[-2000:]
 
 
+#: ``ldmatrix.x4`` of a 16 x 16 tile staged in shared memory (rows padded to 24): lane l names row l % 8 of
+#: matrix l / 8 (matrices: rows 0-7 / 8-15, then columns 8-15), ``{shift}`` elements past it; its 8 elements
+#: come out in C[l]
+LDMATRIX_TILE = """
+@T.prim_func
+def main(a_h: T.handle, c_h: T.handle):
+    T.func_attr({{'global_symbol': 'main', 'tirx.noalias': True, 'tirx.is_scheduled': True}})
+    A = T.match_buffer(a_h, (16, 16), "float16")
+    C = T.match_buffer(c_h, (32, 8), "float16")
+    tx = T.launch_thread("threadIdx.x", 32)
+    As = T.alloc_buffer((16 * 24,), "float16", scope="shared")
+    af = T.alloc_buffer((8,), "float16", scope="local")
+    for i in T.unroll(8):
+        As[tx // 2 * 24 + tx % 2 * 8 + i] = A[tx // 2, tx % 2 * 8 + i]
+    T.tvm_storage_sync("shared")
+    T.evaluate(T.ptx_legacy.ldmatrix({trans}, 4, ".b16", af.data, 0, As.access_ptr("r"), (tx // 8 % 2 * 8 + tx % 8) * 24 + tx // 16 * 8 + {shift}, dtype="float16"))
+    for i in T.unroll(8):
+        C[tx, i] = af[i]
+"""
+
+
+def ldmatrix_tile(trans, shift=0):
+    return tvm.script.from_source(LDMATRIX_TILE.format(trans=trans, shift=shift))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+def test_the_emulator_runs_ldmatrix_in_the_ptx_layouts():
+    """``ldmatrix.x4`` (and ``.trans``) as TVM emits it, on the emulator, against the PTX ISA's definition: lane
+    l holds in register i the elements (l / 4, 2 (l % 4) + e) of matrix i, transposed (2 (l % 4) + e, l / 4);
+    a row address off the 16-byte alignment the instruction requires stops the process."""
+    import subprocess
+    import sys
+
+    from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
+    a = np.arange(256, dtype=np.float16).reshape(16, 16)
+    for trans in (False, True):
+        emu = CudaEmulator.from_funcs({"main": ldmatrix_tile(trans)})
+        c = np.zeros((32, 8), np.float16)
+        emu.call("main", [a, c])
+        want = np.zeros((32, 8), np.float16)
+        for lane in range(32):
+            for i in range(4):
+                m = a[i % 2 * 8:i % 2 * 8 + 8, i // 2 * 8:i // 2 * 8 + 8]
+                for e in range(2):
+                    want[lane, 2 * i + e] = m[2 * (lane % 4) + e, lane // 4] if trans else m[lane // 4, 2 * (lane % 4) + e]
+        np.testing.assert_array_equal(c, want)
+    script = (f"import sys, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+              f"from test_precision import ldmatrix_tile; "
+              f"from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator; "
+              f"emu = CudaEmulator.from_funcs({{'main': ldmatrix_tile(False, shift=4)}}); "
+              f"emu.call('main', [np.zeros((16, 16), np.float16), np.zeros((32, 8), np.float16)]); print('finished')")
+    caught = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert caught.returncode != 0 and "finished" not in caught.stdout
+    assert "kernel main_kernel: ldmatrix with a row address not 16-byte aligned" in caught.stderr, caught.stderr[-2000:]
+
+
 def attention_graph(d, dv, layout, masks, heads=2):
     """q (b, heads, s, d), k (b, heads, t, d), v (b, heads, t, dv) (``layout`` bshd: seq before heads) and
     ``masks`` [(kind, shape)] into one ``fused_attention``."""
@@ -340,8 +396,8 @@ TC_ATTENTION = [  # (d, dv, layout, masks, dims): key tiles of 64 with a tail, q
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("case", TC_ATTENTION, ids=["keep-padding", "bshd-causal-bias", "decode"])
 def test_half_attention_runs_on_tensor_cores_on_cuda(case, dtype):
-    """The fused attention in a half type on cuda: the FlashAttention-2-style kernel (``mma.sync``, online
-    softmax over the accumulator fragments) against the rounding interpreter; masks of every kind (an additive
+    """The fused attention in a half type on cuda: the FlashAttention-2-style kernel (``ldmatrix``, ``mma.sync``,
+    online softmax over the accumulator fragments) against the rounding interpreter; masks of every kind (an additive
     one stored in the half type, -1e9 in it overflowing to -inf as in the interpreter), a fully masked sequence
     NaN, tails of query and key tiles; at a few query rows the decode form."""
     d, dv, layout, masks, dims = case
@@ -350,7 +406,8 @@ def test_half_attention_runs_on_tensor_cores_on_cuda(case, dtype):
     m = ag.compile(g, {}, target="cuda", dtype=dtype, device="emulator")
     from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
     with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:
-        assert f.read().count("mma.sync.aligned.m16n8k16") >= 2
+        source = f.read()
+    assert source.count("mma.sync.aligned.m16n8k16") >= 2 and "ldmatrix.sync.aligned.m8n8.x4.trans" in source
     x = attention_inputs(g, dims, np.random.default_rng(0))
     if len(masks) > 1:
         x["m1"][..., 0] = -1e9
@@ -406,7 +463,8 @@ def test_half_precision_projections_run_on_tensor_cores_on_cuda(dtype):
     from attngraph.backends.tvm.targets.cuda import CUDA_SOURCE
     with open(os.path.join(os.path.dirname(m.kernels.library), CUDA_SOURCE)) as f:
         source = f.read()
-    assert "mma.sync.aligned.m16n8k16" in source and ("nvcuda::wmma::mma_sync" in source) == (dtype == "float16")
+    assert "mma.sync.aligned.m16n8k16" in source and "ldmatrix.sync.aligned.m8n8.x4.trans" in source
+    assert ("nvcuda::wmma::mma_sync" in source) == (dtype == "float16")
     for dims in ({"b": 3, "s": 33}, {"b": 1, "s": 3}):
         inputs = {"x": rng.standard_normal((dims["b"], dims["s"], 96)).astype(np.float32)}
         got = m(inputs)["y"]

@@ -292,6 +292,28 @@ template <class T> inline void emu_mma_m16n8k16(float d[4], const unsigned a[4],
   std::memcpy(d, out, sizeof out);
 }
 
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{,.trans}.shared.b16 (T.ptx_legacy.ldmatrix; rewritten into a call of
+// emu_ldmatrix): lanes 8 i .. 8 i + 7 give the addresses of the 8 rows (8 b16 elements, 16 bytes, 16-byte aligned)
+// of matrix i; each lane then holds in register i the elements (l / 4, 2 (l % 4) + {0, 1}) of matrix i, or with
+// .trans the elements (2 (l % 4) + {0, 1}, l / 4).  Warp-collective, as mma.sync.
+template <int N, bool Trans> inline void emu_ldmatrix(unsigned r[N], const void* addr) {
+  EmuWarp* w = emu_self.warp;
+  if (w->barrier.members != 32) emu_fail("ldmatrix in a warp without all 32 lanes taking part");
+  if (emu_self.lane < 8 * N && (uintptr_t)addr % 16) emu_fail("ldmatrix with a row address not 16-byte aligned");
+  w->slot[emu_self.lane] = (uint64_t)(uintptr_t)addr;
+  w->barrier.wait();
+  int l = emu_self.lane;
+  for (int i = 0; i < N; ++i) {
+    uint16_t h[2];
+    for (int e = 0; e < 2; ++e) {
+      int row = Trans ? 2 * (l % 4) + e : l / 4, col = Trans ? l / 4 : 2 * (l % 4) + e;
+      std::memcpy(&h[e], (const char*)(uintptr_t)w->slot[8 * i + row] + 2 * col, 2);
+    }
+    std::memcpy(&r[i], h, 4);
+  }
+  w->barrier.wait();  // every lane has read the rows the others named
+}
+
 // A kernel that reads or writes past the end of a buffer hits the guard page after it (the emulator
 // places every buffer so that it ends where such a page begins): say which kernel, then crash as usual.
 inline const char* emu_kernel_name = nullptr;  // the kernel running, if one is

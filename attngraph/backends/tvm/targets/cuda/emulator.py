@@ -12,9 +12,9 @@ process with the kernel's name.
 
 What it checks: that the kernels' CUDA source, as TVM emits it for the cuda target (unrolled loops,
 four-wide vector loads, warp reductions, tensor cores through ``nvcuda::wmma`` and through inline PTX
-``mma.sync``, each statement of which is rewritten into a call of ``emu.h``'s warp-collective
-``emu_mma_m16n8k16`` in the PTX ISA's fragment layouts; any other inline PTX is refused by name), computes
-what the graph says.  What it cannot: NVRTC's or
+``mma.sync`` and ``ldmatrix``, each statement of which is rewritten into a call of ``emu.h``'s warp-collective
+``emu_mma_m16n8k16`` or ``emu_ldmatrix`` in the PTX ISA's fragment layouts; any other inline PTX is refused by
+name), computes what the graph says.  What it cannot: NVRTC's or
 ptxas' code, the GPU's memory model beyond what a correct kernel relies on, speed."""
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ def emulation_library(cuda_source: str, workdir: str) -> tuple[ctypes.CDLL, dict
 
 _ASM = re.compile(r'__asm__ __volatile__\(\s*"([^"]*)"\s*"[^"]*"\s*:(.*?)\);', re.S)
 _MMA = re.compile(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(f16|bf16)\.\1\.f32$")
+_LDMATRIX = re.compile(r"ldmatrix\.sync\.aligned\.m8n8\.x([124])(\.trans)?\.shared\.b16$")
+#: TVM's codegen takes a shared-memory address for PTX as a 32-bit offset; the emulator keeps the pointer
+_SHARED_ADDRESS = re.compile(r"unsigned int (\w+) = __cvta_generic_to_shared\(")
 _OPERAND = re.compile(r'\s*"=?[a-z]"\((.*)\)\s*$', re.S)
 
 
@@ -97,21 +100,27 @@ def _split_top(text: str, sep: str) -> list:
 
 
 def _ptx_calls(body: str) -> str:
-    """``body`` with each inline PTX ``mma.sync`` statement (as TVM's codegen writes it) replaced by a call of
-    ``emu.h``'s ``emu_mma_m16n8k16``; any other inline PTX is refused, naming the instruction."""
+    """``body`` with each inline PTX ``mma.sync`` and ``ldmatrix`` statement (as TVM's codegen writes them)
+    replaced by a call of ``emu.h``'s ``emu_mma_m16n8k16`` or ``emu_ldmatrix``; any other inline PTX is refused,
+    naming the instruction."""
     def call(m):
         instruction = m.group(1).strip()
+        outs, ins = (_split_top(part, ",") for part in _split_top(m.group(2), ":"))
+        outs, ins = ([_OPERAND.match(o).group(1) for o in group] for group in (outs, ins))
+        load = _LDMATRIX.match(instruction)
+        if load is not None:
+            n, trans = int(load.group(1)), "true" if load.group(2) else "false"
+            return (f"{{ unsigned emu_r[{n}]; emu_ldmatrix<{n}, {trans}>(emu_r, {ins[0]}); "
+                    + " ".join(f"{o} = emu_r[{i}];" for i, o in enumerate(outs)) + " }")
         kind = _MMA.match(instruction)
         if kind is None:
             raise DeviceUnavailable(f"the CUDA emulator does not implement the PTX instruction {instruction!r}")
-        outs, ins = (_split_top(part, ",") for part in _split_top(m.group(2), ":"))
-        outs, ins = ([_OPERAND.match(o).group(1) for o in group] for group in (outs, ins))
         element = "nv_bfloat16" if kind.group(1) == "bf16" else "half"
         return (f"{{ const unsigned emu_a[4] = {{{', '.join(ins[:4])}}}; const unsigned emu_b[2] = {{{', '.join(ins[4:6])}}}; "
                 f"const float emu_c[4] = {{{', '.join(ins[6:10])}}}; float emu_d[4]; "
                 f"emu_mma_m16n8k16<{element}>(emu_d, emu_a, emu_b, emu_c); "
                 + " ".join(f"{o} = emu_d[{i}];" for i, o in enumerate(outs)) + " }")
-    return _ASM.sub(call, body)
+    return _ASM.sub(call, _SHARED_ADDRESS.sub(r"const void* \1 = (const void*)(", body))
 
 
 class CudaEmulator:
