@@ -423,6 +423,36 @@ def test_half_attention_runs_on_tensor_cores_on_cuda(case, dtype):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
+@pytest.mark.parametrize("dtype", HALF)
+def test_a_decoder_with_wide_heads_runs_on_tensor_cores_on_cuda(dtype):
+    """A GPT with heads of 32 (d 64, 2 heads, FFN 128) in a half type on cuda: the prompt through the
+    tensor-core attention (causal) and projections, a decode step of one row through the few-rows forms, the
+    caches stored in the type; each against the rounding interpreter of the same entry."""
+    from attngraph.generate import trace_entries
+    from attngraph.models.gpt import GPT
+    model = GPT(vocab_size=64, d_model=64, num_heads=2, d_ff=128, num_layers=1, max_len=96, name="gpt-wide-heads")
+    step = to_dtype(trace_entries(model, 80)["decode_step"], dtype)
+    m = ag.compile(step, ag.init_params(step, 0, perturb=True), target="cuda", dtype=None, device="emulator")
+    caches = {n: np.zeros(t.concrete({"batch": 2}), numpy_dtype(dtype)) for n, t in step.input_types().items()
+              if n.startswith("cache")}
+    rng = np.random.default_rng(0)
+    for tokens, pos in ((rng.integers(0, 64, (2, 70)), 0), (rng.integers(0, 64, (2, 1)), 70)):
+        x = {"tokens": tokens, "pos": np.int64(pos), **caches}
+        got = m(x)
+        want = reference.run(m.graph, x, m.params, dtype="float64")
+        for name in ("log_probs", "cache.0.k"):
+            check = compare(name, got[name], want[name])
+            assert got[name].dtype == numpy_dtype(dtype) and check.ok, f"{check} at position {pos}"
+        caches = {n: got[n] for n in caches}
+    launched = set(m.device.launches)
+    assert any(k.endswith("_fused_attention_kernel") for k in launched), launched
+    assert any(k.endswith("_fused_attention__few_kernel") for k in launched), launched
+    source = m.device.source
+    start = source.index("_fused_attention_kernel(", source.index("_fused_attention_kernel(") + 1)
+    assert "mma.sync.aligned.m16n8k16" in source[start:source.index('extern "C"', start)]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
 def test_a_wrong_fragment_in_the_attention_kernel_fails_on_the_emulator():
     """The check can fail: the tensor-core attention with the two registers of each B fragment swapped (keys
     2q and 2q + 8 exchanged) computes another product on the emulator."""
