@@ -85,7 +85,7 @@ def mma_attention(spec, dv, target, *, keys: int = KEYS, warps: int = WARPS):
     shared-memory tile (a multiple of 16); ``warps``: warps per workgroup (16 query rows each)."""
     import tvm
 
-    if not has_mma(target):
+    if not has_mma(target) or keys % 16 or warps < 1:
         return None
     KEYS, WARPS = keys, warps  # noqa: N806 - the module's defaults, as the docstring names them
     smem = lambda d, dvv: KEYS * (d + dvv + 2 * PAD) * 2  # noqa: E731

@@ -160,7 +160,7 @@ def attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable,
         broadcast NumPy-style, to the float32 ``score`` (none without masks)."""
         reads = [f"M{i}[{', '.join('0' if x == 1 else n for x, n in zip(t.shape, ['bi', 'hi', row, key][4 - len(t.shape):]))}]"
                  for i, t in enumerate(masks)]
-        reads = [r if str(t.dtype) in ("float32", "bool", "int32") or kind != "additive" else f"T.Cast('float32', {r})"
+        reads = [f"T.Cast('float32', {r})" if kind == "additive" and str(t.dtype) != "float32" else r
                  for r, t, kind in zip(reads, masks, kinds)]
         return [f"{score} = {apply_masks(score, reads, spec.attrs, ops)}"] if reads else []
 
