@@ -44,29 +44,35 @@ def test_parameters_left_out_are_drawn_again_to_the_same_artifact(tmp_path, dtyp
 
 
 def test_kernel_ab_covers_every_encoder_kernel_and_marks_the_one_the_build_uses():
-    """bench/gpu_ab.py (no compile here): every projection and the attention of both benchmark encoders,
-    each with every candidate, the one the cuda build picks marked once, and the same PrimFunc as the build's."""
+    """bench/gpu_ab.py (no compile here): every projection and the attention of both benchmark encoders, in
+    float32 and in both half types, each with every candidate, the one the cuda build picks (``kernel``) marked
+    once, and the same PrimFunc as the build's."""
     import tvm
 
     import gpu_ab
     from attngraph.backends.tvm.build import finish
     from attngraph.backends.tvm.shapes import DimVars
-    from attngraph.backends.tvm.targets.gpu.kernels import flash_attention, linear
     from attngraph.backends.tvm.targets import get_target
-    target = get_target("cuda:sm_90").tvm_target
-    found = gpu_ab.candidates(get_target("cuda:sm_90"), None)
+    from attngraph.backends.tvm.targets.cuda import tensor_cores
+    cuda = get_target("cuda:sm_90")
+    found = gpu_ab.candidates(cuda, None)
     by_label: dict = {}
     for label, variant, spec, func in found.values():
         by_label.setdefault(label, []).append((variant, spec, func))
-    assert len(by_label) == 12  # 4 projections and the attention (on the merged QKV and on q, k, v), two encoders
+    # float32: 4 projections and the attention (on the merged QKV and on q, k, v), two encoders; in each half
+    # type: the 4 projections and the attention on the merged QKV
+    assert len(by_label) == 12 + 2 * 10
     for label, forms in by_label.items():
         variants = [v for v, _, _ in forms]
         spec = forms[0][1]
         assert "dlight" in variants and sum(v.endswith("*") for v in variants) == 1, (label, variants)
-        want = len(gpu_ab.TILES) if spec.op == "linear" else len(gpu_ab.ATTENTION_TILES)
+        if str(spec.out_type.dtype) == "float32":
+            want = len(gpu_ab.TILES) if spec.op == "linear" else len(gpu_ab.ATTENTION_TILES)
+        else:  # every tensor-core tile (the attention's also the SIMT kernel)
+            want = len(tensor_cores.LINEAR_TILES) if spec.op == "linear" else len(gpu_ab.MMA_ATTENTION_FORMS) + 1
         assert len(variants) == want + 1, (label, variants)
         (func,) = [f for v, _, f in forms if v.endswith("*")]
         dv = DimVars()
-        built = (linear if spec.op == "linear" else flash_attention)(spec, dv, target)
+        built = cuda.kernel(spec, dv)
         tvm.ir.assert_structural_equal(func.without_attr("global_symbol"),
                                        finish(built, spec, dv).without_attr("global_symbol"))
