@@ -15,8 +15,6 @@ import os
 import re
 
 from .... import BuildError
-from ...lower import generic_func
-from ...plan import FEW_ROWS
 from ...runtime import host_program
 from ..base import RUNTIME_ONLY, compiler_loaded, portable_host
 from ..gpu import GPUTarget, GPUUnavailable, device_source
@@ -109,12 +107,8 @@ class CudaTarget(GPUTarget):
         return (mma_attention(spec, dv, self.tvm_target) or mma_linear(spec, dv, self.tvm_target)
                 or super().kernel(spec, dv))
 
-    def forms(self, spec, dv):
-        """As every GPU target's; a projection on tensor cores gets dlight's schedule at a few rows (its 64-row
-        tile would compute mostly clamped rows)."""
-        if mma_linear_applies(spec, self.tvm_target):
-            return {FEW_ROWS: self.schedule(generic_func(spec.op, spec.attrs, spec.in_types, spec.out_type, dv))}
-        return super().forms(spec, dv)
+    def hand_projection(self, spec) -> bool:
+        return mma_linear_applies(spec, self.tvm_target) or super().hand_projection(spec)
 
     def compile(self, mod):
         """``tvm.compile``, the host programs of the same compile, and where nvcc is present the generated

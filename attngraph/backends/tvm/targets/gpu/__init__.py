@@ -35,10 +35,14 @@ class GPUTarget(Target):
         128-row tile would compute mostly clamped rows on N/64 or N/128 workgroups; dlight's 32 x 64 tile
         wastes less); the attention gets ``decode_attention`` (the keys dealt out among a workgroup's
         threads: the flash kernel would walk them all on one thread)."""
-        if linear_applies(spec, self.tvm_target):
+        if self.hand_projection(spec):
             return {FEW_ROWS: self.schedule(generic_func(spec.op, spec.attrs, spec.in_types, spec.out_type, dv))}
         attention = decode_attention(spec, dv, self.tvm_target, narrow_bool=self.narrow_bool)
         return {FEW_ROWS: attention} if attention is not None else {}
+
+    def hand_projection(self, spec) -> bool:
+        """Whether a hand-written kernel serves the projection ``spec`` (its few-rows form is then dlight's)."""
+        return linear_applies(spec, self.tvm_target)
 
     def schedule(self, func):
         return schedule_func(func, self.tvm_target)
