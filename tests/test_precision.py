@@ -268,12 +268,10 @@ def mma_tile(dtype, threads=32, layout=PTX_A):
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA source emulator compiles with g++")
 @pytest.mark.parametrize("dtype", HALF)
-def test_the_emulator_runs_mma_sync_in_the_ptx_fragment_layouts(dtype, tmp_path):
+def test_the_emulator_runs_mma_sync_in_the_ptx_fragment_layouts(dtype):
     """One m16n8k16 ``mma.sync`` as TVM emits it (inline PTX), on the emulator: with the PTX ISA's fragment
     layout the product is right; with A's two halves mixed up (a2/a3 taken as the columns to the right, a4..a7
     as the rows below) it is wrong here as on a GPU; a block of 16 threads (half a warp) stops the process."""
-    import subprocess
-    import sys
 
     from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
     rng = np.random.default_rng(0)
@@ -286,15 +284,23 @@ def test_the_emulator_runs_mma_sync_in_the_ptx_fragment_layouts(dtype, tmp_path)
         c = np.zeros((16, 8), np.float32)
         emu.call("main", [a, b, c])
         assert np.allclose(c, want, rtol=1e-5, atol=1e-5) == right, layout
+    emulator_stops(f"emu = CudaEmulator.from_funcs({{'main': mma_tile({dtype!r}, threads=16)}}); "
+                   f"x = np.zeros((16, 16), numpy_dtype({dtype!r})); "
+                   f"emu.call('main', [x, x[:8], np.zeros((16, 8), np.float32)])",
+                   "kernel main_kernel: mma.sync in a warp without all 32 lanes")
+
+
+def emulator_stops(code: str, message: str) -> None:
+    """Run ``code`` (this module's names, NumPy as np, ``CudaEmulator``, ``numpy_dtype`` at hand) in a fresh
+    process: the emulator must stop it, saying ``message``."""
+    import subprocess
+    import sys
     script = (f"import sys, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-              f"from test_precision import mma_tile; from attngraph.ir.types import numpy_dtype; "
-              f"from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator; "
-              f"emu = CudaEmulator.from_funcs({{'main': mma_tile({dtype!r}, threads=16)}}); "
-              f"x = np.zeros((16, 16), numpy_dtype({dtype!r})); emu.call('main', [x, x[:8], np.zeros((16, 8), np.float32)]); "
-              f"print('finished')")
+              f"from test_precision import *; from attngraph.ir.types import numpy_dtype; "
+              f"from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator; {code}; print('finished')")
     caught = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert caught.returncode != 0 and "finished" not in caught.stdout
-    assert "kernel main_kernel: mma.sync in a warp without all 32 lanes" in caught.stderr, caught.stderr[-2000:]
+    assert message in caught.stderr, caught.stderr[-2000:]
 
 
 #: ``ldmatrix.x4`` of a 16 x 16 tile staged in shared memory (rows padded to 24): lane l names row l % 8 of
@@ -327,8 +333,6 @@ def test_the_emulator_runs_ldmatrix_in_the_ptx_layouts():
     """``ldmatrix.x4`` (and ``.trans``) as TVM emits it, on the emulator, against the PTX ISA's definition: lane
     l holds in register i the elements (l / 4, 2 (l % 4) + e) of matrix i, transposed (2 (l % 4) + e, l / 4);
     a row address off the 16-byte alignment the instruction requires stops the process."""
-    import subprocess
-    import sys
 
     from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator
     a = np.arange(256, dtype=np.float16).reshape(16, 16)
@@ -343,14 +347,9 @@ def test_the_emulator_runs_ldmatrix_in_the_ptx_layouts():
                 for e in range(2):
                     want[lane, 2 * i + e] = m[2 * (lane % 4) + e, lane // 4] if trans else m[lane // 4, 2 * (lane % 4) + e]
         np.testing.assert_array_equal(c, want)
-    script = (f"import sys, numpy as np; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-              f"from test_precision import ldmatrix_tile; "
-              f"from attngraph.backends.tvm.targets.cuda.emulator import CudaEmulator; "
-              f"emu = CudaEmulator.from_funcs({{'main': ldmatrix_tile(False, shift=4)}}); "
-              f"emu.call('main', [np.zeros((16, 16), np.float16), np.zeros((32, 8), np.float16)]); print('finished')")
-    caught = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert caught.returncode != 0 and "finished" not in caught.stdout
-    assert "kernel main_kernel: ldmatrix with a row address not 16-byte aligned" in caught.stderr, caught.stderr[-2000:]
+    emulator_stops("emu = CudaEmulator.from_funcs({'main': ldmatrix_tile(False, shift=4)}); "
+                   "emu.call('main', [np.zeros((16, 16), np.float16), np.zeros((32, 8), np.float16)])",
+                   "kernel main_kernel: ldmatrix with a row address not 16-byte aligned")
 
 
 def attention_graph(d, dv, layout, masks, heads=2):
