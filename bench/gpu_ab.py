@@ -173,7 +173,8 @@ def build(out, arch, baseline):
 def _reference(entry, host):
     """The float64 result of ``entry``'s op on ``host`` operands (the interpreter's semantics)."""
     from attngraph.ir.fused import fused_attention
-    args = [a.astype(np.float64) if a.dtype.kind == "f" or a.dtype.name == "bfloat16" else a for a in host]
+    from attngraph.weights import is_float_array
+    args = [a.astype(np.float64) if is_float_array(a) else a for a in host]
     if entry["op"] == "linear":
         y = args[0] @ args[1] + (args[2] if len(args) == 3 else 0)
         return np.maximum(y, 0) if entry["attrs"].get("activation") == "relu" else y
