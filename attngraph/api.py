@@ -20,6 +20,7 @@ from .backends.tvm.artifact import (
     is_artifact,
     load_artifact,
     manifest_of,
+    artifact_dir,
     write_artifact,
 )
 from .ir import Graph
@@ -95,12 +96,13 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
     if not out_dir:
         raise ValueError("build needs out_dir, the artifact directory to write")
     start = time.perf_counter()
-    compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                       tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
-    kernels = compiled.kernels
-    manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
-    manifest["dtype"] = dtype or "float32"
-    manifest = write_artifact(out_dir, compiled, kernels, manifest)
+    with artifact_dir(out_dir):  # held from before the compile: a second build into it fails at once
+        compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
+                           tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
+        kernels = compiled.kernels
+        manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
+        manifest["dtype"] = dtype or "float32"
+        manifest = write_artifact(out_dir, compiled, kernels, manifest, held=True)
     manifest["build"] = {"seconds": round(time.perf_counter() - start, 3), "cached": kernels.cached,
                          **{k: round(v, 3) for k, v in kernels.seconds.items()}}
     return manifest

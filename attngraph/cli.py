@@ -35,9 +35,15 @@ def main(threads):
 
 @main.command("models")
 def list_models():
-    """List the models in the zoo."""
+    """List the models in the zoo: kind, parameters (at the default vocabulary) and where the weights come
+    from (seeded random unless --weights, or a real checkpoint)."""
+    rows = [("name", "kind", "params", "weights")]
     for name in models.names():
-        click.echo(name)
+        d = models.describe(name)
+        rows.append((name, d["kind"], models.count(d["params"]), d["weights"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}")
 
 
 def optimize_option(fn):
@@ -145,9 +151,11 @@ def model_options(fn):
     return fn
 
 
-def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=None):
+def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=None, fits=None):
     """(params, inputs) for ``graph``: loaded from files, or the model's own (``params`` if given;
-    ``module.default_params``: a real checkpoint), or seeded random."""
+    ``module.default_params``: a real checkpoint), or seeded random.  ``fits(sizes, inputs_held)``, if
+    given, checks that a run at those dims fits in memory before the random inputs are made (after a
+    file's are loaded)."""
     if params is None:
         params = load_weights(weights_path) if weights_path else default_params(module or graph, seed)
     elif weights_path:
@@ -158,10 +166,27 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
     if inputs_path:
         with np.load(inputs_path, allow_pickle=False) as z:
             inputs = {k: z[k] for k in z.files}
+        if fits is not None:
+            from .inputs import bind_dims
+            fits(bind_dims(graph.input_types(), inputs), True)
     else:
         sizes = dim_sizes(graph.input_types(), graph.meta.get("dims", {}), parse_dims(dims))
+        if fits is not None:
+            fits(sizes, False)
         inputs = random_inputs(graph.input_types(), sizes, seed, input_meta(graph))
     return params, inputs
+
+
+def run_fits(graph, *, compiled=None, planned=False, dtype="float32"):
+    """The ``fits`` check of ``prepare`` for a run of ``graph``: compiled (its memory plan), about to be
+    compiled (``planned``: the planner on the graph) or interpreted in ``dtype``."""
+    from .memory_check import check_run
+
+    def fits(sizes, inputs_held):
+        check_run(graph, sizes, compiled=compiled, planned=planned, inputs_held=inputs_held,
+                  float_bytes=None if compiled is not None or planned else (8 if dtype == "float64" else 4),
+                  hint="give smaller inputs" if inputs_held else "give smaller sizes with --dim NAME=INT")
+    return fits
 
 
 @main.command()
@@ -183,7 +208,12 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
 @user_errors
 def run(model, target, device, output_path, inputs_path, weights_path, seed, dims, dtype, opt_level, disable,
         verify_each):
-    """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs."""
+    """Run MODEL (a model, or an artifact DIR from attngraph build) and print (or save) its outputs.
+
+    An artifact contains native code that runs when it is loaded, as any shared library does: run only
+    artifacts from a source you trust (as torch.load's documentation says of pickles). The sha256 hashes in its
+    manifest detect damage (a truncated or flipped file, a mixed rewrite), not tampering: whoever can rewrite a
+    file can rewrite the manifest."""
     from . import reference
     from .ir.types import HALF_DTYPES
     if target != "numpy" and not is_artifact(model) and dtype == "float64":
@@ -195,7 +225,8 @@ def run(model, target, device, output_path, inputs_path, weights_path, seed, dim
         artifact_options(model, ["target", "opt_level", "disable", "verify_each", "dtype"])
         from .api import load
         compiled = load(model, device)
-        _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params)
+        _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params,
+                            fits=run_fits(compiled.graph, compiled=compiled))
         outputs = compiled(inputs)
         target = None
     else:
@@ -205,7 +236,8 @@ def run(model, target, device, output_path, inputs_path, weights_path, seed, dim
             from .passes.precision import to_dtype
             graph = to_dtype(graph, dtype)
         graph, _ = optimized(graph, opt_level, disable, verify_each)
-        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, module=module)
+        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, module=module,
+                                 fits=run_fits(graph, planned=target != "numpy", dtype=dtype))
         if dtype in HALF_DTYPES:
             from .passes.precision import params_in
             params = params_in(params, graph)

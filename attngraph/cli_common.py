@@ -11,7 +11,8 @@ import os
 import click
 from click.core import ParameterSource
 
-from .backends import ArtifactError, BuildError, DeviceUnavailable
+from .backends import ArtifactError, BuildError, DeviceUnavailable, KernelCallError
+from .files import DirectoryBusy
 from .inputs import InputError
 from .ir import GraphError
 from .ir.ops import IndexOutOfRange
@@ -23,7 +24,8 @@ from .weights import WeightsError
 
 #: Errors whose message is the whole story: shown without a traceback.
 USER_ERRORS = (ModelNotFound, WeightsError, InputError, GraphError, TraceError, InterpreterError,
-               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError, DeviceUnavailable)
+               PassVerificationError, BuildError, IndexOutOfRange, ArtifactError, DeviceUnavailable, DirectoryBusy,
+               KernelCallError)
 
 
 def user_errors(fn, extra: tuple = ()):

@@ -15,12 +15,15 @@ from . import cli_common
 from .cli_common import artifact_options, check_target, reject_given
 from .generate import (
     CompiledStepper,
+    DecoderInfo,
     MANIFEST,
     GenerationError,
     InterpreterStepper,
     beam_search,
+    check_search,
     greedy_search,
     is_generation_dir,
+    trace_entries,
 )
 from .weights import init_params, load_weights
 
@@ -38,16 +41,16 @@ def parse_tokens(text: str) -> list[int]:
 
 
 def trained_model(path: str, weights_path=None):
-    """(model, parameters, tokenizer) of a directory ``attngraph train`` wrote."""
-    import os
-
-    from .train.data import load_tokenizer
-    from .train.trainer import PARAMS, TOKENIZER, load_run, translation_model
+    """(model, parameters, tokenizer) of the newest checkpoint of a directory ``attngraph train`` wrote (or of
+    one ``checkpoint-STEP`` directory): its parts checked, weights that are not finite refused."""
+    from .train import trainer
     if weights_path:
         raise click.BadParameter(f"{path} holds its trained weights", param_hint="--weights")
-    tokenizer = load_tokenizer(os.path.join(path, TOKENIZER))
-    module = translation_model(load_run(path), tokenizer.get_vocab_size())
-    return module, load_weights(os.path.join(path, PARAMS)), tokenizer
+    try:
+        module, params, tokenizer, _ = trainer.trained_model(path)
+    except (trainer.CheckpointError, trainer.D.DataError) as e:
+        raise click.ClickException(str(e)) from None
+    return module, params, tokenizer
 
 
 def text_ids(tokenizer, text: str, where: str) -> list[int]:
@@ -60,6 +63,19 @@ def text_ids(tokenizer, text: str, where: str) -> list[int]:
         raise click.BadParameter(f"{', '.join(map(repr, unknown))} not in the vocabulary of {where} "
                                  f"({tokenizer.get_vocab_size()} tokens)", param_hint="--input")
     return encode(tokenizer, text)
+
+
+def check_request(module, sources, beam: int, cache_len: int, dtype: str) -> None:
+    """Before building or allocating anything: a beam wider than the vocabulary, or a search whose
+    state does not fit in memory, is a ``GenerationError`` (``generate.check_search``, on the entries'
+    traced types: cheap)."""
+    graphs = trace_entries(module, cache_len)
+    info = DecoderInfo.from_model(module, graphs["decode_step"], graphs.get("encode_entry"))
+    width = max(len(s) for s in sources)
+    if info.decoder_only:
+        check_search(info, len(sources), beam, width, None, dtype)
+    else:
+        check_search(info, len(sources), beam, 1, width, dtype)
 
 
 @click.command()
@@ -117,10 +133,12 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
     else:
         if tokenizer is None:
             module = models.get(model)
-            params = load_weights(weights_path) if weights_path else init_params(module, seed)
         if cache_len is None:
             prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
             cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
+        check_request(module, sources, beam, cache_len, dtype)
+        if tokenizer is None:
+            params = load_weights(weights_path) if weights_path else init_params(module, seed)
         if target == "numpy":
             reject_given(["save_dir"], "--save keeps the compiled entries: it needs a compile target "
                                        "(--target llvm, cuda or vulkan)")

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 
 import click
 
 from .cli_common import check_target, user_errors
+from .files import DirectoryBusy
+from .generate import GenerationError
+from .train.checkpoint import CheckpointError
 from .train.data import TASKS, TOKENIZERS, DataError
 from .train.objective import NotATokenModel
 from .train.schedules import SCHEDULES
+from .train.trainer import MAX_SKIPPED, NONFINITE
 
 
 def _clock(seconds: float) -> str:
@@ -19,7 +25,9 @@ def _clock(seconds: float) -> str:
 
 def progress_line(line: dict, steps: int) -> str:
     valid = f"  valid {line['valid_loss']:.4f}" if line.get("valid_loss") is not None else ""
+    skipped = f"  ({line['skipped']} step(s) left out)" if line.get("skipped") else ""
     return (f"step {line['step']}/{steps}  loss {line['loss']:.4f}{valid}  lr {line['lr']:.2e}  "
+            f"grad norm {line['grad_norm']:.3g}{skipped}  "
             f"{line['tokens_per_s']:.0f} tokens/s  {_clock(line['seconds'])} elapsed, {_clock(line['seconds_left'])} left")
 
 
@@ -60,51 +68,65 @@ def progress_line(line: dict, steps: int) -> str:
               help="Steps between reports (validation loss; the directory is saved then).")
 @click.option("--max-len", type=click.IntRange(min=2), default=128, show_default=True,
               help="Tokens a side at most: longer pairs are left out (and counted).")
+@click.option("--nonfinite", type=click.Choice(NONFINITE), default="stop", show_default=True,
+              help="A step whose loss or gradients are not finite is never applied; stop: the run saves the state "
+                   f"before it and stops (exit 1); skip: the step is left out (at most {MAX_SKIPPED} in a row).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Go on with the run saved in this directory (to --steps), as if never interrupted.")
 @user_errors
 def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedule, lr, clip_norm, tokenizer,
-          vocab_size, checkpoint, label_smoothing, dropout, seed, target, valid_every, max_len, resume_dir):
-    """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR."""
-    from .train.trainer import RunConfig, Trainer, is_training_dir, load_run
+          vocab_size, checkpoint, label_smoothing, dropout, seed, target, valid_every, max_len, nonfinite, resume_dir):
+    """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR.
+
+    DIR holds the run's newest checkpoint (DIR/checkpoint-STEP: config, vocabulary, parameters, optimizer state
+    and log, saved whole at each report); DIR belongs to one run at a time.  Ctrl-C or SIGTERM saves after the
+    step in progress and stops (exit 130 or 143); --resume DIR goes on from the newest checkpoint."""
+    from .train.checkpoint import RunDirectory
+    from .train.trainer import RunConfig, Trainer, TrainingStopped, load_run
     try:
         if resume_dir:
             given = [name for name, value in (("MODEL", model), ("--task", task), ("--data", data)) if value]
             if given:
                 raise click.UsageError(f"--resume goes on with the saved run's model and data; drop {', '.join(given)}")
-            if not is_training_dir(resume_dir):
-                raise click.BadParameter(f"{resume_dir} holds no training run", param_hint="--resume")
-            config = load_run(resume_dir)
+            out_dir = out_dir or resume_dir
+            if os.path.abspath(out_dir) != os.path.abspath(resume_dir):
+                raise click.BadParameter("a resumed run trains on in its own directory", param_hint="-o")
+            run_dir = RunDirectory(resume_dir, new=False)
+            config = load_run(run_dir.checkpoint.path)
             if config.schedule == "cosine" and steps != config.steps:
                 click.echo(f"note: the cosine schedule now decays to 0 at step {steps}, not {config.steps}: from here on "
                            f"the rate is the longer schedule's", err=True)
             config.steps = steps
-            out_dir = out_dir or resume_dir
-            if os.path.abspath(out_dir) != os.path.abspath(resume_dir):
-                raise click.BadParameter("a resumed run trains on in its own directory", param_hint="-o")
         else:
             if not model or not out_dir:
                 raise click.UsageError("give MODEL and -o DIR (or --resume DIR)")
-            if os.path.isdir(out_dir) and os.listdir(out_dir):
-                raise click.BadParameter(f"{out_dir} is not empty (--resume {out_dir} goes on with a run there)",
-                                         param_hint="-o")
             config = RunConfig(model=model, task=task, data=data, valid=valid, steps=steps, batch_tokens=batch_tokens,
                                warmup=warmup, schedule=schedule, lr=lr, clip_norm=clip_norm, checkpoint=checkpoint,
                                tokenizer=tokenizer, vocab_size=vocab_size,
                                label_smoothing=label_smoothing, dropout=dropout, seed=seed,
                                target="interpreter" if target == "numpy" else target, valid_every=valid_every,
                                max_len=max_len)
-        trainer = Trainer(config, out_dir, resume=bool(resume_dir),
-                          report=lambda line: click.echo(progress_line(line, config.steps)))
-        if trainer.dropped:
-            click.echo(f"left out {trainer.dropped} pair(s) longer than {config.max_len} tokens a side", err=True)
-        if trainer.step.step >= config.steps:
-            raise click.BadParameter(f"the run is at step {trainer.step.step} already; ask for more --steps",
-                                     param_hint="--steps")
-        trainer.run()
-    except (DataError, NotATokenModel) as e:
+            run_dir = RunDirectory(out_dir, new=True)  # held from here: a second run into it fails at once
+        with run_dir:
+            trainer = Trainer(config, run_dir, nonfinite=nonfinite,
+                              report=lambda line: click.echo(progress_line(line, config.steps)),
+                              note=lambda text: click.echo(f"note: {text}", err=True))
+            if trainer.dropped:
+                click.echo(f"left out {trainer.dropped} pair(s) longer than {config.max_len} tokens a side", err=True)
+            if trainer.step.step >= config.steps:
+                raise click.BadParameter(f"the run is at step {trainer.step.step} already; ask for more --steps",
+                                         param_hint="--steps")
+            try:
+                trainer.run()
+            except TrainingStopped as e:
+                click.echo(f"Error: {e}" if e.code == 1 else str(e), err=True)
+                sys.exit(e.code)
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted before the first step: nothing was saved", err=True)
+        sys.exit(130)
+    except (DataError, NotATokenModel, CheckpointError, DirectoryBusy) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {out_dir}")
+    click.echo(f"wrote {run_dir.checkpoint.path}")
 
 
 @click.command()
@@ -117,7 +139,7 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
 @click.option("--target", default="llvm", show_default=True, callback=check_target,
               help="Where the decoder runs: llvm, vulkan, cuda, or numpy (the interpreter).")
 @click.option("--show", "show_errors", default=5, show_default=True, help="Print this many wrong translations.")
-@user_errors
+@functools.partial(user_errors, extra=(GenerationError,))
 def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
     """Translate a set with the model attngraph train wrote to DIRECTORY; print exact match and BLEU."""
     import tempfile
@@ -139,11 +161,29 @@ def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
             else:
                 raise click.UsageError("give --task or --data (the set to translate)")
         pairs = D.get_task(task).valid() if task else D.read_pairs(data)
-    except DataError as e:
+    except (DataError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     pairs = pairs[:limit] if limit else pairs
+    what = f"the {task} task's validation set" if task else data
     module, params, tok = trained_model(directory)
+    if max_len + 1 > module.max_len:
+        raise click.BadParameter(f"{max_len} tokens and the start token are past the {module.max_len} positions the "
+                                 f"model encodes: give at most {module.max_len - 1}", param_hint="--max-len")
     sources = [D.encode(tok, s) for s, _ in pairs]
+    too_long = [i for i, s in enumerate(sources) if len(s) > module.max_len]
+    if too_long:
+        shown = ", ".join(str(i + 1) for i in too_long[:8]) + (" ..." if len(too_long) > 8 else "")
+        click.echo(f"note: {what}: left out {len(too_long)} pair(s) whose source is longer than the model's "
+                   f"{module.max_len} positions (pair {shown})", err=True)
+        keep = [i for i in range(len(pairs)) if i not in set(too_long)]
+        pairs, sources = [pairs[i] for i in keep], [sources[i] for i in keep]
+    unknown = sorted({w for s, t in pairs for side in (s, t) for w in D.unknown_words(tok, side)})
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        click.echo(f"note: {what}: {len(unknown)} word(s) outside the model's vocabulary, read as <unk>: {shown}",
+                   err=True)
+    if not pairs:
+        raise click.ClickException(f"{what}: no pair left to evaluate")
     cache_len = min(max_len + 1, module.max_len)
     if target == "numpy":
         stepper = InterpreterStepper(module, params, cache_len)
@@ -163,6 +203,5 @@ def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
     wrong = [(s, h, r) for (s, r), h in zip(pairs, hyps) if h.split() != r.split()]
     for s, h, r in wrong[:show_errors]:
         click.echo(f"  {s}  ->  {h}   (want: {r})")
-    what = f"the {task} task's validation set" if task else data
     click.echo(f"{what}: {len(pairs)} pairs, beam {beam}: exact match {100 * exact_match(hyps, refs):.1f}% "
                f"({len(pairs) - len(wrong)}/{len(pairs)}), BLEU {corpus_bleu(hyps, refs):.2f}")

@@ -85,7 +85,15 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
     (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
     'attngraph run DIR', check it with 'attngraph verify DIR'.  An unchanged rebuild comes from the
-    compile cache ($ATTNGRAPH_CACHE).  A GPU target compiles without its GPU; running needs it."""
+    compile cache ($ATTNGRAPH_CACHE).  A GPU target compiles without its GPU; running needs it.
+
+    One build writes DIR at a time (another fails at once), each file replaced whole, the manifest last; a
+    directory holding other files is refused.
+
+    An artifact contains native code that runs when it is loaded, as any shared library does: whoever loads it must
+    trust its source (as torch.load's documentation says of pickles). The sha256 hashes in its
+    manifest detect damage (a truncated or flipped file, a mixed rewrite), not tampering: whoever can rewrite a
+    file can rewrite the manifest."""
     from . import api
     from .backends.tvm.progress import Progress
     from .weights import load_weights
@@ -144,7 +152,12 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     """Compile MODEL (or a DIR attngraph train wrote; or load an artifact DIR) and compare its outputs with the
     float64 interpreter on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5; float16 1e-2, 1e-2 and bfloat16 4e-2, 4e-2, the interpreter rounding each value to
-    that type as the build stores it (-inf/NaN entries must be in the same places)."""
+    that type as the build stores it (-inf/NaN entries must be in the same places).
+
+    An artifact contains native code that runs when it is loaded, as any shared library does: verify only
+    artifacts from a source you trust (as torch.load's documentation says of pickles). The sha256 hashes in its
+    manifest detect damage (a truncated or flipped file, a mixed rewrite), not tampering: whoever can rewrite a
+    file can rewrite the manifest."""
     from . import api
     from .backends.tvm.progress import Progress
     from .weights import load_weights

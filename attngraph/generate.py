@@ -219,18 +219,21 @@ class CompiledStepper(EntryStepper):
         """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written.
         ``weight_dtype="float16"`` stores the projection weights in half precision (llvm); ``dtype``: the
         model in float16 or bfloat16 (``attngraph.compile``), its caches and encoder memory in that type."""
+        from . import files
         from .api import build
+        from .backends.tvm.artifact import writing
         graphs = trace_entries(model, cache_len)
         info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
-        os.makedirs(out_dir, exist_ok=True)
-        for name, g in graphs.items():
-            build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target, opt_level=opt_level,
-                  weight_dtype=weight_dtype, dtype=dtype)
-        manifest = {"format": 1, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
-                    "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
-                    "cache_len": info.cache_len, "decoder": info.to_json()}
-        with open(os.path.join(out_dir, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
+        own = {*ENTRIES, "expand_state", MANIFEST}
+        # One build at a time (files.DirectoryBusy), never over a user's files; generate.json replaced last.
+        with writing(out_dir, own.__contains__, is_generation_dir, "a directory of generation entries"):
+            for name, g in graphs.items():
+                build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target,
+                      opt_level=opt_level, weight_dtype=weight_dtype, dtype=dtype)
+            manifest = {"format": 1, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
+                        "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
+                        "cache_len": info.cache_len, "decoder": info.to_json()}
+            files.write_file(out_dir, MANIFEST, json.dumps(manifest, indent=1).encode())
         return manifest
 
     def __init__(self, path: str):
@@ -286,7 +289,42 @@ def check_tokens(tokens: np.ndarray, vocab: int | None, what: str) -> None:
                               f"vocabulary (0..{vocab - 1})")
 
 
-def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | None):
+def search_bytes(info: DecoderInfo, sources: int, beam: int, prefix_len: int, src_len: int | None = None,
+                 float_bytes: int = 4) -> dict[str, int]:
+    """Bytes a search over ``sources`` sources with ``beam`` beams each holds at once: the decoding
+    state (every layer's self-attention cache, keys and values, of ``cache_len`` positions, and an
+    encoder-decoder's cross keys/values over ``src_len`` positions) at ``sources * beam`` rows, twice
+    (a step or a reorder makes the new state from the old), and the log-probs over the vocabulary (the
+    first step's for each of the ``prefix_len`` positions, its logits, the search's float64 scores)."""
+    from .ir import dims as D
+    rows = sources * beam
+    bindings = {"batch": rows}
+    state = 0
+    for ty in info.state.values():
+        for d in ty.shape:  # src_len, and any other length: the sources' width
+            if isinstance(d, str):
+                bindings.update({s: src_len or prefix_len for s in D.symbols(d) if s not in bindings})
+        n = 1
+        for d in ty.concrete(bindings):
+            n *= int(d)
+        state += n * (float_bytes if ty.is_float else np.dtype(ty.dtype).itemsize)
+    return {"decoder state": 2 * state, "log-probs": rows * info.vocab_size * (8 * prefix_len + 8)}
+
+
+def check_search(info: DecoderInfo, sources: int, beam: int, prefix_len: int, src_len: int | None = None,
+                 dtype: str = "float32") -> None:
+    """A ``GenerationError`` for a beam wider than the vocabulary, or a search whose state
+    (``search_bytes``) does not fit in the memory available; checked before anything is allocated."""
+    if beam > info.vocab_size:
+        raise GenerationError(f"beam {beam} is larger than the vocabulary of {info.name} ({info.vocab_size} "
+                              f"tokens): a beam holds distinct continuations, at most {info.vocab_size} here")
+    from .memory_check import check_fits
+    parts = search_bytes(info, sources, beam, prefix_len, src_len, numpy_dtype(dtype).itemsize)
+    check_fits(parts, f"{sources} source(s) x beam {beam}, cache {info.cache_len} positions, vocabulary "
+                      f"{info.vocab_size}", error=GenerationError, hint="lower the beam or the number of inputs")
+
+
+def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | None, beam: int = 1):
     """Check the request before running anything; returns (state, prefix (batch, p))."""
     info = stepper.info
     if max_len < 1:
@@ -316,6 +354,8 @@ def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | N
         raise GenerationError(f"a prefix of {prefix.shape[1]} token(s) and max_len {max_len} need {needed} cache "
                               f"positions, but the cache holds {info.cache_len} (built with cache_len="
                               f"{info.cache_len}); lower max_len or rebuild with a larger cache")
+    check_search(info, len(rows), beam, prefix.shape[1], None if info.decoder_only else src.shape[1],
+                 getattr(stepper, "dtype", "float32"))
     state = stepper.encode(prefix if info.decoder_only else src)
     return state, prefix
 
@@ -392,7 +432,7 @@ def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, m
     surviving beams through ``stepper.reorder``."""
     if beam < 1:
         raise GenerationError(f"beam must be at least 1, got {beam}")
-    state, prefix = _start(stepper, sources, max_len, bos_id, eos_id)
+    state, prefix = _start(stepper, sources, max_len, bos_id, eos_id, beam)
     batch, p = prefix.shape
     rows = batch * beam
     identity = np.arange(rows)
@@ -453,4 +493,4 @@ def generate(stepper: Stepper, sources: Sequence[Sequence[int]], *, beam: int = 
 
 __all__ = ["GenerationError", "DecoderInfo", "Stepper", "EntryStepper", "InterpreterStepper", "CompiledStepper",
            "trace_entries", "is_generation_dir", "Hypothesis", "length_penalty", "check_tokens", "greedy_search",
-           "beam_search", "generate"]
+           "beam_search", "generate", "search_bytes", "check_search"]

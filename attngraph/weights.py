@@ -105,7 +105,7 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def _read_bfloat16(path: str) -> dict[str, np.ndarray] | None:
+def _read_bfloat16(data: bytes) -> dict[str, np.ndarray] | None:
     """A safetensors file holding bfloat16 tensors, which ``safetensors.numpy`` cannot read (NumPy has no
     bfloat16; ``ml_dtypes`` gives one): read by the format (an 8-byte little-endian header length, the
     JSON header of dtype, shape and byte range per tensor, the data).  None for a file without them."""
@@ -113,12 +113,10 @@ def _read_bfloat16(path: str) -> dict[str, np.ndarray] | None:
     import struct
 
     from .ir.types import numpy_dtype
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
-            return None
-        data = f.read()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    if not any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values()):
+        return None
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -126,23 +124,53 @@ def _read_bfloat16(path: str) -> dict[str, np.ndarray] | None:
         start, stop = info["data_offsets"]
         dtype = numpy_dtype(_SAFETENSORS_DTYPES[info["dtype"]])
         count = (stop - start) // dtype.itemsize
-        out[name] = np.frombuffer(data, dtype, count, start).reshape(info["shape"]).copy()
+        out[name] = np.frombuffer(data, dtype, count, 8 + size + start).reshape(info["shape"]).copy()
     return out
+
+
+def safetensors_bytes(params: Mapping[str, np.ndarray]) -> bytes:
+    """``params`` as the bytes of a ``.safetensors`` file (written whole by the caller: a checkpoint's part)."""
+    from safetensors.numpy import save
+    return save({k: np.require(v, requirements="C") for k, v in params.items()})
+
+
+def read_safetensors(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file's bytes; malformed bytes are a ``WeightsError`` naming ``where``."""
+    try:
+        from safetensors.numpy import load
+        return _read_bfloat16(data) or load(data)
+    except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
+        raise WeightsError(f"cannot read {where!r} as a safetensors file: {type(e).__name__}: {e}") from None
 
 
 def load_weights(path: str) -> dict[str, np.ndarray]:
     """Read ``.safetensors`` or ``.npz``; a missing or malformed file is a ``WeightsError``."""
     if not os.path.isfile(path):
         raise WeightsError(f"weights file {path!r} not found")
+    if not path.endswith(".npz"):
+        with open(path, "rb") as f:
+            return read_safetensors(f.read(), path)
     try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        from safetensors.numpy import load_file
-        return _read_bfloat16(path) or load_file(path)
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001 - any parse failure is the file's fault
-        kind = "NumPy archive" if path.endswith(".npz") else "safetensors file"
-        raise WeightsError(f"cannot read {path!r} as a {kind}: {type(e).__name__}: {e}") from None
+        raise WeightsError(f"cannot read {path!r} as a NumPy archive: {type(e).__name__}: {e}") from None
+
+
+def check_finite(params: Mapping[str, np.ndarray], where: str) -> None:
+    """A ``WeightsError`` naming the tensors of ``params`` (from ``where``) that hold NaN or infinity: weights
+    of a diverged training run, or damaged ones, which would only compute NaN."""
+    bad = []
+    for name, value in params.items():
+        value = np.asarray(value)
+        if is_float_array(value):
+            count = value.size - int(np.count_nonzero(np.isfinite(value)))
+            if count:
+                bad.append(f"{name} ({count} of {value.size})")
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise WeightsError(f"{where}: weights hold NaN or infinite values, in {len(bad)} tensor(s): {shown}; "
+                           f"such weights compute nothing but NaN (a diverged training run saves none)")
 
 
 # -- checkpoints of other frameworks ---------------------------------------------------------------

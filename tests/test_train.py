@@ -19,21 +19,21 @@ pytestmark = pytest.mark.filterwarnings("ignore:Support for mismatched key_paddi
 
 
 def torch_run(torch, theirs, make_optimizer, schedule, batches, clip=None):
-    """``len(batches)`` steps of PyTorch training: the step's rate from ``schedule`` (LambdaLR, base rate 1)."""
+    """``len(batches)`` steps of PyTorch training: the step's rate from ``schedule`` (LambdaLR, base rate 1).
+    Returns the losses and the gradients' global norms (before clipping)."""
     params = [p for _, p in theirs.named()]
     opt = make_optimizer(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: schedule(epoch + 1))
-    losses = []
+    losses, norms = [], []
     for data in batches:
         opt.zero_grad()
         loss = theirs.loss(**data)
         loss.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, float("inf") if clip is None else clip)))
         opt.step()
         sched.step()
         losses.append(loss.item())
-    return losses
+    return losses, norms
 
 
 def batches(n, seed=0):
@@ -69,11 +69,12 @@ def test_adam_with_the_papers_schedule_matches_torch(torch):
     model, theirs = Translator(), TorchTranslator(torch)
     params = as_ours(theirs.state(), model)
     data = batches(10)
-    want_losses = torch_run(torch, theirs, lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.9, 0.98), eps=1e-9),
-                            schedule, data)
+    want_losses, want_norms = torch_run(torch, theirs, lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.9, 0.98),
+                                                                                 eps=1e-9), schedule, data)
     step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="interpreter")
-    losses = [step(b) for b in data]
+    losses, norms = zip(*[(step(b), step.grad_norm) for b in data])
     np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-9)
     compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9, start=params)
     state = step.optimizer_state()
     assert int(state["step"]) == 10 and set(state) == {"step"} | {f"adam.{s}:{n}" for n in params for s in "mv"}
@@ -83,12 +84,14 @@ def test_sgd_momentum_weight_decay_and_clipping_match_torch(torch):
     model, theirs = Translator(), TorchTranslator(torch)
     params = as_ours(theirs.state(), model)
     data = batches(4, seed=1)
-    want_losses = torch_run(torch, theirs, lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, nesterov=True,
-                                                                     weight_decay=1e-2),
-                            train.Constant(0.05), data, clip=0.5)
+    want_losses, want_norms = torch_run(torch, theirs, lambda p: torch.optim.SGD(p, lr=1.0, momentum=0.9, nesterov=True,
+                                                                                 weight_decay=1e-2),
+                                        train.Constant(0.05), data, clip=0.5)
     opt = train.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, clip_norm=0.5)
     step = train.TrainStep(ag.trace(model), params, opt, target="interpreter")
-    np.testing.assert_allclose([step(b) for b in data], want_losses, rtol=1e-10)
+    losses, norms = zip(*[(step(b), step.grad_norm) for b in data])
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+    np.testing.assert_allclose(norms, want_norms, rtol=1e-9)  # before clipping, as clip_grad_norm_ returns it
     compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9, start=params)
 
 
@@ -228,7 +231,7 @@ def test_the_step_graph_is_an_ordinary_graph():
     names = set(g.params)
     inputs = set(tg.input_types())
     assert names <= inputs and {f"adam.m:{n}" for n in names} <= inputs and {"adam.step_size", "adam.bias2_sqrt"} <= inputs
-    assert [n for n, _ in tg.outputs] == ["loss"] + [x for n in g.params for x in (n, f"adam.m:{n}", f"adam.v:{n}")]
+    assert [n for n, _ in tg.outputs] == ["loss", "grad_norm"] + [x for n in g.params for x in (n, f"adam.m:{n}", f"adam.v:{n}")]
     assert not tg.params
 
 

@@ -10,11 +10,17 @@ import pytest
 from click.testing import CliRunner
 
 from attngraph.cli import main
+from attngraph.train.checkpoint import latest
 from attngraph.weights import load_weights
 
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def newest(run_dir):
+    """The directory of a run's newest checkpoint."""
+    return type(run_dir)(latest(str(run_dir)).path)
 
 
 def reversal(path, count, seed):
@@ -41,7 +47,7 @@ def trained(tmp_path_factory):
 
 def test_a_tiny_model_learns_to_reverse_and_translates_text(trained):
     out, _, valid, output = trained
-    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (newest(out) / "log.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [300, 600] and lines[1]["valid_loss"] < lines[0]["valid_loss"]
     assert "step 600/600  loss" in output and "tokens/s" in output
     r = invoke("evaluate", out, "--data", valid)
@@ -62,8 +68,8 @@ def test_a_resumed_run_takes_the_same_steps(tmp_path, trained):
     assert invoke("train", "transformer-tiny", "-o", tmp_path / "resumed", *half).exit_code == 0
     r = invoke("train", "--resume", tmp_path / "resumed", "--steps", 6)
     assert r.exit_code == 0 and "step 6/6" in r.output, r.output
-    a, b = load_weights(str(tmp_path / "straight" / "params.safetensors")), \
-        load_weights(str(tmp_path / "resumed" / "params.safetensors"))
+    a, b = load_weights(str(newest(tmp_path / "straight") / "params.safetensors")), \
+        load_weights(str(newest(tmp_path / "resumed") / "params.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])  # bit-exact on llvm
 
@@ -79,7 +85,7 @@ def test_train_mistakes_are_clear_errors(tmp_path, trained):
         return r.output
     assert "bad.tsv:2: expected 'source<TAB>target'" in fails("train", "transformer-tiny", "-o", tmp_path / "x",
                                                                "--data", bad)
-    assert "is not empty" in fails("train", "transformer-tiny", "-o", out, "--data", train)
+    assert "holds a training run (at step 600): --resume" in fails("train", "transformer-tiny", "-o", out, "--data", train)
     assert "not both" in fails("train", "transformer-tiny", "-o", tmp_path / "y", "--data", train, "--task", "numbers")
     assert "teaches the zoo's encoder-decoder models" in fails("train", "gpt-tiny", "-o", tmp_path / "z", "--task", "numbers")
     assert "--resume goes on with the saved run's model" in fails("train", "transformer-tiny", "--resume", out)
@@ -96,12 +102,12 @@ def test_a_checkpointed_run_with_a_cosine_schedule_and_clipping(tmp_path, traine
     assert invoke("train", "transformer-tiny", "-o", tmp_path / "plain", *common).exit_code == 0
     r = invoke("train", "transformer-tiny", "-o", tmp_path / "ckpt", *common, "--checkpoint")
     assert r.exit_code == 0, r.output
-    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config = json.loads((newest(tmp_path / "ckpt") / "config.json").read_text())
     assert (config["schedule"], config["lr"], config["clip_norm"], config["checkpoint"]) == ("cosine", 0.002, 0.5, True)
-    log = [json.loads(line) for line in (tmp_path / "ckpt" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (newest(tmp_path / "ckpt") / "log.jsonl").read_text().splitlines()]
     assert [line["lr"] for line in log] == [pytest.approx(0.002), pytest.approx(0.0)]  # the peak at 2, 0 at the end
-    a, b = load_weights(str(tmp_path / "plain" / "params.safetensors")), \
-        load_weights(str(tmp_path / "ckpt" / "params.safetensors"))
+    a, b = load_weights(str(newest(tmp_path / "plain") / "params.safetensors")), \
+        load_weights(str(newest(tmp_path / "ckpt") / "params.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     r = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "ckpt"), "--steps", 5])
@@ -115,9 +121,9 @@ def test_a_run_with_a_bpe_vocabulary(tmp_path):
     r = invoke("train", "transformer-tiny", "-o", out, "--task", "numbers", "--steps", 3, "--batch-tokens", 256,
                "--valid-every", 3, "--tokenizer", "bpe", "--vocab-size", 60)
     assert r.exit_code == 0, r.output
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((newest(out) / "config.json").read_text())
     assert (config["tokenizer"], config["vocab_size"]) == ("bpe", 60)
-    tok = json.loads((out / "tokenizer.json").read_text())
+    tok = json.loads((newest(out) / "tokenizer.json").read_text())
     assert tok["model"]["type"] == "BPE" and tok["model"]["merges"]
     r = invoke("generate", out, "--input", "4 0 9 6", "--max-len", 4)
     assert r.exit_code == 0 and r.output.startswith("0: "), r.output

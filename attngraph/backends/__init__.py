@@ -13,6 +13,11 @@ class ArtifactError(RuntimeError):
     """A missing, incomplete or corrupted artifact directory."""
 
 
+class KernelCallError(RuntimeError):
+    """A compiled kernel that failed when called (its runtime refused the arguments: a kernel plan naming
+    a kernel of another signature); names the kernel and the node."""
+
+
 class DeviceUnavailable(RuntimeError):
     """A compiled model that cannot run here: its device (GPU, driver, runtime library) is missing
     or lacks a feature or limit the kernels need."""

@@ -40,6 +40,49 @@ def names() -> list[str]:
     return sorted(ZOO)
 
 
+#: What each kind of zoo model is, by class.
+KINDS = {Transformer: "encoder-decoder", TransformerEncoderModel: "encoder", GPT: "decoder-only LM",
+         BertModel: "encoder (BERT)"}
+
+
+def count(n: int) -> str:
+    """A parameter count in short: ``44.8 K``, ``63.1 M``, ``214 M``."""
+    for unit, scale in (("G", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return str(n)
+
+
+def describe(name: str) -> dict:
+    """A zoo model's ``kind`` (encoder-decoder, encoder, decoder-only LM), ``params`` (its parameter count,
+    at its default vocabulary: from the parameters' shapes, without tracing or weights) and ``weights``
+    (where they come from: seeded random, or a real checkpoint and whether its package is installed)."""
+    from .bert import MINILM_PACKAGE, BertConfig, CheckpointError
+    try:
+        model = get(name)
+        installed = True
+    except CheckpointError:  # minilm-l6 without its package: the same shapes from its config
+        model = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                     intermediate_size=1536), name=name)
+        installed = False
+    kind = next((k for cls, k in KINDS.items() if isinstance(model, cls)), None) or \
+        ("encoder-decoder" if hasattr(model, "encode_entry") else
+         "decoder-only LM" if hasattr(model, "decode_step") else "encoder")
+    params = 0
+    for ty in model.parameter_types().values():
+        n = 1
+        for d in ty.shape:
+            n *= int(d)
+        params += n
+    if isinstance(model, BertModel) and (model.checkpoint is not None or not installed):
+        package = MINILM_PACKAGE.replace("_", "-")
+        weights = f"checkpoint from {package} ({'installed' if installed else 'not installed'})"
+    else:
+        weights = "seeded random"
+    return {"name": name, "kind": kind, "params": params, "weights": weights}
+
+
 def _load_factory(spec: str):
     path, _, factory = spec.rpartition(":")
     if not os.path.isfile(path):
@@ -127,4 +170,5 @@ def load_graph(spec: str):
     return trace(get(spec))
 
 
-__all__ = ["BertModel", "GPT", "build", "load_graph", "Transformer", "TransformerEncoderModel", "ModelNotFound", "ZOO", "names", "get"]
+__all__ = ["BertModel", "GPT", "build", "describe", "count", "load_graph", "Transformer", "TransformerEncoderModel",
+           "ModelNotFound", "ZOO", "names", "get"]

@@ -3,6 +3,7 @@
 from .objective import TokenLoss
 from .optim import SGD, Adam, AdamW, Optimizer
 from .schedules import Constant, Noam, WarmupCosine
-from .step import TrainStep, training_graph
+from .step import NonFiniteStep, TrainStep, training_graph
 
-__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "Constant", "Noam", "WarmupCosine", "TrainStep", "training_graph", "TokenLoss"]
+__all__ = ["SGD", "Adam", "AdamW", "Optimizer", "Constant", "Noam", "WarmupCosine", "TrainStep", "training_graph", "TokenLoss",
+           "NonFiniteStep"]

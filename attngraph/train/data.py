@@ -35,9 +35,13 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\n").rstrip("\r")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"convert the file to UTF-8 (iconv -t UTF-8)") from None
             if not line.strip():
                 continue
             fields = line.split("\t")
@@ -161,6 +165,15 @@ def load_tokenizer(path: str):
     return Tokenizer.from_file(path)
 
 
+def tokenizer_from_json(text: str, where: str):
+    """The tokenizer saved as ``text`` (a ``tokenizer.json``); a malformed one is a ``DataError`` naming ``where``."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - the library's parse errors have no common class
+        raise DataError(f"{where}: cannot read its tokenizer.json ({e})") from None
+
+
 def encode(tok, text: str) -> list[int]:
     return tok.encode(text).ids
 
@@ -218,4 +231,4 @@ def length_batches(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_t
 
 __all__ = ["BOS_ID", "DataError", "EOS_ID", "NumbersTask", "PAD_ID", "TASKS", "TOKENIZERS", "UNK_ID", "build_tokenizer",
            "decode", "encode", "get_task", "length_batches", "load_tokenizer", "number_words", "read_pairs",
-           "teacher_forcing", "unknown_words"]
+           "teacher_forcing", "tokenizer_from_json", "unknown_words"]

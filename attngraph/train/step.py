@@ -3,13 +3,14 @@
 ``training_graph(graph, optimizer)`` differentiates ``graph``'s scalar loss (``passes.autodiff.grad``),
 clips the gradients if asked, and adds the optimizer's update of every parameter.  The parameters
 become inputs, and so do the optimizer's state (``adam.m:NAME``, ...) and its per-step scalars
-(``adam.step_size``, ...); the outputs are the loss and the new value of every parameter and slot, under
-the name of the input it replaces.  It is an ordinary graph: the passes optimize it, every target
+(``adam.step_size``, ...); the outputs are the loss, the gradients' global norm (``grad_norm``) and the new
+value of every parameter and slot, under the name of the input it replaces.  It is an ordinary graph: the passes optimize it, every target
 compiles it, the interpreter runs it.
 
 ``TrainStep`` keeps that state where the step runs (device tensors for a compiled step: nothing goes
 back to the host between steps but the loss) and computes the step's scalars on the host, and the step's
-dropout seed where the graph has dropout (traced after ``model.train()``).
+dropout seed where the graph has dropout (traced after ``model.train()``).  A step whose loss or gradient norm
+is not finite is not taken: the state stays as it was before it and ``NonFiniteStep`` says so.
 """
 
 from __future__ import annotations
@@ -30,9 +31,19 @@ from .optim import Optimizer
 STEP_KEY = "step"
 
 
-def _global_norm_clip(d: Builder, grads: dict[str, int], max_norm: float) -> dict[str, int]:
-    """``torch.nn.utils.clip_grad_norm_``: every gradient times ``min(1, max_norm / (norm + 1e-6))``, the
-    norm over all of them together."""
+class NonFiniteStep(ArithmeticError):
+    """A step's loss or gradients were not finite: its update was not applied (the state is as before it)."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"step {step}: the loss is {loss:.6g} and the gradients' norm {grad_norm:.6g}; "
+                         f"the step's update was not applied")
+
+GRAD_NORM = "grad_norm"  # the step's output: the gradients' global norm, before clipping
+
+
+def _grad_norm(d: Builder, grads: dict[str, int]) -> int:
+    """The global L2 norm of all gradients together (what ``torch.nn.utils.clip_grad_norm_`` returns)."""
     squares = []
     for gr in grads.values():
         sq = d("mul", gr, gr)
@@ -41,15 +52,20 @@ def _global_norm_clip(d: Builder, grads: dict[str, int], max_norm: float) -> dic
     total = squares[0]
     for sq in squares[1:]:
         total = d("add", total, sq)
-    coef = d("div", d.const(max_norm, total), d("add", d("sqrt", total), d.const(1e-6, total)))
-    coef = d("neg", d("maximum", d("neg", coef), d.const(-1.0, total)))  # min(coef, 1)
+    return d("sqrt", total)
+
+
+def _clip(d: Builder, grads: dict[str, int], norm: int, max_norm: float) -> dict[str, int]:
+    """``torch.nn.utils.clip_grad_norm_``: every gradient times ``min(1, max_norm / (norm + 1e-6))``."""
+    coef = d("div", d.const(max_norm, norm), d("add", norm, d.const(1e-6, norm)))
+    coef = d("neg", d("maximum", d("neg", coef), d.const(-1.0, norm)))  # min(coef, 1)
     return {name: d("mul", gr, coef) for name, gr in grads.items()}
 
 
 def training_graph(graph: Graph, optimizer: Optimizer, loss: str = "loss", level: int = 3) -> Graph:
     """The graph of one training step of ``graph`` (its output ``loss``, a float scalar) with ``optimizer``:
-    inputs are the batch, the parameters, the optimizer's slots and step scalars; outputs the loss and
-    the new parameters and slots, named as the inputs they replace.  The forward is optimized at ``level``
+    inputs are the batch, the parameters, the optimizer's slots and step scalars; outputs the loss, the
+    gradients' global norm and the new parameters and slots, named as the inputs they replace.  The forward is optimized at ``level``
     first: fused, an attention keeps no probabilities for the backward, whose derivative recomputes them."""
     names = list(graph.params)
     if not names:
@@ -70,9 +86,10 @@ def training_graph(graph: Graph, optimizer: Optimizer, loss: str = "loss", level
     scalars = {k: g.add("input", (), {"type": TensorType((), dtype)}, name=optimizer.scalar_name(k))
                for k in optimizer.scalars(1)}
     grads = {n: outputs[GRAD_PREFIX + n] for n in names}
+    norm = _grad_norm(d, grads)
     if optimizer.clip_norm is not None:
-        grads = _global_norm_clip(d, grads, optimizer.clip_norm)
-    new = [(loss, outputs[loss])]
+        grads = _clip(d, grads, norm, optimizer.clip_norm)
+    new = [(loss, outputs[loss]), (GRAD_NORM, norm)]
     for n in names:
         t = g.node(params[n]).type
         slots = {s: g.add("input", (), {"type": t}, name=optimizer.slot_name(s, n),
@@ -108,7 +125,7 @@ class TrainStep:
         self.names = list(graph.params)
         self.batch_inputs = set(graph.input_types()) - {DROPOUT_SEED}
         self.dropout = DROPOUT_SEED in graph.input_types()
-        self.step = 0
+        self.step, self.grad_norm = 0, None
         if target == "interpreter":
             self.compiled = None
             if checkpoint:  # the same values as without; here to check that
@@ -151,10 +168,23 @@ class TrainStep:
             out = reference.run(self.graph, inputs, {}, dtype=self.dtype)
         else:  # the new state is written into the buffers of the state before this one
             out = self.compiled(inputs, keep=list(self.state), into=self._spare)
-            self._spare = {k: v for k, v in self.state.items() if out[k] is not v}
-        self.state = {k: out[k] for k in self.state}
+        loss, norm = float(out[self.loss]), float(out[GRAD_NORM])
+        self.grad_norm = norm
+        new = {k: out[k] for k in self.state}
+        if not (np.isfinite(loss) and np.isfinite(norm)):
+            if self.compiled is not None:  # the state before the step is intact: its update went to the spares
+                self._spare = {k: v for k, v in new.items() if v is not self.state[k]}
+            raise NonFiniteStep(step, loss, norm)
+        if self.compiled is not None:
+            self._spare = {k: v for k, v in self.state.items() if new[k] is not v}
+        self.state = new
         self.step = step
-        return float(out[self.loss])
+        return loss
+
+    def skip(self) -> None:
+        """Count the step that ``NonFiniteStep`` refused as taken (its update left out), so the next step is
+        the one after it."""
+        self.step += 1
 
     def step_seed(self, step: int) -> int:
         """The dropout seed of ``step`` (from 1): a function of ``seed`` and the step alone, so a run resumed
@@ -196,4 +226,4 @@ class TrainStep:
         self.step = step
 
 
-__all__ = ["TrainStep", "training_graph"]
+__all__ = ["GRAD_NORM", "NonFiniteStep", "TrainStep", "training_graph"]

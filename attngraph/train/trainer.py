@@ -3,13 +3,17 @@
 The run: a vocabulary from the data (``data.build_tokenizer``: a word-level or a BPE one), the zoo model built with that vocabulary and
 the run's dropout, its ``TokenLoss`` in training mode compiled as one step (``TrainStep``: Adam under the
 paper's schedule), batches of similar length, and now and then the loss on the validation pairs (the model
-in eval mode, compiled for the same target).  The directory holds what the model needs to translate and to
-go on training: ``config.json`` (the model and the run's settings), ``tokenizer.json``, ``params.safetensors``
-and ``optimizer.safetensors`` (the step count included) and ``log.jsonl`` (one line per report).
+in eval mode, compiled for the same target).  At each report the run is saved as one checkpoint
+(``checkpoint.RunDirectory``: the config, the vocabulary, the parameters, the optimizer's state and the log,
+written whole or not at all); Ctrl-C or SIGTERM saves at the end of the step in progress and stops.
 
 A run is a function of its seed: the batch of step k is drawn from ``(seed, k)`` alone and dropout's seed
-comes from ``TrainStep``, so a run resumed from its directory (``resume=``) takes the same steps as one that
-was not interrupted (bit-exact on llvm).
+comes from ``TrainStep``, so a run resumed from its directory takes the same steps as one that was not
+interrupted (bit-exact on llvm), wherever it was stopped.
+
+A step whose loss or gradients are not finite is never applied (``TrainStep``): by default the run stops there
+(``nonfinite="stop"``) and saves the state before that step; ``"skip"`` leaves the step out and goes on, and
+stops after ``MAX_SKIPPED`` such steps in a row.  Non-finite parameters are never saved.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -24,16 +30,27 @@ from typing import Callable
 import numpy as np
 
 from .. import models
+from ..memory_check import check_fits
 from ..nn import trace
-from ..weights import init_params, load_weights
+from ..weights import WeightsError, check_finite, init_params, read_safetensors, safetensors_bytes
 from . import data as D
+from .checkpoint import CONFIG, LOG, OPTIMIZER, PARAMS, TOKENIZER, Checkpoint, CheckpointError, RunDirectory, resolve
 from .objective import TokenLoss
 from .optim import Adam
 from .schedules import SCHEDULES, Noam, WarmupCosine
-from .step import TrainStep
+from .step import STEP_KEY, NonFiniteStep, TrainStep
 
-CONFIG, TOKENIZER, PARAMS, OPTIMIZER, LOG = ("config.json", "tokenizer.json", "params.safetensors",
-                                             "optimizer.safetensors", "log.jsonl")
+NONFINITE = ("stop", "skip")
+MAX_SKIPPED = 10
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped before its last step (a signal, or a step that was not finite); ``saved`` is the
+    checkpoint it left, ``code`` the exit status a command should end with."""
+
+    def __init__(self, message: str, saved: str | None, code: int):
+        super().__init__(message)
+        self.saved, self.code = saved, code
 
 
 @dataclass
@@ -83,26 +100,45 @@ def translation_model(config: RunConfig, vocab_size: int):
     return model
 
 
-class Trainer:
-    """One training run into ``out_dir`` (see the module's docstring); ``resume`` continues the run saved
-    there.  ``report(dict)`` receives each progress line's values."""
+def _fits(pair: tuple[str, str], max_len: int) -> bool:
+    """Whether a pair can fit ``max_len`` tokens a side: a word is at least one token (word or BPE), so a side
+    of more words than that is left out before its words reach the vocabulary."""
+    return len(pair[0].split()) <= max_len and len(pair[1].split()) + 1 <= max_len
 
-    def __init__(self, config: RunConfig, out_dir: str, *, resume: bool = False,
-                 report: Callable[[dict], None] | None = None):
-        self.config, self.out_dir, self.report = config, out_dir, report or (lambda line: None)
+
+class Trainer:
+    """One training run into ``run`` (a held ``RunDirectory``; see the module's docstring); a directory that
+    holds a checkpoint goes on from it.  ``report(dict)`` receives each progress line's values, ``note(str)``
+    what the user should know (pairs left out, words outside the vocabulary)."""
+
+    def __init__(self, config: RunConfig, run: RunDirectory, *, nonfinite: str = "stop",
+                 report: Callable[[dict], None] | None = None, note: Callable[[str], None] | None = None):
+        if nonfinite not in NONFINITE:
+            raise D.DataError(f"unknown non-finite policy {nonfinite!r} (known: {', '.join(NONFINITE)})")
+        self.config, self.run_dir, self.nonfinite = config, run, nonfinite
+        self.report, self.note = report or (lambda line: None), note or (lambda text: None)
         if (config.task is None) == (config.data is None):
             raise D.DataError("give a task (--task) or a file of pairs (--data), not both")
+        self.dropped = 0
         if config.task is not None:
             self.task = D.get_task(config.task)
             texts, self.pairs, self.valid_pairs = self.task.vocabulary_text(), None, self.task.valid()
         else:
             self.task = None
-            self.pairs = D.read_pairs(config.data)
+            pairs = D.read_pairs(config.data)
+            self.pairs = [p for p in pairs if _fits(p, config.max_len)]
+            self.dropped = len(pairs) - len(self.pairs)
+            if not self.pairs:
+                raise D.DataError(f"{config.data}: every pair is longer than --max-len {config.max_len} tokens a side")
             self.valid_pairs = D.read_pairs(config.valid) if config.valid else []
             texts = [side for pair in self.pairs for side in pair]
-        self.tokenizer = D.load_tokenizer(os.path.join(out_dir, TOKENIZER)) if resume else \
+        resumed = run.checkpoint
+        self.tokenizer = D.tokenizer_from_json(resumed.read(TOKENIZER).decode(), resumed.path) if resumed else \
             D.build_tokenizer(texts, config.tokenizer, config.vocab_size)
+        self._check_valid_words()
         self.model = translation_model(config, self.tokenizer.get_vocab_size())
+        model_graph = trace(self.model)
+        self._check_memory(model_graph)
         self.loss = TokenLoss(self.model, label_smoothing=config.label_smoothing)
         self.train_graph = trace(self.loss.train())
         self.model.eval()
@@ -110,15 +146,49 @@ class Trainer:
         for nid in list(self.eval_graph.params.values()):
             self.eval_graph.param_to_input(nid)
         self._eval = None
-        params = init_params(trace(self.model), config.seed)
+        params = init_params(model_graph, config.seed)
         self.step = TrainStep(self.train_graph, params,
                               Adam(lr=learning_rate(config, self.model.d_model), clip_norm=config.clip_norm),
                               target=config.target, seed=config.seed, checkpoint=config.checkpoint)
-        if resume:
-            self.step.load_state(load_weights(os.path.join(out_dir, PARAMS)), os.path.join(out_dir, OPTIMIZER))
-        self.dropped = 0
+        self.log: list[dict] = []
+        self.pending = {"losses": [], "grad_norms": [], "skipped": 0}
+        if resumed:
+            self._resume(resumed)
         self.encoded_train = None if self.pairs is None else self._encode(self.pairs)
         self.encoded_valid = self._encode(self.valid_pairs)
+
+    def _resume(self, ckpt: Checkpoint) -> None:
+        params = read_safetensors(ckpt.read(PARAMS), os.path.join(ckpt.path, PARAMS))
+        state = read_safetensors(ckpt.read(OPTIMIZER), os.path.join(ckpt.path, OPTIMIZER))
+        if int(state.get(STEP_KEY, -1)) != ckpt.step:
+            raise CheckpointError(f"{ckpt.path}: its optimizer state is at step {int(state.get(STEP_KEY, -1))}, the "
+                                  f"checkpoint at {ckpt.step}: the parts do not belong together")
+        try:
+            self.step.load_state(params, state)
+        except KeyError as e:
+            raise CheckpointError(f"{ckpt.path} does not fit this run's model: {e.args[0]}") from None
+        self.log = [json.loads(line) for line in ckpt.read(LOG).decode().splitlines() if line.strip()]
+        self.pending.update(ckpt.pending)
+
+    def _check_valid_words(self) -> None:
+        """Validation words the vocabulary lacks are read as ``<unk>``: said, with a few of them."""
+        unknown = sorted({w for pair in self.valid_pairs for side in pair for w in D.unknown_words(self.tokenizer, side)})
+        if unknown:
+            what = self.config.valid or f"the {self.config.task} task's validation set"
+            shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+            self.note(f"{what}: {len(unknown)} word(s) outside the vocabulary, read as <unk>: {shown}")
+
+    def _check_memory(self, graph) -> None:
+        """A run that cannot fit this machine's memory is refused before anything big is allocated: the
+        parameters with Adam's two slots, the gradients and the step's spare state (7 copies), and the
+        batch's logits, log-probs and their gradient over the whole vocabulary (a lower bound)."""
+        count = sum(int(np.prod(graph.node(n).type.concrete({}))) for n in graph.params.values())
+        vocab = self.tokenizer.get_vocab_size()
+        check_fits({"parameters and optimizer state": 4 * 7 * count,
+                    "logits over the vocabulary": 4 * 3 * self.config.batch_tokens * vocab},
+                   f"{self.config.model} with a vocabulary of {vocab} tokens ({count:,} parameters)",
+                   error=D.DataError, hint="use a smaller vocabulary (--tokenizer bpe --vocab-size N) or fewer "
+                                           "--batch-tokens")
 
     def _encode(self, pairs):
         out = []
@@ -171,48 +241,134 @@ class Trainer:
         return total / count
 
     def run(self) -> dict:
-        """Train to ``config.steps`` (from where a resumed run stopped), saving at each report and at the end."""
-        cfg = self.config
-        os.makedirs(self.out_dir, exist_ok=True)
-        start, t0, tokens, losses = self.step.step, time.perf_counter(), 0, []
-        last = {}
-        for k in range(start + 1, cfg.steps + 1):
-            b = self.batch(k)
-            losses.append(self.step(b))
-            tokens += int((b["labels"] != D.PAD_ID).sum())
-            if k % cfg.valid_every == 0 or k == cfg.steps:
-                elapsed = time.perf_counter() - t0
-                last = {"step": k, "loss": float(np.mean(losses)), "valid_loss": self.valid_loss(),
-                        "lr": self.step.optimizer.schedule(k), "tokens_per_s": tokens / elapsed,
-                        "seconds": elapsed, "seconds_left": elapsed / (k - start) * (cfg.steps - k)}
-                losses = []
-                self.save(last)
-                self.report(last)
+        """Train to ``config.steps`` (from where a resumed run stopped), saving at each report and at the end.
+        A signal (SIGINT, SIGTERM) or a step that is not finite ends it early with ``TrainingStopped``."""
+        cfg, pending = self.config, self.pending
+        start, t0 = self.step.step, time.perf_counter()
+        last, in_a_row, tokens = {}, 0, 0  # the steps left out in a row; tokens since the start
+        with _Signals() as signals:
+            for k in range(start + 1, cfg.steps + 1):
+                b = self.batch(k)
+                try:
+                    pending["losses"].append(self.step(b))
+                    pending["grad_norms"].append(self.step.grad_norm)
+                    tokens += int((b["labels"] != D.PAD_ID).sum())
+                    in_a_row = 0
+                except NonFiniteStep as e:
+                    in_a_row += 1
+                    self._not_finite(e, in_a_row)
+                if k % cfg.valid_every == 0 or k == cfg.steps:
+                    elapsed = time.perf_counter() - t0
+                    losses, norms = pending["losses"], pending["grad_norms"]
+                    last = {"step": k, "loss": float(np.mean(losses)) if losses else math.nan,
+                            "valid_loss": self.valid_loss(), "lr": self.step.optimizer.schedule(k),
+                            "grad_norm": float(np.mean(norms)) if norms else math.nan,
+                            "skipped": pending["skipped"], "tokens_per_s": tokens / elapsed,
+                            "seconds": elapsed, "seconds_left": elapsed / (k - start) * (cfg.steps - k)}
+                    self.pending = pending = {"losses": [], "grad_norms": [], "skipped": 0}
+                    self.log.append(_json_line(last))
+                    self.save()
+                    self.report(last)
+                if signals.received:
+                    name = signal.Signals(signals.received).name
+                    where = self.save()
+                    raise TrainingStopped(
+                        f"stopped by {name} after step {k}: saved {where}; attngraph train --resume "
+                        f"{self.run_dir.path} --steps {cfg.steps} goes on from there", where, 128 + signals.received)
         return last
 
-    def save(self, line: dict | None = None) -> None:
-        self.step.save(os.path.join(self.out_dir, PARAMS))
-        self.step.save_state(os.path.join(self.out_dir, OPTIMIZER))
-        self.tokenizer.save(os.path.join(self.out_dir, TOKENIZER))
-        with open(os.path.join(self.out_dir, CONFIG), "w") as f:
-            json.dump(asdict(self.config), f, indent=1)
-        if line is not None:
-            with open(os.path.join(self.out_dir, LOG), "a") as f:
-                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in line.items()}) + "\n")
+    def _not_finite(self, e: NonFiniteStep, in_a_row: int) -> None:
+        """A step that was not finite (and not applied): skipped, or the run saved as before it and stopped."""
+        if self.nonfinite == "skip" and in_a_row <= MAX_SKIPPED:
+            self.step.skip()
+            self.pending["skipped"] += 1
+            self.note(f"step {e.step}: the loss is {e.loss:.4g} and the gradients' norm {e.grad_norm:.4g}: "
+                      f"the step is left out")
+            return
+        where = self.save()
+        why = f"{MAX_SKIPPED} steps in a row were not finite" if self.nonfinite == "skip" else \
+            f"the loss is {e.loss:.4g} and the gradients' norm {e.grad_norm:.4g}"
+        raise TrainingStopped(
+            f"step {e.step}: {why}: training diverged and stopped; saved the run as it was before that step "
+            f"({where}). Train again with a lower --lr, a longer --lr-warmup or --clip-norm (or --nonfinite skip to "
+            f"leave such steps out)", where, 1)
+
+    def save(self) -> str:
+        """The run as it is now, as one checkpoint (see ``checkpoint.RunDirectory``); returns its path.
+        Non-finite parameters or optimizer state are never saved."""
+        params, state = self.step.params(), self.step.optimizer_state()
+        try:
+            check_finite(params, f"the parameters at step {self.step.step}")
+            check_finite(state, f"the optimizer state at step {self.step.step}")
+        except WeightsError as e:
+            raise TrainingStopped(f"{e}; nothing was saved (the last checkpoint is kept)", None, 1) from None
+        parts = {CONFIG: json.dumps(asdict(self.config), indent=1).encode(),
+                 TOKENIZER: self.tokenizer.to_str().encode(),
+                 PARAMS: safetensors_bytes(params), OPTIMIZER: safetensors_bytes(state),
+                 LOG: "".join(json.dumps(line) + "\n" for line in self.log).encode()}
+        return self.run_dir.save(self.step.step, parts, self.pending)
 
 
-def load_run(out_dir: str) -> RunConfig:
-    """The ``RunConfig`` saved in a training directory."""
-    path = os.path.join(out_dir, CONFIG)
-    if not os.path.isfile(path):
-        raise D.DataError(f"{out_dir} is not a training directory (no {CONFIG})")
-    with open(path) as f:
-        return RunConfig(**json.load(f))
+def _json_line(line: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()}
+
+
+class _Signals:
+    """SIGINT and SIGTERM while training: the first asks the loop to save after the step in progress and stop
+    (``received``); a second one stops at once, as the signal does by default (a save is atomic: what was
+    saved stays whole)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _Signals:
+        self.received, self._old = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: saving after the step in progress, then stopping "
+                    f"(again to stop at once)\n".encode())
+
+    def __exit__(self, *exc) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+
+def load_run(path: str) -> RunConfig:
+    """The ``RunConfig`` of a training directory's newest checkpoint (or of a checkpoint directory)."""
+    ckpt = resolve(path)
+    return _config(ckpt)
+
+
+def _config(ckpt: Checkpoint) -> RunConfig:
+    try:
+        return RunConfig(**json.loads(ckpt.read(CONFIG)))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{os.path.join(ckpt.path, CONFIG)} is not a run's config ({e})") from None
+
+
+def trained_model(path: str):
+    """``(model, parameters, tokenizer, checkpoint)`` of a training directory's newest checkpoint (or of a
+    checkpoint directory): every part checked, parameters that are not finite refused."""
+    ckpt = resolve(path)
+    tokenizer = D.tokenizer_from_json(ckpt.read(TOKENIZER).decode(), ckpt.path)
+    module = translation_model(_config(ckpt), tokenizer.get_vocab_size())
+    params = read_safetensors(ckpt.read(PARAMS), os.path.join(ckpt.path, PARAMS))
+    check_finite(params, os.path.join(ckpt.path, PARAMS))
+    return module, params, tokenizer, ckpt
 
 
 def is_training_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, PARAMS))
+    from .checkpoint import is_run_dir
+    return is_run_dir(path)
 
 
-__all__ = ["RunConfig", "learning_rate", "Trainer", "is_training_dir", "load_run", "translation_model"]
+__all__ = ["MAX_SKIPPED", "NONFINITE", "RunConfig", "Trainer", "TrainingStopped", "is_training_dir",
+           "learning_rate", "load_run", "trained_model", "translation_model"]

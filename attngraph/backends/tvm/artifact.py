@@ -8,20 +8,32 @@
     DIR/kernels.so           the compiled kernels (one shared library)
 
 ``write_artifact`` writes it from a compiled model, ``load_artifact`` gives the callable back.
+
+An artifact holds native code that runs when it is loaded (as any shared library does): load only
+artifacts from a source you trust.  The manifest's sha256 of every file is checked on every load, before
+the library is loaded: it detects damage (a truncated or flipped file, a rewrite that stopped half-way or
+mixed two builds), not tampering (whoever can rewrite a file can rewrite the manifest).  A build holds
+the directory's lock (``files.DirectoryLock``) and replaces each file whole (``files.write_file``), the
+manifest last; the lock file ``.attngraph.lock`` stays in the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import stat
+import struct
+import sys
 
 import numpy as np
 
+from ... import files as dirfiles
 from ...ir import serialize
-from ...weights import WeightsError, load_weights, save_weights
+from ...weights import WeightsError, check_finite, load_weights, save_weights
 from .. import ArtifactError, BuildError, DeviceUnavailable, is_artifact  # noqa: F401  (re-exported)
 from .build import Kernels
 from .runtime.executor import CompiledModel
@@ -78,66 +90,251 @@ def manifest_of(model: CompiledModel, kernels: Kernels, *, model_name: str, opt_
     return manifest
 
 
-def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict) -> dict:
-    """Write ``model`` (compiled as ``kernels``) to ``out_dir``; returns the manifest as written."""
+def _own_name(name: str) -> bool:
+    """A file name an artifact of some target holds (the kernel library and its companions: ``kernels.*``)."""
+    return name in FILES or name.startswith("kernels.")
+
+
+def _is_ours(path: str) -> bool:
+    """Whether ``path`` holds an artifact's manifest (a JSON object with a format and checksums), not a
+    user's ``manifest.json`` that only shares its name."""
+    file = os.path.join(path, "manifest.json")
+    if os.path.islink(file) or not os.path.isfile(file):
+        return False
     try:
-        return _write(out_dir, model, kernels, manifest)
-    except OSError as e:
-        raise ArtifactError(f"cannot write the artifact to {out_dir!r}: {e.strerror or e}"
-                            + (f" ({e.filename})" if e.filename else "")) from None
+        with open(file) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format" in manifest and "files" in manifest
+
+
+def check_out_dir(out_dir: str, own_name, is_ours: bool, what: str = "an artifact") -> None:
+    """Refuse (``ArtifactError``) to write ``out_dir`` unless it is missing, ``is_ours`` (a complete
+    directory of this kind, replaced), empty but for attngraph's lock and temporaries, or holds the lock file
+    (an attngraph directory whose first write was stopped) and nothing but names for which ``own_name``
+    holds.  Never writes over a user's files that only share a name with ours."""
+    if not os.path.isdir(out_dir) or is_ours:
+        return
+    names = os.listdir(out_dir)
+    others = sorted(n for n in names if not dirfiles.ours(n))
+    if dirfiles.LOCK in names:  # attngraph's directory: its own files may be left from a stopped write
+        others = [n for n in others if not own_name(n)]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ArtifactError(f"{out_dir!r} is a directory with other files in it ({shown}), not {what}: "
+                            f"give a new or empty directory (an existing one is replaced)")
+
+
+@contextlib.contextmanager
+def writing(out_dir: str, own_name, is_ours, what: str = "an artifact"):
+    """Hold ``out_dir`` (made if missing) for one build: its ``files.DirectoryLock`` (``files.DirectoryBusy``
+    at once while another process holds it), its contents checked (``check_out_dir``; ``is_ours(out_dir)``:
+    whether it is a complete directory of this kind), what a stopped writer left removed.  A directory the
+    build made is removed again if the build fails."""
+    # Checked before the lock file is made (a refused directory is left as it was), and again holding it.
+    check_out_dir(out_dir, own_name, is_ours(out_dir), what)
+    lock_file = os.path.join(out_dir, dirfiles.LOCK)
+    created, new_lock = not os.path.exists(out_dir), not os.path.lexists(lock_file)
+    with dirfiles.DirectoryLock(out_dir, "building"):
+        try:
+            check_out_dir(out_dir, own_name, is_ours(out_dir), what)
+        except ArtifactError:
+            if new_lock:  # the lock file would mark a user's directory as attngraph's
+                os.unlink(lock_file)
+            raise
+        dirfiles.remove_temporaries(out_dir)
+        try:
+            yield
+        except BaseException:  # a build that failed leaves no directory it made behind
+            if created and all(dirfiles.ours(n) for n in os.listdir(out_dir)):
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def artifact_dir(out_dir: str):
+    """``with artifact_dir(out_dir):`` holds ``out_dir`` for one build (``writing``), so that a build can hold it
+    from before its compile: a second build into the same directory fails at once, not after compiling."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(writing(out_dir, _own_name, _is_ours))
+        except OSError as e:
+            raise _cannot_write(out_dir, e) from None
+        yield
+
+
+def _cannot_write(out_dir: str, e: OSError) -> ArtifactError:
+    return ArtifactError(f"cannot write the artifact to {out_dir!r}: {e.strerror or e}"
+                         + (f" ({e.filename})" if e.filename else ""))
+
+
+def write_artifact(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict, *, held: bool = False) -> dict:
+    """Write ``model`` (compiled as ``kernels``) to ``out_dir``; returns the manifest as written.
+    ``files.DirectoryBusy`` where another process is writing ``out_dir``; ``held``: the caller holds
+    ``artifact_dir(out_dir)`` already."""
+    with contextlib.nullcontext() if held else artifact_dir(out_dir):
+        try:
+            return _write(out_dir, model, kernels, manifest)
+        except OSError as e:
+            raise _cannot_write(out_dir, e) from None
 
 
 def _write(out_dir: str, model: CompiledModel, kernels: Kernels, manifest: dict) -> dict:
+    """The files of ``model``, written into ``out_dir`` (held by the caller).  Each file is replaced whole
+    (never written through a link planted in the directory); the old manifest stays until the new files are
+    in place, so a stopped rewrite fails their checksums."""
     g = model.graph
-    if os.path.isdir(out_dir) and not is_artifact(out_dir):
-        # (An artifact whose rewrite stopped before its manifest holds only our own files.)
-        others = sorted(f for f in os.listdir(out_dir) if f not in FILES and not f.startswith("kernels."))
-        if others:  # never write over files of the user's that only share a name with ours
-            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-            raise ArtifactError(f"{out_dir!r} is a directory with other files in it ({shown}), not an "
-                                f"artifact: give a new or empty directory (an existing artifact is replaced)")
-    os.makedirs(out_dir, exist_ok=True)
-    # A half-written directory must not pass for a good one: the manifest goes last.
-    if os.path.exists(os.path.join(out_dir, "manifest.json")):
-        os.remove(os.path.join(out_dir, "manifest.json"))
     obj, arrays = serialize.to_json(g)
     used = g.params  # a property that walks the graph: once, not per parameter
     tensors = {k: v for k, v in model.params.items() if k in used}
     tensors.update(arrays)
-    save_weights(os.path.join(out_dir, "weights.safetensors"), tensors)
-    with open(os.path.join(out_dir, "graph.json"), "w") as f:
-        json.dump(obj, f)
+    dirfiles.write_file_by(out_dir, "weights.safetensors", lambda path: save_weights(path, tensors))
+    dirfiles.write_file(out_dir, "graph.json", json.dumps(obj).encode())
     target = get_target(kernels.target)
     library = target.library_name
     if kernels.library is not None:
-        shutil.copyfile(kernels.library, os.path.join(out_dir, library))
+        dirfiles.write_file_by(out_dir, library, lambda path: shutil.copyfile(kernels.library, path))
     else:  # nothing to compute at run time (a graph of views and weights): an empty library marker
-        open(os.path.join(out_dir, library), "wb").close()
-    files = [f for f in FILES if f != "manifest.json"] + [library]
+        dirfiles.write_file(out_dir, library, b"")
+    names = [f for f in FILES if f != "manifest.json"] + [library]
     for name in target.companion_files:  # the device source and what else the compile wrote beside the library
         beside = os.path.join(os.path.dirname(kernels.library), name) if kernels.library else None
         if beside and os.path.isfile(beside):
-            shutil.copyfile(beside, os.path.join(out_dir, name))
-            files.append(name)
+            dirfiles.write_file_by(out_dir, name, lambda path, beside=beside: shutil.copyfile(beside, path))
+            names.append(name)
     manifest = dict(manifest, library=library,
                     files={f: {"bytes": os.path.getsize(os.path.join(out_dir, f)),
-                               "sha256": _sha256(os.path.join(out_dir, f))} for f in files})
-    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+                               "sha256": _sha256(os.path.join(out_dir, f))} for f in names})
+    dirfiles.write_file(out_dir, "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 
+def _plain_name(name) -> bool:
+    """A file name inside the directory: no path separator, not ``.``/``..``, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+            and os.sep not in name and (os.altsep is None or os.altsep not in name) and not os.path.isabs(name))
+
+
+def _check_names(path: str, manifest: dict, library, rebuild: str) -> None:
+    """The manifest's ``library`` and every name in its ``files``: plain names of regular files inside
+    ``path`` (not links, not paths elsewhere), each with a size and a checksum; the library, the graph and
+    the weights among them."""
+    listed = manifest.get("files")
+    if not isinstance(listed, dict):
+        raise ArtifactError(f"artifact {path!r} is corrupted (its manifest lists no files with checksums); {rebuild}")
+    for name in [library, *listed]:
+        if not _plain_name(name):
+            raise ArtifactError(f"artifact {path!r} is refused: its manifest names the file {name!r}, which is not "
+                                f"a plain file name inside the directory; {rebuild}")
+    if not os.path.lexists(os.path.join(path, library)):
+        raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")
+    for name in [library, *listed]:
+        try:
+            mode = os.lstat(os.path.join(path, name)).st_mode
+        except FileNotFoundError:
+            raise ArtifactError(f"artifact {path!r} is incomplete: {name} missing; {rebuild}") from None
+        if stat.S_ISLNK(mode):
+            raise ArtifactError(f"artifact {path!r} is refused: {name} is a symbolic link; an artifact's files "
+                                f"must be regular files inside its directory; {rebuild}")
+        if not stat.S_ISREG(mode):
+            raise ArtifactError(f"artifact {path!r} is refused: {name} is not a regular file; {rebuild}")
+    for name in ("graph.json", "weights.safetensors", library):
+        if name not in listed:
+            raise ArtifactError(f"artifact {path!r} is corrupted (its manifest has no checksum of {name}); {rebuild}")
+    for name, info in listed.items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and isinstance(info.get("sha256"), str)):
+            raise ArtifactError(f"artifact {path!r} is corrupted (its manifest's entry for {name} has no size and "
+                                f"sha256); {rebuild}")
+
+
 def _check_files(path: str, manifest: dict) -> None:
+    """Every file's size and sha256 against the manifest: on every load, the weights included."""
     for name, info in manifest.get("files", {}).items():
         file = os.path.join(path, name)
         size = os.path.getsize(file)
         if size != info["bytes"]:
             raise ArtifactError(f"artifact {path!r} is corrupted: {name} has {size} bytes, the manifest says "
                                 f"{info['bytes']}; rebuild it with attngraph build")
-        # The weights are large: their size and the safetensors header checks catch truncation.
-        if name != "weights.safetensors" and _sha256(file) != info["sha256"]:
+        if _sha256(file) != info["sha256"]:
             raise ArtifactError(f"artifact {path!r} is corrupted: {name} does not match its checksum in the "
                                 f"manifest; rebuild it with attngraph build")
+
+
+def _check_plan(path: str, manifest: dict, graph, by_name: dict, rebuild: str) -> None:
+    """Each kernel plan entry's kernel is one the manifest lists, with the operand and output types of its node."""
+    kernels = {k["name"]: k for k in manifest["kernels"]}
+    for entry in manifest["kernel_plan"]:
+        node, kernel = entry["node"], entry["kernel"]
+        nid = by_name[node]
+        spec = kernels.get(kernel)
+        if spec is None:
+            raise ArtifactError(f"artifact {path!r} is corrupted: its kernel plan calls kernel {kernel!r} for node "
+                                f"{node!r}, and the manifest lists no such kernel; {rebuild}")
+        n = graph.node(nid)
+        want_in = [str(graph.node(o).type) for o in graph.operands(nid)]
+        if list(spec["in_types"]) != want_in or spec["out_type"] != str(n.type) or spec.get("op", n.op) != n.op:
+            raise ArtifactError(f"artifact {path!r} is corrupted: its kernel plan calls kernel {kernel!r} "
+                                f"({spec.get('op')}: {', '.join(spec['in_types'])} -> {spec['out_type']}) for node "
+                                f"{node!r} ({n.op}: {', '.join(want_in)} -> {n.type}); {rebuild}")
+
+
+def _check_elf(file: str, name: str, path: str, rebuild: str) -> None:
+    """A shared library dlopen can map: an ELF header of this machine's class and byte order, and every
+    loaded segment and the section header table inside the file (a truncated library gives SIGBUS)."""
+    def refuse(why: str):
+        raise ArtifactError(f"artifact {path!r} is corrupted: {name} is not a loadable shared library ({why}); "
+                            f"{rebuild}")
+
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        ident = f.read(16)
+        if len(ident) < 16 or ident[:4] != b"\x7fELF":
+            refuse("no ELF header")
+        cls, data = ident[4], ident[5]
+        if cls not in (1, 2) or data not in (1, 2):
+            refuse(f"ELF class {cls}, data encoding {data}")
+        bits = 64 if cls == 2 else 32
+        if bits != struct.calcsize("P") * 8:
+            refuse(f"a {bits}-bit library; this Python is {struct.calcsize('P') * 8}-bit")
+        if (data == 1) != (sys.byteorder == "little"):
+            refuse(f"{'little' if data == 1 else 'big'}-endian; this machine is {sys.byteorder}-endian")
+        e = "<" if data == 1 else ">"
+        header = e + ("HHIQQQIHHHHHH" if bits == 64 else "HHIIIIIHHHHHH")
+        raw = f.read(struct.calcsize(header))
+        if len(raw) < struct.calcsize(header):
+            refuse(f"its ELF header is cut off at {size} bytes")
+        e_type, _, _, _, phoff, shoff, _, _, phentsize, phnum, shentsize, shnum, _ = struct.unpack(header, raw)
+        if e_type != 3:  # ET_DYN
+            refuse(f"ELF type {e_type}, not a shared object")
+        ph_fmt = e + ("IIQQQQQQ" if bits == 64 else "IIIIIIII")
+        sh_fmt = e + ("IIQQQQIIQQ" if bits == 64 else "IIIIIIIIII")
+        if shoff:
+            if shentsize < struct.calcsize(sh_fmt) or shoff + shentsize > size:
+                refuse(f"its section header table at byte {shoff} is past the end of its {size} bytes (truncated?)")
+            if shnum == 0 or phnum == 0xFFFF:  # more entries than the header holds: section 0 gives the counts
+                f.seek(shoff)
+                first = struct.unpack(sh_fmt, f.read(struct.calcsize(sh_fmt)))
+                shnum = shnum or first[5]
+                phnum = first[7] if phnum == 0xFFFF else phnum
+            if shoff + shnum * shentsize > size:
+                refuse(f"its section header table ends at byte {shoff + shnum * shentsize}, past the end of its "
+                       f"{size} bytes (truncated?)")
+        if phnum == 0 or phentsize < struct.calcsize(ph_fmt) or phoff + phnum * phentsize > size:
+            refuse(f"its program headers ({phnum} at byte {phoff}) are missing or past the end of its {size} bytes")
+        loads = 0
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            fields = struct.unpack(ph_fmt, f.read(struct.calcsize(ph_fmt)))
+            p_type = fields[0]
+            p_offset, p_filesz = (fields[2], fields[5]) if bits == 64 else (fields[1], fields[4])
+            if p_type == 1:  # PT_LOAD
+                loads += 1
+                if p_offset + p_filesz > size:
+                    refuse(f"its loaded segment {i} ends at byte {p_offset + p_filesz}, past the end of its "
+                           f"{size} bytes (truncated?)")
+        if not loads:
+            refuse("no loadable segment")
 
 
 def load_artifact(path: str, device: str | None = None) -> CompiledModel:
@@ -168,9 +365,8 @@ def load_artifact(path: str, device: str | None = None) -> CompiledModel:
                             f"installation cannot run (targets here: {', '.join(FAMILIES)})") from None
     target.check_manifest(manifest, path)
     library = manifest.get("library", "kernels.so")
-    if not os.path.isfile(os.path.join(path, library)):
-        raise ArtifactError(f"artifact {path!r} is incomplete: {library} missing; {rebuild}")
-    _check_files(path, manifest)
+    _check_names(path, manifest, library, rebuild)
+    _check_files(path, manifest)  # before any of it is read, and before the library is loaded
     try:
         with open(os.path.join(path, "graph.json")) as f:
             obj = json.load(f)
@@ -179,17 +375,25 @@ def load_artifact(path: str, device: str | None = None) -> CompiledModel:
         by_name = {graph.node(nid).name: nid for nid in graph.nx.nodes}
         symbol_of = {by_name[k["node"]]: k["kernel"] for k in manifest["kernel_plan"]}
         variants = {k: [(v["dims"], v["kernel"]) for v in vs] for k, vs in manifest.get("variants", {}).items()}
+        _check_plan(path, manifest, graph, by_name, rebuild)
     except (ValueError, KeyError, TypeError, WeightsError) as e:
         raise ArtifactError(f"artifact {path!r} is corrupted ({type(e).__name__}: {e}); {rebuild}") from None
+    params = {k: v for k, v in tensors.items() if not k.startswith("__const__.")}
+    try:
+        check_finite(params, f"artifact {path!r}")
+    except WeightsError as e:
+        raise ArtifactError(f"{e}; {rebuild} from finite weights") from None
+    library_path = os.path.join(path, library) if symbol_of else None
+    if library_path and (library.endswith(".so") or target.library_name.endswith(".so")):  # an ELF library
+        _check_elf(library_path, library, path, rebuild)
     ensure_threads()
     try:
         target.check_device(device)
-        device = target.open_device(os.path.join(path, library) if symbol_of else None, device)
+        device = target.open_device(library_path, device)
     except (DeviceUnavailable, BuildError):  # the artifact is fine; this machine (or that device) cannot run it
         raise
     except Exception as e:  # noqa: BLE001 - the loader's own message is kept
         raise ArtifactError(f"cannot load {path}/{library} ({e}); {rebuild}") from None
-    params = {k: v for k, v in tensors.items() if not k.startswith("__const__.")}
     try:
         model = CompiledModel(graph, params, device, symbol_of, target=target.name, variants=variants)
     except (RuntimeError, WeightsError) as e:

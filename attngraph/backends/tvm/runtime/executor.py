@@ -14,6 +14,7 @@ runtimes, the wgpu device of the vulkan target and the CUDA source emulator run 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
@@ -27,10 +28,32 @@ from ....ir import ops as O
 from ....ir.ops import IndexOutOfRange
 from ....passes.memory import VIEW_OPS, MemoryPlan, in_place_candidates, plan_memory, weights_only
 from ....weights import check_params
+from ... import KernelCallError
 from ..plan import FEW_ROWS, FEW_ROWS_MAX, IN_PLACE, ONE_ROW, tile_rows
 from ..shapes import scalar_dims
 from .bind import bind_constants, precomputed_nodes
 from .device import Device, TVMDevice
+
+
+@functools.cache
+def _call_errors() -> tuple:
+    """What a kernel call raises when its runtime refuses the arguments: TVM's errors (in TVM's FFI, the
+    built-in ``ValueError`` and ``TypeError``; ``tvm.TVMError`` where the installed TVM has it)."""
+    errors = [ValueError, TypeError]
+    try:
+        import tvm
+        errors += [e for e in (getattr(tvm, "TVMError", None), getattr(getattr(tvm, "error", None), "TVMError", None))
+                   if isinstance(e, type) and issubclass(e, BaseException)]
+    except ImportError:
+        pass
+    return tuple(dict.fromkeys(errors))
+
+
+def kernel_call_error(graph: Graph, nid: int, kernel: str, error: BaseException) -> KernelCallError:
+    """``error``, raised by the runtime calling ``kernel`` for node ``nid``, as a ``KernelCallError`` naming both."""
+    what = " ".join(str(error).split()) or type(error).__name__
+    return KernelCallError(f"kernel {kernel} failed on {graph.describe(nid)}: {what} (the compiled kernel does not "
+                           f"fit the node: a damaged artifact or a compiler bug)")
 
 
 @dataclass
@@ -114,6 +137,7 @@ class CompiledModel:
         self.last_peak_bytes = 0
         #: outputs computed into memory of their own, never into a planned buffer (``outputs_apart``)
         self.apart: set[int] = set()
+        self._call_errors = _call_errors()
 
     # -- construction -------------------------------------------------------------------------
 
@@ -286,14 +310,17 @@ class CompiledModel:
                     moved.add(step.node)
                 else:
                     out = views[step.node]
-                if times is None:
-                    self.device.call(name, args + [out] + dim_args)
-                else:  # each call alone, also on a device that runs kernels asynchronously
-                    self.device.synchronize()
-                    start = time.perf_counter()
-                    self.device.call(name, args + [out] + dim_args)
-                    self.device.synchronize()
-                    times.setdefault(step.node, []).append(time.perf_counter() - start)
+                try:
+                    if times is None:
+                        self.device.call(name, args + [out] + dim_args)
+                    else:  # each call alone, also on a device that runs kernels asynchronously
+                        self.device.synchronize()
+                        start = time.perf_counter()
+                        self.device.call(name, args + [out] + dim_args)
+                        self.device.synchronize()
+                        times.setdefault(step.node, []).append(time.perf_counter() - start)
+                except self._call_errors as e:  # TVM refused the arguments: name the kernel and the node
+                    raise kernel_call_error(g, step.node, name, e) from None
                 env[step.node] = out
                 if observe is not None:
                     observe(n, self.device.download(out))
@@ -338,7 +365,10 @@ class CompiledModel:
         n = g.node(nid)
         args = [self.device.upload(np.asarray(v).astype(g.node(o).type.dtype)) for o, v in zip(step.operands, operands)]
         out = self.device.upload(np.empty(n.type.concrete(dims), n.type.dtype))
-        self.device.call(step.kernel, args + [out] + [dims[d] for d in step.scalars])
+        try:
+            self.device.call(step.kernel, args + [out] + [dims[d] for d in step.scalars])
+        except self._call_errors as e:
+            raise kernel_call_error(g, nid, step.kernel, e) from None
         return self.device.download(out)
 
     def _check_indices(self, n: Node, rows: int, idx, inputs) -> None:

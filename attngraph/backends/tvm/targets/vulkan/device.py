@@ -6,9 +6,13 @@ runs and is tested on machines without a GPU."""
 
 from __future__ import annotations
 
+import atexit
+import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -17,13 +21,42 @@ from ..gpu import GPUUnavailable
 from .wgsl import Kernel, WebGPUModule, storage_dtype
 
 
+class _DropForcedBackend(logging.Filter):
+    """wgpu's warning "Forcing backend: Vulkan (6)": what ``_import_wgpu`` asks for, not a problem."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record: let logging report it as it would
+            return True
+        return not message.startswith("Forcing backend:")
+
+
+def _private_runtime_dir() -> None:
+    """Point ``XDG_RUNTIME_DIR`` at a private temporary directory where it is unset or invalid: the
+    Vulkan loader's window-system code (libwayland) otherwise prints "error: XDG_RUNTIME_DIR is invalid
+    or not set in the environment." on every device made, though compute needs no display.  Set for
+    this process before the driver loads (C's ``getenv`` sees ``os.environ``); removed at exit."""
+    current = os.environ.get("XDG_RUNTIME_DIR", "")
+    if current.startswith("/") and os.path.isdir(current):
+        return
+    path = tempfile.mkdtemp(prefix="attngraph-xdg-")  # mode 0700, as the spec asks
+    os.environ["XDG_RUNTIME_DIR"] = path
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 def _import_wgpu():
-    """wgpu, forced onto its Vulkan backend (the variable is read when the first adapter is made)."""
+    """wgpu, forced onto its Vulkan backend (the variable is read when the first adapter is made), without
+    the driver's noise on stderr (``_private_runtime_dir``, ``_DropForcedBackend``)."""
     os.environ.setdefault("WGPU_BACKEND_TYPE", "Vulkan")
+    _private_runtime_dir()
     try:
         import wgpu
     except ImportError:
         raise GPUUnavailable("the vulkan target runs through wgpu, which is not installed: pip install wgpu") from None
+    log = logging.getLogger("wgpu")  # after the import: wgpu makes it of its own logger class
+    if not any(isinstance(f, _DropForcedBackend) for f in log.filters):
+        log.addFilter(_DropForcedBackend())
     return wgpu
 
 
