@@ -87,3 +87,46 @@ def test_nothing_imports_from_tests(folder):
                 assert not any(m == "tests" or m.startswith("tests.") or m in ("conftest", "cuda_emu")
                                for m in imported), os.path.join(path, f)
                 assert '"tests"' not in text and "'tests'" not in text, os.path.join(path, f)
+
+
+def test_targets_choose_their_kernels_through_their_table_only():
+    """A target's hand kernels are rows of its ``KernelTable``: a target class may override ``kernel`` or
+    ``forms`` only to pass the table's result through (``super()``), never to test the op itself."""
+    targets = os.path.join(PACKAGE, "backends", "tvm", "targets")
+    found = []
+    for folder, _, files in os.walk(targets):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(folder, f)
+            with open(path) as fh:
+                tree = ast.parse(fh.read(), path)
+            for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+                for fn in cls.body:
+                    if not (isinstance(fn, ast.FunctionDef) and fn.name in ("kernel", "forms")):
+                        continue
+                    found.append(f"{f}:{cls.name}.{fn.name}")
+                    if cls.name in ("Target", "KernelTable"):
+                        continue
+                    src = ast.unparse(fn)
+                    assert f"super().{fn.name}(" in src, f"{path}: {cls.name}.{fn.name} does not ask the table"
+                    assert ".op" not in src and "op ==" not in src, f"{path}: {cls.name}.{fn.name} tests the op"
+    assert "base.py:Target.kernel" in found and "base.py:Target.forms" in found
+
+
+def test_the_kernel_table_asks_its_rows_in_order():
+    from attngraph.backends.tvm.targets.table import MAIN, ROW_OPS, KernelTable, Row
+    from attngraph.backends.tvm.plan import FEW_ROWS, KernelSpec
+    from attngraph.ir import TensorType
+
+    t = TensorType(("rows", 8), "float32")
+    spec = KernelSpec("k", "softmax", {"axis": -1}, (t,), t)
+    table = KernelTable(Row("declines while building", ("softmax",), lambda s, dv, ctx: None),
+                        Row("not this dtype", ROW_OPS, lambda s, dv, ctx: "f64", dtypes=("float64",)),
+                        Row("guarded off", ROW_OPS, lambda s, dv, ctx: "off", guard=lambda s, ctx: ctx == "no"),
+                        Row("this one", ROW_OPS, lambda s, dv, ctx: "row kernel"),
+                        Row("few rows", ("softmax",), lambda s, dv, ctx: "few", form=FEW_ROWS),
+                        Row("later", ("softmax",), lambda s, dv, ctx: "later"))
+    assert table.kernel(spec, None, "yes") == "row kernel" and table.forms(spec, None, "yes") == {FEW_ROWS: "few"}
+    assert table.serves(spec, "yes") and not table.serves(spec, "yes", ("matmul",))
+    assert {"softmax", "layer_norm"} <= table.ops() and "matmul" not in table.ops() and MAIN == ""

@@ -37,7 +37,7 @@ def build(op: str, attrs: dict, in_types: list[TensorType], form: str | None = N
     with this CPU's tiles or ``tiles``."""
     spec = spec_of(op, attrs, in_types)
     tiles = tiles or LLVM.tiles
-    f = kernels.kernel(spec, DimVars(), tiles) if form is None else kernels.forms(spec, DimVars(), tiles).get(form)
+    f = kernels.KERNELS.kernel(spec, DimVars(), tiles) if form is None else kernels.KERNELS.forms(spec, DimVars(), tiles).get(form)
     assert f is not None, f"no scheduled kernel for {op} {in_types}"
     ex = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=TARGET)
     return ex["k"], spec.out_type, spec.attrs
@@ -97,7 +97,7 @@ def test_params_have_the_graph_shapes():
     dv = DimVars()
     x, w, b = T(("batch", "seq", 32), "float32"), T((32, 48), "float32"), T((48,), "float32")
     out = T(("batch", "seq", 48), "float32")
-    f = kernels.kernel(KernelSpec("k", "linear", {"activation": "none"}, (x, w, b), out), dv, LLVM.tiles)
+    f = kernels.KERNELS.kernel(KernelSpec("k", "linear", {"activation": "none"}, (x, w, b), out), dv, LLVM.tiles)
     shapes = [[str(s) if isinstance(s, tvm.tirx.Var) else int(s) for s in p.shape] for p in f.params]
     assert shapes == [["batch", "seq", 32], [32, 48], [48], ["batch", "seq", 48]]
     # The dims are the graph's shared vars, not fresh ones.
@@ -107,8 +107,8 @@ def test_params_have_the_graph_shapes():
 def test_no_kernel_where_generic_lowering_must_do():
     dv = DimVars()
     i32 = T(("seq", 8), "int32")
-    assert kernels.kernel(KernelSpec("k", "matmul", {}, (i32, T((8, 8), "int32")), i32), dv, LLVM.tiles) is None
-    assert kernels.kernel(KernelSpec("k", "gather", {}, (i32,), i32), dv, LLVM.tiles) is None
+    assert kernels.KERNELS.kernel(KernelSpec("k", "matmul", {}, (i32, T((8, 8), "int32")), i32), dv, LLVM.tiles) is None
+    assert kernels.KERNELS.kernel(KernelSpec("k", "gather", {}, (i32,), i32), dv, LLVM.tiles) is None
 
 
 ROWS = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 5}, {"batch": 1, "seq": 33}]
@@ -202,7 +202,7 @@ def test_avx2_projection_prefetches_the_next_tile():
     # multiple of PREFETCH_EVERY; other K run without); the AVX-512 one does not (see tiles.AVX512).
     def kernel(tiles, k):
         spec = spec_of("linear_packed", {"n": 40}, [T(("rows", k), "float32"), T((3, k, 16), "float32")])
-        return kernels.kernel(spec, DimVars(), tiles).script()
+        return kernels.KERNELS.kernel(spec, DimVars(), tiles).script()
     assert "llvm.prefetch" in kernel(AVX2, 24)
     assert "llvm.prefetch" not in kernel(AVX2, 20)
     assert "llvm.prefetch" not in kernel(AVX512, 24)

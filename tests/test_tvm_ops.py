@@ -67,9 +67,8 @@ def test_generic_lowering(case):
     run_case(case, generic=True)
 
 
-HAND = [c for c in CASES if c[0] in ("matmul", "linear", "linear_packed", "weight_grad", "scatter_add", "fused_attention",
-                                     "attention_lse", "attention_grad_q", "attention_grad_kv")
-        or O.get(c[0]).rows]
+#: the cases of every op that some target's kernel table (``Target.kernels``) has a hand kernel for
+HAND = [c for c in CASES if c[0] in set().union(*(get_target(t).kernels.ops() for t in ("llvm", "cuda", "vulkan")))]
 
 
 @pytest.mark.parametrize("case", HAND, ids=[case_id(c) for c in HAND])

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ... import BuildError
 from ....passes import optimize
 from ....passes.layout import read_merged_qkv
+from .table import KernelTable
 
 #: Why a target cannot compile where TVM's compiler library is not loaded.
 RUNTIME_ONLY = "TVM's compiler is not loaded (TVM_USE_RUNTIME_LIB=1): built artifacts run, nothing compiles"
@@ -73,15 +74,24 @@ class Target:
     def make_tvm_target(self):
         raise NotImplementedError
 
+    #: the hand-written kernels (``table.KernelTable``: a row per kernel); the generic lowering with
+    #: ``schedule`` serves every kernel no row takes
+    kernels = KernelTable()
+
+    @property
+    def kernel_context(self):
+        """What the kernel table's builds read besides the kernel: the target itself by default."""
+        return self
+
     def kernel(self, spec, dv):
         """The hand-written kernel for ``spec`` (a scheduled PrimFunc), or None: the generic lowering
         with ``schedule`` serves it."""
-        return None
+        return self.kernels.kernel(spec, dv, self.kernel_context)
 
     def forms(self, spec, dv) -> dict:
         """{suffix: PrimFunc}: other forms of ``spec``'s kernel built beside it (``plan.IN_PLACE``,
         ``plan.FEW_ROWS``, ``plan.ONE_ROW``), called by the executor where they apply."""
-        return {}
+        return self.kernels.forms(spec, dv, self.kernel_context)
 
     def schedule(self, func):
         """``func`` (a generic lowering, ``te.create_prim_func``) scheduled for this target."""

@@ -39,16 +39,23 @@ class LLVMTarget(Target):
 
     # The kernel table and the schedules import TVM's compiler: when a build asks for them, not when an
     # artifact of this target loads (with TVM's runtime alone).
+    @functools.cached_property
+    def kernels(self):
+        from .kernels import KERNELS
+        return KERNELS
+
+    @property
+    def kernel_context(self):
+        return self.tiles  # the register tiles of this CPU's vector instruction set
+
     def kernel(self, spec, dv):
-        from . import kernels
         from .schedule import scalar_bfloat16
-        func = kernels.kernel(spec, dv, self.tiles)
+        func = super().kernel(spec, dv)
         return None if func is None else scalar_bfloat16(func)
 
     def forms(self, spec, dv):
-        from . import kernels
         from .schedule import scalar_bfloat16
-        return {k: scalar_bfloat16(f) for k, f in kernels.forms(spec, dv, self.tiles).items()}
+        return {k: scalar_bfloat16(f) for k, f in super().forms(spec, dv).items()}
 
     def schedule(self, func):
         from .schedule import scalar_bfloat16, schedule_generic

@@ -1,6 +1,6 @@
-"""The llvm target's kernel table: the hand-scheduled kernel of each op that has one (``kernel(spec, dv,
-tiles)``), and the other forms built beside a kernel (``forms``).  Row ops (``OpDef.rows``) get the
-row-wise schedule by that property, so a new norm needs no entry here.
+"""The llvm target's kernel table (``KERNELS``): the hand-scheduled kernel of each op that has one, and the
+other forms built beside a kernel, one row each.  Row ops (``OpDef.rows``) get the row-wise schedule by that
+property, so a new norm needs no row here.
 
 Each kernel is a complete, scheduled ``tvm.tirx.PrimFunc`` whose parameters are the operands in order,
 then the output, with shapes ``dim_vars.shape(t.shape)``; ``None`` means "use the generic lowering".
@@ -37,65 +37,95 @@ from ...lower import lower
 from ...lower.elementwise import ACTIVATIONS
 from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
 from ...shapes import DimVars
+from ..table import ROW_OPS, KernelTable, Row
 from .attention import attention, attention_backward
 from .fastmath import fast_math
 from .schedule import has_block, is_reduction, split_row_reduction, vectorize_static, vectorize_weighted_sum
-from .tiles import PANEL_WIDTH, TILE_M, TILE_N, CpuTiles
+from .tiles import PANEL_WIDTH, TILE_M, TILE_N
 
 FLOATS = ("float32", "float64")
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
 MAX_STACK_PANEL_BYTES = 256 * 1024
 
 
-def kernel(spec, dv: DimVars, tiles: CpuTiles) -> tirx.PrimFunc | None:
-    """The hand-scheduled kernel of ``spec`` on this CPU's ``tiles``, or None where the generic
-    lowering and schedule must do."""
-    op, attrs, in_types, out_type = spec.op, spec.attrs, list(spec.in_types), spec.out_type
-    if op == "scatter_add" and out_type.rank == 2 and all(isinstance(v, int) for v in out_type.shape):
-        return scatter_rows(in_types, out_type, dv)
-    if op == "transpose" and _swaps_last_two(attrs["perm"]) and all(isinstance(v, int) for v in out_type.shape[-2:]):
-        return transpose_blocks(in_types, out_type, dv)
-    if op == "cross_entropy" and out_type.rank >= 1 and out_type.dtype in FLOATS and in_types[0].dtype == out_type.dtype:
-        return rowwise(op, attrs, in_types, out_type, dv, reduces_row=True)  # (scores, integer targets)
-    # Float kernels; only linear_packed reads a narrower weight (float16 panels).
-    if out_type.dtype not in FLOATS or in_types[0].dtype != out_type.dtype \
-            or len(in_types) > 1 and in_types[1].dtype != out_type.dtype and op != "linear_packed":
-        return None
-    if op == "matmul" and _is_dense(in_types):
-        return dense(in_types, out_type, dv, bias=False, activation="none")
-    if op == "matmul" and min(t.rank for t in in_types) >= 2:
-        return batched_matmul(in_types, out_type, dv)
-    if op == "weight_grad" and all(isinstance(v, int) for v in out_type.shape):
-        return weight_grad(in_types, out_type, dv, tiles.weight_grad)
-    if op == "linear" and _is_dense(in_types):
-        return dense(in_types, out_type, dv, bias=len(in_types) == 3, activation=attrs.get("activation", "none"))
-    if op == "linear_packed" and _is_packed_dense(in_types):
-        return _packed_linear(attrs, in_types, out_type, dv, tiles.dense, prefetch=tiles.prefetch)
-    if op == "fused_attention":
-        rows, lanes = tiles.attention
-        return attention(attrs, in_types, out_type, dv, block=rows, lanes=lanes)
-    if op in ("attention_lse", "attention_grad_q", "attention_grad_kv"):
-        rows, lanes = tiles.attention
-        return attention_backward(op, attrs, in_types, out_type, dv, block=rows, lanes=lanes)
-    if O.get(op).rows and out_type.rank >= 2 and attrs.get("axis", -1) in (-1, out_type.rank - 1):
-        return rowwise(op, attrs, in_types, out_type, dv)
-    return None
+def _static(shape) -> bool:
+    return all(isinstance(v, int) for v in shape)
 
 
-def forms(spec, dv: DimVars, tiles: CpuTiles) -> dict:
-    """The other forms of ``spec``'s kernel: ``update_slice`` in place, ``linear_packed`` and the attention
-    for a few rows (a decode step), ``linear_packed`` for one row where the tiles have such a form."""
-    op, attrs, in_types, out_type = spec.op, spec.attrs, list(spec.in_types), spec.out_type
-    if op == "update_slice":
-        return {IN_PLACE: write_slice(in_types, out_type, attrs["axis"], dv)}
-    if op == "fused_attention" and out_type.dtype in FLOATS:
-        return {FEW_ROWS: attention(attrs, in_types, out_type, dv, block=1, lanes=tiles.attention[1])}
-    if op == "linear_packed" and out_type.dtype in FLOATS and _is_packed_dense(in_types):
-        out = {FEW_ROWS: _packed_linear(attrs, in_types, out_type, dv, tiles.few_rows)}
-        if tiles.one_row:
-            out[ONE_ROW] = _packed_linear(attrs, in_types, out_type, dv, tiles.one_row)
-        return out
-    return {}
+def _same_float(spec, tiles=None) -> bool:
+    """A float kernel over operands of its own type (``linear_packed`` may read narrower weight panels)."""
+    t = spec.in_types
+    return t[0].dtype == spec.out_type.dtype and (len(t) < 2 or t[1].dtype == spec.out_type.dtype
+                                                  or spec.op == "linear_packed")
+
+
+def _on_last_axis(spec, tiles=None) -> bool:
+    return (_same_float(spec) and spec.out_type.rank >= 2
+            and spec.attrs.get("axis", -1) in (-1, spec.out_type.rank - 1))
+
+
+def _dense_linear(spec, dv, tiles):
+    return dense(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 3,
+                 activation=spec.attrs.get("activation", "none"))
+
+
+def _attention(block_of):
+    def build(spec, dv, tiles):
+        return attention(spec.attrs, list(spec.in_types), spec.out_type, dv, block=block_of(tiles),
+                         lanes=tiles.attention[1])
+    return build
+
+
+#: The llvm target's hand-scheduled kernels (``table.KernelTable``; ``ctx`` is the CPU's ``tiles``), asked in
+#: this order.
+KERNELS = KernelTable(
+    Row("embedding gradient: rows added per position", ("scatter_add",),
+        lambda spec, dv, tiles: scatter_rows(list(spec.in_types), spec.out_type, dv),
+        guard=lambda spec, tiles: spec.out_type.rank == 2 and _static(spec.out_type.shape)),
+    Row("transpose of the last two axes in blocks", ("transpose",),
+        lambda spec, dv, tiles: transpose_blocks(list(spec.in_types), spec.out_type, dv),
+        guard=lambda spec, tiles: _swaps_last_two(spec.attrs["perm"]) and _static(spec.out_type.shape[-2:])),
+    Row("cross entropy row by row", ("cross_entropy",),
+        lambda spec, dv, tiles: rowwise(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, reduces_row=True),
+        dtypes=FLOATS, guard=lambda spec, tiles: spec.out_type.rank >= 1
+        and spec.in_types[0].dtype == spec.out_type.dtype),  # (scores, integer targets)
+    Row("projection by a 2-D weight", ("matmul",),
+        lambda spec, dv, tiles: dense(list(spec.in_types), spec.out_type, dv, bias=False, activation="none"),
+        dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_dense(spec.in_types)),
+    Row("batched matmul", ("matmul",),
+        lambda spec, dv, tiles: batched_matmul(list(spec.in_types), spec.out_type, dv),
+        dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and min(t.rank for t in spec.in_types) >= 2),
+    Row("weight gradient", ("weight_grad",),
+        lambda spec, dv, tiles: weight_grad(list(spec.in_types), spec.out_type, dv, tiles.weight_grad),
+        dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _static(spec.out_type.shape)),
+    Row("projection with bias and activation", ("linear",), _dense_linear,
+        dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_dense(spec.in_types)),
+    Row("projection over packed weight panels", ("linear_packed",),
+        lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.dense,
+                                               prefetch=tiles.prefetch),
+        dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_packed_dense(spec.in_types)),
+    Row("attention: blocks of query rows", ("fused_attention",), _attention(lambda tiles: tiles.attention[0]),
+        dtypes=FLOATS, guard=_same_float),
+    Row("attention backward: blocks of rows", ("attention_lse", "attention_grad_q", "attention_grad_kv"),
+        lambda spec, dv, tiles: attention_backward(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv,
+                                                   block=tiles.attention[0], lanes=tiles.attention[1]),
+        dtypes=FLOATS, guard=_same_float),
+    Row("row ops row by row", ROW_OPS,
+        lambda spec, dv, tiles: rowwise(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv),
+        dtypes=FLOATS, guard=_on_last_axis),
+    # other forms, built beside the kernel and picked per call by the executor
+    Row("cache update in place", ("update_slice",),
+        lambda spec, dv, tiles: write_slice(list(spec.in_types), spec.out_type, spec.attrs["axis"], dv), form=IN_PLACE),
+    Row("attention: one query row at a time", ("fused_attention",), _attention(lambda tiles: 1),
+        dtypes=FLOATS, form=FEW_ROWS),
+    Row("projection: a few rows", ("linear_packed",),
+        lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.few_rows),
+        dtypes=FLOATS, guard=lambda spec, tiles: _is_packed_dense(spec.in_types), form=FEW_ROWS),
+    Row("projection: one row", ("linear_packed",),
+        lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.one_row),
+        dtypes=FLOATS, guard=lambda spec, tiles: bool(tiles.one_row) and _is_packed_dense(spec.in_types),
+        form=ONE_ROW),
+)
 
 
 def _is_dense(in_types) -> bool:

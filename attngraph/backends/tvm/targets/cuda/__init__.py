@@ -17,8 +17,9 @@ import re
 from .... import BuildError
 from ...runtime import host_program
 from ..base import RUNTIME_ONLY, compiler_loaded, portable_host
-from ..gpu import GPUTarget, GPUUnavailable, device_source
+from ..gpu import GPU_KERNELS, PROJECTIONS, GPUTarget, GPUUnavailable, device_source
 from ..gpu.dlight import require_device_kernels
+from ..table import KernelTable, Row
 from .nvcc import check_cuda_source, find_nvcc, kernel_names, nvcc_check_enabled
 from .tensor_cores import mma_attention, mma_linear, mma_linear_applies
 
@@ -101,14 +102,14 @@ class CudaTarget(GPUTarget):
     def make_tvm_target(self):
         return cuda_target(self.arch)
 
-    def kernel(self, spec, dv):
-        """A float16 or bfloat16 attention or projection on tensor cores (``tensor_cores``, sm_80 on), else the
-        kernels every GPU target has."""
-        return (mma_attention(spec, dv, self.tvm_target) or mma_linear(spec, dv, self.tvm_target)
-                or super().kernel(spec, dv))
-
-    def hand_projection(self, spec) -> bool:
-        return mma_linear_applies(spec, self.tvm_target) or super().hand_projection(spec)
+    #: float16 and bfloat16 attention and projections on tensor cores (``tensor_cores``, sm_80 on), in front
+    #: of the kernels every GPU target has
+    kernels = KernelTable(
+        Row("attention on tensor cores", ("fused_attention",), lambda spec, dv, t: mma_attention(spec, dv, t.tvm_target),
+            dtypes=("float16", "bfloat16")),
+        Row("projection on tensor cores", PROJECTIONS, lambda spec, dv, t: mma_linear(spec, dv, t.tvm_target),
+            dtypes=("float16", "bfloat16"), guard=lambda spec, t: mma_linear_applies(spec, t.tvm_target)),
+    ) + GPU_KERNELS
 
     def compile(self, mod):
         """``tvm.compile``, the host programs of the same compile, and where nvcc is present the generated

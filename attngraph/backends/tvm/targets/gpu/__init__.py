@@ -8,6 +8,7 @@ from .... import BuildError, DeviceUnavailable
 from ...lower import generic_func
 from ...plan import FEW_ROWS
 from ..base import Target
+from ..table import KernelTable, Row
 from .dlight import schedule_func
 from .kernels import decode_attention, flash_attention, linear, linear_applies
 
@@ -25,27 +26,34 @@ class GPUTarget(Target):
     narrow_bool = False
     unroll = True
 
-    def kernel(self, spec, dv):
-        return (flash_attention(spec, dv, self.tvm_target, narrow_bool=self.narrow_bool, unroll=self.unroll)
-                or linear(spec, dv, self.tvm_target))
-
-    def forms(self, spec, dv):
-        """The ``FEW_ROWS`` forms, for a decode step's one row per sequence.  A projection that the
-        hand-written kernel serves gets dlight's schedule of the generic lowering (the hand kernel's 64- or
-        128-row tile would compute mostly clamped rows on N/64 or N/128 workgroups; dlight's 32 x 64 tile
-        wastes less); the attention gets ``decode_attention`` (the keys dealt out among a workgroup's
-        threads: the flash kernel would walk them all on one thread)."""
-        if self.hand_projection(spec):
-            return {FEW_ROWS: self.schedule(generic_func(spec.op, spec.attrs, spec.in_types, spec.out_type, dv))}
-        attention = decode_attention(spec, dv, self.tvm_target, narrow_bool=self.narrow_bool)
-        return {FEW_ROWS: attention} if attention is not None else {}
-
-    def hand_projection(self, spec) -> bool:
-        """Whether a hand-written kernel serves the projection ``spec`` (its few-rows form is then dlight's)."""
-        return linear_applies(spec, self.tvm_target)
-
     def schedule(self, func):
         return schedule_func(func, self.tvm_target)
+
+
+def _few_rows_projection(spec, dv, target):
+    """dlight's schedule of the generic lowering: the hand kernel's 64- or 128-row tile would compute mostly
+    clamped rows for a decode step's one row per sequence, on N/64 or N/128 workgroups; dlight's 32 x 64 tile
+    wastes less."""
+    return target.schedule(generic_func(spec.op, spec.attrs, spec.in_types, spec.out_type, dv))
+
+
+PROJECTIONS = ("matmul", "linear")
+
+#: What every GPU target has (cuda adds its tensor-core kernels in front).
+GPU_KERNELS = KernelTable(
+    Row("flash attention, SIMT", ("fused_attention",),
+        lambda spec, dv, t: flash_attention(spec, dv, t.tvm_target, narrow_bool=t.narrow_bool, unroll=t.unroll)),
+    Row("register-tiled projection, SIMT", PROJECTIONS, lambda spec, dv, t: linear(spec, dv, t.tvm_target),
+        dtypes=("float32",), guard=lambda spec, t: linear_applies(spec, t.tvm_target)),
+    # the few-rows forms, for a decode step's one row per sequence: a projection a hand kernel serves gets
+    # dlight's schedule; the attention gets ``decode_attention`` (the keys dealt out among a workgroup's
+    # threads: the flash kernel would walk them all on one thread)
+    Row("projection, a few rows: dlight", PROJECTIONS, _few_rows_projection,
+        guard=lambda spec, t: t.kernels.serves(spec, t, PROJECTIONS), form=FEW_ROWS),
+    Row("attention, a few rows: a workgroup a row", ("fused_attention",),
+        lambda spec, dv, t: decode_attention(spec, dv, t.tvm_target, narrow_bool=t.narrow_bool), form=FEW_ROWS),
+)
+GPUTarget.kernels = GPU_KERNELS
 
 
 def device_source(executable, kind: str) -> str:

@@ -9,8 +9,9 @@ import os
 
 from .... import DeviceUnavailable
 from ..base import RUNTIME_ONLY, compiler_loaded, portable_host
-from ..gpu import GPUTarget
-from .wgsl import LIBRARY_NAME, WebGPUModule, compile_webgpu, narrow_kernel, webgpu_target
+from ..gpu import GPU_KERNELS, GPUTarget
+from ..table import ANY_OP, KernelTable, Row
+from .wgsl import LIBRARY_NAME, STORAGE_DTYPE, WebGPUModule, compile_webgpu, narrow_kernel, webgpu_target
 
 
 def spirv_available() -> bool:
@@ -44,8 +45,10 @@ class VulkanTarget(GPUTarget):
     def make_tvm_target(self):
         return webgpu_target()
 
-    def kernel(self, spec, dv):
-        return super().kernel(spec, dv) or narrow_kernel(spec, dv, self.tvm_target)
+    #: the GPU kernels, then every kernel on int64 or bool narrowed to int32 storage (WGSL has neither)
+    kernels = GPU_KERNELS + KernelTable(
+        Row("int64 and bool narrowed to int32", ANY_OP, lambda spec, dv, t: narrow_kernel(spec, dv, t.tvm_target),
+            guard=lambda spec, t: any(str(ty.dtype) in STORAGE_DTYPE for ty in (*spec.in_types, spec.out_type))))
 
     def compile(self, mod):
         return compile_webgpu(mod, self.tvm_target)
@@ -74,11 +77,7 @@ class SpirvTarget(GPUTarget):
         import tvm
         return tvm.target.Target("vulkan", host=portable_host())
 
-    def kernel(self, spec, dv):
-        return None  # dlight's schedules throughout
-
-    def forms(self, spec, dv):
-        return {}
+    kernels = KernelTable()  # dlight's schedules throughout
 
     def open_device(self, path, device=None):
         import tvm
