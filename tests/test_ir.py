@@ -220,3 +220,26 @@ def test_validator_finds_corruption():
         g.validate()
     text = str(err.value)
     assert "cycle" in text and "recorded type f32[n, 5]" in text
+
+
+def test_node_and_graph_metadata_follow_the_schema():
+    """Every metadata key is written down in ``attngraph.ir.meta``; a graph whose metadata has another key, or a
+    value of another type, is refused by name (what a new frontend must provide, and may not invent)."""
+    import attngraph as ag
+    from attngraph import models
+    from attngraph.ir import meta as M
+    g = ag.trace(models.get("transformer-tiny"))
+    used = {k for n in g.nodes() for k in n.meta} | set(g.meta)
+    assert used <= set(M.NODE) | set(M.GRAPH) and {"loc", "scope", "init", "low", "high", "kind"} <= used
+    x = next(n for n in g.nodes() if n.op == "input")
+    x.meta["source_line"] = 3
+    with pytest.raises(GraphError, match=f"%{x.name}: metadata key 'source_line' is not in attngraph.ir.meta"):
+        g.validate()
+    del x.meta["source_line"]
+    x.meta["low"] = "0"
+    with pytest.raises(GraphError, match=f"%{x.name}: metadata 'low' is '0', expected int"):
+        g.validate()
+    x.meta["low"] = 0
+    g.meta["dims"] = [("batch", 2)]
+    with pytest.raises(GraphError, match="metadata 'dims' is .*, expected dict"):
+        g.validate()

@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, Sequence
 import networkx as nx
 
 from . import ops as O
+from .meta import problems as meta_problems
 from .types import TensorType
 
 
@@ -266,6 +267,7 @@ class Graph:
         for name, o in self.outputs:
             if o not in self.nx:
                 problems.append(f"output {name!r} refers to a missing node")
+        problems += meta_problems(self)
         if problems:
             raise GraphError(f"invalid graph {self.name!r}:\n  " + "\n  ".join(problems))
 
