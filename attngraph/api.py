@@ -48,7 +48,8 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
             seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
             device: str | None = None, checkpoint: bool = False, dtype: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
-    ``CompiledModel`` (``model.kernels`` says how it was built).  ``params`` default to seeded random
+    ``CompiledModel`` (``model.kernels`` says how it was built); ``target="numpy"``: an ``InterpretedModel``,
+    the graph run by the reference interpreter behind the same call (``dtype="float64"``: in float64).  ``params`` default to seeded random
     weights, or the model's own (``default_params()``: a zoo model's real checkpoint); ``tuning_db`` is
     a MetaSchedule database written by ``attngraph tune``; ``weight_dtype="float16"`` stores the
     projection weights in half precision (llvm); ``device``: run on another device than the target's
@@ -56,16 +57,29 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``);
     ``dtype="float16"`` or ``"bfloat16"``: the model's weights and activations in that type, its arithmetic in
     float32 (``passes.precision``)."""
+    from .backends.interpreter import NUMPY, InterpretedModel
     from .backends.tvm.build import compile_graph
     from .backends.tvm.targets import get_target
     from .passes import optimize
     from .passes.precision import params_in, to_dtype
     from .weights import check_params, default_params
-    tgt = get_target(target)  # an unknown target fails before any work
-    tgt.check_device(device)
+    interpreted = target == NUMPY
+    tgt = None if interpreted else get_target(target)  # an unknown target fails before any work
+    if interpreted:
+        given = [name for name, value in (("device", device), ("tuning_db", tuning_db)) if value] + \
+            (["weight_dtype"] if weight_dtype not in (None, "float32") else [])
+        if given:
+            raise BuildError(f"target numpy (the interpreter) compiles no kernels: {', '.join(given)} does not apply")
+        if dtype == "float64":  # the interpreter's own precision: the oracle's
+            dtype, precision = None, "float64"
+        else:
+            precision = "float32"
+    else:
+        tgt.check_device(device)
     if dtype not in (None, "float32", *HALF_DTYPES):
-        raise BuildError(f"dtype {dtype!r}: a model builds in float32, {' or '.join(HALF_DTYPES)}")
-    if dtype not in (None, "float32") and dtype not in tgt.half_dtypes:
+        also = ", float64 with target numpy" if not interpreted else ""
+        raise BuildError(f"dtype {dtype!r}: a model builds in float32, {' or '.join(HALF_DTYPES)}{also}")
+    if not interpreted and dtype not in (None, "float32") and dtype not in tgt.half_dtypes:
         raise BuildError(f"target {target} cannot build a model in {dtype}"
                          + (f": {tgt.half_dtypes_note}" if tgt.half_dtypes_note else "")
                          + f"; it builds {', '.join(('float32',) + tgt.half_dtypes)}")
@@ -78,10 +92,14 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
         graph = to_dtype(graph, dtype)
         params = params_in(params, graph)
     # the level's passes, then the target's layout passes (reported, as every pass)
-    g, report = optimize(graph, opt_level, layout=tgt.layout_passes(weight_dtype), checkpoint=checkpoint)
+    g, report = optimize(graph, opt_level, layout={} if interpreted else tgt.layout_passes(weight_dtype),
+                         checkpoint=checkpoint)
     used = g.params  # a property that walks the graph: once, not per parameter
-    compiled = compile_graph(g, {k: v for k, v in params.items() if k in used}, tgt, progress=progress,
-                             tuning_db=tuning_db, device=device, layout=False)
+    params = {k: v for k, v in params.items() if k in used}
+    if interpreted:
+        compiled = InterpretedModel(g, params, precision)
+    else:
+        compiled = compile_graph(g, params, tgt, progress=progress, tuning_db=tuning_db, device=device, layout=False)
     compiled.model_name, compiled.opt_level, compiled.weights_from = graph.name, opt_level, weights_from
     compiled.report = report
     return compiled

@@ -104,7 +104,7 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
                                warmup=warmup, schedule=schedule, lr=lr, clip_norm=clip_norm, checkpoint=checkpoint,
                                tokenizer=tokenizer, vocab_size=vocab_size,
                                label_smoothing=label_smoothing, dropout=dropout, seed=seed,
-                               target="interpreter" if target == "numpy" else target, valid_every=valid_every,
+                               target=target, valid_every=valid_every,
                                max_len=max_len)
             run_dir = RunDirectory(out_dir, new=True)  # held from here: a second run into it fails at once
         with run_dir:

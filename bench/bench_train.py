@@ -149,7 +149,7 @@ def main():
     step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="llvm")
     print(f"model: d_model {D}, {H} heads, {L}+{L} layers, ff {FF}, vocab {V}; batch {ARGS.batch} x "
           f"{ARGS.src_len} -> {ARGS.tgt_len}; {ARGS.threads} threads")
-    print(f"attngraph build: {time.perf_counter() - start:.1f} s, {step.compiled.kernel_count} kernel calls a step")
+    print(f"attngraph build: {time.perf_counter() - start:.1f} s, {step.model.kernel_count} kernel calls a step")
 
     engines = {"attngraph (llvm)": step}
     if ARGS.checkpoint:
@@ -193,13 +193,13 @@ def main():
     dims = {"b": ARGS.batch, "s": ARGS.src_len, "t": ARGS.tgt_len}
     for name, engine in engines.items():
         if isinstance(engine, train.TrainStep):
-            plan = engine.compiled.memory(**dims)
+            plan = engine.model.memory(**dims)
             print(f"{name}: planned intermediate memory {plan.peak_bytes / 2**20:.0f} MiB in {len(plan.buffer_bytes)} "
-                  f"buffers; activations the backward reads {activation_bytes(engine.compiled.graph, dims) / 2**20:.0f} MiB")
+                  f"buffers; activations the backward reads {activation_bytes(engine.model.graph, dims) / 2**20:.0f} MiB")
 
     b = data[0]
     scalars = {step.optimizer.scalar_name(k): np.asarray(v, np.float32) for k, v in step.optimizer.scalars(step.step + 1).items()}
-    times = step.compiled.profile({**b, **step.state, **scalars}, repeat=3)
+    times = step.model.profile({**b, **step.state, **scalars}, repeat=3)
     total = sum(t.seconds for t in times)
     by_op: dict[str, float] = {}
     for t in times:

@@ -108,7 +108,7 @@ def test_compiled_checkpointed_steps_equal_the_plain_ones():
     a, b = steps[0].params(), steps[1].params()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    assert steps[1].compiled.report.stat("checkpoint-layers").matches == 4
+    assert steps[1].model.report.stat("checkpoint-layers").matches == 4
 
 
 def test_renumber_keeps_the_graph_and_follows_the_order():
@@ -134,7 +134,7 @@ def test_a_steps_new_state_holds_no_planned_buffer():
     module = models.build("transformer-tiny")
     params = init_params(trace(module), 0)
     step = TrainStep(trace(TokenLoss(module)), params, Adam(lr=1e-3))
-    compiled, dims = step.compiled, {"batch": 8, "src_len": 16, "tgt_len": 16}
+    compiled, dims = step.model, {"batch": 8, "src_len": 16, "tgt_len": 16}
     plan = compiled.memory(**dims)
     assert len(compiled.apart) == 3 * len(params) and not compiled.apart & set(plan.buffer_of)
     everything = plan_memory(compiled.graph, dims, compiled.order, compiled.in_place).peak_bytes

@@ -159,3 +159,29 @@ def test_missing_weights_are_named(tiny_graph, tiny_params):
     del params["decoder.layers.1.norm3.bias"]
     with pytest.raises(ag.WeightsError, match="missing tensor 'decoder.layers.1.norm3.bias'"):
         ag.reference.run(tiny_graph, example(tiny_graph), params)
+
+
+def test_the_interpreter_is_a_target():
+    """``compile(model, target="numpy")``: the optimized graph run by the interpreter behind a compiled model's
+    call (``put``, ``get``, ``keep``); in float64 on ``dtype="float64"``; options that compile kernels refused."""
+    from attngraph.backends import BuildError
+    from attngraph.inputs import random_inputs
+    g = ag.trace(ag.models.get("encoder-tiny"))
+    params = ag.init_params(g, 0)
+    inputs = random_inputs(g.input_types(), g.meta["dims"], 0)
+    want = ag.reference.run(g, inputs, params, dtype="float64")
+    for dtype, rtol in (("float64", 1e-12), (None, 1e-5)):
+        model = ag.compile(g, params, target="numpy", dtype=dtype)
+        x = model.put(inputs["x"].astype(np.float32), "float32")
+        assert x.dtype == np.dtype(dtype or "float32")
+        got = model({**inputs, "x": x}, keep=list(want))
+        for k in want:
+            np.testing.assert_allclose(model.get(got[k]), want[k], rtol=rtol, atol=rtol)
+        assert model.report.stat("attention").matches >= 1  # the level's passes ran
+    half = ag.compile(g, params, target="numpy", dtype="bfloat16")
+    assert {n.type.dtype for n in half.graph.nodes() if n.op == "param"} == {"bfloat16"}
+    for bad in ({"weight_dtype": "float16"}, {"device": "emulator"}):
+        with pytest.raises(BuildError, match="target numpy .* compiles no kernels"):
+            ag.compile(g, params, target="numpy", **bad)
+    with pytest.raises(BuildError, match="float64 with target numpy"):
+        ag.compile(g, params, target="llvm", dtype="float64")

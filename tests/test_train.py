@@ -71,7 +71,7 @@ def test_adam_with_the_papers_schedule_matches_torch(torch):
     data = batches(10)
     want_losses, want_norms = torch_run(torch, theirs, lambda p: torch.optim.Adam(p, lr=1.0, betas=(0.9, 0.98),
                                                                                  eps=1e-9), schedule, data)
-    step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="interpreter")
+    step = train.TrainStep(ag.trace(model), params, train.Adam(lr=schedule), target="numpy", dtype="float64")
     losses, norms = zip(*[(step(b), step.grad_norm) for b in data])
     np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
     np.testing.assert_allclose(norms, want_norms, rtol=1e-9)
@@ -88,7 +88,7 @@ def test_sgd_momentum_weight_decay_and_clipping_match_torch(torch):
                                                                                  weight_decay=1e-2),
                                         train.Constant(0.05), data, clip=0.5)
     opt = train.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, clip_norm=0.5)
-    step = train.TrainStep(ag.trace(model), params, opt, target="interpreter")
+    step = train.TrainStep(ag.trace(model), params, opt, target="numpy", dtype="float64")
     losses, norms = zip(*[(step(b), step.grad_norm) for b in data])
     np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
     np.testing.assert_allclose(norms, want_norms, rtol=1e-9)  # before clipping, as clip_grad_norm_ returns it
@@ -100,7 +100,7 @@ def test_adamw_matches_torch(torch):
     params = as_ours(theirs.state(), model)
     data = batches(3, seed=2)
     torch_run(torch, theirs, lambda p: torch.optim.AdamW(p, lr=1.0, weight_decay=0.1), train.Constant(1e-2), data)
-    step = train.TrainStep(ag.trace(model), params, train.AdamW(lr=1e-2, weight_decay=0.1), target="interpreter")
+    step = train.TrainStep(ag.trace(model), params, train.AdamW(lr=1e-2, weight_decay=0.1), target="numpy", dtype="float64")
     for b in data:
         step(b)
     compare_params(step.params(), as_ours(theirs.state(), model, exact=True), rtol=1e-9)
@@ -123,10 +123,10 @@ def test_compiled_steps_match_the_interpreter(target):
     g = ag.trace(model.train())
     params = ag.init_params(g, seed=1, perturb=True)
     opt = train.Adam(lr=train.Noam(D_MODEL, warmup=4), clip_norm=1.0)
-    oracle = train.TrainStep(g, params, opt, target="interpreter", seed=3)
+    oracle = train.TrainStep(g, params, opt, target="numpy", dtype="float64", seed=3)
     step = train.TrainStep(g, params, opt, target=target, device=device, seed=3)
     data = batches(5, seed=3)
-    without_dropout = train.TrainStep(ag.trace(model.eval()), params, opt, target="interpreter")(data[0])
+    without_dropout = train.TrainStep(ag.trace(model.eval()), params, opt, target="numpy", dtype="float64")(data[0])
     for i, b in enumerate(data):
         loss = step(b)
         assert loss == pytest.approx(oracle(b), rel=1e-4)
@@ -142,15 +142,15 @@ def test_resuming_from_saved_state_continues_the_run(tmp_path):
     params = ag.init_params(g, seed=4)
     opt = train.Adam(lr=train.Noam(D_MODEL, warmup=4))
     data = batches(5, seed=4)
-    straight = train.TrainStep(g, params, opt, target="interpreter")
+    straight = train.TrainStep(g, params, opt, target="numpy", dtype="float64")
     for b in data:
         straight(b)
-    first = train.TrainStep(g, params, opt, target="interpreter")
+    first = train.TrainStep(g, params, opt, target="numpy", dtype="float64")
     for b in data[:3]:
         first(b)
     first.save(str(tmp_path / "params.safetensors"))
     first.save_state(str(tmp_path / "adam.safetensors"))
-    resumed = train.TrainStep(g, params, opt, target="interpreter")
+    resumed = train.TrainStep(g, params, opt, target="numpy", dtype="float64")
     resumed.load_state(ag.load_weights(str(tmp_path / "params.safetensors")), str(tmp_path / "adam.safetensors"))
     assert resumed.step == 3
     for b in data[3:]:
@@ -206,13 +206,13 @@ def test_errors_name_what_is_wrong():
         train.SGD(lr=-1)
     with pytest.raises(ValueError, match="clip_norm"):
         train.SGD(clip_norm=0)
-    step = train.TrainStep(g, params, train.SGD(lr=0.1), target="interpreter")
+    step = train.TrainStep(g, params, train.SGD(lr=0.1), target="numpy", dtype="float64")
     with pytest.raises(KeyError, match="the batch has labels"):
         step({**batches(1)[0], "labels": np.zeros(3)})
     with pytest.raises(KeyError, match="the batch lacks tgt_out"):
         step({k: v for k, v in batches(1)[0].items() if k != "tgt_out"})
     with pytest.raises(ag.WeightsError, match="missing tensor"):
-        train.TrainStep(g, {}, train.SGD(lr=0.1), target="interpreter")
+        train.TrainStep(g, {}, train.SGD(lr=0.1), target="numpy", dtype="float64")
 
     class NoParams(nn.Module):
         def forward(self, x):
@@ -299,12 +299,12 @@ def test_a_resumed_run_drops_what_the_straight_run_drops(tmp_path):
     params = ag.init_params(g, seed=4)
     opt = train.SGD(lr=0.1)
     data = batches(4, seed=7)
-    straight = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    straight = train.TrainStep(g, params, opt, target="numpy", dtype="float64", seed=11)
     losses = [straight(b) for b in data]
-    first = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    first = train.TrainStep(g, params, opt, target="numpy", dtype="float64", seed=11)
     for b in data[:2]:
         first(b)
-    resumed = train.TrainStep(g, params, opt, target="interpreter", seed=11)
+    resumed = train.TrainStep(g, params, opt, target="numpy", dtype="float64", seed=11)
     resumed.load_state(first.params(), first.optimizer_state())
     assert [resumed(b) for b in data[2:]] == pytest.approx(losses[2:], rel=1e-12)
 
@@ -349,10 +349,11 @@ def test_a_zoo_transformer_trains_with_dropout_and_its_weights_load_into_the_mod
     tgt = rng.integers(1, 64, (2, 7))
     data = {"src": rng.integers(1, 64, (2, 9)), "tgt": tgt[:, :-1], "labels": tgt[:, 1:]}
     data["src"][1, -2:] = 0
-    steps = {t: train.TrainStep(g, params, train.Adam(lr=train.Noam(32, warmup=10)), target=t, seed=5)
-             for t in ("interpreter", "llvm")}
+    steps = {t: train.TrainStep(g, params, train.Adam(lr=train.Noam(32, warmup=10)), target=t, seed=5,
+                                dtype="float64" if t == "numpy" else None)
+             for t in ("numpy", "llvm")}
     for _ in range(3):
-        ours, ref = steps["llvm"](data), steps["interpreter"](data)
+        ours, ref = steps["llvm"](data), steps["numpy"](data)
         assert abs(ours - ref) <= 1e-4 * abs(ref)
     trained = steps["llvm"].params()
     model.eval()  # as in PyTorch: the loss's train() set its (the model's) layers training

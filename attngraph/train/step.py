@@ -110,45 +110,35 @@ class TrainStep:
     """``step(batch)`` runs one training step on ``batch`` (the model's inputs by name) and returns the loss.
 
     ``target``: "llvm", "vulkan", "cuda" (with ``device="emulator"``: on the CUDA source emulator) or
-    "interpreter" (the NumPy reference, in ``dtype``: the float64 oracle of the compiled steps).
+    "numpy" (the reference interpreter; ``dtype="float64"``: the float64 oracle of the compiled steps).
     ``checkpoint``: recompute each layer's values in the backward from the layer's input (less memory,
     about one more forward of time; ``passes.checkpoint``).  The
     parameters and the optimizer's state stay where the step runs; ``params()`` reads them back,
     ``save``/``save_state`` write them (safetensors), ``load_state`` resumes."""
 
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], optimizer: Optimizer, *, loss: str = "loss",
-                 target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str = "float64",
+                 target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str | None = None,
                  seed: int = 0, checkpoint: bool = False):
+        from ..api import compile
         check_params(graph, params)
-        self.optimizer, self.loss, self.target, self.dtype, self.seed = optimizer, loss, target, dtype, seed
+        self.optimizer, self.loss, self.target, self.seed = optimizer, loss, target, seed
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)
         self.names = list(graph.params)
         self.batch_inputs = set(graph.input_types()) - {DROPOUT_SEED}
         self.dropout = DROPOUT_SEED in graph.input_types()
         self.step, self.grad_norm = 0, None
-        if target == "interpreter":
-            self.compiled = None
-            if checkpoint:  # the same values as without; here to check that
-                self.graph, _ = optimize(self.graph, 0, checkpoint=True)
-        else:
-            from ..api import compile
-            self.compiled = compile(self.graph, {}, target=target, opt_level=opt_level, device=device,
-                                    checkpoint=checkpoint)
-            # the new state is written into the previous step's tensors: no planned buffers for it
-            self.compiled.outputs_apart(self.names + [optimizer.slot_name(s, n) for n in self.names
-                                                      for s in optimizer.slots])
+        self.model = compile(self.graph, {}, target=target, opt_level=opt_level, device=device, checkpoint=checkpoint,
+                             dtype=dtype)
+        # the new state is written into the previous step's tensors: no planned buffers for it
+        self.model.outputs_apart(self.names + [optimizer.slot_name(s, n) for n in self.names for s in optimizer.slots])
         state = {n: np.asarray(params[n]) for n in self.names}
         state.update({optimizer.slot_name(s, n): np.zeros_like(state[n]) for n in self.names for s in optimizer.slots})
         self._put(state)
 
     def _put(self, state: Mapping[str, np.ndarray]) -> None:
         types = self.graph.input_types()
-        arrays = {k: np.asarray(v, dtype=self._dtype(types[k].dtype)) for k, v in state.items()}
-        self.state = arrays if self.compiled is None else {k: self.compiled.device.upload(v) for k, v in arrays.items()}
+        self.state = {k: self.model.put(v, types[k].dtype) for k, v in state.items()}
         self._spare: dict = {}
-
-    def _dtype(self, dtype: str) -> str:
-        return self.dtype if self.compiled is None else dtype
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> float:
         extra, missing = sorted(set(batch) - self.batch_inputs), sorted(self.batch_inputs - set(batch))
@@ -157,26 +147,21 @@ class TrainStep:
             what += [f"lacks {', '.join(missing)}"] if missing else []
             raise KeyError(f"the batch {' and '.join(what)} (its inputs: {', '.join(sorted(self.batch_inputs))})")
         step = self.step + 1
-        scalar_dtype = self._dtype(self.graph.input_types()[self.names[0]].dtype)
-        scalars = {self.optimizer.scalar_name(k): np.asarray(v, scalar_dtype)
+        scalar_dtype = self.graph.input_types()[self.names[0]].dtype
+        scalars = {self.optimizer.scalar_name(k): self.model.put(v, scalar_dtype)
                    for k, v in self.optimizer.scalars(step).items()}
         inputs = {**batch, **self.state, **scalars}
         if self.dropout:
             inputs[DROPOUT_SEED] = np.asarray(self.step_seed(step), np.int64)
-        if self.compiled is None:
-            from .. import reference
-            out = reference.run(self.graph, inputs, {}, dtype=self.dtype)
-        else:  # the new state is written into the buffers of the state before this one
-            out = self.compiled(inputs, keep=list(self.state), into=self._spare)
+        # the new state is written into the buffers of the state before this one
+        out = self.model(inputs, keep=list(self.state), into=self._spare)
         loss, norm = float(out[self.loss]), float(out[GRAD_NORM])
         self.grad_norm = norm
         new = {k: out[k] for k in self.state}
-        if not (np.isfinite(loss) and np.isfinite(norm)):
-            if self.compiled is not None:  # the state before the step is intact: its update went to the spares
-                self._spare = {k: v for k, v in new.items() if v is not self.state[k]}
+        if not (np.isfinite(loss) and np.isfinite(norm)):  # the state before the step is intact
+            self._spare = {k: v for k, v in new.items() if v is not self.state[k]}
             raise NonFiniteStep(step, loss, norm)
-        if self.compiled is not None:
-            self._spare = {k: v for k, v in self.state.items() if new[k] is not v}
+        self._spare = {k: v for k, v in self.state.items() if new[k] is not v}
         self.state = new
         self.step = step
         return loss
@@ -194,9 +179,7 @@ class TrainStep:
         return h(self.seed ^ h(step)) & 0x7FFFFFFF
 
     def _host(self, names) -> dict[str, np.ndarray]:
-        if self.compiled is None:
-            return {k: np.array(self.state[k]) for k in names}
-        return {k: self.compiled.device.download(self.state[k]) for k in names}
+        return {k: self.model.get(self.state[k]) for k in names}
 
     def params(self) -> dict[str, np.ndarray]:
         """The current parameters, on the host."""

@@ -214,23 +214,13 @@ class Trainer:
         if not self.encoded_valid:
             return None
         pairs = self.encoded_valid[:limit]
-        if self.config.target == "interpreter":
-            from .. import reference
-            params = self.step.params()
+        if self._eval is None:
+            from ..api import compile as compile_model
+            self._eval = compile_model(self.eval_graph, {}, target=self.config.target)
+        params = self.step.params()  # read back once a validation: any device's tensors, any model's
 
-            def run(b):
-                return reference.run(self.eval_graph, {**b, **params}, {})
-        else:
-            if self._eval is None:
-                from ..api import compile as compile_graph
-                self._eval = compile_graph(self.eval_graph, {}, target=self.config.target)
-
-            # llvm: the step's parameters as they are in memory; another device's are read back first
-            params = {n: self.step.state[n] for n in self.step.names} if self.config.target.startswith("llvm") \
-                else self.step.params()
-
-            def run(b):
-                return self._eval({**b, **params})
+        def run(b):
+            return self._eval({**b, **params})
         total = count = 0.0
         for start in range(0, len(pairs), 64):
             chunk = pairs[start:start + 64]

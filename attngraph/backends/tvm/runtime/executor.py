@@ -166,6 +166,15 @@ class CompiledModel:
         """The memory plan of a run with these symbolic dims (e.g. ``batch=1, seq=128``)."""
         return plan_memory(self.graph, dims, self.order, self.in_place | self.apart)
 
+    def put(self, array, dtype: str):
+        """``array`` on the device as an input of type ``dtype`` (a value to hand to calls, as ``keep`` gives)."""
+        from ....ir.types import numpy_dtype
+        return self.device.upload(np.asarray(array, dtype=numpy_dtype(dtype)))
+
+    def get(self, tensor) -> np.ndarray:
+        """A device tensor of this model's on the host."""
+        return self.device.download(tensor)
+
     def outputs_apart(self, names: Collection[str]) -> None:
         """Compute the outputs ``names`` into memory of their own on every call (the tensors a call's ``into``
         gives, else new ones) and plan no buffer for them: a training step's new parameters and optimizer
