@@ -56,8 +56,8 @@ def _checkpoint_dir(model: str) -> tuple[Path, str]:
 
 
 class SentenceEncoder:
-    """A BERT encoder with its tokenizer and checkpoint weights, run by the NumPy interpreter
-    (``target="numpy"``) or compiled once with TVM (``target="llvm"``, at ``opt_level``)."""
+    """A BERT encoder with its tokenizer and checkpoint weights, compiled once at ``opt_level`` for ``target``:
+    ``"llvm"`` (TVM) or ``"numpy"`` (the interpreter, float32)."""
 
     def __init__(self, model: bert.BertModel, tokenizer_path, params=None, *, target: str = "llvm",
                  opt_level: int = 3, max_length: int | None = None):
@@ -76,7 +76,6 @@ class SentenceEncoder:
         self.tokenizer.enable_truncation(self.max_length)
         self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=self.tokenizer.id_to_token(self.pad_id) or "[PAD]")
         self.params = model.default_params() if params is None else params
-        self._graph = None
         self._compiled = None
 
     @classmethod
@@ -102,13 +101,7 @@ class SentenceEncoder:
 
     def run(self, batch: Batch) -> dict[str, np.ndarray]:
         """The encoder's outputs (``last_hidden_state``, ``sentence_embedding``) for one batch."""
-        if self.target == "numpy":
-            from . import reference
-            if self._graph is None:
-                from .nn import trace
-                self._graph = trace(self.model)
-            return reference.run(self._graph, batch.inputs, self.params, dtype="float32")
-        if self._compiled is None:
+        if self._compiled is None:  # any target, the interpreter's (numpy) too
             from . import api
             self._compiled = api.compile(self.model, self.params, target=self.target, opt_level=self.opt_level)
         return self._compiled(batch.inputs)

@@ -178,30 +178,30 @@ def trace_entries(model, cache_len: int | None = None) -> dict[str, Graph]:
     return graphs
 
 
+def _entry(model) -> Entry:
+    """A model's entry as the stepper calls it: its state outputs kept where the model runs."""
+    state = tuple(name for name, _ in model.graph.outputs if name != "log_probs")
+    return lambda inputs: model(inputs, keep=state)
+
+
 class InterpreterStepper(EntryStepper):
-    """Decode steps on the reference interpreter (float32, or float64 for checking).  ``precision``: the
-    model in float16 or bfloat16 (``passes.precision.to_dtype``: the interpreter rounds as a build does)."""
+    """Decode steps on the reference interpreter (``compile(target="numpy")`` of each entry as traced: float32, or
+    float64 for checking).  ``precision``: the model in float16 or bfloat16 (``passes.precision.to_dtype``: the
+    interpreter rounds each value as a build stores it)."""
 
     def __init__(self, model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32",
                  precision: str | None = None):
-        from . import reference
+        from .backends.interpreter import InterpretedModel
         from .passes.precision import params_in, to_dtype
-        self.graphs = trace_entries(model, cache_len)
-        info = DecoderInfo.from_model(model, self.graphs["decode_step"], self.graphs.get("encode_entry"))
+        graphs = trace_entries(model, cache_len)
+        info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
         half = precision not in (None, "float32")
         if half:
-            self.graphs = {m: to_dtype(g, precision) for m, g in self.graphs.items()}
-
-        def entry(g: Graph) -> Entry:
-            own = params_in({k: params[k] for k in g.params}, g)
-            types = g.output_types()
-
-            def run(inputs):  # each value in the type it is stored in (the interpreter holds them in ``dtype``)
-                out = reference.run(g, inputs, own, dtype=dtype)
-                return {k: v.astype(numpy_dtype(types[k].dtype)) if half else v for k, v in out.items()}
-            return run
-
-        super().__init__(info, {m: entry(g) for m, g in self.graphs.items()}, precision if half else dtype)
+            graphs = {m: to_dtype(g, precision) for m, g in graphs.items()}
+        self.models = {m: InterpretedModel(g, params_in({k: params[k] for k in g.params}, g), dtype)
+                       for m, g in graphs.items()}
+        self.graphs = {m: model.graph for m, model in self.models.items()}
+        super().__init__(info, {m: _entry(model) for m, model in self.models.items()}, precision if half else dtype)
 
 
 class CompiledStepper(EntryStepper):
@@ -245,13 +245,8 @@ class CompiledStepper(EntryStepper):
         with open(manifest_path) as f:
             self.manifest = json.load(f)
         self.models = {m: load(os.path.join(path, m)) for m in self.manifest["entries"]}
-
-        def entry(model) -> Entry:
-            state = tuple(name for name, _ in model.graph.outputs if name != "log_probs")
-            return lambda inputs: model(inputs, keep=state)
-
         super().__init__(DecoderInfo.from_json(self.manifest["decoder"]),
-                         {m: entry(model) for m, model in self.models.items()}, self.manifest.get("dtype", "float32"))
+                         {m: _entry(model) for m, model in self.models.items()}, self.manifest.get("dtype", "float32"))
 
 
 def is_generation_dir(path: str) -> bool:

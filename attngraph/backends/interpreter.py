@@ -4,7 +4,8 @@
 
 Its "device" is the host: values are NumPy arrays, a float held in the model's precision (``float32``, or
 ``float64``: the oracle the compiled models are checked against).  A model built in a half type (``dtype=
-"float16"``) runs the graph ``to_dtype`` made, each value rounded to that type as a build stores it.
+"float16"``) runs the graph ``to_dtype`` made, each value rounded to that type as a build stores it, and its
+outputs of that type come back in it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from ..ir import Graph
+from ..ir.types import HALF_DTYPES, numpy_dtype
 
 NUMPY = "numpy"
 PRECISIONS = ("float32", "float64")
@@ -46,12 +48,16 @@ class InterpretedModel:
 
     def __call__(self, inputs: Mapping, *, keep: Collection[str] = (), into: Mapping | None = None,
                  observe=None) -> dict:
-        """The outputs by name (``keep`` and ``into`` mean nothing here: every output is a fresh host array)."""
+        """The outputs by name, each a fresh host array (``keep`` and ``into`` mean nothing more here); an output of
+        a half type in that type, as a build stores it."""
         from .. import reference
         unknown = set(keep) - {name for name, _ in self.graph.outputs}
         if unknown:
             raise KeyError(f"keep names no output of {self.graph.name}: {', '.join(sorted(unknown))}")
-        return reference.run(self.graph, inputs, self.params, dtype=self.precision, observe=observe)
+        out = reference.run(self.graph, inputs, self.params, dtype=self.precision, observe=observe)
+        types = self.graph.output_types()
+        return {k: v.astype(numpy_dtype(types[k].dtype)) if types[k].dtype in HALF_DTYPES else v
+                for k, v in out.items()}
 
 
 __all__ = ["InterpretedModel", "NUMPY", "PRECISIONS"]
