@@ -27,7 +27,7 @@ CROSS_ATTENTION_GRAD = [T("b", 1, "s", 4), T(1, 1, 5, 4), T(1, 2, 5, 4), T("b", 
 # (op, attrs, operand types).  The ids name the op and a hint of the case.
 CASES = [
     ("neg", {}, [X]), ("exp", {}, [X]), ("log", {}, [X]), ("sqrt", {}, [X]), ("rsqrt", {}, [X]),
-    ("tanh", {}, [X]), ("erf", {}, [X]), ("sin", {}, [X]), ("cos", {}, [X]), ("relu", {}, [X]),
+    ("tanh", {}, [X]), ("erf", {}, [X]), ("sin", {}, [X]), ("cos", {}, [X]), ("relu", {}, [X]), ("sigmoid", {}, [X]), ("silu", {}, [X]),
     ("gelu", {}, [X]), ("gelu", {"approximate": "tanh"}, [X]),
     ("cast", {"dtype": "float32"}, [T("b", "s", 8, dtype=BOOL)]), ("cast", {"dtype": "float64"}, [X]),
     ("add", {}, [X, T(8)]), ("sub", {}, [X, T("b", 1, 8)]), ("mul", {}, [X, T()]), ("div", {}, [X, T("s", 1)]),

@@ -275,3 +275,33 @@ def test_transformer_with_every_torch_mask_matches_torch(norm_first):
         opt, _ = passes.optimize(g, level)
         ours = ag.reference.run(opt, x, params)["output"]
         np.testing.assert_allclose(ours, want, rtol=RTOL, atol=ATOL, err_msg=f"-O{level}")
+
+
+def test_silu_sigmoid_and_a_swiglu_feed_forward_match_torch():
+    """``F.silu``, ``F.sigmoid`` / ``Tensor.sigmoid()`` and ``nn.SwiGLU`` (LLaMA's feed-forward) against PyTorch:
+    the interpreter in float64 and the llvm build, large negative inputs included (no overflow)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ffn = nn.SwiGLU(16, 40)
+
+        def input_specs(self):
+            return {"x": nn.InputSpec(("batch", "seq", 16))}
+
+        def forward(self, x):
+            return {"ffn": self.ffn(x), "gate": x.sigmoid() * nn.functional.sigmoid(x), "silu": nn.functional.silu(x)}
+
+    model = Block()
+    g = ag.trace(model)
+    params = ag.init_params(g, 0)
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)) * 4
+    x[0, 0, :3] = [-200.0, 200.0, 0.0]
+    t = {k: torch.tensor(v, dtype=torch.float64) for k, v in params.items()}
+    tx = torch.tensor(x)
+    want = {"ffn": (torch.nn.functional.silu(tx @ t["ffn.w1.weight"]) * (tx @ t["ffn.w3.weight"])) @ t["ffn.w2.weight"],
+            "gate": torch.sigmoid(tx) ** 2, "silu": torch.nn.functional.silu(tx)}
+    got = ag.reference.run(g, {"x": x}, params, dtype="float64")
+    compiled = ag.compile(g, params, target="llvm")({"x": x.astype(np.float32)})
+    for k, w in want.items():
+        np.testing.assert_allclose(got[k], w.numpy(), rtol=1e-12, atol=1e-12, err_msg=k)
+        np.testing.assert_allclose(compiled[k], w.numpy(), rtol=1e-4, atol=1e-4, err_msg=k)

@@ -209,6 +209,11 @@ def _erf(x):
     return erf(x)
 
 
+def _sigmoid(x):
+    from scipy.special import expit  # no overflow for large negative x
+    return expit(x)
+
+
 def _unary(name, fn, doc):
     def ref(x):
         return fn(x).astype(x.dtype, copy=False)
@@ -226,6 +231,8 @@ _unary("erf", _erf, "the error function")
 _unary("sin", np.sin, "sine")
 _unary("cos", np.cos, "cosine")
 _unary("relu", lambda x: np.maximum(x, 0), "max(x, 0)")
+_unary("sigmoid", _sigmoid, "1 / (1 + e**-x)")
+_unary("silu", lambda x: x * _sigmoid(x), "x * sigmoid(x) (SiLU, swish)")
 
 
 # Derivatives of the elementwise ops: cot * f'(x), written with the ops themselves (``out`` is f(x)).
@@ -241,6 +248,10 @@ _UNARY_VJP = {
     "sin": lambda d, x, out, cot: d("mul", cot, d("cos", x)),
     "cos": lambda d, x, out, cot: d("neg", d("mul", cot, d("sin", x))),
     "relu": lambda d, x, out, cot: d("where", d("gt", x, d.const(0.0, x)), cot, d.const(0.0, x)),
+    "sigmoid": lambda d, x, out, cot: d("mul", cot, d("mul", out, d("sub", d.const(1.0, x), out))),
+    # silu' = s + x s (1 - s) = s + out (1 - s), s = sigmoid(x)
+    "silu": lambda d, x, out, cot: (lambda s: d("mul", cot, d("add", s, d("mul", out, d("sub", d.const(1.0, x), s)))))(
+        d("sigmoid", x)),
 }
 
 

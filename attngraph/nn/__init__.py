@@ -16,6 +16,7 @@ from .layers import (
                      MultiHeadAttention,
                      RMSNorm,
                      SinusoidalPositionalEncoding,
+                     SwiGLU,
                      Transformer,
                      causal_mask,
                      sinusoidal_table,
@@ -26,5 +27,5 @@ from .tensor import Tensor, TraceError, trace
 
 __all__ = ["functional", "CrossEntropyLoss", "Decoder", "DecoderLayer", "Dropout", "Embedding", "Encoder", "EncoderLayer",
            "FeedForward", "LayerNorm", "LearnedPositionalEmbedding", "Linear", "MultiHeadAttention", "RMSNorm",
-           "SinusoidalPositionalEncoding", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
+           "SinusoidalPositionalEncoding", "SwiGLU", "Transformer", "causal_mask", "sinusoidal_table", "InputSpec", "Module",
            "ModuleList", "Parameter", "Buffer", "Tensor", "TraceError", "trace"]

@@ -87,6 +87,8 @@ def gelu(x, approximate: str = "none") -> Tensor:
 
 
 def relu(x) -> Tensor: return _emit("relu", [x])
+def sigmoid(x) -> Tensor: return _emit("sigmoid", [x])
+def silu(x) -> Tensor: return _emit("silu", [x])
 def erf(x) -> Tensor: return _emit("erf", [x])
 def tanh(x) -> Tensor: return _emit("tanh", [x])
 def exp(x) -> Tensor: return _emit("exp", [x])

@@ -213,6 +213,20 @@ class FeedForward(Module):
         return self.linear2(self.dropout(h))
 
 
+class SwiGLU(Module):
+    """LLaMA's feed-forward: ``w2(silu(w1(x)) * w3(x))``, projections without bias by default (Shazeer's GLU
+    variants; ``d_ff`` is the hidden width, 8/3 of d_model in LLaMA)."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff, bias=bias)
+        self.w3 = Linear(d_model, d_ff, bias=bias)
+        self.w2 = Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
 class EncoderLayer(Module):
     """Self-attention and feed-forward, each with a residual; post-LN (the paper) or pre-LN.
     ``forward(src, src_mask=None, src_key_padding_mask=None, is_causal=False)``: the arguments of

@@ -253,6 +253,7 @@ class TensorOps:
     def rsqrt(self): return self._unary("rsqrt")
     def tanh(self): return self._unary("tanh")
     def relu(self): return self._unary("relu")
+    def sigmoid(self): return self._unary("sigmoid")
     # NumPy's spellings (axis, keepdims) and PyTorch's (dim, keepdim) both work.
     def softmax(self, axis=-1, *, dim=None): return self._unary("softmax", axis=axis if dim is None else dim)
     def log_softmax(self, axis=-1, *, dim=None): return self._unary("log_softmax", axis=axis if dim is None else dim)

@@ -33,6 +33,8 @@ EXPRESSIONS = {
     "sin": lambda xs, a: tirx.sin(xs[0]),
     "cos": lambda xs, a: tirx.cos(xs[0]),
     "relu": lambda xs, a: tirx.max(xs[0], const(0, dtype_of(xs[0]))),
+    "sigmoid": lambda xs, a: tirx.sigmoid(xs[0]),
+    "silu": lambda xs, a: xs[0] * tirx.sigmoid(xs[0]),
     "gelu": lambda xs, a: gelu(xs[0], a.get("approximate", "none")),
     "cast": lambda xs, a: xs[0].astype(a["dtype"]),
     "logical_not": lambda xs, a: tirx.Not(xs[0]),
