@@ -69,6 +69,12 @@ class DirectoryLock:
         self.release()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _temp_name(name: str) -> str:
     return f".{name}{_TMP}{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -101,6 +107,7 @@ def write_file_by(directory: str, name: str, make) -> None:
     try:
         path = os.path.join(tmp, name)
         make(path)
+        os.chmod(path, 0o666 & ~_umask())  # as a file opened here would be (a library may write its own 0600)
         with open(path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(path, os.path.join(directory, name))
