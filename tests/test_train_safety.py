@@ -262,6 +262,12 @@ def test_bad_data_files_are_clear_errors(tmp_path, straight):
         "train", "transformer-tiny", "-o", tmp_path / "x", "--data", bad)
     assert "latin1.tsv:2: not UTF-8 text" in fails("evaluate", straight / "s3", "--data", bad)
     assert "--max-len" in fails("evaluate", straight / "s3", "--max-len", 1000)
+    long = tmp_path / "long.tsv"
+    long.write_text("4 0\tfour zero\n" + " ".join(["4"] * 130) + "\tfour\n")
+    r = invoke("evaluate", straight / "s3", "--data", long, "--target", "numpy", "--max-len", 3)
+    assert r.exit_code == 0, r.output
+    assert "left out 1 pair(s) whose source is longer than the model's 128 positions (pair 2)" in r.output
+    assert "1 pairs, beam 1" in r.output
 
 
 def test_a_pair_longer_than_max_len_never_reaches_the_vocabulary(tmp_path):
