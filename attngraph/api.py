@@ -113,6 +113,9 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
     under ``"build"``."""
     if not out_dir:
         raise ValueError("build needs out_dir, the artifact directory to write")
+    if target == "numpy":
+        raise BuildError("target numpy is the interpreter: it compiles nothing to write; build for llvm, cuda or "
+                         "vulkan, or use attngraph.compile(model, target='numpy')")
     start = time.perf_counter()
     with artifact_dir(out_dir):  # held from before the compile: a second build into it fails at once
         compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,

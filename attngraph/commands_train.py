@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from .cli_common import check_target, user_errors
+from .cli_common import check_target, reject_given, user_errors
 from .files import DirectoryBusy
 from .generate import GenerationError
 from .train.checkpoint import CheckpointError
@@ -16,6 +16,11 @@ from .train.data import TASKS, TOKENIZERS, DataError
 from .train.objective import NotATokenModel
 from .train.schedules import SCHEDULES
 from .train.trainer import MAX_SKIPPED, NONFINITE
+
+
+#: the options that make a run what it is: saved in its config, not changed by --resume
+RUN_OPTIONS = ["valid", "batch_tokens", "warmup", "schedule", "lr", "clip_norm", "tokenizer", "vocab_size", "checkpoint",
+               "label_smoothing", "dropout", "seed", "target", "valid_every", "max_len"]
 
 
 def _clock(seconds: float) -> str:
@@ -83,6 +88,7 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
     step in progress and stops (exit 130 or 143); --resume DIR goes on from the newest checkpoint."""
     from .train.checkpoint import RunDirectory
     from .train.trainer import RunConfig, Trainer, TrainingStopped, load_run
+    run_dir = None
     try:
         if resume_dir:
             given = [name for name, value in (("MODEL", model), ("--task", task), ("--data", data)) if value]
@@ -91,8 +97,14 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
             out_dir = out_dir or resume_dir
             if os.path.abspath(out_dir) != os.path.abspath(resume_dir):
                 raise click.BadParameter("a resumed run trains on in its own directory", param_hint="-o")
-            run_dir = RunDirectory(resume_dir, new=False)
-            config = load_run(run_dir.checkpoint.path)
+            reject_given(RUN_OPTIONS, "--resume goes on with the saved run's settings (a run is a function of them); "
+                                      "start a new run with -o to change one")
+            run_dir = RunDirectory(resume_dir, new=False)  # held from here to the end
+            try:
+                config = load_run(run_dir.checkpoint.path)
+            except BaseException:
+                run_dir.close()
+                raise
             if config.schedule == "cosine" and steps != config.steps:
                 click.echo(f"note: the cosine schedule now decays to 0 at step {steps}, not {config.steps}: from here on "
                            f"the rate is the longer schedule's", err=True)
@@ -121,8 +133,10 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
             except TrainingStopped as e:
                 click.echo(f"Error: {e}" if e.code == 1 else str(e), err=True)
                 sys.exit(e.code)
-    except KeyboardInterrupt:
-        click.echo("\ninterrupted before the first step: nothing was saved", err=True)
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C: what was saved stays whole
+        saved = run_dir.checkpoint.path if run_dir is not None and run_dir.checkpoint is not None else None
+        click.echo(f"\ninterrupted: {f'the last checkpoint, {saved}, is whole' if saved else 'nothing was saved'}",
+                   err=True)
         sys.exit(130)
     except (DataError, NotATokenModel, CheckpointError, DirectoryBusy) as e:
         raise click.ClickException(str(e)) from None

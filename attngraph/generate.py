@@ -250,7 +250,16 @@ class CompiledStepper(EntryStepper):
 
 
 def is_generation_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST))
+    """Whether ``path`` holds compiled entries (a ``generate.json`` of ours, not a user's file of that name)."""
+    file = os.path.join(path, MANIFEST)
+    if os.path.islink(file) or not os.path.isfile(file):
+        return False
+    try:
+        with open(file) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"format", "entries", "decoder"} <= set(manifest)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -252,3 +252,20 @@ def test_generation_entries_are_written_under_the_directory_lock(tmp_path):
     with pytest.raises(ArtifactError, match="other files in it \\(notes.txt\\), not a directory of generation"):
         G.CompiledStepper.build(model, params, str(mine), "llvm", cache_len=8)
     assert os.listdir(mine) == ["notes.txt"]
+
+
+def test_a_users_generate_json_is_not_taken_for_compiled_entries(tmp_path):
+    """``generate --save DIR`` into a directory holding a user's own ``generate.json`` is refused, the file kept;
+    ``build`` for the interpreter (nothing to write) is a clear error."""
+    from attngraph.backends import BuildError
+    from attngraph.generate import CompiledStepper, is_generation_dir
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "generate.json").write_text('{"my": "settings"}')
+    assert not is_generation_dir(str(mine))
+    r = CliRunner().invoke(main, ["generate", "transformer-tiny", "--input", "3 4", "--target", "llvm",
+                                  "--save", str(mine)])
+    assert r.exit_code != 0 and "other files in it (generate.json)" in r.output, r.output
+    assert (mine / "generate.json").read_text() == '{"my": "settings"}'
+    with pytest.raises(BuildError, match="target numpy is the interpreter"):
+        api.build("encoder-tiny", out_dir=str(tmp_path / "x"), target="numpy")

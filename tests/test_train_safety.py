@@ -240,6 +240,9 @@ def test_two_runs_into_one_directory(tmp_path, straight):
         assert "is in use: another attngraph process (pid" in out
         assert os.listdir(tmp_path / "busy") == [".attngraph.lock"]
     assert "holds a training run (at step 3): --resume" in fails("train", *TINY, "-o", straight / "s3", "--steps", 4)
+    out = fails("train", "--resume", straight / "s3", "--steps", 4, "--lr", "1e-4")
+    assert "--resume goes on with the saved run's settings" in out and "--lr" in out
+    DirectoryLock(str(straight / "s3"), "checking").release()  # the refused resume left no lock held
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     assert "is not empty (notes.txt)" in fails("train", *TINY, "-o", tmp_path / "mine", "--steps", 2)

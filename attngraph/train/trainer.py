@@ -312,8 +312,9 @@ class _Signals:
 
     def __enter__(self) -> _Signals:
         self.received, self._old = None, {}
-        if threading.current_thread() is threading.main_thread():
-            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        if threading.current_thread() is threading.main_thread():  # a signal ignored (a job run with &) stays so
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -347,12 +348,18 @@ def _config(ckpt: Checkpoint) -> RunConfig:
 def trained_model(path: str):
     """``(model, parameters, tokenizer, checkpoint)`` of a training directory's newest checkpoint (or of a
     checkpoint directory): every part checked, parameters that are not finite refused."""
-    ckpt = resolve(path)
-    tokenizer = D.tokenizer_from_json(ckpt.read(TOKENIZER).decode(), ckpt.path)
-    module = translation_model(_config(ckpt), tokenizer.get_vocab_size())
-    params = read_safetensors(ckpt.read(PARAMS), os.path.join(ckpt.path, PARAMS))
+    for attempt in (1, 2):  # a run training there may replace its checkpoint while it is read: once more
+        ckpt = resolve(path)
+        try:
+            tokenizer = D.tokenizer_from_json(ckpt.read(TOKENIZER).decode(), ckpt.path)
+            config = _config(ckpt)
+            params = read_safetensors(ckpt.read(PARAMS), os.path.join(ckpt.path, PARAMS))
+            break
+        except CheckpointError:
+            if attempt == 2 or os.path.isdir(ckpt.path):
+                raise
     check_finite(params, os.path.join(ckpt.path, PARAMS))
-    return module, params, tokenizer, ckpt
+    return translation_model(config, tokenizer.get_vocab_size()), params, tokenizer, ckpt
 
 
 def is_training_dir(path: str) -> bool:

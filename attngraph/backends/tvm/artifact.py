@@ -33,7 +33,7 @@ import numpy as np
 
 from ... import files as dirfiles
 from ...ir import serialize
-from ...weights import WeightsError, check_finite, load_weights, save_weights
+from ...weights import WeightsError, check_finite, read_safetensors, save_weights
 from .. import ArtifactError, BuildError, DeviceUnavailable, is_artifact  # noqa: F401  (re-exported)
 from .build import Kernels
 from .runtime.executor import CompiledModel
@@ -248,17 +248,27 @@ def _check_names(path: str, manifest: dict, library, rebuild: str) -> None:
                                 f"sha256); {rebuild}")
 
 
-def _check_files(path: str, manifest: dict) -> None:
-    """Every file's size and sha256 against the manifest: on every load, the weights included."""
+#: the files a load parses: checked and parsed from the same bytes, so a rebuild replacing them meanwhile
+#: cannot slip an unchecked file in
+PARSED = ("graph.json", "weights.safetensors")
+
+
+def _check_files(path: str, manifest: dict) -> dict[str, bytes]:
+    """Every file's size and sha256 against the manifest, on every load, the weights included; returns the
+    bytes of the ``PARSED`` files as they were checked."""
+    kept = {}
     for name, info in manifest.get("files", {}).items():
-        file = os.path.join(path, name)
-        size = os.path.getsize(file)
-        if size != info["bytes"]:
-            raise ArtifactError(f"artifact {path!r} is corrupted: {name} has {size} bytes, the manifest says "
+        with open(os.path.join(path, name), "rb") as f:
+            data = f.read()
+        if len(data) != info["bytes"]:
+            raise ArtifactError(f"artifact {path!r} is corrupted: {name} has {len(data)} bytes, the manifest says "
                                 f"{info['bytes']}; rebuild it with attngraph build")
-        if _sha256(file) != info["sha256"]:
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
             raise ArtifactError(f"artifact {path!r} is corrupted: {name} does not match its checksum in the "
                                 f"manifest; rebuild it with attngraph build")
+        if name in PARSED:
+            kept[name] = data
+    return kept
 
 
 def _check_plan(path: str, manifest: dict, graph, by_name: dict, rebuild: str) -> None:
@@ -366,11 +376,10 @@ def load_artifact(path: str, device: str | None = None) -> CompiledModel:
     target.check_manifest(manifest, path)
     library = manifest.get("library", "kernels.so")
     _check_names(path, manifest, library, rebuild)
-    _check_files(path, manifest)  # before any of it is read, and before the library is loaded
+    checked = _check_files(path, manifest)  # before any of it is parsed, and before the library is loaded
     try:
-        with open(os.path.join(path, "graph.json")) as f:
-            obj = json.load(f)
-        tensors = load_weights(os.path.join(path, "weights.safetensors"))
+        obj = json.loads(checked["graph.json"])
+        tensors = read_safetensors(checked.pop("weights.safetensors"), os.path.join(path, "weights.safetensors"))
         graph = serialize.from_json(obj, tensors)
         by_name = {graph.node(nid).name: nid for nid in graph.nx.nodes}
         symbol_of = {by_name[k["node"]]: k["kernel"] for k in manifest["kernel_plan"]}
