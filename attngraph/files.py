@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -138,6 +139,19 @@ def commit_dir(temp: str, final: str) -> None:
     _fsync_dir(os.path.dirname(final) or ".")
 
 
+def our_json(path: str, keys) -> dict | None:
+    """The JSON object in ``path`` if it is one of ours (a regular file, not a link, whose object has ``keys``), else
+    None: a user's file that only shares its name (``manifest.json``, ``generate.json``) is not taken for ours."""
+    if os.path.islink(path) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and set(keys) <= set(obj) else None
+
+
 def remove_temporaries(directory: str) -> list[str]:
     """Remove what killed writers left in ``directory`` (call it holding the lock); returns their names."""
     gone = []
@@ -152,5 +166,5 @@ def remove_temporaries(directory: str) -> list[str]:
     return gone
 
 
-__all__ = ["DirectoryBusy", "DirectoryLock", "LOCK", "commit_dir", "is_temporary", "new_temp_dir", "ours",
+__all__ = ["DirectoryBusy", "DirectoryLock", "LOCK", "commit_dir", "is_temporary", "new_temp_dir", "our_json", "ours",
            "remove_temporaries", "write_file", "write_file_by", "write_new"]

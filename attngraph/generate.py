@@ -251,15 +251,8 @@ class CompiledStepper(EntryStepper):
 
 def is_generation_dir(path: str) -> bool:
     """Whether ``path`` holds compiled entries (a ``generate.json`` of ours, not a user's file of that name)."""
-    file = os.path.join(path, MANIFEST)
-    if os.path.islink(file) or not os.path.isfile(file):
-        return False
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and {"format", "entries", "decoder"} <= set(manifest)
+    from .files import our_json
+    return our_json(os.path.join(path, MANIFEST), ("format", "entries", "decoder")) is not None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -98,15 +98,7 @@ def _own_name(name: str) -> bool:
 def _is_ours(path: str) -> bool:
     """Whether ``path`` holds an artifact's manifest (a JSON object with a format and checksums), not a
     user's ``manifest.json`` that only shares its name."""
-    file = os.path.join(path, "manifest.json")
-    if os.path.islink(file) or not os.path.isfile(file):
-        return False
-    try:
-        with open(file) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and "format" in manifest and "files" in manifest
+    return dirfiles.our_json(os.path.join(path, "manifest.json"), ("format", "files")) is not None
 
 
 def check_out_dir(out_dir: str, own_name, is_ours: bool, what: str = "an artifact") -> None:
