@@ -62,7 +62,7 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     from .backends.tvm.targets import get_target
     from .passes import optimize
     from .passes.precision import params_in, to_dtype
-    from .weights import check_params, default_params
+    from .weights import check_finite, check_params, default_params
     interpreted = target == NUMPY
     tgt = None if interpreted else get_target(target)  # an unknown target fails before any work
     if interpreted:
@@ -86,6 +86,8 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     graph, module = _graph_of(model)
     #: where the weights came from when none were given: a checkpoint path, or None (seeded random)
     weights_from = getattr(module, "checkpoint", None) if params is None else None
+    if params is not None:  # a user's weights: NaN or inf ones would compute nothing but NaN
+        check_finite({k: v for k, v in params.items() if not k.startswith("__const__.")}, "the weights given")
     params = default_params(module if module is not None else graph, seed) if params is None else params
     check_params(graph, params)
     if dtype not in (None, "float32"):

@@ -158,6 +158,9 @@ def prepare(graph, inputs_path, weights_path, seed, dims, params=None, module=No
     file's are loaded)."""
     if params is None:
         params = load_weights(weights_path) if weights_path else default_params(module or graph, seed)
+        if weights_path:
+            from .weights import check_finite
+            check_finite(params, weights_path)
     elif weights_path:
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
     if inputs_path and dims:

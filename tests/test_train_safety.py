@@ -281,7 +281,7 @@ def test_a_pair_longer_than_max_len_never_reaches_the_vocabulary(tmp_path):
     valid = tmp_path / "v.tsv"
     valid.write_text("a b\tb a\nq r\tr q\n")
     r = invoke("train", "transformer-tiny", "-o", tmp_path / "o", "--data", data, "--valid", valid, "--steps", 1,
-               "--valid-every", 1, "--batch-tokens", 64, "--max-len", 16)
+               "--valid-every", 1, "--batch-tokens", 64, "--max-len", 16, "--target", "numpy")
     assert r.exit_code == 0, r.output
     assert "left out 1 pair(s) longer than 16 tokens a side" in r.output
     assert "v.tsv: 2 word(s) outside the vocabulary, read as <unk>: 'q', 'r'" in r.output
@@ -298,3 +298,17 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_it_allocates(tmp_path
     out = fails("train", *TINY, "-o", tmp_path / "big", "--steps", 2)
     assert "transformer-tiny with a vocabulary of" in out and "1.0 MB is available" in out, out
     assert "--tokenizer bpe --vocab-size N" in out and not (tmp_path / "big").exists()
+
+
+def test_nan_weights_given_to_run_or_build_are_refused(tmp_path):
+    import attngraph as ag
+    from attngraph.weights import save_weights
+    g = ag.trace(ag.models.get("encoder-tiny"))
+    params = ag.init_params(g, 0)
+    name = sorted(params)[0]
+    params[name] = params[name].copy()
+    params[name].flat[:2] = [np.nan, np.inf]
+    save_weights(str(tmp_path / "w.safetensors"), params)
+    for args in (["run", "encoder-tiny", "--target", "llvm"], ["build", "encoder-tiny", "-o", tmp_path / "a"]):
+        out = fails(*args, "--weights", tmp_path / "w.safetensors")
+        assert f"weights hold NaN or infinite values, in 1 tensor(s): {name} (2 of" in out, out
