@@ -114,8 +114,20 @@ def test_a_run_killed_in_a_save_resumes_to_the_straight_run(tmp_path, straight):
     assert losses(tmp_path / "k") == losses(straight / "s6")
 
 
+@pytest.fixture
+def signals_as_in_a_terminal():
+    """SIGINT and SIGTERM as an interactive shell leaves them (a CI runner may start the tests with SIGINT ignored,
+    as a shell does for a job run with &: such a signal stays ignored, see the last test below)."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    for s, handler in old.items():
+        signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_saves_after_the_step_in_progress_and_stops(tmp_path, straight, signum):
+def test_a_signal_saves_after_the_step_in_progress_and_stops(tmp_path, straight, signum, signals_as_in_a_terminal):
     """Ctrl-C (or SIGTERM) in step 3, between two reports: the run saves step 3, with the losses since the last
     report, and stops; resumed, it ends where the straight run does, log included."""
     config = RunConfig(model="transformer-tiny", task="numbers", steps=6, batch_tokens=128, valid_every=2)
@@ -312,3 +324,20 @@ def test_nan_weights_given_to_run_or_build_are_refused(tmp_path):
     for args in (["run", "encoder-tiny", "--target", "llvm"], ["build", "encoder-tiny", "-o", tmp_path / "a"]):
         out = fails(*args, "--weights", tmp_path / "w.safetensors")
         assert f"weights hold NaN or infinite values, in 1 tensor(s): {name} (2 of" in out, out
+
+
+def test_a_signal_the_shell_ignores_stays_ignored(tmp_path, signals_as_in_a_terminal):
+    """A run started with SIGINT ignored (``attngraph train ... &`` from a script) is not stopped by one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config = RunConfig(model="transformer-tiny", task="numbers", steps=4, batch_tokens=128, valid_every=2)
+    with C.RunDirectory(str(tmp_path / "r"), new=True) as run:
+        trainer = Trainer(config, run)
+        batch = trainer.batch
+
+        def batch_and_signal(k):
+            if k == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return batch(k)
+        trainer.batch = batch_and_signal
+        assert trainer.run()["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
