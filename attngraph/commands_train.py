@@ -189,13 +189,12 @@ def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
         shown = ", ".join(str(i + 1) for i in too_long[:8]) + (" ..." if len(too_long) > 8 else "")
         click.echo(f"note: {what}: left out {len(too_long)} pair(s) whose source is longer than the model's "
                    f"{module.max_len} positions (pair {shown})", err=True)
-        keep = [i for i in range(len(pairs)) if i not in set(too_long)]
+        left_out = set(too_long)
+        keep = [i for i in range(len(pairs)) if i not in left_out]
         pairs, sources = [pairs[i] for i in keep], [sources[i] for i in keep]
-    unknown = sorted({w for s, t in pairs for side in (s, t) for w in D.unknown_words(tok, side)})
-    if unknown:
-        shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-        click.echo(f"note: {what}: {len(unknown)} word(s) outside the model's vocabulary, read as <unk>: {shown}",
-                   err=True)
+    note = D.unknown_words_note(tok, pairs, what, "the model's vocabulary")
+    if note:
+        click.echo(f"note: {note}", err=True)
     if not pairs:
         raise click.ClickException(f"{what}: no pair left to evaluate")
     cache_len = min(max_len + 1, module.max_len)

@@ -44,6 +44,8 @@ class DirectoryLock:
     def __init__(self, path: str, what: str = "writing"):
         self.path, self.what, self._fd = path, what, None
         os.makedirs(path, exist_ok=True)
+        #: whether this lock made the lock file (the mark of an attngraph directory) rather than found it
+        self.marked = not os.path.lexists(os.path.join(path, LOCK))
         fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,8 +60,12 @@ class DirectoryLock:
         os.write(fd, f"pid {os.getpid()}, {what}\n".encode())
         self._fd = fd
 
-    def release(self) -> None:
+    def release(self, unmark: bool = False) -> None:
+        """Release the directory; ``unmark``: also remove the lock file if this lock made it, so that a directory
+        attngraph refused to write (a user's) is left without the mark that says it is attngraph's."""
         if self._fd is not None:
+            if unmark and self.marked:
+                os.unlink(os.path.join(self.path, LOCK))
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
 
@@ -152,6 +158,17 @@ def our_json(path: str, keys) -> dict | None:
     return obj if isinstance(obj, dict) and set(keys) <= set(obj) else None
 
 
+def foreign(directory: str) -> list[str]:
+    """The names in ``directory`` that are not attngraph's own lock and temporaries, sorted."""
+    return sorted(n for n in os.listdir(directory) if not ours(n))
+
+
+def listing(names, most: int = 5) -> str:
+    """``names`` for a message: the first ``most``, then how many more."""
+    names = list(names)
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def remove_temporaries(directory: str) -> list[str]:
     """Remove what killed writers left in ``directory`` (call it holding the lock); returns their names."""
     gone = []
@@ -166,5 +183,6 @@ def remove_temporaries(directory: str) -> list[str]:
     return gone
 
 
-__all__ = ["DirectoryBusy", "DirectoryLock", "LOCK", "commit_dir", "is_temporary", "new_temp_dir", "our_json", "ours",
+__all__ = ["DirectoryBusy", "DirectoryLock", "LOCK", "commit_dir", "foreign", "is_temporary", "listing", "new_temp_dir",
+           "our_json", "ours",
            "remove_temporaries", "write_file", "write_file_by", "write_new"]

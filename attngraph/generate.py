@@ -200,7 +200,6 @@ class InterpreterStepper(EntryStepper):
             graphs = {m: to_dtype(g, precision) for m, g in graphs.items()}
         self.models = {m: InterpretedModel(g, params_in({k: params[k] for k in g.params}, g), dtype)
                        for m, g in graphs.items()}
-        self.graphs = {m: model.graph for m, model in self.models.items()}
         super().__init__(info, {m: _entry(model) for m, model in self.models.items()}, precision if half else dtype)
 
 

@@ -114,13 +114,13 @@ def check_fits(parts: Mapping[str, int], what: str, error: type[Exception] = Not
 
 
 def _bytes(ty, dims: Mapping[str, int], float_bytes: int | None = None) -> int:
-    import numpy as np
+    from .ir.types import numpy_dtype
     n = 1
     for d in ty.concrete(dims):
         n *= int(d)
     if float_bytes and ty.is_float:
         return n * float_bytes
-    return n * np.dtype("float16" if ty.dtype == "bfloat16" else ty.dtype).itemsize
+    return n * numpy_dtype(ty.dtype).itemsize
 
 
 def graph_bytes(graph, dims: Mapping[str, int], *, compiled=None, float_bytes: int | None = None,

@@ -168,8 +168,8 @@ def check_finite(params: Mapping[str, np.ndarray], where: str) -> None:
             if count:
                 bad.append(f"{name} ({count} of {value.size})")
     if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise WeightsError(f"{where}: weights hold NaN or infinite values, in {len(bad)} tensor(s): {shown}; "
+        from .files import listing
+        raise WeightsError(f"{where}: weights hold NaN or infinite values, in {len(bad)} tensor(s): {listing(bad)}; "
                            f"such weights compute nothing but NaN (a diverged training run saves none)")
 
 

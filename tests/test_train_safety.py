@@ -126,20 +126,25 @@ def signals_as_in_a_terminal():
         signal.signal(s, handler)
 
 
+def signalled_in_step_3(trainer, signum):
+    """``trainer``, sending this process ``signum`` as it draws step 3's batch (the signal lands in that step)."""
+    batch = trainer.batch
+
+    def batch_and_signal(k):
+        if k == 3:
+            os.kill(os.getpid(), signum)
+        return batch(k)
+    trainer.batch = batch_and_signal
+    return trainer
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_after_the_step_in_progress_and_stops(tmp_path, straight, signum, signals_as_in_a_terminal):
     """Ctrl-C (or SIGTERM) in step 3, between two reports: the run saves step 3, with the losses since the last
     report, and stops; resumed, it ends where the straight run does, log included."""
     config = RunConfig(model="transformer-tiny", task="numbers", steps=6, batch_tokens=128, valid_every=2)
     with C.RunDirectory(str(tmp_path / "r"), new=True) as run:
-        trainer = Trainer(config, run)
-        batch = trainer.batch
-
-        def batch_and_signal(k):
-            if k == 3:
-                os.kill(os.getpid(), signum)
-            return batch(k)
-        trainer.batch = batch_and_signal
+        trainer = signalled_in_step_3(Trainer(config, run), signum)
         before = signal.getsignal(signum)
         with pytest.raises(TrainingStopped, match=f"stopped by {signal.Signals(signum).name} after step 3") as e:
             trainer.run()
@@ -259,6 +264,7 @@ def test_two_runs_into_one_directory(tmp_path, straight):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     assert "is not empty (notes.txt)" in fails("train", *TINY, "-o", tmp_path / "mine", "--steps", 2)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # no lock file marks the user's directory as attngraph's
 
 
 def test_a_failed_start_leaves_no_empty_directory(tmp_path):
@@ -331,13 +337,5 @@ def test_a_signal_the_shell_ignores_stays_ignored(tmp_path, signals_as_in_a_term
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = RunConfig(model="transformer-tiny", task="numbers", steps=4, batch_tokens=128, valid_every=2)
     with C.RunDirectory(str(tmp_path / "r"), new=True) as run:
-        trainer = Trainer(config, run)
-        batch = trainer.batch
-
-        def batch_and_signal(k):
-            if k == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-            return batch(k)
-        trainer.batch = batch_and_signal
-        assert trainer.run()["step"] == 4
+        assert signalled_in_step_3(Trainer(config, run), signal.SIGINT).run()["step"] == 4
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

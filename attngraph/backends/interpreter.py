@@ -15,7 +15,7 @@ from collections.abc import Collection, Mapping
 import numpy as np
 
 from ..ir import Graph
-from ..ir.types import HALF_DTYPES, numpy_dtype
+from ..ir.types import FLOAT_DTYPES, HALF_DTYPES, numpy_dtype
 
 NUMPY = "numpy"
 PRECISIONS = ("float32", "float64")
@@ -35,9 +35,7 @@ class InterpretedModel:
     def put(self, array, dtype: str):
         """``array`` as this model holds an input of type ``dtype``: a float in the model's precision (a float64
         value stays float64 in a float64 run: nothing rounded to the graph's float32 first)."""
-        array = np.asarray(array)
-        return np.array(array, dtype=self.precision if np.dtype(dtype).kind == "f" or dtype == "bfloat16"
-                        else dtype)
+        return np.array(array, dtype=self.precision if dtype in FLOAT_DTYPES else dtype)
 
     def get(self, value) -> np.ndarray:
         """A value of this model's (an output kept by ``keep``, an input ``put``) on the host: a copy."""

@@ -148,10 +148,10 @@ class RunDirectory:
                 if self.checkpoint is not None:
                     raise CheckpointError(f"{path} holds a training run (at step {self.checkpoint.step}): "
                                           f"--resume {path} goes on with it; give a new or empty directory")
-                others = sorted(n for n in os.listdir(path) if not files.ours(n))
+                others = files.foreign(path)
                 if others:
-                    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-                    raise CheckpointError(f"{path} is not empty ({shown}): give a new or empty directory")
+                    raise CheckpointError(f"{path} is not empty ({files.listing(others)}): give a new or empty "
+                                          f"directory")
             elif self.checkpoint is None:
                 raise CheckpointError(f"{path} holds no saved checkpoint to resume: the run there stopped before its "
                                       f"first save (start it again with -o {path})")
@@ -163,9 +163,10 @@ class RunDirectory:
         """Write ``parts`` (every name of ``PARTS``) as ``checkpoint-STEP``; returns its path."""
         if set(parts) != set(PARTS):
             raise ValueError(f"a checkpoint has the parts {PARTS}, got {sorted(parts)}")
+        saved = self.saved_at(step)
+        if saved:
+            return saved
         final = os.path.join(self.path, f"checkpoint-{step}")
-        if self.checkpoint is not None and self.checkpoint.path == final:
-            return final  # saved at this step already
         temp = files.new_temp_dir(self.path, os.path.basename(final))
         _fault("tempdir", step)
         for name in PARTS:
@@ -185,13 +186,19 @@ class RunDirectory:
         _fault("removed", step)
         return final
 
+    def saved_at(self, step: int) -> str | None:
+        """The path of the newest checkpoint if it is of ``step`` (nothing to save again), else None."""
+        return self.checkpoint.path if self.checkpoint is not None and self.checkpoint.step == step else None
+
     def close(self, failed: bool = False) -> None:
-        """Release the directory; one this run made and never saved into is removed again."""
+        """Release the directory; one this run made and never saved into is removed again, and one it found is
+        left as it was (without the lock file, if this run made that)."""
         if self.lock is None:
             return
-        if failed and self.created and not any(not files.ours(n) for n in os.listdir(self.path)):
+        removed = failed and self.created and not files.foreign(self.path)
+        if removed:
             shutil.rmtree(self.path, ignore_errors=True)
-        self.lock.release()
+        self.lock.release(unmark=failed and self.checkpoint is None and not removed)
         self.lock = None
 
     def __enter__(self) -> RunDirectory:

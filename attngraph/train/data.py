@@ -190,6 +190,16 @@ def unknown_words(tok, text: str) -> list[str]:
     return [w for w in text.split() if UNK_ID in encode(tok, w)]
 
 
+def unknown_words_note(tok, pairs, what: str, vocabulary: str = "the vocabulary") -> str | None:
+    """What to tell a user whose pairs (``what``) hold words ``vocabulary`` lacks (read as ``<unk>``), or None."""
+    from ..files import listing
+    unknown = sorted({w for pair in pairs for side in pair for w in unknown_words(tok, side)})
+    if not unknown:
+        return None
+    return (f"{what}: {len(unknown)} word(s) outside {vocabulary}, read as <unk>: "
+            f"{listing(map(repr, unknown), most=8)}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Batches.
 
@@ -231,4 +241,5 @@ def length_batches(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], batch_t
 
 __all__ = ["BOS_ID", "DataError", "EOS_ID", "NumbersTask", "PAD_ID", "TASKS", "TOKENIZERS", "UNK_ID", "build_tokenizer",
            "decode", "encode", "get_task", "length_batches", "load_tokenizer", "number_words", "read_pairs",
-           "teacher_forcing", "tokenizer_from_json", "unknown_words"]
+           "teacher_forcing", "tokenizer_from_json", "unknown_words",
+           "unknown_words_note"]

@@ -100,6 +100,11 @@ def translation_model(config: RunConfig, vocab_size: int):
     return model
 
 
+def _no_pending() -> dict:
+    """What the trainer keeps between two reports (saved with a checkpoint taken between them), just after one."""
+    return {"losses": [], "grad_norms": [], "skipped": 0}
+
+
 def _fits(pair: tuple[str, str], max_len: int) -> bool:
     """Whether a pair can fit ``max_len`` tokens a side: a word is at least one token (word or BPE), so a side
     of more words than that is left out before its words reach the vocabulary."""
@@ -151,7 +156,7 @@ class Trainer:
                               Adam(lr=learning_rate(config, self.model.d_model), clip_norm=config.clip_norm),
                               target=config.target, seed=config.seed, checkpoint=config.checkpoint)
         self.log: list[dict] = []
-        self.pending = {"losses": [], "grad_norms": [], "skipped": 0}
+        self.pending = _no_pending()
         if resumed:
             self._resume(resumed)
         self.encoded_train = None if self.pairs is None else self._encode(self.pairs)
@@ -172,11 +177,10 @@ class Trainer:
 
     def _check_valid_words(self) -> None:
         """Validation words the vocabulary lacks are read as ``<unk>``: said, with a few of them."""
-        unknown = sorted({w for pair in self.valid_pairs for side in pair for w in D.unknown_words(self.tokenizer, side)})
-        if unknown:
-            what = self.config.valid or f"the {self.config.task} task's validation set"
-            shown = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-            self.note(f"{what}: {len(unknown)} word(s) outside the vocabulary, read as <unk>: {shown}")
+        note = D.unknown_words_note(self.tokenizer, self.valid_pairs,
+                                    self.config.valid or f"the {self.config.task} task's validation set")
+        if note:
+            self.note(note)
 
     def _check_memory(self, graph) -> None:
         """A run that cannot fit this machine's memory is refused before anything big is allocated: the
@@ -255,7 +259,7 @@ class Trainer:
                             "grad_norm": float(np.mean(norms)) if norms else math.nan,
                             "skipped": pending["skipped"], "tokens_per_s": tokens / elapsed,
                             "seconds": elapsed, "seconds_left": elapsed / (k - start) * (cfg.steps - k)}
-                    self.pending = pending = {"losses": [], "grad_norms": [], "skipped": 0}
+                    self.pending = pending = _no_pending()
                     self.log.append(_json_line(last))
                     self.save()
                     self.report(last)
@@ -286,6 +290,9 @@ class Trainer:
     def save(self) -> str:
         """The run as it is now, as one checkpoint (see ``checkpoint.RunDirectory``); returns its path.
         Non-finite parameters or optimizer state are never saved."""
+        saved = self.run_dir.saved_at(self.step.step)  # a report's save, then a signal: once is enough
+        if saved:
+            return saved
         params, state = self.step.params(), self.step.optimizer_state()
         try:
             check_finite(params, f"the parameters at step {self.step.step}")

@@ -108,14 +108,12 @@ def check_out_dir(out_dir: str, own_name, is_ours: bool, what: str = "an artifac
     holds.  Never writes over a user's files that only share a name with ours."""
     if not os.path.isdir(out_dir) or is_ours:
         return
-    names = os.listdir(out_dir)
-    others = sorted(n for n in names if not dirfiles.ours(n))
-    if dirfiles.LOCK in names:  # attngraph's directory: its own files may be left from a stopped write
-        others = [n for n in others if not own_name(n)]
+    others = dirfiles.foreign(out_dir)
+    if os.path.lexists(os.path.join(out_dir, dirfiles.LOCK)):  # attngraph's: its own files may be left from a
+        others = [n for n in others if not own_name(n)]         # stopped write
     if others:
-        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise ArtifactError(f"{out_dir!r} is a directory with other files in it ({shown}), not {what}: "
-                            f"give a new or empty directory (an existing one is replaced)")
+        raise ArtifactError(f"{out_dir!r} is a directory with other files in it ({dirfiles.listing(others)}), not "
+                            f"{what}: give a new or empty directory (an existing one is replaced)")
 
 
 @contextlib.contextmanager
@@ -126,20 +124,18 @@ def writing(out_dir: str, own_name, is_ours, what: str = "an artifact"):
     build made is removed again if the build fails."""
     # Checked before the lock file is made (a refused directory is left as it was), and again holding it.
     check_out_dir(out_dir, own_name, is_ours(out_dir), what)
-    lock_file = os.path.join(out_dir, dirfiles.LOCK)
-    created, new_lock = not os.path.exists(out_dir), not os.path.lexists(lock_file)
-    with dirfiles.DirectoryLock(out_dir, "building"):
+    created = not os.path.exists(out_dir)
+    with dirfiles.DirectoryLock(out_dir, "building") as lock:
         try:
             check_out_dir(out_dir, own_name, is_ours(out_dir), what)
         except ArtifactError:
-            if new_lock:  # the lock file would mark a user's directory as attngraph's
-                os.unlink(lock_file)
+            lock.release(unmark=True)  # the lock file would mark a user's directory as attngraph's
             raise
         dirfiles.remove_temporaries(out_dir)
         try:
             yield
         except BaseException:  # a build that failed leaves no directory it made behind
-            if created and all(dirfiles.ours(n) for n in os.listdir(out_dir)):
+            if created and not dirfiles.foreign(out_dir):
                 shutil.rmtree(out_dir, ignore_errors=True)
             raise
 
