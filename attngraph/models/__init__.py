@@ -69,12 +69,7 @@ def describe(name: str) -> dict:
     kind = next((k for cls, k in KINDS.items() if isinstance(model, cls)), None) or \
         ("encoder-decoder" if hasattr(model, "encode_entry") else
          "decoder-only LM" if hasattr(model, "decode_step") else "encoder")
-    params = 0
-    for ty in model.parameter_types().values():
-        n = 1
-        for d in ty.shape:
-            n *= int(d)
-        params += n
+    params = sum(int(ty.numel()) for ty in model.parameter_types().values())
     if isinstance(model, BertModel) and (model.checkpoint is not None or not installed):
         package = MINILM_PACKAGE.replace("_", "-")
         weights = f"checkpoint from {package} ({'installed' if installed else 'not installed'})"

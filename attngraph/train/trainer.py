@@ -142,8 +142,7 @@ class Trainer:
             D.build_tokenizer(texts, config.tokenizer, config.vocab_size)
         self._check_valid_words()
         self.model = translation_model(config, self.tokenizer.get_vocab_size())
-        model_graph = trace(self.model)
-        self._check_memory(model_graph)
+        self._check_memory()
         self.loss = TokenLoss(self.model, label_smoothing=config.label_smoothing)
         self.train_graph = trace(self.loss.train())
         self.model.eval()
@@ -151,7 +150,7 @@ class Trainer:
         for nid in list(self.eval_graph.params.values()):
             self.eval_graph.param_to_input(nid)
         self._eval = None
-        params = init_params(model_graph, config.seed)
+        params = init_params(trace(self.model), config.seed)
         self.step = TrainStep(self.train_graph, params,
                               Adam(lr=learning_rate(config, self.model.d_model), clip_norm=config.clip_norm),
                               target=config.target, seed=config.seed, checkpoint=config.checkpoint)
@@ -182,11 +181,11 @@ class Trainer:
         if note:
             self.note(note)
 
-    def _check_memory(self, graph) -> None:
+    def _check_memory(self) -> None:
         """A run that cannot fit this machine's memory is refused before anything big is allocated: the
         parameters with Adam's two slots, the gradients and the step's spare state (7 copies), and the
         batch's logits, log-probs and their gradient over the whole vocabulary (a lower bound)."""
-        count = sum(int(np.prod(graph.node(n).type.concrete({}))) for n in graph.params.values())
+        count = sum(int(ty.numel()) for ty in self.model.parameter_types().values())
         vocab = self.tokenizer.get_vocab_size()
         check_fits({"parameters and optimizer state": 4 * 7 * count,
                     "logits over the vocabulary": 4 * 3 * self.config.batch_tokens * vocab},
