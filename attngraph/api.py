@@ -21,6 +21,7 @@ from .backends.tvm.artifact import (
     load_artifact,
     manifest_of,
     artifact_dir,
+    up_to_date,
     write_artifact,
 )
 from .ir import Graph
@@ -46,7 +47,8 @@ def _graph_of(model) -> tuple[Graph, object]:
 
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
             seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
-            device: str | None = None, checkpoint: bool = False, dtype: str | None = None):
+            device: str | None = None, checkpoint: bool = False, dtype: str | None = None, disable=(),
+            verify_each: bool = False):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built); ``target="numpy"``: an ``InterpretedModel``,
     the graph run by the reference interpreter behind the same call (``dtype="float64"``: in float64).  ``params`` default to seeded random
@@ -56,13 +58,19 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU); ``checkpoint``: a
     training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``);
     ``dtype="float16"`` or ``"bfloat16"``: the model's weights and activations in that type, its arithmetic in
-    float32 (``passes.precision``)."""
-    from .backends.interpreter import NUMPY, InterpretedModel
-    from .backends.tvm.build import compile_graph
+    float32 (``passes.precision``); ``disable``, ``verify_each``: see ``passes.optimize``."""
+    tgt, dtype, precision = _checked(target, device=device, tuning_db=tuning_db, weight_dtype=weight_dtype,
+                                     dtype=dtype)
+    return _compile(*_graph_of(model), params, tgt, opt_level=opt_level, seed=seed, progress=progress,
+                    tuning_db=tuning_db, weight_dtype=weight_dtype, device=device, checkpoint=checkpoint, dtype=dtype,
+                    precision=precision, disable=disable, verify_each=verify_each)
+
+
+def _checked(target: str, *, device, tuning_db, weight_dtype, dtype):
+    """(the Target or None for the interpreter, the model's dtype, the interpreter's precision or None), the
+    options checked against the target before any work."""
+    from .backends.interpreter import NUMPY
     from .backends.tvm.targets import get_target
-    from .passes import optimize
-    from .passes.precision import params_in, to_dtype
-    from .weights import check_finite, check_params, default_params
     interpreted = target == NUMPY
     tgt = None if interpreted else get_target(target)  # an unknown target fails before any work
     if interpreted:
@@ -83,7 +91,19 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
         raise BuildError(f"target {target} cannot build a model in {dtype}"
                          + (f": {tgt.half_dtypes_note}" if tgt.half_dtypes_note else "")
                          + f"; it builds {', '.join(('float32',) + tgt.half_dtypes)}")
-    graph, module = _graph_of(model)
+    return tgt, dtype, precision if interpreted else None
+
+
+def _compile(graph, module, params, tgt, *, opt_level, seed, progress, tuning_db, weight_dtype, device, checkpoint,
+             dtype, precision, disable=(), verify_each=False):
+    """``compile``'s work once its options are checked: ``tgt`` the Target, or None for the interpreter in
+    ``precision``."""
+    from .backends.interpreter import InterpretedModel
+    from .backends.tvm.build import compile_graph
+    from .passes import optimize
+    from .passes.precision import params_in, to_dtype
+    from .weights import check_finite, check_params, default_params
+    interpreted = tgt is None
     #: where the weights came from when none were given: a checkpoint path, or None (seeded random)
     weights_from = getattr(module, "checkpoint", None) if params is None else None
     if params is not None:  # a user's weights: NaN or inf ones would compute nothing but NaN
@@ -95,7 +115,7 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
         params = params_in(params, graph)
     # the level's passes, then the target's layout passes (reported, as every pass)
     g, report = optimize(graph, opt_level, layout={} if interpreted else tgt.layout_passes(weight_dtype),
-                         checkpoint=checkpoint)
+                         checkpoint=checkpoint, disable=tuple(disable), verify_each=verify_each, seed=seed)
     used = g.params  # a property that walks the graph: once, not per parameter
     params = {k: v for k, v in params.items() if k in used}
     if interpreted:
@@ -118,16 +138,29 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
     if target == "numpy":
         raise BuildError("target numpy is the interpreter: it compiles nothing to write; build for llvm, cuda or "
                          "vulkan, or use attngraph.compile(model, target='numpy')")
+    from .backends.tvm.stamp import build_stamp, weights_identity
     start = time.perf_counter()
+    tgt, dtype, _ = _checked(target, device=None, tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
     with artifact_dir(out_dir):  # held from before the compile: a second build into it fails at once
-        compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                           tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
+        graph, module = _graph_of(model)
+        options = {"target": target, "opt_level": opt_level, "tuning_db": tuning_db,
+                   "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32"}
+        stamp = build_stamp(graph, weights_identity(module, params, seed), options)
+        manifest = up_to_date(out_dir, stamp)
+        if manifest is not None:  # built from the same graph, weights, options, code and CPU: nothing to do
+            manifest["build"] = {"seconds": round(time.perf_counter() - start, 3), "cached": True, "up_to_date": True}
+            return manifest
+        compiled = _compile(graph, module, params, tgt, opt_level=opt_level, seed=seed, progress=progress,
+                            tuning_db=tuning_db, weight_dtype=weight_dtype, device=None, checkpoint=False, dtype=dtype,
+                            precision=None)
         kernels = compiled.kernels
         manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
         manifest["dtype"] = dtype or "float32"
+        if stamp is not None:
+            manifest["stamp"] = stamp
         manifest = write_artifact(out_dir, compiled, kernels, manifest, held=True)
     manifest["build"] = {"seconds": round(time.perf_counter() - start, 3), "cached": kernels.cached,
-                         **{k: round(v, 3) for k, v in kernels.seconds.items()}}
+                         "up_to_date": False, **{k: round(v, 3) for k, v in kernels.seconds.items()}}
     return manifest
 
 
@@ -204,7 +237,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     be in the same places.  ``dtype``: see ``compile``.  ``per_node``: every kernel's result against the
     interpreter's value of the same node; the first that diverges is also run alone on the interpreter's operands, to tell a wrong kernel
     from rounding carried in from earlier nodes.  ``device``: see ``compile`` and ``load``."""
-    from . import reference
+    from .backends.interpreter import InterpretedModel
     from .inputs import InputError, bind_dims, dim_sizes, random_inputs
     start = time.perf_counter()
     if isinstance(model, str) and is_artifact(model):
@@ -235,7 +268,7 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     observe_got = (lambda n, v: got_nodes.__setitem__(n.id, v)) if per_node else None
     observe_want = (lambda n, v: want_nodes.__setitem__(n.id, v)) if per_node else None
     got = compiled(inputs, observe=observe_got)
-    want = reference.run(graph, inputs, params, dtype="float64", observe=observe_want)
+    want = InterpretedModel(graph, params, "float64")(inputs, observe=observe_want)
     report = VerifyReport(name, target, opt_level, bound, verify_outputs(got, want), build=how)
     if per_node:
         for step in compiled.steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -70,10 +71,18 @@ def optimized(graph, opt_level, disable=(), verify_each=False, print_after=None,
     if target:
         from .backends.tvm.targets import get_target
         layout = get_target(target).layout_passes()
-    try:
+    with pass_options():
         return passes.optimize(graph, opt_level or 0, disable=tuple(disable), print_after=print_after,
                                verify_each=verify_each, layout=layout, checkpoint=checkpoint)
-    except passes.PassOptionError as e:
+
+
+@contextlib.contextmanager
+def pass_options():
+    """A pass option the pass manager refuses, as an error of the CLI option that gave it."""
+    from .passes import PassOptionError
+    try:
+        yield
+    except PassOptionError as e:
         hint = {"disable": "--disable-pass", "print_after": "--print-after"}[e.option]
         raise click.BadParameter(str(e), param_hint=hint) from None
 
@@ -217,8 +226,6 @@ def run(model, target, device, output_path, inputs_path, weights_path, seed, dim
     artifacts from a source you trust (as torch.load's documentation says of pickles). The sha256 hashes in its
     manifest detect damage (a truncated or flipped file, a mixed rewrite), not tampering: whoever can rewrite a
     file can rewrite the manifest."""
-    from . import reference
-    from .ir.types import HALF_DTYPES
     if target != "numpy" and not is_artifact(model) and dtype == "float64":
         reject_given(["dtype"], "float64 is the interpreter's precision (--target numpy); compiled code runs float32, "
                                 "float16 or bfloat16")
@@ -228,27 +235,21 @@ def run(model, target, device, output_path, inputs_path, weights_path, seed, dim
         artifact_options(model, ["target", "opt_level", "disable", "verify_each", "dtype"])
         from .api import load
         compiled = load(model, device)
-        _, inputs = prepare(compiled.graph, inputs_path, weights_path, seed, dims, compiled.params,
-                            fits=run_fits(compiled.graph, compiled=compiled))
-        outputs = compiled(inputs)
-        target = None
     else:
-        module = models.get(model)
-        graph = trace(module)
-        if dtype in HALF_DTYPES:
-            from .passes.precision import to_dtype
-            graph = to_dtype(graph, dtype)
-        graph, _ = optimized(graph, opt_level, disable, verify_each)
-        params, inputs = prepare(graph, inputs_path, weights_path, seed, dims, module=module,
-                                 fits=run_fits(graph, planned=target != "numpy", dtype=dtype))
-        if dtype in HALF_DTYPES:
-            from .passes.precision import params_in
-            params = params_in(params, graph)
-    if target == "numpy":
-        outputs = reference.run(graph, inputs, params, dtype="float32" if dtype in HALF_DTYPES else dtype)
-    elif target is not None:
-        from .backends.tvm import compile_graph
-        outputs = compile_graph(graph, params, target, device=device)(inputs)
+        from .api import compile
+        params = None
+        if weights_path:
+            from .weights import check_finite
+            params = load_weights(weights_path)
+            check_finite(params, weights_path)
+        with pass_options():
+            compiled = compile(models.get(model), params, target=target, opt_level=opt_level or 0, seed=seed,
+                               device=device, dtype=dtype, disable=disable, verify_each=verify_each)
+    interpreted = compiled.target == "numpy"
+    _, inputs = prepare(compiled.graph, inputs_path, None, seed, dims, compiled.params,
+                        fits=run_fits(compiled.graph, compiled=None if interpreted else compiled,
+                                      dtype=getattr(compiled, "precision", "float32")))
+    outputs = compiled(inputs)
     for name, value in outputs.items():
         finite = value[np.isfinite(value)] if value.dtype.kind == "f" else value
         stats = f"mean {finite.mean():.6g}, min {finite.min():.6g}, max {finite.max():.6g}" if finite.size else "no finite values"

@@ -5,7 +5,6 @@ Registered in ``attngraph.cli`` with ``main.add_command(generate)``."""
 from __future__ import annotations
 
 import functools
-import tempfile
 import time
 
 import click
@@ -18,8 +17,8 @@ from .generate import (
     DecoderInfo,
     MANIFEST,
     GenerationError,
-    InterpreterStepper,
     beam_search,
+    compile_entries,
     check_search,
     greedy_search,
     is_generation_dir,
@@ -145,12 +144,13 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
             if weight_dtype != "float32":
                 raise click.BadParameter("--weight-dtype applies to a compile target, not numpy",
                                          param_hint="--weight-dtype")
-            stepper = InterpreterStepper(module, params, cache_len, precision=dtype)
-        else:
-            out_dir = save_dir or tempfile.mkdtemp(prefix="attngraph-generate-")
-            CompiledStepper.build(module, params, out_dir, target, cache_len=cache_len, weight_dtype=weight_dtype,
+        if save_dir:
+            CompiledStepper.build(module, params, save_dir, target, cache_len=cache_len, weight_dtype=weight_dtype,
                                   dtype=dtype)
-            stepper = CompiledStepper(out_dir)
+            stepper = CompiledStepper(save_dir)
+        else:
+            stepper = compile_entries(module, params, target, cache_len=cache_len, weight_dtype=weight_dtype,
+                                      dtype=dtype)
     ready = time.perf_counter()
     if beam == 1:
         results = [[h] for h in greedy_search(stepper, sources, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha)]

@@ -156,10 +156,8 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
 @functools.partial(user_errors, extra=(GenerationError,))
 def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
     """Translate a set with the model attngraph train wrote to DIRECTORY; print exact match and BLEU."""
-    import tempfile
-
     from .commands_generate import trained_model
-    from .generate import CompiledStepper, InterpreterStepper, beam_search, greedy_search
+    from .generate import beam_search, compile_entries, greedy_search
     from .train import data as D
     from .train.metrics import corpus_bleu, exact_match
     from .train.trainer import is_training_dir, load_run
@@ -198,12 +196,7 @@ def evaluate(directory, task, data, beam, max_len, limit, target, show_errors):
     if not pairs:
         raise click.ClickException(f"{what}: no pair left to evaluate")
     cache_len = min(max_len + 1, module.max_len)
-    if target == "numpy":
-        stepper = InterpreterStepper(module, params, cache_len)
-    else:
-        out = tempfile.mkdtemp(prefix="attngraph-evaluate-")
-        CompiledStepper.build(module, params, out, target, cache_len=cache_len)
-        stepper = CompiledStepper(out)
+    stepper = compile_entries(module, params, target, cache_len=cache_len)
     hyps = []
     for start in range(0, len(sources), 64):
         chunk = sources[start:start + 64]

@@ -84,8 +84,9 @@ def device_source(out_dir: str, manifest: dict) -> str:
 def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype, dtype):
     """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
     (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
-    'attngraph run DIR', check it with 'attngraph verify DIR'.  An unchanged rebuild comes from the
-    compile cache ($ATTNGRAPH_CACHE).  A GPU target compiles without its GPU; running needs it.
+    'attngraph run DIR', check it with 'attngraph verify DIR'.  A rebuild of an unchanged DIR (the same model,
+    weights, options, attngraph, TVM and CPU; its files whole) does nothing; other kernels already compiled come
+    from the compile cache ($ATTNGRAPH_CACHE).  A GPU target compiles without its GPU; running needs it.
 
     One build writes DIR at a time (another fails at once), each file replaced whole, the manifest last; a
     directory holding other files is refused.
@@ -108,10 +109,16 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
                              tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
     b = manifest["build"]
-    how = "from the compile cache" if b["cached"] else \
-        f"lowering {b.get('lower', 0):.1f} s, compile {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
-    click.echo(f"built {manifest['model']} for {target} at -O{opt_level} in {b['seconds']:.1f} s ({how}): "
-               f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> {out_dir}")
+    if b["up_to_date"]:
+        click.echo(f"{out_dir} is up to date: {manifest['model']} for {target} at -O{opt_level}, built from the same "
+                   f"graph, weights, options, code and CPU (checked in {b['seconds']:.1f} s): "
+                   f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels")
+    else:
+        how = "from the compile cache" if b["cached"] else \
+            f"lowering {b.get('lower', 0):.1f} s, compile {b.get('compile', 0):.1f} s, link {b.get('link', 0):.1f} s"
+        click.echo(f"built {manifest['model']} for {target} at -O{opt_level} in {b['seconds']:.1f} s ({how}): "
+                   f"{len(manifest['kernel_plan'])} kernel calls, {len(manifest['kernels'])} distinct kernels -> "
+                   f"{out_dir}")
     plan = manifest.get("memory_plan")
     if plan:
         dims = ", ".join(f"{k}={v}" for k, v in plan["dims"].items())

@@ -11,8 +11,9 @@ A model that generates has entries beside ``forward`` (see ``attngraph.nn.cache`
 
 The search runs in Python over a ``Stepper``: ``encode``, ``step``, ``reorder`` and ``expand``. The
 stepper owns the decoding state (caches, cross keys/values), so a compiled stepper keeps it where
-the kernels run and only the log-probs come back to the host.  ``InterpreterStepper`` runs the
-traced entries on the reference interpreter; ``CompiledStepper`` runs one built artifact per entry.
+the kernels run and only the log-probs come back to the host.  ``compile_entries`` compiles each entry in
+memory for any target (``numpy``: the reference interpreter; ``InterpreterStepper``: the entries as traced,
+the oracle); ``CompiledStepper`` builds and runs one artifact per entry.
 
 Length penalty: GNMT's ``((5 + len) / 6) ** alpha`` (Wu et al., 2016), which the Transformer paper
 used with alpha 0.6; ``len`` counts the generated tokens, EOS included.
@@ -184,23 +185,31 @@ def _entry(model) -> Entry:
     return lambda inputs: model(inputs, keep=state)
 
 
-class InterpreterStepper(EntryStepper):
-    """Decode steps on the reference interpreter (``compile(target="numpy")`` of each entry as traced: float32, or
-    float64 for checking).  ``precision``: the model in float16 or bfloat16 (``passes.precision.to_dtype``: the
-    interpreter rounds each value as a build stores it)."""
+def compile_entries(model, params: Mapping[str, np.ndarray], target: str = "numpy", *, cache_len: int | None = None,
+                    opt_level: int = 3, dtype: str | None = None, weight_dtype: str | None = None,
+                    device: str | None = None) -> EntryStepper:
+    """A stepper over ``model``'s entries, each compiled in memory by ``attngraph.compile`` for ``target`` (numpy:
+    the reference interpreter; ``dtype="float64"`` there: the float64 oracle of the compiled steppers), with
+    caches of ``cache_len`` positions.  ``dtype``: float16 or bfloat16, the model (its caches and encoder memory
+    too) in that type; ``weight_dtype``, ``device``: see ``attngraph.compile``.  ``stepper.models`` are the
+    compiled entries."""
+    from .api import compile
+    graphs = trace_entries(model, cache_len)
+    info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
+    compiled = {m: compile(g, {k: params[k] for k in g.params}, target=target, opt_level=opt_level, dtype=dtype,
+                           weight_dtype=weight_dtype, device=device) for m, g in graphs.items()}
+    stepper = EntryStepper(info, {m: _entry(c) for m, c in compiled.items()}, dtype or "float32")
+    stepper.models = compiled
+    return stepper
 
-    def __init__(self, model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32",
-                 precision: str | None = None):
-        from .backends.interpreter import InterpretedModel
-        from .passes.precision import params_in, to_dtype
-        graphs = trace_entries(model, cache_len)
-        info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
-        half = precision not in (None, "float32")
-        if half:
-            graphs = {m: to_dtype(g, precision) for m, g in graphs.items()}
-        self.models = {m: InterpretedModel(g, params_in({k: params[k] for k in g.params}, g), dtype)
-                       for m, g in graphs.items()}
-        super().__init__(info, {m: _entry(model) for m, model in self.models.items()}, precision if half else dtype)
+
+def InterpreterStepper(model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32",
+                       precision: str | None = None) -> EntryStepper:
+    """Decode steps on the reference interpreter, each entry run as traced (``compile_entries`` at ``-O0`` for
+    target numpy): in ``dtype`` (float32, or float64 for checking), or the model in ``precision`` (float16,
+    bfloat16: the interpreter rounds each value as a build stores it)."""
+    return compile_entries(model, params, "numpy", cache_len=cache_len, opt_level=0,
+                           dtype=precision if precision not in (None, "float32") else dtype)
 
 
 class CompiledStepper(EntryStepper):
@@ -488,5 +497,6 @@ def generate(stepper: Stepper, sources: Sequence[Sequence[int]], *, beam: int = 
 
 
 __all__ = ["GenerationError", "DecoderInfo", "Stepper", "EntryStepper", "InterpreterStepper", "CompiledStepper",
+           "compile_entries",
            "trace_entries", "is_generation_dir", "Hypothesis", "length_penalty", "check_tokens", "greedy_search",
            "beam_search", "generate", "search_bytes", "check_search"]

@@ -69,7 +69,7 @@ def test_only_float32_models_convert_to_a_half_type():
 # -- every op's lowering computes in float32 from half-precision operands -------------------------------
 
 HALF_CASES = [c for c in CASES if any(t.dtype == "float32" for t in c[2]) and not c[1].get("dtype") == "float64"
-              and c[0] not in ("pack_panels", "linear_packed")]
+              and c[0] not in ("pack_panels", "linear_packed", "swiglu_packed")]
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -169,7 +169,7 @@ def test_run_in_half_precision_on_the_interpreter_and_compiled():
 
     from attngraph.cli import main
     r = CliRunner().invoke(main, ["run", "encoder-tiny", "--dtype", "float16"])
-    assert r.exit_code == 0 and "y: float32[2, 16, 32]" in r.output, r.output  # half values held in float32
+    assert r.exit_code == 0 and "y: float16[2, 16, 32]" in r.output, r.output  # in the type, as a build gives it
     r = CliRunner().invoke(main, ["run", "encoder-tiny", "--dtype", "float16", "--target", "llvm"])
     assert r.exit_code == 0 and "y: float16[2, 16, 32]" in r.output, r.output
 

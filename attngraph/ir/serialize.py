@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from .graph import Graph, Node
@@ -60,3 +62,16 @@ def from_json(obj: dict, arrays) -> Graph:
     g._next_id = max(g.nx.nodes, default=-1) + 1
     g.validate()
     return g
+
+
+def canonical(value):
+    """A stable JSON-able form of an attribute or metadata value (arrays by content), for hashing."""
+    if isinstance(value, np.ndarray):
+        return ["ndarray", value.dtype.str, list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, float):
+        return repr(value)  # exact: 1/sqrt(8) must not round to the same key as a nearby scale
+    return value if isinstance(value, (int, str, bool, type(None))) else str(value)

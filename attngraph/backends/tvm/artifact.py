@@ -335,6 +335,22 @@ def _check_elf(file: str, name: str, path: str, rebuild: str) -> None:
             refuse("no loadable segment")
 
 
+def up_to_date(path: str, stamp: str | None) -> dict | None:
+    """The manifest of the artifact in ``path`` when it was built with ``stamp`` (``stamp.build_stamp``) and every
+    file it lists is whole (its size and sha256), else None: the build must run."""
+    if stamp is None:
+        return None
+    manifest = dirfiles.our_json(os.path.join(path, "manifest.json"), ("format", "files"))
+    if manifest is None or manifest.get("format") != FORMAT or manifest.get("stamp") != stamp:
+        return None
+    try:
+        _check_names(path, manifest, manifest.get("library", "kernels.so"), "")
+        _check_files(path, manifest)
+    except (ArtifactError, OSError):
+        return None
+    return manifest
+
+
 def load_artifact(path: str, device: str | None = None) -> CompiledModel:
     """The compiled model in ``path``: ``model(inputs) -> outputs`` (NumPy arrays by name), with
     ``model.graph``, ``model.params`` and ``model.manifest``.  ``device``: another device than the

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
+from ...ir.serialize import canonical
 
 #: The code that decides what a kernel compiles to: every file of this package (lowering, schedules,
 #: hand kernels, targets) and of the IR (the ops' meaning, the masks' one definition); editing one
@@ -29,19 +29,6 @@ def cache_root() -> str | None:
     """The cache directory, or None when caching is off."""
     root = os.environ.get("ATTNGRAPH_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "attngraph"))
     return None if root.lower() in ("off", "0", "none", "") else root
-
-
-def _canonical(value):
-    """A stable, hashable text form of an attribute value (arrays by content)."""
-    if isinstance(value, np.ndarray):
-        return ["ndarray", value.dtype.str, list(value.shape), hashlib.sha256(value.tobytes()).hexdigest()]
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _canonical(v) for k, v in sorted(value.items())}
-    if isinstance(value, float):
-        return repr(value)  # exact: 1/sqrt(8) must not round to the same key as a nearby scale
-    return value if isinstance(value, (int, str, bool, type(None))) else str(value)
 
 
 @functools.lru_cache(maxsize=1)
@@ -61,7 +48,7 @@ def code_fingerprint() -> str:
 
 def module_key(kernels: list[tuple], target: str, extra: str = "") -> str:
     """The cache key of a module made of ``kernels`` (each ``(name, op, attrs, in_types, out_type)``)."""
-    items = [[name, op, _canonical(attrs), [str(t) for t in ins], str(out)] for name, op, attrs, ins, out in kernels]
+    items = [[name, op, canonical(attrs), [str(t) for t in ins], str(out)] for name, op, attrs, ins, out in kernels]
     text = json.dumps({"kernels": items, "target": target, "code": code_fingerprint(), "extra": extra},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -14,7 +14,7 @@ from ...ir import Graph, TensorType
 from ...ir.ops import DIM_ATTRS
 from ...passes.memory import SOURCE_OPS, VIEW_OPS, weights_only
 from .. import BuildError
-from .cache import _canonical
+from ...ir.serialize import canonical
 
 #: The form of an ``update_slice`` kernel that writes only the new entries, into the cache it is
 #: given as output (the executor passes the donated cache input as both).
@@ -54,7 +54,7 @@ def kernel_nodes(g: Graph, constant: set[int] | None = None) -> list[int]:
 
 
 def _dedup_key(op, attrs, in_types, out_type) -> str:
-    return json.dumps([op, _canonical(attrs), [str(t) for t in in_types], str(out_type)], sort_keys=True)
+    return json.dumps([op, canonical(attrs), [str(t) for t in in_types], str(out_type)], sort_keys=True)
 
 
 def plan_kernels(g: Graph) -> tuple[list[KernelSpec], dict[int, str]]:

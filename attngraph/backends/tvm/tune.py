@@ -68,8 +68,8 @@ def _static_module(spec: KernelSpec, sizes: dict):
 
 
 def _record_key(spec: KernelSpec, sizes: dict) -> str:
-    from .cache import _canonical
-    text = json.dumps([spec.op, _canonical(spec.attrs), [str(t) for t in spec.in_types], str(spec.out_type),
+    from ...ir.serialize import canonical
+    text = json.dumps([spec.op, canonical(spec.attrs), [str(t) for t in spec.in_types], str(spec.out_type),
                        _sizes_key(spec, sizes)], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
