@@ -105,6 +105,8 @@ CASES = [
     # the llvm target's own ops (weights in column panels)
     ("pack_panels", {"width": 16}, [T(8, 20)]),
     ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),
+    ("swiglu_packed", {"n": 16}, [X, T(2, 8, 16), T(32)]),
+    ("swiglu_packed", {"n": 16, "gate": 1}, [X, T(2, 8, 16)]),
 ]
 
 

@@ -190,6 +190,23 @@ def test_few_rows_forms_match(layout):
     check("linear_packed", {"n": 40}, [x, w], sizes)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_gated_projection_in_every_form(isa):
+    # SwiGLU's gate in the projection's write back: the gate's panels then the value's, 32 columns each (whole
+    # panels), with and without a bias; every form, at 1 to 45 rows, with both instruction sets' tiles
+    tiles = {"avx2": AVX2, "avx512": AVX512}[isa]
+    x = T(("batch", "seq", 24), "float32")
+    w = T((4, 24, 16), "float32")
+    sizes = [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}]
+    check("swiglu_packed", {"n": 32}, [x, w, T((64,), "float32")], sizes, tiles=tiles)
+    check("swiglu_packed", {"n": 32, "gate": 1}, [x, w], sizes, tiles=tiles)
+    check("swiglu_packed", {"n": 32}, [x, w], sizes, form=FEW_ROWS, tiles=tiles)
+    if tiles.one_row:
+        check("swiglu_packed", {"n": 32}, [x, w], sizes, form=ONE_ROW, tiles=tiles)
+    check("swiglu_packed", {"n": 32}, [T(("batch", "seq", 24), "float64"), T((4, 24, 16), "float64")], sizes[:2],
+          tiles=tiles)
+
+
 def test_tiles_follow_the_vector_instruction_set():
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is AVX2
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) is AVX512

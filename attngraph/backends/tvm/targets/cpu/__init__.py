@@ -12,7 +12,7 @@ import functools
 from .... import ArtifactError, BuildError, DeviceUnavailable
 from ..base import RUNTIME_ONLY, Target, compiler_loaded
 from . import isa
-from .layout import pack_weights
+from .layout import gate_projections, pack_weights
 from .tiles import PANEL_WIDTH, cpu_tiles
 
 #: The dtypes projection weights may be stored in (``weight_dtype``); None keeps the graph's.
@@ -65,7 +65,8 @@ class LLVMTarget(Target):
         if weight_dtype not in (None, *WEIGHT_DTYPES):
             raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         dtype = None if weight_dtype == "float32" else weight_dtype
-        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype)}
+        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype),
+                  "gate-projections": lambda g: gate_projections(g, PANEL_WIDTH)}
         return {**passes, **super().layout_passes()}
 
     def open_device(self, path, device=None):

@@ -13,7 +13,9 @@ Kernels (float32 and float64):
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
 - batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a
   sum over K of a[k] * b[k, :], vectorized along N.
-- ``linear_packed``: the same over weights packed in column panels when the weights are bound.
+- ``linear_packed``: the same over weights packed in column panels when the weights are bound;
+  ``swiglu_packed`` (SwiGLU's gate and value in one projection): both halves' products in one register tile,
+  ``silu(gate) * value`` in the write back.
 - ``weight_grad`` (x^T g over the positions: a projection's weight gradient): register tiles of the static
   output, a loop over the positions of rank-1 updates from two contiguous rows.
 - ``scatter_add`` (an embedding's gradient): a loop over the positions adding rows, column strips in parallel.
@@ -56,7 +58,7 @@ def _same_float(spec, tiles=None) -> bool:
     """A float kernel over operands of its own type (``linear_packed`` may read narrower weight panels)."""
     t = spec.in_types
     return t[0].dtype == spec.out_type.dtype and (len(t) < 2 or t[1].dtype == spec.out_type.dtype
-                                                  or spec.op == "linear_packed")
+                                                  or spec.op in ("linear_packed", "swiglu_packed"))
 
 
 def _on_last_axis(spec, tiles=None) -> bool:
@@ -74,6 +76,20 @@ def _attention(block_of):
         return attention(spec.attrs, list(spec.in_types), spec.out_type, dv, block=block_of(tiles),
                          lanes=tiles.attention[1])
     return build
+
+
+def _swiglu(spec, dv, tile: tuple) -> tirx.PrimFunc:
+    """``swiglu_packed`` as the gated dense kernel, its register tile holding as many accumulators as ``tile``'s
+    (rows, columns) does for a plain projection: half the columns, else half the rows."""
+    rows, columns = tile
+    tile = (rows, columns // 2) if columns >= 2 * TILE_N else (max(1, rows // 2), columns)
+    return dense(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 3, activation="none",
+                 packed=True, tile_m=tile[0], tile_n=tile[1], gated=True, gate_half=spec.attrs["gate"])
+
+
+def _is_gated(spec, tiles=None) -> bool:
+    """``swiglu_packed`` over panels of PANEL_WIDTH whose halves are whole panels each."""
+    return _same_float(spec) and _is_packed_dense(spec.in_types) and spec.attrs["n"] % PANEL_WIDTH == 0
 
 
 #: The llvm target's hand-scheduled kernels (``table.KernelTable``; ``ctx`` is the CPU's ``tiles``), asked in
@@ -104,6 +120,8 @@ KERNELS = KernelTable(
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.dense,
                                                prefetch=tiles.prefetch),
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_packed_dense(spec.in_types)),
+    Row("projection with SwiGLU's gate in the write back", ("swiglu_packed",),
+        lambda spec, dv, tiles: _swiglu(spec, dv, tiles.dense), dtypes=FLOATS, guard=_is_gated),
     Row("attention: blocks of query rows", ("fused_attention",), _attention(lambda tiles: tiles.attention[0]),
         dtypes=FLOATS, guard=_same_float),
     Row("attention backward: blocks of rows", ("attention_lse", "attention_grad_q", "attention_grad_kv"),
@@ -125,6 +143,10 @@ KERNELS = KernelTable(
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.one_row),
         dtypes=FLOATS, guard=lambda spec, tiles: bool(tiles.one_row) and _is_packed_dense(spec.in_types),
         form=ONE_ROW),
+    Row("gated projection: a few rows", ("swiglu_packed",), lambda spec, dv, tiles: _swiglu(spec, dv, tiles.few_rows),
+        dtypes=FLOATS, guard=_is_gated, form=FEW_ROWS),
+    Row("gated projection: one row", ("swiglu_packed",), lambda spec, dv, tiles: _swiglu(spec, dv, tiles.one_row),
+        dtypes=FLOATS, guard=lambda spec, tiles: bool(tiles.one_row) and _is_gated(spec), form=ONE_ROW),
 )
 
 
@@ -181,7 +203,8 @@ def _register_tiles(sch, rows: int, columns: int):
 
 
 def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
-          packed: bool = False, tile_m: int = TILE_M, tile_n: int = TILE_N, prefetch: bool = False) -> tirx.PrimFunc:
+          packed: bool = False, tile_m: int = TILE_M, tile_n: int = TILE_N, prefetch: bool = False,
+          gated: bool = False, gate_half: int = 0) -> tirx.PrimFunc:
     """activation(x @ W [+ b]) for x (..., K) and W (K, N), leading dims of x flattened into M.
 
     Loop nest: N panels of TILE_N columns in parallel; in each, the K x TILE_N panel of W is packed
@@ -194,8 +217,12 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     ``prefetch`` (packed, K a multiple of ``PREFETCH_EVERY``): each row block also prefetches a stretch of the
     next column tile's weights (``_prefetch_next_tile``), so the worker's next tile does not start on
     weights cold from memory.
+    ``gated`` (``swiglu_packed``, packed, N a whole number of panels): W has 2N columns in two halves, the gate's
+    the first or (``gate_half=1``) the second; the register tile holds both halves' products for its N columns
+    (``tile_m`` x 2 x ``tile_n``), and the write back is ``silu(gate) * value``.
     """
     assert packed or tile_n == TILE_N, "per-call packing makes panels of the tile's width"
+    assert not gated or (packed and activation == "none"), "the gate reads packed panels, no other activation"
     x_t, w_t = in_types[0], in_types[1]
     dtype = out_type.dtype
     lead = dim_vars.shape(x_t.shape[:-1])
@@ -203,14 +230,15 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     M = lead[0]
     for d in lead[1:]:
         M = M * d
-    panels = (N + TILE_N - 1) // TILE_N
+    panels = (N + TILE_N - 1) // TILE_N  # gated: of each half
     n_pad = (N + tile_n - 1) // tile_n * tile_n  # whole register tiles; reads past the last panel are clamped
     m_pad = M + (tile_m - 1)  # room for the last, partial row tile
     # Flat 2-D views for the compute; the parameters get their N-D shapes back at the end.
     X = te.placeholder((M, _i64(K)), dtype, name="in0")
-    B = te.placeholder((_i64(N),), dtype, name="in2") if bias else None
+    halves = 2 if gated else 1
+    B = te.placeholder((_i64(halves * N),), dtype, name="in2") if bias else None
     if packed:
-        W = panel = te.placeholder((_i64(panels), _i64(K), _i64(TILE_N)), w_t.dtype, name="in1")
+        W = panel = te.placeholder((_i64(halves * panels), _i64(K), _i64(TILE_N)), w_t.dtype, name="in1")
     else:
         W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
         panel = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
@@ -222,10 +250,24 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     else:
         def w_at(n):
             return panel[n // TILE_N, k, n % TILE_N].astype(dtype)
-    acc = te.compute((m_pad, _i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
-                     name="acc")
+    if gated:  # half h of column n: panel h * panels + n // TILE_N
+        def w_half(h, n):
+            return panel[h * _i64(panels) + tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N].astype(dtype)
+        acc = te.compute((m_pad, _i64(2), _i64(n_pad)),
+                         lambda m, h, n: te.sum(X[tirx.min(m, M - 1), k] * w_half(h, n), axis=k), name="acc")
+    else:
+        acc = te.compute((m_pad, _i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
+                         name="acc")
     act = ACTIVATIONS[activation]
-    if bias:
+    if gated:
+        def half(m, h, n):
+            return acc[m, h, n] + B[h * _i64(N) + n] if bias else acc[m, h, n]
+
+        def gate(m, n):
+            g = half(m, gate_half, n)
+            return g * tirx.sigmoid(g) * half(m, 1 - gate_half, n)
+        out = te.compute((M, _i64(N)), gate, name="out")
+    elif bias:
         out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n]), name="out")
     else:
         out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n]), name="out")
@@ -234,7 +276,15 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     sch = s_tir.Schedule(f)
     no, mo, ni, ab = _register_tiles(sch, tile_m, tile_n)
     ob = sch.get_sblock("out")
-    if tile_m > 1:
+    if gated:  # the halves' loop beside the rows', both unrolled: every accumulator in a register
+        loops = sch.get_loops(ab)
+        am, ah, an, ak = loops[-4:] if tile_m > 1 else (None, *loops[-3:])
+        sch.reorder(ak, *([am] if am is not None else []), ah, an)
+        for loop in (am, ah):
+            if loop is not None:
+                sch.unroll(loop)
+        prefetch = False
+    elif tile_m > 1:
         am, an, ak = sch.get_loops(ab)[-3:]
         sch.reorder(ak, am, an)
         sch.unroll(am)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .....ir import Graph
 from .....passes.memory import weights_only
-from .....passes.rewrite import replace
+from .....passes.rewrite import only_used_by, remove_dead, replace
 from . import ops  # noqa: F401  (registers pack_panels and linear_packed)
 from .tiles import PANEL_WIDTH
 
@@ -41,4 +41,73 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None):
         replace(g, nid, "linear_packed", [x, packed[w]] + bias, attrs)
         g.remove(nid)
         matches += 1
+    return matches, misses
+
+
+#: ``fused_elementwise`` programs that are ``silu(gate) * value`` of its two operands: (program, gate's operand)
+_GATED = {(("silu", (0,), ()), ("mul", (2, 1), ())): 0, (("silu", (0,), ()), ("mul", (1, 2), ())): 0,
+          (("silu", (1,), ()), ("mul", (2, 0), ())): 1, (("silu", (1,), ()), ("mul", (0, 2), ())): 1}
+
+
+def _gate_and_value(g: Graph, nid: int):
+    """(gate, value) when node ``nid`` is ``silu(gate) * value`` (one fused elementwise kernel, or a ``mul`` of a
+    ``silu`` that nothing else reads), else None."""
+    n = g.node(nid)
+    if n.op == "fused_elementwise" and len(g.operands(nid)) == 2:
+        gate = _GATED.get(tuple((op, tuple(args), tuple(a)) for op, args, a in n.attrs["program"]))
+        if gate is None:
+            return None
+        operands = g.operands(nid)
+        return operands[gate], operands[1 - gate]
+    if n.op == "mul":
+        for i, s in enumerate(g.operands(nid)):
+            if g.node(s).op == "silu" and only_used_by(g, s, nid):
+                return g.operands(s)[0], g.operands(nid)[1 - i]
+    return None
+
+
+def _half_of(g: Graph, nid: int):
+    """(projection, which half: 0 or 1, width) when ``nid`` is the first or second half of a packed projection's
+    last axis, else None."""
+    n = g.node(nid)
+    if n.op != "slice" or n.attrs["axis"] not in (-1, n.type.rank - 1) or n.attrs.get("step", 1) != 1:
+        return None
+    (p,) = g.operands(nid)
+    if g.node(p).op != "linear_packed" or g.node(p).attrs["activation"] != "none":
+        return None
+    both, start, stop = g.node(p).attrs["n"], n.attrs["start"], n.attrs["stop"]
+    if not (isinstance(both, int) and both % 2 == 0 and stop - start == both // 2 and start in (0, both // 2)):
+        return None
+    return p, start // (both // 2), both // 2
+
+
+def gate_projections(g: Graph, width: int = PANEL_WIDTH):
+    """``silu(P[..., :n]) * P[..., n:]`` (or the gate the second half) of one packed projection ``P`` (SwiGLU's gate
+    and value, merged into one projection by ``merge-projections``) -> ``swiglu_packed(x, panels; n, gate)``: the gate applied as the kernel writes
+    the product back, neither half written out.  Guard: the projection and its halves read by the gate alone, and
+    n a whole number of panels (the kernel keeps a gate panel and its value panel in one register tile)."""
+    matches, misses = 0, []
+    for nid in list(g.topo_order()):
+        if nid not in g.nx:  # removed with a gate rewritten before it
+            continue
+        pair = _gate_and_value(g, nid)
+        if pair is None:
+            continue
+        halves = [_half_of(g, s) for s in pair]
+        name = f"%{g.node(nid).name}"
+        if None in halves or halves[0][0] != halves[1][0] or halves[0][1] == halves[1][1]:
+            continue  # not the two halves of one projection: another silu * x
+        p, _, n = halves[0]
+        if not all(only_used_by(g, s, nid) for s in pair) or sorted(u for u, _ in g.uses(p)) != sorted(pair) \
+                or g.is_output(p):
+            misses.append(f"{name}: the projection %{g.node(p).name} or its halves are read elsewhere (a training "
+                          f"step's backward); not gated in the kernel")
+            continue
+        if n % width:
+            misses.append(f"{name}: {n} columns are not a whole number of {width}-column panels; not gated in the "
+                          f"kernel")
+            continue
+        replace(g, nid, "swiglu_packed", g.operands(p), {"n": n, "gate": halves[0][1]})
+        matches += 1
+    remove_dead(g)
     return matches, misses

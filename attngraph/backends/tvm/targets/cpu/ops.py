@@ -69,6 +69,29 @@ def linear_packed(x, w, b=None, *, activation="none", n=None):
 
 
 
+def _infer_swiglu_packed(types, attrs):
+    n = attrs["n"]
+    if not isinstance(n, int) or n < 1:
+        raise ShapeError(f"swiglu_packed: n must be a positive int, got {n!r}")
+    if attrs.get("gate", 0) not in (0, 1):
+        raise ShapeError(f"swiglu_packed: gate is the half holding the gate, 0 or 1, got {attrs['gate']!r}")
+    both = _infer_linear_packed(types, {"activation": "none", "n": 2 * n})
+    return TensorType(both.shape[:-1] + (n,), both.dtype)
+
+
+def _swiglu_flops(attrs, in_shapes, out_shape) -> int:
+    return 2 * O.contraction_flops(attrs, in_shapes, out_shape)  # the gate's product and the value's
+
+
+@op("swiglu_packed", FUSED, None, _infer_swiglu_packed, flops=_swiglu_flops, n=None, gate=0)
+def swiglu_packed(x, w, b=None, *, n=None, gate=0):
+    """LLaMA's gated projection over packed panels: ``h = x @ W + b`` (W (K, 2n): two halves of n columns, the
+    gate's the first (``gate=0``) or the second (``gate=1``)), ``silu(gate half) * the other half``, the gate
+    applied as the product is written back."""
+    h = linear_packed(x, w, b, n=2 * n)
+    halves = h[..., :n], h[..., n:]
+    return (O.get("silu").ref(halves[gate]) * halves[1 - gate]).astype(x.dtype)
+
 
 # The lowerings import TVM when they run: this module also loads where only TVM's runtime is (an artifact).
 
@@ -95,3 +118,25 @@ def _linear_packed(c):
     y = te.compute(c.shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
                                               axis=k), name=f"{c.name}_mm")
     return epilogue(c, y, c.xs[2] if len(c.xs) == 3 else None)
+
+
+@lowering("swiglu_packed")
+def _swiglu_packed(c):
+    from tvm import te, tirx
+
+    x, w = c.xs[0], c.xs[1]
+    n, width = c.attrs["n"], int(w.shape[2])
+    k = te.reduce_axis((0, w.shape[1]), name="k")
+    shape = tuple(c.shape[:-1]) + (2 * n,)
+    h = te.compute(shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
+                                            axis=k), name=f"{c.name}_mm")
+    if len(c.xs) == 3:
+        b = c.xs[2]
+        h = te.compute(shape, lambda *i: h[i] + b[i[-1]], name=f"{c.name}_bias")
+
+    first = c.attrs["gate"] * n  # the gate's first column
+
+    def gated(*i):
+        gate = h[i[:-1] + (i[-1] + first,)]
+        return gate * tirx.sigmoid(gate) * h[i[:-1] + (i[-1] + n - first,)]
+    return te.compute(c.shape, gated, name=c.name)
