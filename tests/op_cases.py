@@ -31,7 +31,7 @@ CASES = [
     ("gelu", {}, [X]), ("gelu", {"approximate": "tanh"}, [X]),
     ("cast", {"dtype": "float32"}, [T("b", "s", 8, dtype=BOOL)]), ("cast", {"dtype": "float64"}, [X]),
     ("add", {}, [X, T(8)]), ("sub", {}, [X, T("b", 1, 8)]), ("mul", {}, [X, T()]), ("div", {}, [X, T("s", 1)]),
-    ("maximum", {}, [X, X]),
+    ("maximum", {}, [X, X]), ("minimum", {}, [X, T("s", 1)]), ("pow", {}, [X, T(8)]), ("abs", {}, [X]),
     ("eq", {}, [T("b", "s", dtype=I64), T(dtype=I64)]), ("ne", {}, [X, X]), ("lt", {}, [X, T(8)]),
     ("le", {}, [X, X]), ("gt", {}, [X, T()]), ("ge", {}, [X, X]),
     ("logical_and", {}, [T("b", "s", dtype=BOOL), T("s", dtype=BOOL)]),
@@ -54,6 +54,10 @@ CASES = [
     ("scaled_masked_softmax", {"scale": 0.5, "mask_kinds": ("additive", "keep", "drop")},
      [T("b", 2, "s", "s"), T("b", 1, 1, "s"), T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
     ("fused_attention", {"scale": 0.5}, [T("b", 2, "s", 4)] * 3),
+    # grouped-query attention: 4 query heads, 2 key/value heads (query head j reads head j // 2)
+    ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep",)}, [T("b", 4, "s", 4), T("b", 2, "s", 4),
+                                                                  T("b", 2, "s", 4), T("s", "s", dtype=BOOL)]),
+    ("fused_attention", {"scale": 0.5, "layout": "bshd"}, [T("b", "s", 6, 4), T("b", "s", 2, 4), T("b", "s", 2, 4)]),
     ("fused_attention", {"scale": 0.5, "mask_kinds": ("keep", "drop"), "layout": "bshd"},
      [T("b", "s", 2, 4)] * 3 + [T("s", "s", dtype=BOOL), T("b", 1, 1, "s", dtype=BOOL)]),
     ("fused_attention", {"scale": 0.3, "mask_kinds": ("additive",)},
@@ -90,6 +94,7 @@ CASES = [
     ("scatter_add", {}, [T("b", "s", dtype=I64), X, T(10, 8)]),
     ("scatter_add", {}, [T("s", dtype=I64), T("s", 32), T(10, 32)]),
     ("broadcast_like", {}, [T("s", 1), X]), ("broadcast_like", {}, [T(), T("b", "s")]),
+    ("broadcast_to", {"shape": ("b", -1, 3, 8)}, [T("s", 1, 8)]), ("broadcast_to", {"shape": ("b", "s")}, [T()]),
     ("dropout", {"p": 0.3, "salt": 5}, [X, T(dtype=I64)]), ("dropout", {"p": 0.1, "salt": 1}, [T("b", "s"), T(dtype=I64)]),
     ("cross_entropy", {"label_smoothing": 0.1, "ignore_index": 0}, [X, T("b", "s", dtype=I64)]),
     ("cross_entropy", {"log_probs": True}, [X, T("b", "s", dtype=I64)]),
@@ -131,7 +136,7 @@ def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
             return np.array(rng.integers(0, 2 ** 31))
         return rng.integers(0, 3, shape)
     x = rng.standard_normal(shape).astype(t.dtype)
-    return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt") else x
+    return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt", "pow") else x
 
 
 def case_operands(case, attrs: dict, sizes: dict, rng) -> list[np.ndarray]:

@@ -209,6 +209,32 @@ def test_pack_weights_packs_each_weight_once_and_keeps_the_meaning(tiny_graph):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-12, atol=1e-12)
 
 
+class Unshifted(nn.Module):
+    """``e = s.exp(); e / e.sum(-1, keepdim=True)`` over scores masked with finfo.min."""
+
+    def input_specs(self):
+        return {"s": nn.InputSpec((2, 5)), "pad": nn.InputSpec((2, 5), "bool")}
+
+    def forward(self, s, pad):
+        e = s.masked_fill(pad, float(np.finfo(np.float32).min)).exp()
+        return e / e.sum(-1, keepdim=True)
+
+
+def test_softmax_by_hand_keeps_the_programs_meaning():
+    # a fully masked row: exp underflows to 0 everywhere, 0 / 0 is NaN in the program; softmax would make it
+    # uniform, so the unshifted spelling is kept (a near miss says why), and -O3 computes what the program does
+    g = ag.trace(Unshifted())
+    opt, report = passes.optimize(g, 3)
+    assert "softmax" not in opt.op_counts()
+    assert any("without the row max" in m for m in report.stat("softmax-by-hand").near_misses)
+    s = np.random.default_rng(0).standard_normal((2, 5)).astype(np.float32)
+    pad = np.zeros((2, 5), bool)
+    pad[0] = True
+    for graph in (g, opt):
+        out = run64(graph, {}, {"s": s, "pad": pad})["output"]
+        assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()
+
+
 class GatedFFN(nn.Module):
     """SwiGLU, spelled as LLaMA's modules and as a plain function of two projections."""
 
@@ -217,6 +243,7 @@ class GatedFFN(nn.Module):
         self.spelled = spelled
         self.ffn = nn.SwiGLU(d, d_ff)
         self.up = nn.Linear(d, d_ff, bias=False)
+        self.both = nn.Linear(d, 2 * d_ff, bias=False)
 
     def input_specs(self):
         return {"x": nn.InputSpec(("batch", "seq", 24))}
@@ -226,6 +253,9 @@ class GatedFFN(nn.Module):
             return self.ffn(x)
         if self.spelled == "value first":  # value * silu(gate)
             return self.ffn.w2(self.ffn.w3(x) * F.silu(self.ffn.w1(x)))
+        if self.spelled == "chunk":  # one projection of both halves, chunked (as Phi-3's gate_up_proj)
+            gate, value = self.both(x).chunk(2, dim=-1)
+            return self.ffn.w2(F.silu(gate) * value)
         return self.ffn.w2(F.silu(self.ffn.w1(x)) * F.silu(self.up(x)))  # no value half: a gate of each
 
 
@@ -234,7 +264,7 @@ def _llvm_layout(g):
     return passes.optimize(g, 3, layout=get_target("llvm").layout_passes())
 
 
-@pytest.mark.parametrize("spelled", ["layer", "value first"])
+@pytest.mark.parametrize("spelled", ["layer", "value first", "chunk"])
 def test_gate_projections_puts_swiglus_gate_in_the_projection(spelled):
     g = ag.trace(GatedFFN(32, spelled))
     opt, report = _llvm_layout(g)

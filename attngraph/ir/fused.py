@@ -232,11 +232,20 @@ class OperandView(NamedTuple):
     batch_broadcast: bool
     head_broadcast: bool
     head_offset: int
+    #: query heads per head of this operand (grouped-query attention: K and V with fewer heads, each read by
+    #: ``head_group`` query heads in a row, as ``repeat_interleave`` / Hugging Face's ``repeat_kv`` spell it)
+    head_group: int = 1
 
-    def index(self, b, h, s, x, add=lambda a, b: a + b) -> tuple:
-        """The index of element (b, h, s, x); ``add`` adds the head offset (index expressions of any kind)."""
+    def index(self, b, h, s, x, add=lambda a, b: a + b, div=lambda a, b: a // b) -> tuple:
+        """The index of element (b, h, s, x); ``add`` adds the head offset, ``div`` divides by the head group
+        (index expressions of any kind)."""
         b = 0 if self.batch_broadcast else b
-        h = 0 if self.head_broadcast else add(h, self.head_offset) if self.head_offset else h
+        if self.head_broadcast:
+            h = 0
+        elif self.head_group > 1:
+            h = div(h, self.head_group)
+        elif self.head_offset:
+            h = add(h, self.head_offset)
         return (b, s, h, x) if self.layout == "bshd" else (b, h, s, x)
 
 
@@ -255,8 +264,15 @@ def attention_views(in_types, out_type: TensorType, attrs) -> tuple[OperandView,
     views = []
     for t, offset in zip(in_types[:3], offsets):
         tb, th, _, _ = _split(t, layout)
-        views.append(OperandView(layout, tb == 1 and b != 1, window is None and th == 1 and h != 1, offset))
+        views.append(OperandView(layout, tb == 1 and b != 1, window is None and th == 1 and h != 1, offset,
+                                 h // th if window is None and _grouped(h, th) else 1))
     return tuple(views)
+
+
+def _grouped(heads, kv_heads) -> bool:
+    """Whether an operand of ``kv_heads`` heads serves ``heads`` query heads in groups (neither one nor all)."""
+    return (isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads not in (1, heads)
+            and heads % kv_heads == 0)
 
 
 def _infer_attention(types, attrs):
@@ -277,6 +293,8 @@ def _infer_attention(types, attrs):
                 raise ShapeError(f"fused_attention: heads {window} reads {name} heads [{start}, {start + n}) "
                                  f"of {total}")
         hq = hk = hv = n
+    else:  # K and V with fewer heads, each serving a group of query heads
+        hk, hv = (hq if _grouped(hq, x) else x for x in (hk, hv))
     try:  # batch and heads broadcast (size 1 against any), as the matmuls they replace do
         b, h = broadcast_shapes((bq, hq), (bk, hk), (bv, hv))
     except ShapeError:
@@ -301,14 +319,16 @@ def _attention_flops(attrs, in_shapes, out_shape) -> int:
 def fused_attention(q, k, v, *masks, scale=1.0, mask_kinds=(), mask_fills=(), layout="bhsd", heads=()):
     """softmax(masks(q @ k^T * scale)) @ v in one op.  ``layout`` ``bhsd`` has q, k, v and the result
     as (batch, heads, seq, dim); ``bshd`` as (batch, seq, heads, dim), the layout projections
-    produce without any transpose.  Batch and head axes of size 1 broadcast.  ``heads`` (n, q0, k0,
-    v0): read n heads of each from q0, k0, v0."""
+    produce without any transpose.  Batch and head axes of size 1 broadcast; k and v with a divisor of q's
+    heads serve q's heads in groups (head j reads head j // group).  ``heads`` (n, q0, k0, v0): read n heads
+    of each from q0, k0, v0."""
     if heads:
         n, q0, k0, v0 = heads
         axis = 2 if layout == "bshd" else 1
         q, k, v = (np.take(t, range(start, start + n), axis=axis) for t, start in ((q, q0), (k, k0), (v, v0)))
     if layout == "bshd":
         q, k, v = (np.swapaxes(t, 1, 2) for t in (q, k, v))
+    k, v = (np.repeat(t, q.shape[1] // t.shape[1], axis=1) if _grouped(q.shape[1], t.shape[1]) else t for t in (k, v))
     s = np.matmul(q, np.swapaxes(k, -1, -2)) * np.asarray(scale, q.dtype)
     s = apply_masks(s, masks, {"mask_kinds": mask_kinds, "mask_fills": mask_fills})
     out = np.matmul(O.softmax(s.astype(q.dtype, copy=False), axis=-1), v)
@@ -331,12 +351,28 @@ def _attention_vjp(d, n, xs, out, cot):
     def layout(t):  # (batch, seq, heads, dim) <-> (batch, heads, seq, dim)
         return d("transpose", t, perm=(0, 2, 1, 3)) if bshd else t
 
-    def bhsd(t, start):  # operand -> (batch, heads, seq, dim)
+    hq = _split(d.type(xs[0]), attrs.get("layout", "bhsd"))[1]
+
+    def group_of(t) -> int:  # the query heads each head of operand t serves (grouped-query attention)
+        th = _split(d.type(t), attrs.get("layout", "bhsd"))[1]
+        return hq // th if not heads and _grouped(hq, th) else 1
+
+    def bhsd(t, start):  # operand -> (batch, heads, seq, dim), a grouped operand's heads repeated
         if heads:
             t = d("slice", t, axis=2 if bshd else 1, start=start, stop=start + heads[0])
-        return layout(t)
+        group, t = group_of(t), layout(t)
+        if group > 1:
+            b, th, s, x = d.type(t).shape
+            t = d("reshape", d("broadcast_to", d("reshape", t, shape=(b, th, 1, s, x)), shape=(b, th, group, s, x)),
+                  shape=(b, th * group, s, x))
+        return t
 
     def back(g, t, start):  # the cotangent of a (batch, heads, seq, dim) view, in operand t's own shape and layout
+        group = group_of(t)
+        if group > 1:  # summed over each group of query heads
+            b, h, s, x = d.type(g).shape
+            g = d("reshape", d("reduce_sum", d("reshape", g, shape=(b, h // group, group, s, x)), axes=(2,)),
+                  shape=(b, h // group, s, x))
         g = layout(g)
         tt = d.type(t)
         if heads:  # into zeros of the whole operand, at the window's heads

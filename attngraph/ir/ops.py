@@ -146,6 +146,14 @@ def infer_unary(types, attrs):
     return x
 
 
+def infer_signed(types, attrs):
+    """A float or signed integer operand (``neg``, ``abs``: defined on both)."""
+    (x,) = types
+    if not (x.is_float or x.dtype in ("int8", "int16", "int32", "int64")):
+        raise ShapeError(f"expects a number operand (float or signed integer), got {x.dtype}")
+    return x
+
+
 def infer_binary(types, attrs):
     return TensorType(broadcast_shapes(*(t.shape for t in types)), _same_dtype(types))
 
@@ -214,14 +222,15 @@ def _sigmoid(x):
     return expit(x)
 
 
-def _unary(name, fn, doc):
+def _unary(name, fn, doc, infer=infer_unary):
     def ref(x):
-        return fn(x).astype(x.dtype, copy=False)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # NaN and inf as IEEE makes them
+            return fn(x).astype(x.dtype, copy=False)
     ref.__doc__ = doc
-    op(name, UNARY, 1, infer_unary)(ref)
+    op(name, UNARY, 1, infer)(ref)
 
 
-_unary("neg", np.negative, "-x")
+_unary("neg", np.negative, "-x", infer_signed)
 _unary("exp", np.exp, "e**x")
 _unary("log", np.log, "natural log")
 _unary("sqrt", np.sqrt, "square root")
@@ -233,6 +242,7 @@ _unary("cos", np.cos, "cosine")
 _unary("relu", lambda x: np.maximum(x, 0), "max(x, 0)")
 _unary("sigmoid", _sigmoid, "1 / (1 + e**-x)")
 _unary("silu", lambda x: x * _sigmoid(x), "x * sigmoid(x) (SiLU, swish)")
+_unary("abs", np.abs, "|x|", infer_signed)
 
 
 # Derivatives of the elementwise ops: cot * f'(x), written with the ops themselves (``out`` is f(x)).
@@ -252,6 +262,9 @@ _UNARY_VJP = {
     # silu' = s + x s (1 - s) = s + out (1 - s), s = sigmoid(x)
     "silu": lambda d, x, out, cot: (lambda s: d("mul", cot, d("add", s, d("mul", out, d("sub", d.const(1.0, x), s)))))(
         d("sigmoid", x)),
+    # |x|' = sign(x), 0 at 0 (as torch.abs)
+    "abs": lambda d, x, out, cot: d("where", d("gt", x, d.const(0.0, x)), cot,
+                                    d("where", d("lt", x, d.const(0.0, x)), d("neg", cot), d.const(0.0, x))),
 }
 
 
@@ -271,8 +284,9 @@ def gelu(x, *, approximate="none"):
 
 @op("cast", UNARY, 1, lambda types, attrs: types[0].with_dtype(attrs["dtype"]))
 def cast(x, *, dtype):
-    """Convert to ``dtype`` (a float past the type's range becomes inf, as in IEEE arithmetic: no warning)."""
-    with np.errstate(over="ignore"):
+    """Convert to ``dtype`` (a float past the type's range becomes inf, as in IEEE arithmetic; a float with no
+    integer value, NaN or inf, what the machine makes of it: no warning)."""
+    with np.errstate(over="ignore", invalid="ignore"):
         return x.astype(numpy_dtype(dtype))
 
 
@@ -300,7 +314,8 @@ def _cast_vjp(d, n, xs, out, cot):
 
 def _binary(name, fn, doc):
     def ref(a, b):
-        return np.asarray(fn(a, b)).astype(np.result_type(a, b), copy=False)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # NaN and inf as IEEE makes them
+            return np.asarray(fn(a, b)).astype(np.result_type(a, b), copy=False)
     ref.__doc__ = doc
     op(name, BINARY, 2, infer_binary)(ref)
 
@@ -310,9 +325,13 @@ _binary("sub", np.subtract, "a - b")
 _binary("mul", np.multiply, "a * b")
 _binary("div", np.divide, "a / b (true division)")
 _binary("maximum", np.maximum, "elementwise max")
+_binary("minimum", np.minimum, "elementwise min")
 
 
-@derivative("add", "sub", "mul", "div", "maximum")
+_binary("pow", np.power, "a ** b (a negative a to a non-integer b: NaN)")
+
+
+@derivative("add", "sub", "mul", "div", "maximum", "minimum", "pow")
 def _binary_vjp(d, n, xs, out, cot):
     """Each operand's cotangent summed back to its own shape (it may have been broadcast)."""
     a, b = xs
@@ -325,8 +344,14 @@ def _binary_vjp(d, n, xs, out, cot):
     elif n.op == "div":
         da = d("div", cot, b)
         db = d("neg", d("mul", da, d("div", a, b)))
-    else:  # the larger one takes it (a on a tie)
-        first = d("ge", a, b)
+    elif n.op == "pow":  # as torch.pow: b a^(b-1), 0 where b is 0; a^b log a, 0 where a is 0 and b >= 0
+        zero = d.const(0.0, cot)
+        base = d("mul", b, d("pow", a, d("sub", b, d.const(1.0, b))))
+        da = d("where", d("eq", b, d.const(0.0, b)), zero, d("mul", cot, base))
+        db = d("where", d("logical_and", d("eq", a, d.const(0.0, a)), d("ge", b, d.const(0.0, b))), zero,
+               d("mul", cot, d("mul", out, d("log", a))))
+    else:  # the larger (maximum) or smaller (minimum) one takes it (a on a tie)
+        first = d("ge" if n.op == "maximum" else "le", a, b)
         da, db = d("where", first, cot, d.const(0.0, cot)), d("where", first, d.const(0.0, cot), cot)
     return [d.sum_to(da, a), d.sum_to(db, b)]
 
@@ -395,6 +420,40 @@ def broadcast_like(x, ref):
 @derivative("broadcast_like")
 def _broadcast_like_vjp(d, n, xs, out, cot):
     return [d.sum_to(cot, xs[0]), None]
+
+
+def _infer_broadcast_to(types, attrs):
+    (x,) = types
+    shape = tuple(attrs["shape"])
+    lead = len(shape) - x.rank
+    if lead < 0:
+        raise ShapeError(f"broadcast_to {shape}: fewer axes than the operand {x}")
+    out = []
+    for i, size in enumerate(shape):
+        have = x.shape[i - lead] if i >= lead else None
+        if size == -1:
+            if have is None:
+                raise ShapeError(f"broadcast_to {shape}: a new leading axis ({i}) cannot be -1")
+            out.append(have)
+            continue
+        size = D.canonical(size)
+        if have is not None and have != size and have != 1:
+            raise ShapeError(f"broadcast_to {shape}: axis {i} of {x} has size {have}, which is neither {size} nor 1")
+        out.append(size)
+    return x.with_shape(tuple(out))
+
+
+@op("broadcast_to", LAYOUT, 1, _infer_broadcast_to)
+def broadcast_to(x, *, shape):
+    """``x`` along its size-1 axes and new leading ones at ``shape`` (-1: the operand's size), as
+    ``torch.Tensor.expand``; the graph holds the result as a value of its own."""
+    lead = len(shape) - x.ndim
+    return np.array(np.broadcast_to(x, [x.shape[i - lead] if s == -1 else s for i, s in enumerate(shape)]))
+
+
+@derivative("broadcast_to")
+def _broadcast_to_vjp(d, n, xs, out, cot):
+    return [d.sum_to(cot, xs[0])]
 
 
 # ----------------------------------------------------------------------------------------------

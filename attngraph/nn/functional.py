@@ -25,12 +25,52 @@ def log_softmax(x, axis: int = -1, *, dim: int | None = None) -> Tensor:
     return _emit("log_softmax", [x], axis=axis if dim is None else dim)
 
 
-def layer_norm(x, weight, bias, eps: float = 1e-5) -> Tensor:
+def _normalized_shape(name: str, x, normalized_shape) -> int:
+    """PyTorch's ``normalized_shape`` argument, which must name the last axis (what the norms here normalize):
+    its size."""
+    from .tensor import TraceError, _user_location
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if len(shape) != 1 or shape[0] != as_tensor(x).shape[-1]:
+        raise TraceError(f"{name}(normalized_shape={shape}) of {as_tensor(x).type} at {_user_location()}: only the "
+                         f"last axis is normalized here; give ({as_tensor(x).shape[-1]},)")
+    return shape[0]
+
+
+def _torch_form(args, kwargs) -> bool:
+    """Whether a norm was called with PyTorch's signature (``normalized_shape`` second)."""
+    return "normalized_shape" in kwargs or bool(args) and isinstance(args[0], (int, tuple, list))
+
+
+def layer_norm(x, *args, **kwargs) -> Tensor:
+    """Layer norm over the last axis: ``layer_norm(x, weight, bias, eps=1e-5)``, or PyTorch's
+    ``layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5)``."""
+    if _torch_form(args, kwargs):
+        def torch_signature(normalized_shape, weight=None, bias=None, eps=1e-5):
+            d = _normalized_shape("layer_norm", x, normalized_shape)
+            return (weight if weight is not None else const(np.ones(d), as_tensor(x).dtype),
+                    bias if bias is not None else const(np.zeros(d), as_tensor(x).dtype), eps)
+        weight, bias, eps = torch_signature(*args, **kwargs)
+    else:
+        def our_signature(weight, bias, eps=1e-5):
+            return weight, bias, eps
+        weight, bias, eps = our_signature(*args, **kwargs)
     return _emit("layer_norm", [x, weight, bias], eps=float(eps))
 
 
-def rms_norm(x, weight, eps: float = 1e-6) -> Tensor:
-    """x / sqrt(mean(x**2) + eps) * weight over the last axis (``torch.nn.functional.rms_norm``)."""
+def rms_norm(x, *args, **kwargs) -> Tensor:
+    """x / sqrt(mean(x**2) + eps) * weight over the last axis: ``rms_norm(x, weight, eps=1e-6)``, or PyTorch's
+    ``rms_norm(x, normalized_shape, weight=None, eps=None)`` (eps None: the machine epsilon of x's type)."""
+    if _torch_form(args, kwargs):
+        def torch_signature(normalized_shape, weight=None, eps=None):
+            d = _normalized_shape("rms_norm", x, normalized_shape)
+            if eps is None:
+                eps = float(np.finfo(np.float64 if as_tensor(x).dtype == "float64" else np.float32).eps)
+            return (weight if weight is not None else const(np.ones(d), as_tensor(x).dtype)), eps
+        weight, eps = torch_signature(*args, **kwargs)
+    else:
+        def our_signature(weight, eps=1e-6):
+            return weight, eps
+        weight, eps = our_signature(*args, **kwargs)
     return _emit("rms_norm", [x, weight], eps=float(eps))
 
 
@@ -92,6 +132,7 @@ def silu(x) -> Tensor: return _emit("silu", [x])
 def erf(x) -> Tensor: return _emit("erf", [x])
 def tanh(x) -> Tensor: return _emit("tanh", [x])
 def exp(x) -> Tensor: return _emit("exp", [x])
+def log(x) -> Tensor: return _emit("log", [x])
 def sqrt(x) -> Tensor: return _emit("sqrt", [x])
 def rsqrt(x) -> Tensor: return _emit("rsqrt", [x])
 def sin(x) -> Tensor: return _emit("sin", [x])
@@ -104,6 +145,106 @@ def matmul(a, b) -> Tensor:
 
 def concat(xs: Sequence, axis: int) -> Tensor:
     return _emit("concat", list(xs), axis=axis)
+
+
+def cat(tensors: Sequence, dim: int = 0) -> Tensor:
+    """``torch.cat``: ``tensors`` joined along ``dim``."""
+    return concat(tensors, dim)
+
+
+def stack(tensors: Sequence, dim: int = 0) -> Tensor:
+    """``torch.stack``: ``tensors`` (of one shape) joined along a new axis ``dim``."""
+    tensors = [as_tensor(t) for t in tensors]
+    rank = tensors[0].ndim + 1
+    tensors[0]._check_axes("stack", (dim,), rank)
+    return concat([t.unsqueeze(dim % rank) for t in tensors], dim % rank)
+
+
+# PyTorch's tensor functions, as the methods of the same name (``torch.flatten(x, 1)`` is ``x.flatten(1)``)
+def flatten(x, start_dim: int = 0, end_dim: int = -1) -> Tensor: return as_tensor(x).flatten(start_dim, end_dim)
+def split(x, split_size_or_sections, dim: int = 0): return as_tensor(x).split(split_size_or_sections, dim)
+def chunk(x, chunks: int, dim: int = 0): return as_tensor(x).chunk(chunks, dim)
+def repeat_interleave(x, repeats, dim=None) -> Tensor: return as_tensor(x).repeat_interleave(repeats, dim)
+def triu(x, diagonal: int = 0) -> Tensor: return as_tensor(x).triu(diagonal)
+def tril(x, diagonal: int = 0) -> Tensor: return as_tensor(x).tril(diagonal)
+def abs(x) -> Tensor: return as_tensor(x).abs()  # noqa: A001 - torch.abs
+def pow(x, exponent) -> Tensor: return as_tensor(x) ** exponent  # noqa: A001 - torch.pow
+def clamp(x, min=None, max=None) -> Tensor: return as_tensor(x).clamp(min, max)  # noqa: A002
+def minimum(a, b) -> Tensor: return as_tensor(a).minimum(b)
+def maximum(a, b) -> Tensor: return as_tensor(a).maximum(b)
+def argmax(x, dim=None, keepdim: bool = False) -> Tensor: return as_tensor(x).argmax(dim, keepdim)
+def embedding(input, weight) -> Tensor:  # noqa: A002 - PyTorch's names
+    """``torch.nn.functional.embedding``: the rows of ``weight`` at the ids ``input``."""
+    return gather(weight, input)
+
+
+def min(input, other=None, keepdim: bool = False):  # noqa: A001, A002 - torch.min
+    """``torch.min``: of every element (``other`` None), along dim ``other`` (an int: (values, indices)), or
+    the elementwise minimum with tensor or number ``other``."""
+    x = as_tensor(input)
+    if other is None:
+        return x.min()
+    if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
+        return x.min(int(other), keepdim), x.argmin(int(other), keepdim)
+    return x.minimum(other)
+
+
+def max(input, other=None, keepdim: bool = False):  # noqa: A001, A002 - torch.max
+    """``torch.max``: as ``min``, for the maximum."""
+    x = as_tensor(input)
+    if other is None:
+        return x.max()
+    if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
+        return x.max(int(other), keepdim), x.argmax(int(other), keepdim)
+    return x.maximum(other)
+
+
+def zeros_like(x) -> Tensor: return full_like(x, 0)
+def ones_like(x) -> Tensor: return full_like(x, 1)
+
+
+def full_like(x, fill_value) -> Tensor:
+    """``fill_value`` at ``x``'s shape (symbolic dims too) and dtype (``torch.full_like``)."""
+    x = as_tensor(x)
+    return as_tensor(fill_value, like=x).expand(*x.shape) if x.ndim else as_tensor(fill_value, like=x)
+
+
+def pad(x, pad: Sequence[int], mode: str = "constant", value: float = 0.0) -> Tensor:
+    """``torch.nn.functional.pad`` in constant mode: ``pad`` = (left, right) of the last axis, then of the one
+    before it, ...; each side ``value`` joined on (a negative amount cuts instead)."""
+    from .tensor import TraceError, _user_location
+    x = as_tensor(x)
+    if mode != "constant":
+        raise TraceError(f"pad(mode={mode!r}) at {_user_location()}: only mode='constant' is supported")
+    pad = [int(p) for p in pad]
+    if len(pad) % 2 or len(pad) // 2 > x.ndim:
+        raise TraceError(f"pad({tuple(pad)}) of {x.type} at {_user_location()}: give (left, right) pairs for at most "
+                         f"{x.ndim} axes")
+    for i in range(len(pad) // 2):
+        axis, (left, right) = x.ndim - 1 - i, pad[2 * i:2 * i + 2]
+        size = x.shape[axis]
+        if left < 0 or right < 0:  # cut
+            if right < 0 and not isinstance(size, int):
+                raise TraceError(f"pad({tuple(pad)}) at {_user_location()}: a negative pad at the end of symbolic "
+                                 f"axis {axis} ({size})")
+            x = x[(slice(None),) * axis + (slice(max(-left, 0), size + right if right < 0 else None),)]
+        before, after = ([as_tensor(value, like=x).expand(*[amount if a == axis else d for a, d in enumerate(x.shape)])]
+                         if amount > 0 else [] for amount in (left, right))
+        if before or after:
+            x = concat(before + [x] + after, axis)
+    return x
+
+
+def normalize(x, p: float = 2.0, dim: int = 1, eps: float = 1e-12) -> Tensor:
+    """``torch.nn.functional.normalize``: ``x / max(||x||_p, eps)`` along ``dim``."""
+    x = as_tensor(x)
+    if p == 2:
+        norm = (x * x).sum(dim, keepdims=True).sqrt()
+    elif p == 1:
+        norm = x.abs().sum(dim, keepdims=True)
+    else:
+        norm = (x.abs() ** p).sum(dim, keepdims=True) ** (1.0 / p)
+    return x / norm.clamp(min=eps)
 
 
 def gather(table, indices) -> Tensor:
@@ -121,10 +262,10 @@ def arange(n: Dim, dtype: str = "int64") -> Tensor:
 
 
 def const(value, dtype: str | None = None, name: str | None = None) -> Tensor:
-    value = np.asarray(value)
-    if dtype is not None:
-        value = value.astype(dtype)
-    return current_tracer().emit("const", (), {"value": value}, name=name)
+    """A constant of type ``dtype`` (default: the value's, float64 taken as float32); a float value is held in
+    float64 (``tensor.const_attrs``)."""
+    from .tensor import const_attrs
+    return current_tracer().emit("const", (), const_attrs(value, dtype), name=name)
 
 
 def update_slice(cache, value, offset, axis: int) -> Tensor:
@@ -140,14 +281,24 @@ def causal_mask(q_len, k_len, offset=None) -> Tensor:
     return arange(k_len)[None, :] <= q[:, None]
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal: bool = False,
-                                 scale: float | None = None) -> Tensor:
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                                 scale: float | None = None, enable_gqa: bool = False) -> Tensor:
     """``softmax(query @ keyᵀ · scale + mask) @ value`` over the last two axes, as PyTorch's
     ``torch.nn.functional.scaled_dot_product_attention`` (without dropout): ``scale`` defaults to
     1/sqrt(head dim); a bool ``attn_mask`` is True where a query may attend a key, a float one is
     added to the scores; ``is_causal``: query i attends keys 0..i.  Written as the plain ops, which
-    the optimizer fuses (``-O3``: one ``fused_attention``)."""
+    the optimizer fuses (``-O3``: one ``fused_attention``).  ``enable_gqa``: key and value with fewer heads
+    (a divisor of the query's), each serving that many query heads in a row (read in place at -O3)."""
     query, key, value = as_tensor(query), as_tensor(key), as_tensor(value)
+    if dropout_p:
+        raise ValueError("scaled_dot_product_attention: dropout_p is not supported (an inference graph; 0.0)")
+    if enable_gqa and key.ndim >= 3 and query.shape[-3] != key.shape[-3]:
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        if not (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0):
+            raise ValueError(f"scaled_dot_product_attention: enable_gqa needs the key's heads ({kv_heads}) to divide "
+                             f"the query's ({heads})")
+        key = key.repeat_interleave(heads // kv_heads, dim=-3)
+        value = value.repeat_interleave(heads // kv_heads, dim=-3)
     head_dim = query.shape[-1]
     if scale is None:
         if not isinstance(head_dim, int):

@@ -107,7 +107,7 @@ class SinusoidalPositionalEncoding(Module):
     def table(self):
         d, n = self.d_model, self.max_len
         pos = F.const(np.arange(n, dtype=np.float32)[:, None], name="positions")
-        inv = F.const(np.power(10000.0, -np.arange(0, d, 2) / d).astype(np.float32), name="inv_freq")
+        inv = F.const(np.power(10000.0, -np.arange(0, d, 2) / d), name="inv_freq")
         angles = pos * inv                                            # (max_len, d/2)
         pairs = F.concat([F.sin(angles).reshape(n, d // 2, 1), F.cos(angles).reshape(n, d // 2, 1)], axis=2)
         return pairs.reshape(n, d)

@@ -46,11 +46,11 @@ class Parameter(TensorOps):
 class Buffer(TensorOps):
     """A constant tensor a module holds (``Module.register_buffer``, as PyTorch's: GPT-2's causal
     ``bias``, a table of positions).  In the graph it is a ``const`` named by its path, made once per
-    trace; float64 values are stored as float32, as every Python constant in the DSL."""
+    trace; a float64 array is a float32 tensor, as every constant in the DSL, its value kept in float64
+    (``tensor.const_attrs``)."""
 
     def __init__(self, value):
-        value = np.asarray(value)
-        self.value = value.astype(np.float32) if value.dtype == np.float64 else value
+        self.value = np.asarray(value)
 
     @property
     def shape(self):
@@ -58,13 +58,13 @@ class Buffer(TensorOps):
 
     @property
     def dtype(self):
-        return str(self.value.dtype)
+        return "float32" if self.value.dtype == np.float64 else str(self.value.dtype)
 
     def _traced(self) -> Tensor:
         return current_tracer().buffer(self)
 
     def __repr__(self) -> str:
-        return f"Buffer({TensorType(self.value.shape, str(self.value.dtype))})"
+        return f"Buffer({TensorType(self.value.shape, self.dtype)})"
 
 
 class Module:

@@ -14,12 +14,52 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..ir import Graph, GraphError, TensorType
+from ..ir.types import numpy_dtype
+from ..ir import dims as D
 from ..ir.dims import Dim
 from .spec import InputSpec
 
 
 class TraceError(RuntimeError):
     """Misuse of the DSL: a tensor op outside a trace, a bad output, a tensor from another trace."""
+
+
+class SymDim(str):
+    """A symbolic size as the DSL hands it out (``x.shape[1]``, ``x.size(-1)``): the name or expression of the
+    graph's dims (a ``str``, as every symbolic dim), with the arithmetic of PyTorch's sizes: ``k_len - q_len``,
+    ``2 * seq``, ``seq + 1``, ``n // 2`` (where it divides), ``-seq``.  Sizes anywhere in the DSL take it."""
+
+    def __add__(self, other): return _sym(D.add(str(self), _plain(other)))
+    def __radd__(self, other): return _sym(D.add(_plain(other), str(self)))
+    def __sub__(self, other): return _sym(D.sub(str(self), _plain(other)))
+    def __rsub__(self, other): return _sym(D.sub(_plain(other), str(self)))
+    def __mul__(self, other): return _sym(D.mul(str(self), _plain(other)))
+    def __rmul__(self, other): return _sym(D.mul(_plain(other), str(self)))
+    def __neg__(self): return _sym(D.mul(-1, str(self)))
+
+    def __floordiv__(self, other):
+        quotient = D.divide(str(self), _plain(other))
+        if quotient is None:
+            raise TraceError(f"{self} // {other} at {_user_location()}: a symbolic size divides only where the quotient "
+                             f"is exact for every size (as {self} = {other} * k); give a static size")
+        return _sym(quotient)
+
+    def __truediv__(self, other):
+        raise TraceError(f"{self} / {other} at {_user_location()}: a symbolic size has no float value while tracing; "
+                         f"use // where it divides exactly")
+
+
+def _plain(dim):
+    if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
+        return int(dim)
+    if isinstance(dim, str):
+        return str(dim)
+    raise TraceError(f"{dim!r} at {_user_location()} is not a size (an int or a symbolic dim)")
+
+
+def _sym(dim):
+    """A dim as the DSL hands it out: an int, or a ``SymDim``."""
+    return SymDim(dim) if isinstance(dim, str) else dim
 
 
 _TRACERS: list["Tracer"] = []
@@ -127,7 +167,7 @@ class Tracer:
             if id(b) not in self.buffer_names:
                 raise TraceError("a Buffer that is not an attribute of the traced module (or of one of its "
                                  "submodules) was used; register it with register_buffer")
-            nid = self.graph.add("const", (), {"value": b.value}, name=self.buffer_names[id(b)],
+            nid = self.graph.add("const", (), const_attrs(b.value), name=self.buffer_names[id(b)],
                                  meta={"buffer": self.buffer_names[id(b)]})
             self.buffer_nodes[id(b)] = Tensor(self, nid)
         return self.buffer_nodes[id(b)]
@@ -148,17 +188,24 @@ def as_tensor(x, like: "Tensor | None" = None) -> "Tensor":
     tracer = current_tracer()
     if isinstance(x, (bool, int, float, np.number, np.ndarray)):
         value = np.asarray(x)
-        if like is not None and not isinstance(x, np.ndarray):
-            dtype = np.dtype(like.dtype)
-            if dtype.kind == "f" and isinstance(x, (float, np.floating)):
-                # a Python float keeps its float64 value (a float64 run of the interpreter computes with it
-                # exactly) and takes the other operand's type
-                return tracer.emit("const", (), {"value": value.astype(np.float64), "dtype": dtype.name})
-            value = value.astype(dtype)
-        elif value.dtype == np.float64:
-            value = value.astype(np.float32)
-        return tracer.emit("const", (), {"value": value})
+        if like is not None and not isinstance(x, np.ndarray):  # a Python number takes the other operand's type
+            return tracer.emit("const", (), const_attrs(value, like.dtype if not (
+                isinstance(x, (float, np.floating)) and not like.type.is_float) else None))
+        return tracer.emit("const", (), const_attrs(value))
     raise TraceError(f"cannot use {type(x).__name__} {x!r} as a tensor")
+
+
+def const_attrs(value, dtype: str | None = None) -> dict:
+    """A ``const`` node's attributes for ``value`` of type ``dtype`` (default: its own, float64 taken as float32,
+    the DSL's float).  A float value is held in float64 whatever its type, so a float64 run of the interpreter
+    computes with the constant as the program wrote it (a scale, a table of positions, a float64 buffer) and a
+    float32 run rounds it once, as PyTorch would."""
+    value = np.asarray(value)
+    if dtype is None:
+        dtype = "float32" if value.dtype == np.float64 else str(value.dtype)
+    if value.dtype.kind == "f" and TensorType((), dtype).is_float:
+        return {"value": value.astype(np.float64), "dtype": dtype}
+    return {"value": value.astype(numpy_dtype(dtype)) if str(value.dtype) != dtype else value}
 
 
 def where(cond, a, b) -> "Tensor":
@@ -187,7 +234,8 @@ class TensorOps:
 
     @property
     def shape(self) -> tuple[Dim, ...]:
-        return self.type.shape
+        """The sizes: ints, and ``SymDim`` for symbolic ones (which do arithmetic as PyTorch's sizes)."""
+        return tuple(_sym(d) for d in self.type.shape)
 
     @property
     def dtype(self) -> str:
@@ -243,6 +291,50 @@ class TensorOps:
         t = self._traced()
         return t.tracer.emit("neg", (t,))
 
+    def __pow__(self, exponent):
+        """``x ** p`` (``torch.pow``): ``x * x`` for 2, ``sqrt`` for 0.5, ``rsqrt`` for -0.5, ``1 / x`` for -1,
+        ``x`` for 1, 1 for 0 (what they compute exactly, spelled as the passes see any other spelling); else
+        the ``pow`` op."""
+        t = self._traced()
+        if isinstance(exponent, (int, float)) and not isinstance(exponent, bool) and t.type.is_float:
+            p = float(exponent)
+            if p == 2.0:
+                return t * t
+            if p == 1.0:
+                return t
+            if p == 0.5:
+                return t.sqrt()
+            if p == -0.5:
+                return t.rsqrt()
+            if p == -1.0:
+                return 1.0 / t
+            if p == 0.0:
+                return _full_like(t, 1.0)
+        return self._binary("pow", exponent)
+
+    def __rpow__(self, base): return self._binary("pow", base, True)
+    def pow(self, exponent): return self ** exponent
+
+    def __abs__(self): return self._unary("abs")
+    def abs(self): return self._unary("abs")
+    def minimum(self, other): return self._binary("minimum", other)
+    def maximum(self, other): return self._binary("maximum", other)
+
+    def clamp(self, min=None, max=None):  # noqa: A002 - PyTorch's keyword names
+        """``torch.clamp``: ``min(max(x, min), max)`` (a bound may be a number or a tensor; at least one given)."""
+        if min is None and max is None:
+            raise TraceError(f"clamp of %{self._traced().node.name} at {_user_location()}: give min, max or both")
+        out = self._traced()
+        if min is not None:
+            out = out.maximum(min)
+        if max is not None:
+            out = out.minimum(max)
+        return out
+
+    clip = clamp
+    def clamp_min(self, min): return self.clamp(min=min)  # noqa: A002
+    def clamp_max(self, max): return self.clamp(max=max)  # noqa: A002
+
     def _unary(self, op, **attrs):
         t = self._traced()
         return t.tracer.emit(op, (t,), attrs)
@@ -254,11 +346,48 @@ class TensorOps:
     def tanh(self): return self._unary("tanh")
     def relu(self): return self._unary("relu")
     def sigmoid(self): return self._unary("sigmoid")
+    def silu(self): return self._unary("silu")
+    def sin(self): return self._unary("sin")
+    def cos(self): return self._unary("cos")
+    def square(self): return self ** 2
     # NumPy's spellings (axis, keepdims) and PyTorch's (dim, keepdim) both work.
     def softmax(self, axis=-1, *, dim=None): return self._unary("softmax", axis=axis if dim is None else dim)
     def log_softmax(self, axis=-1, *, dim=None): return self._unary("log_softmax", axis=axis if dim is None else dim)
-    def astype(self, dtype): return self._unary("cast", dtype=dtype)
+    def astype(self, dtype):
+        dtype = _dtype_name(dtype)
+        return self._traced() if dtype == self.dtype else self._unary("cast", dtype=dtype)
+
     def float(self): return self.astype("float32")
+    def half(self): return self.astype("float16")
+    def bfloat16(self): return self.astype("bfloat16")
+    def double(self): return self.astype("float64")
+    def long(self): return self.astype("int64")
+    def int(self): return self.astype("int32")
+    def bool(self): return self.astype("bool")
+
+    def type_as(self, other):
+        """This tensor in ``other``'s dtype (``torch.Tensor.type_as``)."""
+        return self.astype(as_tensor(other).dtype)
+
+    def to(self, *args, dtype=None, **kwargs):
+        """``torch.Tensor.to``: a dtype (``torch.float16``, ``"float16"``, a NumPy dtype) or another tensor's dtype;
+        a device (``"cpu"``, ``x.device``) changes nothing here: where a graph runs is its target's choice."""
+        target = dtype
+        for a in args:
+            if isinstance(a, TensorOps):
+                target = a.dtype
+            elif not _is_device(a):
+                target = a
+        return self._traced() if target is None else self.astype(target)
+
+    @property
+    def device(self) -> str:
+        """``"graph"``: a traced value lives wherever its compiled model runs (``to(x.device)`` is a no-op)."""
+        return "graph"
+
+    def new_zeros(self, *size): return _filled(self, _sizes(size), 0)
+    def new_ones(self, *size): return _filled(self, _sizes(size), 1)
+    def new_full(self, size, fill_value): return _filled(self, _sizes((size,)), fill_value)
     def matmul(self, o): return self._binary("matmul", o)
 
     def contiguous(self):
@@ -273,6 +402,32 @@ class TensorOps:
 
     def max(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
         return self._reduce("reduce_max", axes, keepdims, dim, keepdim)
+
+    def amax(self, dim=None, keepdim=False):
+        return self._reduce("reduce_max", dim, keepdim)
+
+    def min(self, axes=None, keepdims=False, *, dim=None, keepdim=None):
+        return 0 - (0 - self._traced())._reduce("reduce_max", axes, keepdims, dim, keepdim)
+
+    def amin(self, dim=None, keepdim=False):
+        return self.min(dim, keepdim)
+
+    def argmax(self, dim=None, keepdim=False):
+        """The index of the largest value along ``dim`` (of the flattened tensor when None), the first on a tie,
+        a NaN counting as the largest (``torch.argmax``); int64."""
+        x = self._traced()
+        if dim is None:
+            x, dim = x.reshape(-1), 0
+        self._check_axes("argmax", (dim,), x.ndim)
+        dim %= x.ndim
+        top = x.max(dim, keepdims=True)
+        hit = (x == top) | ((top != top) & (x != x))  # NaN equals nothing: a NaN row's first NaN
+        index = _arange_along(x, dim)
+        # the first hit: the largest -index among the hits (int32-safe, as a target that narrows int64 holds it)
+        return 0 - where(hit, 0 - index, as_tensor(-(2 ** 30), like=index)).max(dim, keepdims=keepdim)
+
+    def argmin(self, dim=None, keepdim=False):
+        return (0 - self._traced()).argmax(dim, keepdim)
 
     def _reduce(self, op, axes, keepdims, dim=None, keepdim=None):
         axes = axes if dim is None else dim
@@ -297,8 +452,160 @@ class TensorOps:
         return self._unary("reshape", shape=tuple(shape))
 
     def view(self, *shape):
-        """``reshape`` (the graph has no strides: a view and a reshape are the same op)."""
+        """``reshape`` (the graph has no strides: a view and a reshape are the same op); ``view(dtype)`` is not."""
+        if len(shape) == 1 and not isinstance(shape[0], (tuple, list, int, np.integer, str)):
+            raise TraceError(f"view({shape[0]!r}) of %{self._traced().node.name} at {_user_location()}: a view as "
+                             f"another dtype (its bytes reinterpreted) is not supported; view takes a shape")
         return self.reshape(*shape)
+
+    def _dim(self, method: str, dim, rank: int | None = None) -> int:
+        """``dim`` in ``[0, rank)`` (negative counted from the end), else a ``TraceError`` naming the line."""
+        rank = self.ndim if rank is None else rank
+        self._check_axes(method, (dim,), rank)
+        return int(dim) % rank
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1):
+        """Axes ``start_dim..end_dim`` as one (``torch.flatten``)."""
+        if self.ndim == 0:
+            return self.reshape(1)
+        a, b = self._dim("flatten", start_dim), self._dim("flatten", end_dim)
+        if a > b:
+            raise TraceError(f"flatten({start_dim}, {end_dim}) of %{self._traced().node.name} at {_user_location()}: "
+                             f"start_dim comes after end_dim")
+        shape = list(self.shape)
+        return self.reshape(shape[:a] + [D.product(shape[a:b + 1])] + shape[b + 1:])
+
+    def unflatten(self, dim: int, sizes):
+        """Axis ``dim`` as ``sizes`` (one may be -1; ``torch.unflatten``)."""
+        dim = self._dim("unflatten", dim)
+        shape = list(self.shape)
+        sizes = list(sizes)
+        if sizes.count(-1) == 1:
+            known = D.product(d for d in sizes if d != -1)
+            rest = D.divide(shape[dim], known)
+            if rest is None:
+                raise TraceError(f"unflatten({dim}, {tuple(sizes)}) of %{self._traced().node.name}: {self.type} at "
+                                 f"{_user_location()}: {shape[dim]} is not divisible by {known}")
+            sizes[sizes.index(-1)] = rest
+        return self.reshape(shape[:dim] + sizes + shape[dim + 1:])
+
+    def squeeze(self, dim=None):
+        """The size-1 axes removed (``dim``: those of them, an axis of another size left as it is, as
+        ``torch.squeeze``).  A symbolic axis is refused: whether it is 1 is known only when the graph runs."""
+        shape = list(self.shape)
+        dims = range(self.ndim) if dim is None else [dim] if isinstance(dim, (int, np.integer)) else list(dim)
+        dims = {self._dim("squeeze", d) for d in dims}
+        symbolic = [d for d in sorted(dims) if isinstance(shape[d], str)]
+        if symbolic and dim is not None:
+            raise TraceError(f"squeeze({dim}) of %{self._traced().node.name}: {self.type} at {_user_location()}: axis "
+                             f"{symbolic[0]} is symbolic ({shape[symbolic[0]]}): whether it is 1 is known only at run "
+                             f"time; index it ([:, 0]) or reshape")
+        keep = [s for i, s in enumerate(shape) if not (i in dims and s == 1)]
+        return self._traced() if len(keep) == len(shape) else self.reshape(keep)
+
+    def expand(self, *sizes):
+        """This tensor along its size-1 axes (and new leading ones) at ``sizes``, -1 keeping a size
+        (``torch.Tensor.expand``)."""
+        sizes = _sizes(sizes)
+        x = self._traced()
+        return x.tracer.emit("broadcast_to", (x,), {"shape": tuple(sizes)})
+
+    def expand_as(self, other):
+        return self.expand(*as_tensor(other).shape)
+
+    def broadcast_to(self, *sizes):
+        return self.expand(*sizes)
+
+    def repeat(self, *sizes):
+        """This tensor tiled ``sizes`` times along each axis (``torch.Tensor.repeat``; more sizes than axes add
+        leading axes): each axis a new one beside it, expanded, then merged."""
+        sizes = _sizes(sizes)
+        if len(sizes) < self.ndim:
+            raise TraceError(f"repeat{tuple(sizes)} of %{self._traced().node.name}: {self.type} at {_user_location()}: "
+                             f"give at least one size per axis ({self.ndim})")
+        shape = [1] * (len(sizes) - self.ndim) + list(self.shape)
+        x = self.reshape([d for s in shape for d in (1, s)])
+        x = x.expand(*[d for r, s in zip(sizes, shape) for d in (r, s)])
+        return x.reshape([D.mul(r, s) for r, s in zip(sizes, shape)])
+
+    def repeat_interleave(self, repeats, dim=None):
+        """Each element ``repeats`` times in a row along ``dim`` (of the flattened tensor when None;
+        ``torch.repeat_interleave`` with an int count): a new axis after ``dim``, expanded, then merged."""
+        if not isinstance(repeats, (int, np.integer)) or repeats < 0:
+            raise TraceError(f"repeat_interleave({repeats!r}) of %{self._traced().node.name} at {_user_location()}: "
+                             f"repeats must be a non-negative int (a tensor of counts makes a data-dependent shape)")
+        x = self._traced()
+        if dim is None:
+            x, dim = x.reshape(-1), 0
+        dim = x._dim("repeat_interleave", dim)
+        shape = list(x.shape)
+        x = x.unsqueeze(dim + 1).expand(*shape[:dim + 1], int(repeats), *shape[dim + 1:])
+        return x.reshape(shape[:dim] + [D.mul(shape[dim], int(repeats))] + shape[dim + 1:])
+
+    def split(self, split_size_or_sections, dim: int = 0):
+        """Pieces along ``dim`` (``torch.split``): of ``split_size_or_sections`` each (the last one shorter), or of
+        the sizes in a list, which must add up to the axis."""
+        dim = self._dim("split", dim)
+        size = self.shape[dim]
+        sections = split_size_or_sections
+        if isinstance(sections, (int, np.integer)):
+            if not isinstance(size, int):
+                raise TraceError(f"split({sections}, dim={dim}) of %{self._traced().node.name}: {self.type} at "
+                                 f"{_user_location()}: axis {dim} is symbolic ({size}): the number of pieces would be "
+                                 f"known only at run time; give the sizes as a list")
+            if sections < 1:
+                raise TraceError(f"split({sections}) at {_user_location()}: the piece size must be positive")
+            sections = [min(int(sections), size - start) for start in range(0, size, int(sections))] or [0]
+        sections = list(sections)
+        if _dim_sum(sections) != D.canonical(size):
+            raise TraceError(f"split({sections}, dim={dim}) of %{self._traced().node.name}: {self.type} at "
+                             f"{_user_location()}: the sizes add up to {_dim_sum(sections)}, not to the axis' {size}")
+        pieces, start = [], 0
+        for n in sections:
+            index = [slice(None)] * self.ndim
+            stop = D.add(start, n)
+            index[dim] = slice(start, stop)
+            pieces.append(self[tuple(index)])
+            start = stop
+        return tuple(pieces)
+
+    def chunk(self, chunks: int, dim: int = 0):
+        """``chunks`` pieces along ``dim`` of ``ceil(size / chunks)`` each, the last shorter, fewer where they run
+        out (``torch.chunk``)."""
+        dim = self._dim("chunk", dim)
+        size = self.shape[dim]
+        if not isinstance(chunks, (int, np.integer)) or chunks < 1:
+            raise TraceError(f"chunk({chunks!r}) at {_user_location()}: chunks must be a positive int")
+        if not isinstance(size, int):
+            quotient = D.divide(size, int(chunks))
+            if quotient is None:
+                raise TraceError(f"chunk({chunks}, dim={dim}) of %{self._traced().node.name}: {self.type} at "
+                                 f"{_user_location()}: axis {dim} is symbolic ({size}) and not a multiple of {chunks}")
+            return self.split([quotient] * int(chunks), dim)
+        return self.split(-(-size // int(chunks)), dim)
+
+    def unbind(self, dim: int = 0):
+        """The slices along ``dim``, that axis removed (``torch.unbind``)."""
+        dim = self._dim("unbind", dim)
+        return tuple(p.squeeze(dim) for p in self.split(1, dim))
+
+    def triu(self, diagonal: int = 0):
+        """The elements on and above diagonal ``diagonal`` of the last two axes, zeros below (``torch.triu``)."""
+        return self._band("triu", diagonal)
+
+    def tril(self, diagonal: int = 0):
+        """The elements on and below diagonal ``diagonal`` of the last two axes, zeros above (``torch.tril``)."""
+        return self._band("tril", diagonal)
+
+    def _band(self, which: str, diagonal: int):
+        x = self._traced()
+        if x.ndim < 2:
+            raise TraceError(f"{which} of %{x.node.name}: {x.type} at {_user_location()}: needs at least 2 axes")
+        rows = _arange_along(x, x.ndim - 2)
+        cols = _arange_along(x, x.ndim - 1)
+        offset = cols - rows  # column minus row: the diagonal each element is on
+        keep = offset >= int(diagonal) if which == "triu" else offset <= int(diagonal)
+        return where(keep, x, as_tensor(False if x.dtype == "bool" else 0, like=x))
 
     def _check_axes(self, method: str, axes, rank: int) -> None:
         """Axes in ``[-rank, rank)``, as PyTorch requires (a Python list would wrap some and fail on others)."""
@@ -390,6 +697,65 @@ class TensorOps:
         if tuple(new_shape) != out.shape:
             out = out.reshape(new_shape)
         return out
+
+
+def _dtype_name(dtype) -> str:
+    """A dtype as attngraph names it: ``"float16"``, ``np.float16``, ``torch.float16`` (by its name: no torch
+    import), ``float`` / ``int`` / ``bool`` (PyTorch's defaults: float32, int64)."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif dtype is float:
+        name = "float32"
+    elif dtype is int:
+        name = "int64"
+    elif dtype is bool:
+        name = "bool"
+    elif type(dtype).__module__.startswith("torch"):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            raise TraceError(f"{dtype!r} at {_user_location()} is not a dtype") from None
+    aliases = {"float": "float32", "half": "float16", "double": "float64", "long": "int64", "int": "int32"}
+    return aliases.get(name, name)
+
+
+def _is_device(value) -> bool:
+    """A device as ``Tensor.to`` takes it: ``"cpu"``, ``"cuda:0"``, ``torch.device``, ``x.device``."""
+    if type(value).__name__ == "device":
+        return True
+    return isinstance(value, str) and value.split(":")[0] in ("cpu", "cuda", "mps", "xpu", "meta", "graph")
+
+
+def _sizes(sizes) -> list:
+    """Sizes given as ``f(2, 3)`` or ``f((2, 3))`` / ``f([2, 3])``, or ``f(x.shape)``."""
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = sizes[0]
+    return [int(d) if isinstance(d, (int, np.integer)) else d for d in sizes]
+
+
+def _dim_sum(sizes) -> Dim:
+    total: Dim = 0
+    for d in sizes:
+        total = D.add(total, d)
+    return total
+
+
+def _arange_along(x, axis: int):
+    """0, 1, ... along ``axis`` of ``x``, shaped to broadcast against it (int64)."""
+    n = x.shape[axis]
+    index = x.tracer.emit("arange", (), {"n": n, "dtype": "int64"})
+    return index.reshape([n if i == axis else 1 for i in range(x.ndim)])
+
+
+def _filled(like, shape, value):
+    """``value`` at ``shape`` (symbolic dims allowed) in ``like``'s dtype."""
+    return as_tensor(value, like=like._traced()).expand(*shape) if shape else as_tensor(value, like=like._traced())
+
+
+def _full_like(x, value):
+    return _filled(x, list(x.shape), value)
 
 
 class Tensor(TensorOps):

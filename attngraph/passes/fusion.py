@@ -56,20 +56,28 @@ def _scale_of(g: Graph, nid: int):
 _EXP_SHIFTED = Pat("exp", Pat("sub", Pat(name="x"), Pat("reduce_max", Pat(name="x"), name="max",
                                                         where=_reduced_last_axis), name="shifted"), name="e")
 _EXP = Pat("exp", Pat(name="x"), name="e")
-# exp(x - max(x)) / sum(exp(...)), with or without the max
-HAND_SOFTMAX = tuple(Pat("div", e, Pat("reduce_sum", e, name="sum", where=_reduced_last_axis))
-                     for e in (_EXP_SHIFTED, _EXP))
+# exp(x - max(x)) / sum(exp(...)): softmax's own definition
+HAND_SOFTMAX = Pat("div", _EXP_SHIFTED, Pat("reduce_sum", _EXP_SHIFTED, name="sum", where=_reduced_last_axis))
+# exp(x) / sum(exp(x)): another function where every exp of a row underflows (a row masked with finfo.min: 0 / 0,
+# NaN) or one overflows (inf / inf), so not rewritten
+UNSHIFTED_SOFTMAX = Pat("div", _EXP, Pat("reduce_sum", _EXP, name="sum", where=_reduced_last_axis))
 # exp(log_softmax(x))
 EXP_LOG_SOFTMAX = Pat("exp", Pat("log_softmax", Pat(name="x"), name="ls", where=_last_axis))
 
 
 def softmax_by_hand(g: Graph):
-    """``exp(x - max(x)) / sum(exp(x - max(x)))`` (the max optional) and ``exp(log_softmax(x))``, over
-    the last axis -> ``softmax(x)``, so that the fusions after it see one softmax."""
+    """``exp(x - max(x)) / sum(exp(x - max(x)))`` and ``exp(log_softmax(x))``, over the last axis ->
+    ``softmax(x)``, so that the fusions after it see one softmax.  Both mean what softmax means for every
+    input (a row of -inf: NaN).  ``exp(x) / sum(exp(x))`` does not (a row whose every exp underflows, as one
+    masked with finfo.min, is 0 / 0 there and a uniform row in softmax): kept as written, a near miss."""
     matches, misses = 0, []
     for nid, n in anchors(g, "div", "exp"):
-        m = first_match(g, nid, *HAND_SOFTMAX) if n.op == "div" else EXP_LOG_SOFTMAX.match(g, nid)
+        m = HAND_SOFTMAX.match(g, nid) if n.op == "div" else EXP_LOG_SOFTMAX.match(g, nid)
         if m is None:
+            if n.op == "div" and UNSHIFTED_SOFTMAX.match(g, nid) is not None:
+                misses.append(f"%{n.name}: exp(x) / sum(exp(x)) without the row max is not softmax where a row's "
+                              f"exps all underflow (a row masked with finfo.min: NaN) or one overflows; kept as "
+                              f"written (subtract x.max(-1, keepdim=True) first, or call softmax, to fuse it)")
             continue
         # every value the pattern swallows is used by the pattern alone
         expected = {"e": [nid, m.get("sum")], "sum": [nid], "shifted": [m.get("e")], "max": [m.get("shifted")],
@@ -462,6 +470,59 @@ def fold_scale_into_q(g: Graph):
         n.attrs["scale"] = 1.0
         matches += 1
     return matches, misses
+
+
+def broadcast_heads(g: Graph):
+    """A fused attention's K or V that only repeats another value's heads (or batch) -> that value, read in place
+    through the attention's broadcast: ``repeat_kv`` / ``repeat_interleave(n, dim=heads)`` of grouped-query
+    attention (``reshape(expand(x[:, :, None]))``: query head j reads head j // n), and ``expand`` of a one-head
+    K (multi-query) or of a batch of one.  No copy of the repeated heads is made."""
+    matches, misses = 0, []
+    for nid, n in anchors(g, "fused_attention"):
+        if n.attrs.get("heads"):
+            continue
+        head_axis = 2 if n.attrs["layout"] == "bshd" else 1
+        for i in (1, 2):
+            operand = g.operands(nid)[i]
+            source = _repeated_heads(g, operand, head_axis)
+            if source is not None:
+                g.set_operand(nid, i, source)
+                matches += 1
+    remove_dead(g)
+    return matches, misses
+
+
+def _repeated_heads(g: Graph, nid: int, head_axis: int) -> int | None:
+    """The value whose heads ``nid`` (rank 4) repeats, read by an attention as it is: ``x`` of
+    ``reshape(broadcast_to(x'; heads, n), heads * n)`` with ``x'`` = x with a unit axis after the heads, or of
+    ``broadcast_to(x)`` along size-1 batch and head axes; else None."""
+    n = g.node(nid)
+    if n.type.rank != 4:
+        return None
+    if n.op == "broadcast_to":
+        (x,) = g.operands(nid)
+        xt = g.node(x).type
+        if xt.rank == 4 and all(a == b or (a == 1 and axis in (0, head_axis))
+                                for axis, (a, b) in enumerate(zip(xt.shape, n.type.shape))):
+            return x
+        return None
+    if n.op != "reshape" or g.node(g.operands(nid)[0]).op != "broadcast_to":
+        return None
+    (wide,) = g.operands(nid)
+    (unit,) = g.operands(wide)
+    shape, wide_shape, unit_shape = n.type.shape, g.node(wide).type.shape, g.node(unit).type.shape
+    heads = shape[head_axis]
+    if len(wide_shape) != 5 or not isinstance(heads, int):
+        return None
+    kv, group = wide_shape[head_axis], wide_shape[head_axis + 1]
+    split = shape[:head_axis] + (kv, group) + shape[head_axis + 1:]
+    if not (isinstance(kv, int) and isinstance(group, int) and kv * group == heads and tuple(wide_shape) == split
+            and tuple(unit_shape) == split[:head_axis + 1] + (1,) + split[head_axis + 2:]):
+        return None
+    kv_shape = shape[:head_axis] + (kv,) + shape[head_axis + 1:]
+    if g.node(unit).op == "reshape" and g.node(g.operands(unit)[0]).type.shape == kv_shape:
+        return g.operands(unit)[0]
+    return g.add("reshape", [unit], {"shape": kv_shape}, name="kv_heads", meta=dict(g.node(unit).meta))
 
 
 def merge_projections(g: Graph):

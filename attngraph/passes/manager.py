@@ -23,6 +23,7 @@ PASSES: dict[str, Callable] = {
     "softmax-by-hand": fusion.softmax_by_hand,
     "softmax-scaling": fusion.softmax_scaling,
     "attention": fusion.attention,
+    "broadcast-heads": fusion.broadcast_heads,
     "linear-epilogue": fusion.linear_epilogue,
     "residual-layer-norm": fusion.residual_layer_norm,
     "fold-scale-into-q": fusion.fold_scale_into_q,
@@ -40,9 +41,9 @@ LEVELS = {
     2: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
         "loss-of-log-softmax"],
     # -O2 keeps the softmax scale in the kernel; -O3 folds it into the Q projection's weights.
-    3: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "attention", "linear-epilogue",
-        "residual-layer-norm", "fold-scale-into-q", "merge-projections", "loss-of-log-softmax", "slice-grads-to-concat",
-        "fold-transposes", "fuse-elementwise"],
+    3: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "attention", "broadcast-heads",
+        "linear-epilogue", "residual-layer-norm", "fold-scale-into-q", "merge-projections", "loss-of-log-softmax",
+        "slice-grads-to-concat", "fold-transposes", "fuse-elementwise"],
 }
 
 

@@ -20,6 +20,26 @@ def gelu(x, approximate):
     return const(0.5, dt) * x * (const(1.0, dt) + tirx.erf(x * const(1 / math.sqrt(2.0), dt)))
 
 
+def _pow(a, b):
+    """``a ** b`` as C's pow: a negative ``a`` to an integral ``b`` is ``+-|a| ** b`` (WGSL's pow is
+    ``exp2(b log2 a)``, NaN there), to any other ``b`` NaN."""
+    if not str(a.dtype).startswith(("float", "bfloat")):
+        return tirx.power(a, b)
+    dt = dtype_of(a)
+    magnitude = tirx.power(tirx.abs(a), b)
+    integral = tirx.floor(b) == b
+    odd = tirx.all(integral, tirx.floor(b * const(0.5, dt)) * const(2.0, dt) != b)
+    negative = tirx.Select(integral, tirx.Select(odd, -magnitude, magnitude), const(float("nan"), dt))
+    return tirx.Select(a < const(0.0, dt), negative, tirx.power(a, b))
+
+
+def _ieee_eq(a, b):
+    """``a == b`` as IEEE compares floats: false where either is NaN (TVM's simplifier takes ``x == x`` for true)."""
+    if not str(a.dtype).startswith(("float", "bfloat")):
+        return a == b
+    return tirx.all(tirx.Not(tirx.isnan(a)), tirx.Not(tirx.isnan(b)), a == b)
+
+
 #: op -> expr(operands, attrs): one element of the op's result from the same element of each operand (each
 #: already broadcast); the single ops and ``fused_elementwise``'s steps are lowered from this one table
 EXPRESSIONS = {
@@ -43,8 +63,11 @@ EXPRESSIONS = {
     "mul": lambda xs, a: xs[0] * xs[1],
     "div": lambda xs, a: xs[0] / xs[1],
     "maximum": lambda xs, a: tirx.max(xs[0], xs[1]),
-    "eq": lambda xs, a: xs[0] == xs[1],
-    "ne": lambda xs, a: xs[0] != xs[1],
+    "minimum": lambda xs, a: tirx.min(xs[0], xs[1]),
+    "pow": lambda xs, a: _pow(xs[0], xs[1]),
+    "abs": lambda xs, a: tirx.abs(xs[0]),
+    "eq": lambda xs, a: _ieee_eq(xs[0], xs[1]),
+    "ne": lambda xs, a: tirx.Not(_ieee_eq(xs[0], xs[1])),
     "lt": lambda xs, a: xs[0] < xs[1],
     "le": lambda xs, a: xs[0] <= xs[1],
     "gt": lambda xs, a: xs[0] > xs[1],

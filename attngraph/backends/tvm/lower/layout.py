@@ -1,5 +1,6 @@
 """Ops that move, select or build elements: transpose, reshape, slice, concat, gather, arange, the
-KV-cache write ``update_slice``, and the derivatives' ``broadcast_like`` and ``scatter_add``."""
+KV-cache write ``update_slice``, ``broadcast_to`` (``expand``), and the derivatives' ``broadcast_like`` and
+``scatter_add``."""
 
 from __future__ import annotations
 
@@ -77,7 +78,7 @@ def _update_slice(c):
     return te.compute(c.shape, body, name=c.name)
 
 
-@lowering("broadcast_like")
+@lowering("broadcast_like", "broadcast_to")
 def _broadcast_like(c):
     return te.compute(c.shape, bcast(c.xs[0], c.rank), name=c.name)
 

@@ -158,6 +158,15 @@ def _cross_entropy(c):
     return te.compute(c.shape, body, name=c.name)
 
 
+def _ieee_max_combine(a, b):
+    return tirx.Select(tirx.any(b > a, tirx.isnan(b)), b, a)
+
+
+#: max as NumPy and PyTorch take it: from -inf (a row of -inf has max -inf, not the lowest finite value), a NaN
+#: anywhere the result
+_ieee_max = te.comm_reducer(_ieee_max_combine, lambda dtype: tirx.const(float("-inf"), dtype), name="ieee_max")
+
+
 @lowering("reduce_sum", "reduce_mean", "reduce_max")
 def _reduce(c):
     (x,) = c.xs
@@ -179,7 +188,7 @@ def _reduce(c):
                 idx.append(next(it))
         val = x[tuple(idx)]
         if c.op == "reduce_max":
-            return te.max(val, axis=ks)
+            return (_ieee_max if str(x.dtype).startswith(("float", "bfloat")) else te.max)(val, axis=ks)
         if c.op == "reduce_mean":
             return te.sum(val / count, axis=ks)
         return te.sum(val, axis=ks)

@@ -149,7 +149,8 @@ def attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable,
     out_view = OperandView(layout, False, False, 0)
 
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
-        index = views.get(buf, out_view).index(bi, hi, si, ci, add=lambda a, o: f"{a} + {o}")
+        index = views.get(buf, out_view).index(bi, hi, si, ci, add=lambda a, o: f"{a} + {o}",
+                                               div=lambda a, g: f"{a} // {g}")
         return f"{buf}[{', '.join(map(str, index))}]"
 
     ops = MaskOps(lambda a, m: f"{a} + {m}", lambda c, a, b: f"T.if_then_else({c}, {a}, {b})",

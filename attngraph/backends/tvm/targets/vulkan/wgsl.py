@@ -182,6 +182,18 @@ def compile_webgpu(mod, target=None, *, schedule: bool = False) -> WebGPUModule:
     return WebGPUModule(kernels, entries)
 
 
+def _narrow_attrs(attrs: dict) -> dict:
+    """``attrs`` with every int64 dtype they name (a ``cast``'s, a ``fused_elementwise`` step's) int32, as the
+    values are inside a narrowed kernel."""
+    def narrowed(value):
+        if value == "int64":
+            return "int32"
+        if isinstance(value, tuple):
+            return tuple(narrowed(v) for v in value)
+        return value
+    return {k: narrowed(v) if k in ("dtype", "program") else v for k, v in attrs.items()}
+
+
 def narrow_kernel(spec, dv, target):
     """A kernel whose operands or result are int64 or bool, lowered for int32 storage and GPU-scheduled;
     None for every other kernel (the generic path serves it).  WGSL has no 64-bit integers at all, so int64 values are int32 inside
@@ -206,7 +218,7 @@ def narrow_kernel(spec, dv, target):
     logical = [s if s.dtype == narrow(t).dtype else cast(s, t.dtype, f"in{n}_logical")
                for n, (s, t) in enumerate(zip(stored, spec.in_types))]
     casts = [t.op.name for t, s in zip(logical, stored) if t is not s]
-    out = lower(spec.op, spec.attrs, logical, narrow(spec.out_type), dv, name="out_logical")
+    out = lower(spec.op, _narrow_attrs(spec.attrs), logical, narrow(spec.out_type), dv, name="out_logical")
     dtype = storage_dtype(spec.out_type.dtype)
     if out.dtype != dtype:
         out = cast(out, dtype, "out")
