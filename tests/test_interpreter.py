@@ -71,8 +71,9 @@ def test_sinusoidal_positions_match_the_paper():
     g = ag.trace(PE(), {"x": nn.InputSpec(("b", "s"), "int64")})
     out = ag.reference.run(g, {"x": np.zeros((1, 10), np.int64)}, {}, dtype="float64")["output"]
     pos, i = np.arange(10)[:, None], np.arange(8)[None, :]
-    assert np.allclose(out[:, 0::2], np.sin(pos / 10000 ** (2 * i / 16)), atol=1e-6)  # table held in float32
-    assert np.allclose(out[:, 1::2], np.cos(pos / 10000 ** (2 * i / 16)), atol=1e-6)
+    # the paper's formula to float64 rounding: the constants keep their float64 values in a float64 run
+    np.testing.assert_allclose(out[:, 0::2], np.sin(pos / 10000 ** (2 * i / 16)), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(out[:, 1::2], np.cos(pos / 10000 ** (2 * i / 16)), rtol=0, atol=1e-14)
     np.testing.assert_allclose(out, nn.sinusoidal_table(64, 16)[:10], atol=1e-6)
 
 

@@ -60,8 +60,8 @@ class TorchTranslator:
         self.tgt_embed = torch.nn.Embedding(V, D_MODEL).double()
         self.transformer = torch.nn.Transformer(D_MODEL, HEADS, layers, layers, FF, dropout=0.0,
                                                 batch_first=True, norm_first=norm_first).double()
-        # the DSL's table: its constants (positions, inverse frequencies) are float32, the rest float64
-        inv = np.power(10000.0, -np.arange(0, D_MODEL, 2) / D_MODEL).astype(np.float32).astype(np.float64)
+        # the paper's table, in float64 (the DSL's constants keep their float64 values in a float64 run)
+        inv = np.power(10000.0, -np.arange(0, D_MODEL, 2) / D_MODEL)
         angles = np.arange(64, dtype=np.float64)[:, None] * inv
         self.pe = torch.from_numpy(np.stack([np.sin(angles), np.cos(angles)], -1).reshape(64, D_MODEL))
 
