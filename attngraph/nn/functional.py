@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import math
 from typing import Sequence
 
@@ -178,25 +179,25 @@ def embedding(input, weight) -> Tensor:  # noqa: A002 - PyTorch's names
     return gather(weight, input)
 
 
-def min(input, other=None, keepdim: bool = False):  # noqa: A001, A002 - torch.min
-    """``torch.min``: of every element (``other`` None), along dim ``other`` (an int: (values, indices)), or
-    the elementwise minimum with tensor or number ``other``."""
+def _extreme(reduce: str, input, other, keepdim: bool):
     x = as_tensor(input)
     if other is None:
-        return x.min()
+        return getattr(x, reduce)()
     if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
-        return x.min(int(other), keepdim), x.argmin(int(other), keepdim)
-    return x.minimum(other)
+        return getattr(x, reduce)(int(other), keepdim), getattr(x, f"arg{reduce}")(int(other), keepdim)
+    return getattr(x, f"{reduce}imum")(other)
+
+
+def min(input, other=None, keepdim: bool = False):  # noqa: A001, A002 - torch.min
+    """``torch.min``: of every element (``other`` None), along dim ``other`` (an int: (values, indices)), or
+    the elementwise minimum with tensor or number ``other``.  (This module's own code calls Python's as
+    ``builtins.min``.)"""
+    return _extreme("min", input, other, keepdim)
 
 
 def max(input, other=None, keepdim: bool = False):  # noqa: A001, A002 - torch.max
     """``torch.max``: as ``min``, for the maximum."""
-    x = as_tensor(input)
-    if other is None:
-        return x.max()
-    if isinstance(other, (int, np.integer)) and not isinstance(other, bool):
-        return x.max(int(other), keepdim), x.argmax(int(other), keepdim)
-    return x.maximum(other)
+    return _extreme("max", input, other, keepdim)
 
 
 def zeros_like(x) -> Tensor: return full_like(x, 0)
@@ -227,7 +228,7 @@ def pad(x, pad: Sequence[int], mode: str = "constant", value: float = 0.0) -> Te
             if right < 0 and not isinstance(size, int):
                 raise TraceError(f"pad({tuple(pad)}) at {_user_location()}: a negative pad at the end of symbolic "
                                  f"axis {axis} ({size})")
-            x = x[(slice(None),) * axis + (slice(max(-left, 0), size + right if right < 0 else None),)]
+            x = x[(slice(None),) * axis + (slice(builtins.max(-left, 0), size + right if right < 0 else None),)]
         before, after = ([as_tensor(value, like=x).expand(*[amount if a == axis else d for a, d in enumerate(x.shape)])]
                          if amount > 0 else [] for amount in (left, right))
         if before or after:
@@ -330,7 +331,7 @@ def einsum(equation: str, *operands) -> Tensor:
         raise TraceError(f"{where}: {len(inputs)} operand spec(s) for {len(ts)} operand(s); one or two are supported")
     specs = [_expand_ellipsis(s, t.ndim, where) for s, t in zip(inputs, ts)]
     if arrow:
-        out = _expand_ellipsis(out, max(len(s) for s in specs) if "..." in out else len(out.replace("...", "")),
+        out = _expand_ellipsis(out, builtins.max(len(s) for s in specs) if "..." in out else len(out.replace("...", "")),
                                where, specs)
     else:  # implicit: the ellipsis dims, then the letters used once, in alphabetical order
         letters = "".join(specs)
@@ -378,7 +379,7 @@ def _expand_ellipsis(spec: str, rank: int, where: str, others=()) -> str:
         return spec
     n = rank - len(spec.replace("...", ""))
     if others:  # the output: as many ellipsis dims as the widest operand has
-        n = max((sum(c in _ELLIPSIS for c in o) for o in others), default=0)
+        n = builtins.max((builtins.sum(c in _ELLIPSIS for c in o) for o in others), default=0)
     if n < 0:
         from .tensor import TraceError
         raise TraceError(f"{where}: {spec!r} names more axes than the tensor's {rank}")
