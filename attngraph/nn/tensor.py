@@ -48,6 +48,19 @@ class SymDim(str):
         raise TraceError(f"{self} / {other} at {_user_location()}: a symbolic size has no float value while tracing; "
                          f"use // where it divides exactly")
 
+    def _compare(self, other, op: str, spelled: str):
+        if isinstance(other, str):  # names and expressions of dims compare as text
+            return getattr(str, op)(self, other)
+        raise TraceError(f"{self} {spelled} {other!r} at {_user_location()}: a symbolic size has no value while "
+                         f"tracing (one graph serves every {self}); give that input a fixed size, or compute with "
+                         f"tensors")
+
+    def __lt__(self, other): return self._compare(other, "__lt__", "<")
+    def __le__(self, other): return self._compare(other, "__le__", "<=")
+    def __gt__(self, other): return self._compare(other, "__gt__", ">")
+    def __ge__(self, other): return self._compare(other, "__ge__", ">=")
+    __hash__ = str.__hash__
+
 
 def _plain(dim):
     if isinstance(dim, (int, np.integer)) and not isinstance(dim, bool):
