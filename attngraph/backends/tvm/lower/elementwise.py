@@ -23,7 +23,7 @@ def gelu(x, approximate):
 def _pow(a, b):
     """``a ** b`` as C's pow: a negative ``a`` to an integral ``b`` is ``+-|a| ** b`` (WGSL's pow is
     ``exp2(b log2 a)``, NaN there), to any other ``b`` NaN."""
-    if not str(a.dtype).startswith(("float", "bfloat")):
+    if not str(dtype_of(a)).startswith(("float", "bfloat")):
         return tirx.power(a, b)
     dt = dtype_of(a)
     magnitude = tirx.power(tirx.abs(a), b)
@@ -35,7 +35,7 @@ def _pow(a, b):
 
 def _ieee_eq(a, b):
     """``a == b`` as IEEE compares floats: false where either is NaN (TVM's simplifier takes ``x == x`` for true)."""
-    if not str(a.dtype).startswith(("float", "bfloat")):
+    if not str(dtype_of(a)).startswith(("float", "bfloat")):
         return a == b
     return tirx.all(tirx.Not(tirx.isnan(a)), tirx.Not(tirx.isnan(b)), a == b)
 
