@@ -150,7 +150,7 @@ def attention_parts(spec, target, narrow_bool: bool, shared_bytes: Callable,
 
     def at(buf: str, bi: str, hi: str, si: str, ci: str) -> str:
         index = views.get(buf, out_view).index(bi, hi, si, ci, add=lambda a, o: f"{a} + {o}",
-                                               div=lambda a, g: f"{a} // {g}")
+                                               div=lambda a, g: f"T.truncdiv({a}, {g})")  # a head index: >= 0
         return f"{buf}[{', '.join(map(str, index))}]"
 
     ops = MaskOps(lambda a, m: f"{a} + {m}", lambda c, a, b: f"T.if_then_else({c}, {a}, {b})",
