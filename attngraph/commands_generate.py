@@ -64,17 +64,16 @@ def text_ids(tokenizer, text: str, where: str) -> list[int]:
     return encode(tokenizer, text)
 
 
-def check_request(module, sources, beam: int, cache_len: int, dtype: str) -> None:
+def check_request(module, sources, beam: int, max_len: int, cache_len: int | None, dtype: str) -> None:
     """Before building or allocating anything: a beam wider than the vocabulary, or a search whose
     state does not fit in memory, is a ``GenerationError`` (``generate.check_search``, on the entries'
     traced types: cheap)."""
     graphs = trace_entries(module, cache_len)
     info = DecoderInfo.from_model(module, graphs["decode_step"], graphs.get("encode_entry"))
     width = max(len(s) for s in sources)
-    if info.decoder_only:
-        check_search(info, len(sources), beam, width, None, dtype)
-    else:
-        check_search(info, len(sources), beam, 1, width, dtype)
+    prefix = width if info.decoder_only else 1
+    positions = min(info.cache_len, prefix + max_len - 1)
+    check_search(info, len(sources), beam, prefix, None if info.decoder_only else width, dtype, positions)
 
 
 @click.command()
@@ -96,7 +95,8 @@ def check_request(module, sources, beam: int, cache_len: int, dtype: str) -> Non
 @click.option("--target", default="numpy", show_default=True, callback=check_target, metavar="TARGET",
               help="numpy: the reference interpreter; llvm, cuda, vulkan: the entries compiled with TVM for that target.")
 @click.option("--cache-len", "cache_len", type=click.IntRange(1),
-              help="Positions each decoder cache holds (default: the prefix plus --max-len).")
+              help="The most positions a decoder cache may grow to (default: the positions the model encodes); "
+                   "the caches hold what the search has written, growing as it goes.")
 @click.option("--save", "save_dir", type=click.Path(file_okay=False),
               help="With a compile target: keep the compiled entries in this directory (reuse it as MODEL).")
 @click.option("--weights", "weights_path", type=click.Path(dir_okay=False),
@@ -132,10 +132,7 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
     else:
         if tokenizer is None:
             module = models.get(model)
-        if cache_len is None:
-            prefix = max(len(s) for s in sources) if not hasattr(module, "encode_entry") else 1
-            cache_len = min(prefix + max_len - 1, getattr(module, "max_len", prefix + max_len))
-        check_request(module, sources, beam, cache_len, dtype)
+        check_request(module, sources, beam, max_len, cache_len, dtype)
         if tokenizer is None:
             params = load_weights(weights_path) if weights_path else init_params(module, seed)
         if target == "numpy":

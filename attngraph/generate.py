@@ -5,13 +5,15 @@ A model that generates has entries beside ``forward`` (see ``attngraph.nn.cache`
 - ``encode_entry(src)`` (encoder-decoder models only): once per source, the memory's padding mask
   and every decoder layer's cross-attention keys and values;
 - ``decode_step(tokens, pos, **state)``: the new token(s) at positions ``pos ..`` to their
-  next-token log-probs and the updated self-attention caches (``cache.0.k``, ...), preallocated to
-  ``cache_len`` positions fixed when the entry is traced (built);
+  next-token log-probs and the updated self-attention caches (``cache.0.k``, ...), of any length up
+  to ``cache_len`` (the stepper allocates and grows them);
 - ``reorder_cache(indices, **caches)``: the caches' rows gathered along the batch (beam search).
 
-The search runs in Python over a ``Stepper``: ``encode``, ``step``, ``reorder`` and ``expand``. The
-stepper owns the decoding state (caches, cross keys/values), so a compiled stepper keeps it where
-the kernels run and only the log-probs come back to the host.  ``compile_entries`` compiles each entry in
+The search runs over a ``Stepper``: ``encode``, ``step``, ``reorder`` and ``expand``, vectorized across
+the sources (NumPy over the whole batch; Python only where a hypothesis finishes); the sources and
+hypotheses that are done leave the batch.  The stepper owns the decoding state (caches, cross
+keys/values), so a compiled stepper keeps it where the kernels run and only the log-probs come back
+to the host.  ``compile_entries`` compiles each entry in
 memory for any target (``numpy``: the reference interpreter; ``InterpreterStepper``: the entries as traced,
 the oracle); ``CompiledStepper`` builds and runs one artifact per entry.
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -35,6 +37,8 @@ from .passes.precision import STATE
 #: The entries a generating model provides (``encode_entry`` only with an encoder).
 ENTRIES = ("encode_entry", "decode_step", "reorder_cache")
 MANIFEST = "generate.json"
+#: generate.json's format: 2 since the caches' length is symbolic (format 1's were fixed at the build).
+FORMAT = 2
 
 
 class GenerationError(ValueError):
@@ -55,7 +59,7 @@ class DecoderInfo:
     source_vocab: int | None        # encoder-decoder: ids allowed in the source
     max_source_len: int | None      # encoder-decoder: positions the encoder encodes
     pad_id: int | None              # encoder-decoder: the source padding token
-    cache_len: int                  # positions each self-attention cache holds
+    cache_len: int                  # the most positions a self-attention cache may hold
     state: dict[str, TensorType] = field(default_factory=dict)  # decode-step inputs beside tokens and pos
     caches: tuple[str, ...] = ()    # the state the decode step updates
 
@@ -70,8 +74,7 @@ class DecoderInfo:
         return cls(getattr(model, "name", type(model).__name__), encode is None,
                    int(decode.output_types()["log_probs"].shape[-1]), source_vocab,
                    None if encode is None else getattr(model, "max_len", None),
-                   None if encode is None else getattr(model, "pad_id", 0),
-                   int(state[caches[0]].shape[1]), state, caches)
+                   None if encode is None else getattr(model, "pad_id", 0), int(model.cache_len), state, caches)
 
     def to_json(self) -> dict:
         return {"name": self.name, "decoder_only": self.decoder_only, "vocab_size": self.vocab_size,
@@ -87,7 +90,8 @@ class DecoderInfo:
 
 
 class Stepper(Protocol):
-    """Runs a model's decode steps.  ``state`` is the stepper's own (arrays or device tensors)."""
+    """Runs a model's decode steps.  ``state`` is the stepper's own (arrays or device tensors); a call that
+    returns a new state consumes the one it was given (its caches are written in place or reused)."""
 
     info: DecoderInfo
 
@@ -105,33 +109,68 @@ class Stepper(Protocol):
         """The whole state's rows (caches, cross keys/values, padding) taken as ``indices`` (any length)."""
 
 
-Entry = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+#: Positions a cache grows by: each step's attention reads the whole cache, so a cache holds at most
+#: ``GROW - 1`` positions more than the positions written (and never more than ``DecoderInfo.cache_len``).
+GROW = 16
 
 
 class EntryStepper:
-    """The stepper logic over the model's entries, each a callable ``{name: array} -> {name: array}``;
-    the interpreter and compiled steppers differ only in how they make those callables."""
+    """The stepper logic over the model's compiled entries (``{entry: model}``, each called with ``keep``: its
+    state outputs stay where it runs); the interpreter and compiled steppers differ only in how the entries
+    were compiled.
 
-    def __init__(self, info: DecoderInfo, entries: Mapping[str, Entry], dtype: str = "float32"):
+    The caches start with room for the first step and grow by ``GROW`` positions as the steps reach their end
+    (a copy through the host, once per ``GROW`` steps), so a step costs what the positions written need,
+    whatever the longest length allowed.  ``reorder`` writes into the caches the previous reorder consumed
+    (no allocation per beam step)."""
+
+    def __init__(self, info: DecoderInfo, models: Mapping, dtype: str = "float32"):
         """``dtype``: the type the caches are stored in."""
-        self.info, self.entries, self.dtype = info, dict(entries), dtype
+        self.info, self.models, self.dtype = info, dict(models), dtype
+        self._spare: dict = {}  # the caches the last reorder consumed: the next one writes into them
 
-    def _zero_caches(self, batch: int) -> dict:
-        # Zeros, not garbage: masked-out entries are multiplied by 0, and 0 * NaN is NaN.
-        return {n: np.zeros(self.info.state[n].concrete({"batch": batch}), numpy_dtype(self.dtype))
-                for n in self.info.caches}
+    def _call(self, entry: str, inputs: Mapping, into: Mapping | None = None) -> Mapping:
+        model = self.models[entry]
+        keep = tuple(name for name, _ in model.graph.outputs if name != "log_probs")
+        return model(inputs, keep=keep, into=into)
+
+    def _caches_of(self, batch: int, length: int) -> dict:
+        """Empty caches: zeros, not garbage (masked-out entries are multiplied by 0, and 0 * NaN is NaN)."""
+        return {n: np.zeros(self._cache_shape(n, batch, length), numpy_dtype(self.dtype)) for n in self.info.caches}
+
+    def _cache_shape(self, name: str, batch: int, length: int) -> tuple:
+        ty = self.info.state[name]
+        return ty.concrete({"batch": batch, str(ty.shape[1]): length})
+
+    def capacity(self, end: int) -> int:
+        """The positions a cache gets when a step writes up to position ``end`` (exclusive)."""
+        return min(self.info.cache_len, -(-end // GROW) * GROW)
+
+    def _fit(self, state, end: int):
+        """``state`` with caches of at least ``end`` positions: grown (zeros after the written ones) if shorter."""
+        first = state[self.info.caches[0]]
+        if first.shape[1] >= end:
+            return state
+        length, model = self.capacity(end), self.models["decode_step"]
+        grown = {}
+        for n in self.info.caches:
+            old = state[n] if isinstance(state[n], np.ndarray) else model.get(state[n])
+            new = np.zeros(self._cache_shape(n, old.shape[0], length), old.dtype)
+            new[:, :old.shape[1]] = old
+            grown[n] = new if isinstance(state[n], np.ndarray) else model.put(new, self.dtype)
+        return {**state, **grown}
 
     def encode(self, sources):
         sources = np.asarray(sources, np.int64)
+        caches = self._caches_of(len(sources), self.capacity(sources.shape[1] if self.info.decoder_only else 1))
         if self.info.decoder_only:
-            return self._zero_caches(len(sources))
+            return caches
         check_tokens(sources, self.info.source_vocab, "source")
         if self.info.max_source_len is not None and sources.shape[1] > self.info.max_source_len:
             raise GenerationError(f"sources of {sources.shape[1]} tokens are longer than the "
                                   f"{self.info.max_source_len} positions {self.info.name} encodes")
-        out = self.entries["encode_entry"]({"src": sources})
-        state = {n: out[n] for n in self.info.state if n not in self.info.caches}
-        return {**state, **self._zero_caches(len(sources))}
+        out = self._call("encode_entry", {"src": sources})
+        return {**{n: out[n] for n in self.info.state if n not in self.info.caches}, **caches}
 
     def step(self, tokens, pos, state):
         tokens = np.asarray(tokens, np.int64)
@@ -139,7 +178,8 @@ class EntryStepper:
         if pos < 0 or pos + tokens.shape[1] > self.info.cache_len:
             raise GenerationError(f"positions {pos}..{pos + tokens.shape[1] - 1} are past the cache of "
                                   f"{self.info.cache_len} positions (built with cache_len={self.info.cache_len})")
-        out = self.entries["decode_step"]({"tokens": tokens, "pos": np.int64(pos), **state})
+        state = self._fit(state, pos + tokens.shape[1])
+        out = self._call("decode_step", {"tokens": tokens, "pos": np.int64(pos), **state})
         # The entry gives every new position's log-probs (no symbolic slice to lower); the next
         # token only needs the last (a half-precision model's in float32, for the search's sums).
         log_probs = np.asarray(out["log_probs"])[:, -1]
@@ -148,12 +188,17 @@ class EntryStepper:
         return log_probs, {**state, **{n: out[n] for n in self.info.caches}}
 
     def reorder(self, state, indices):
-        out = self.entries["reorder_cache"]({"indices": np.asarray(indices, np.int64),
-                                             **{n: state[n] for n in self.info.caches}})
+        caches = {n: state[n] for n in self.info.caches}
+        spare = self._spare
+        reuse = all(n in spare and spare[n] is not caches[n] and tuple(spare[n].shape) == tuple(caches[n].shape)
+                    for n in caches)
+        out = self._call("reorder_cache", {"indices": np.asarray(indices, np.int64), **caches},
+                         into=spare if reuse else None)
+        self._spare = caches
         return {**state, **{n: out[n] for n in self.info.caches}}
 
     def expand(self, state, indices):
-        return dict(self.entries["expand_state"]({"indices": np.asarray(indices, np.int64), **state}))
+        return dict(self._call("expand_state", {"indices": np.asarray(indices, np.int64), **state}))
 
 
 def trace_entries(model, cache_len: int | None = None) -> dict[str, Graph]:
@@ -179,12 +224,6 @@ def trace_entries(model, cache_len: int | None = None) -> dict[str, Graph]:
     return graphs
 
 
-def _entry(model) -> Entry:
-    """A model's entry as the stepper calls it: its state outputs kept where the model runs."""
-    state = tuple(name for name, _ in model.graph.outputs if name != "log_probs")
-    return lambda inputs: model(inputs, keep=state)
-
-
 def compile_entries(model, params: Mapping[str, np.ndarray], target: str = "numpy", *, cache_len: int | None = None,
                     opt_level: int = 3, dtype: str | None = None, weight_dtype: str | None = None,
                     device: str | None = None) -> EntryStepper:
@@ -198,9 +237,7 @@ def compile_entries(model, params: Mapping[str, np.ndarray], target: str = "nump
     info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
     compiled = {m: compile(g, {k: params[k] for k in g.params}, target=target, opt_level=opt_level, dtype=dtype,
                            weight_dtype=weight_dtype, device=device) for m, g in graphs.items()}
-    stepper = EntryStepper(info, {m: _entry(c) for m, c in compiled.items()}, dtype or "float32")
-    stepper.models = compiled
-    return stepper
+    return EntryStepper(info, compiled, dtype or "float32")
 
 
 def InterpreterStepper(model, params: Mapping[str, np.ndarray], cache_len: int | None = None, dtype: str = "float32",
@@ -238,7 +275,7 @@ class CompiledStepper(EntryStepper):
             for name, g in graphs.items():
                 build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target,
                       opt_level=opt_level, weight_dtype=weight_dtype, dtype=dtype)
-            manifest = {"format": 1, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
+            manifest = {"format": FORMAT, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
                         "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
                         "cache_len": info.cache_len, "decoder": info.to_json()}
             files.write_file(out_dir, MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -252,9 +289,12 @@ class CompiledStepper(EntryStepper):
                                 f"attngraph.generate.CompiledStepper.build")
         with open(manifest_path) as f:
             self.manifest = json.load(f)
-        self.models = {m: load(os.path.join(path, m)) for m in self.manifest["entries"]}
+        if self.manifest.get("format") != FORMAT:
+            raise ArtifactError(f"{path!r} holds generation entries of format {self.manifest.get('format')} (an "
+                                f"older attngraph's, with caches of a fixed length); build them again")
         super().__init__(DecoderInfo.from_json(self.manifest["decoder"]),
-                         {m: _entry(model) for m, model in self.models.items()}, self.manifest.get("dtype", "float32"))
+                         {m: load(os.path.join(path, m)) for m in self.manifest["entries"]},
+                         self.manifest.get("dtype", "float32"))
 
 
 def is_generation_dir(path: str) -> bool:
@@ -295,15 +335,18 @@ def check_tokens(tokens: np.ndarray, vocab: int | None, what: str) -> None:
 
 
 def search_bytes(info: DecoderInfo, sources: int, beam: int, prefix_len: int, src_len: int | None = None,
-                 float_bytes: int = 4) -> dict[str, int]:
+                 float_bytes: int = 4, positions: int | None = None) -> dict[str, int]:
     """Bytes a search over ``sources`` sources with ``beam`` beams each holds at once: the decoding
-    state (every layer's self-attention cache, keys and values, of ``cache_len`` positions, and an
+    state (every layer's self-attention cache, keys and values, of ``positions`` positions (default: the
+    most a cache may hold), and an
     encoder-decoder's cross keys/values over ``src_len`` positions) at ``sources * beam`` rows, twice
     (a step or a reorder makes the new state from the old), and the log-probs over the vocabulary (the
     first step's for each of the ``prefix_len`` positions, its logits, the search's float64 scores)."""
     from .ir import dims as D
     rows = sources * beam
     bindings = {"batch": rows}
+    for n in info.caches:
+        bindings[str(info.state[n].shape[1])] = positions or info.cache_len
     state = 0
     for ty in info.state.values():
         for d in ty.shape:  # src_len, and any other length: the sources' width
@@ -317,15 +360,16 @@ def search_bytes(info: DecoderInfo, sources: int, beam: int, prefix_len: int, sr
 
 
 def check_search(info: DecoderInfo, sources: int, beam: int, prefix_len: int, src_len: int | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", positions: int | None = None) -> None:
     """A ``GenerationError`` for a beam wider than the vocabulary, or a search whose state
     (``search_bytes``) does not fit in the memory available; checked before anything is allocated."""
     if beam > info.vocab_size:
         raise GenerationError(f"beam {beam} is larger than the vocabulary of {info.name} ({info.vocab_size} "
                               f"tokens): a beam holds distinct continuations, at most {info.vocab_size} here")
     from .memory_check import check_fits
-    parts = search_bytes(info, sources, beam, prefix_len, src_len, numpy_dtype(dtype).itemsize)
-    check_fits(parts, f"{sources} source(s) x beam {beam}, cache {info.cache_len} positions, vocabulary "
+    positions = positions or info.cache_len
+    parts = search_bytes(info, sources, beam, prefix_len, src_len, numpy_dtype(dtype).itemsize, positions)
+    check_fits(parts, f"{sources} source(s) x beam {beam}, cache {positions} positions, vocabulary "
                       f"{info.vocab_size}", error=GenerationError, hint="lower the beam or the number of inputs")
 
 
@@ -360,7 +404,7 @@ def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | N
                               f"positions, but the cache holds {info.cache_len} (built with cache_len="
                               f"{info.cache_len}); lower max_len or rebuild with a larger cache")
     check_search(info, len(rows), beam, prefix.shape[1], None if info.decoder_only else src.shape[1],
-                 getattr(stepper, "dtype", "float32"))
+                 getattr(stepper, "dtype", "float32"), min(info.cache_len, -(-needed // GROW) * GROW))
     state = stepper.encode(prefix if info.decoder_only else src)
     return state, prefix
 
@@ -368,57 +412,56 @@ def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | N
 def greedy_search(stepper: Stepper, sources: Sequence[Sequence[int]], max_len: int, *, eos_id: int | None = None,
                   bos_id: int = 1, alpha: float = 0.0) -> list[Hypothesis]:
     """The most likely next token at every step, for a batch of sources (prompts), until EOS or
-    ``max_len`` new tokens.  Rows that ended keep running (the batch stays static) but are ignored."""
+    ``max_len`` new tokens.  A row that generated EOS leaves the batch (``stepper.expand``)."""
     state, prefix = _start(stepper, sources, max_len, bos_id, eos_id)
-    batch = len(prefix)
+    batch, p = prefix.shape
     log_probs, state = stepper.step(prefix, 0, state)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
+    tokens = np.zeros((batch, max_len), np.int64)
+    lengths = np.zeros(batch, np.int64)
     total = np.zeros(batch)
-    done = np.zeros(batch, bool)
+    active = np.arange(batch)  # the source of each row of the running batch
     for t in range(max_len):
         nxt = log_probs.argmax(axis=-1)  # ties: the lowest id, as in beam search
-        for s in np.flatnonzero(~done):
-            tokens[s].append(int(nxt[s]))
-            total[s] += float(log_probs[s, nxt[s]])
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if done.all() or t == max_len - 1:
+        tokens[active, t] = nxt
+        total[active] += log_probs[np.arange(len(active)), nxt]
+        lengths[active] = t + 1
+        if t == max_len - 1:
             break
-        log_probs, state = stepper.step(nxt[:, None], prefix.shape[1] + t, state)
-    ended = [eos_id is not None and bool(seq) and seq[-1] == eos_id for seq in tokens]
-    return [Hypothesis(seq, float(lp), float(lp) / length_penalty(len(seq), alpha), end)
-            for seq, lp, end in zip(tokens, total, ended)]
+        going = np.flatnonzero(nxt != eos_id) if eos_id is not None else np.arange(len(active))
+        if len(going) == 0:
+            break
+        if len(going) < len(active):
+            state, active, nxt = stepper.expand(state, going), active[going], nxt[going]
+        log_probs, state = stepper.step(nxt[:, None], p + t, state)
+    out = []
+    for s in range(batch):
+        seq = tokens[s, :lengths[s]].tolist()
+        end = eos_id is not None and seq[-1] == eos_id
+        out.append(Hypothesis(seq, float(total[s]), float(total[s]) / length_penalty(len(seq), alpha), end))
+    return out
 
 
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest finite ``scores``, best first, ties broken by the lower index."""
-    n = min(n, scores.size)
-    kth = np.partition(scores, scores.size - n)[scores.size - n]
-    idx = np.flatnonzero(scores >= kth)                      # every tie with the n-th best
-    idx = idx[np.argsort(-scores[idx], kind="stable")][:n]   # stable: lower index first among ties
-    return idx[np.isfinite(scores[idx])]
+def _row_top(log_probs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, values) of each row's ``n`` largest log-probs, ties with the ``n``-th broken by the lower id:
+    the candidates a beam can contribute to its source's best ``2 * beam``."""
+    ids = np.argpartition(-log_probs, n - 1, axis=1)[:, :n]
+    values = np.take_along_axis(log_probs, ids, 1)
+    nth = values.min(axis=1)
+    # argpartition picks any of the values tied with the n-th: where the row holds more of them than
+    # were picked, take the lowest ids among them (rare: exact ties in float log-probs).
+    ties = np.flatnonzero((log_probs == nth[:, None]).sum(1) > (values == nth[:, None]).sum(1))
+    for r in ties:
+        row = log_probs[r]
+        above = np.flatnonzero(row > nth[r])
+        ids[r] = np.concatenate([above, np.flatnonzero(row == nth[r])[:n - len(above)]])
+        values[r] = row[ids[r]]
+    return ids, values
 
 
 def _keep_best(finished: list[Hypothesis], hyp: Hypothesis, beam: int) -> None:
     finished.append(hyp)
     finished.sort(key=lambda h: -h.score)  # stable: an earlier hypothesis wins a tie
     del finished[beam:]
-
-
-def _source_done(finished, live_scores, beam, length, max_len, alpha, early_stopping) -> bool:
-    """Whether a source's search may stop: no live beam, or ``beam`` finished hypotheses and
-    (``early_stopping``, or no live beam can still beat the worst of them)."""
-    if not np.isfinite(live_scores).any():
-        return True
-    if len(finished) < beam:
-        return False
-    if early_stopping:
-        return True
-    # Log-probs are <= 0, so a live beam's sum only falls; its final length is length+1 .. max_len,
-    # and the penalty is monotonic in the length: the best it can reach is at one of the two ends.
-    best = float(live_scores.max())
-    bound = max(best / length_penalty(length + 1, alpha), best / length_penalty(max_len, alpha))
-    return bound <= finished[-1].score
 
 
 def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, max_len: int, *,
@@ -433,56 +476,87 @@ def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, m
     finished hypotheses (exact: the result is then the one running to ``max_len`` would give; the
     default, as Hugging Face's ``early_stopping=False``), or with ``early_stopping`` as soon as it has
     ``beam`` finished ones: faster, but an EOS scored far below a live beam finishes a hypothesis
-    whenever the other extensions score lower still, and then ends the search.  The caches follow the
-    surviving beams through ``stepper.reorder``."""
+    whenever the other extensions score lower still, and then ends the search.
+
+    The search runs on arrays over all sources at once; a source that stops leaves the batch (its rows
+    dropped from the state by ``stepper.expand``), and the caches follow the surviving beams through
+    ``stepper.reorder``."""
     if beam < 1:
         raise GenerationError(f"beam must be at least 1, got {beam}")
     state, prefix = _start(stepper, sources, max_len, bos_id, eos_id, beam)
     batch, p = prefix.shape
-    rows = batch * beam
-    identity = np.arange(rows)
     state = stepper.expand(state, np.repeat(np.arange(batch), beam))
     log_probs, state = stepper.step(np.repeat(prefix, beam, axis=0), 0, state)
+    active = np.arange(batch)                         # the sources still searching, in batch order
     live_scores = np.full((batch, beam), -np.inf)
-    live_scores[:, 0] = 0.0  # the beams start identical: extend only the first
-    live_tokens: list[list[list[int]]] = [[[] for _ in range(beam)] for _ in range(batch)]
+    live_scores[:, 0] = 0.0                           # the beams start identical: extend only the first
+    seqs = np.zeros((batch, beam, max_len), np.int64)  # each live beam's tokens
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    filler = eos_id if eos_id is not None else 0  # fed to beams no longer in use
+    worst = np.full(batch, np.inf)                    # the score of a source's beam-th finished hypothesis
+    filler = eos_id if eos_id is not None else 0      # fed to beams no longer in use
+    slots = np.arange(beam)
+    per_row = min(2 * beam, log_probs.shape[-1])  # a beam's candidates
+    n = min(2 * beam, beam * per_row)               # a source's
     for length in range(1, max_len + 1):
         vocab = log_probs.shape[-1]
-        candidates = live_scores[:, :, None] + log_probs.reshape(batch, beam, vocab)
-        order, feed = identity.copy(), np.full(rows, filler, np.int64)
-        next_scores = np.full((batch, beam), -np.inf)
-        next_tokens: list[list[list[int]]] = [[[] for _ in range(beam)] for _ in range(batch)]
-        for s in np.flatnonzero(~done):
-            flat = candidates[s].ravel()
-            live = []
-            for rank, idx in enumerate(_top(flat, 2 * beam)):
-                b, tok = divmod(int(idx), vocab)
-                seq, score = live_tokens[s][b] + [tok], float(flat[idx])
-                if tok == eos_id:
-                    if rank < beam:
-                        _keep_best(finished[s], Hypothesis(seq, score, score / length_penalty(length, alpha), True), beam)
-                else:
-                    live.append((b, tok, score, seq))
-                    if len(live) == beam:
-                        break
-            if length == max_len:
-                for _, _, score, seq in live:
-                    _keep_best(finished[s], Hypothesis(seq, score, score / length_penalty(length, alpha), False), beam)
-                done[s] = True
-                continue
-            for j, (b, tok, score, seq) in enumerate(live):
-                order[s * beam + j], feed[s * beam + j] = s * beam + b, tok
-                next_scores[s, j], next_tokens[s][j] = score, seq
-            done[s] = _source_done(finished[s], next_scores[s], beam, length, max_len, alpha, early_stopping)
-        if done.all():
+        sources_now = len(active)
+        ids, values = _row_top(log_probs, per_row)
+        # A source's candidates: each live beam's best; its best n overall, ties by (beam, token).
+        scores = (live_scores[:, :, None] + values.reshape(sources_now, beam, per_row)).reshape(sources_now, -1)
+        flat = (slots[None, :, None] * vocab + ids.reshape(sources_now, beam, per_row)).reshape(sources_now, -1)
+        order = np.lexsort((flat, -scores), axis=1)[:, :n]
+        scores, flat = np.take_along_axis(scores, order, 1), np.take_along_axis(flat, order, 1)
+        parent, tok = np.divmod(flat, vocab)
+        finite = np.isfinite(scores)
+        is_eos = finite & (tok == eos_id) if eos_id is not None else np.zeros_like(finite)
+        ends = is_eos & (np.arange(n) < beam)         # an EOS among the first beam finishes a hypothesis
+        live = finite & ~is_eos
+        slot = np.cumsum(live, axis=1) - 1
+        live &= slot < beam                            # the first beam other extensions stay live
+        for a, r in zip(*np.nonzero(ends)):
+            s = active[a]
+            seq = seqs[a, parent[a, r], :length - 1].tolist() + [int(tok[a, r])]
+            score = float(scores[a, r])
+            _keep_best(finished[s], Hypothesis(seq, score, score / length_penalty(length, alpha), True), beam)
+            if len(finished[s]) == beam:
+                worst[s] = finished[s][-1].score
+        if length == max_len:
+            for a, r in zip(*np.nonzero(live)):
+                seq = seqs[a, parent[a, r], :length - 1].tolist() + [int(tok[a, r])]
+                score = float(scores[a, r])
+                _keep_best(finished[active[a]], Hypothesis(seq, score, score / length_penalty(length, alpha), False),
+                           beam)
             break
-        live_scores, live_tokens = next_scores, next_tokens
-        if not np.array_equal(order, identity):
-            state = stepper.reorder(state, order)
-        log_probs, state = stepper.step(feed[:, None], p + length - 1, state)
+        a, r = np.nonzero(live)
+        j = slot[a, r]
+        next_scores = np.full((sources_now, beam), -np.inf)
+        next_scores[a, j] = scores[a, r]
+        beams = np.tile(slots, (sources_now, 1))       # the row each new beam continues (itself if unused)
+        beams[a, j] = parent[a, r]
+        feed = np.full((sources_now, beam), filler, np.int64)
+        feed[a, j] = tok[a, r]
+        seqs = np.take_along_axis(seqs, beams[:, :, None], 1)
+        seqs[a, j, length - 1] = tok[a, r]
+        # Stop a source with no live beam, or with beam finished hypotheses that no live beam can beat: a
+        # live beam's sum only falls, and the penalty is monotonic in the length, so its best is at an end.
+        full = np.isfinite(worst[active])
+        if early_stopping:
+            beaten = full
+        else:
+            best = next_scores.max(axis=1)
+            bound = np.maximum(best / length_penalty(length + 1, alpha), best / length_penalty(max_len, alpha))
+            beaten = full & (bound <= worst[active])
+        going = np.flatnonzero(np.isfinite(next_scores).any(axis=1) & ~beaten)
+        if len(going) == 0:
+            break
+        rows = (going[:, None] * beam + beams[going]).ravel()
+        if len(going) < sources_now:  # finished sources leave the batch
+            state = stepper.expand(state, rows)
+            active, next_scores, seqs, feed = active[going], next_scores[going], seqs[going], feed[going]
+        elif not np.array_equal(rows, np.arange(len(rows))):
+            state = stepper.reorder(state, rows)
+        live_scores = next_scores
+        log_probs, state = stepper.step(feed.reshape(-1, 1), p + length - 1, state)
     return finished
 
 

@@ -111,5 +111,7 @@ def random_inputs(signature: Mapping[str, TensorType], dims: Mapping[str, int], 
         elif ty.dtype == "bool":
             out[name] = np.zeros(shape, bool)
         else:
-            out[name] = rng.integers(info.get("low", 0), info.get("high", 2), shape).astype(ty.dtype)
+            high = info.get("high", 2)
+            high = D.evaluate(high, dims) if isinstance(high, str) else high
+            out[name] = rng.integers(info.get("low", 0), high, shape).astype(ty.dtype)
     return out

@@ -200,11 +200,7 @@ def test_generation_with_the_cuda_builds_entries_on_the_emulator():
     model = ag.models.get("transformer-tiny")
     params = ag.init_params(model, seed=0, perturb=True)
     info_graphs = trace_entries(model, 8)
-    entries = {}
-    for name, graph in info_graphs.items():
-        compiled, _, _ = emulated(graph, params=params)
-        state = tuple(n for n, _ in compiled.graph.outputs if n != "log_probs")
-        entries[name] = lambda inputs, m=compiled, keep=state: m(inputs, keep=keep)
+    entries = {name: emulated(graph, params=params)[0] for name, graph in info_graphs.items()}
     info = G.DecoderInfo.from_model(model, info_graphs["decode_step"], info_graphs.get("encode_entry"))
     stepper = G.EntryStepper(info, entries)
     oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")

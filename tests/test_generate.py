@@ -377,6 +377,38 @@ def test_compiled_steps_match_the_interpreter(tmp_path):
             in bad.output, (option, bad.output)
 
 
+@pytest.mark.parametrize("target", ["numpy", "llvm"])
+def test_caches_grow_with_the_steps_and_reorders_reuse_their_memory(target):
+    """The caches start with room for the first step, grow by GROW positions as the steps reach their end
+    (the positions written kept), never past cache_len; a reorder writes into the caches the previous one
+    consumed.  Every step's log-probs equal the full model's on the whole prefix."""
+    if target == "llvm":
+        pytest.importorskip("tvm")
+    model = tiny("seq2seq")
+    params = params_of(model)
+    limit = 2 * G.GROW + 4
+    stepper = G.compile_entries(model, params, target, cache_len=limit)
+    full = ag.trace(model)
+    rng = np.random.default_rng(5)
+    src, tgt = rng.integers(1, 64, (2, 5)), rng.integers(1, 64, (2, limit))
+    tgt[:, 0] = 1
+    want = reference.run(full, {"src": src, "tgt": tgt}, params, dtype="float64")["log_probs"]
+    state = stepper.encode(src)
+    rtol, atol = TOLERANCE["float32"]
+    lengths = []
+    for pos in range(limit):
+        got, state = stepper.step(tgt[:, pos:pos + 1], pos, state)
+        lengths.append(state["cache.0.k"].shape[1])
+        np.testing.assert_allclose(got, want[:, pos], rtol=rtol, atol=atol, err_msg=f"position {pos}")
+        if pos == G.GROW + 2:  # swap the rows twice: the same state, in the memory the first swap consumed
+            first = state["cache.1.v"]
+            state = stepper.reorder(stepper.reorder(state, [1, 0]), [1, 0])
+            assert target == "numpy" or state["cache.1.v"] is first
+    assert lengths == [min(limit, G.GROW * (pos // G.GROW + 1)) for pos in range(limit)]
+    with pytest.raises(G.GenerationError, match=f"past the cache of {limit}"):
+        stepper.step(tgt[:, :1], limit, state)
+
+
 def test_compiled_state_stays_on_the_device_and_caches_update_in_place():
     pytest.importorskip("tvm")
     from attngraph.inputs import is_device_tensor

@@ -351,7 +351,7 @@ def test_in_place_cache_updates_get_no_buffer():
     opt, _ = passes.optimize(g, 3)
     updates = in_place_candidates(opt)
     assert len(updates) == sum(1 for n in opt.nodes() if n.op == "update_slice") > 0
-    plan = passes.plan_memory(opt, {"batch": 2, "step": 1}, in_place=updates)
+    plan = passes.plan_memory(opt, {"batch": 2, "step": 1, "cache": 16}, in_place=updates)
     assert not updates & set(plan.buffer_of)
 
 

@@ -432,7 +432,7 @@ def test_a_decoder_with_wide_heads_runs_on_tensor_cores_on_cuda(dtype):
     model = GPT(vocab_size=64, d_model=64, num_heads=2, d_ff=128, num_layers=1, max_len=96, name="gpt-wide-heads")
     step = to_dtype(trace_entries(model, 80)["decode_step"], dtype)
     m = ag.compile(step, ag.init_params(step, 0, perturb=True), target="cuda", dtype=None, device="emulator")
-    caches = {n: np.zeros(t.concrete({"batch": 2}), numpy_dtype(dtype)) for n, t in step.input_types().items()
+    caches = {n: np.zeros(t.concrete({"batch": 2, "cache": 80}), numpy_dtype(dtype)) for n, t in step.input_types().items()
               if n.startswith("cache")}
     rng = np.random.default_rng(0)
     for tokens, pos in ((rng.integers(0, 64, (2, 70)), 0), (rng.integers(0, 64, (2, 1)), 70)):

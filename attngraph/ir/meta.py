@@ -31,7 +31,8 @@ NODE = {
                                "(tracer -> init_params)"),
     "buffer": Key(_STR, "the name a constant was registered under (Module.register_buffer) (tracer -> printer)"),
     "low": Key(_INT, "an integer input's smallest valid value (InputSpec) (tracer -> example inputs)"),
-    "high": Key(_INT, "an integer input's bound, one past its largest valid value (tracer -> example inputs)"),
+    "high": Key((int, str), "an integer input's bound, one past its largest valid value: a number, or a dim "
+                            "expression, 'cache - step + 1' (tracer -> example inputs)"),
     "kind": Key(_STR, "what an input holds: 'tokens', 'position', 'padding_mask', 'attention_mask', "
                       "'indices', 'seed' (tracer -> example inputs, tools)"),
     "nonnegative": Key(_FLAG, "an input whose values are never negative: an optimizer's second moment "

@@ -46,8 +46,8 @@ class GPT(nn.Module):
         self.pos_embed = nn.LearnedPositionalEmbedding(max_len, d_model)
         self.layers = nn.ModuleList(GPTBlock(d_model, num_heads, d_ff, activation, eps) for _ in range(num_layers))
         self.norm = nn.LayerNorm(d_model, eps)
-        #: positions the decode-step caches hold: fixed when ``decode_step`` is traced (built).
-        self.cache_len = min(max_len, 256)
+        #: the most positions the decode-step caches may hold (they are allocated and grown as decoding needs).
+        self.cache_len = max_len
 
     def input_specs(self, method="forward"):
         tokens = dict(dtype="int64", low=0, high=self.vocab, kind="tokens")
@@ -55,7 +55,7 @@ class GPT(nn.Module):
             return {"tokens": nn.InputSpec(("batch", "seq"), **tokens)}
         if method == "decode_step":
             specs = {"tokens": nn.InputSpec(("batch", "step"), **tokens),
-                     "pos": nn.InputSpec((), "int64", low=0, high=self.cache_len, kind="position")}
+                     "pos": nn.InputSpec((), "int64", low=0, high=f"{C.CACHE} - step + 1", kind="position")}
             specs.update({n: nn.InputSpec(t.shape, t.dtype) for n, t in self.cache_types().items()})
             return specs
         if method == "reorder_cache":
@@ -63,7 +63,7 @@ class GPT(nn.Module):
         raise ValueError(f"{self.name} has no entry {method!r}")
 
     def default_dims(self, method="forward"):
-        return {"batch": 2, "seq": 12, "step": 1, "rows": 2}
+        return {"batch": 2, "seq": 12, "step": 1, "rows": 2, C.CACHE: 8}
 
     def logits(self, x):
         """The final norm and the projection tied to the token embedding."""
@@ -79,7 +79,7 @@ class GPT(nn.Module):
         """The self-attention caches the decode step reads and returns, by name (``cache.0.k``, ...)."""
         if self.cache_len > self.max_len:
             raise ValueError(f"cache_len {self.cache_len} is past the {self.max_len} positions {self.name} encodes")
-        return {name: C.cache_type(layer.self_attn, self.cache_len)
+        return {name: C.cache_type(layer.self_attn)
                 for layer, kv in zip(self.layers, C.cache_names(len(self.layers))) for name in kv}
 
     def decode_step(self, tokens, pos, **caches):

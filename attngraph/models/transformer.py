@@ -34,8 +34,8 @@ class Transformer(nn.Module):
         self.encoder = nn.Encoder(num_layers, d_model, num_heads, d_ff, activation, norm_first, dropout=dropout)
         self.decoder = nn.Decoder(num_layers, d_model, num_heads, d_ff, activation, norm_first, dropout=dropout)
         self.generator = None if share_embeddings else nn.Linear(d_model, self.tgt_vocab, bias=False)
-        #: positions the decode-step caches hold: fixed when ``decode_step`` is traced (built).
-        self.cache_len = min(max_len, 256)
+        #: the most positions the decode-step caches may hold (they are allocated and grown as decoding needs).
+        self.cache_len = max_len
 
     def input_specs(self, method="forward"):
         tokens = dict(dtype="int64", low=1 if self.pad_id == 0 else 0, kind="tokens")
@@ -46,7 +46,7 @@ class Transformer(nn.Module):
             return {"src": src}
         if method == "decode_step":
             specs = {"tokens": nn.InputSpec(("batch", "step"), high=self.tgt_vocab, **tokens),
-                     "pos": nn.InputSpec((), "int64", low=0, high=self.cache_len, kind="position"),
+                     "pos": nn.InputSpec((), "int64", low=0, high=f"{C.CACHE} - step + 1", kind="position"),
                      "src_pad": nn.InputSpec(("batch", "src_len"), "bool", kind="padding_mask")}
             specs.update({n: nn.InputSpec(t.shape, t.dtype) for n, t in self.cache_types().items()})
             specs.update({n: nn.InputSpec(t.shape, t.dtype) for n, t in self.cross_types().items()})
@@ -56,7 +56,7 @@ class Transformer(nn.Module):
         raise ValueError(f"{self.name} has no entry {method!r}")
 
     def default_dims(self, method="forward"):
-        return {"batch": 2, "src_len": 16, "tgt_len": 12, "step": 1, "rows": 2}
+        return {"batch": 2, "src_len": 16, "tgt_len": 12, "step": 1, "rows": 2, C.CACHE: 8}
 
     def embed(self, table, tokens):
         scale = math.sqrt(self.d_model)
@@ -83,7 +83,7 @@ class Transformer(nn.Module):
         if self.cache_len > self.max_len:
             raise ValueError(f"cache_len {self.cache_len} is past the {self.max_len} positions {self.name} encodes")
         attn = [layer.self_attn for layer in self.decoder.layers]
-        return {name: C.cache_type(a, self.cache_len) for a, kv in zip(attn, C.cache_names(len(attn))) for name in kv}
+        return {name: C.cache_type(a) for a, kv in zip(attn, C.cache_names(len(attn))) for name in kv}
 
     def cross_types(self) -> dict:
         """Each decoder layer's cross-attention keys and values of the memory (``cross.0.k``, ...)."""

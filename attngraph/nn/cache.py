@@ -1,13 +1,13 @@
 """Attention over a key/value cache: the pieces of a decode step.
 
 A decode step feeds a few new tokens (usually one) through a decoder whose earlier keys and values
-are kept in a cache preallocated to ``cache_len`` positions, laid out ``(batch, cache_len, heads,
-head_dim)``: the layout the K/V projections produce with a reshape alone, so writing the new
-entries is a contiguous ``update_slice`` along axis 1 and the fused attention reads the cache
-directly (``layout='bshd'``, no transpose).  The query attends over the whole preallocated cache
-with a keep mask ``key_position <= pos + query_index``, so every shape is static apart from the
-batch (and the memory length): a step costs the same at every position.  Entries not yet written
-are masked out; they must hold finite numbers (zeros) because ``0 * NaN`` would still be NaN.
+are kept in a cache of ``CACHE`` positions (a symbolic size: the caller allocates as many as it needs,
+and grows them as decoding goes on), laid out ``(batch, CACHE, heads, head_dim)``: the layout the K/V
+projections produce with a reshape alone, so writing the new entries is a contiguous ``update_slice``
+along axis 1 and the fused attention reads the cache directly (``layout='bshd'``, no transpose).  The
+query attends over the whole cache with a keep mask ``key_position <= pos + query_index``, so a step
+costs what its cache holds, not the longest length the model allows.  Entries not yet written are
+masked out; they must hold finite numbers (zeros) because ``0 * NaN`` would still be NaN.
 
 The functions here take the model's own ``MultiHeadAttention`` / ``DecoderLayer`` modules and
 call their projections, so a cached decoder has exactly the parameter names of the full model and
@@ -42,9 +42,13 @@ def _scope(module: Module):
         tracer.scope.pop()
 
 
-def cache_type(attn: MultiHeadAttention, cache_len: int, batch="batch", dtype: str = "float32") -> TensorType:
-    """The type of one K (or V) cache of ``attn``: ``(batch, cache_len, heads, head_dim)``."""
-    return TensorType((batch, cache_len, attn.num_heads, attn.head_dim), dtype)
+#: The symbolic number of positions a self-attention cache holds (the decode step's key length).
+CACHE = "cache"
+
+
+def cache_type(attn: MultiHeadAttention, length=CACHE, batch="batch", dtype: str = "float32") -> TensorType:
+    """The type of one K (or V) cache of ``attn``: ``(batch, length, heads, head_dim)``."""
+    return TensorType((batch, length, attn.num_heads, attn.head_dim), dtype)
 
 
 def project_kv(attn: MultiHeadAttention, x):
@@ -128,4 +132,4 @@ class Reorder(Module):
         return {n: F.gather(state[n], indices) for n in self.types}
 
 
-__all__ = ["cache_type", "project_kv", "attend", "self_attention_step", "decoder_layer_step", "cache_names", "Reorder"]
+__all__ = ["CACHE", "cache_type", "project_kv", "attend", "self_attention_step", "decoder_layer_step", "cache_names", "Reorder"]

@@ -1,0 +1,197 @@
+"""Translation decoding, end to end: attngraph against CTranslate2 on the same transformer-base weights.
+
+    python bench/bench_translate.py [--threads 2] [--batch 1 8 32] [--beam 1 4] [--src-len 32]
+                                    [--tgt-len 32] [--repeat 3] [--no-variable]
+
+Needs ``pip install ctranslate2``.  One model, random weights (seed 0), written into a CTranslate2 model through
+its spec API (``ct2_model.py``); its log-probs are checked against attngraph's interpreter first.
+
+- Fixed lengths: ``--src-len`` source tokens, exactly ``--tgt-len`` target tokens (attngraph without an EOS,
+  CTranslate2 with ``min_decoding_length = max_decoding_length``), greedy and beam search at each batch.
+- Variable (``--no-variable`` skips it): sources of 8 to 2 x ``--src-len`` tokens in one batch, EOS allowed, up to
+  ``2 x --tgt-len`` tokens; the EOS row of the weights is scaled so that hypotheses end at different steps.
+  Length penalty 0 (both rank by the sum of log-probs).
+
+Both engines get the same sources and threads; each case runs both, interleaved in rounds, and prints the
+medians, ms per generated position, the ratio attngraph / CTranslate2 (below 1: attngraph faster) and whether
+the tokens are equal.  The memory floor of a step: the bytes it must read (the decoder's weights, the
+cross-attention keys and values, the self-attention caches up to the position reached) over this machine's
+copy bandwidth (torch's ``copy_`` of 512 MiB on the same threads, counting read and write bytes as STREAM does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--beam", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--src-len", type=int, default=32)
+    p.add_argument("--tgt-len", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=3, help="rounds per case (median taken)")
+    p.add_argument("--no-variable", action="store_true", help="skip the run with variable lengths and EOS")
+    p.add_argument("--model", default="transformer-base")
+    return p.parse_args()
+
+
+ARGS = parse_args()
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS"):
+    os.environ[var] = str(ARGS.threads)
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import ctranslate2  # noqa: E402
+from ct2_model import to_ids, to_tokens, write_model  # noqa: E402
+
+import attngraph as ag  # noqa: E402
+from attngraph import generate as G  # noqa: E402
+
+BOS, EOS = 1, 2
+
+
+def copy_bandwidth(threads: int) -> float:
+    """Bytes per second moved by a large copy (read + write), on ``threads`` threads."""
+    import torch
+    torch.set_num_threads(threads)
+    src = torch.ones(128 << 20)  # 512 MiB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / sorted(times)[2]
+
+
+def step_bytes(model, params, rows: int, src_len: int, position: int) -> int:
+    """Bytes a decode step at ``position`` must read: the decoder's weights (the output projection included,
+    the cross-attention K/V projections excluded: they run once per source), every layer's cross K/V of
+    ``src_len`` positions and self-attention K/V of ``position + 1``, for ``rows`` rows."""
+    weights = sum(v.nbytes for k, v in params.items()
+                  if k.startswith("decoder.") and ".cross_attn.k_proj" not in k and ".cross_attn.v_proj" not in k)
+    weights += params["src_embed.weight"].nbytes  # the (shared) output projection
+    layers, d = len(model.decoder.layers), model.d_model
+    return weights + 4 * rows * layers * 2 * d * (src_len + position + 1)
+
+
+class Attngraph:
+    def __init__(self, stepper):
+        self.stepper = stepper
+
+    def translate(self, sources, beam, max_len, eos):
+        hyps = G.generate(self.stepper, sources, beam=beam, max_len=max_len, eos_id=EOS if eos else None,
+                          bos_id=BOS, alpha=0.0)
+        return [[t for t in h.tokens if t != EOS] for h in hyps]
+
+
+class CTranslate2:
+    def __init__(self, path, threads):
+        self.translator = ctranslate2.Translator(path, device="cpu", compute_type="float32", intra_threads=threads)
+
+    def translate(self, sources, beam, max_len, eos):
+        out = self.translator.translate_batch([to_tokens(s) for s in sources], beam_size=beam,
+                                              max_decoding_length=max_len, min_decoding_length=0 if eos else max_len,
+                                              length_penalty=0.0, max_batch_size=0)
+        return [to_ids(r.hypotheses[0]) for r in out]
+
+
+def check_scores(model, params, path, threads):
+    """CTranslate2's per-token log-probs of a few pairs equal the interpreter's (float32)."""
+    rng = np.random.default_rng(3)
+    src, tgt = rng.integers(4, model.src_vocab, (2, 9)), rng.integers(4, model.tgt_vocab, (2, 5))
+    scores = ctranslate2.Translator(path, intra_threads=threads).score_batch(
+        [to_tokens(s) for s in src], [to_tokens(t) for t in tgt])
+    g = ag.trace(model)
+    out = ag.reference.run(g, {"src": src, "tgt": np.concatenate([np.full((2, 1), BOS), tgt], 1)},
+                           {k: params[k] for k in g.params})["log_probs"]
+    want = np.take_along_axis(out, np.concatenate([tgt, np.full((2, 1), EOS)], 1)[..., None], -1)[..., 0]
+    err = max(float(np.abs(np.asarray(s.log_probs) - w).max()) for s, w in zip(scores, want))
+    if err > 1e-4:
+        raise SystemExit(f"CTranslate2's log-probs differ from attngraph's interpreter by {err:.3g}")
+    return err
+
+
+def run_case(engines, sources, beam, max_len, eos, repeat):
+    """({engine: median ms}, {engine: tokens}) for one translation call of ``sources``, interleaved rounds."""
+    tokens = {name: e.translate(sources, beam, max_len, eos) for name, e in engines.items()}  # warm-up
+    times = {name: [] for name in engines}
+    for _ in range(repeat):
+        for name, e in engines.items():
+            time.sleep(0.2)  # the other engine's worker threads stop spinning
+            start = time.perf_counter()
+            e.translate(sources, beam, max_len, eos)
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: float(np.median(t)) for name, t in times.items()}, tokens
+
+
+def main():
+    model = ag.models.get(ARGS.model)
+    params = ag.init_params(model, seed=0)
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    print(f"{ARGS.model}, float32, {ARGS.threads} threads, {cpu}; ctranslate2 {ctranslate2.__version__}", flush=True)
+    work = tempfile.mkdtemp(prefix="bench-translate-")
+    variable = not ARGS.no_variable
+    sets = {"fixed": params}
+    if variable:
+        eos_params = dict(params)
+        table = params["src_embed.weight"].copy()
+        table[EOS] *= 3.0  # EOS wins at some steps of random weights
+        eos_params["src_embed.weight"] = table
+        sets["variable"] = eos_params
+    engines = {}
+    for kind, p in sets.items():
+        ct2_dir = write_model(model, p, os.path.join(work, f"ct2-{kind}"))
+        err = check_scores(model, p, ct2_dir, ARGS.threads)
+        start = time.perf_counter()
+        ours = os.path.join(work, f"attngraph-{kind}")
+        G.CompiledStepper.build(model, p, ours, "llvm")
+        print(f"{kind} weights: CTranslate2 log-probs within {err:.2g} of the interpreter; attngraph entries built "
+              f"in {time.perf_counter() - start:.0f} s", flush=True)
+        engines[kind] = {"attngraph": Attngraph(G.CompiledStepper(ours)), "ctranslate2": CTranslate2(ct2_dir, ARGS.threads)}
+    bandwidth = copy_bandwidth(ARGS.threads)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s\n", flush=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    header = f"{'case':32s} {'attngraph ms':>13s} {'CTranslate2 ms':>15s} {'ratio':>6s}  {'ms/position':>18s}  tokens"
+    print(header)
+    cases = [("fixed", b, k) for b in ARGS.batch for k in ARGS.beam]
+    if variable:
+        cases += [("variable", max(ARGS.batch), k) for k in ARGS.beam]
+    for kind, batch, beam in cases:
+        if kind == "fixed":
+            sources = rng.integers(4, model.src_vocab, (batch, ARGS.src_len)).tolist()
+            max_len, eos = ARGS.tgt_len, False
+        else:
+            lengths = rng.integers(8, 2 * ARGS.src_len + 1, batch)
+            sources = [rng.integers(4, model.src_vocab, n).tolist() for n in lengths]
+            max_len, eos = 2 * ARGS.tgt_len, True
+        ms, tokens = run_case(engines[kind], sources, beam, max_len, eos, ARGS.repeat)
+        same = sum(a == b for a, b in zip(tokens["attngraph"], tokens["ctranslate2"]))
+        steps = max(len(t) for t in tokens["attngraph"])
+        label = f"{kind} batch {batch} {'greedy' if beam == 1 else f'beam {beam}'}"
+        ratio = ms["attngraph"] / ms["ctranslate2"]
+        per = f"{ms['attngraph'] / steps:.2f} / {ms['ctranslate2'] / steps:.2f}"
+        note = f"{same}/{batch} equal" + ("" if kind == "fixed" else
+                                           f", lengths {min(map(len, tokens['attngraph']))}-{steps}")
+        print(f"{label:32s} {ms['attngraph']:13.1f} {ms['ctranslate2']:15.1f} {ratio:6.2f}  {per:>18s}  {note}",
+              flush=True)
+        rows.append((label, ms, ratio))
+    floor_ms = 1e3 * step_bytes(model, params, 1, ARGS.src_len, ARGS.tgt_len // 2) / bandwidth
+    fixed1 = next((ms for label, ms, _ in rows if label == "fixed batch 1 greedy"), None)
+    if fixed1:
+        got = fixed1["attngraph"] / ARGS.tgt_len
+        print(f"\nmemory floor of a batch-1 step (position {ARGS.tgt_len // 2}): {floor_ms:.2f} ms; attngraph's "
+              f"greedy step {got:.2f} ms ({100 * floor_ms / got:.0f}% of the floor's speed, encoder included)")
+
+
+if __name__ == "__main__":
+    main()
