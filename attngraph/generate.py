@@ -442,20 +442,40 @@ def greedy_search(stepper: Stepper, sources: Sequence[Sequence[int]], max_len: i
 
 
 def _row_top(log_probs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, values) of each row's ``n`` largest log-probs, ties with the ``n``-th broken by the lower id:
-    the candidates a beam can contribute to its source's best ``2 * beam``."""
+    """(ids, values) of each row's ``n`` largest log-probs, best first, ties broken by the lower id (NaN never
+    taken): the candidates a beam can contribute to its source's best ``2 * beam``.  For a few (a beam's 2 x
+    beam) by repeated ``argmax``, which takes the lowest id among ties by itself and costs ``n`` passes over the
+    rows (at 128 rows of 37000, 8 passes take 7 ms, where ``argpartition`` took 50).  Past the row's finite values
+    the ids are arbitrary: their values are -inf."""
+    if n > 16:
+        return _row_top_partition(log_probs, n)
+    work = np.where(np.isnan(log_probs), -np.inf, log_probs)  # a copy to strike the ones taken from
+    rows = np.arange(len(work))
+    ids = np.empty((len(work), n), np.int64)
+    values = np.empty((len(work), n), work.dtype)
+    for j in range(n):
+        ids[:, j] = best = work.argmax(axis=1)
+        values[:, j] = work[rows, best]
+        work[rows, best] = -np.inf
+    return ids, values
+
+
+def _row_top_partition(log_probs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_row_top`` for a larger ``n``: ``argpartition``, then the ties with the ``n``-th put right."""
+    log_probs = np.where(np.isnan(log_probs), -np.inf, log_probs)
     ids = np.argpartition(-log_probs, n - 1, axis=1)[:, :n]
     values = np.take_along_axis(log_probs, ids, 1)
     nth = values.min(axis=1)
     # argpartition picks any of the values tied with the n-th: where the row holds more of them than
-    # were picked, take the lowest ids among them (rare: exact ties in float log-probs).
+    # were picked, take the lowest ids among them.
     ties = np.flatnonzero((log_probs == nth[:, None]).sum(1) > (values == nth[:, None]).sum(1))
     for r in ties:
         row = log_probs[r]
         above = np.flatnonzero(row > nth[r])
         ids[r] = np.concatenate([above, np.flatnonzero(row == nth[r])[:n - len(above)]])
         values[r] = row[ids[r]]
-    return ids, values
+    order = np.lexsort((ids, -values), axis=1)
+    return np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1)
 
 
 def _keep_best(finished: list[Hypothesis], hyp: Hypothesis, beam: int) -> None:

@@ -120,6 +120,25 @@ def test_reorder_and_expand_gather_rows_of_the_state():
 
 # -- greedy and beam search ------------------------------------------------------------------------
 
+@pytest.mark.parametrize("n", [1, 3, 8, 20])
+def test_row_top_takes_the_best_with_ties_to_the_lower_id(n):
+    """A beam's candidates (repeated argmax up to 16, argpartition past it) equal a stable sort of each row:
+    ties with the lowest ids, NaN never taken, -inf only where a row has fewer finite values than asked."""
+    rng = np.random.default_rng(n)
+    for _ in range(100):
+        x = rng.integers(-4, 1, (6, 24)).astype(np.float32)
+        x[rng.random(x.shape) < 0.15] = np.nan
+        x[rng.random(x.shape) < 0.15] = -np.inf
+        ids, values = G._row_top(x, n)
+        for row, got_ids, got in zip(x, ids, values):
+            clean = np.where(np.isnan(row), -np.inf, row)
+            want = np.argsort(-clean, kind="stable")[:n]
+            finite = np.isfinite(clean[want])
+            np.testing.assert_array_equal(np.isfinite(got), finite)
+            np.testing.assert_array_equal(got_ids[finite], want[finite])
+            np.testing.assert_array_equal(got[finite], clean[want][finite])
+
+
 def pick_eos(hyps, max_len):
     """A token that ends one source early and another later or never: EOS in the middle of a batch."""
     for tok in range(8):
