@@ -394,6 +394,13 @@ def test_compiled_steps_match_the_interpreter(tmp_path):
         bad = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", *option])
         assert bad.exit_code == 2 and f"Invalid value for {option[0]}: {tmp_path} is compiled already (llvm at -O3)" \
             in bad.output, (option, bad.output)
+    # Entries of an older format (caches of a length fixed at the build) are refused, not misread.
+    manifest_path = tmp_path / G.MANIFEST
+    manifest_path.write_text(manifest_path.read_text().replace(f'"format": {G.FORMAT}', '"format": 1'))
+    with pytest.raises(ag.api.ArtifactError, match="format 1 .* build them again"):
+        G.CompiledStepper(str(tmp_path))
+    old = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4"])
+    assert old.exit_code != 0 and "build them again" in old.output and "Traceback" not in old.output, old.output
 
 
 @pytest.mark.parametrize("target", ["numpy", "llvm"])
