@@ -19,6 +19,7 @@ from .generate import (
     GenerationError,
     beam_search,
     compile_entries,
+    capacity,
     check_search,
     greedy_search,
     is_generation_dir,
@@ -72,8 +73,8 @@ def check_request(module, sources, beam: int, max_len: int, cache_len: int | Non
     info = DecoderInfo.from_model(module, graphs["decode_step"], graphs.get("encode_entry"))
     width = max(len(s) for s in sources)
     prefix = width if info.decoder_only else 1
-    positions = min(info.cache_len, prefix + max_len - 1)
-    check_search(info, len(sources), beam, prefix, None if info.decoder_only else width, dtype, positions)
+    check_search(info, len(sources), beam, prefix, None if info.decoder_only else width, dtype,
+                 capacity(info, prefix + max_len - 1))
 
 
 @click.command()

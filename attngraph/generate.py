@@ -114,6 +114,11 @@ class Stepper(Protocol):
 GROW = 16
 
 
+def capacity(info: DecoderInfo, end: int) -> int:
+    """The positions a cache gets when a step writes up to position ``end`` (exclusive)."""
+    return min(info.cache_len, -(-end // GROW) * GROW)
+
+
 class EntryStepper:
     """The stepper logic over the model's compiled entries (``{entry: model}``, each called with ``keep``: its
     state outputs stay where it runs); the interpreter and compiled steppers differ only in how the entries
@@ -142,16 +147,12 @@ class EntryStepper:
         ty = self.info.state[name]
         return ty.concrete({"batch": batch, str(ty.shape[1]): length})
 
-    def capacity(self, end: int) -> int:
-        """The positions a cache gets when a step writes up to position ``end`` (exclusive)."""
-        return min(self.info.cache_len, -(-end // GROW) * GROW)
-
     def _fit(self, state, end: int):
         """``state`` with caches of at least ``end`` positions: grown (zeros after the written ones) if shorter."""
         first = state[self.info.caches[0]]
         if first.shape[1] >= end:
             return state
-        length, model = self.capacity(end), self.models["decode_step"]
+        length, model = capacity(self.info, end), self.models["decode_step"]
         grown = {}
         for n in self.info.caches:
             old = state[n] if isinstance(state[n], np.ndarray) else model.get(state[n])
@@ -162,7 +163,7 @@ class EntryStepper:
 
     def encode(self, sources):
         sources = np.asarray(sources, np.int64)
-        caches = self._caches_of(len(sources), self.capacity(sources.shape[1] if self.info.decoder_only else 1))
+        caches = self._caches_of(len(sources), capacity(self.info, sources.shape[1] if self.info.decoder_only else 1))
         if self.info.decoder_only:
             return caches
         check_tokens(sources, self.info.source_vocab, "source")
@@ -404,7 +405,7 @@ def _start(stepper: Stepper, sources, max_len: int, bos_id: int, eos_id: int | N
                               f"positions, but the cache holds {info.cache_len} (built with cache_len="
                               f"{info.cache_len}); lower max_len or rebuild with a larger cache")
     check_search(info, len(rows), beam, prefix.shape[1], None if info.decoder_only else src.shape[1],
-                 getattr(stepper, "dtype", "float32"), min(info.cache_len, -(-needed // GROW) * GROW))
+                 getattr(stepper, "dtype", "float32"), capacity(info, needed))
     state = stepper.encode(prefix if info.decoder_only else src)
     return state, prefix
 
@@ -533,19 +534,16 @@ def beam_search(stepper: Stepper, sources: Sequence[Sequence[int]], beam: int, m
         live = finite & ~is_eos
         slot = np.cumsum(live, axis=1) - 1
         live &= slot < beam                            # the first beam other extensions stay live
-        for a, r in zip(*np.nonzero(ends)):
-            s = active[a]
-            seq = seqs[a, parent[a, r], :length - 1].tolist() + [int(tok[a, r])]
-            score = float(scores[a, r])
-            _keep_best(finished[s], Hypothesis(seq, score, score / length_penalty(length, alpha), True), beam)
-            if len(finished[s]) == beam:
-                worst[s] = finished[s][-1].score
-        if length == max_len:
-            for a, r in zip(*np.nonzero(live)):
+        def finish(which, ended: bool) -> None:  # candidates (source row, rank) become hypotheses
+            for a, r in zip(*np.nonzero(which)):
+                s, score = active[a], float(scores[a, r])
                 seq = seqs[a, parent[a, r], :length - 1].tolist() + [int(tok[a, r])]
-                score = float(scores[a, r])
-                _keep_best(finished[active[a]], Hypothesis(seq, score, score / length_penalty(length, alpha), False),
-                           beam)
+                _keep_best(finished[s], Hypothesis(seq, score, score / length_penalty(length, alpha), ended), beam)
+                if len(finished[s]) == beam:
+                    worst[s] = finished[s][-1].score
+        finish(ends, True)
+        if length == max_len:
+            finish(live, False)
             break
         a, r = np.nonzero(live)
         j = slot[a, r]
@@ -593,4 +591,4 @@ def generate(stepper: Stepper, sources: Sequence[Sequence[int]], *, beam: int = 
 __all__ = ["GenerationError", "DecoderInfo", "Stepper", "EntryStepper", "InterpreterStepper", "CompiledStepper",
            "compile_entries",
            "trace_entries", "is_generation_dir", "Hypothesis", "length_penalty", "check_tokens", "greedy_search",
-           "beam_search", "generate", "search_bytes", "check_search"]
+           "beam_search", "generate", "search_bytes", "check_search", "capacity", "GROW"]
