@@ -76,6 +76,42 @@ def bind_dims(signature: Mapping[str, TensorType], inputs: Mapping[str, np.ndarr
     return bindings
 
 
+class Binder:
+    """``bind_dims`` for one signature that remembers the dims of the input types it has seen: the result
+    depends only on each input's kind, shape and dtype, so a call with the same ones as an earlier call
+    (a decode step's two dozen caches, step after step) is not checked again."""
+
+    def __init__(self, signature: Mapping[str, TensorType]):
+        self.signature = dict(signature)
+        self._seen: dict = {}
+
+    def __call__(self, inputs: Mapping) -> dict[str, int]:
+        key = self._key(inputs)
+        dims = self._seen.get(key) if key is not None else None
+        if dims is None:
+            dims = bind_dims(self.signature, inputs)
+            if key is not None:
+                if len(self._seen) >= 64:
+                    self._seen.clear()
+                self._seen[key] = dims
+        return dict(dims)
+
+    def _key(self, inputs) -> tuple | None:
+        """What ``bind_dims`` reads of ``inputs``, or None where that is not cheap to tell (then it checks)."""
+        if not isinstance(inputs, Mapping) or inputs.keys() != self.signature.keys():
+            return None
+        key = []
+        for name in self.signature:
+            value = inputs[name]
+            if isinstance(value, (int, float, bool)):
+                key.append(type(value))
+            elif hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, (list, tuple)):
+                key.append((type(value), tuple(value.shape), str(value.dtype)))
+            else:
+                return None
+        return tuple(key)
+
+
 def dim_sizes(signature: Mapping[str, TensorType], defaults: Mapping[str, int], dims: Mapping[str, int]) -> dict:
     """The model's default dim sizes with the user's ``dims`` (``--dim NAME=VALUE``) over them.  Every
     name in ``dims`` must be a dim of the inputs or of ``defaults``: a misspelt name is an error, not

@@ -245,12 +245,18 @@ def test_not_an_artifact(tmp_path):
 def test_bad_inputs_to_a_compiled_model(tiny_artifact):
     model = api.load(tiny_artifact[0])
     x = example(model.graph)
+    model(x)  # good inputs first: the dims the model remembers for them never excuse a later call's
     with pytest.raises(InputError, match="batch = 2"):
         model({**x, "tgt": x["tgt"][:1]})
     with pytest.raises(InputError, match="dtype float32, expected int64"):
         model({**x, "tgt": x["tgt"].astype(np.float32)})
     with pytest.raises(InputError, match="missing tgt"):
         model({"src": x["src"]})
+    with pytest.raises(InputError, match="unexpected extra"):
+        model({**x, "extra": x["src"]})
+    device_tgt = model.put(x["tgt"], "float32")  # a device tensor of the wrong dtype
+    with pytest.raises(InputError, match="dtype float32, expected int64"):
+        model({**x, "tgt": device_tgt})
     bad = x["tgt"].copy()
     bad[0, 0] = 64
     with pytest.raises(IndexOutOfRange, match="index 64 is out of range for a table of 64 rows"):

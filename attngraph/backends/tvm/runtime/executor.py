@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ....inputs import InputError, bind_dims, is_device_tensor
+from ....inputs import Binder, InputError, bind_dims, is_device_tensor
 from ....ir import Graph, Node
 from ....ir import ops as O
 from ....ir.ops import IndexOutOfRange
@@ -112,6 +112,7 @@ class CompiledModel:
         self.order = graph.topo_order()
         self._nodes = {nid: graph.node(nid) for nid in self.order}
         self.signature = graph.input_types()
+        self._bind = Binder(self.signature)
         self.steps = self._plan_steps()
         wanted = {s.kernel for s in self.steps if s.kind == "kernel"}
         wanted |= {name for k in wanted for _, name in self.variants.get(k, ())}
@@ -255,7 +256,7 @@ class CompiledModel:
         ``observe(node, value)`` sees every kernel's result (a download per kernel: for verification,
         not for speed); ``times``, if given, collects each kernel call's seconds by node."""
         g, nodes = self.graph, self._nodes
-        dims = bind_dims(self.signature, inputs)
+        dims = self._bind(inputs)
         plan, views, kernels = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
         keep = set(keep)
