@@ -502,3 +502,24 @@ def test_half_precision_projections_run_on_tensor_cores_on_cuda(dtype):
         assert got.dtype == numpy_dtype(dtype) and check.ok, f"{check} at {dims}"
     assert any(k.endswith("_linear_kernel") for k in m.device.launches), m.device.launches
     assert any(k.endswith("_linear__few_kernel") for k in m.device.launches), m.device.launches
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("model", ["encoder-tiny", "transformer-tiny"])
+def test_half_builds_on_llvm_take_the_float32_hand_kernels(model, dtype):
+    """No half-precision cliff: every op hand-scheduled in a float32 build is hand-scheduled in a half one too (its
+    float32 kernel retyped: ``targets/cpu/half.py``), and the retyped projections and attention keep their vector
+    loops."""
+    from attngraph.backends.tvm.build import lower_kernels
+    from attngraph.backends.tvm.plan import plan_kernels
+    hand, funcs = {}, {}
+    for dt in ("float32", dtype):
+        graph = ag.compile(model, target="llvm", dtype=None if dt == "float32" else dt).graph
+        specs, _ = plan_kernels(graph)
+        lowered, names = lower_kernels(graph, "llvm", plan=plan_kernels(graph))
+        hand[dt] = sorted((s.op, str(s.out_type.dtype)) for s in specs if s.name in names)
+        funcs[dt] = {s.op: lowered[s.name] for s in specs if s.name in names}
+    assert [op for op, _ in hand[dtype]] == [op for op, _ in hand["float32"]]
+    assert any(t == dtype for _, t in hand[dtype]), "the half build's kernels store halves"
+    for op in ("linear_packed", "fused_attention"):
+        assert "T.vectorized" in funcs[dtype][op].script(), f"{op} in {dtype} lost its vector loops"

@@ -48,14 +48,20 @@ class LLVMTarget(Target):
     def kernel_context(self):
         return self.tiles  # the register tiles of this CPU's vector instruction set
 
+    # A kernel over float16 or bfloat16 storage is the float32 kernel's twin, retyped (``half.py``), where a row
+    # serves only float32; the kernels that move bfloat16 as it is (and the generic schedule) run serially
+    # over it (``scalar_bfloat16``).
     def kernel(self, spec, dv):
+        from .half import serve
         from .schedule import scalar_bfloat16
-        func = super().kernel(spec, dv)
-        return None if func is None else scalar_bfloat16(func)
+        table = super()
+        return serve(lambda s: scalar_bfloat16(table.kernel(s, dv)), spec)
 
     def forms(self, spec, dv):
+        from .half import serve_forms
         from .schedule import scalar_bfloat16
-        return {k: scalar_bfloat16(f) for k, f in super().forms(spec, dv).items()}
+        table = super()
+        return serve_forms(lambda s: {k: scalar_bfloat16(f) for k, f in table.forms(s, dv).items()}, spec)
 
     def schedule(self, func):
         from .schedule import scalar_bfloat16, schedule_generic

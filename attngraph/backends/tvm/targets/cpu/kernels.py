@@ -8,7 +8,7 @@ Symbolic dims (batch, seq) are never split by a factor that must divide them: ti
 extent are computed in full on clamped reads (row ``min(m, M - 1)``, always a valid address) into a
 register tile, and only the write back is predicated, so the inner loops have no branches.
 
-Kernels (float32 and float64):
+Kernels (float32 and float64; a float16 or bfloat16 kernel is its float32 twin retyped, ``half.py``):
 - ``matmul`` with a 2-D right operand and fused ``linear``: x (..., K) @ W (K, N), leading dims flattened
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
 - batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a

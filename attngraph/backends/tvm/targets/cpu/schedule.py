@@ -155,9 +155,10 @@ def vectorize_weighted_sum(sch, block):
 
 def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
     """``func`` with its vectorized loops made serial where it reads or writes bfloat16 buffers: TVM's llvm lowering
-    widens bfloat16 to float32 element by element and rejects a vector of them (LLVM may still vectorize
-    the loops itself)."""
-    if not any(str(getattr(p.ty, "dtype", "")) == "bfloat16" for p in func.params):
+    stores bfloat16 as 16-bit integers and rejects a vector of bfloat16 moved as it is (a copy or a broadcast:
+    "dtype mismatch on BufferStore"), while vectors widened to float32 or rounded from it compile (``half.py``'s
+    kernels).  LLVM may still vectorize the serial loops itself."""
+    if func is None or not any(str(getattr(p.ty, "dtype", "")) == "bfloat16" for p in func.params):
         return func
     import tvm_ffi
 
