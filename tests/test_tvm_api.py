@@ -161,6 +161,39 @@ def test_artifact_for_a_cpu_with_more_instructions_is_refused(tiny_artifact, tmp
     assert api.load(tiny_artifact[0]) is not None  # on the CPU it was built on, it loads
 
 
+# /proc/cpuinfo of a Sapphire Rapids Xeon in a virtual machine (normalized), which LLVM named "rocketlake"
+AMX_XEON_FLAGS = HASWELL_FLAGS | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma",
+                                  "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq", "avx512vnni",
+                                  "avx512bf16", "avx512fp16", "avxvnni", "amxtile", "amxbf16", "amxint8"}
+
+
+def test_the_cpu_target_has_what_the_cpu_has(monkeypatch):
+    """The llvm target's extensions are the CPU's own (/proc/cpuinfo), not its LLVM model's: an AMX Xeon that LLVM
+    names rocketlake gets AVX512-BF16, -FP16, AVX-VNNI and AMX added; a Zen 4 whose virtual machine hides AVX-512
+    gets it removed; ``attngraph targets`` says what was found."""
+    from attngraph.backends.tvm.targets.cpu import isa
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: AMX_XEON_FLAGS)
+    changes = isa.host_changes("rocketlake")
+    assert set(changes) == {"+avx512bf16", "+avx512fp16", "+avxvnni", "+amx-tile", "+amx-bf16", "+amx-int8"}
+    features = isa.isa_features("rocketlake", changes)
+    assert {"amx-bf16", "avx512bf16", "avx512fp16"} <= features
+    assert isa.summary(features) == "AVX2 (FMA, F16C), AVX-512 (BF16, FP16, VNNI), AVX-VNNI, AMX (BF16, INT8)"
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: HASWELL_FLAGS)
+    changes = isa.host_changes("znver4")
+    assert "-avx512f" in changes and "-avx512bf16" in changes and not any(c.startswith("+") for c in changes)
+    assert isa.summary(isa.isa_features("znver4", changes)) == "AVX2 (FMA, F16C)"
+    monkeypatch.setattr(isa, "_cpuinfo_flags", lambda: frozenset())  # no /proc/cpuinfo: the model is trusted
+    assert isa.host_changes("znver4") == ()
+    monkeypatch.undo()
+    t = isa.llvm_target()  # this machine's: every extension it has, none it lacks
+    here, flags = isa.isa_features(str(t.mcpu), tuple(str(a) for a in t.attrs.get("mattr", ()))), isa._cpuinfo_flags()
+    assert {f for f in isa.EXTENSIONS if isa._norm(f) in flags} <= here
+    assert all(isa._norm(f) in flags for f in here)
+    from attngraph.cli import main
+    shown = CliRunner().invoke(main, ["targets"]).output
+    assert f"this CPU: {isa.summary(here)}; LLVM's {t.mcpu}" in shown
+
+
 def test_build_for_another_cpu_model(tmp_path, monkeypatch):
     """``llvm:CPU`` builds for a deployment machine other than this one: x86-64-v3 (any AVX2 CPU) gets
     the AVX2 kernels, runs here (this CPU has AVX2) and matches the interpreter; the manifest names the

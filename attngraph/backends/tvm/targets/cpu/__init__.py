@@ -3,7 +3,8 @@
 The kernels (``kernels.py``, the table of hand-scheduled kernels; ``attention.py``; ``schedule.py``,
 the generic schedule) follow the vector instruction set (``tiles.py``); the layout pass packs the
 projection weights in column panels (``layout.py``, over the target's own ops in ``ops.py``);
-``isa.py`` says which instruction sets a CPU has."""
+``half.py`` makes a float16 or bfloat16 kernel of each float32 one; ``isa.py`` says which instruction sets a CPU
+has."""
 
 from __future__ import annotations
 
@@ -101,7 +102,11 @@ class LLVMTarget(Target):
             whose = "their" if self.cpu is None else f"{self.cpu}'s"
             return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {whose} instruction sets"
         if self.cpu is None:
-            return None, None, f"this CPU ({tvm.target.codegen.llvm_get_system_cpu()}, {self.tiles.isa} kernels)"
+            t = self.tvm_target
+            mattr = [str(a) for a in t.attrs.get("mattr", ())]
+            model = f"LLVM's {t.mcpu}" + (f" {','.join(mattr)} (per /proc/cpuinfo)" if mattr else "")
+            features = isa.isa_features(str(t.mcpu), tuple(mattr))
+            return None, None, f"this CPU: {isa.summary(features)}; {model}; {self.tiles.isa} kernels"
         missing = isa.missing_here(self.cpu)
         return None, f"this CPU lacks {self.cpu}'s {', '.join(missing)}" if missing else None, \
             f"CPU {self.cpu} ({self.tiles.isa} kernels)"

@@ -1,6 +1,6 @@
-"""This CPU's instruction sets, as LLVM names them: the TVM target of the CPU kernels (this CPU's
-model with the sets a virtual machine hides turned off, or another CPU model), and which sets of an
-artifact's CPU this machine lacks (read from /proc/cpuinfo: no compiler needed)."""
+"""This CPU's instruction sets, as LLVM names them: the TVM target of the CPU kernels (this CPU's LLVM model with
+the sets /proc/cpuinfo lists and the model lacks turned on, those a virtual machine hides turned off; or another
+CPU model), and which sets of an artifact's CPU this machine lacks (read from /proc/cpuinfo: no compiler needed)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,61 @@ import functools
 from ..base import compiler_loaded
 
 
+#: The instruction-set extensions the CPU kernels may use, as LLVM names them, added to the target where this CPU has
+#: them and its LLVM model does not (LLVM names an AMX Xeon in a virtual machine ``rocketlake``, which has none of
+#: AVX512-BF16, AVX512-FP16 and AMX).
+EXTENSIONS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl", "avx512ifma",
+              "avx512vbmi", "avx512vbmi2", "avx512bitalg", "avx512vpopcntdq", "avx512vnni", "avx512bf16",
+              "avx512fp16", "avxvnni", "amx-tile", "amx-bf16", "amx-int8", "amx-fp16")
+
+
 def llvm_target(cpu: str | None = None):
     """The TVM target of the CPU kernels: this CPU with its real features, or CPU model ``cpu``
     (``llvm:CPU``, building for a machine other than this one).  Plain "llvm" is generic x86-64
     without AVX2/FMA (5x slower).
 
-    LLVM names this CPU's model (``emeraldrapids``), and a virtual machine may hide some of that model's
-    instruction sets (seen here: AMX, AVX512-FP16 and -BF16 absent from a KVM guest's flags): those
-    are turned off (``mattr``), so no kernel uses an instruction this CPU lacks."""
+    LLVM names this CPU's model (``znver4``, ``emeraldrapids``), and /proc/cpuinfo says what the CPU has: the sets
+    the model has and the CPU lacks are turned off (a virtual machine may hide AMX or AVX512-FP16), the sets the CPU
+    has and the model lacks are turned on (``mattr``: ``host_changes``)."""
     import tvm
     if cpu is not None:
         return tvm.target.Target({"kind": "llvm", "mcpu": cpu})
     cpu = tvm.target.codegen.llvm_get_system_cpu()
     spec = {"kind": "llvm", "mcpu": cpu}
-    host = _host_flags()
-    missing = sorted(isa_features(cpu) - host) if host else []
-    if missing:
-        spec["mattr"] = [f"-{f}" for f in missing]
+    mattr = host_changes(cpu)
+    if mattr:
+        spec["mattr"] = list(mattr)
     return tvm.target.Target(spec)
+
+
+def host_changes(cpu: str) -> tuple:
+    """``mattr`` for LLVM's CPU model ``cpu`` to have exactly this CPU's extensions (``EXTENSIONS``) per
+    /proc/cpuinfo: ``+name`` for one the CPU has and the model lacks, ``-name`` for one the model has and the CPU
+    lacks; () where /proc/cpuinfo is not there (then the model is trusted)."""
+    flags = _cpuinfo_flags()
+    if not flags:
+        return ()
+    model = isa_features(cpu)
+    added = [f"+{f}" for f in EXTENSIONS if _norm(f) in flags and f not in model]
+    removed = [f"-{f}" for f in sorted(model) if _norm(f) not in flags]
+    return tuple(added + removed)
+
+
+#: How people name the extensions: a family, the LLVM feature that has it, and its members' features and names.
+FAMILIES = (("AVX2", "avx2", (("fma", "FMA"), ("f16c", "F16C"))),
+            ("AVX-512", "avx512f", (("avx512bf16", "BF16"), ("avx512fp16", "FP16"), ("avx512vnni", "VNNI"))),
+            ("AVX-VNNI", "avxvnni", ()),
+            ("AMX", "amx-tile", (("amx-bf16", "BF16"), ("amx-int8", "INT8"), ("amx-fp16", "FP16"))))
+
+
+def summary(features) -> str:
+    """The vector extensions among LLVM's ``features`` as people name them: "AVX2 (FMA, F16C), AVX-512 (BF16, VNNI)"."""
+    parts = []
+    for family, feature, members in FAMILIES:
+        if feature in features:
+            names = [name for f, name in members if f in features]
+            parts.append(family + (f" ({', '.join(names)})" if names else ""))
+    return ", ".join(parts) or "no AVX2"
 
 
 def _norm(feature: str) -> str:
@@ -52,18 +89,6 @@ def _cpuinfo_flags() -> frozenset:
     except OSError:
         return frozenset()
     return frozenset(_norm(x) for x in line.partition(":")[2].split())
-
-
-@functools.lru_cache(maxsize=1)
-def _host_flags() -> frozenset:
-    """The instruction-set features of this CPU's model (as LLVM spells them) that /proc/cpuinfo
-    confirms; empty where that file is not there (then the CPU model's features are trusted)."""
-    flags = _cpuinfo_flags()
-    if not flags:
-        return frozenset()
-    import tvm
-    cpu = tvm.target.codegen.llvm_get_system_cpu()
-    return frozenset(f for f in isa_features(cpu) if _norm(f) in flags)
 
 
 def missing_cpu_features(target_info: dict) -> list:
