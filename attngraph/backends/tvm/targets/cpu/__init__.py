@@ -97,7 +97,6 @@ class LLVMTarget(Target):
                                 f"(attngraph build MODEL --target llvm -o DIR)")
 
     def availability(self):
-        import tvm
         if not compiler_loaded():
             whose = "their" if self.cpu is None else f"{self.cpu}'s"
             return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {whose} instruction sets"
