@@ -12,6 +12,11 @@ attngraph build's matmul kernels, each timed alone, in GFLOP/s and share of peak
 checked against PyTorch eager first (max abs difference printed), so every engine computes the same
 thing.  Engines are timed in interleaved rounds (``timing.interleaved_ms``), so a shared machine's
 drifting speed slows every engine alike: quote the ratios, and repeat what matters.
+
+``--dtype bfloat16`` (or ``float16``): attngraph built in that type (``compile(dtype=)``: half storage, float32
+arithmetic) beside PyTorch eager and torch.compile in it (``module.to(torch.bfloat16)``) and attngraph's float32
+build; ONNX Runtime is left out (its CPU provider has no bfloat16 kernels).  Each engine's error is against PyTorch
+float32, and the half build's time is also given as a share of attngraph float32's.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ MODELS = {
 }
 CASES = ((1, 128), (8, 128), (1, 512), (8, 512))
 ENGINES = ("attngraph", "torch", "torch.compile", "ort")
+#: the float32 build beside a half-precision one (``--dtype``): not a peer, the time a half build must beat
+FLOAT32 = "attngraph float32"
 
 
 def model_flops(d: int, ff: int, layers: int, batch: int, seq: int) -> float:
@@ -103,7 +110,7 @@ def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), fused
 
 
-def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None) -> list[dict]:
+def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, dtype: str = "float32") -> list[dict]:
     import torch
 
     from attngraph import api, init_params
@@ -114,11 +121,15 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None) 
     graph = trace(TransformerEncoderModel(d, heads, ff, layers, name=name))
     params = init_params(graph, 0, perturb=True)
     start = time.perf_counter()
-    compiled = api.compile(graph, params, target=f"llvm:{cpu}" if cpu else "llvm", opt_level=3)
-    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 build "
+    half = dtype != "float32"
+    target = f"llvm:{cpu}" if cpu else "llvm"
+    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype if half else None)
+    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 {dtype} build "
           f"{time.perf_counter() - start:.1f} s ({len(compiled.kernels.specs)} distinct kernels, "
           f"{compiled.kernel_count} calls{', cached' if compiled.kernels.cached else ''}); {THREADS} threads")
-    enc = torch_encoder(params, d, heads, ff, layers)
+    base = api.compile(graph, params, target=target, opt_level=3) if half and "attngraph" in engines else None
+    enc32 = torch_encoder(params, d, heads, ff, layers)
+    enc = torch_encoder(params, d, heads, ff, layers).to(getattr(torch, dtype)) if half else enc32
     runners = {}
     with torch.no_grad():
         if "torch.compile" in engines:
@@ -128,32 +139,44 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None) 
         for batch, seq in cases:
             session, ort_kind = ort_session(enc, d, heads, batch, seq, workdir) if "ort" in engines else (None, "")
             x = np.random.default_rng(1).standard_normal((batch, seq, d)).astype(np.float32)
-            xt = torch.from_numpy(x)
-            want = enc(xt).numpy()
+            want = enc32(torch.from_numpy(x)).numpy()
+            xt = torch.from_numpy(x).to(getattr(torch, dtype))  # a half build takes float32 and rounds it itself
             runners = {"attngraph": lambda x=x: compiled({"x": x}),
                        "torch": lambda xt=xt: enc(xt)}
+            if base is not None:
+                runners[FLOAT32] = lambda x=x: base({"x": x})
             if "torch.compile" in engines:
                 runners["torch.compile"] = lambda xt=xt: compiled_torch(xt)
             if session is not None:
                 runners["ort"] = lambda x=x: session.run(None, {"x": x})
-            diffs = {"attngraph": float(np.abs(compiled({"x": x})["y"] - want).max())}
-            if session is not None:
-                diffs["ort"] = float(np.abs(session.run(None, {"x": x})[0] - want).max())
+            outputs = {"attngraph": lambda: compiled({"x": x})["y"], FLOAT32: lambda: base({"x": x})["y"],
+                       "torch": lambda: enc(xt), "torch.compile": lambda: compiled_torch(xt),
+                       "ort": lambda: session.run(None, {"x": x})[0]}
+            diffs = {e: float(np.abs(as_float32(outputs[e]()) - want).max()) for e in runners if e != "torch" or half}
             flops = model_flops(d, ff, layers, batch, seq)
-            ms = interleaved_ms({e: runners[e] for e in engines if e in runners}, repeat)
-            peers = {e: t for e, t in ms.items() if e != "attngraph"}
+            timed = [e for e in engines if e in runners] + ([FLOAT32] if base is not None else [])
+            ms = interleaved_ms({e: runners[e] for e in timed}, repeat)
+            peers = {e: t for e, t in ms.items() if e not in ("attngraph", FLOAT32)}
             best = min(peers, key=peers.get) if peers else None
             row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
                    "ratio": ms["attngraph"] / peers[best] if best and "attngraph" in ms else None}
             rows.append(row)
             cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / peak_gflops(cpu=cpu):4.0%})" for e, t in ms.items())
             ratio = f"ratio vs best peer ({best}) {row['ratio']:.2f}" if row["ratio"] else ""
+            if base is not None:
+                row["of_float32"] = ms["attngraph"] / ms[FLOAT32]
+                ratio += f", {dtype} / float32 {row['of_float32']:.2f}"
             print(f"batch {batch:2d} seq {seq:4d}: {cells}  {ratio}  "
-                  f"[max |diff| vs torch: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
+                  f"[max |diff| vs torch float32: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
                   + (f" [ONNX Runtime: {ort_kind}]" if session is not None else ""), flush=True)
             if "attngraph" in engines:
                 print_kernels(compiled, {"x": x}, peak_gflops(cpu=cpu))
     return rows
+
+
+def as_float32(y) -> np.ndarray:
+    """An engine's output (a NumPy array of any float type, a torch tensor) as float32 NumPy."""
+    return y.float().numpy() if hasattr(y, "float") else np.asarray(y, np.float32)
 
 
 def print_kernels(compiled, inputs, peak: float) -> None:
@@ -184,14 +207,16 @@ def hold_torch_to_avx2() -> None:
 @click.option("--case", "case_names", multiple=True, metavar="BxS", help="batch x sequence, e.g. 8x128. Default: all.")
 @click.option("--engines", default=",".join(ENGINES), show_default=True)
 @click.option("--repeat", default=5, show_default=True)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Every engine in this type (ONNX Runtime only in float32); a half type adds attngraph float32.")
 @click.option("--cpu", default=None, metavar="CPU",
               help="Build attngraph for this CPU model (llvm:CPU), e.g. x86-64-v3 for AVX2 kernels on an AVX-512 "
                    "machine; without AVX-512 there, PyTorch's kernels (ATen, MKL, oneDNN, Inductor) are held to "
                    "AVX2 too. ONNX Runtime cannot be held back: it still runs AVX-512.")
-def main(model_names, case_names, engines, repeat, cpu):
+def main(model_names, case_names, engines, repeat, cpu, dtype):
     """Benchmark attngraph against PyTorch eager, torch.compile and ONNX Runtime."""
     cases = [tuple(int(v) for v in c.split("x")) for c in case_names] or list(CASES)
-    engines = [e for e in engines.split(",") if e]
+    engines = [e for e in engines.split(",") if e and not (dtype != "float32" and e == "ort")]
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
@@ -205,11 +230,14 @@ def main(model_names, case_names, engines, repeat, cpu):
           f"kernels): {peak_gflops(cpu=cpu):.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:
-        rows += bench_model(name, cases, engines, repeat, cpu)
+        rows += bench_model(name, cases, engines, repeat, cpu, dtype)
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     if ratios:
         print(f"\nattngraph / best peer: median {np.median(ratios):.2f}, worst {max(ratios):.2f} "
               f"over {len(ratios)} cases ({sum(r < 1 for r in ratios)} faster than every peer)")
+    halves = [r["of_float32"] for r in rows if "of_float32" in r]
+    if halves:
+        print(f"attngraph {dtype} / attngraph float32: median {np.median(halves):.2f}, worst {max(halves):.2f}")
 
 
 if __name__ == "__main__":
