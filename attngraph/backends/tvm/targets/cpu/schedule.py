@@ -154,18 +154,33 @@ def vectorize_weighted_sum(sch, block):
 
 
 def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """``func`` with its vectorized loops made serial where it reads or writes bfloat16 buffers: TVM's llvm lowering
-    stores bfloat16 as 16-bit integers and rejects a vector of bfloat16 moved as it is (a copy or a broadcast:
-    "dtype mismatch on BufferStore"), while vectors widened to float32 or rounded from it compile (``half.py``'s
-    kernels).  LLVM may still vectorize the serial loops itself."""
+    """``func`` with its vectorized loops made serial where they move bfloat16 as it is (a copy, a gather, a
+    broadcast: a store of a bfloat16 value that is not rounded from float32).  TVM's llvm lowering keeps bfloat16 as
+    16-bit integers and rejects such a vector ("dtype mismatch on BufferStore"), while vectors widened to float32 or
+    rounded from it compile (every computing kernel's: ``lower.lower``, ``half.py``).  LLVM may still vectorize the
+    serial loops itself."""
     if func is None or not any(str(getattr(p.ty, "dtype", "")) == "bfloat16" for p in func.params):
         return func
     import tvm_ffi
+    moves = [0]  # bfloat16 moved as it is, in the stores visited so far
+
+    def is_bfloat16(e) -> bool:
+        return str(e.ty.dtype).startswith("bfloat16")
+
+    def store(node, mutator):
+        # rounded from float32 arithmetic; a bfloat16 widened and rounded back folds into a move
+        v = node.value
+        rounded = isinstance(v, tirx.Cast) and not is_bfloat16(v.value) and not (
+            isinstance(v.value, tirx.Cast) and is_bfloat16(v.value.value))
+        if str(node.buffer.ty.dtype) == "bfloat16" and not rounded:
+            moves[0] += 1
+        return mutator.default_mutate(node)
 
     def visit(loop, mutator):
+        before = moves[0]
         loop = mutator.default_mutate(loop)
-        if loop.kind != tirx.ForKind.VECTORIZED:
+        if loop.kind != tirx.ForKind.VECTORIZED or moves[0] == before:
             return loop
         return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
                         loop.annotations)
-    return tvm_ffi.structural_mutate(func, (tirx.For, visit))
+    return tvm_ffi.structural_mutate(func, ((tirx.BufferStore, store), (tirx.For, visit)))
