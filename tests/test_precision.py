@@ -508,8 +508,8 @@ def test_half_precision_projections_run_on_tensor_cores_on_cuda(dtype):
 @pytest.mark.parametrize("model", ["encoder-tiny", "transformer-tiny"])
 def test_half_builds_on_llvm_take_the_float32_hand_kernels(model, dtype):
     """No half-precision cliff: every op hand-scheduled in a float32 build is hand-scheduled in a half one too (its
-    float32 kernel retyped: ``targets/cpu/half.py``), and the retyped projections and attention keep their vector
-    loops."""
+    float32 kernel retyped: ``targets/cpu/half.py``), the retyped projections and attention keep their vector loops,
+    and the projections widen their weights once per column tile."""
     from attngraph.backends.tvm.build import lower_kernels
     from attngraph.backends.tvm.plan import plan_kernels
     hand, funcs = {}, {}
@@ -523,3 +523,5 @@ def test_half_builds_on_llvm_take_the_float32_hand_kernels(model, dtype):
     assert any(t == dtype for _, t in hand[dtype]), "the half build's kernels store halves"
     for op in ("linear_packed", "fused_attention"):
         assert "T.vectorized" in funcs[dtype][op].script(), f"{op} in {dtype} lost its vector loops"
+    # the projection reads its half panels as stored and widens a column tile's once, for all its rows
+    assert 'T.sblock("widened")' in funcs[dtype]["linear_packed"].script()

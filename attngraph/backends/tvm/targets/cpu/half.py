@@ -20,32 +20,45 @@ def halves(spec) -> dict[int, str]:
     return {i: str(t.dtype) for i, t in enumerate(types) if str(t.dtype) in HALF_DTYPES}
 
 
+#: Operands a kernel reads in a half type itself, by op: the packed weights, which the projections widen once per
+#: column tile of many rows (``kernels.dense``) rather than at each use.
+READ_AS_STORED = {"linear_packed": (1,), "swiglu_packed": (1,)}
+
+
 def float32_twin(spec):
-    """``spec`` with every half-precision type made float32."""
-    def wide(t):
-        return t.with_dtype(FLOAT32) if str(t.dtype) in HALF_DTYPES else t
-    return spec._replace(in_types=tuple(wide(t) for t in spec.in_types), out_type=wide(spec.out_type))
+    """``spec`` with every half-precision type made float32, but the operands its kernel reads as stored."""
+    keep = READ_AS_STORED.get(spec.op, ())
+
+    def wide(i, t):
+        return t.with_dtype(FLOAT32) if str(t.dtype) in HALF_DTYPES and i not in keep else t
+    return spec._replace(in_types=tuple(wide(i, t) for i, t in enumerate(spec.in_types)),
+                         out_type=wide(-1, spec.out_type))
 
 
 def serve(build: Callable, spec):
     """``build(spec)``, a kernel or None; where that is None and ``spec`` stores halves, ``build`` of its float32
     twin with those parameters retyped (None where the twin has no kernel either)."""
     func = build(spec)
-    half = halves(spec)
-    if func is not None or not half:
+    if func is not None or not halves(spec):
         return func
-    twin = build(float32_twin(spec))
-    return None if twin is None else retyped(twin, half)
+    twin = float32_twin(spec)
+    func = build(twin)
+    return None if func is None else retyped(func, _retyped_params(spec, twin))
 
 
 def serve_forms(build: Callable, spec) -> dict:
     """``serve`` for a dict of forms: each form ``build(spec)`` lacks, from the float32 twin's forms."""
     forms = dict(build(spec))
-    half = halves(spec)
-    if half:
-        for form, func in build(float32_twin(spec)).items():
-            forms.setdefault(form, retyped(func, half))
+    if halves(spec):
+        twin = float32_twin(spec)
+        for form, func in build(twin).items():
+            forms.setdefault(form, retyped(func, _retyped_params(spec, twin)))
     return forms
+
+
+def _retyped_params(spec, twin) -> dict[int, str]:
+    """The parameters ``twin`` widened: {index: ``spec``'s half dtype}."""
+    return {i: dt for i, dt in halves(spec).items() if i not in halves(twin)}
 
 
 def retyped(func, dtypes: dict[int, str]):

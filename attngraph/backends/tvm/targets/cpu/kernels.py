@@ -237,8 +237,13 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     X = te.placeholder((M, _i64(K)), dtype, name="in0")
     halves = 2 if gated else 1
     B = te.placeholder((_i64(halves * N),), dtype, name="in2") if bias else None
+    # Narrower panels (float16, bfloat16) read by many rows are widened once per column tile, into a float32 copy
+    # of the tile's panels, rather than at each use (float16's conversion would compete with the FMAs).
+    widen_once = packed and w_t.dtype != dtype and tile_m > 1
     if packed:
         W = panel = te.placeholder((_i64(halves * panels), _i64(K), _i64(TILE_N)), w_t.dtype, name="in1")
+        if widen_once:
+            panel = te.compute(W.shape, lambda p, kk, c: W[p, kk, c].astype(dtype), name="widened")
     else:
         W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
         panel = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
@@ -288,7 +293,7 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         am, an, ak = sch.get_loops(ab)[-3:]
         sch.reorder(ak, am, an)
         sch.unroll(am)
-        if prefetch and packed and K % PREFETCH_EVERY == 0:
+        if prefetch and packed and not widen_once and K % PREFETCH_EVERY == 0:
             ak, aki = sch.split(ak, [None, PREFETCH_EVERY])
             sch.unroll(aki)
         else:
@@ -300,13 +305,13 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         ap, an = sch.split(an, [None, TILE_N])
         sch.unroll(ap)
     sch.vectorize(an)
-    if not packed:
-        pb = sch.get_sblock("packed")
+    if not packed or widen_once:
+        pb = sch.get_sblock("packed" if not packed else "widened")
         sch.compute_at(pb, no)
         sch.vectorize(sch.get_loops(pb)[-1])
         itemsize = 8 if dtype == "float64" else 4
-        if K * TILE_N * itemsize <= MAX_STACK_PANEL_BYTES:
-            # One panel per worker iteration, on its stack: no per-call heap buffer of K x N.
+        if halves * K * tile_n * itemsize <= MAX_STACK_PANEL_BYTES:
+            # One column tile's panels per worker iteration, on its stack: no per-call heap buffer of K x N.
             sch.set_scope(pb, 0, "local")
     sch.vectorize(ni)
     sch.parallel(no)
