@@ -139,12 +139,14 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
         raise BuildError("target numpy is the interpreter: it compiles nothing to write; build for llvm, cuda or "
                          "vulkan, or use attngraph.compile(model, target='numpy')")
     from .backends.tvm.stamp import build_stamp, weights_identity
+    from .backends.tvm.targets.cpu.tile_tuning import measured_tiles
     start = time.perf_counter()
     tgt, dtype, _ = _checked(target, device=None, tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
     with artifact_dir(out_dir):  # held from before the compile: a second build into it fails at once
         graph, module = _graph_of(model)
         options = {"target": target, "opt_level": opt_level, "tuning_db": tuning_db,
-                   "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32"}
+                   "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
+                   "tiles": measured_tiles()}  # this CPU's register tiles, where measured (``tune-tiles``)
         stamp = build_stamp(graph, weights_identity(module, params, seed), options)
         manifest = up_to_date(out_dir, stamp)
         if manifest is not None:  # built from the same graph, weights, options, code and CPU: nothing to do

@@ -6,6 +6,7 @@ does not import ``cli.py``, so either can be imported first.
 
 from __future__ import annotations
 
+import os
 import time
 
 import click
@@ -224,6 +225,33 @@ def tune(model, target, opt_level, trials, only, dims, tuning_db):
                f"build with: attngraph build {model} --tuning-db {tuning_db} -o DIR")
 
 
+@click.command("tune-tiles")
+@click.option("--rounds", default=7, show_default=True, help="Interleaved rounds per kernel (the best is kept).")
+@click.option("--reset", is_flag=True, help="Forget this CPU's measured tiles (builds take the table's again).")
+@user_errors
+def tune_tiles(rounds, reset):
+    """Measure the CPU kernels' register tiles on this CPU (about a minute) and keep the fastest for its llvm
+    builds: the projections at many rows, a few rows and one row, the attention and the weight gradient, each over
+    a few candidates.  'attngraph targets' says when a build uses them; ATTNGRAPH_TILES=table ignores them."""
+    from .backends.tvm.targets.cpu import tile_tuning
+    path = tile_tuning.record_path()
+    if path is None:
+        raise click.ClickException("caching is off (ATTNGRAPH_CACHE): the tiles would have nowhere to be kept")
+    if reset:
+        if os.path.exists(path):
+            os.remove(path)
+        click.echo(f"forgot the tiles measured on this CPU ({path}); builds take the table's")
+        return
+    if rounds < 1:
+        raise click.BadParameter(f"must be at least 1, got {rounds}", param_hint="--rounds")
+    start = time.perf_counter()
+    click.echo("GFLOP/s of each candidate (rows x columns), the fastest marked *:")
+    record = tile_tuning.tune(rounds, say=click.echo)
+    chosen = ", ".join(f"{k} {v[0]} x {v[1]}" for k, v in record["tiles"].items())
+    click.echo(f"measured in {time.perf_counter() - start:.0f} s on {record['cpu']} ({record['isa']} kernels): "
+               f"{chosen} -> {path}; the next llvm builds use them")
+
+
 @click.command("targets")
 def targets():
     """List the compile targets: whether each compiles and runs here, and why not."""
@@ -243,4 +271,4 @@ def targets():
             click.echo(f"  --device {device}: {about}")
 
 
-COMMANDS = (build, verify, tune, targets)
+COMMANDS = (build, verify, tune, tune_tiles, targets)

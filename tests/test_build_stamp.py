@@ -55,6 +55,18 @@ def test_a_change_rebuilds(built, tmp_path, change):
     assert api.build(MODEL, out_dir=out, **kwargs)["build"]["up_to_date"] is True
 
 
+def test_tiles_measured_on_this_cpu_rebuild(built, tmp_path, monkeypatch):
+    """``attngraph tune-tiles`` changes the kernels of this CPU's builds: the next build is not up to date."""
+    import shutil
+
+    from attngraph.backends.tvm.targets.cpu import tile_tuning
+    out = str(tmp_path / "art")
+    shutil.copytree(built[0], out)
+    monkeypatch.setattr(tile_tuning, "measured_tiles", lambda: {"attention": [4, 16]})
+    manifest = api.build(MODEL, out_dir=out)
+    assert manifest["build"]["up_to_date"] is False and manifest["stamp"] != built[1]["stamp"]
+
+
 def test_a_damaged_artifact_is_rebuilt_whole(built, tmp_path):
     import shutil
     out = str(tmp_path / "art")

@@ -194,6 +194,50 @@ def test_the_cpu_target_has_what_the_cpu_has(monkeypatch):
     assert f"this CPU: {isa.summary(here)}; LLVM's {t.mcpu}" in shown
 
 
+def test_tiles_measured_on_this_cpu_are_used_by_its_builds_only(tmp_path, monkeypatch):
+    """``attngraph tune-tiles`` keeps the fastest register tiles for this CPU in the cache; this CPU's llvm builds use
+    them (and verify), ``llvm:CPU`` builds and ``ATTNGRAPH_TILES=table`` keep the table's, a damaged record or one
+    for other kernels counts as none, and the build stamp changes with the record."""
+    import dataclasses
+
+    from attngraph.backends.tvm.targets.cpu import LLVMTarget, tile_tuning
+    from attngraph.backends.tvm.targets.cpu.tiles import cpu_tiles
+    from attngraph.cli import main
+    monkeypatch.setenv("ATTNGRAPH_CACHE", str(tmp_path))
+    table = LLVMTarget().tiles
+    assert tile_tuning.measured() is None and tile_tuning.measured_tiles() is None
+    result = CliRunner().invoke(main, ["tune-tiles", "--rounds", "1"])
+    assert result.exit_code == 0, result.output
+    record = tile_tuning.measured()
+    assert record["isa"] == table.isa and set(record["tiles"]) >= {"dense", "few_rows", "attention", "weight_grad"}
+    for field, tile in record["tiles"].items():  # each chosen tile is one of its candidates, with its measurement
+        assert tuple(tile) in tile_tuning.CANDIDATES[table.isa][field]
+        assert record["gflops"][field][f"{tile[0]}x{tile[1]}"] > 0
+    assert "tiles measured here" in CliRunner().invoke(main, ["targets"]).output
+    # a record choosing other tiles: this CPU's builds take them and still match the interpreter
+    other = {"attention": [4, 16], "dense": [2, 32] if table.isa == "avx2" else [8, 32]}
+    path = tile_tuning.record_path()
+    with open(path, "w") as f:
+        json.dump({**record, "tiles": other}, f)
+    tuned = LLVMTarget()
+    assert tuned.tiles == dataclasses.replace(table, attention=(4, 16), dense=tuple(other["dense"]))
+    assert tuned.describe()["tiles"]["attention"] == (4, 16)
+    assert tile_tuning.measured_tiles() == other
+    report = ag.verify("encoder-tiny", target=tuned)
+    assert report.ok, report.format()
+    assert LLVMTarget("x86-64-v3").tiles == cpu_tiles(LLVMTarget("x86-64-v3").tvm_target)  # another CPU's: the table
+    monkeypatch.setenv("ATTNGRAPH_TILES", "table")
+    assert LLVMTarget().tiles == table
+    monkeypatch.delenv("ATTNGRAPH_TILES")
+    for damaged in ("{not json", json.dumps({**record, "isa": "avx9", "tiles": other}),
+                    json.dumps({**record, "tiles": {"attention": [0, 16], "dense": "big"}})):
+        with open(path, "w") as f:
+            f.write(damaged)
+        assert LLVMTarget().tiles == table
+    result = CliRunner().invoke(main, ["tune-tiles", "--reset"])
+    assert result.exit_code == 0 and not os.path.exists(path) and tile_tuning.measured() is None
+
+
 def test_build_for_another_cpu_model(tmp_path, monkeypatch):
     """``llvm:CPU`` builds for a deployment machine other than this one: x86-64-v3 (any AVX2 CPU) gets
     the AVX2 kernels, runs here (this CPU has AVX2) and matches the interpreter; the manifest names the

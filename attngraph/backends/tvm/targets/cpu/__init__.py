@@ -8,11 +8,12 @@ has."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from .... import ArtifactError, BuildError, DeviceUnavailable
 from ..base import RUNTIME_ONLY, Target, compiler_loaded
-from . import isa
+from . import isa, tile_tuning
 from .layout import gate_projections, pack_weights
 from .tiles import PANEL_WIDTH, cpu_tiles
 
@@ -36,7 +37,10 @@ class LLVMTarget(Target):
 
     @functools.cached_property
     def tiles(self):
-        return cpu_tiles(self.tvm_target)
+        """The register tiles: the table's for this instruction set, with those ``attngraph tune-tiles`` measured on
+        this CPU over them (for this CPU's builds only)."""
+        tiles = cpu_tiles(self.tvm_target)
+        return tile_tuning.apply(tiles, tile_tuning.measured()) if self.cpu is None else tiles
 
     # The kernel table and the schedules import TVM's compiler: when a build asks for them, not when an
     # artifact of this target loads (with TVM's runtime alone).
@@ -105,7 +109,8 @@ class LLVMTarget(Target):
             mattr = [str(a) for a in t.attrs.get("mattr", ())]
             model = f"LLVM's {t.mcpu}" + (f" {','.join(mattr)} (per /proc/cpuinfo)" if mattr else "")
             features = isa.isa_features(str(t.mcpu), tuple(mattr))
-            return None, None, f"this CPU: {isa.summary(features)}; {model}; {self.tiles.isa} kernels"
+            tuned = " (tiles measured here: attngraph tune-tiles)" if tile_tuning.measured() else ""
+            return None, None, f"this CPU: {isa.summary(features)}; {model}; {self.tiles.isa} kernels{tuned}"
         missing = isa.missing_here(self.cpu)
         return None, f"this CPU lacks {self.cpu}'s {', '.join(missing)}" if missing else None, \
             f"CPU {self.cpu} ({self.tiles.isa} kernels)"
@@ -114,7 +119,7 @@ class LLVMTarget(Target):
         t = self.tvm_target
         mattr = [str(a) for a in t.attrs.get("mattr", ())]
         return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(isa.isa_features(str(t.mcpu), tuple(mattr))),
-                "kernels": self.tiles.isa}
+                "kernels": self.tiles.isa, "tiles": dataclasses.asdict(self.tiles)}
 
 
 def make_target(option: str | None, name: str) -> LLVMTarget:
