@@ -68,4 +68,9 @@ def peak_gflops(threads: int | None = None, cpu: str | None = None) -> float:
 if __name__ == "__main__":
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     n = int(os.environ["TVM_NUM_THREADS"])
-    print(f"float32 peak, {n} threads: {peak_gflops(n):.0f} GFLOP/s")
+    from attngraph.backends.tvm.targets import get_target
+    from attngraph.backends.tvm.targets.cpu import isa
+    info = get_target("llvm").describe()
+    cpu = next((ln.partition(":")[2].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"float32 peak, {n} threads of {cpu} (LLVM's {info['cpu']}: {isa.summary(info['features'])}): "
+          f"{peak_gflops(n):.0f} GFLOP/s")

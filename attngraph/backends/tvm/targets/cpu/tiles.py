@@ -1,6 +1,6 @@
-"""The CPU kernels' register tiles, one set per vector instruction set, each measured on its machine;
-and the width of the column panels weights are packed in (``PANEL_WIDTH``: the packing pass and the
-projection kernel read this one constant)."""
+"""The CPU kernels' register tiles, one set per vector instruction set, each measured on its machine (``attngraph
+tune-tiles`` measures them on this CPU instead: ``tile_tuning.py``); and the width of the column panels weights are
+packed in (``PANEL_WIDTH``: the packing pass and the projection kernel read this one constant)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,8 @@ AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), pref
 # at 8 rows.  Attention: 8 query rows x 32 keys 1.3-1.9x faster than 4 x 16 (S 128-512, head dim 32, 64).
 # No prefetch: its 1 KB register tile lives in memory that LLVM must assume the prefetch may read, so the
 # accumulators are stored at every prefetch (10-15% slower warm, no gain cold).
+# On 2 cores of a Zen 4 (``attngraph tune-tiles``, best of 7 rounds): these tiles again within 3%, but the attention,
+# where 8 x 16 ran at 182 GFLOP/s against 176 for 8 x 32 (S 128 and 512, head dim 64).
 AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64), weight_grad=(4, 64))
 
 
