@@ -40,13 +40,13 @@ def test_projections_have_a_few_rows_form_used_at_one_token(tiny_compiled):
     model, params = tiny_compiled
     assert model.few_rows  # the packed projections (llvm) carry a short tile form for decode-sized inputs
     x = example(model.graph, seed=2, batch=1, src_len=1, tgt_len=1)
-    _, _, kernels = model._frame({"batch": 1, "src_len": 1, "tgt_len": 1})
+    kernels = model.kernels_at(batch=1, src_len=1, tgt_len=1)
     # one row: the one-row form where this CPU's tiles have one (AVX-512), else the few-rows form
-    assert any(name.endswith("__one" if model.one_row else "__few") for name, _ in kernels.values())
+    assert any(name.endswith("__one" if model.one_row else "__few") for name in kernels.values())
     check(model, x, params)
-    _, _, kernels = model._frame({"batch": 3, "src_len": 1, "tgt_len": 1})
-    assert any(name.endswith("__few") for name, _ in kernels.values())
-    assert not any(name.endswith("__one") for name, _ in kernels.values())
+    kernels = model.kernels_at(batch=3, src_len=1, tgt_len=1)
+    assert any(name.endswith("__few") for name in kernels.values())
+    assert not any(name.endswith("__one") for name in kernels.values())
     check(model, example(model.graph, seed=3, batch=3, src_len=1, tgt_len=1), params)
 
 

@@ -81,6 +81,10 @@ def _nbytes(ty, dims) -> int:
     return int(np.prod(ty.concrete(dims), dtype=np.int64)) * np.dtype(ty.dtype).itemsize
 
 
+#: ops whose operands are checked on the host before their kernel runs (an index in range, a write inside its cache)
+CHECKED = ("gather", "update_slice")
+
+
 @dataclass
 class Step:
     """One step of the plan: ``kind`` is "input", "view" or "kernel"."""
@@ -114,6 +118,7 @@ class CompiledModel:
         self.signature = graph.input_types()
         self._bind = Binder(self.signature)
         self.steps = self._plan_steps()
+        self._kernel_nodes = {s.node for s in self.steps if s.kind == "kernel"}
         wanted = {s.kernel for s in self.steps if s.kind == "kernel"}
         wanted |= {name for k in wanted for _, name in self.variants.get(k, ())}
         missing = sorted(k for k in wanted if not device.has_kernel(k))
@@ -188,9 +193,9 @@ class CompiledModel:
         self.apart = {by_name[n] for n in names if by_name[n] in self.symbol_of and by_name[n] not in self.in_place}
         self._frames.clear()
 
-    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, dict]:
-        """The memory plan at ``dims``, a tensor view for every planned value, and the kernel each
-        step calls at these dims; reused across calls."""
+    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, list]:
+        """The memory plan at ``dims``, a tensor view for every planned value, and the program of the steps at these
+        dims (each with its view and the kernel it calls); reused across calls."""
         key = tuple(sorted(dims.items()))
         if key in self._frames:
             self._frames.move_to_end(key)
@@ -236,10 +241,20 @@ class CompiledModel:
                 # A static variant takes no dim arguments: its sizes are constants.
                 static = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS, ONE_ROW))
                 kernels[step.node] = (name, [] if static else [dims[d] for d in step.scalars])
-        self._frames[key] = (plan, views, kernels)
+        # The plan's steps with what each needs at these dims, in one tuple each: (kind, node, its Node,
+        # operands, its view (a shape where made per call), (kernel, dim arguments), the check its operands need).
+        nodes = self._nodes
+        program = [(step.kind, step.node, nodes[step.node], step.operands, views.get(step.node),
+                    kernels.get(step.node), nodes[step.node].op if nodes[step.node].op in CHECKED else None)
+                   for step in self.steps]
+        self._frames[key] = (plan, views, program)
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
-        return plan, views, kernels
+        return plan, views, program
+
+    def kernels_at(self, **dims) -> dict[int, str]:
+        """The kernel each kernel step calls at these dims (a tuned variant, a form, or the kernel), by node."""
+        return {nid: kernel[0] for kind, nid, _, _, _, kernel, _ in self._frame(dims)[2] if kind == "kernel"}
 
     # -- running ------------------------------------------------------------------------------
 
@@ -255,9 +270,9 @@ class CompiledModel:
         is donated: the call writes the new entries into it and returns that same tensor.
         ``observe(node, value)`` sees every kernel's result (a download per kernel: for verification,
         not for speed); ``times``, if given, collects each kernel call's seconds by node."""
-        g, nodes = self.graph, self._nodes
+        g = self.graph
         dims = self._bind(inputs)
-        plan, views, kernels = self._frame(dims)
+        plan, _, program = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
         keep = set(keep)
         unknown = keep - {name for name, _ in g.outputs}
@@ -270,7 +285,7 @@ class CompiledModel:
         given = {}  # output node -> the caller's tensor it is computed into
         for name, o in g.outputs:
             tensor = (into or {}).get(name)
-            if tensor is not None and o in fresh and o in kernels and o not in given:
+            if tensor is not None and o in fresh and o in self._kernel_nodes and o not in given:
                 want = g.node(o).type
                 if tuple(tensor.shape) != want.concrete(dims) or str(tensor.dtype) != want.dtype:
                     raise InputError(f"into[{name!r}] is {tuple(tensor.shape)} {tensor.dtype}, but the output is "
@@ -280,60 +295,61 @@ class CompiledModel:
                 given[o] = tensor
         moved = set()  # values given memory of their own this call (and views of them)
         env = dict(self.constants)
-        for step in self.steps:
-            n = nodes[step.node]
-            if step.kind == "input":
+        device, in_place, errors = self.device, self.in_place, self._call_errors
+        for kind, nid, n, operands, view, kernel, check in program:
+            if kind == "kernel":
+                args = [env[o] for o in operands]
+                if check == "gather":
+                    self._check_indices(n, args[0].shape[0], args[1], inputs)
+                elif check == "update_slice":
+                    self._check_offset(n, args, operands[2], inputs)
+                name, dim_args = kernel
+                if nid in in_place:
+                    out = args[0]
+                elif nid in given:
+                    out = given[nid]
+                    fresh.discard(nid)
+                    moved.add(nid)
+                elif nid in fresh:
+                    out = device.view(device.allocate(_nbytes(n.type, dims)), n.type.concrete(dims), n.type.dtype)
+                    fresh.discard(nid)
+                    moved.add(nid)
+                else:
+                    out = view
+                args.append(out)
+                args += dim_args
+                try:
+                    if times is None:
+                        device.call(name, args)
+                    else:  # each call alone, also on a device that runs kernels asynchronously
+                        device.synchronize()
+                        start = time.perf_counter()
+                        device.call(name, args)
+                        device.synchronize()
+                        times.setdefault(nid, []).append(time.perf_counter() - start)
+                except errors as e:  # TVM refused the arguments: name the kernel and the node
+                    raise kernel_call_error(g, nid, name, e) from None
+                env[nid] = out
+                if observe is not None:
+                    observe(n, device.download(out))
+            elif kind == "view":
+                base = operands[0]
+                if isinstance(view, tuple) or base in moved:  # not of the planned buffer
+                    view = device.view(env[base], n.type.concrete(dims), n.type.dtype)
+                env[nid] = view
+                if base in moved:
+                    moved.add(nid)
+            else:  # an input
                 value = inputs[n.name]
                 if is_device_tensor(value):
                     if str(value.dtype) != n.type.dtype:
                         raise InputError(f"input {n.name!r} is a device tensor of {value.dtype}, expected {n.type.dtype}")
-                    env[step.node] = value
+                    env[nid] = value
                     continue
                 value = np.asarray(value)
                 if value.dtype != np.dtype(n.type.dtype):
                     value = value.astype(n.type.dtype)
-                env[step.node] = self.device.upload(value)
-            elif step.kind == "view":
-                view = views[step.node]
-                if isinstance(view, tuple) or step.operands[0] in moved:  # not of the planned buffer
-                    view = self.device.view(env[step.operands[0]], n.type.concrete(dims), n.type.dtype)
-                env[step.node] = view
-                if step.operands[0] in moved:
-                    moved.add(step.node)
-            else:
-                args = [env[o] for o in step.operands]
-                if n.op == "gather":
-                    self._check_indices(n, args[0].shape[0], args[1], inputs)
-                elif n.op == "update_slice":
-                    self._check_offset(n, args, step.operands[2], inputs)
-                name, dim_args = kernels[step.node]
-                if step.node in self.in_place:
-                    out = args[0]
-                elif step.node in given:
-                    out = given[step.node]
-                    fresh.discard(step.node)
-                    moved.add(step.node)
-                elif step.node in fresh:
-                    out = self.device.view(self.device.allocate(_nbytes(n.type, dims)), n.type.concrete(dims),
-                                           n.type.dtype)
-                    fresh.discard(step.node)
-                    moved.add(step.node)
-                else:
-                    out = views[step.node]
-                try:
-                    if times is None:
-                        self.device.call(name, args + [out] + dim_args)
-                    else:  # each call alone, also on a device that runs kernels asynchronously
-                        self.device.synchronize()
-                        start = time.perf_counter()
-                        self.device.call(name, args + [out] + dim_args)
-                        self.device.synchronize()
-                        times.setdefault(step.node, []).append(time.perf_counter() - start)
-                except self._call_errors as e:  # TVM refused the arguments: name the kernel and the node
-                    raise kernel_call_error(g, step.node, name, e) from None
-                env[step.node] = out
-                if observe is not None:
-                    observe(n, self.device.download(out))
+                env[nid] = device.upload(value)
         result = {}
         for name, o in g.outputs:
             value = env[o]
