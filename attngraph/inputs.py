@@ -105,7 +105,7 @@ class Binder:
             value = inputs[name]
             if isinstance(value, (int, float, bool)):
                 key.append(type(value))
-            elif hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, (list, tuple)):
+            elif hasattr(value, "shape") and hasattr(value, "dtype"):
                 key.append((type(value), tuple(value.shape), str(value.dtype)))
             else:
                 return None

@@ -58,6 +58,7 @@ from timing import median_ms  # noqa: E402
 
 import attngraph as ag  # noqa: E402
 from attngraph import generate as G  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.isa import cpu_name  # noqa: E402
 
 BOS, EOS = 1, 2
 
@@ -146,8 +147,7 @@ def run_case(engines, sources, beam, max_len, eos, repeat):
 def main():
     model = ag.models.get(ARGS.model)
     params = ag.init_params(model, seed=0)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"{ARGS.model}, float32, {ARGS.threads} threads, {cpu}; ctranslate2 {ctranslate2.__version__}", flush=True)
+    print(f"{ARGS.model}, float32, {ARGS.threads} threads, {cpu_name()}; ctranslate2 {ctranslate2.__version__}", flush=True)
     work = tempfile.mkdtemp(prefix="bench-translate-")
     variable = not ARGS.no_variable
     ct2_dir = write_model(model, params, os.path.join(work, "ct2"))

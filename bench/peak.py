@@ -71,6 +71,5 @@ if __name__ == "__main__":
     from attngraph.backends.tvm.targets import get_target
     from attngraph.backends.tvm.targets.cpu import isa
     info = get_target("llvm").describe()
-    cpu = next((ln.partition(":")[2].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"float32 peak, {n} threads of {cpu} (LLVM's {info['cpu']}: {isa.summary(info['features'])}): "
+    print(f"float32 peak, {n} threads of {isa.cpu_name()} (LLVM's {info['cpu']}: {isa.summary(info['features'])}): "
           f"{peak_gflops(n):.0f} GFLOP/s")

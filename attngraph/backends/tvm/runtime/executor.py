@@ -137,7 +137,7 @@ class CompiledModel:
         self.kernels = self.manifest = self.model_name = self.opt_level = self.report = self.weights_from = None
         self.precomputed = precomputed_nodes(graph, self.order)
         self.constants = {nid: device.upload(v) for nid, v in bind_constants(graph, self.precomputed, self.params).items()}
-        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, views, kernel per step), most recent last
+        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, program), most recent last
         self._buffers: list = []
         self._buffer_bytes: list[int] = []
         self.last_peak_bytes = 0
@@ -193,9 +193,9 @@ class CompiledModel:
         self.apart = {by_name[n] for n in names if by_name[n] in self.symbol_of and by_name[n] not in self.in_place}
         self._frames.clear()
 
-    def _frame(self, dims: dict) -> tuple[MemoryPlan, dict, list]:
-        """The memory plan at ``dims``, a tensor view for every planned value, and the program of the steps at these
-        dims (each with its view and the kernel it calls); reused across calls."""
+    def _frame(self, dims: dict) -> tuple[MemoryPlan, list]:
+        """The memory plan at ``dims`` and the program of the steps at these dims (each with its view and the kernel
+        it calls); reused across calls."""
         key = tuple(sorted(dims.items()))
         if key in self._frames:
             self._frames.move_to_end(key)
@@ -247,14 +247,14 @@ class CompiledModel:
         program = [(step.kind, step.node, nodes[step.node], step.operands, views.get(step.node),
                     kernels.get(step.node), nodes[step.node].op if nodes[step.node].op in CHECKED else None)
                    for step in self.steps]
-        self._frames[key] = (plan, views, program)
+        self._frames[key] = (plan, program)
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
-        return plan, views, program
+        return plan, program
 
     def kernels_at(self, **dims) -> dict[int, str]:
         """The kernel each kernel step calls at these dims (a tuned variant, a form, or the kernel), by node."""
-        return {nid: kernel[0] for kind, nid, _, _, _, kernel, _ in self._frame(dims)[2] if kind == "kernel"}
+        return {nid: kernel[0] for kind, nid, _, _, _, kernel, _ in self._frame(dims)[1] if kind == "kernel"}
 
     # -- running ------------------------------------------------------------------------------
 
@@ -272,7 +272,7 @@ class CompiledModel:
         not for speed); ``times``, if given, collects each kernel call's seconds by node."""
         g = self.graph
         dims = self._bind(inputs)
-        plan, _, program = self._frame(dims)
+        plan, program = self._frame(dims)
         self.last_peak_bytes = plan.peak_bytes
         keep = set(keep)
         unknown = keep - {name for name, _ in g.outputs}

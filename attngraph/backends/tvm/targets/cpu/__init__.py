@@ -105,12 +105,10 @@ class LLVMTarget(Target):
             whose = "their" if self.cpu is None else f"{self.cpu}'s"
             return RUNTIME_ONLY, None, f"built artifacts run if this CPU has {whose} instruction sets"
         if self.cpu is None:
-            t = self.tvm_target
-            mattr = [str(a) for a in t.attrs.get("mattr", ())]
-            model = f"LLVM's {t.mcpu}" + (f" {','.join(mattr)} (per /proc/cpuinfo)" if mattr else "")
-            features = isa.isa_features(str(t.mcpu), tuple(mattr))
+            info = self.describe()
+            model = f"LLVM's {info['cpu']}" + (f" {','.join(info['mattr'])} (per /proc/cpuinfo)" if info["mattr"] else "")
             tuned = " (tiles measured here: attngraph tune-tiles)" if tile_tuning.measured() else ""
-            return None, None, f"this CPU: {isa.summary(features)}; {model}; {self.tiles.isa} kernels{tuned}"
+            return None, None, f"this CPU: {isa.summary(info['features'])}; {model}; {info['kernels']} kernels{tuned}"
         missing = isa.missing_here(self.cpu)
         return None, f"this CPU lacks {self.cpu}'s {', '.join(missing)}" if missing else None, \
             f"CPU {self.cpu} ({self.tiles.isa} kernels)"

@@ -91,6 +91,15 @@ def _cpuinfo_flags() -> frozenset:
     return frozenset(_norm(x) for x in line.partition(":")[2].split())
 
 
+def cpu_name() -> str:
+    """This CPU's name as /proc/cpuinfo gives it ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8488C"), or "?"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "?")
+    except OSError:
+        return "?"
+
+
 def missing_cpu_features(target_info: dict) -> list:
     """The instruction sets an llvm artifact's kernels may use (``target_info`` of its manifest) that
     this CPU lacks; [] when it has them all or nothing can tell.

@@ -91,13 +91,14 @@ def _specs() -> dict:
     from ...plan import FEW_ROWS, ONE_ROW, KernelSpec
     from .. import get_target
     from ..table import MAIN
+    from .tiles import PANEL_WIDTH
 
     def f32(*shape):
         return TensorType(shape, "float32")
 
     def projection(k, n):
         return KernelSpec(f"linear_{k}x{n}", "linear_packed", {"activation": "relu", "n": n},
-                          (f32("batch", "seq", k), f32(n // 16, k, 16), f32(n)), f32("batch", "seq", n))
+                          (f32("batch", "seq", k), f32(n // PANEL_WIDTH, k, PANEL_WIDTH), f32(n)), f32("batch", "seq", n))
     layer, _ = optimize(trace(get("transformer-base-encoder-layer")), 3, layout=get_target("llvm").layout_passes())
     attention = next(n for n in layer.nodes() if n.op == "fused_attention")
     attention = KernelSpec("attention", "fused_attention", dict(attention.attrs),
@@ -110,8 +111,8 @@ def _specs() -> dict:
 
 def tune(rounds: int = 7, say=print) -> dict:
     """Time every candidate of every field on this CPU (``rounds`` interleaved rounds, each the median of 5 calls
-    at each size; a candidate's best round counts), write the record with the fastest of each (the table's unless another is ``MARGIN`` faster), and
-    return it."""
+    at each size; a candidate's best round counts), write the record with the fastest of each (the table's unless
+    another is ``MARGIN`` faster), and return it."""
     import numpy as np
     import tvm
 
@@ -122,12 +123,13 @@ def tune(rounds: int = 7, say=print) -> dict:
     from .. import get_target
     from ..table import MAIN
     from .kernels import KERNELS
+    from .isa import cpu_name
     from .tiles import cpu_tiles
     ensure_threads()  # the threads a build's kernels run on
     target = get_target("llvm")
     table = cpu_tiles(target.tvm_target)  # the table's, whatever was measured before
     rng = np.random.default_rng(0)
-    record = {"isa": table.isa, "cpu": _cpu_name(), "llvm_cpu": str(target.tvm_target.mcpu),
+    record = {"isa": table.isa, "cpu": cpu_name(), "llvm_cpu": str(target.tvm_target.mcpu),
               "threads": get_num_threads(),
               "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "tiles": {}, "gflops": {}}
@@ -181,10 +183,3 @@ def tune(rounds: int = 7, say=print) -> dict:
         write_file(os.path.dirname(path), os.path.basename(path), json.dumps(record, indent=1, sort_keys=True).encode())
     return record
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.partition(":")[2].strip() for ln in f if ln.startswith("model name")), "?")
-    except OSError:
-        return "?"
