@@ -81,10 +81,6 @@ def _nbytes(ty, dims) -> int:
     return int(np.prod(ty.concrete(dims), dtype=np.int64)) * np.dtype(ty.dtype).itemsize
 
 
-#: ops whose operands are checked on the host before their kernel runs (an index in range, a write inside its cache)
-CHECKED = ("gather", "update_slice")
-
-
 @dataclass
 class Step:
     """One step of the plan: ``kind`` is "input", "view" or "kernel"."""
@@ -93,6 +89,21 @@ class Step:
     kernel: str | None = None
     operands: tuple = ()
     scalars: tuple = ()  # dims passed as int arguments after the output
+
+
+@dataclass
+class Frame:
+    """The plan's steps at one set of dims, ready to run.  Each kernel call's argument list is built once, with
+    the planned buffers' views, the constants and the dim arguments in place; a call fills in only the values it
+    gives (its inputs, in-place caches, outputs with memory of their own, and views of these) at the positions
+    ``pending`` names, and puts the planned ones back after.  Kept this way, a call's Python between two
+    kernels is a loop step: between the kernels of a decode step, which stream the weights through the caches,
+    the executor's own work ran at a third of its speed."""
+    plan: MemoryPlan
+    calls: list  # [(kernel name, arguments, node, check or None)] in order; check(arguments, inputs) before the call
+    dynamic: list  # [(kind, node, its Node, operands, shape)]: the steps whose value a call may give
+    pending: dict  # node -> [(call, argument position)] where a value the call gives goes
+    static: dict  # node -> its tensor where no call gives one (a planned buffer's view, a constant)
 
 
 class CompiledModel:
@@ -193,9 +204,8 @@ class CompiledModel:
         self.apart = {by_name[n] for n in names if by_name[n] in self.symbol_of and by_name[n] not in self.in_place}
         self._frames.clear()
 
-    def _frame(self, dims: dict) -> tuple[MemoryPlan, list]:
-        """The memory plan at ``dims`` and the program of the steps at these dims (each with its view and the kernel
-        it calls); reused across calls."""
+    def _frame(self, dims: dict) -> Frame:
+        """The plan's steps at ``dims``, ready to run (see ``Frame``); reused across calls."""
         key = tuple(sorted(dims.items()))
         if key in self._frames:
             self._frames.move_to_end(key)
@@ -212,49 +222,68 @@ class CompiledModel:
                 grown = True
         if grown:
             self._frames.clear()  # their views point into the buffers just replaced
-        g = self.graph
-        views, kernels = {}, {}
+        g, nodes, device = self.graph, self._nodes, self.device
+        outputs = {o for _, o in g.outputs}
+        static = dict(self.constants)  # node -> its tensor wherever no call gives it one
+        given = set()  # the nodes a call may give a value of its own (see Frame)
+        calls, pending, dynamic = [], {}, []
         for step in self.steps:
-            if step.kind == "view":
-                n = g.node(step.node)
-                base = views.get(step.operands[0])
-                if base is not None and not isinstance(base, tuple):  # of a planned buffer: made once
-                    views[step.node] = self.device.view(base, n.type.concrete(dims), n.type.dtype)
-                else:  # of an input or an in-place cache: the shape only, the view is made per call
-                    views[step.node] = n.type.concrete(dims)
-            elif step.kind == "kernel" and step.node in self.in_place:
-                # its output is its cache operand, given per call
-                kernels[step.node] = (step.kernel + IN_PLACE, [dims[d] for d in step.scalars])
-            elif step.kind == "kernel":
-                n = g.node(step.node)
-                # an output apart: the shape only, its memory is given or made per call
-                views[step.node] = n.type.concrete(dims) if step.node in self.apart else \
-                    self.device.view(self._buffers[plan.buffer_of[step.node]], n.type.concrete(dims), n.type.dtype)
-                name = next((name for d, name in self.variants.get(step.kernel, ())
-                             if all(dims.get(k) == v for k, v in d.items())), step.kernel)
-                if name == step.kernel and step.kernel in self.few_rows | self.one_row:
-                    rows = tile_rows(n.op, n.attrs, n.type.concrete(dims))
-                    if rows == 1 and step.kernel in self.one_row:
-                        name = step.kernel + ONE_ROW
-                    elif rows <= FEW_ROWS_MAX and step.kernel in self.few_rows:
-                        name = step.kernel + FEW_ROWS
-                # A static variant takes no dim arguments: its sizes are constants.
-                static = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS, ONE_ROW))
-                kernels[step.node] = (name, [] if static else [dims[d] for d in step.scalars])
-        # The plan's steps with what each needs at these dims, in one tuple each: (kind, node, its Node,
-        # operands, its view (a shape where made per call), (kernel, dim arguments), the check its operands need).
-        nodes = self._nodes
-        program = [(step.kind, step.node, nodes[step.node], step.operands, views.get(step.node),
-                    kernels.get(step.node), nodes[step.node].op if nodes[step.node].op in CHECKED else None)
-                   for step in self.steps]
-        self._frames[key] = (plan, program)
+            nid, n = step.node, nodes[step.node]
+            shape = n.type.concrete(dims)
+            if step.kind == "input":
+                given.add(nid)
+                dynamic.append((step.kind, nid, n, step.operands, shape))
+            elif step.kind == "view":
+                base = step.operands[0]
+                if base in given:  # of a value a call gives: made per call (and where its base is planned, once too)
+                    given.add(nid)
+                    dynamic.append((step.kind, nid, n, step.operands, shape))
+                if base in static:
+                    static[nid] = device.view(static[base], shape, n.type.dtype)
+            else:
+                if nid in self.in_place:  # its output is its cache operand, given per call
+                    name = step.kernel + IN_PLACE
+                else:
+                    name = self._kernel_name(step, n, dims)
+                    if nid not in self.apart:
+                        static[nid] = device.view(self._buffers[plan.buffer_of[nid]], shape, n.type.dtype)
+                static_kernel = name != step.kernel and not name.endswith((IN_PLACE, FEW_ROWS, ONE_ROW))
+                if nid in self.in_place or nid in outputs:
+                    given.add(nid)
+                    dynamic.append((step.kind, nid, n, step.operands, shape))
+                args = [static.get(o) for o in step.operands] + [static.get(nid)]
+                args += [] if static_kernel else [dims[d] for d in step.scalars]
+                for i, o in enumerate(step.operands + (nid,)):
+                    if o in given:
+                        pending.setdefault(o, []).append((len(calls), i))
+                check = None
+                if n.op == "gather":
+                    check = functools.partial(self._check_indices, n)
+                elif n.op == "update_slice":
+                    check = functools.partial(self._check_offset, n, step.operands[2])
+                calls.append((name, args, nid, check))
+        frame = Frame(plan, calls, dynamic, pending, static)
+        self._frames[key] = frame
         while len(self._frames) > 8:
             self._frames.popitem(last=False)
-        return plan, program
+        return frame
+
+    def _kernel_name(self, step: Step, n: Node, dims: dict) -> str:
+        """The kernel a step calls at ``dims``: a variant tuned at these dims, else the form for one row or few
+        rows where the kernel has one, else the kernel."""
+        name = next((name for d, name in self.variants.get(step.kernel, ())
+                     if all(dims.get(k) == v for k, v in d.items())), step.kernel)
+        if name == step.kernel and step.kernel in self.few_rows | self.one_row:
+            rows = tile_rows(n.op, n.attrs, n.type.concrete(dims))
+            if rows == 1 and step.kernel in self.one_row:
+                return step.kernel + ONE_ROW
+            if rows <= FEW_ROWS_MAX and step.kernel in self.few_rows:
+                return step.kernel + FEW_ROWS
+        return name
 
     def kernels_at(self, **dims) -> dict[int, str]:
         """The kernel each kernel step calls at these dims (a tuned variant, a form, or the kernel), by node."""
-        return {nid: kernel[0] for kind, nid, _, _, _, kernel, _ in self._frame(dims)[1] if kind == "kernel"}
+        return {nid: name for name, _, nid, _ in self._frame(dims).calls}
 
     # -- running ------------------------------------------------------------------------------
 
@@ -272,8 +301,8 @@ class CompiledModel:
         not for speed); ``times``, if given, collects each kernel call's seconds by node."""
         g = self.graph
         dims = self._bind(inputs)
-        plan, program = self._frame(dims)
-        self.last_peak_bytes = plan.peak_bytes
+        frame = self._frame(dims)
+        self.last_peak_bytes = frame.plan.peak_bytes
         keep = set(keep)
         unknown = keep - {name for name, _ in g.outputs}
         if unknown:
@@ -282,83 +311,81 @@ class CompiledModel:
         # caches and inputs passed through are returned as they are).
         fresh = {o for name, o in g.outputs if name in keep and o not in self.in_place and g.node(o).op != "input"}
         fresh |= self.apart
-        given = {}  # output node -> the caller's tensor it is computed into
+        into_tensors = {}  # output node -> the caller's tensor it is computed into
         for name, o in g.outputs:
             tensor = (into or {}).get(name)
-            if tensor is not None and o in fresh and o in self._kernel_nodes and o not in given:
+            if tensor is not None and o in fresh and o in self._kernel_nodes and o not in into_tensors:
                 want = g.node(o).type
                 if tuple(tensor.shape) != want.concrete(dims) or str(tensor.dtype) != want.dtype:
                     raise InputError(f"into[{name!r}] is {tuple(tensor.shape)} {tensor.dtype}, but the output is "
                                      f"{want.concrete(dims)} {want.dtype}")
                 if any(tensor is v for v in inputs.values()):
                     raise InputError(f"into[{name!r}] is also an input of this call")
-                given[o] = tensor
-        moved = set()  # values given memory of their own this call (and views of them)
-        env = dict(self.constants)
-        device, in_place, errors = self.device, self.in_place, self._call_errors
-        for kind, nid, n, operands, view, kernel, check in program:
-            if kind == "kernel":
-                args = [env[o] for o in operands]
-                if check == "gather":
-                    self._check_indices(n, args[0].shape[0], args[1], inputs)
-                elif check == "update_slice":
-                    self._check_offset(n, args, operands[2], inputs)
-                name, dim_args = kernel
-                if nid in in_place:
-                    out = args[0]
-                elif nid in given:
-                    out = given[nid]
-                    fresh.discard(nid)
-                    moved.add(nid)
-                elif nid in fresh:
-                    out = device.view(device.allocate(_nbytes(n.type, dims)), n.type.concrete(dims), n.type.dtype)
-                    fresh.discard(nid)
-                    moved.add(nid)
-                else:
-                    out = view
-                args.append(out)
-                args += dim_args
-                try:
-                    if times is None:
-                        device.call(name, args)
-                    else:  # each call alone, also on a device that runs kernels asynchronously
-                        device.synchronize()
-                        start = time.perf_counter()
-                        device.call(name, args)
-                        device.synchronize()
-                        times.setdefault(nid, []).append(time.perf_counter() - start)
-                except errors as e:  # TVM refused the arguments: name the kernel and the node
-                    raise kernel_call_error(g, nid, name, e) from None
-                env[nid] = out
-                if observe is not None:
-                    observe(n, device.download(out))
-            elif kind == "view":
-                base = operands[0]
-                if isinstance(view, tuple) or base in moved:  # not of the planned buffer
-                    view = device.view(env[base], n.type.concrete(dims), n.type.dtype)
-                env[nid] = view
-                if base in moved:
-                    moved.add(nid)
-            else:  # an input
+                into_tensors[o] = tensor
+        # The values this call gives (its inputs, in-place caches, outputs with memory of their own, and
+        # views of them), all before the first kernel: the kernel loop below then only calls.
+        device = self.device
+        env = {}
+        for kind, nid, n, operands, shape in frame.dynamic:
+            if kind == "input":
                 value = inputs[n.name]
                 if is_device_tensor(value):
                     if str(value.dtype) != n.type.dtype:
                         raise InputError(f"input {n.name!r} is a device tensor of {value.dtype}, expected {n.type.dtype}")
-                    env[nid] = value
-                    continue
-                value = np.asarray(value)
-                if value.dtype != np.dtype(n.type.dtype):
-                    value = value.astype(n.type.dtype)
-                env[nid] = device.upload(value)
+                else:
+                    value = np.asarray(value)
+                    if value.dtype != np.dtype(n.type.dtype):
+                        value = value.astype(n.type.dtype)
+                    value = device.upload(value)
+                env[nid] = value
+            elif kind == "view":
+                base = operands[0]
+                if base in env:
+                    env[nid] = device.view(env[base], shape, n.type.dtype)
+            elif nid in self.in_place:
+                env[nid] = env[operands[0]]
+            elif nid in fresh:
+                env[nid] = into_tensors[nid] if nid in into_tensors else \
+                    device.view(device.allocate(_nbytes(n.type, dims)), shape, n.type.dtype)
+                fresh.discard(nid)
+        calls, static = frame.calls, frame.static
+        for nid, value in env.items():
+            for c, i in frame.pending.get(nid, ()):
+                calls[c][1][i] = value
+        try:
+            self._run(calls, inputs, observe, times)
+        finally:  # the frame keeps no tensor of this call's
+            for nid in env:
+                for c, i in frame.pending.get(nid, ()):
+                    calls[c][1][i] = static.get(nid)
         result = {}
         for name, o in g.outputs:
-            value = env[o]
+            value = env[o] if o in env else static[o]
             if name not in keep:
-                value = self.device.download(value)
+                value = device.download(value)
             elif o in fresh:  # a view of a planned buffer: copied out
-                value = self.device.upload(self.device.download(value))
+                value = device.upload(device.download(value))
             result[name] = value
         return result
+
+    def _run(self, calls: list, inputs: Mapping, observe, times) -> None:
+        device = self.device
+        for name, args, nid, check in calls:
+            if check is not None:
+                check(args, inputs)
+            try:
+                if times is None:
+                    device.call(name, args)
+                else:  # each call alone, also on a device that runs kernels asynchronously
+                    device.synchronize()
+                    start = time.perf_counter()
+                    device.call(name, args)
+                    device.synchronize()
+                    times.setdefault(nid, []).append(time.perf_counter() - start)
+            except self._call_errors as e:  # TVM refused the arguments: name the kernel and the node
+                raise kernel_call_error(self.graph, nid, name, e) from None
+            if observe is not None:
+                observe(self._nodes[nid], device.download(args[len(self.graph.operands(nid))]))
 
     def profile(self, inputs: Mapping[str, np.ndarray], repeat: int = 3) -> list[KernelTime]:
         """Per kernel call: its median wall time over ``repeat`` runs and its floating-point work.
@@ -397,15 +424,15 @@ class CompiledModel:
             raise kernel_call_error(g, nid, step.kernel, e) from None
         return self.device.download(out)
 
-    def _check_indices(self, n: Node, rows: int, idx, inputs) -> None:
+    def _check_indices(self, n: Node, args: list, inputs) -> None:
         # On the host before the call: an out-of-range id must never read past the table.
-        values = self.device.download(idx)
+        rows, values = args[0].shape[0], self.device.download(args[1])
         if values.size and (values.min() < 0 or values.max() >= rows):
             bad = values[(values < 0) | (values >= rows)].ravel()[0]
             raise IndexOutOfRange(f"{self.graph.describe(n.id)}: index {bad} is out of range for a table of {rows} rows")
 
-    def _check_offset(self, n: Node, args, offset_node: int, inputs) -> None:
-        cache, value, offset = args
+    def _check_offset(self, n: Node, offset_node: int, args: list, inputs) -> None:
+        cache, value, offset = args[:3]
         axis = n.attrs["axis"] % len(cache.shape)
         given = inputs.get(self.graph.node(offset_node).name) if offset_node in self.graph.inputs else None
         # An input given on the host is read there; a computed offset is downloaded (a scalar).
