@@ -13,15 +13,20 @@ from .weights import WeightsError, init_params, load_weights, save_weights
 
 
 _COMPILE_API = ("build", "compile", "load", "verify")
+_TORCH_API = ("from_torch", "from_exported")
 
 
 def __getattr__(name):
-    # The compile API imports TVM (seconds): only when it is used, so that `show` and `run` start fast.
+    # The compile API imports TVM (seconds) and the torch frontend torch: only when used, so that `show` and
+    # `run` start fast.
     if name in _COMPILE_API:
         from . import api
         return getattr(api, name)
+    if name in _TORCH_API:
+        from .frontends import torch_export
+        return getattr(torch_export, name)
     raise AttributeError(f"module 'attngraph' has no attribute {name!r}")
 
-__all__ = ["ArtifactError", "build", "compile", "load", "verify", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
+__all__ = ["ArtifactError", "build", "compile", "load", "verify", "from_torch", "from_exported", "ir", "models", "nn", "reference", "InputError", "random_inputs", "Graph", "TensorType",
            "InputSpec", "Module", "Parameter", "trace", "AutodiffError", "grad", "WeightsError", "init_params", "load_weights",
            "save_weights", "get_num_threads", "set_num_threads", "__version__"]

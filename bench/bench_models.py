@@ -4,6 +4,10 @@ Runtime, side by side in one run, on the same inputs and weights and the same th
     python bench/bench_models.py                      # every model and case (several minutes)
     python bench/bench_models.py --model bert-size --case 1x128 --engines attngraph,ort
 
+Engines: attngraph (the model written in the DSL), PyTorch eager, torch.compile, ONNX Runtime, and "imported":
+attngraph again, on the torch.nn.TransformerEncoder through ``attngraph.from_torch`` (its time also as a share of the
+DSL build's).
+
 Models: the transformer-base encoder (6 layers, d 512, FFN 2048, 8 heads), one transformer-base
 encoder layer, and a BERT-size encoder (6 layers, d 384, FFN 1536, 12 heads); post-LN, ReLU.
 Cases: batch x sequence.  For each case: every engine's median time, its share of this machine's
@@ -46,7 +50,10 @@ MODELS = {
     "bert-size": (384, 12, 1536, 6),
 }
 CASES = ((1, 128), (8, 128), (1, 512), (8, 512))
-ENGINES = ("attngraph", "torch", "torch.compile", "ort")
+#: not a peer but attngraph too: the same torch.nn.TransformerEncoder brought by ``attngraph.from_torch`` (torch.export,
+#: fast path off) instead of written in the DSL; its time is given as a share of the DSL build's
+IMPORTED = "imported"
+ENGINES = ("attngraph", "torch", "torch.compile", "ort", IMPORTED)
 #: the float32 build beside a half-precision one (``--dtype``): not a peer, the time a half build must beat
 FLOAT32 = "attngraph float32"
 
@@ -130,6 +137,7 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
     base = api.compile(graph, params, target=target, opt_level=3) if half and "attngraph" in engines else None
     enc32 = torch_encoder(params, d, heads, ff, layers)
     enc = torch_encoder(params, d, heads, ff, layers).to(getattr(torch, dtype)) if half else enc32
+    imported = imported_encoder(enc32, d, target, dtype if half else None) if IMPORTED in engines else None
     runners = {}
     with torch.no_grad():
         if "torch.compile" in engines:
@@ -149,20 +157,25 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
                 runners["torch.compile"] = lambda xt=xt: compiled_torch(xt)
             if session is not None:
                 runners["ort"] = lambda x=x: session.run(None, {"x": x})
+            if imported is not None:
+                runners[IMPORTED] = lambda x=x: imported({"src": x})
             outputs = {"attngraph": lambda: compiled({"x": x})["y"], FLOAT32: lambda: base({"x": x})["y"],
                        "torch": lambda: enc(xt), "torch.compile": lambda: compiled_torch(xt),
-                       "ort": lambda: session.run(None, {"x": x})[0]}
+                       "ort": lambda: session.run(None, {"x": x})[0], IMPORTED: lambda: imported({"src": x})["output"]}
             diffs = {e: float(np.abs(as_float32(outputs[e]()) - want).max()) for e in runners if e != "torch" or half}
             flops = model_flops(d, ff, layers, batch, seq)
             timed = [e for e in engines if e in runners] + ([FLOAT32] if base is not None else [])
             ms = interleaved_ms({e: runners[e] for e in timed}, repeat)
-            peers = {e: t for e, t in ms.items() if e not in ("attngraph", FLOAT32)}
+            peers = {e: t for e, t in ms.items() if e not in ("attngraph", FLOAT32, IMPORTED)}
             best = min(peers, key=peers.get) if peers else None
             row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "best_peer": best, "diffs": diffs,
                    "ratio": ms["attngraph"] / peers[best] if best and "attngraph" in ms else None}
             rows.append(row)
             cells = "  ".join(f"{e} {t:8.2f} ms ({flops / t / 1e6 / peak_gflops(cpu=cpu):4.0%})" for e, t in ms.items())
             ratio = f"ratio vs best peer ({best}) {row['ratio']:.2f}" if row["ratio"] else ""
+            if IMPORTED in ms and "attngraph" in ms:
+                row["imported"] = ms[IMPORTED] / ms["attngraph"]
+                ratio += f", imported / DSL {row['imported']:.2f}"
             if base is not None:
                 row["of_float32"] = ms["attngraph"] / ms[FLOAT32]
                 ratio += f", {dtype} / float32 {row['of_float32']:.2f}"
@@ -172,6 +185,23 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
             if "attngraph" in engines:
                 print_kernels(compiled, {"x": x}, peak_gflops(cpu=cpu))
     return rows
+
+
+def imported_encoder(enc, d: int, target: str, dtype: str | None):
+    """``enc`` through ``attngraph.from_torch`` (batch and length symbolic), compiled as the DSL model is."""
+    import torch
+    from torch.export import Dim
+
+    from attngraph import api, from_torch
+    torch.backends.mha.set_fastpath_enabled(False)  # the plain ops, not the whole-layer shortcut
+    try:
+        graph, params = from_torch(enc, (torch.zeros(2, 16, d),), dynamic_shapes={"src": {0: Dim("batch"),
+                                                                                           1: Dim("seq")}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype)
+    print(f"imported: torch.nn.TransformerEncoder through torch.export, {compiled.kernel_count} kernel calls")
+    return compiled
 
 
 def as_float32(y) -> np.ndarray:
@@ -235,6 +265,9 @@ def main(model_names, case_names, engines, repeat, cpu, dtype):
     if ratios:
         print(f"\nattngraph / best peer: median {np.median(ratios):.2f}, worst {max(ratios):.2f} "
               f"over {len(ratios)} cases ({sum(r < 1 for r in ratios)} faster than every peer)")
+    imports = [r["imported"] for r in rows if "imported" in r]
+    if imports:
+        print(f"imported / DSL: median {np.median(imports):.2f}, worst {max(imports):.2f}")
     halves = [r["of_float32"] for r in rows if "of_float32" in r]
     if halves:
         print(f"attngraph {dtype} / attngraph float32: median {np.median(halves):.2f}, worst {max(halves):.2f}")

@@ -119,9 +119,15 @@ def _required_params(fn) -> list[str]:
 
 
 def get(spec: str):
-    """A model instance: a zoo name (``transformer-base``) or ``path/to/file.py:factory``."""
+    """A model instance: a zoo name (``transformer-base``), ``path/to/file.py:factory`` or a saved
+    ``torch.export`` program (``model.pt2``: its weights are the model's ``default_params``)."""
     if spec in ZOO:
         return ZOO[spec]()
+    if spec.endswith(".pt2"):
+        if not os.path.isfile(spec):
+            raise ModelNotFound(f"program file {spec!r} not found")
+        from ..frontends import torch_export
+        return torch_export.load(spec)
     if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
         fn = _load_factory(spec)
         required = _required_params(fn)
@@ -143,7 +149,7 @@ def get(spec: str):
     close = difflib.get_close_matches(spec, ZOO, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ModelNotFound(f"unknown model {spec!r}.{hint} Known models: {', '.join(names())}; "
-                        f"or give your own as path/to/file.py:factory")
+                        f"or give your own as path/to/file.py:factory, or a saved torch.export program (.pt2)")
 
 
 def build(name: str, **overrides):
