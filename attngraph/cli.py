@@ -106,7 +106,8 @@ def pass_options():
                    "(attngraph train --checkpoint).")
 @user_errors
 def show(model, fmt, output, opt_level, disable, verify_each, stats, print_after, target, training, checkpoint):
-    """Print MODEL's graph (a zoo name or path/to/file.py:factory), optionally optimized."""
+    """Print MODEL's graph (a zoo name, path/to/file.py:factory or a saved torch.export program .pt2), optionally
+    optimized."""
     if checkpoint and not training:
         raise click.BadParameter("checkpointing is of a training step: add --train", param_hint="--checkpoint")
     graph = models.load_graph(model) if not training else training_step_graph(model, opt_level or 0)

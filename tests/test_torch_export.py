@@ -220,7 +220,7 @@ def test_a_saved_program_builds_runs_and_verifies_from_the_command_line(tmp_path
     path = str(tmp_path / "gpt.pt2")
     torch.export.save(program, path)
     own = ag.models.get(path).default_params()  # the program's weights, not random ones
-    assert np.array_equal(own["c_attn.weight"], program.state_dict["c_attn.weight"].numpy())
+    assert np.array_equal(own["c_attn.weight"], program.state_dict["c_attn.weight"].detach().numpy())
     runner = CliRunner()
     shown = runner.invoke(main, ["show", path])
     assert shown.exit_code == 0 and "%x: f32[x_0, x_1, 32]" in shown.output and "# ln_1" in shown.output
@@ -233,3 +233,39 @@ def test_a_saved_program_builds_runs_and_verifies_from_the_command_line(tmp_path
     (tmp_path / "bad.pt2").write_text("not a program")
     bad = runner.invoke(main, ["show", str(tmp_path / "bad.pt2")])
     assert bad.exit_code != 0 and "is not a torch.export program" in bad.output and "Traceback" not in bad.output
+
+
+#: Hugging Face classes with small configs (random weights, nothing downloaded): the class, its config, what the
+#: output to compare is called, and its attentions (one per layer)
+HF_MODELS = {
+    "bert": ("BertModel", "BertConfig", dict(hidden_size=32, num_attention_heads=4), "last_hidden_state"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_head=4, n_positions=64, use_cache=False), "logits"),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                                      use_cache=False), "logits"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HF_MODELS))
+def test_hugging_face_models_import_with_their_padding_masks_fuse_every_attention_and_match(kind):
+    transformers = pytest.importorskip("transformers")  # in the test extra
+    cls, config_cls, sizes, output = HF_MODELS[kind]
+    common = {"vocab_size": 100} | ({} if kind == "gpt2" else {"num_hidden_layers": 2, "intermediate_size": 64,
+                                                                "max_position_embeddings": 64})
+    config = getattr(transformers, config_cls)(**common, **sizes, **({"n_layer": 2} if kind == "gpt2" else {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).eval()
+    seq = {0: Dim("batch"), 1: Dim("seq", max=63)}
+    graph, params = ag.from_torch(model, (torch.randint(0, 100, (2, 8)),), dynamic_shapes={
+        "input_ids": seq, "attention_mask": seq}, example_kwargs={"attention_mask": torch.ones(2, 8, dtype=torch.long)})
+    assert output in [name for name, _ in graph.outputs]  # the ModelOutput's names
+    ids = torch.randint(0, 100, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0  # padding: those keys must be ignored
+    with torch.no_grad():
+        want = getattr(model(ids, attention_mask=mask), output).numpy()
+    inputs = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    counts = optimize(graph, 3)[0].op_counts()
+    assert counts.get("fused_attention") == 2 and "softmax" not in counts
+    compiled = ag.compile(graph, params, target="llvm")
+    got = compiled(inputs)[output]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)

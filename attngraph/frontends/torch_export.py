@@ -101,6 +101,43 @@ def _arange(*args, dtype=None, **kwargs):
     return r if isinstance(start, int) and start == 0 else r + start
 
 
+def _gather(x, dim, index, sparse_grad=False):
+    """``torch.gather`` where every other axis of ``x`` has size 1 (Hugging Face BERT's token types, read from a
+    buffer at the positions): the rows of ``x`` flattened, at ``index``."""
+    x = as_tensor(x)
+    dim %= x.ndim
+    if any(size != 1 for axis, size in enumerate(x.shape) if axis != dim):
+        raise ValueError(f"gather along axis {dim} of a {tuple(x.shape)} tensor: supported where every other axis "
+                         f"has size 1")
+    return F.gather(x.reshape([x.shape[dim]]), index)
+
+
+def _filled(value, size, dtype, like=None):
+    """A tensor of ``size`` (dims may be symbolic) holding ``value``: a scalar constant broadcast, not stored."""
+    name = _dtype(dtype, "full") if dtype is not None else as_tensor(like).dtype if like is not None else \
+        "float32" if isinstance(value, float) else "int64" if not isinstance(value, bool) else "bool"
+    scalar = F.const(np.asarray(value), name)
+    return scalar.reshape([1] * len(size)).expand(*size) if len(size) else scalar
+
+
+def _index(x, indices):
+    """``x[i0]`` or ``x[i0, i1]`` (``aten.index.Tensor``: index tensors on the leading axes, broadcast together), as
+    Hugging Face's mask builders read a padding mask at (batch, key) positions: the rows at ``i0`` gathered, then
+    each element at ``i1`` picked along the next axis by comparing ``i1`` with that axis' positions (a one-hot
+    selection, exact: the other entries are zeros, never multiplied)."""
+    x = as_tensor(x)
+    if not indices or len(indices) > 2 or any(i is None for i in indices) or len(indices) == 2 and x.ndim != 2:
+        raise ValueError(f"indexing a rank-{x.ndim} tensor with {len(indices)} index tensors (or a None among them): "
+                         f"supported are one index tensor, or two into a matrix")
+    rows = F.gather(x, indices[0])  # i0.shape + x.shape[1:]
+    if len(indices) == 1:
+        return rows
+    picked = F.arange(x.shape[1]).eq(as_tensor(indices[1]).unsqueeze(-1))  # i1.shape + (columns,)
+    wide = rows.astype("int64") if rows.dtype == "bool" else rows
+    out = F.where(picked, wide, 0).sum(dim=-1)
+    return out.astype("bool") if rows.dtype == "bool" else out
+
+
 def _identity(x, *args, **kwargs):
     return x
 
@@ -132,9 +169,13 @@ ATEN: dict[str, Callable] = {
     "aten.rms_norm.default": lambda x, shape, weight=None, eps=None: F.rms_norm(x, list(shape), weight, eps),
     "aten.scaled_dot_product_attention.default": F.scaled_dot_product_attention,
     "aten.matmul.default": operator.matmul,
+    "aten.addmm.default": lambda bias, a, b, beta=1, alpha=1: (a @ b) * alpha + (bias if beta == 1 else bias * beta)
+    if alpha != 1 else a @ b + (bias if beta == 1 else bias * beta),
     "aten.bmm.default": operator.matmul,
     "aten.mm.default": operator.matmul,
     "aten.embedding.default": lambda weight, ids, *args: F.embedding(ids, weight),
+    "aten.gather.default": _gather,
+    "aten.index.Tensor": _index,
     "aten.relu.default": F.relu,
     "aten.gelu.default": lambda x, approximate="none": F.gelu(x, approximate),
     "aten.silu.default": F.silu,
@@ -183,6 +224,8 @@ ATEN: dict[str, Callable] = {
     "aten.logical_not.default": operator.invert,
     "aten.bitwise_not.default": operator.invert,
     "aten.logical_and.default": operator.and_,
+    "aten.__and__.Tensor": operator.and_,
+    "aten.__or__.Tensor": operator.or_,
     "aten.bitwise_and.Tensor": operator.and_,
     "aten.logical_or.default": operator.or_,
     "aten.bitwise_or.Tensor": operator.or_,
@@ -223,10 +266,16 @@ ATEN: dict[str, Callable] = {
     "aten.detach.default": _identity,
     "aten.lift_fresh_copy.default": _identity,
     "aten.to.dtype": _to,
+    "aten.to.device": _to,
     "aten.to.dtype_layout": _to,
     "aten._to_copy.default": _to,
     "aten.type_as.default": lambda x, other: as_tensor(x).astype(as_tensor(other).dtype),
     "aten.arange.default": _arange,
+    "aten.full.default": lambda size, value, *, dtype=None, **kwargs: _filled(value, size, dtype),
+    "aten.new_ones.default": lambda x, size, *, dtype=None, **kwargs: _filled(1, size, dtype, x),
+    "aten.new_zeros.default": lambda x, size, *, dtype=None, **kwargs: _filled(0, size, dtype, x),
+    "aten.ones.default": lambda size, *, dtype=None, **kwargs: _filled(1, size, dtype or "torch.float32"),
+    "aten.zeros.default": lambda size, *, dtype=None, **kwargs: _filled(0, size, dtype or "torch.float32"),
     "aten.arange.start": _arange,
     "<built-in function getitem>": operator.getitem,
     # checks export leaves in the program: nothing to compute
@@ -378,6 +427,9 @@ class ExportedProgram(Module):
                               for op, at in sorted(unsupported.items()))
             raise TorchImportError(f"{len(unsupported)} op(s) of {tracer.graph.name} have no attngraph "
                                    f"mapping (attngraph.frontends.torch_export.ATEN):\n{lines}")
+        names = _output_names(self.program, len(outputs))
+        if names is not None:
+            return dict(zip(names, outputs))
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def _values(self, value, env):
@@ -388,6 +440,17 @@ class ExportedProgram(Module):
         if type(value).__name__ == "Node":
             return env[value.name]
         return value
+
+
+def _output_names(program, count: int) -> list[str] | None:
+    """The names of a program's outputs where the module returned a dict or a ``ModelOutput`` of tensors
+    (``last_hidden_state``, ``logits``); None for a tensor or a tuple (then ``output``, ``output0``, ...)."""
+    spec = program.call_spec.out_spec
+    names = spec.context if spec is not None else None
+    if isinstance(names, list) and len(names) == count and all(isinstance(n, str) and n.isidentifier() for n in names) \
+            and all(child.is_leaf() for child in spec.children()):
+        return names
+    return None
 
 
 def _flat(value):
