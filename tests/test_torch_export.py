@@ -269,3 +269,28 @@ def test_hugging_face_models_import_with_their_padding_masks_fuse_every_attentio
     compiled = ag.compile(graph, params, target="llvm")
     got = compiled(inputs)[output]
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_hugging_face_marian_the_papers_architecture_imports_fuses_its_six_attentions_and_matches():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MarianConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                       decoder_ffn_dim=64, max_position_embeddings=64, use_cache=False, pad_token_id=0,
+                                       decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(config).eval()
+    src, tgt = {0: Dim("batch"), 1: Dim("src_len", max=63)}, {0: Dim("batch"), 1: Dim("tgt_len", max=63)}
+    graph, params = ag.from_torch(
+        model, (torch.randint(1, 100, (2, 8)),),
+        dynamic_shapes={"input_ids": src, "attention_mask": src, "decoder_input_ids": tgt},
+        example_kwargs={"attention_mask": torch.ones(2, 8, dtype=torch.long),
+                        "decoder_input_ids": torch.randint(1, 100, (2, 6))})
+    ids, mask, out_ids = torch.randint(1, 100, (3, 9)), torch.ones(3, 9, dtype=torch.long), torch.randint(1, 100, (3, 7))
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, decoder_input_ids=out_ids).logits.numpy()
+    counts = optimize(graph, 3)[0].op_counts()
+    assert counts.get("fused_attention") == 6 and "softmax" not in counts  # 2 encoder, 2 decoder, 2 cross
+    compiled = ag.compile(graph, params, target="llvm")
+    got = compiled({"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "decoder_input_ids": out_ids.numpy()})
+    np.testing.assert_allclose(got["logits"], want, rtol=RTOL, atol=ATOL)
