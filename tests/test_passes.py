@@ -534,7 +534,8 @@ def test_a_tied_projections_gradient_has_no_transposed_copies():
     from attngraph import train
     g = ag.trace(train.TokenLoss(ag.models.get("gpt-tiny")))
     step, report = passes.optimize(ag.grad(g), 3)
-    assert report.stat("fold-transposes").matches >= 2
+    # the (h^T g)^T here; E^T^T is a chain of layout ops, collapsed earlier (layout-chains)
+    assert report.stat("fold-transposes").matches >= 1 and report.stat("layout-chains").matches >= 1
     for n in step.nodes():
         if n.op == "transpose":
             assert step.node(step.operands(n.id)[0]).op not in ("transpose", "weight_grad"), step.describe(n.id)

@@ -11,7 +11,7 @@ import numpy as np
 from ..ir import Graph, to_text
 from ..numerics import same_nonfinite
 from . import checkpoint as _checkpoint
-from . import cleanup, fusion
+from . import cleanup, fusion, layout_chains
 from .memory import SOURCE_OPS, VIEW_OPS, activation_bytes, plan_memory, schedule_training, weights_only
 
 #: name -> pass; a pass rewrites the graph in place and returns (matches, near-misses).
@@ -20,6 +20,7 @@ PASSES: dict[str, Callable] = {
     "cse": cleanup.common_subexpressions,
     "constant-fold": cleanup.constant_fold,
     "fold-transposes": cleanup.fold_transposes,
+    "layout-chains": layout_chains.layout_chains,
     "softmax-by-hand": fusion.softmax_by_hand,
     "softmax-scaling": fusion.softmax_scaling,
     "attention": fusion.attention,
@@ -38,10 +39,10 @@ PASSES: dict[str, Callable] = {
 LEVELS = {
     0: [],
     1: ["dce", "cse", "constant-fold"],
-    2: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
+    2: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
         "loss-of-log-softmax"],
     # -O2 keeps the softmax scale in the kernel; -O3 folds it into the Q projection's weights.
-    3: ["dce", "cse", "constant-fold", "softmax-by-hand", "softmax-scaling", "attention", "broadcast-heads",
+    3: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "softmax-scaling", "attention", "broadcast-heads",
         "linear-epilogue", "residual-layer-norm", "fold-scale-into-q", "merge-projections", "loss-of-log-softmax",
         "slice-grads-to-concat", "fold-transposes", "fuse-elementwise"],
 }
