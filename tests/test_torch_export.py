@@ -4,6 +4,7 @@ PyTorch itself (and the float64 interpreter)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -100,47 +101,132 @@ def imported(module, name="x", seq_max=31):
                          dynamic_shapes={name: {0: Dim("batch"), 1: Dim("seq", max=seq_max)}})
 
 
-MODELS = {"encoder": (torch_encoder, "src", 2), "gpt": (GPTBlock, "x", 1), "llama": (LlamaBlock, "x", 1)}
+@dataclass
+class Case:
+    """A model as a user exports it (example inputs, dynamic shapes) and the inputs it is checked on."""
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    dynamic: dict
+    inputs: dict  # graph input -> torch tensor (another batch and length than the example's)
+    output: str  # the output compared
+    attentions: int  # fused at -O3: every one
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_imported_model_matches_pytorch_on_the_interpreter_and_llvm_with_every_attention_fused(kind):
-    make, arg, attentions = MODELS[kind]
+def block(make, arg="x"):
     torch.manual_seed(0)
-    module = make().eval()
-    graph, params = imported(module, arg)
-    assert graph.input_types()[arg].shape == ("batch", "seq", 32)  # the Dims given, by their names
-    assert set(params) == {k for k, _ in module.named_parameters()}  # the module's own names
-    x = torch.randn(3, 11, 32)  # another batch and length than the example's: one graph for all
+    module = make()
+    return Case(module, (torch.randn(2, 8, 32),), {}, {arg: {0: Dim("batch"), 1: Dim("seq", max=31)}},
+                {arg: torch.randn(3, 11, 32)}, "output", {"src": 2}.get(arg, 1))
+
+
+class Translator(nn.Module):
+    """torch.nn.Transformer as its documentation uses it: a causal target mask, the sources' padding masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer = nn.Transformer(32, 4, 2, 2, 64, dropout=0.1, batch_first=True)
+
+    def forward(self, src, tgt, src_pad):
+        causal = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        return self.transformer(src, tgt, tgt_mask=causal, tgt_is_causal=True, src_key_padding_mask=src_pad,
+                                memory_key_padding_mask=src_pad)
+
+
+def translator():
+    torch.manual_seed(0)
+    batch, src, tgt = Dim("batch"), Dim("src_len", max=63), Dim("tgt_len", max=63)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    return Case(Translator(), (torch.randn(2, 7, 32), torch.randn(2, 5, 32), torch.zeros(2, 7, dtype=torch.bool)), {},
+                {"src": {0: batch, 1: src}, "tgt": {0: batch, 1: tgt}, "src_pad": {0: batch, 1: src}},
+                {"src": torch.randn(3, 9, 32), "tgt": torch.randn(3, 6, 32), "src_pad": pad}, "output", 6)
+
+
+def hugging_face(cls, config, output, attentions, **sizes):
+    """A ``transformers`` class with a small config (random weights, nothing downloaded), called with a padding
+    mask (one sequence padded)."""
+    transformers = pytest.importorskip("transformers")  # in the test extra
+    torch.manual_seed(0)
+    module = getattr(transformers, cls)(getattr(transformers, config)(vocab_size=100, **sizes))
+    seq = {0: Dim("batch"), 1: Dim("seq", max=63)}
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    case = Case(module, (torch.randint(1, 100, (2, 8)),), {"attention_mask": torch.ones(2, 8, dtype=torch.long)},
+                {"input_ids": seq, "attention_mask": seq},
+                {"input_ids": torch.randint(1, 100, (3, 10)), "attention_mask": mask}, output, attentions)
+    if cls == "MarianMTModel":  # the paper's encoder-decoder: a target of its own length
+        case.kwargs["decoder_input_ids"] = torch.randint(1, 100, (2, 6))
+        case.dynamic = {"input_ids": seq, "attention_mask": seq, "decoder_input_ids": {0: Dim("batch"),
+                                                                                       1: Dim("tgt", max=63)}}
+        case.inputs["decoder_input_ids"] = torch.randint(1, 100, (3, 7))
+    return case
+
+
+LAYERS = dict(num_hidden_layers=2, intermediate_size=64, max_position_embeddings=64)
+FAMILIES = {
+    "torch-encoder": lambda: block(torch_encoder, "src"),
+    "torch-transformer": translator,
+    "nanogpt-block": lambda: block(GPTBlock),
+    "llama-block": lambda: block(LlamaBlock),
+    "hf-bert": lambda: hugging_face("BertModel", "BertConfig", "last_hidden_state", 2, hidden_size=32,
+                                    num_attention_heads=4, **LAYERS),
+    "hf-gpt2": lambda: hugging_face("GPT2LMHeadModel", "GPT2Config", "logits", 2, n_embd=32, n_head=4, n_layer=2,
+                                    n_positions=64, use_cache=False),
+    "hf-llama": lambda: hugging_face("LlamaForCausalLM", "LlamaConfig", "logits", 2, hidden_size=32,
+                                     num_attention_heads=4, num_key_value_heads=2, use_cache=False, **LAYERS),
+    "hf-marian": lambda: hugging_face("MarianMTModel", "MarianConfig", "logits", 6, d_model=32, encoder_layers=2,
+                                      decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                                      encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                                      use_cache=False, pad_token_id=0, decoder_start_token_id=0),
+}
+
+
+def run_torch(case: Case, dtype=torch.float32) -> np.ndarray:
+    module = case.module.to(dtype).eval()
+    inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in case.inputs.items()}
     with torch.no_grad():
-        want = module(x).numpy()
-    got = ag.reference.run(graph, {arg: x.numpy()}, params)["output"]
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-    f64 = ag.reference.run(graph, {arg: x.double().numpy()}, {k: v.astype(np.float64) for k, v in params.items()},
-                           dtype="float64")["output"]
-    np.testing.assert_allclose(f64, module.double()(x.double()).detach().numpy(), rtol=1e-10, atol=1e-10)
+        out = module(**inputs)
+    out = out if isinstance(out, torch.Tensor) else getattr(out, case.output)
     module.float()
-    optimized, _ = optimize(graph, 3)
-    counts = optimized.op_counts()
-    assert counts.get("fused_attention") == attentions and "softmax" not in counts
+    return out.numpy()
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_imported_model_matches_pytorch_on_the_interpreter_and_llvm_with_every_attention_fused(kind):
+    case = FAMILIES[kind]()
+    graph, params = ag.from_torch(case.module, case.args, dynamic_shapes=case.dynamic, example_kwargs=case.kwargs)
+    names = dict(case.module.named_parameters(remove_duplicate=False))  # a tied weight under one of its names
+    assert set(params) <= set(names) and len(params) == len({id(p) for p in names.values()})
+    assert case.output in [name for name, _ in graph.outputs]  # a ModelOutput's names where it has them
+    first = next(iter(case.dynamic))
+    assert graph.input_types()[first].shape[:2] == tuple(d.__name__ for d in case.dynamic[first].values())
+    inputs = {k: v.numpy() for k, v in case.inputs.items()}
+    want = run_torch(case)
+    np.testing.assert_allclose(ag.reference.run(graph, inputs, params)[case.output], want, rtol=RTOL, atol=ATOL)
+    f64 = ag.reference.run(graph, {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in inputs.items()},
+                           {k: v.astype(np.float64) for k, v in params.items()}, dtype="float64")[case.output]
+    # exact but for LLaMA's rotary tables, which transformers computes in float32 whatever the model's type
+    f64_tol = 1e-6 if kind == "hf-llama" else 1e-9
+    np.testing.assert_allclose(f64, run_torch(case, torch.float64), rtol=f64_tol, atol=f64_tol / 10)
+    counts = optimize(graph, 3)[0].op_counts()
+    assert counts.get("fused_attention") == case.attentions and "softmax" not in counts
     compiled = ag.compile(graph, params, target="llvm")
-    np.testing.assert_allclose(compiled({arg: x.numpy()})["output"], want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(compiled(inputs)[case.output], want, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("target", ["vulkan", "cuda"])
-def test_imported_llama_block_runs_on_vulkan_and_the_cuda_emulator(target):
+@pytest.mark.parametrize("kind", ["torch-transformer", "llama-block", "hf-bert", "hf-gpt2", "hf-llama", "hf-marian"])
+def test_imported_model_runs_on_vulkan_and_the_cuda_emulator(kind, target):
     if target == "vulkan" and target_status("vulkan")["run"] is not None:
         pytest.skip(f"no Vulkan device here: {target_status('vulkan')['run']}")
     if target == "cuda" and cuda.find_nvcc() is None:
         pytest.skip("nvcc is not installed")
-    torch.manual_seed(0)
-    module = LlamaBlock().eval()
-    graph, params = imported(module)
-    x = torch.randn(2, 5, 32)
-    with torch.no_grad():
-        want = module(x).numpy()
+    case = FAMILIES[kind]()
+    graph, params = ag.from_torch(case.module, case.args, dynamic_shapes=case.dynamic, example_kwargs=case.kwargs)
     compiled = ag.compile(graph, params, target=target, **({"device": "emulator"} if target == "cuda" else {}))
-    np.testing.assert_allclose(compiled({"x": x.numpy()})["output"], want, rtol=RTOL, atol=ATOL)
+    got = compiled({k: v.numpy() for k, v in case.inputs.items()})[case.output]
+    np.testing.assert_allclose(got, run_torch(case), rtol=RTOL, atol=ATOL)
 
 
 def test_nodes_keep_the_module_path_and_the_source_line_that_made_them():
@@ -233,64 +319,3 @@ def test_a_saved_program_builds_runs_and_verifies_from_the_command_line(tmp_path
     (tmp_path / "bad.pt2").write_text("not a program")
     bad = runner.invoke(main, ["show", str(tmp_path / "bad.pt2")])
     assert bad.exit_code != 0 and "is not a torch.export program" in bad.output and "Traceback" not in bad.output
-
-
-#: Hugging Face classes with small configs (random weights, nothing downloaded): the class, its config, what the
-#: output to compare is called, and its attentions (one per layer)
-HF_MODELS = {
-    "bert": ("BertModel", "BertConfig", dict(hidden_size=32, num_attention_heads=4), "last_hidden_state"),
-    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(n_embd=32, n_head=4, n_positions=64, use_cache=False), "logits"),
-    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                                                      use_cache=False), "logits"),
-}
-
-
-@pytest.mark.parametrize("kind", list(HF_MODELS))
-def test_hugging_face_models_import_with_their_padding_masks_fuse_every_attention_and_match(kind):
-    transformers = pytest.importorskip("transformers")  # in the test extra
-    cls, config_cls, sizes, output = HF_MODELS[kind]
-    common = {"vocab_size": 100} | ({} if kind == "gpt2" else {"num_hidden_layers": 2, "intermediate_size": 64,
-                                                                "max_position_embeddings": 64})
-    config = getattr(transformers, config_cls)(**common, **sizes, **({"n_layer": 2} if kind == "gpt2" else {}))
-    torch.manual_seed(0)
-    model = getattr(transformers, cls)(config).eval()
-    seq = {0: Dim("batch"), 1: Dim("seq", max=63)}
-    graph, params = ag.from_torch(model, (torch.randint(0, 100, (2, 8)),), dynamic_shapes={
-        "input_ids": seq, "attention_mask": seq}, example_kwargs={"attention_mask": torch.ones(2, 8, dtype=torch.long)})
-    assert output in [name for name, _ in graph.outputs]  # the ModelOutput's names
-    ids = torch.randint(0, 100, (3, 10))
-    mask = torch.ones(3, 10, dtype=torch.long)
-    mask[1, 6:] = 0  # padding: those keys must be ignored
-    with torch.no_grad():
-        want = getattr(model(ids, attention_mask=mask), output).numpy()
-    inputs = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
-    counts = optimize(graph, 3)[0].op_counts()
-    assert counts.get("fused_attention") == 2 and "softmax" not in counts
-    compiled = ag.compile(graph, params, target="llvm")
-    got = compiled(inputs)[output]
-    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-
-
-def test_hugging_face_marian_the_papers_architecture_imports_fuses_its_six_attentions_and_matches():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MarianConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
-                                       encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                       decoder_ffn_dim=64, max_position_embeddings=64, use_cache=False, pad_token_id=0,
-                                       decoder_start_token_id=0)
-    torch.manual_seed(0)
-    model = transformers.MarianMTModel(config).eval()
-    src, tgt = {0: Dim("batch"), 1: Dim("src_len", max=63)}, {0: Dim("batch"), 1: Dim("tgt_len", max=63)}
-    graph, params = ag.from_torch(
-        model, (torch.randint(1, 100, (2, 8)),),
-        dynamic_shapes={"input_ids": src, "attention_mask": src, "decoder_input_ids": tgt},
-        example_kwargs={"attention_mask": torch.ones(2, 8, dtype=torch.long),
-                        "decoder_input_ids": torch.randint(1, 100, (2, 6))})
-    ids, mask, out_ids = torch.randint(1, 100, (3, 9)), torch.ones(3, 9, dtype=torch.long), torch.randint(1, 100, (3, 7))
-    mask[1, 5:] = 0
-    with torch.no_grad():
-        want = model(ids, attention_mask=mask, decoder_input_ids=out_ids).logits.numpy()
-    counts = optimize(graph, 3)[0].op_counts()
-    assert counts.get("fused_attention") == 6 and "softmax" not in counts  # 2 encoder, 2 decoder, 2 cross
-    compiled = ag.compile(graph, params, target="llvm")
-    got = compiled({"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "decoder_input_ids": out_ids.numpy()})
-    np.testing.assert_allclose(got["logits"], want, rtol=RTOL, atol=ATOL)

@@ -6,9 +6,9 @@ pinned torch) and ``from_exported(program)`` maps its graph onto the DSL: each A
 out is the one a user would have written in the DSL, and the passes fuse it the same way (attention however
 the model spells it, ``x @ W + b`` projections, norms).
 
-The program is read in export's own opset, the ATen ops a module calls (``linear``, ``layer_norm``,
-``scaled_dot_product_attention``, ``view``, ...), without decompositions: those ops are the DSL's, and a
-decomposition would only take apart what the passes fuse again.
+The program is read in export's inference opset without decompositions (``run_decompositions({})``: functional,
+the ATen ops the module calls kept whole: ``linear``, ``layer_norm``, ``scaled_dot_product_attention``, ``view``,
+...): those ops are the DSL's, and a decomposition would only take apart what the passes fuse again.
 
 - Parameters and buffers become params and constants under the module's own names (``layers.0.linear1.weight``).
 - ``dynamic_shapes`` become symbolic dims, named as the ``torch.export.Dim``s given (``Dim("batch")``:
@@ -23,6 +23,7 @@ import logging
 import operator
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -274,6 +275,9 @@ ATEN: dict[str, Callable] = {
     "aten.full.default": lambda size, value, *, dtype=None, **kwargs: _filled(value, size, dtype),
     "aten.new_ones.default": lambda x, size, *, dtype=None, **kwargs: _filled(1, size, dtype, x),
     "aten.new_zeros.default": lambda x, size, *, dtype=None, **kwargs: _filled(0, size, dtype, x),
+    "aten.zeros_like.default": lambda x, *, dtype=None, **kwargs: _filled(0, as_tensor(x).shape, dtype, x),
+    "aten.ones_like.default": lambda x, *, dtype=None, **kwargs: _filled(1, as_tensor(x).shape, dtype, x),
+    "aten.full_like.default": lambda x, value, *, dtype=None, **kwargs: _filled(value, as_tensor(x).shape, dtype, x),
     "aten.ones.default": lambda size, *, dtype=None, **kwargs: _filled(1, size, dtype or "torch.float32"),
     "aten.zeros.default": lambda size, *, dtype=None, **kwargs: _filled(0, size, dtype or "torch.float32"),
     "aten.arange.start": _arange,
@@ -310,6 +314,12 @@ class ExportedProgram(Module):
 
     def __init__(self, program, dim_names: Mapping[str, str]):
         super().__init__()
+        # export's inference opset: functional (in-place ops as their out-of-place forms, the mutated values
+        # threaded through), eval-mode dropout gone, and no op decomposed (an empty table: linear, layer_norm and
+        # scaled_dot_product_attention stay whole)
+        with warnings.catch_warnings():  # torch's own deprecations inside it (pytree's LeafSpec) are not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            program = program.run_decompositions({})
         sig = program.graph_signature
         object.__setattr__(self, "program", program)
         object.__setattr__(self, "dim_names", dict(dim_names))  # export's symbol -> the DSL's dim name
