@@ -319,3 +319,16 @@ def test_a_saved_program_builds_runs_and_verifies_from_the_command_line(tmp_path
     (tmp_path / "bad.pt2").write_text("not a program")
     bad = runner.invoke(main, ["show", str(tmp_path / "bad.pt2")])
     assert bad.exit_code != 0 and "is not a torch.export program" in bad.output and "Traceback" not in bad.output
+
+
+def test_a_module_that_updates_its_buffers_is_refused_by_name():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros(1))
+
+        def forward(self, x):
+            self.calls.add_(1)  # state carried between calls: the graph would return it as an output of its own
+            return x * 2
+    with pytest.raises(TorchImportError, match="updates calls in place"):
+        ag.from_torch(Counting().eval(), (torch.randn(2, 3),))

@@ -73,12 +73,19 @@ def _select(x, dim, index):
     return x[(slice(None),) * (dim % x.ndim) + (index,)]
 
 
+def _in(x, dtype_or_half):
+    """``x`` in the type a softmax is asked to compute in: ``softmax.int``'s dtype, ``_softmax``'s half_to_float."""
+    if dtype_or_half is True:
+        return as_tensor(x).astype("float32")
+    return as_tensor(x).astype(_dtype(dtype_or_half, "softmax")) if _is_torch_dtype(dtype_or_half) else x
+
+
 def _softmax(x, dim, dtype_or_half=None):
-    return F.softmax(x, dim=dim)
+    return F.softmax(_in(x, dtype_or_half), dim=dim)
 
 
 def _log_softmax(x, dim, dtype_or_half=None):
-    return F.log_softmax(x, dim=dim)
+    return F.log_softmax(_in(x, dtype_or_half), dim=dim)
 
 
 def _dropout(x, p, train):
@@ -338,6 +345,10 @@ class ExportedProgram(Module):
                 inputs[name] = None
             else:
                 raise TorchImportError(f"input {name!r} of kind {kind} is not supported")
+        mutated = [spec.target or spec.arg.name for spec in sig.output_specs if spec.kind.name != "USER_OUTPUT"]
+        if mutated:  # the graph would return them as outputs of its own
+            raise TorchImportError(f"the program updates {', '.join(map(str, mutated))} in place (a cache, running "
+                                   f"statistics): a module that mutates its buffers is not supported")
         object.__setattr__(self, "torch_params", params)  # placeholder -> (name, Parameter)
         object.__setattr__(self, "torch_buffers", buffers)
         object.__setattr__(self, "values", values)
