@@ -114,6 +114,13 @@ class Stepper(Protocol):
 GROW = 16
 
 
+def cache_axis(ty: TensorType) -> int:
+    """The axis of a self-attention cache that holds its positions: the one sized ``cache`` (``nn.cache.CACHE``: the
+    zoo's caches are (batch, cache, heads, dim), an imported Hugging Face model's (batch, heads, cache, dim))."""
+    from .nn.cache import CACHE
+    return list(ty.shape).index(CACHE) if CACHE in ty.shape else 1
+
+
 def capacity(info: DecoderInfo, end: int) -> int:
     """The positions a cache gets when a step writes up to position ``end`` (exclusive)."""
     return min(info.cache_len, -(-end // GROW) * GROW)
@@ -145,19 +152,19 @@ class EntryStepper:
 
     def _cache_shape(self, name: str, batch: int, length: int) -> tuple:
         ty = self.info.state[name]
-        return ty.concrete({"batch": batch, str(ty.shape[1]): length})
+        return ty.concrete({"batch": batch, str(ty.shape[cache_axis(ty)]): length})
 
     def _fit(self, state, end: int):
         """``state`` with caches of at least ``end`` positions: grown (zeros after the written ones) if shorter."""
-        first = state[self.info.caches[0]]
-        if first.shape[1] >= end:
+        axis = cache_axis(self.info.state[self.info.caches[0]])
+        if state[self.info.caches[0]].shape[axis] >= end:
             return state
         length, model = capacity(self.info, end), self.models["decode_step"]
         grown = {}
         for n in self.info.caches:
             old = state[n] if isinstance(state[n], np.ndarray) else model.get(state[n])
             new = np.zeros(self._cache_shape(n, old.shape[0], length), old.dtype)
-            new[:, :old.shape[1]] = old
+            new[(slice(None),) * axis + (slice(0, old.shape[axis]),)] = old
             grown[n] = new if isinstance(state[n], np.ndarray) else model.put(new, self.dtype)
         return {**state, **grown}
 
@@ -347,7 +354,8 @@ def search_bytes(info: DecoderInfo, sources: int, beam: int, prefix_len: int, sr
     rows = sources * beam
     bindings = {"batch": rows}
     for n in info.caches:
-        bindings[str(info.state[n].shape[1])] = positions or info.cache_len
+        ty = info.state[n]
+        bindings[str(ty.shape[cache_axis(ty)])] = positions or info.cache_len
     state = 0
     for ty in info.state.values():
         for d in ty.shape:  # src_len, and any other length: the sources' width

@@ -332,3 +332,49 @@ def test_a_module_that_updates_its_buffers_is_refused_by_name():
             return x * 2
     with pytest.raises(TorchImportError, match="updates calls in place"):
         ag.from_torch(Counting().eval(), (torch.randn(2, 3),))
+
+
+def tiny_lm(kind):
+    """A tiny random causal LM of transformers' (its weights spread wider than the default 0.02, so that greedy
+    decoding does not repeat one token and a wrong step would show)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    common = dict(vocab_size=100, initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if kind == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                                    **common)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, **common)).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hugging_face_decoders_generate_the_tokens_transformers_generates(kind):
+    """The KV-cached decode step of an imported GPT-2 / LLaMA, compiled for llvm: its attentions fused, its caches
+    written in place and grown past 16 positions; greedy tokens equal to transformers' `generate`, and the beam
+    search on the compiled entries equal to the one on the interpreter's."""
+    from attngraph import generate as G
+    from attngraph.frontends.hf_decoding import compile_decoder, decoder_entries
+    model = tiny_lm(kind)
+    torch.manual_seed(1)
+    prompts = torch.randint(1, 100, (2, 5))
+    with torch.no_grad():
+        want = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=20,
+                              do_sample=False)[:, 5:].tolist()
+    graphs, _, info = decoder_entries(model)
+    assert info.decoder_only and len(info.caches) == 4 and info.cache_len == 64
+    assert optimize(graphs["decode_step"], 3)[0].op_counts()["fused_attention"] == 2
+    stepper = compile_decoder(model, "llvm")
+    assert len(stepper.models["decode_step"].in_place) == 4  # each layer's keys and values, written where they are
+    assert [h.tokens for h in G.generate(stepper, prompts.tolist(), max_len=20, alpha=0.0)] == want
+    beams = [h.tokens for h in G.generate(stepper, prompts.tolist(), beam=4, max_len=10, alpha=0.0)]
+    assert beams == [h.tokens for h in G.generate(compile_decoder(model), prompts.tolist(), beam=4, max_len=10,
+                                                  alpha=0.0)]
+
+
+def test_index_copy_at_positions_that_are_not_a_run_is_refused():
+    class Scatter(nn.Module):
+        def forward(self, x, y):
+            return x.index_copy(0, torch.tensor([2, 0]), y)  # an update_slice would write them in the wrong places
+    with pytest.raises(TorchImportError, match="aten.index_copy.*consecutive positions"):
+        ag.from_torch(Scatter().eval(), (torch.randn(3, 4), torch.randn(2, 4)))

@@ -31,7 +31,7 @@ import numpy as np
 from ..ir import dims as D
 from ..nn import functional as F
 from ..nn.module import Buffer, Module, Parameter
-from ..nn.tensor import TraceError, as_tensor, current_tracer, trace
+from ..nn.tensor import Tensor, TraceError, as_tensor, current_tracer, trace
 
 
 class TorchImportError(TraceError):
@@ -146,6 +146,27 @@ def _index(x, indices):
     return out.astype("bool") if rows.dtype == "bool" else out
 
 
+def _index_copy(x, dim, index, source):
+    """``x.index_copy(dim, index, source)`` where ``index`` is a run of positions, ``arange(n)`` or ``arange(n) +
+    offset`` (a KV cache written at the positions a step decodes): an ``update_slice`` at ``offset``.  Any other
+    index is refused: an update_slice would be wrong for it."""
+    index = as_tensor(index)
+    g = index.tracer.graph
+    node = g.node(index.id)
+    offset = None
+    if node.op == "arange":
+        offset = F.const(np.int64(0), "int64")
+    elif node.op == "add":
+        a, b = g.operands(index.id)
+        for run, other in ((a, b), (b, a)):
+            if g.node(run).op == "arange" and g.node(other).type.rank == 0:
+                offset = Tensor(index.tracer, other)
+    if offset is None:
+        raise ValueError("index_copy with an index that is not arange(n) or arange(n) + offset: only a run of "
+                         "consecutive positions is supported")
+    return F.update_slice(x, source, offset.astype("int64"), dim % as_tensor(x).ndim)
+
+
 def _identity(x, *args, **kwargs):
     return x
 
@@ -184,6 +205,7 @@ ATEN: dict[str, Callable] = {
     "aten.embedding.default": lambda weight, ids, *args: F.embedding(ids, weight),
     "aten.gather.default": _gather,
     "aten.index.Tensor": _index,
+    "aten.index_copy.default": _index_copy,
     "aten.relu.default": F.relu,
     "aten.gelu.default": lambda x, approximate="none": F.gelu(x, approximate),
     "aten.silu.default": F.silu,
@@ -500,6 +522,10 @@ def _dim_names(program, dynamic_shapes) -> dict[str, str]:
     names: dict[str, str] = {}
     for position, node in enumerate(user):
         spec = specs.get(node.name, specs.get(position))
+        listed = re.fullmatch(r"(.+)_(\d+)", node.name)  # an element of a list argument: export names it <arg>_<i>
+        if spec is None and listed and isinstance(specs.get(listed[1]), (list, tuple)) \
+                and int(listed[2]) < len(specs[listed[1]]):
+            spec = specs[listed[1]][int(listed[2])]
         for axis, size in enumerate(node.meta["val"].shape):
             if isinstance(size, int):
                 continue
