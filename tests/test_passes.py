@@ -563,3 +563,31 @@ def test_the_activations_a_backward_reads_are_reported():
     _, report = passes.optimize(ag.grad(g), 0, passes=["dce"])
     assert report.activations_after == (2 * 5 * 16 + 5 * 4) * 4
     assert "activations the backward reads (default dims) 720 bytes" in report.format()
+
+
+class HandRMSNorm(nn.Module):
+    """LLaMA's RMSNorm as its code writes it: x * rsqrt(mean(x²) + eps) * w (``shared``: the mean also returned)."""
+
+    def __init__(self, shared=False):
+        super().__init__()
+        self.shared = shared
+        self.weight = nn.Parameter((8,), init=("normal", 1.0))
+
+    def input_specs(self):
+        return {"x": nn.InputSpec(("batch", "seq", 8))}
+
+    def default_dims(self):
+        return {"batch": 2, "seq": 3}
+
+    def forward(self, x):
+        mean = (x * x).mean(dim=-1, keepdim=True)
+        y = self.weight * (x * F.rsqrt(mean + 1e-6))
+        return (y, mean) if self.shared else y
+
+
+def test_an_rms_norm_written_by_hand_becomes_one_rms_norm_unless_its_parts_are_used_elsewhere():
+    opt, report = assert_same_meaning(ag.trace(HandRMSNorm()), batch=2, seq=3)
+    assert report.stat("rms-norm-by-hand").matches == 1
+    assert opt.op_counts().get("rms_norm") == 1 and "reduce_mean" not in opt.op_counts()
+    opt, report = assert_same_meaning(ag.trace(HandRMSNorm(shared=True)), batch=2, seq=3)
+    assert "rms_norm" not in opt.op_counts() and "also used elsewhere" in report.stat("rms-norm-by-hand").near_misses[0]

@@ -93,6 +93,40 @@ def softmax_by_hand(g: Graph):
     return matches, misses
 
 
+# -- RMSNorm written by hand ------------------------------------------------------------------------
+
+# x * rsqrt(mean(x * x, -1, keepdim) + eps), times a weight (LLaMA's RMSNorm, Hugging Face's LlamaRMSNorm)
+_RMS_NORMED = Pat("mul", Pat(name="x"), Pat("rsqrt", Pat(
+    "add", Pat("reduce_mean", Pat("mul", Pat(name="x"), Pat(name="x"), name="square"), name="mean",
+               where=_reduced_last_axis), Pat("const", name="eps", where=is_scalar_const),
+    name="shifted", commutative=True), name="root"), name="normed", commutative=True)
+HAND_RMS_NORM = Pat("mul", _RMS_NORMED, Pat(name="w"), commutative=True)
+
+
+def rms_norm_by_hand(g: Graph):
+    """``x * rsqrt(mean(x * x over the last axis) + eps) * w`` (w of the last axis' size) -> ``rms_norm(x, w)``,
+    so the residual fusion and the norm kernels see it.  Returns (matches, misses)."""
+    matches, misses = 0, []
+    for nid, n in anchors(g, "mul"):
+        m = HAND_RMS_NORM.match(g, nid)
+        if m is None or m["w"] == m["normed"]:
+            continue
+        x, w = g.node(m["x"]).type, g.node(m["w"]).type
+        if w.rank != 1 or w.shape[0] != x.shape[-1] or n.type != x or w.dtype != x.dtype:
+            continue
+        expected = {"normed": [nid], "root": [m["normed"]], "shifted": [m["root"]], "mean": [m["shifted"]],
+                    "square": [m["mean"]]}
+        shared = [m[k] for k, users in expected.items() if not used_exactly_by(g, m[k], users)]
+        if shared:
+            misses.append(f"%{n.name}: an RMSNorm written by hand, but %{g.node(shared[0]).name} is also used "
+                          f"elsewhere; not fused")
+            continue
+        replace(g, nid, "rms_norm", [m["x"], m["w"]], {"eps": float(scalar_const(g, m["eps"]))})
+        matches += 1
+    remove_dead(g)
+    return matches, misses
+
+
 # -- scale and masks into one softmax ------------------------------------------------------------
 
 def _fill(g: Graph, nid: int):

@@ -22,6 +22,7 @@ PASSES: dict[str, Callable] = {
     "fold-transposes": cleanup.fold_transposes,
     "layout-chains": layout_chains.layout_chains,
     "softmax-by-hand": fusion.softmax_by_hand,
+    "rms-norm-by-hand": fusion.rms_norm_by_hand,
     "softmax-scaling": fusion.softmax_scaling,
     "attention": fusion.attention,
     "broadcast-heads": fusion.broadcast_heads,
@@ -39,10 +40,10 @@ PASSES: dict[str, Callable] = {
 LEVELS = {
     0: [],
     1: ["dce", "cse", "constant-fold"],
-    2: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
+    2: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "rms-norm-by-hand", "softmax-scaling", "linear-epilogue", "residual-layer-norm",
         "loss-of-log-softmax"],
     # -O2 keeps the softmax scale in the kernel; -O3 folds it into the Q projection's weights.
-    3: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "softmax-scaling", "attention", "broadcast-heads",
+    3: ["dce", "cse", "constant-fold", "layout-chains", "softmax-by-hand", "rms-norm-by-hand", "softmax-scaling", "attention", "broadcast-heads",
         "linear-epilogue", "residual-layer-norm", "fold-scale-into-q", "merge-projections", "loss-of-log-softmax",
         "slice-grads-to-concat", "fold-transposes", "fuse-elementwise"],
 }
