@@ -379,3 +379,18 @@ def test_index_copy_at_positions_that_are_not_a_run_is_refused():
             return x.index_copy(0, torch.tensor([2, 0]), y)  # an update_slice would write them in the wrong places
     with pytest.raises(TorchImportError, match="aten.index_copy.*consecutive positions"):
         ag.from_torch(Scatter().eval(), (torch.randn(3, 4), torch.randn(2, 4)))
+
+
+def test_advanced_indexing_reads_the_entries_asked_for_at_any_indices():
+    """x[rows, cols] with index tensors that broadcast: through the one-hot selection for arbitrary indices, as a
+    view where they are the positions themselves in order (Hugging Face's mask builders)."""
+    class Pick(nn.Module):
+        def forward(self, x, rows, cols):
+            every = x[torch.arange(x.shape[0])[:, None, None], torch.arange(x.shape[1])[None, None, :]]
+            return x[rows, cols] + every.sum()
+    x = torch.randn(4, 5)
+    rows, cols = torch.tensor([[3], [0], [3]]), torch.tensor([[4, 0, 2, 2]])
+    graph, params = ag.from_torch(Pick().eval(), (x, rows, cols))
+    got = ag.reference.run(graph, {"x": x.numpy(), "rows": rows.numpy(), "cols": cols.numpy()}, params)["output"]
+    np.testing.assert_allclose(got, Pick()(x, rows, cols).numpy(), rtol=1e-6)
+    assert sum(n.op == "where" for n in graph.nodes()) == 1  # the arbitrary pair only

@@ -32,6 +32,7 @@ from ..ir import dims as D
 from ..nn import functional as F
 from ..nn.module import Buffer, Module, Parameter
 from ..nn.tensor import Tensor, TraceError, as_tensor, current_tracer, trace
+from ..passes.rewrite import scalar_const
 
 
 class TorchImportError(TraceError):
@@ -137,6 +138,14 @@ def _index(x, indices):
     if not indices or len(indices) > 2 or any(i is None for i in indices) or len(indices) == 2 and x.ndim != 2:
         raise ValueError(f"indexing a rank-{x.ndim} tensor with {len(indices)} index tensors (or a None among them): "
                          f"supported are one index tensor, or two into a matrix")
+    if len(indices) == 2:
+        runs = [_run_axis(as_tensor(i), size) for i, size in zip(indices, x.shape)]
+        rank = max(as_tensor(i).ndim for i in indices)
+        axes = [a + rank - as_tensor(i).ndim for a, i in zip(runs, indices) if a is not None]
+        if len(axes) == 2 and axes[0] < axes[1]:  # every (row, column) in order: x itself, viewed with their axes
+            shape = [1] * rank
+            shape[axes[0]], shape[axes[1]] = x.shape
+            return x.reshape(shape)
     rows = F.gather(x, indices[0])  # i0.shape + x.shape[1:]
     if len(indices) == 1:
         return rows
@@ -144,6 +153,27 @@ def _index(x, indices):
     wide = rows.astype("int64") if rows.dtype == "bool" else rows
     out = F.where(picked, wide, 0).sum(dim=-1)
     return out.astype("bool") if rows.dtype == "bool" else out
+
+
+def _run_axis(index, size) -> int | None:
+    """The axis along which ``index`` is ``0 .. size-1`` (an ``arange(size)``, plus 0, viewed with that axis alone
+    not of size 1), else None: the mask builders' ``arange(batch)[:, None, None, None]``."""
+    g = index.tracer.graph
+    nid = index.id
+    while g.node(nid).op == "reshape":
+        nid = g.operands(nid)[0]
+    n = g.node(nid)
+    if n.op == "add":
+        ops = g.operands(nid)
+        zero = [o for o in ops if g.node(o).op == "const" and g.node(o).type.rank == 0 and scalar_const(g, o) == 0]
+        if len(zero) != 1:
+            return None
+        nid = next(o for o in ops if o != zero[0])
+        n = g.node(nid)
+    if n.op != "arange" or not D.canonical(n.attrs["n"]) == D.canonical(size):
+        return None
+    wide = [a for a, d in enumerate(index.shape) if not (isinstance(d, int) and d == 1)]
+    return wide[0] if len(wide) == 1 and D.canonical(index.shape[wide[0]]) == D.canonical(size) else None
 
 
 def _index_copy(x, dim, index, source):
@@ -264,6 +294,8 @@ ATEN: dict[str, Callable] = {
     "aten.masked_fill.Tensor": lambda x, mask, value: as_tensor(x).masked_fill(mask, value),
     "aten.mean.dim": _reduce("mean"),
     "aten.sum.dim_IntList": _reduce("sum"),
+    "aten.sum.default": lambda x, *, dtype=None: as_tensor(x).sum(),
+    "aten.mean.default": lambda x, *, dtype=None: as_tensor(x).mean(),
     "aten.amax.default": _reduce("amax"),
     "aten.triu.default": F.triu,
     "aten.tril.default": F.tril,
