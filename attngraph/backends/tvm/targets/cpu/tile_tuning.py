@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+from .....files import our_json, write_file
+
 #: Candidates per instruction set and field, the table's own among them; (rows, columns) of float32 accumulators.
 CANDIDATES = {
     "avx512": {"dense": [(4, 64), (6, 64), (8, 32), (6, 32), (4, 32)],
@@ -56,14 +58,10 @@ def measured() -> dict | None:
     """This CPU's record (``{"isa": ..., "tiles": {field: [rows, columns]}, "gflops": ..., ...}``), or None where
     nothing was measured, caching is off, or ``ATTNGRAPH_TILES=table``; a damaged record counts as none."""
     path = record_path()
-    if os.environ.get("ATTNGRAPH_TILES", "").lower() == "table" or path is None or not os.path.exists(path):
+    if os.environ.get("ATTNGRAPH_TILES", "").lower() == "table" or path is None:
         return None
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("tiles"), dict) else None
+    record = our_json(path, ("tiles",))
+    return record if record is not None and isinstance(record["tiles"], dict) else None
 
 
 def measured_tiles() -> dict | None:
@@ -178,7 +176,6 @@ def tune(rounds: int = 7, say=print) -> dict:
                                          for (r, c), g in gflops.items()) + f"  (table: {own[0]}x{own[1]})")
     path = record_path()
     if path is not None:
-        from .....files import write_file
         os.makedirs(os.path.dirname(path), exist_ok=True)
         write_file(os.path.dirname(path), os.path.basename(path), json.dumps(record, indent=1, sort_keys=True).encode())
     return record
