@@ -155,22 +155,35 @@ def _index(x, indices):
     return out.astype("bool") if rows.dtype == "bool" else out
 
 
-def _run_axis(index, size) -> int | None:
-    """The axis along which ``index`` is ``0 .. size-1`` (an ``arange(size)``, plus 0, viewed with that axis alone
-    not of size 1), else None: the mask builders' ``arange(batch)[:, None, None, None]``."""
+def _arange_plus(index) -> tuple[int, int | None] | None:
+    """(the ``arange`` node, the node added to it or None) where the traced ``index`` is ``arange(n)`` or
+    ``arange(n) + offset`` (seen through reshapes, which keep its order); else None."""
     g = index.tracer.graph
     nid = index.id
     while g.node(nid).op == "reshape":
         nid = g.operands(nid)[0]
-    n = g.node(nid)
-    if n.op == "add":
-        ops = g.operands(nid)
-        zero = [o for o in ops if g.node(o).op == "const" and g.node(o).type.rank == 0 and scalar_const(g, o) == 0]
-        if len(zero) != 1:
-            return None
-        nid = next(o for o in ops if o != zero[0])
-        n = g.node(nid)
-    if n.op != "arange" or not D.canonical(n.attrs["n"]) == D.canonical(size):
+    if g.node(nid).op == "arange":
+        return nid, None
+    if g.node(nid).op == "add":
+        a, b = g.operands(nid)
+        for run, other in ((a, b), (b, a)):
+            if g.node(run).op == "arange":
+                return run, other
+    return None
+
+
+def _run_axis(index, size) -> int | None:
+    """The axis along which ``index`` is ``0 .. size-1`` (an ``arange(size)``, plus 0, viewed with that axis alone
+    not of size 1), else None: the mask builders' ``arange(batch)[:, None, None, None]``."""
+    g = index.tracer.graph
+    found = _arange_plus(index)
+    if found is None:
+        return None
+    run, offset = found
+    if offset is not None and not (g.node(offset).op == "const" and g.node(offset).type.rank == 0
+                                   and scalar_const(g, offset) == 0):
+        return None
+    if D.canonical(g.node(run).attrs["n"]) != D.canonical(size):
         return None
     wide = [a for a, d in enumerate(index.shape) if not (isinstance(d, int) and d == 1)]
     return wide[0] if len(wide) == 1 and D.canonical(index.shape[wide[0]]) == D.canonical(size) else None
@@ -181,19 +194,11 @@ def _index_copy(x, dim, index, source):
     offset`` (a KV cache written at the positions a step decodes): an ``update_slice`` at ``offset``.  Any other
     index is refused: an update_slice would be wrong for it."""
     index = as_tensor(index)
-    g = index.tracer.graph
-    node = g.node(index.id)
-    offset = None
-    if node.op == "arange":
-        offset = F.const(np.int64(0), "int64")
-    elif node.op == "add":
-        a, b = g.operands(index.id)
-        for run, other in ((a, b), (b, a)):
-            if g.node(run).op == "arange" and g.node(other).type.rank == 0:
-                offset = Tensor(index.tracer, other)
-    if offset is None:
+    found = _arange_plus(index)
+    if found is None or found[1] is not None and index.tracer.graph.node(found[1]).type.rank != 0:
         raise ValueError("index_copy with an index that is not arange(n) or arange(n) + offset: only a run of "
                          "consecutive positions is supported")
+    offset = F.const(np.int64(0), "int64") if found[1] is None else Tensor(index.tracer, found[1])
     return F.update_slice(x, source, offset.astype("int64"), dim % as_tensor(x).ndim)
 
 

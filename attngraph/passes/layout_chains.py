@@ -31,6 +31,10 @@ def _same(a, b) -> bool:
     return D.canonical(a) == D.canonical(b)
 
 
+def _canonical(shape) -> tuple:
+    return tuple(D.canonical(d) for d in shape)
+
+
 class Atoms:
     """A chain's index map: the source's axes cut into factors (atoms), and the chain's current axes as groups
     of atoms, major first (a factor of size 1, or an axis of size 1, holds no data and is left out of the
@@ -124,19 +128,15 @@ class Atoms:
         order = self._data(a for atoms in self.source for a in atoms)
         perm = tuple(order.index(a) for a in self._data(a for grp in self.groups for a in grp))
         if perm != tuple(range(len(perm))):  # (without a transpose, the reshape below is the only one)
-            if self._data_shape(g, x) != tuple(self.size[a] for a in order):
+            if _canonical(g.node(x).type.shape) != tuple(self.size[a] for a in order):
                 x = g.add("reshape", [x], {"shape": tuple(self.size[a] for a in order)}, name="reshape", meta=meta)
                 ops += 1
             x = g.add("transpose", [x], {"perm": perm}, name="transpose", meta=meta)
             ops += 1
-        if tuple(D.canonical(d) for d in g.node(x).type.shape) != tuple(D.canonical(d) for d in out_shape):
+        if _canonical(g.node(x).type.shape) != _canonical(out_shape):
             x = g.add("reshape", [x], {"shape": tuple(out_shape)}, name="reshape", meta=meta)
             ops += 1
         return x, ops
-
-    @staticmethod
-    def _data_shape(g: Graph, x: int) -> tuple:
-        return tuple(D.canonical(d) for d in g.node(x).type.shape)
 
 
 def _chain(g: Graph, end: int) -> tuple[int, list[int]]:

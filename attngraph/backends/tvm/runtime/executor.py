@@ -148,7 +148,7 @@ class CompiledModel:
         self.kernels = self.manifest = self.model_name = self.opt_level = self.report = self.weights_from = None
         self.precomputed = precomputed_nodes(graph, self.order)
         self.constants = {nid: device.upload(v) for nid, v in bind_constants(graph, self.precomputed, self.params).items()}
-        self._frames: OrderedDict = OrderedDict()  # dims -> (plan, program), most recent last
+        self._frames: OrderedDict = OrderedDict()  # dims -> Frame, most recent last
         self._buffers: list = []
         self._buffer_bytes: list[int] = []
         self.last_peak_bytes = 0
