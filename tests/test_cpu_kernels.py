@@ -17,7 +17,7 @@ from attngraph.backends.tvm.plan import FEW_ROWS, ONE_ROW, KernelSpec  # noqa: E
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
 from attngraph.backends.tvm.targets import get_target  # noqa: E402
 from attngraph.backends.tvm.targets.cpu import kernels  # noqa: E402
-from attngraph.backends.tvm.targets.cpu.tiles import AVX2, AVX512, cpu_tiles  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.tiles import AVX2, AVX512, AVX512_BF16, cpu_tiles  # noqa: E402
 from attngraph.ir import TensorType  # noqa: E402
 from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
@@ -210,7 +210,7 @@ def test_gated_projection_in_every_form(isa):
 def test_tiles_follow_the_vector_instruction_set():
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is AVX2
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) is AVX512
-    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512_BF16
     assert get_target("llvm:x86-64-v3").tiles is AVX2 and get_target("llvm:x86-64-v4").tiles is AVX512
 
 

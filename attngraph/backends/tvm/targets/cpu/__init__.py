@@ -15,7 +15,7 @@ from .... import ArtifactError, BuildError, DeviceUnavailable
 from ..base import RUNTIME_ONLY, Target, compiler_loaded
 from . import isa, tile_tuning
 from .layout import gate_projections, pack_weights
-from .tiles import PANEL_WIDTH, cpu_tiles
+from .tiles import BF16_GROUP, PANEL_WIDTH, cpu_tiles
 
 #: The dtypes projection weights may be stored in (``weight_dtype``); None keeps the graph's.
 WEIGHT_DTYPES = ("float32", "float16")
@@ -76,7 +76,8 @@ class LLVMTarget(Target):
         if weight_dtype not in (None, *WEIGHT_DTYPES):
             raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         dtype = None if weight_dtype == "float32" else weight_dtype
-        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype),
+        groups = {"bfloat16": BF16_GROUP} if self.tiles.bf16_dot else {}  # the CPU's dot products' operands
+        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups),
                   "gate-projections": lambda g: gate_projections(g, PANEL_WIDTH)}
         return {**passes, **super().layout_passes()}
 

@@ -13,7 +13,8 @@ Kernels (float32 and float64; a float16 or bfloat16 kernel is its float32 twin r
   to one symbolic M; bias and activation applied in the write back (an epilogue inside the kernel).
 - batched ``matmul`` (attention's Q K^T and P V when not fused): output rows in parallel, each a
   sum over K of a[k] * b[k, :], vectorized along N.
-- ``linear_packed``: the same over weights packed in column panels when the weights are bound;
+- ``linear_packed``: the same over weights packed in column panels when the weights are bound; in bfloat16 on
+  a CPU with bfloat16 dot products, over panels of K pairs, one ``vdpbf16ps`` per pair (``dot.py``);
   ``swiglu_packed`` (SwiGLU's gate and value in one projection): both halves' products in one register tile,
   ``silu(gate) * value`` in the write back.
 - ``weight_grad`` (x^T g over the positions: a projection's weight gradient): register tiles of the static
@@ -41,9 +42,11 @@ from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
 from ...shapes import DimVars
 from ..table import ROW_OPS, KernelTable, Row
 from .attention import attention, attention_backward
+from .dot import dense_bf16
 from .fastmath import fast_math
-from .schedule import has_block, is_reduction, split_row_reduction, vectorize_static, vectorize_weighted_sum
-from .tiles import PANEL_WIDTH, TILE_M, TILE_N
+from .schedule import (has_block, is_reduction, read_index, register_tiles, split_row_reduction, unravel,
+                       vectorize_static, vectorize_weighted_sum)
+from .tiles import BF16_GROUP, PANEL_WIDTH, TILE_M, TILE_N
 
 FLOATS = ("float32", "float64")
 # Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
@@ -87,6 +90,23 @@ def _swiglu(spec, dv, tile: tuple) -> tirx.PrimFunc:
                  packed=True, tile_m=tile[0], tile_n=tile[1], gated=True, gate_half=spec.attrs["gate"])
 
 
+def _bf16_dot(form: int):
+    """The bfloat16 dot-product projection (``dot.py``) with the tile of ``form`` (0 main, 1 a few rows, 2 one row)."""
+    def build(spec, dv, tiles):
+        return dense_bf16(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 3,
+                          activation=spec.attrs.get("activation", "none"), tile=tiles.bf16_dot[form])
+    return build
+
+
+def _is_bf16_dot(spec, tiles) -> bool:
+    """bfloat16 x (..., K) @ panels of K pairs (``pack_panels(interleave=2)``), K at least 4, on a CPU with bfloat16 dot
+    products."""
+    x, w = spec.in_types[0], spec.in_types[1]
+    return (tiles.bf16_dot is not None and x.rank >= 2 and w.rank == 4 and w.shape[2:] == (PANEL_WIDTH, BF16_GROUP)
+            and w.shape[1] > 1
+            and all(str(t.dtype) == "bfloat16" for t in (*spec.in_types, spec.out_type)))
+
+
 def _is_gated(spec, tiles=None) -> bool:
     """``swiglu_packed`` over panels of PANEL_WIDTH whose halves are whole panels each."""
     return _same_float(spec) and _is_packed_dense(spec.in_types) and spec.attrs["n"] % PANEL_WIDTH == 0
@@ -116,6 +136,8 @@ KERNELS = KernelTable(
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _static(spec.out_type.shape)),
     Row("projection with bias and activation", ("linear",), _dense_linear,
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_dense(spec.in_types)),
+    Row("bfloat16 projection on the CPU's bfloat16 dot products", ("linear_packed",), _bf16_dot(0),
+        dtypes=("bfloat16",), guard=_is_bf16_dot),
     Row("projection over packed weight panels", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.dense,
                                                prefetch=tiles.prefetch),
@@ -136,9 +158,13 @@ KERNELS = KernelTable(
         lambda spec, dv, tiles: write_slice(list(spec.in_types), spec.out_type, spec.attrs["axis"], dv), form=IN_PLACE),
     Row("attention: one query row at a time", ("fused_attention",), _attention(lambda tiles: 1),
         dtypes=FLOATS, form=FEW_ROWS),
+    Row("bfloat16 projection on dot products: a few rows", ("linear_packed",), _bf16_dot(1),
+        dtypes=("bfloat16",), guard=_is_bf16_dot, form=FEW_ROWS),
     Row("projection: a few rows", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.few_rows),
         dtypes=FLOATS, guard=lambda spec, tiles: _is_packed_dense(spec.in_types), form=FEW_ROWS),
+    Row("bfloat16 projection on dot products: one row", ("linear_packed",), _bf16_dot(2),
+        dtypes=("bfloat16",), guard=_is_bf16_dot, form=ONE_ROW),
     Row("projection: one row", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.one_row),
         dtypes=FLOATS, guard=lambda spec, tiles: bool(tiles.one_row) and _is_packed_dense(spec.in_types),
@@ -159,7 +185,7 @@ def _is_dense(in_types) -> bool:
 
 def _is_packed_dense(in_types) -> bool:
     """x (..., K) @ W in panels of PANEL_WIDTH (``pack_panels``), x with at least one leading dim."""
-    return in_types[1].shape[2] == PANEL_WIDTH and in_types[0].rank >= 2
+    return in_types[1].rank == 3 and in_types[1].shape[2] == PANEL_WIDTH and in_types[0].rank >= 2
 
 
 def _packed_linear(attrs: dict, in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple,
@@ -171,35 +197,6 @@ def _packed_linear(attrs: dict, in_types, out_type: TensorType, dim_vars: DimVar
 
 def _i64(v: int):
     return tirx.IntImm("int64", v)
-
-
-def _unravel(m, dims) -> tuple:
-    """Row-major index tuple of the flat index ``m`` over ``dims``."""
-    idx = []
-    for d in reversed(dims[1:]):
-        idx.append(m % d)
-        m = m // d
-    idx.append(m)
-    return tuple(reversed(idx))
-
-
-def _read_index(sch, block, name: str) -> int:
-    """Position of buffer ``name`` among the reads of ``block``."""
-    return [r.source.name for r in sch.get(block).reads].index(name)
-
-
-def _register_tiles(sch, rows: int, columns: int):
-    """Block ``out`` in tiles of ``rows`` x ``columns``, column tiles outermost (the loop to run in parallel),
-    each tile's accumulator ``acc`` computed in registers at its tile; returns the column tile loop, the row
-    tile loop, the loop over a tile's columns and the accumulator block."""
-    m, n = sch.get_loops(sch.get_sblock("out"))
-    mo, mi = sch.split(m, [None, rows])
-    no, ni = sch.split(n, [None, columns])
-    sch.reorder(no, mo, mi, ni)
-    ab = sch.get_sblock("acc")
-    sch.compute_at(ab, mo)
-    sch.set_scope(ab, 0, "local")
-    return no, mo, ni, ab
 
 
 def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
@@ -279,7 +276,7 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     f = te.create_prim_func([X, W] + ([B] if bias else []) + [out])
 
     sch = s_tir.Schedule(f)
-    no, mo, ni, ab = _register_tiles(sch, tile_m, tile_n)
+    no, mo, ni, ab = register_tiles(sch, tile_m, tile_n)
     ob = sch.get_sblock("out")
     if gated:  # the halves' loop beside the rows', both unrolled: every accumulator in a register
         loops = sch.get_loops(ab)
@@ -319,13 +316,13 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     sch.vectorize(sch.get_loops(init)[-1])
     if len(lead) > 1:
         # Give x and the output their N-D shapes (dims shared with the graph's other kernels).
-        sch.transform_layout(ob, ("write", 0), lambda m, n: _unravel(m, lead) + (n,))
+        sch.transform_layout(ob, ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         ub = sch.get_sblock("acc_update")
-        sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, k: _unravel(m, lead) + (k,))
+        sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, k: unravel(m, lead) + (k,))
     func = sch.mod["main"]
     if prefetch:
         ub = sch.get_sblock("acc_update")
-        w = sch.get(ub).reads[_read_index(sch, ub, "in1")].source
+        w = sch.get(ub).reads[read_index(sch, ub, "in1")].source
         loop_vars = [sch.get(lp).loop_var for lp in (no, mo, ak)]
         func = _prefetch_next_tile(func, w, *loop_vars, K=K, panels=panels, tile_panels=tile_n // TILE_N)
     return fast_math(func) if dtype == "float32" else func
@@ -404,7 +401,7 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
     acc = te.compute((_i64(k_pad), _i64(n_pad)), lambda i, j: te.sum(x_at(i) * g_at(j), axis=p), name="acc")
     out = te.compute((_i64(K), _i64(N)), lambda i, j: acc[i, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
-    jo, _, ji, ab = _register_tiles(sch, tile_k, tile_n)
+    jo, _, ji, ab = register_tiles(sch, tile_k, tile_n)
     am, an, ak = sch.get_loops(ab)[-3:]
     sch.reorder(ak, am, an)
     sch.unroll(am)
@@ -422,9 +419,9 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
     sch.vectorize(sch.get_loops(init)[-1])
     if len(lead) > 1:
         ub = sch.get_sblock("acc_update")
-        sch.transform_layout(ub, ("read", _read_index(sch, ub, "in0")), lambda m, c: _unravel(m, lead) + (c,))
+        sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, c: unravel(m, lead) + (c,))
         reader = sch.get_sblock("packed") if ragged else ub
-        sch.transform_layout(reader, ("read", _read_index(sch, reader, "in1")), lambda m, c: _unravel(m, lead) + (c,))
+        sch.transform_layout(reader, ("read", read_index(sch, reader, "in1")), lambda m, c: unravel(m, lead) + (c,))
     func = sch.mod["main"]
     return fast_math(func) if dtype == "float32" else func
 

@@ -17,12 +17,14 @@ def _static_2d(t) -> bool:
     return t.rank == 2 and all(isinstance(d, int) for d in t.shape)
 
 
-def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None):
+def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, groups: dict | None = None):
     """``linear(x, W, b)`` and ``matmul(x, W)`` with a weights-only 2-D ``W`` ->
     ``linear_packed(x, pack_panels(W), b; n=N)``, the panels stored as ``dtype`` if given (float16:
-    half the bytes to read, computed in x's dtype).  Returns (matches, misses) like the other rules."""
+    half the bytes to read, computed in x's dtype).  ``groups``: {dtype: group} of the CPU's dot products (bfloat16:
+    2); a product whose x and panels are of such a dtype gets panels of K values in groups of that many
+    (``pack_panels(interleave=)``), where K divides into them.  Returns (matches, misses) like the other rules."""
     constant = weights_only(g)
-    packed: dict[int, int] = {}  # W -> its panels, shared by every product reading W
+    packed: dict[tuple, int] = {}  # (W, group) -> its panels, shared by every product reading W so
     matches, misses = 0, []
     for nid in list(g.topo_order()):
         n = g.node(nid)
@@ -34,11 +36,17 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None):
             if n.op == "linear":
                 misses.append(f"%{n.name}: its weight is not known at bind time; packed per call")
             continue
-        if w not in packed:
-            packed[w] = g.add("pack_panels", [w], {"width": width, "dtype": dtype}, name=f"{g.node(w).name}_panels",
-                              meta=dict(g.node(w).meta))
+        stored = dtype or str(wt.dtype)
+        group = (groups or {}).get(stored, 1) if str(g.node(x).type.dtype) == stored else 1
+        if wt.shape[0] % group:
+            misses.append(f"%{n.name}: K={wt.shape[0]} is not a multiple of {group}; its {stored} product runs "
+                          f"without the dot-product instruction")
+            group = 1
+        if (w, group) not in packed:
+            packed[w, group] = g.add("pack_panels", [w], {"width": width, "dtype": dtype, "interleave": group},
+                                     name=f"{g.node(w).name}_panels", meta=dict(g.node(w).meta))
         attrs = {"activation": n.attrs.get("activation", "none"), "n": wt.shape[1]}
-        replace(g, nid, "linear_packed", [x, packed[w]] + bias, attrs)
+        replace(g, nid, "linear_packed", [x, packed[w, group]] + bias, attrs)
         g.remove(nid)
         matches += 1
     return matches, misses
@@ -73,7 +81,8 @@ def _half_of(g: Graph, nid: int):
     if n.op != "slice" or n.attrs["axis"] not in (-1, n.type.rank - 1) or n.attrs.get("step", 1) != 1:
         return None
     (p,) = g.operands(nid)
-    if g.node(p).op != "linear_packed" or g.node(p).attrs["activation"] != "none":
+    if g.node(p).op != "linear_packed" or g.node(p).attrs["activation"] != "none" \
+            or g.node(g.operands(p)[1]).type.rank != 3:  # grouped panels (a dot-product kernel's): not gated
         return None
     both, start, stop = g.node(p).attrs["n"], n.attrs["start"], n.attrs["stop"]
     if not (isinstance(both, int) and both % 2 == 0 and stop - start == both // 2 and start in (0, both // 2)):

@@ -19,7 +19,7 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def _infer_pack_panels(types, attrs):
     (w,) = types
-    width, dtype = attrs["width"], attrs.get("dtype") or w.dtype
+    width, dtype, group = attrs["width"], attrs.get("dtype") or w.dtype, attrs.get("interleave", 1)
     if w.rank != 2 or not all(isinstance(d, int) for d in w.shape):
         raise ShapeError(f"pack_panels needs a 2-D weight of static shape, got {w}")
     if not isinstance(width, int) or width < 1:
@@ -27,19 +27,41 @@ def _infer_pack_panels(types, attrs):
     if not w.is_float or dtype not in FLOAT_DTYPES:
         raise ShapeError(f"pack_panels packs float weights into {', '.join(FLOAT_DTYPES)}, got {w} -> {dtype}")
     k, n = w.shape
-    return TensorType((-(-n // width), k, width), dtype)
+    if not isinstance(group, int) or group < 1 or k % group:
+        raise ShapeError(f"pack_panels: interleave must be a positive int dividing the weight's {k} rows, "
+                         f"got {group!r}")
+    panels = -(-n // width)
+    return TensorType((panels, k, width) if group == 1 else (panels, k // group, width, group), dtype)
 
 
-@op("pack_panels", LAYOUT, 1, _infer_pack_panels, dtype=None)
-def pack_panels(w, *, width, dtype=None):
+@op("pack_panels", LAYOUT, 1, _infer_pack_panels, dtype=None, interleave=1)
+def pack_panels(w, *, width, dtype=None, interleave=1):
     """A (K, N) weight as column panels (ceil(N/width), K, width), the last panel zero-padded: each
     panel is contiguous, so a matmul kernel streams it without a strided read (``linear_packed``).
-    ``dtype`` stores the panels in another float type (float16: half the bytes a decode step reads)."""
+    ``dtype`` stores the panels in another float type (float16: half the bytes a decode step reads).
+    ``interleave`` > 1 keeps that many consecutive K values of a column together, (ceil(N/width), K/interleave,
+    width, interleave): the operand of a dot-product instruction (bfloat16 pairs: ``dot.py``)."""
     k, n = w.shape
     panels = -(-n // width)
     padded = np.zeros((k, panels * width), dtype or w.dtype)
     padded[:, :n] = w
+    if interleave > 1:
+        return np.ascontiguousarray(padded.reshape(k // interleave, interleave, panels, width).transpose(2, 0, 3, 1))
     return np.ascontiguousarray(padded.reshape(k, panels, width).transpose(1, 0, 2))
+
+
+def unpacked(w, n: int):
+    """The (K, n) weight of panels ``w`` (``pack_panels``'s inverse)."""
+    if w.ndim == 4:
+        panels, pairs, width, group = w.shape
+        return w.transpose(1, 3, 0, 2).reshape(pairs * group, panels * width)[:, :n]
+    panels, k, width = w.shape
+    return w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n]
+
+
+def panels_depth(w) -> int:
+    """K of panels of type ``w``: (panels, K, width) or (panels, K/group, width, group)."""
+    return w.shape[1] * (w.shape[3] if w.rank == 4 else 1)
 
 
 def _infer_linear_packed(types, attrs):
@@ -49,10 +71,10 @@ def _infer_linear_packed(types, attrs):
     n = attrs["n"]
     if attrs.get("activation", "none") not in ACTIVATIONS:
         raise ShapeError(f"unknown activation {attrs['activation']!r}")
-    if w.rank != 3 or x.rank < 1 or x.shape[-1] != w.shape[1] or not isinstance(n, int) \
+    if w.rank not in (3, 4) or x.rank < 1 or x.shape[-1] != panels_depth(w) or not isinstance(n, int) \
             or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
-        raise ShapeError(f"linear_packed needs x (..., K) and weight panels (ceil(n/w), K, w) for n={n}, "
-                         f"got {x} and {w}")
+        raise ShapeError(f"linear_packed needs x (..., K) and weight panels (ceil(n/w), K, w) or (ceil(n/w), K/g, w, "
+                         f"g) for n={n}, got {x} and {w}")
     if len(types) == 3 and types[2].shape != (n,):
         raise ShapeError(f"linear_packed bias must have shape ({n},), got {types[2]}")
     # The weight may be stored narrower than x (float16 panels); the product is computed in x's dtype.
@@ -64,8 +86,7 @@ def _infer_linear_packed(types, attrs):
 @op("linear_packed", FUSED, None, _infer_linear_packed, flops=O.contraction_flops, activation="none", n=None)
 def linear_packed(x, w, b=None, *, activation="none", n=None):
     """``linear`` over a weight in column panels (``pack_panels``): the CPU target's layout."""
-    panels, k, width = w.shape
-    return linear(x, w.transpose(1, 0, 2).reshape(k, panels * width)[:, :n].astype(x.dtype), b, activation=activation)
+    return linear(x, unpacked(w, n).astype(x.dtype), b, activation=activation)
 
 
 
@@ -101,10 +122,23 @@ def _pack_panels(c):
 
     from ...lower.common import const
     (w,) = c.xs
-    width, n = c.attrs["width"], w.shape[1]
+    width, n, group = c.attrs["width"], w.shape[1], c.attrs.get("interleave", 1)
     zero = const(0.0, w.dtype)
-    return te.compute(c.shape, lambda p, k, col: tirx.Select(p * width + col < n, w[k, tirx.min(p * width + col, n - 1)],
-                                                             zero).astype(c.out.dtype), name=c.name)
+
+    def at(p, k, col):
+        return tirx.Select(p * width + col < n, w[k, tirx.min(p * width + col, n - 1)], zero).astype(c.out.dtype)
+    if group == 1:
+        return te.compute(c.shape, at, name=c.name)
+    return te.compute(c.shape, lambda p, q, col, j: at(p, q * group + j, col), name=c.name)
+
+
+def _panel_at(w, k, n):
+    """W[k, n] of panels ``w`` (a TE tensor): (panels, K, width) or (panels, K/group, width, group)."""
+    width = int(w.shape[2])
+    if len(w.shape) == 3:
+        return w[n // width, k, n % width]
+    group = int(w.shape[3])
+    return w[n // width, k // group, n % width, k % group]
 
 
 @lowering("linear_packed")
@@ -113,10 +147,9 @@ def _linear_packed(c):
 
     from ...lower.contraction import epilogue
     x, w = c.xs[0], c.xs[1]
-    width = int(w.shape[2])
-    k = te.reduce_axis((0, w.shape[1]), name="k")
-    y = te.compute(c.shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
-                                              axis=k), name=f"{c.name}_mm")
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    y = te.compute(c.shape, lambda *i: te.sum(x[i[:-1] + (k,)] * _panel_at(w, k, i[-1]).astype(x.dtype), axis=k),
+                   name=f"{c.name}_mm")
     return epilogue(c, y, c.xs[2] if len(c.xs) == 3 else None)
 
 
@@ -125,11 +158,11 @@ def _swiglu_packed(c):
     from tvm import te, tirx
 
     x, w = c.xs[0], c.xs[1]
-    n, width = c.attrs["n"], int(w.shape[2])
-    k = te.reduce_axis((0, w.shape[1]), name="k")
+    n = c.attrs["n"]
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
     shape = tuple(c.shape[:-1]) + (2 * n,)
-    h = te.compute(shape, lambda *i: te.sum(x[i[:-1] + (k,)] * w[i[-1] // width, k, i[-1] % width].astype(x.dtype),
-                                            axis=k), name=f"{c.name}_mm")
+    h = te.compute(shape, lambda *i: te.sum(x[i[:-1] + (k,)] * _panel_at(w, k, i[-1]).astype(x.dtype), axis=k),
+                   name=f"{c.name}_mm")
     if len(c.xs) == 3:
         b = c.xs[2]
         h = te.compute(shape, lambda *i: h[i] + b[i[-1]], name=f"{c.name}_bias")

@@ -184,3 +184,32 @@ def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return tirx.For(loop.loop_var, loop.min, loop.extent, tirx.ForKind.SERIAL, loop.body, loop.thread_binding,
                         loop.annotations)
     return tvm_ffi.structural_mutate(func, ((tirx.BufferStore, store), (tirx.For, visit)))
+
+
+def unravel(m, dims) -> tuple:
+    """Row-major index tuple of the flat index ``m`` over ``dims``."""
+    idx = []
+    for d in reversed(dims[1:]):
+        idx.append(m % d)
+        m = m // d
+    idx.append(m)
+    return tuple(reversed(idx))
+
+
+def read_index(sch, block, name: str) -> int:
+    """Position of buffer ``name`` among the reads of ``block``."""
+    return [r.source.name for r in sch.get(block).reads].index(name)
+
+
+def register_tiles(sch, rows: int, columns: int):
+    """Block ``out`` in tiles of ``rows`` x ``columns``, column tiles outermost (the loop to run in parallel),
+    each tile's accumulator ``acc`` computed in registers at its tile; returns the column tile loop, the row
+    tile loop, the loop over a tile's columns and the accumulator block."""
+    m, n = sch.get_loops(sch.get_sblock("out"))
+    mo, mi = sch.split(m, [None, rows])
+    no, ni = sch.split(n, [None, columns])
+    sch.reorder(no, mo, mi, ni)
+    ab = sch.get_sblock("acc")
+    sch.compute_at(ab, mo)
+    sch.set_scope(ab, 0, "local")
+    return no, mo, ni, ab

@@ -4,6 +4,7 @@ packed in (``PANEL_WIDTH``: the packing pass and the projection kernel read this
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 #: Columns per panel of a packed weight (``ops.pack_panels``) and of the per-call packed panel: two
@@ -15,6 +16,10 @@ PANEL_WIDTH = 16
 # the broadcast A value; measured against 6 x 16 and 8 x 16, no faster (6) or slower (8: spills).
 # TILE_N is the panel width.
 TILE_M, TILE_N = 4, PANEL_WIDTH
+
+#: K values one lane of the bfloat16 dot-product instruction multiplies and adds (pairs), kept together in the
+#: packed panels it reads (``ops.pack_panels(group=)``, ``dot.py``)
+BF16_GROUP = 2
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class CpuTiles:
     weight_grad: tuple = (6, 16)
     #: the projection prefetches the next column tile's weights as it goes (``dense``, ``prefetch``)
     prefetch: bool = False
+    #: the bfloat16 projection on the CPU's bfloat16 dot products (``dot.py``), where it has them: its tiles
+    #: (rows, columns) for the main form, a few rows and one row
+    bf16_dot: tuple | None = None
 
 
 # AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
@@ -60,9 +68,16 @@ AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), pref
 AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64), weight_grad=(4, 64))
 
 
+# AVX512_BF16 (``vdpbf16ps``, 32 multiply-adds per instruction), 2 cores of a Zen 4: 4 x 64 (16 zmm accumulators)
+# ran the BERT-size projection (128 x 768 x 768) at 230 GFLOP/s on one thread, the float32 kernel's 114, PyTorch's
+# bfloat16 (oneDNN) 187; at 1 row 1 x 64 was fastest, at 2, 5 and 6 rows 2 x 64.
+AVX512_BF16 = dataclasses.replace(AVX512, bf16_dot=((4, 64), (2, 64), (1, 64)))
+
+
 def cpu_tiles(target) -> CpuTiles:
-    """The register tiles for ``target``'s CPU: AVX-512 where it has ``avx512f``, else AVX2's."""
+    """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the bfloat16 dot products'
+    where it has ``avx512bf16``), else AVX2's."""
     from tvm.target import codegen
-    if target is not None and codegen.target_has_features("avx512f", target):
-        return AVX512
-    return AVX2
+    if target is None or not codegen.target_has_features("avx512f", target):
+        return AVX2
+    return AVX512_BF16 if codegen.target_has_features("avx512bf16", target) else AVX512

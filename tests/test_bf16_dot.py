@@ -1,0 +1,133 @@
+"""The bfloat16 projection on the CPU's bfloat16 dot products (``targets/cpu/dot.py``: AVX512_BF16's ``vdpbf16ps``).
+
+Where this CPU has the instruction, the kernels run against the float64 reference and whole bfloat16 builds against
+the interpreter; on every CPU, the kernel compiles for a CPU model that has it (``llvm:sapphirerapids``) and the
+build chooses it only where the CPU has it."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import attngraph as ag  # noqa: E402
+from attngraph.backends.tvm.plan import FEW_ROWS, ONE_ROW, KernelSpec  # noqa: E402
+from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
+from attngraph.backends.tvm.targets import get_target  # noqa: E402
+from attngraph.backends.tvm.targets.cpu import kernels  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.tiles import AVX512, AVX512_BF16, cpu_tiles  # noqa: E402
+from attngraph.ir import TensorType as T  # noqa: E402
+from attngraph.ir import dims as D  # noqa: E402
+from attngraph.ir import ops as O  # noqa: E402
+
+HERE = get_target("llvm")
+HAS_DOT = HERE.tiles.bf16_dot is not None
+needs_dot = pytest.mark.skipif(not HAS_DOT, reason="this CPU has no AVX512_BF16 (the kernels compile-only here)")
+BF16 = "bfloat16"
+FORMS = {"main": None, "few rows": FEW_ROWS, "one row": ONE_ROW}
+
+
+def spec_of(op, attrs, in_types):
+    attrs = {**O.get(op).defaults, **attrs}
+    return KernelSpec("k", op, attrs, tuple(in_types), O.get(op).infer(in_types, attrs))
+
+
+def kernel(spec, form, tiles):
+    if form is None:
+        return kernels.KERNELS.kernel(spec, DimVars(), tiles)
+    return kernels.KERNELS.forms(spec, DimVars(), tiles).get(form)
+
+
+def projection(k: int, n: int, bias: bool, activation: str = "none"):
+    x = T(("batch", "seq", k), BF16)
+    w = O.get("pack_panels").infer([T((k, n), BF16)], {"width": 16, "dtype": None, "interleave": 2})
+    return spec_of("linear_packed", {"n": n, "activation": activation}, [x, w] + ([T((n,), BF16)] if bias else []))
+
+
+@needs_dot
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("k,n,bias,activation", [(24, 70, True, "gelu"), (24, 70, False, "none"),
+                                                 (64, 32, True, "relu"), (4, 16, False, "none")])
+def test_kernel_against_float64(form, k, n, bias, activation):
+    # 70 columns: not whole 64-column tiles (the last panel read clamped, its padding zero); 1 to 45 rows: not whole
+    # row tiles; K = 4: two pairs (at K = 2 no hand kernel: the generic lowering)
+    spec = projection(k, n, bias, activation)
+    f = kernel(spec, FORMS[form], HERE.tiles)
+    assert f is not None and "attngraph_dpbf16ps" in f.script(), "not the dot-product kernel"
+    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=HERE.tvm_target)["k"]
+    rng = np.random.default_rng(k + n)
+    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}):
+        x = rng.standard_normal((sizes["batch"], sizes["seq"], k)).astype(ml_dtypes.bfloat16)
+        w = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+        args = [x, O.get("pack_panels").ref(w, width=16, interleave=2)]
+        if bias:
+            args.append(rng.standard_normal(n).astype(ml_dtypes.bfloat16))
+        want = O.get("linear").ref(x.astype(np.float64), w.astype(np.float64),
+                                   args[2].astype(np.float64) if bias else None, activation=activation)
+        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        # one rounding to bfloat16 (a relative 2^-9) over float32 sums of exact products
+        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
+
+
+def test_pair_panels_round_trip():
+    # pack_panels(interleave=2) keeps each column's K values in pairs: W[2q + j, 16p + c] at [p, q, c, j]
+    w = np.arange(6 * 20, dtype=np.float32).reshape(6, 20)
+    p = O.get("pack_panels").ref(w, width=16, interleave=2)
+    assert p.shape == (2, 3, 16, 2) and p[1, 2, 3, 1] == w[5, 19] and p[1, 0, 5, 0] == 0  # padding past column 20
+    from attngraph.backends.tvm.targets.cpu.ops import unpacked
+    np.testing.assert_array_equal(unpacked(p, 20), w)
+    with pytest.raises(O.ShapeError, match="interleave must be a positive int dividing the weight's 5 rows"):
+        O.get("pack_panels").infer([T((5, 20), "float32")], {"width": 16, "interleave": 2})
+
+
+def test_kernel_chosen_by_the_cpu_feature():
+    # the dot-product rows apply where the tiles say the CPU has the instruction; elsewhere no hand kernel takes
+    # the pair panels (the generic lowering reads them: tested by the build below)
+    spec = projection(32, 48, True)
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512_BF16
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) is AVX512_BF16
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})) is AVX512
+    assert kernel(spec, None, AVX512) is None
+    assert kernel(projection(2, 48, True), None, AVX512_BF16) is None
+    for form in FORMS.values():
+        assert "attngraph_dpbf16ps" in kernel(spec, form, AVX512_BF16).script()
+
+
+def test_compiles_for_a_cpu_that_has_it():
+    # whatever this CPU: LLVM emits vdpbf16ps for a CPU model with AVX512_BF16
+    target = get_target("llvm:sapphirerapids")
+    f = kernel(projection(64, 64, True, "gelu"), None, target.tiles)
+    lib = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=target.tvm_target)
+    assert "vdpbf16ps" in lib.mod.inspect_source("asm")
+
+
+def _packed(graph):
+    return [n.type for n in graph.nodes() if n.op == "pack_panels"]
+
+
+@pytest.mark.parametrize("target", ["llvm", "llvm:icelake-server"])
+def test_bfloat16_build_packs_pairs_where_the_cpu_has_the_instruction(target):
+    from attngraph.backends.tvm.build import lower_kernels
+    from attngraph.backends.tvm.plan import plan_kernels
+    g = ag.compile("encoder-tiny", target=target, dtype=BF16).graph
+    tiles = get_target(target).tiles
+    ranks = {t.rank for t in _packed(g)}
+    assert ranks == ({4} if tiles.bf16_dot else {3}), ranks
+    specs, _ = plan_kernels(g)
+    lowered, _ = lower_kernels(g, target, plan=plan_kernels(g))
+    projections = [lowered[s.name].script() for s in specs if s.op == "linear_packed"]
+    assert projections and all(("attngraph_dpbf16ps" in p) == bool(tiles.bf16_dot) for p in projections)
+    # a float32 build packs plain panels everywhere
+    assert {t.rank for t in _packed(ag.compile("encoder-tiny", target=target).graph)} == {3}
+
+
+@needs_dot
+@pytest.mark.parametrize("model", ["encoder-tiny", "transformer-tiny", "gpt-tiny"])
+def test_bfloat16_builds_match_the_interpreter(model):
+    # every kernel's result against the interpreter's value of the same node (each op rounded to bfloat16 where the
+    # build stores it), the projections on the dot products
+    report = ag.verify(model, target="llvm", dtype=BF16, per_node=True)
+    assert report.ok, report.format()
