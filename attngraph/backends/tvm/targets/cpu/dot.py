@@ -33,6 +33,7 @@ from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
 BF16, F32 = "bfloat16", "float32"
+LOCAL = "local"  # the accumulators' scope (a name: a string in an annotation reads as a type to linters)
 _HELPER = "attngraph_dpbf16ps"
 _INTRIN = "attngraph_dpbf16ps_16x2"
 
@@ -56,7 +57,7 @@ def _intrin() -> str:
 
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=1), b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=1),
-             c: T.Buffer((LANES,), F32, offset_factor=1, scope="local")):
+             c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
             T.writes(c[0:LANES])
@@ -67,7 +68,7 @@ def _intrin() -> str:
 
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=BF16_GROUP), b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=BF16_GROUP),
-             c: T.Buffer((LANES,), F32, offset_factor=1, scope="local")):
+             c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
             T.writes(c[0:LANES])

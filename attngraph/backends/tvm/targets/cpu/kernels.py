@@ -35,7 +35,6 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from .....ir import TensorType
-from .....ir import ops as O
 from ...lower import lower
 from ...lower.elementwise import ACTIVATIONS
 from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
