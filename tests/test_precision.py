@@ -104,6 +104,24 @@ def test_every_op_in_half_precision_on_llvm(case, dtype):
             np.testing.assert_array_equal(got, want)
 
 
+def test_a_cast_to_bfloat16_rounds_inside_a_kernel():
+    """``cast(w, bfloat16) * scale`` in one kernel (a float32 master weight cast where a mixed-precision step reads it,
+    times a folded constant): the cast rounds, as the interpreter's does.  TVM folds ``float32(bfloat16(x))`` back to
+    ``x`` where the value feeds float32 arithmetic, which left a third of these products a bit off."""
+    program = (("cast", (0,), (("dtype", "bfloat16"),)), ("mul", (2, 1), ()))
+    types = (TensorType((4, 64), "float32"), TensorType((), "bfloat16"))
+    spec = KernelSpec("k", "fused_elementwise", {"program": program}, types, TensorType((4, 64), "bfloat16"))
+    target = get_target("llvm")
+    fn = tvm.compile(tvm.IRModule({"k": kernel_func(spec, DimVars(), target)}), target=target.tvm_target)["k"]
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    x[0, :4] = [np.nan, np.inf, -np.inf, 3.3895314e38]  # kept; the largest bfloat16 stays finite
+    scale = np.asarray(0.3535, numpy_dtype("bfloat16"))
+    want = np.asarray(O.get("fused_elementwise").ref(x, scale, program=program)).astype(np.float32)
+    out = tvm.runtime.empty((4, 64), "bfloat16")
+    fn(tvm.runtime.tensor(x), tvm.runtime.tensor(scale), out)
+    np.testing.assert_array_equal(out.numpy().astype(np.float32), want)
+
+
 def long_sum_graph(dtype):
     """x (1, 4096) @ w (4096, 1): 4096 products of 0.01, 40.96 in float32 arithmetic; float16 steps would
     stall where 0.01 is below half the spacing of the running sum (0.0156 from 16 on)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..ir import Graph
+from ..ir.types import numpy_dtype
 from .rewrite import remove_dead
 
 #: Constant folding never materializes more than this many bytes for one value (a table of
@@ -71,7 +72,7 @@ def constant_fold(g: Graph):
             continue
         if not all(isinstance(d, int) for d in n.type.shape) or not _static(list(n.attrs.values())):
             continue
-        size = int(np.prod(n.type.shape, dtype=np.int64)) * np.dtype(n.type.dtype).itemsize
+        size = int(np.prod(n.type.shape, dtype=np.int64)) * numpy_dtype(n.type.dtype).itemsize
         if size > FOLD_LIMIT_BYTES:
             misses.append(f"%{n.name}: {n.op} of constants left alone: its value would take {size} bytes")
             continue

@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from ..ir import Graph
+from ..ir.types import numpy_dtype
 
 #: Ops whose result is a view of their operand's buffer (no kernel, no storage of its own).
 VIEW_OPS = ("reshape",)
@@ -76,7 +77,7 @@ def activation_bytes(g: Graph, bindings: Mapping[str, int]) -> int | None:
             nid = g.operands(nid)[0]
         return nid
     kept = {base(o) for b in backward for o in g.operands(b) if o not in backward}
-    return sum(int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * np.dtype(g.node(v).type.dtype).itemsize
+    return sum(int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * numpy_dtype(g.node(v).type.dtype).itemsize
                for v in kept if g.node(v).op not in SOURCE_OPS and v not in constant and v not in backward)
 
 
@@ -149,7 +150,7 @@ def plan_memory(g: Graph, bindings: Mapping[str, int], order: list[int] | None =
         else:
             owner[nid] = nid
             life[nid] = list(live[nid])
-    size = {v: int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * np.dtype(g.node(v).type.dtype).itemsize
+    size = {v: int(np.prod(g.node(v).type.concrete(bindings), dtype=np.int64)) * numpy_dtype(g.node(v).type.dtype).itemsize
             for v in life}
     plan = MemoryPlan(naive_bytes=sum(size.values()))
     lives: list[list[tuple[int, int]]] = []   # per buffer, the lives placed in it, sorted; buffers by size, largest first

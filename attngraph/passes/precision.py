@@ -25,10 +25,15 @@ class PrecisionError(ValueError):
 STATE = "state_inputs"
 
 
-def to_dtype(graph: Graph, dtype: str) -> Graph:
+def to_dtype(graph: Graph, dtype: str, *, master: bool = False) -> Graph:
     """``graph`` with its float32 parameters, constants and casts in ``dtype``; a float32 input stays
     float32 (the model's interface is unchanged) and is cast to ``dtype`` where it enters, except the
-    state inputs (``STATE``), which are stored in ``dtype`` as the outputs they come from."""
+    state inputs (``STATE``), which are stored in ``dtype`` as the outputs they come from.
+
+    ``master``: mixed-precision training's graph (PyTorch's autocast with float32 weights): the parameters stay
+    float32 too, each cast to ``dtype`` where it enters, and every ``dtype`` output is cast back to float32, so the
+    loss and the parameters' gradients (the cast's derivative casts them back) are float32 while the forward and
+    the backward compute in ``dtype``."""
     if dtype not in HALF_DTYPES:
         raise PrecisionError(f"a model converts to {' or '.join(HALF_DTYPES)}, not {dtype!r}")
     others = sorted({n.type.dtype for n in graph.nodes() if n.op in ("param", "input") and n.type.is_float}
@@ -43,16 +48,21 @@ def to_dtype(graph: Graph, dtype: str) -> Graph:
     for nid in graph.topo_order():
         n = graph.node(nid)
         attrs = dict(n.attrs)
-        if n.type.dtype == "float32" and (n.op == "param" or n.op == "input" and n.name in state):
+        entering = n.type.dtype == "float32" and (n.op == "input" and n.name not in state or n.op == "param" and master)
+        if n.type.dtype == "float32" and (n.op == "param" or n.op == "input" and n.name in state) and not entering:
             attrs["type"] = TensorType(n.type.shape, dtype)
         elif n.op == "const" and n.type.dtype == "float32":
             attrs["dtype"] = dtype
         elif n.op == "cast" and attrs.get("dtype") == "float32":
             attrs["dtype"] = dtype
         new[nid] = g.add(n.op, [new[o] for o in graph.operands(nid)], attrs, name=n.name, meta=n.meta)
-        if n.op == "input" and n.type.dtype == "float32" and n.name not in state:
+        if entering:
             new[nid] = g.add("cast", [new[nid]], {"dtype": dtype}, name=f"{n.name}_{dtype}", meta=n.meta)
-    g.set_outputs([(name, new[o]) for name, o in graph.outputs])
+    outputs = [(name, new[o]) for name, o in graph.outputs]
+    if master:
+        outputs = [(name, g.add("cast", [o], {"dtype": "float32"}, name=f"{name}_float32", meta=g.node(o).meta)
+                    if g.node(o).type.dtype == dtype else o) for name, o in outputs]
+    g.set_outputs(outputs)
     return g
 
 

@@ -21,9 +21,11 @@ import numpy as np
 
 from ..ir import Graph, TensorType
 from ..ir.ops import mix32
+from ..ir.types import HALF_DTYPES
 from ..nn.tensor import DROPOUT_SEED
 from ..passes import optimize
 from ..passes.autodiff import GRAD_PREFIX, AutodiffError, Builder, grad
+from ..passes.precision import to_dtype
 from ..passes.rewrite import remove_dead
 from ..weights import check_params, load_weights, save_weights
 from .optim import Optimizer
@@ -111,6 +113,9 @@ class TrainStep:
 
     ``target``: "llvm", "vulkan", "cuda" (with ``device="emulator"``: on the CUDA source emulator) or
     "numpy" (the reference interpreter; ``dtype="float64"``: the float64 oracle of the compiled steps).
+    ``dtype="bfloat16"`` (or float16): mixed precision, the forward and the backward in that type, the parameters,
+    the gradients that update them and the optimizer's state in float32 (``passes.precision.to_dtype(master=True)``;
+    the interpreter rounds as the build does, so ``target="numpy"`` is the same step's oracle).
     ``checkpoint``: recompute each layer's values in the backward from the layer's input (less memory,
     about one more forward of time; ``passes.checkpoint``).  The
     parameters and the optimizer's state stay where the step runs; ``params()`` reads them back,
@@ -122,6 +127,9 @@ class TrainStep:
         from ..api import compile
         check_params(graph, params)
         self.optimizer, self.loss, self.target, self.seed = optimizer, loss, target, seed
+        self.dtype = dtype if dtype in HALF_DTYPES else "float32"
+        if dtype in HALF_DTYPES:  # mixed precision: a graph of its own, the compiled step's dtype its
+            graph, dtype = to_dtype(graph, dtype, master=True), None
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)
         self.names = list(graph.params)
         self.batch_inputs = set(graph.input_types()) - {DROPOUT_SEED}

@@ -40,6 +40,21 @@ def _ieee_eq(a, b):
     return tirx.all(tirx.Not(tirx.isnan(a)), tirx.Not(tirx.isnan(b)), a == b)
 
 
+def cast(x, dtype: str):
+    """``x`` converted to ``dtype``.  A float to bfloat16 is rounded here (to nearest, ties to even; NaN kept), as
+    the float32 value it will be read as: TVM folds ``float32(bfloat16(x))`` back to ``x`` where the bfloat16
+    value feeds float32 arithmetic in the same kernel (``cast(w) * scale`` would lose its rounding)."""
+    if hasattr(x, "asobject"):  # a comparison not yet made an expression (x == y)
+        x = x.asobject()
+    if dtype != "bfloat16" or not str(dtype_of(x)).startswith("float"):
+        return x.astype(dtype)
+    v = x.astype("float32")
+    bits = tirx.reinterpret("uint32", v)
+    half, lsb, top = (tirx.const(c, "uint32") for c in (0x7FFF, 1, 0xFFFF0000))
+    rounded = tirx.reinterpret("float32", (bits + half + ((bits >> tirx.const(16, "uint32")) & lsb)) & top)
+    return tirx.Select(tirx.isnan(v), v, rounded).astype(dtype)
+
+
 #: op -> expr(operands, attrs): one element of the op's result from the same element of each operand (each
 #: already broadcast); the single ops and ``fused_elementwise``'s steps are lowered from this one table
 EXPRESSIONS = {
@@ -56,7 +71,7 @@ EXPRESSIONS = {
     "sigmoid": lambda xs, a: tirx.sigmoid(xs[0]),
     "silu": lambda xs, a: xs[0] * tirx.sigmoid(xs[0]),
     "gelu": lambda xs, a: gelu(xs[0], a.get("approximate", "none")),
-    "cast": lambda xs, a: xs[0].astype(a["dtype"]),
+    "cast": lambda xs, a: cast(xs[0], a["dtype"]),
     "logical_not": lambda xs, a: tirx.Not(xs[0]),
     "add": lambda xs, a: xs[0] + xs[1],
     "sub": lambda xs, a: xs[0] - xs[1],
