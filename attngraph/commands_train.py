@@ -20,7 +20,7 @@ from .train.trainer import MAX_SKIPPED, NONFINITE
 
 #: the options that make a run what it is: saved in its config, not changed by --resume
 RUN_OPTIONS = ["valid", "batch_tokens", "warmup", "schedule", "lr", "clip_norm", "tokenizer", "vocab_size", "checkpoint",
-               "label_smoothing", "dropout", "seed", "target", "valid_every", "max_len"]
+               "label_smoothing", "dropout", "seed", "target", "valid_every", "max_len", "dtype"]
 
 
 def _clock(seconds: float) -> str:
@@ -76,11 +76,15 @@ def progress_line(line: dict, steps: int) -> str:
 @click.option("--nonfinite", type=click.Choice(NONFINITE), default="stop", show_default=True,
               help="A step whose loss or gradients are not finite is never applied; stop: the run saves the state "
                    f"before it and stops (exit 1); skip: the step is left out (at most {MAX_SKIPPED} in a row).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="bfloat16: mixed precision, the forward and the backward in bfloat16, the weights, their "
+                   "gradients and Adam's state in float32 (llvm).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, exists=True),
               help="Go on with the run saved in this directory (to --steps), as if never interrupted.")
 @user_errors
 def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedule, lr, clip_norm, tokenizer,
-          vocab_size, checkpoint, label_smoothing, dropout, seed, target, valid_every, max_len, nonfinite, resume_dir):
+          vocab_size, checkpoint, label_smoothing, dropout, seed, target, valid_every, max_len, dtype, nonfinite,
+          resume_dir):
     """Train MODEL (a zoo encoder-decoder: transformer-small, transformer-base, ...) on --task or --data into DIR.
 
     DIR holds the run's newest checkpoint (DIR/checkpoint-STEP: config, vocabulary, parameters, optimizer state
@@ -117,7 +121,7 @@ def train(model, out_dir, task, data, valid, steps, batch_tokens, warmup, schedu
                                tokenizer=tokenizer, vocab_size=vocab_size,
                                label_smoothing=label_smoothing, dropout=dropout, seed=seed,
                                target=target, valid_every=valid_every,
-                               max_len=max_len)
+                               max_len=max_len, dtype=dtype)
             run_dir = RunDirectory(out_dir, new=True)  # held from here: a second run into it fails at once
         with run_dir:
             trainer = Trainer(config, run_dir, nonfinite=nonfinite,

@@ -74,6 +74,27 @@ def test_a_resumed_run_takes_the_same_steps(tmp_path, trained):
         np.testing.assert_array_equal(a[k], b[k])  # bit-exact on llvm
 
 
+def test_a_bfloat16_run_learns_and_resumes_in_bfloat16(tmp_path, trained):
+    # mixed precision: the weights saved in float32 (the master copy), the run's dtype kept by --resume; the tiny
+    # model learns the reversal as the float32 run does
+    _, train, valid, _ = trained
+    common = ["--data", train, "--valid", valid, "--batch-tokens", 512, "--lr-warmup", 100, "--dropout", 0,
+              "--dtype", "bfloat16"]
+    r = invoke("train", "transformer-tiny", "-o", tmp_path / "bf16", "--steps", 300, "--valid-every", 300, *common)
+    assert r.exit_code == 0, r.output
+    assert json.loads((newest(tmp_path / "bf16") / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {str(v.dtype) for v in load_weights(str(newest(tmp_path / "bf16") / "params.safetensors")).values()} \
+        == {"float32"}
+    r = invoke("train", "--resume", tmp_path / "bf16", "--steps", 600)
+    assert r.exit_code == 0 and "step 600/600" in r.output, r.output
+    lines = [json.loads(line) for line in (newest(tmp_path / "bf16") / "log.jsonl").read_text().splitlines()]
+    assert lines[1]["valid_loss"] < lines[0]["valid_loss"]
+    r = invoke("evaluate", tmp_path / "bf16", "--data", valid)
+    assert r.exit_code == 0 and float(r.output.split("exact match ")[1].split("%")[0]) >= 90.0, r.output
+    r = invoke("train", "transformer-tiny", "-o", tmp_path / "vk", "--steps", 3, "--target", "vulkan", *common)
+    assert r.exit_code != 0 and "cannot build a model in bfloat16" in r.output, r.output
+
+
 def test_train_mistakes_are_clear_errors(tmp_path, trained):
     out, train, _, _ = trained
     bad = tmp_path / "bad.tsv"

@@ -124,11 +124,12 @@ class TrainStep:
     def __init__(self, graph: Graph, params: Mapping[str, np.ndarray], optimizer: Optimizer, *, loss: str = "loss",
                  target: str = "llvm", opt_level: int = 3, device: str | None = None, dtype: str | None = None,
                  seed: int = 0, checkpoint: bool = False):
-        from ..api import compile
+        from ..api import _checked, compile
         check_params(graph, params)
         self.optimizer, self.loss, self.target, self.seed = optimizer, loss, target, seed
         self.dtype = dtype if dtype in HALF_DTYPES else "float32"
         if dtype in HALF_DTYPES:  # mixed precision: a graph of its own, the compiled step's dtype its
+            _checked(target, device=device, tuning_db=None, weight_dtype=None, dtype=dtype)  # the target builds it
             graph, dtype = to_dtype(graph, dtype, master=True), None
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)
         self.names = list(graph.params)

@@ -75,6 +75,7 @@ class RunConfig:
     target: str = "llvm"
     valid_every: int = 100
     max_len: int = 128  # tokens a side: longer pairs are dropped (and counted)
+    dtype: str = "float32"  # bfloat16: mixed precision (``TrainStep``), the weights and Adam's state float32
 
 
 def learning_rate(config: RunConfig, d_model: int):
@@ -153,7 +154,8 @@ class Trainer:
         params = init_params(trace(self.model), config.seed)
         self.step = TrainStep(self.train_graph, params,
                               Adam(lr=learning_rate(config, self.model.d_model), clip_norm=config.clip_norm),
-                              target=config.target, seed=config.seed, checkpoint=config.checkpoint)
+                              target=config.target, seed=config.seed, checkpoint=config.checkpoint,
+                              dtype=None if config.dtype == "float32" else config.dtype)
         self.log: list[dict] = []
         self.pending = _no_pending()
         if resumed:
