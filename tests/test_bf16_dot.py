@@ -72,6 +72,26 @@ def test_kernel_against_float64(form, k, n, bias, activation):
         np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
 
 
+@needs_dot
+@pytest.mark.parametrize("op,k,n,bias", [("linear", 24, 70, True), ("matmul", 64, 48, False)])
+def test_kernel_over_a_weight_known_when_it_runs(op, k, n, bias):
+    # a training step's weights (its float32 master copy cast to bfloat16) are packed in pairs per call, per tile
+    x = T(("batch", "seq", k), BF16)
+    ts = [x, T((k, n), BF16)] + ([T((n,), BF16)] if bias else [])
+    spec = spec_of(op, {"activation": "relu"} if op == "linear" else {}, ts)
+    f = kernel(spec, None, HERE.tiles)
+    assert f is not None and "attngraph_dpbf16ps" in f.script(), "not the dot-product kernel"
+    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=HERE.tvm_target)["k"]
+    rng = np.random.default_rng(k)
+    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}):
+        args = [rng.standard_normal(tuple(D.evaluate(d, sizes) for d in t.shape)).astype(ml_dtypes.bfloat16)
+                for t in ts]
+        want = O.get(op).ref(*[a.astype(np.float64) for a in args], **{k: v for k, v in spec.attrs.items()})
+        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
+
+
 def test_pair_panels_round_trip():
     # pack_panels(interleave=2) keeps each column's K values in pairs: W[2q + j, 16p + c] at [p, q, c, j]
     w = np.arange(6 * 20, dtype=np.float32).reshape(6, 20)

@@ -109,10 +109,14 @@ class LLVMTarget(Target):
             info = self.describe()
             model = f"LLVM's {info['cpu']}" + (f" {','.join(info['mattr'])} (per /proc/cpuinfo)" if info["mattr"] else "")
             tuned = " (tiles measured here: attngraph tune-tiles)" if tile_tuning.measured() else ""
-            return None, None, f"this CPU: {isa.summary(info['features'])}; {model}; {info['kernels']} kernels{tuned}"
+            return None, None, (f"this CPU: {isa.summary(info['features'])}; {model}; {info['kernels']} kernels"
+                                f"{self._dot_note()}{tuned}")
         missing = isa.missing_here(self.cpu)
         return None, f"this CPU lacks {self.cpu}'s {', '.join(missing)}" if missing else None, \
-            f"CPU {self.cpu} ({self.tiles.isa} kernels)"
+            f"CPU {self.cpu} ({self.tiles.isa} kernels{self._dot_note()})"
+
+    def _dot_note(self) -> str:
+        return ", bfloat16 projections on vdpbf16ps" if self.tiles.bf16_dot else ""
 
     def describe(self):
         t = self.tvm_target

@@ -28,7 +28,7 @@ from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .schedule import read_index, register_tiles, unravel
+from .schedule import MAX_STACK_PANEL_BYTES, read_index, register_tiles, unravel
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
@@ -50,13 +50,16 @@ attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx512f,+a
 
 
 @functools.cache
-def _intrin() -> str:
-    """The tensor intrinsic: c[i] += a[0] b[i, 0] + a[1] b[i, 1] over 16 lanes (registered once)."""
+def _intrin(weights: str = "global") -> str:
+    """The tensor intrinsic: c[i] += a[0] b[i, 0] + a[1] b[i, 1] over 16 lanes, b in memory scope ``weights`` (the
+    bound panels', or a worker's own packed ones on its stack: "local"); registered once each."""
+    name = f"{_INTRIN}_{weights}"
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=1), b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=1),
+    def desc(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=1),
+             b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=1, scope=weights),
              c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
@@ -67,7 +70,8 @@ def _intrin() -> str:
                     c[vi] = c[vi] + T.Cast(F32, a[vk]) * T.Cast(F32, b[vi, vk])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=BF16_GROUP), b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=BF16_GROUP),
+    def impl(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=BF16_GROUP),
+             b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=BF16_GROUP, scope=weights),
              c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
@@ -79,8 +83,8 @@ def _intrin() -> str:
                 f"float32x{LANES}", _HELPER, c[T.ramp(T.int64(0), T.int64(1), LANES)],
                 T.broadcast(pair[0], LANES), pairs[T.ramp(T.int64(0), T.int64(1), LANES)])
 
-    TensorIntrin.register(_INTRIN, desc, impl)
-    return _INTRIN
+    TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def _i64(v: int):
@@ -93,27 +97,43 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
     float32, rounded to bfloat16 once, as it is written.  Column tiles of ``tile`` = (rows, columns) in parallel;
     each row block's accumulators (rows x columns / 16 registers) take one ``vdpbf16ps`` per row and panel per
     pair of K.  M (the leading dims, symbolic) is padded to whole row tiles with clamped reads and N to whole
-    column tiles (reads past the last panel clamped), as the float32 kernel does (``kernels.dense``)."""
+    column tiles (reads past the last panel clamped), as the float32 kernel does (``kernels.dense``).
+
+    W may also be a plain (K, N) weight known only when the kernel runs (a training step's, cast from its float32
+    master copy): each column tile's pair panels are then packed by the worker first, on its stack."""
     rows, columns = tile
     x_t, w_t = in_types[0], in_types[1]
     lead = dim_vars.shape(x_t.shape[:-1])
     M = lead[0]
     for d in lead[1:]:
         M = M * d
-    panels, pairs, width, group = (int(s) for s in w_t.shape)
-    assert width == LANES and group == BF16_GROUP and pairs > 1 and columns % LANES == 0, (w_t, tile)
-    K, N = pairs * BF16_GROUP, out_type.shape[-1]
+    N = out_type.shape[-1]
+    packed = w_t.rank == 4
+    if packed:
+        panels, pairs, width, group = (int(s) for s in w_t.shape)
+        assert width == LANES and group == BF16_GROUP, w_t
+    else:
+        panels, pairs = -(-N // LANES), int(w_t.shape[0]) // BF16_GROUP
+    assert pairs > 1 and columns % LANES == 0, (w_t, tile)
+    K = pairs * BF16_GROUP
     n_pad = (N + columns - 1) // columns * columns
+    on_stack = not packed and K * columns * 2 <= MAX_STACK_PANEL_BYTES  # a worker's own panels
     X = te.placeholder((M, _i64(K)), BF16, name="in0")
-    W = te.placeholder((_i64(panels), _i64(pairs), _i64(LANES), _i64(BF16_GROUP)), BF16, name="in1")
     B = te.placeholder((_i64(N),), BF16, name="in2") if bias else None
+    if packed:
+        W = panels_of = te.placeholder((_i64(panels), _i64(pairs), _i64(LANES), _i64(BF16_GROUP)), BF16, name="in1")
+    else:  # packed per call: (panels, K/2, 16, 2), the columns past N clamped (never written back)
+        W = te.placeholder((_i64(K), _i64(N)), BF16, name="in1")
+        panels_of = te.compute((_i64(panels), _i64(pairs), _i64(LANES), _i64(BF16_GROUP)), lambda p, q, c, j: W[
+            q * BF16_GROUP + j, tirx.min(p * LANES + c, _i64(N - 1))], name="packed")
     k = te.reduce_axis((0, _i64(pairs)), name="k")
     kk = te.reduce_axis((0, _i64(BF16_GROUP)), name="kk")
 
     def panel(n):
         return tirx.min(n // LANES, _i64(panels - 1)) if n_pad > panels * LANES else n // LANES
     acc = te.compute((M + (rows - 1), _i64(n_pad)), lambda m, n: te.sum(
-        X[tirx.min(m, M - 1), k * BF16_GROUP + kk].astype(F32) * W[panel(n), k, n % LANES, kk].astype(F32), axis=[k, kk]),
+        X[tirx.min(m, M - 1), k * BF16_GROUP + kk].astype(F32) * panels_of[panel(n), k, n % LANES, kk].astype(F32),
+        axis=[k, kk]),
         name="acc")
     act = ACTIVATIONS[activation]
     out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n].astype(F32) if bias else acc[m, n]).astype(BF16),
@@ -128,6 +148,11 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
         if loop is not None:
             sch.unroll(loop)
     sch.vectorize(ni)
+    if not packed:  # a column tile's panels packed by its worker (on its stack unless large)
+        pb = sch.get_sblock("packed")
+        sch.compute_at(pb, no)
+        if on_stack:
+            sch.set_scope(pb, 0, "local")
     sch.parallel(no)
     init = sch.decompose_reduction(ab, ak)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -135,6 +160,6 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
         sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, q: unravel(m, lead) + (q,))
-    sch.tensorize(an, _intrin())
+    sch.tensorize(an, _intrin("local" if on_stack else "global"))
     func = sch.mod["main"]
     return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", _LLVM, func.body)))

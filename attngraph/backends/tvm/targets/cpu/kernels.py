@@ -43,13 +43,11 @@ from ..table import ROW_OPS, KernelTable, Row
 from .attention import attention, attention_backward
 from .dot import dense_bf16
 from .fastmath import fast_math
-from .schedule import (has_block, is_reduction, read_index, register_tiles, split_row_reduction, unravel,
-                       vectorize_static, vectorize_weighted_sum)
+from .schedule import (MAX_STACK_PANEL_BYTES, has_block, is_reduction, read_index, register_tiles,
+                       split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum)
 from .tiles import BF16_GROUP, PANEL_WIDTH, TILE_M, TILE_N
 
 FLOATS = ("float32", "float64")
-# Largest packed B panel (K x TILE_N) kept on the worker's stack; larger ones go to the heap.
-MAX_STACK_PANEL_BYTES = 256 * 1024
 
 
 def _static(shape) -> bool:
@@ -98,11 +96,12 @@ def _bf16_dot(form: int):
 
 
 def _is_bf16_dot(spec, tiles) -> bool:
-    """bfloat16 x (..., K) @ panels of K pairs (``pack_panels(interleave=2)``), K at least 4, on a CPU with bfloat16 dot
-    products."""
+    """bfloat16 x (..., K) @ panels of K pairs (``pack_panels(interleave=2)``) or a plain (K, N) weight, K even and at
+    least 4, on a CPU with bfloat16 dot products."""
     x, w = spec.in_types[0], spec.in_types[1]
-    return (tiles.bf16_dot is not None and x.rank >= 2 and w.rank == 4 and w.shape[2:] == (PANEL_WIDTH, BF16_GROUP)
-            and w.shape[1] > 1
+    pairs = w.rank == 4 and w.shape[2:] == (PANEL_WIDTH, BF16_GROUP) and w.shape[1] > 1
+    plain = _is_dense(spec.in_types) and w.shape[0] % BF16_GROUP == 0 and w.shape[0] > BF16_GROUP
+    return (tiles.bf16_dot is not None and x.rank >= 2 and (pairs or plain)
             and all(str(t.dtype) == "bfloat16" for t in (*spec.in_types, spec.out_type)))
 
 
@@ -124,6 +123,8 @@ KERNELS = KernelTable(
         lambda spec, dv, tiles: rowwise(spec.op, spec.attrs, list(spec.in_types), spec.out_type, dv, reduces_row=True),
         dtypes=FLOATS, guard=lambda spec, tiles: spec.out_type.rank >= 1
         and spec.in_types[0].dtype == spec.out_type.dtype),  # (scores, integer targets)
+    Row("bfloat16 projection by a 2-D weight on bfloat16 dot products", ("matmul", "linear"), _bf16_dot(0),
+        dtypes=("bfloat16",), guard=_is_bf16_dot),
     Row("projection by a 2-D weight", ("matmul",),
         lambda spec, dv, tiles: dense(list(spec.in_types), spec.out_type, dv, bias=False, activation="none"),
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_dense(spec.in_types)),

@@ -186,6 +186,10 @@ def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return tvm_ffi.structural_mutate(func, ((tirx.BufferStore, store), (tirx.For, visit)))
 
 
+# Largest packed weight panel kept on the worker's stack; larger ones go to the heap.
+MAX_STACK_PANEL_BYTES = 256 * 1024
+
+
 def unravel(m, dims) -> tuple:
     """Row-major index tuple of the flat index ``m`` over ``dims``."""
     idx = []
