@@ -92,6 +92,25 @@ def test_kernel_over_a_weight_known_when_it_runs(op, k, n, bias):
         np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
 
 
+@needs_dot
+@pytest.mark.parametrize("k,n", [(24, 70), (64, 32)])
+def test_weight_gradient_against_float64(k, n):
+    # the positions in pairs: 1, 14 and 45 of them (odd: the last paired with zeros); N = 70 not whole 64-column
+    # tiles; K = 24 not whole 4-row tiles
+    x, g = T(("batch", "seq", k), BF16), T(("batch", "seq", n), BF16)
+    spec = spec_of("weight_grad", {}, [x, g])
+    f = kernel(spec, None, HERE.tiles)
+    assert f is not None and "attngraph_dpbf16ps" in f.script(), "not the dot-product kernel"
+    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=HERE.tvm_target)["k"]
+    rng = np.random.default_rng(k)
+    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}):
+        args = [rng.standard_normal((sizes["batch"], sizes["seq"], d)).astype(ml_dtypes.bfloat16) for d in (k, n)]
+        want = O.get("weight_grad").ref(*[a.astype(np.float64) for a in args])
+        out = tvm.runtime.empty((k, n), BF16, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
+
+
 def test_pair_panels_round_trip():
     # pack_panels(interleave=2) keeps each column's K values in pairs: W[2q + j, 16p + c] at [p, q, c, j]
     w = np.arange(6 * 20, dtype=np.float32).reshape(6, 20)

@@ -129,17 +129,79 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
     k = te.reduce_axis((0, _i64(pairs)), name="k")
     kk = te.reduce_axis((0, _i64(BF16_GROUP)), name="kk")
 
-    def panel(n):
-        return tirx.min(n // LANES, _i64(panels - 1)) if n_pad > panels * LANES else n // LANES
     acc = te.compute((M + (rows - 1), _i64(n_pad)), lambda m, n: te.sum(
-        X[tirx.min(m, M - 1), k * BF16_GROUP + kk].astype(F32) * panels_of[panel(n), k, n % LANES, kk].astype(F32),
-        axis=[k, kk]),
-        name="acc")
+        X[tirx.min(m, M - 1), k * BF16_GROUP + kk].astype(F32)
+        * panels_of[_panel(n, panels, n_pad), k, n % LANES, kk].astype(F32), axis=[k, kk]), name="acc")
     act = ACTIVATIONS[activation]
     out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n].astype(F32) if bias else acc[m, n]).astype(BF16),
                      name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, W] + ([B] if bias else []) + [out]))
-    no, mo, ni, ab = register_tiles(sch, rows, columns)
+    no, an, ak = _tiled(sch, rows, columns)
+    if not packed:  # a column tile's panels packed by its worker (on its stack unless large)
+        pb = sch.get_sblock("packed")
+        sch.compute_at(pb, no)
+        if on_stack:
+            sch.set_scope(pb, 0, "local")
+    _parallel(sch, no, ak)
+    if len(lead) > 1:  # x and the output with their N-D shapes (dims shared with the graph's other kernels)
+        sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
+        ub = sch.get_sblock("acc_update")
+        sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, q: unravel(m, lead) + (q,))
+    return _finished(sch, an, "local" if on_stack else "global")
+
+
+def weight_grad_bf16(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) -> tirx.PrimFunc:
+    """x^T g over every leading position for bfloat16 x (..., K) and g (..., N) -> (K, N) (a projection's weight
+    gradient), accumulated in float32: the positions are the pairs each ``vdpbf16ps`` lane multiplies, so x is
+    first laid out as (K, positions / 2, 2) and g in pair panels (ceil(N/16), positions / 2, 16, 2), an odd last
+    position paired with zeros; then the dense kernel's register tiles over the (static) output."""
+    rows, columns = tile
+    x_t, g_t = in_types
+    lead = dim_vars.shape(x_t.shape[:-1])
+    M = lead[0]
+    for d in lead[1:]:
+        M = M * d
+    K, N = (int(v) for v in out_type.shape)
+    panels, pairs = -(-N // LANES), (M + 1) // BF16_GROUP
+    n_pad = (N + columns - 1) // columns * columns
+    X = te.placeholder((M, _i64(K)), BF16, name="in0")
+    G = te.placeholder((M, _i64(N)), BF16, name="in1")
+    zero = tirx.const(0.0, BF16)
+
+    def position(q, j, read):  # position 2q + j, zero past the last
+        p = q * BF16_GROUP + j
+        return tirx.Select(p < M, read(tirx.min(p, M - 1)), zero)
+    xp = te.compute((_i64(K), pairs, _i64(BF16_GROUP)), lambda k, q, j: position(q, j, lambda p: X[p, k]),
+                    name="x_pairs")
+    gp = te.compute((_i64(panels), pairs, _i64(LANES), _i64(BF16_GROUP)), lambda c, q, l, j: position(
+        q, j, lambda p: G[p, tirx.min(c * LANES + l, _i64(N - 1))]), name="g_pairs")
+    q = te.reduce_axis((0, pairs), name="q")
+    j = te.reduce_axis((0, _i64(BF16_GROUP)), name="j")
+    acc = te.compute((_i64(K + rows - 1), _i64(n_pad)), lambda m, n: te.sum(
+        xp[tirx.min(m, _i64(K - 1)), q, j].astype(F32) * gp[_panel(n, panels, n_pad), q, n % LANES, j].astype(F32),
+        axis=[q, j]), name="acc")
+    out = te.compute((_i64(K), _i64(N)), lambda m, n: acc[m, n].astype(BF16), name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
+    no, an, ak = _tiled(sch, rows, columns)
+    _parallel(sch, no, ak)
+    for name, operand in (("x_pairs", "in0"), ("g_pairs", "in1")):  # whole passes over x and g, in parallel
+        block = sch.get_sblock(name)
+        sch.parallel(sch.get_loops(block)[0])
+        if len(lead) > 1:
+            sch.transform_layout(block, ("read", read_index(sch, block, operand)), lambda m, c: unravel(m, lead) + (c,))
+    return _finished(sch, an, "global")
+
+
+def _panel(n, panels: int, n_pad: int):
+    """The panel of column ``n``: the last one for the columns of a register tile past it (never written back)."""
+    return tirx.min(n // LANES, _i64(panels - 1)) if n_pad > panels * LANES else n // LANES
+
+
+def _tiled(sch, rows: int, columns: int):
+    """Register tiles of ``rows`` x ``columns`` accumulators (``acc``) of block ``out``, the pairs' loop outside the
+    rows and the columns (unrolled: every accumulator a register); returns the column tile loop (to run in
+    parallel), the 16 columns the instruction takes and the pairs' loop."""
+    no, _, ni, ab = register_tiles(sch, rows, columns)
     # the accumulator's loops: rows (left out by compute_at at one row), columns, pairs, the pair
     am, an, ak, akk = sch.get_loops(ab)[-4:] if rows > 1 else (None, *sch.get_loops(ab)[-3:])
     sch.reorder(ak, *([am] if am is not None else []), an, akk)
@@ -148,18 +210,19 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
         if loop is not None:
             sch.unroll(loop)
     sch.vectorize(ni)
-    if not packed:  # a column tile's panels packed by its worker (on its stack unless large)
-        pb = sch.get_sblock("packed")
-        sch.compute_at(pb, no)
-        if on_stack:
-            sch.set_scope(pb, 0, "local")
+    return no, an, ak
+
+
+def _parallel(sch, no, ak) -> None:
+    """The column tiles in parallel, each accumulator zeroed (a vector) before its pairs' loop."""
     sch.parallel(no)
-    init = sch.decompose_reduction(ab, ak)
+    init = sch.decompose_reduction(sch.get_sblock("acc"), ak)
     sch.vectorize(sch.get_loops(init)[-1])
-    if len(lead) > 1:  # x and the output with their N-D shapes (dims shared with the graph's other kernels)
-        sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
-        ub = sch.get_sblock("acc_update")
-        sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, q: unravel(m, lead) + (q,))
-    sch.tensorize(an, _intrin("local" if on_stack else "global"))
+
+
+def _finished(sch, columns, weights: str) -> tirx.PrimFunc:
+    """The kernel with its 16 columns x 2 products on the instruction (the weights' panels in memory scope
+    ``weights``), the LLVM function that spells it linked in."""
+    sch.tensorize(columns, _intrin(weights))
     func = sch.mod["main"]
     return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", _LLVM, func.body)))

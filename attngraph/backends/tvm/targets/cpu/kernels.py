@@ -41,7 +41,7 @@ from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
 from ...shapes import DimVars
 from ..table import ROW_OPS, KernelTable, Row
 from .attention import attention, attention_backward
-from .dot import dense_bf16
+from .dot import dense_bf16, weight_grad_bf16
 from .fastmath import fast_math
 from .schedule import (MAX_STACK_PANEL_BYTES, has_block, is_reduction, read_index, register_tiles,
                        split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum)
@@ -131,6 +131,10 @@ KERNELS = KernelTable(
     Row("batched matmul", ("matmul",),
         lambda spec, dv, tiles: batched_matmul(list(spec.in_types), spec.out_type, dv),
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and min(t.rank for t in spec.in_types) >= 2),
+    Row("bfloat16 weight gradient on bfloat16 dot products", ("weight_grad",),
+        lambda spec, dv, tiles: weight_grad_bf16(list(spec.in_types), spec.out_type, dv, tiles.bf16_dot[0]),
+        dtypes=("bfloat16",), guard=lambda spec, tiles: tiles.bf16_dot is not None and _static(spec.out_type.shape)
+        and all(str(t.dtype) == "bfloat16" for t in spec.in_types)),
     Row("weight gradient", ("weight_grad",),
         lambda spec, dv, tiles: weight_grad(list(spec.in_types), spec.out_type, dv, tiles.weight_grad),
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _static(spec.out_type.shape)),
