@@ -1,4 +1,5 @@
-"""This machine's float32 peak, measured: ``peak_gflops(threads)``.
+"""This machine's float32 peak, measured: ``peak_gflops(threads)``; and its bfloat16 dot-product peak where it has
+AVX512_BF16 (``bf16_peak_gflops``).
 
     TVM_NUM_THREADS=2 python bench/peak.py
 
@@ -7,7 +8,8 @@ A probe kernel compiled by TVM for this CPU: on each thread, independent vector 
 multiply-add two million times, nothing read from memory.  That is the fused multiply-add
 throughput the cores reach at the clock they run at under load, i.e. the ceiling that a matmul
 kernel's GFLOP/s is quoted against.  Seen here: 198 GFLOP/s on 2 cores of an AVX2 Xeon, about 350 on
-2 cores of an AVX-512 Xeon (Emerald Rapids).
+2 cores of an AVX-512 Xeon (Emerald Rapids).  The bfloat16 probe is the same with ``vdpbf16ps`` for the multiply-add
+(32 multiply-adds an instruction, through the LLVM function the kernels use: ``targets/cpu/dot.py``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import time
 ITERATIONS = 2_000_000
 
 
-def _probe(threads: int, width: int):
-    """PrimFunc writing out[t, :] after ITERATIONS multiply-adds on ``width`` float32 lanes per thread."""
+def _probe(threads: int, width: int, bf16: bool = False):
+    """PrimFunc writing out[t, :] after ITERATIONS multiply-adds on ``width`` float32 lanes per thread (``bf16``:
+    ITERATIONS ``vdpbf16ps``, each two products a lane)."""
     from tvm import tirx
+
+    from attngraph.backends.tvm.targets.cpu import dot
 
     def i64(v):
         return tirx.IntImm("int64", v)
@@ -34,17 +39,28 @@ def _probe(threads: int, width: int):
     init = lanes(tirx.BufferStore(acc, tirx.Cast("float32", t + i), [i]))
     fma = lanes(tirx.BufferStore(acc, tirx.BufferLoad(acc, [i]) * tirx.const(0.9999, "float32")
                                  + tirx.const(1e-4, "float32"), [i]))
+    if bf16:  # each 16-lane register: acc += (1, 1) . (2^-20, 2^-20), a pair of bfloat16 a lane
+        def dots(r):
+            v = tirx.Ramp(i64(r * dot.LANES), i64(1), dot.LANES)
+            pair = tirx.Broadcast(tirx.const(0x35803580, "int32"), dot.LANES)
+            ones = tirx.Broadcast(tirx.const(0x3F803F80, "int32"), dot.LANES)
+            return tirx.BufferStore(acc, tirx.call_pure_extern(f"float32x{dot.LANES}", dot._HELPER,
+                                                               tirx.BufferLoad(acc, [v]), ones, pair), [v])
+        fma = tirx.SeqStmt([dots(r) for r in range(width // dot.LANES)])
     loop = tirx.For(it, i64(0), i64(ITERATIONS), tirx.ForKind.SERIAL, fma)
     store = lanes(tirx.BufferStore(out, tirx.BufferLoad(acc, [i]), [t, i]))
     body = tirx.For(t, i64(0), i64(threads), tirx.ForKind.PARALLEL,
                     tirx.SeqStmt([tirx.AllocBuffer(acc), init, loop, store]))
+    if bf16:
+        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot._LLVM, body)
     return tirx.PrimFunc([out], body).with_attr("global_symbol", "peak")
 
 
 @functools.lru_cache(maxsize=None)
-def peak_gflops(threads: int | None = None, cpu: str | None = None) -> float:
+def peak_gflops(threads: int | None = None, cpu: str | None = None, bf16: bool = False) -> float:
     """float32 GFLOP/s of ``threads`` cores (default TVM_NUM_THREADS) doing nothing but vector FMAs,
-    with the vector instructions of CPU model ``cpu`` (default: this CPU's; ``x86-64-v3``: AVX2's)."""
+    with the vector instructions of CPU model ``cpu`` (default: this CPU's; ``x86-64-v3``: AVX2's); ``bf16``: on the
+    bfloat16 dot products (a CPU with AVX512_BF16), counting each product and each addition."""
     import tvm
 
     from attngraph.backends.tvm.targets import get_target
@@ -52,16 +68,19 @@ def peak_gflops(threads: int | None = None, cpu: str | None = None) -> float:
     llvm = get_target("llvm" if cpu is None else f"llvm:{cpu}")
     target = llvm.tvm_target
     lanes = 16 if llvm.tiles.isa == "avx512" else 8  # float32 lanes of the widest vector
+    if bf16 and llvm.tiles.bf16_dot is None:
+        raise ValueError(f"{llvm.name}'s CPU has no bfloat16 dot products (AVX512_BF16)")
     best = 0.0
     for accumulators in (8, 16):  # enough to hide the FMA latency on two ports; no register spills
         width = lanes * accumulators
-        run = tvm.compile(tvm.IRModule({"peak": _probe(threads, width)}), target=target)["peak"]
+        run = tvm.compile(tvm.IRModule({"peak": _probe(threads, width, bf16)}), target=target)["peak"]
         out = tvm.runtime.empty((threads, width), "float32", tvm.cpu())
         run(out)
         for _ in range(9):  # best of several: a shared machine has slow moments
             start = time.perf_counter()
             run(out)
-            best = max(best, 2.0 * threads * width * ITERATIONS / (time.perf_counter() - start) / 1e9)
+            flops = (4.0 if bf16 else 2.0) * threads * width * ITERATIONS
+            best = max(best, flops / (time.perf_counter() - start) / 1e9)
     return best
 
 
@@ -73,3 +92,5 @@ if __name__ == "__main__":
     info = get_target("llvm").describe()
     print(f"float32 peak, {n} threads of {isa.cpu_name()} (LLVM's {info['cpu']}: {isa.summary(info['features'])}): "
           f"{peak_gflops(n):.0f} GFLOP/s")
+    if get_target("llvm").tiles.bf16_dot is not None:
+        print(f"bfloat16 dot-product peak (vdpbf16ps), {n} threads: {peak_gflops(n, bf16=True):.0f} GFLOP/s")
