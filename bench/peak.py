@@ -44,7 +44,7 @@ def _probe(threads: int, width: int, bf16: bool = False):
             v = tirx.Ramp(i64(r * dot.LANES), i64(1), dot.LANES)
             pair = tirx.Broadcast(tirx.const(0x35803580, "int32"), dot.LANES)
             ones = tirx.Broadcast(tirx.const(0x3F803F80, "int32"), dot.LANES)
-            return tirx.BufferStore(acc, tirx.call_pure_extern(f"float32x{dot.LANES}", dot._HELPER,
+            return tirx.BufferStore(acc, tirx.call_pure_extern(f"float32x{dot.LANES}", dot.HELPER,
                                                                tirx.BufferLoad(acc, [v]), ones, pair), [v])
         fma = tirx.SeqStmt([dots(r) for r in range(width // dot.LANES)])
     loop = tirx.For(it, i64(0), i64(ITERATIONS), tirx.ForKind.SERIAL, fma)
@@ -52,7 +52,7 @@ def _probe(threads: int, width: int, bf16: bool = False):
     body = tirx.For(t, i64(0), i64(threads), tirx.ForKind.PARALLEL,
                     tirx.SeqStmt([tirx.AllocBuffer(acc), init, loop, store]))
     if bf16:
-        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot._LLVM, body)
+        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot.LLVM_FUNCTION, body)
     return tirx.PrimFunc([out], body).with_attr("global_symbol", "peak")
 
 

@@ -1,16 +1,18 @@
-"""bfloat16 projections on the CPU's bfloat16 dot-product instruction, AVX512_BF16's ``vdpbf16ps`` (Zen 4, Cooper
-Lake, Sapphire Rapids and later): each of its 16 float32 lanes adds the products of one pair of bfloat16 values of
-each operand, so one instruction does 32 multiply-adds where a float32 FMA does 16.
+"""bfloat16 products on the CPU's bfloat16 dot-product instruction, AVX512_BF16's ``vdpbf16ps`` (Zen 4, Cooper Lake,
+Sapphire Rapids and later): each of its 16 float32 lanes adds the products of one pair of bfloat16 values of each
+operand, so one instruction does 32 multiply-adds where a float32 FMA does 16.
 
-The weights are packed once, when they are bound, in panels whose K values go in pairs (``pack_panels(group=2)``:
+The weights are packed once, when they are bound, in panels whose K values go in pairs (``pack_panels(interleave=2)``:
 (ceil(N/16), K/2, 16, 2)): one 64-byte row of a panel is the 16 columns' pairs, the instruction's second operand as
-it is.  The first is one pair of x's row broadcast to the 16 lanes.  The kernel is the dense projection's loop nest
-(column tiles in parallel, register tiles of rows x columns, bias and activation in the write back) with its
-innermost 16 columns x 2 K values replaced by the instruction (``tensorize``).
+it is.  The first is one pair of x's row broadcast to the 16 lanes.  The kernel (``dense_bf16``) is the dense
+projection's loop nest (column tiles in parallel, register tiles of rows x columns, bias and activation in the write
+back) with its innermost 16 columns x 2 K values replaced by the instruction (``tensorize``); over a weight known
+only when it runs (a training step's), each worker packs its column tile's pair panels first.  The weight gradient
+(``weight_grad_bf16``) pairs the positions instead.
 
 TIR cannot spell the instruction's ``<32 x bfloat>`` operands (TVM widens bfloat16 loads to float32), so a small
-LLVM function does (``_LLVM``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes the
-operands as ``<16 x i32>`` (the kernel reads the bfloat16 buffers through int32 views of them) and bitcasts them.
+LLVM function does (``LLVM_FUNCTION``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes
+the operands as ``<16 x i32>`` (the kernel reads the bfloat16 buffers through int32 views of them) and bitcasts them.
 Compiling it for a CPU without AVX512_BF16 stops the process inside LLVM, so the kernel rows ask for it only where
 the tiles say the CPU has it (``tiles.bf16_dot``: ``tiles.cpu_tiles`` asks LLVM whether the target has it).
 
@@ -34,12 +36,12 @@ from .tiles import BF16_GROUP, PANEL_WIDTH
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
 BF16, F32 = "bfloat16", "float32"
 LOCAL = "local"  # the accumulators' scope (a name: a string in an annotation reads as a type to linters)
-_HELPER = "attngraph_dpbf16ps"
+HELPER = "attngraph_dpbf16ps"
 _INTRIN = "attngraph_dpbf16ps_16x2"
 
-_LLVM = f"""
+LLVM_FUNCTION = f"""
 declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
-define internal <16 x float> @{_HELPER}(<16 x float> %c, <16 x i32> %a, <16 x i32> %b) #0 {{
+define internal <16 x float> @{HELPER}(<16 x float> %c, <16 x i32> %a, <16 x i32> %b) #0 {{
   %x = bitcast <16 x i32> %a to <32 x bfloat>
   %y = bitcast <16 x i32> %b to <32 x bfloat>
   %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c, <32 x bfloat> %x, <32 x bfloat> %y)
@@ -80,7 +82,7 @@ def _intrin(weights: str = "global") -> str:
             pairs = T.decl_buffer((LANES,), "int32", data=b.data, elem_offset=b.elem_offset // BF16_GROUP)
             # (the ramps inline: a ramp bound to a name would be a local buffer, its loads gathers)
             c[T.ramp(T.int64(0), T.int64(1), LANES)] = T.call_pure_extern(
-                f"float32x{LANES}", _HELPER, c[T.ramp(T.int64(0), T.int64(1), LANES)],
+                f"float32x{LANES}", HELPER, c[T.ramp(T.int64(0), T.int64(1), LANES)],
                 T.broadcast(pair[0], LANES), pairs[T.ramp(T.int64(0), T.int64(1), LANES)])
 
     TensorIntrin.register(name, desc, impl)
@@ -225,4 +227,5 @@ def _finished(sch, columns, weights: str) -> tirx.PrimFunc:
     ``weights``), the LLVM function that spells it linked in."""
     sch.tensorize(columns, _intrin(weights))
     func = sch.mod["main"]
-    return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", _LLVM, func.body)))
+    linked = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body)
+    return fast_math(func.with_body(linked))
