@@ -47,9 +47,10 @@ def projection(k: int, n: int, bias: bool, activation: str = "none"):
 
 
 @needs_dot
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("k,n,bias,activation", [(24, 70, True, "gelu"), (24, 70, False, "none"),
-                                                 (64, 32, True, "relu"), (4, 16, False, "none")])
+@pytest.mark.parametrize("form,k,n,bias,activation", [
+    ("main", 24, 70, True, "gelu"), ("main", 24, 70, False, "none"), ("main", 64, 32, True, "relu"),
+    ("main", 4, 16, False, "none"), ("few rows", 24, 70, True, "gelu"), ("few rows", 4, 16, False, "none"),
+    ("one row", 24, 70, True, "relu"), ("one row", 64, 32, False, "none")])
 def test_kernel_against_float64(form, k, n, bias, activation):
     # 70 columns: not whole 64-column tiles (the last panel read clamped, its padding zero); 1 to 45 rows: not whole
     # row tiles; K = 4: two pairs (at K = 2 no hand kernel: the generic lowering)

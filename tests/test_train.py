@@ -363,40 +363,32 @@ def test_a_zoo_transformer_trains_with_dropout_and_its_weights_load_into_the_mod
 
 
 def test_bfloat16_mixed_precision_steps_match_their_interpreter_run():
-    """Mixed precision (``dtype="bfloat16"``): the parameters, the gradients that update them and Adam's state in
-    float32, the forward and the backward in bfloat16.  Compiled steps against the interpreter's run of the same
-    mixed graph (which rounds where the build stores) and against the float64 steps (bfloat16's precision)."""
+    """Mixed precision (``dtype="bfloat16"``): the parameters, the gradients that update them and the optimizer's
+    state in float32, the forward and the backward in bfloat16.  Compiled steps against the interpreter's run of the
+    same mixed graph (which rounds where the build stores) and against the float64 steps (bfloat16's precision)."""
     model = Translator()
     g = ag.trace(model)
     params = ag.init_params(g, seed=1, perturb=True)
-
-    def steps(opt, target, dtype):
-        return train.TrainStep(g, params, opt, target=target, dtype=dtype)
-    # one plain gradient step: the update is the gradient itself
-    sgd = train.SGD(lr=1.0)
-    step, oracle, exact = steps(sgd, "llvm", "bfloat16"), steps(sgd, "numpy", "bfloat16"), steps(sgd, "numpy", "float64")
+    opt = train.SGD(lr=0.1, momentum=0.9)  # the first step's update: the gradient itself, times the rate
+    step, oracle, exact = (train.TrainStep(g, params, opt, target=target, dtype=dtype)
+                           for target, dtype in (("llvm", "bfloat16"), ("numpy", "bfloat16"), ("numpy", "float64")))
     types = step.graph.input_types()
-    assert {types[k].dtype for k in step.state} == {"float32"}, "master weights in float32"
+    assert {types[k].dtype for k in step.state} == {"float32"}, "master weights and momentum in float32"
     assert {n.type.dtype for n in step.graph.nodes() if n.op in ("linear", "matmul", "weight_grad")} == {"bfloat16"}
-    b = batches(1, seed=5)[0]
-    loss, want, far = step(b), oracle(b), exact(b)
+    data = batches(3, seed=5)
+    loss, want, far = step(data[0]), oracle(data[0]), exact(data[0])
     assert loss == want and want == pytest.approx(far, rel=1e-2)
-    for name, want in exact.params().items():
+    for name, new in exact.params().items():
         if name.endswith(KEY_BIAS):  # a gradient of exactly 0 in exact arithmetic
             continue
-        update = want - params[name]
+        update = new - params[name]
         scale = float(np.abs(update).max())
         # the same roundings as the interpreter (float32 sums in another order); bfloat16's error against float64
         np.testing.assert_allclose(step.params()[name] - params[name], oracle.params()[name] - params[name],
                                    rtol=0, atol=1e-3 * scale, err_msg=name)
         np.testing.assert_allclose(step.params()[name] - params[name], update, rtol=0, atol=5e-2 * scale,
                                    err_msg=name)
-    # Adam under the paper's schedule: its state in float32, the losses of the three runs together
-    adam = train.Adam(lr=train.Noam(D_MODEL, warmup=4), clip_norm=1.0)
-    step, oracle, exact = steps(adam, "llvm", "bfloat16"), steps(adam, "numpy", "bfloat16"), steps(adam, "numpy",
-                                                                                                    "float64")
-    assert {step.graph.input_types()[k].dtype for k in step.state} == {"float32"}, "Adam's state in float32"
-    for b in batches(5, seed=5):
+    for b in data[1:]:
         # the loss is a mean stored in bfloat16 (8 bits: a relative 2^-9 a rounding), of a sum rounded too
         loss, want, far = step(b), oracle(b), exact(b)
         assert loss == pytest.approx(want, rel=2e-2) and loss == pytest.approx(far, rel=3e-2)

@@ -75,22 +75,21 @@ def test_a_resumed_run_takes_the_same_steps(tmp_path, trained):
 
 
 def test_a_bfloat16_run_learns_and_resumes_in_bfloat16(tmp_path, trained):
-    # mixed precision: the weights saved in float32 (the master copy), the run's dtype kept by --resume; the tiny
-    # model learns the reversal as the float32 run does
+    # mixed precision: the weights saved in float32 (the master copy), the run's dtype kept by --resume, the
+    # validation loss going down (the numbers task's full run in bfloat16 is the README's)
     _, train, valid, _ = trained
-    common = ["--data", train, "--valid", valid, "--batch-tokens", 512, "--lr-warmup", 100, "--dropout", 0,
-              "--dtype", "bfloat16"]
-    r = invoke("train", "transformer-tiny", "-o", tmp_path / "bf16", "--steps", 300, "--valid-every", 300, *common)
+    common = ["--data", train, "--valid", valid, "--batch-tokens", 512, "--lr-warmup", 50, "--dropout", 0,
+              "--valid-every", 60, "--dtype", "bfloat16"]
+    r = invoke("train", "transformer-tiny", "-o", tmp_path / "bf16", "--steps", 60, *common)
     assert r.exit_code == 0, r.output
     assert json.loads((newest(tmp_path / "bf16") / "config.json").read_text())["dtype"] == "bfloat16"
     assert {str(v.dtype) for v in load_weights(str(newest(tmp_path / "bf16") / "params.safetensors")).values()} \
         == {"float32"}
-    r = invoke("train", "--resume", tmp_path / "bf16", "--steps", 600)
-    assert r.exit_code == 0 and "step 600/600" in r.output, r.output
+    r = invoke("train", "--resume", tmp_path / "bf16", "--steps", 180)
+    assert r.exit_code == 0 and "step 180/180" in r.output, r.output
     lines = [json.loads(line) for line in (newest(tmp_path / "bf16") / "log.jsonl").read_text().splitlines()]
-    assert lines[1]["valid_loss"] < lines[0]["valid_loss"]
-    r = invoke("evaluate", tmp_path / "bf16", "--data", valid)
-    assert r.exit_code == 0 and float(r.output.split("exact match ")[1].split("%")[0]) >= 90.0, r.output
+    assert [line["step"] for line in lines] == [60, 120, 180]
+    assert lines[2]["valid_loss"] < lines[1]["valid_loss"] < lines[0]["valid_loss"]
     r = invoke("train", "transformer-tiny", "-o", tmp_path / "vk", "--steps", 3, "--target", "vulkan", *common)
     assert r.exit_code != 0 and "cannot build a model in bfloat16" in r.output, r.output
 

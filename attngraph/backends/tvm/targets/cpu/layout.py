@@ -24,7 +24,7 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
     2); a product whose x and panels are of such a dtype gets panels of K values in groups of that many
     (``pack_panels(interleave=)``), where K divides into them.  Returns (matches, misses) like the other rules."""
     constant = weights_only(g)
-    packed: dict[tuple, int] = {}  # (W, group) -> its panels, shared by every product reading W so
+    packed: dict[tuple, int] = {}  # (W, group) -> its panels, shared by every product reading W in that layout
     matches, misses = 0, []
     for nid in list(g.topo_order()):
         n = g.node(nid)

@@ -18,7 +18,7 @@ PANEL_WIDTH = 16
 TILE_M, TILE_N = 4, PANEL_WIDTH
 
 #: K values one lane of the bfloat16 dot-product instruction multiplies and adds (pairs), kept together in the
-#: packed panels it reads (``ops.pack_panels(group=)``, ``dot.py``)
+#: packed panels it reads (``ops.pack_panels(interleave=)``, ``dot.py``)
 BF16_GROUP = 2
 
 
