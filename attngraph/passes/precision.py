@@ -48,8 +48,10 @@ def to_dtype(graph: Graph, dtype: str, *, master: bool = False) -> Graph:
     for nid in graph.topo_order():
         n = graph.node(nid)
         attrs = dict(n.attrs)
-        entering = n.type.dtype == "float32" and (n.op == "input" and n.name not in state or n.op == "param" and master)
-        if n.type.dtype == "float32" and (n.op == "param" or n.op == "input" and n.name in state) and not entering:
+        f32 = n.type.dtype == "float32"
+        stored = f32 and (n.op == "param" and not master or n.op == "input" and n.name in state)  # kept in dtype
+        entering = f32 and (n.op == "param" and master or n.op == "input" and n.name not in state)  # cast at use
+        if stored:
             attrs["type"] = TensorType(n.type.shape, dtype)
         elif n.op == "const" and n.type.dtype == "float32":
             attrs["dtype"] = dtype

@@ -127,8 +127,7 @@ class TrainStep:
         from ..api import _checked, compile
         check_params(graph, params)
         self.optimizer, self.loss, self.target, self.seed = optimizer, loss, target, seed
-        self.dtype = dtype if dtype in HALF_DTYPES else "float32"
-        if dtype in HALF_DTYPES:  # mixed precision: a graph of its own, the compiled step's dtype its
+        if dtype in HALF_DTYPES:  # mixed precision: the step's graph holds the casts; compiled as it is
             _checked(target, device=device, tuning_db=None, weight_dtype=None, dtype=dtype)  # the target builds it
             graph, dtype = to_dtype(graph, dtype, master=True), None
         self.graph = training_graph(graph, optimizer, loss, level=opt_level)

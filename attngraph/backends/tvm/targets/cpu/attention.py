@@ -26,15 +26,12 @@ from .....ir.fused import apply_masks, attention_views, mask_score_grad
 from ...lower.common import bcast, te_mask_ops
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .schedule import vectorize_static
+from .schedule import i64, vectorize_static
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
 #: ``tiles.cpu_tiles`` gives each instruction set's (AVX-512: 8 rows x 32 keys).
 ROWS, LANES = 6, 16
 
-
-def _i64(v: int):
-    return tirx.IntImm("int64", v)
 
 
 def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
@@ -76,12 +73,12 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
 
     r = te.reduce_axis((0, d), name="r")
     if block > 1:  # K transposed once per head, reused by every block of queries
-        kt = te.compute((b, h, d, chunks, _i64(lanes)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
-        acc = te.compute((b, h, rows, chunks, _i64(lanes)),
+        kt = te.compute((b, h, d, chunks, i64(lanes)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
+        acc = te.compute((b, h, rows, chunks, i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r),
                          name="acc")
     else:  # one query: a dot product per key, along K's contiguous head dim (a transpose would cost as much)
-        acc = te.compute((b, h, rows, chunks, _i64(lanes)),
+        acc = te.compute((b, h, rows, chunks, i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * k_at(i, j, key(c, lane), r), axis=r),
                          name="acc")
 
@@ -101,21 +98,21 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     s = te.compute(acc.shape, score, name="s")
     # Row max and row sum in two steps, each vectorized: over the chunks lane by lane, then over the lanes.
     c1 = te.reduce_axis((0, chunks), name="c1")
-    mx_lanes = te.compute((b, h, rows, _i64(lanes)), lambda i, j, m, lane: te.max(s[i, j, m, c1, lane], axis=c1),
+    mx_lanes = te.compute((b, h, rows, i64(lanes)), lambda i, j, m, lane: te.max(s[i, j, m, c1, lane], axis=c1),
                           name="mx_lanes")
     l1 = te.reduce_axis((0, lanes), name="l1")
     mx = te.compute((b, h, rows), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
     e = te.compute(acc.shape, lambda i, j, m, c, lane: tirx.Select(
         in_range(c, lane), te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero), name="e")
     c2 = te.reduce_axis((0, chunks), name="c2")
-    sm_lanes = te.compute((b, h, rows, _i64(lanes)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
+    sm_lanes = te.compute((b, h, rows, i64(lanes)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
                           name="sm_lanes")
     l2 = te.reduce_axis((0, lanes), name="l2")
     sm = te.compute(mx.shape, lambda i, j, m: te.sum(sm_lanes[i, j, m, l2], axis=l2), name="sm")
     c3 = te.reduce_axis((0, chunks), name="c3")
     l3 = te.reduce_axis((0, lanes), name="l3")
     if block > 1:  # V in whole key chunks once per head (the last padded), read without a clamp per key
-        vp = te.compute((b, h, chunks, _i64(lanes), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
+        vp = te.compute((b, h, chunks, i64(lanes), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
                         name="vp")
 
         def v_chunk(i, j, c, lane, x):
@@ -234,7 +231,7 @@ def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_typ
     lq, lk, e = phs[0].shape[2], phs[1].shape[2], phs[0].shape[3]
     rows, cols = (lk, lq) if by_key else (lq, lk)
     padded, chunks = rows + (block - 1), (cols + (lanes - 1)) // lanes
-    tile = (b, h, padded, chunks, _i64(lanes))
+    tile = (b, h, padded, chunks, i64(lanes))
     scale = tirx.const(attrs.get("scale", 1.0), dtype)
     zero, ninf = tirx.const(0.0, dtype), tirx.const(-math.inf, dtype)
     ops = te_mask_ops(dtype)
@@ -259,7 +256,7 @@ def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_typ
     def products(row_side, col_side, depth, name):
         """row_side(row) . col_side(column) for a block of rows against every column chunk (the column
         side transposed per head)."""
-        ct = te.compute((b, h, depth, chunks, _i64(lanes)), lambda i, j, r, c, lane: col_side(i, j, col(c, lane), r),
+        ct = te.compute((b, h, depth, chunks, i64(lanes)), lambda i, j, r, c, lane: col_side(i, j, col(c, lane), r),
                         name=f"{name}_t")
         r = te.reduce_axis((0, depth), name=f"{name}_r")
         acc = te.compute(tile, lambda i, j, m, c, lane: te.sum(row_side(i, j, row(m), r) * ct[i, j, r, c, lane],
@@ -275,12 +272,12 @@ def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_typ
         sc = te.compute(tile, lambda *i: tirx.Select(in_range(*i[3:]), score(*i), ninf), name="sc")
         c1, c2 = te.reduce_axis((0, chunks), name="c1"), te.reduce_axis((0, chunks), name="c2")
         l1, l2 = te.reduce_axis((0, lanes), name="l1"), te.reduce_axis((0, lanes), name="l2")
-        mx_lanes = te.compute((b, h, padded, _i64(lanes)), lambda i, j, m, lane: te.max(sc[i, j, m, c1, lane], axis=c1),
+        mx_lanes = te.compute((b, h, padded, i64(lanes)), lambda i, j, m, lane: te.max(sc[i, j, m, c1, lane], axis=c1),
                               name="mx_lanes")
         mx = te.compute((b, h, padded), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
         ex = te.compute(tile, lambda i, j, m, c, lane: tirx.Select(
             in_range(c, lane), te.exp(sc[i, j, m, c, lane] - mx[i, j, m]), zero), name="ex")
-        se_lanes = te.compute((b, h, padded, _i64(lanes)), lambda i, j, m, lane: te.sum(ex[i, j, m, c2, lane], axis=c2),
+        se_lanes = te.compute((b, h, padded, i64(lanes)), lambda i, j, m, lane: te.sum(ex[i, j, m, c2, lane], axis=c2),
                               name="se_lanes")
         se = te.compute((b, h, padded), lambda i, j, m: te.sum(se_lanes[i, j, m, l2], axis=l2), name="se")
         out = te.compute(shape, lambda i, j, m: mx[i, j, m] + tirx.log(se[i, j, m]), name="out")

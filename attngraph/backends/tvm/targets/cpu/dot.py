@@ -30,7 +30,7 @@ from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .schedule import MAX_STACK_PANEL_BYTES, read_index, register_tiles, unravel
+from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
@@ -89,9 +89,6 @@ def _intrin(weights: str = "global") -> str:
     return name
 
 
-def _i64(v: int):
-    return tirx.IntImm("int64", v)
-
 
 def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
                tile: tuple) -> tirx.PrimFunc:
@@ -106,9 +103,7 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
     rows, columns = tile
     x_t, w_t = in_types[0], in_types[1]
     lead = dim_vars.shape(x_t.shape[:-1])
-    M = lead[0]
-    for d in lead[1:]:
-        M = M * d
+    M = positions(lead)
     N = out_type.shape[-1]
     packed = w_t.rank == 4
     if packed:
@@ -120,22 +115,22 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
     K = pairs * BF16_GROUP
     n_pad = (N + columns - 1) // columns * columns
     on_stack = not packed and K * columns * 2 <= MAX_STACK_PANEL_BYTES  # a worker's own panels
-    X = te.placeholder((M, _i64(K)), BF16, name="in0")
-    B = te.placeholder((_i64(N),), BF16, name="in2") if bias else None
+    X = te.placeholder((M, i64(K)), BF16, name="in0")
+    B = te.placeholder((i64(N),), BF16, name="in2") if bias else None
     if packed:
-        W = panels_of = te.placeholder((_i64(panels), _i64(pairs), _i64(LANES), _i64(BF16_GROUP)), BF16, name="in1")
+        W = panels_of = te.placeholder((i64(panels), i64(pairs), i64(LANES), i64(BF16_GROUP)), BF16, name="in1")
     else:  # packed per call: (panels, K/2, 16, 2), the columns past N clamped (never written back)
-        W = te.placeholder((_i64(K), _i64(N)), BF16, name="in1")
-        panels_of = te.compute((_i64(panels), _i64(pairs), _i64(LANES), _i64(BF16_GROUP)), lambda p, q, c, j: W[
-            q * BF16_GROUP + j, tirx.min(p * LANES + c, _i64(N - 1))], name="packed")
-    k = te.reduce_axis((0, _i64(pairs)), name="k")
-    kk = te.reduce_axis((0, _i64(BF16_GROUP)), name="kk")
+        W = te.placeholder((i64(K), i64(N)), BF16, name="in1")
+        panels_of = te.compute((i64(panels), i64(pairs), i64(LANES), i64(BF16_GROUP)), lambda p, q, c, j: W[
+            q * BF16_GROUP + j, tirx.min(p * LANES + c, i64(N - 1))], name="packed")
+    k = te.reduce_axis((0, i64(pairs)), name="k")
+    kk = te.reduce_axis((0, i64(BF16_GROUP)), name="kk")
 
-    acc = te.compute((M + (rows - 1), _i64(n_pad)), lambda m, n: te.sum(
+    acc = te.compute((M + (rows - 1), i64(n_pad)), lambda m, n: te.sum(
         X[tirx.min(m, M - 1), k * BF16_GROUP + kk].astype(F32)
         * panels_of[_panel(n, panels, n_pad), k, n % LANES, kk].astype(F32), axis=[k, kk]), name="acc")
     act = ACTIVATIONS[activation]
-    out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n].astype(F32) if bias else acc[m, n]).astype(BF16),
+    out = te.compute((M, i64(N)), lambda m, n: act(acc[m, n] + B[n].astype(F32) if bias else acc[m, n]).astype(BF16),
                      name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, W] + ([B] if bias else []) + [out]))
     no, an, ak = _tiled(sch, rows, columns)
@@ -160,29 +155,27 @@ def weight_grad_bf16(in_types, out_type: TensorType, dim_vars: DimVars, tile: tu
     rows, columns = tile
     x_t, g_t = in_types
     lead = dim_vars.shape(x_t.shape[:-1])
-    M = lead[0]
-    for d in lead[1:]:
-        M = M * d
+    M = positions(lead)
     K, N = (int(v) for v in out_type.shape)
     panels, pairs = -(-N // LANES), (M + 1) // BF16_GROUP
     n_pad = (N + columns - 1) // columns * columns
-    X = te.placeholder((M, _i64(K)), BF16, name="in0")
-    G = te.placeholder((M, _i64(N)), BF16, name="in1")
+    X = te.placeholder((M, i64(K)), BF16, name="in0")
+    G = te.placeholder((M, i64(N)), BF16, name="in1")
     zero = tirx.const(0.0, BF16)
 
     def position(q, j, read):  # position 2q + j, zero past the last
         p = q * BF16_GROUP + j
         return tirx.Select(p < M, read(tirx.min(p, M - 1)), zero)
-    xp = te.compute((_i64(K), pairs, _i64(BF16_GROUP)), lambda k, q, j: position(q, j, lambda p: X[p, k]),
+    xp = te.compute((i64(K), pairs, i64(BF16_GROUP)), lambda k, q, j: position(q, j, lambda p: X[p, k]),
                     name="x_pairs")
-    gp = te.compute((_i64(panels), pairs, _i64(LANES), _i64(BF16_GROUP)), lambda c, q, l, j: position(
-        q, j, lambda p: G[p, tirx.min(c * LANES + l, _i64(N - 1))]), name="g_pairs")
+    gp = te.compute((i64(panels), pairs, i64(LANES), i64(BF16_GROUP)), lambda c, q, l, j: position(
+        q, j, lambda p: G[p, tirx.min(c * LANES + l, i64(N - 1))]), name="g_pairs")
     q = te.reduce_axis((0, pairs), name="q")
-    j = te.reduce_axis((0, _i64(BF16_GROUP)), name="j")
-    acc = te.compute((_i64(K + rows - 1), _i64(n_pad)), lambda m, n: te.sum(
-        xp[tirx.min(m, _i64(K - 1)), q, j].astype(F32) * gp[_panel(n, panels, n_pad), q, n % LANES, j].astype(F32),
+    j = te.reduce_axis((0, i64(BF16_GROUP)), name="j")
+    acc = te.compute((i64(K + rows - 1), i64(n_pad)), lambda m, n: te.sum(
+        xp[tirx.min(m, i64(K - 1)), q, j].astype(F32) * gp[_panel(n, panels, n_pad), q, n % LANES, j].astype(F32),
         axis=[q, j]), name="acc")
-    out = te.compute((_i64(K), _i64(N)), lambda m, n: acc[m, n].astype(BF16), name="out")
+    out = te.compute((i64(K), i64(N)), lambda m, n: acc[m, n].astype(BF16), name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
     no, an, ak = _tiled(sch, rows, columns)
     _parallel(sch, no, ak)
@@ -196,7 +189,7 @@ def weight_grad_bf16(in_types, out_type: TensorType, dim_vars: DimVars, tile: tu
 
 def _panel(n, panels: int, n_pad: int):
     """The panel of column ``n``: the last one for the columns of a register tile past it (never written back)."""
-    return tirx.min(n // LANES, _i64(panels - 1)) if n_pad > panels * LANES else n // LANES
+    return tirx.min(n // LANES, i64(panels - 1)) if n_pad > panels * LANES else n // LANES
 
 
 def _tiled(sch, rows: int, columns: int):

@@ -43,7 +43,7 @@ from ..table import ROW_OPS, KernelTable, Row
 from .attention import attention, attention_backward
 from .dot import dense_bf16, weight_grad_bf16
 from .fastmath import fast_math
-from .schedule import (MAX_STACK_PANEL_BYTES, has_block, is_reduction, read_index, register_tiles,
+from .schedule import (MAX_STACK_PANEL_BYTES, has_block, i64, is_reduction, positions, read_index, register_tiles,
                        split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum)
 from .tiles import BF16_GROUP, PANEL_WIDTH, TILE_M, TILE_N
 
@@ -199,9 +199,6 @@ def _packed_linear(attrs: dict, in_types, out_type: TensorType, dim_vars: DimVar
                  packed=True, tile_m=tile[0], tile_n=tile[1], prefetch=prefetch)
 
 
-def _i64(v: int):
-    return tirx.IntImm("int64", v)
-
 
 def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
           packed: bool = False, tile_m: int = TILE_M, tile_n: int = TILE_N, prefetch: bool = False,
@@ -228,55 +225,53 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     dtype = out_type.dtype
     lead = dim_vars.shape(x_t.shape[:-1])
     K, N = (w_t.shape[1], out_type.shape[-1]) if packed else w_t.shape
-    M = lead[0]
-    for d in lead[1:]:
-        M = M * d
+    M = positions(lead)
     panels = (N + TILE_N - 1) // TILE_N  # gated: of each half
     n_pad = (N + tile_n - 1) // tile_n * tile_n  # whole register tiles; reads past the last panel are clamped
     m_pad = M + (tile_m - 1)  # room for the last, partial row tile
     # Flat 2-D views for the compute; the parameters get their N-D shapes back at the end.
-    X = te.placeholder((M, _i64(K)), dtype, name="in0")
+    X = te.placeholder((M, i64(K)), dtype, name="in0")
     halves = 2 if gated else 1
-    B = te.placeholder((_i64(halves * N),), dtype, name="in2") if bias else None
+    B = te.placeholder((i64(halves * N),), dtype, name="in2") if bias else None
     # Narrower panels (float16, bfloat16) read by many rows are widened once per column tile, into a float32 copy
     # of the tile's panels, rather than at each use (float16's conversion would compete with the FMAs).
     widen_once = packed and w_t.dtype != dtype and tile_m > 1
     if packed:
-        W = panel = te.placeholder((_i64(halves * panels), _i64(K), _i64(TILE_N)), w_t.dtype, name="in1")
+        W = panel = te.placeholder((i64(halves * panels), i64(K), i64(TILE_N)), w_t.dtype, name="in1")
         if widen_once:
             panel = te.compute(W.shape, lambda p, kk, c: W[p, kk, c].astype(dtype), name="widened")
     else:
-        W = te.placeholder((_i64(K), _i64(N)), dtype, name="in1")
-        panel = te.compute((_i64(panels), _i64(K), _i64(TILE_N)),
-                           lambda p, k, c: W[k, tirx.min(p * TILE_N + c, _i64(N - 1))], name="packed")
-    k = te.reduce_axis((0, _i64(K)), name="k")
+        W = te.placeholder((i64(K), i64(N)), dtype, name="in1")
+        panel = te.compute((i64(panels), i64(K), i64(TILE_N)),
+                           lambda p, k, c: W[k, tirx.min(p * TILE_N + c, i64(N - 1))], name="packed")
+    k = te.reduce_axis((0, i64(K)), name="k")
     if n_pad > panels * TILE_N:
         def w_at(n):  # float16 panels are widened in the register (vcvtph2ps)
-            return panel[tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N].astype(dtype)
+            return panel[tirx.min(n // TILE_N, i64(panels - 1)), k, n % TILE_N].astype(dtype)
     else:
         def w_at(n):
             return panel[n // TILE_N, k, n % TILE_N].astype(dtype)
     if gated:  # half h of column n: panel h * panels + n // TILE_N
         def w_half(h, n):
-            return panel[h * _i64(panels) + tirx.min(n // TILE_N, _i64(panels - 1)), k, n % TILE_N].astype(dtype)
-        acc = te.compute((m_pad, _i64(2), _i64(n_pad)),
+            return panel[h * i64(panels) + tirx.min(n // TILE_N, i64(panels - 1)), k, n % TILE_N].astype(dtype)
+        acc = te.compute((m_pad, i64(2), i64(n_pad)),
                          lambda m, h, n: te.sum(X[tirx.min(m, M - 1), k] * w_half(h, n), axis=k), name="acc")
     else:
-        acc = te.compute((m_pad, _i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
+        acc = te.compute((m_pad, i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
                          name="acc")
     act = ACTIVATIONS[activation]
     if gated:
         def half(m, h, n):
-            return acc[m, h, n] + B[h * _i64(N) + n] if bias else acc[m, h, n]
+            return acc[m, h, n] + B[h * i64(N) + n] if bias else acc[m, h, n]
 
         def gate(m, n):
             g = half(m, gate_half, n)
             return g * tirx.sigmoid(g) * half(m, 1 - gate_half, n)
-        out = te.compute((M, _i64(N)), gate, name="out")
+        out = te.compute((M, i64(N)), gate, name="out")
     elif bias:
-        out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n] + B[n]), name="out")
+        out = te.compute((M, i64(N)), lambda m, n: act(acc[m, n] + B[n]), name="out")
     else:
-        out = te.compute((M, _i64(N)), lambda m, n: act(acc[m, n]), name="out")
+        out = te.compute((M, i64(N)), lambda m, n: act(acc[m, n]), name="out")
     f = te.create_prim_func([X, W] + ([B] if bias else []) + [out])
 
     sch = s_tir.Schedule(f)
@@ -354,9 +349,9 @@ def _prefetch_next_tile(func, w, tile, block, k_outer, *, K: int, panels: int, t
         # Row (block * K / PREFETCH_EVERY + k_outer) of the next tile, within it (later blocks fetch its last
         # row again: an L1 hit) and within the weights; the panels are contiguous, so the flat weights are
         # indexed through the last axis.
-        row = tirx.min((block * _i64(K // PREFETCH_EVERY) + k_outer) * _i64(TILE_N), _i64(tile_size - TILE_N))
-        offset = tirx.min((tile + 1) * _i64(tile_size) + row, _i64(total - TILE_N))
-        addr = tirx.address_of(tirx.BufferLoad(w, [_i64(0), _i64(0), offset]))
+        row = tirx.min((block * i64(K // PREFETCH_EVERY) + k_outer) * i64(TILE_N), i64(tile_size - TILE_N))
+        offset = tirx.min((tile + 1) * i64(tile_size) + row, i64(total - TILE_N))
+        addr = tirx.address_of(tirx.BufferLoad(w, [i64(0), i64(0), offset]))
         hint = tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, tirx.const(0, "int32"),
                                      tirx.const(3, "int32"), tirx.const(1, "int32"))  # read, keep in L1, data
         body = tirx.SeqStmt([tirx.Evaluate(hint), loop.body])
@@ -364,7 +359,7 @@ def _prefetch_next_tile(func, w, tile, block, k_outer, *, K: int, panels: int, t
         # Only the first blocks fetch (enough to cover the next tile); the rest run the plain loop, whose
         # accumulators LLVM keeps in registers (a call that may read memory makes it store them first).
         blocks = tile_panels * PREFETCH_EVERY
-        return tirx.IfThenElse(block < _i64(blocks), fetching, loop)
+        return tirx.IfThenElse(block < i64(blocks), fetching, loop)
     return tvm_ffi.structural_mutate(func, (tirx.For, visit))
 
 
@@ -379,20 +374,18 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
     x_t, g_t = in_types
     dtype = out_type.dtype
     lead = dim_vars.shape(x_t.shape[:-1])
-    M = lead[0]
-    for d in lead[1:]:
-        M = M * d
+    M = positions(lead)
     K, N = out_type.shape
     k_pad = (K + tile_k - 1) // tile_k * tile_k
     n_pad = (N + tile_n - 1) // tile_n * tile_n
-    X = te.placeholder((M, _i64(K)), dtype, name="in0")
-    G = te.placeholder((M, _i64(N)), dtype, name="in1")
+    X = te.placeholder((M, i64(K)), dtype, name="in0")
+    G = te.placeholder((M, i64(N)), dtype, name="in1")
     p = te.reduce_axis((0, M), name="p")
     ragged = N % tile_n != 0
     if ragged:  # g copied into whole column panels, clamped there, so the loop reads whole vectors
         panels = n_pad // tile_n
-        packed = te.compute((_i64(panels), M, _i64(tile_n)),
-                            lambda c, q, l: G[q, tirx.min(c * tile_n + l, _i64(N - 1))], name="packed")
+        packed = te.compute((i64(panels), M, i64(tile_n)),
+                            lambda c, q, l: G[q, tirx.min(c * tile_n + l, i64(N - 1))], name="packed")
 
         def g_at(j):
             return packed[j // tile_n, p, j % tile_n]
@@ -401,9 +394,9 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
             return G[p, j]
 
     def x_at(i):  # the last, partial row tile reads clamped rows (its results are not written back)
-        return X[p, i if K % tile_k == 0 else tirx.min(i, _i64(K - 1))]
-    acc = te.compute((_i64(k_pad), _i64(n_pad)), lambda i, j: te.sum(x_at(i) * g_at(j), axis=p), name="acc")
-    out = te.compute((_i64(K), _i64(N)), lambda i, j: acc[i, j], name="out")
+        return X[p, i if K % tile_k == 0 else tirx.min(i, i64(K - 1))]
+    acc = te.compute((i64(k_pad), i64(n_pad)), lambda i, j: te.sum(x_at(i) * g_at(j), axis=p), name="acc")
+    out = te.compute((i64(K), i64(N)), lambda i, j: acc[i, j], name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, G, out]))
     jo, _, ji, ab = register_tiles(sch, tile_k, tile_n)
     am, an, ak = sch.get_loops(ab)[-3:]
@@ -439,7 +432,7 @@ def scatter_rows(in_types, out_type: TensorType, dim_vars: DimVars, lanes: int =
     idx_t, values_t, _ = in_types
     rows, width = out_type.shape
     dtype = out_type.dtype
-    zero, i64 = tirx.const(0, dtype), _i64
+    zero = tirx.const(0, dtype)
     strip = lanes if width % lanes == 0 else width
     idx = te.placeholder(dim_vars.shape(idx_t.shape), idx_t.dtype, name="in0")
     values = te.placeholder(dim_vars.shape(values_t.shape), dtype, name="in1")

@@ -190,6 +190,19 @@ def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
 MAX_STACK_PANEL_BYTES = 256 * 1024
 
 
+def i64(v: int):
+    """``v`` as an int64 constant (the kernels index in int64, like the graph's dims)."""
+    return tirx.IntImm("int64", v)
+
+
+def positions(lead):
+    """The number of positions of leading dims ``lead`` (their product: the flattened M of a kernel)."""
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    return m
+
+
 def unravel(m, dims) -> tuple:
     """Row-major index tuple of the flat index ``m`` over ``dims``."""
     idx = []
