@@ -112,6 +112,68 @@ def test_weight_gradient_against_float64(k, n):
         np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
 
 
+def attention_spec(attrs, in_types):
+    return spec_of("fused_attention", attrs, in_types)
+
+
+def random_bf16(t, sizes, rng):
+    shape = tuple(D.evaluate(d, sizes) for d in t.shape)
+    if t.dtype == "bool":
+        return rng.random(shape) < 0.3
+    return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+
+
+#: (what the case covers, attrs, operand types, sizes): rows 1 to 70 (blocks of 8 query rows, chunks of 32 keys: none
+#: whole), masks of each kind, both layouts, heads read from one merged tensor, grouped K and V heads, q and k's head
+#: dim apart from v's (v's whole register tile, or slices of it)
+ATTENTION_CASES = [
+    ("keep and drop masks", {"scale": 0.25, "mask_kinds": ("keep", "drop")},
+     [T(("batch", 3, "seq", 16), BF16)] * 3 + [T(("seq", "seq"), "bool"), T(("batch", 1, 1, "seq"), "bool")],
+     [{"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 70}]),
+    ("cross lengths, an additive mask", {"scale": 0.5, "mask_kinds": ("additive",)},
+     [T(("batch", 2, "tgt", 24), BF16), T(("batch", 2, "src", 24), BF16), T(("batch", 2, "src", 32), BF16),
+      T(("tgt", "src"), BF16)],
+     [{"batch": 1, "tgt": 1, "src": 1}, {"batch": 2, "tgt": 9, "src": 45}]),
+    ("heads of one merged tensor", {"scale": 0.25, "mask_kinds": ("drop",), "layout": "bshd", "heads": (2, 4, 0, 2)},
+     [T(("batch", "seq", 6, 16), BF16)] * 3 + [T(("batch", 1, 1, "seq"), "bool")],
+     [{"batch": 2, "seq": 7}, {"batch": 1, "seq": 70}]),
+    ("grouped heads, head dim 64", {"scale": 0.125},
+     [T(("batch", 4, "seq", 64), BF16), T(("batch", 2, "seq", 64), BF16), T(("batch", 2, "seq", 64), BF16)],
+     [{"batch": 1, "seq": 5}, {"batch": 1, "seq": 77}]),
+]
+
+
+@needs_dot
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_against_float64(case):
+    _, attrs, in_types, size_list = case
+    spec = attention_spec(attrs, in_types)
+    f = kernel(spec, None, HERE.tiles)
+    assert f is not None and "attngraph_dpbf16ps" in f.script(), "not the dot-product kernel"
+    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=HERE.tvm_target)["k"]
+    rng = np.random.default_rng(0)
+    for sizes in size_list:
+        args = [random_bf16(t, sizes, rng) for t in in_types]
+        want = O.get("fused_attention").ref(*[a if a.dtype == bool else a.astype(np.float64) for a in args],
+                                            **spec.attrs)
+        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        # the probabilities rounded to bfloat16 before P V (a relative 2^-9 each), the output once more
+        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=1e-2, atol=1e-2, err_msg=f"{sizes}")
+
+
+def test_attention_kernel_chosen_by_the_cpu_feature_and_shape():
+    # the dot-product attention where the CPU has the instruction and the head dims suit it (q and k's even, v's a
+    # multiple of 16); else the float32 kernel widening bfloat16 (``half.py``); the decode form always that one
+    qkv = T(("batch", 2, "seq", 16), BF16)
+    assert kernel(attention_spec({}, [qkv] * 3), None, AVX512) is None
+    assert "attngraph_dpbf16ps" in kernel(attention_spec({}, [qkv] * 3), None, AVX512_BF16).script()
+    odd_v = [qkv, qkv, T(("batch", 2, "seq", 24), BF16)]
+    assert kernel(attention_spec({}, odd_v), None, AVX512_BF16) is None
+    assert kernel(attention_spec({}, [T(("batch", 2, "seq", 2), BF16)] * 3), None, AVX512_BF16) is None
+    assert FEW_ROWS not in kernels.KERNELS.forms(attention_spec({}, [qkv] * 3), DimVars(), AVX512_BF16)
+
+
 def test_pair_panels_round_trip():
     # pack_panels(interleave=2) keeps each column's K values in pairs: W[2q + j, 16p + c] at [p, q, c, j]
     w = np.arange(6 * 20, dtype=np.float32).reshape(6, 20)
@@ -136,10 +198,13 @@ def test_kernel_chosen_by_the_cpu_feature():
         assert "attngraph_dpbf16ps" in kernel(spec, form, AVX512_BF16).script()
 
 
-def test_compiles_for_a_cpu_that_has_it():
+@pytest.mark.parametrize("what", ["projection", "attention"])
+def test_compiles_for_a_cpu_that_has_it(what):
     # whatever this CPU: LLVM emits vdpbf16ps for a CPU model with AVX512_BF16
     target = get_target("llvm:sapphirerapids")
-    f = kernel(projection(64, 64, True, "gelu"), None, target.tiles)
+    spec = projection(64, 64, True, "gelu") if what == "projection" else attention_spec(
+        {"mask_kinds": ("keep",)}, [T(("batch", 2, "seq", 64), BF16)] * 3 + [T(("seq", "seq"), "bool")])
+    f = kernel(spec, None, target.tiles)
     lib = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=target.tvm_target)
     assert "vdpbf16ps" in lib.mod.inspect_source("asm")
 

@@ -26,7 +26,10 @@ from .....ir.fused import apply_masks, attention_views, mask_score_grad
 from ...lower.common import bcast, te_mask_ops
 from ...shapes import DimVars
 from .fastmath import fast_math
+from .dot import BF16, F32, tensorized
+from .dot import LANES as PAIR_LANES
 from .schedule import i64, vectorize_static
+from .tiles import BF16_GROUP
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
 #: ``tiles.cpu_tiles`` gives each instruction set's (AVX-512: 8 rows x 32 keys).
@@ -35,10 +38,14 @@ ROWS, LANES = 6, 16
 
 
 def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,
-              block: int = ROWS, lanes: int = LANES) -> tirx.PrimFunc:
+              block: int = ROWS, lanes: int = LANES, dot: bool = False) -> tirx.PrimFunc:
     """The scheduled PrimFunc of ``fused_attention`` with these attributes and operand types, ``block``
-    query rows at a time (1: the few-rows form, for a decode step's single query)."""
-    dtype = out_type.dtype
+    query rows at a time (1: the few-rows form, for a decode step's single query).
+
+    ``dot``: bfloat16 q, k, v multiplied on the CPU's bfloat16 dot products (``dot.py``): K and V laid out per head
+    in pair panels (K's pairs along the head dim, V's along the keys), the probabilities rounded to bfloat16 before
+    P V (as FlashAttention does in half precision), the scores, the softmax and the sums in float32."""
+    dtype = F32 if dot else out_type.dtype  # the arithmetic's
     bshd = attrs.get("layout", "bhsd") == "bshd"
     phs = [te.placeholder(dim_vars.shape(t.shape), t.dtype, name=f"in{i}") for i, t in enumerate(in_types)]
     Q, K, V, masks = phs[0], phs[1], phs[2], phs[3:]
@@ -71,13 +78,21 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     def key(c, lane):
         return tirx.min(c * lanes + lane, last_k)
 
-    r = te.reduce_axis((0, d), name="r")
-    if block > 1:  # K transposed once per head, reused by every block of queries
+    if dot:  # K in pair panels once per head: (chunks, d / 2, lanes, 2), the pairs along the head dim
+        kp = te.compute((b, h, chunks, i64(int(d) // BF16_GROUP), i64(lanes), i64(BF16_GROUP)), lambda i, j, c, r, lane, t:
+                        k_at(i, j, key(c, lane), r * BF16_GROUP + t), name="kp")
+        r, t = te.reduce_axis((0, i64(int(d) // BF16_GROUP)), name="r"), te.reduce_axis((0, i64(BF16_GROUP)), name="t")
+        acc = te.compute((b, h, rows, chunks, i64(lanes)), lambda i, j, m, c, lane: te.sum(
+            q_at(i, j, row(m), r * BF16_GROUP + t).astype(F32) * kp[i, j, c, r, lane, t].astype(F32), axis=[r, t]),
+            name="acc")
+    elif block > 1:  # K transposed once per head, reused by every block of queries
+        r = te.reduce_axis((0, d), name="r")
         kt = te.compute((b, h, d, chunks, i64(lanes)), lambda i, j, r, c, lane: k_at(i, j, key(c, lane), r), name="kt")
         acc = te.compute((b, h, rows, chunks, i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * kt[i, j, r, c, lane], axis=r),
                          name="acc")
     else:  # one query: a dot product per key, along K's contiguous head dim (a transpose would cost as much)
+        r = te.reduce_axis((0, d), name="r")
         acc = te.compute((b, h, rows, chunks, i64(lanes)),
                          lambda i, j, m, c, lane: te.sum(q_at(i, j, row(m), r) * k_at(i, j, key(c, lane), r), axis=r),
                          name="acc")
@@ -89,10 +104,14 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
 
     ops = te_mask_ops(dtype)
 
+    def mask(read, *idx):  # an additive mask's values in the arithmetic's type
+        v = read(*idx)
+        return v if v.dtype == "bool" else v.astype(dtype)
+
     def score(i, j, m, c, lane):  # scaled and masked
         v = acc[i, j, m, c, lane] * scale
         m, n = row(m), key(c, lane)  # the masks are read at the clamped query row and key
-        v = apply_masks(v, [read(i, j, m, n) for read in reads], attrs, ops)
+        v = apply_masks(v, [mask(read, i, j, m, n) for read in reads], attrs, ops)
         return tirx.Select(in_range(c, lane), v, ninf)
 
     s = te.compute(acc.shape, score, name="s")
@@ -102,30 +121,43 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
                           name="mx_lanes")
     l1 = te.reduce_axis((0, lanes), name="l1")
     mx = te.compute((b, h, rows), lambda i, j, m: te.max(mx_lanes[i, j, m, l1], axis=l1), name="mx")
+    # the probabilities before normalizing (bfloat16 for the dot products; their sums are of what P V multiplies)
     e = te.compute(acc.shape, lambda i, j, m, c, lane: tirx.Select(
-        in_range(c, lane), te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero), name="e")
+        in_range(c, lane), te.exp(s[i, j, m, c, lane] - mx[i, j, m]), zero).astype(BF16 if dot else dtype), name="e")
     c2 = te.reduce_axis((0, chunks), name="c2")
-    sm_lanes = te.compute((b, h, rows, i64(lanes)), lambda i, j, m, lane: te.sum(e[i, j, m, c2, lane], axis=c2),
-                          name="sm_lanes")
+    sm_lanes = te.compute((b, h, rows, i64(lanes)), lambda i, j, m, lane: te.sum(
+        e[i, j, m, c2, lane].astype(dtype), axis=c2), name="sm_lanes")
     l2 = te.reduce_axis((0, lanes), name="l2")
     sm = te.compute(mx.shape, lambda i, j, m: te.sum(sm_lanes[i, j, m, l2], axis=l2), name="sm")
-    c3 = te.reduce_axis((0, chunks), name="c3")
-    l3 = te.reduce_axis((0, lanes), name="l3")
-    if block > 1:  # V in whole key chunks once per head (the last padded), read without a clamp per key
-        vp = te.compute((b, h, chunks, i64(lanes), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
+    if dot:  # V in pair panels once per head: (dv / 16, keys / 2, 16, 2), the pairs along the keys
+        half = lanes // BF16_GROUP
+        vp = te.compute((b, h, dv_ // PAIR_LANES, chunks * half, i64(PAIR_LANES), i64(BF16_GROUP)),
+                        lambda i, j, xp, q, x, u: v_at(i, j, tirx.min(q * BF16_GROUP + u, last_k), xp * PAIR_LANES + x),
                         name="vp")
+        c3, q3 = te.reduce_axis((0, chunks), name="c3"), te.reduce_axis((0, i64(half)), name="q3")
+        u3 = te.reduce_axis((0, i64(BF16_GROUP)), name="u3")
+        o = te.compute((b, h, rows, dv_), lambda i, j, m, x: te.sum(
+            e[i, j, m, c3, q3 * BF16_GROUP + u3].astype(F32)
+            * vp[i, j, x // PAIR_LANES, c3 * half + q3, x % PAIR_LANES, u3].astype(F32), axis=[c3, q3, u3]), name="o")
+    else:
+        c3, l3 = te.reduce_axis((0, chunks), name="c3"), te.reduce_axis((0, lanes), name="l3")
+        if block > 1:  # V in whole key chunks once per head (the last padded), read without a clamp per key
+            vp = te.compute((b, h, chunks, i64(lanes), dv_), lambda i, j, c, lane, x: v_at(i, j, key(c, lane), x),
+                            name="vp")
 
-        def v_chunk(i, j, c, lane, x):
-            return vp[i, j, c, lane, x]
-    else:
-        def v_chunk(i, j, c, lane, x):
-            return v_at(i, j, key(c, lane), x)
-    o = te.compute((b, h, rows, dv_),
-                   lambda i, j, m, x: te.sum(e[i, j, m, c3, l3] * v_chunk(i, j, c3, l3, x), axis=[c3, l3]), name="o")
+            def v_chunk(i, j, c, lane, x):
+                return vp[i, j, c, lane, x]
+        else:
+            def v_chunk(i, j, c, lane, x):
+                return v_at(i, j, key(c, lane), x)
+        o = te.compute((b, h, rows, dv_),
+                       lambda i, j, m, x: te.sum(e[i, j, m, c3, l3] * v_chunk(i, j, c3, l3, x), axis=[c3, l3]),
+                       name="o")
+    odt = out_type.dtype
     if bshd:
-        out = te.compute((b, lq, h, dv_), lambda i, m, j, x: o[i, j, m, x] / sm[i, j, m], name="out")
+        out = te.compute((b, lq, h, dv_), lambda i, m, j, x: (o[i, j, m, x] / sm[i, j, m]).astype(odt), name="out")
     else:
-        out = te.compute((b, h, lq, dv_), lambda i, j, m, x: o[i, j, m, x] / sm[i, j, m], name="out")
+        out = te.compute((b, h, lq, dv_), lambda i, j, m, x: (o[i, j, m, x] / sm[i, j, m]).astype(odt), name="out")
 
     sch = s_tir.Schedule(te.create_prim_func(phs + [out]))
     ob = sch.get_sblock("out")
@@ -158,9 +190,19 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     ab = sch.get_sblock("acc")
     sch.compute_at(ab, s_c, preserve_unit_loops=True)
     sch.set_scope(ab, 0, "local")
-    loops = sch.get_loops(ab)  # one per block iter under the chunk loop: batch, head, row, chunk, lane, dim
-    a_mi, a_l, a_r = loops[-4], loops[-2], loops[-1]
-    if block > 1:
+    if dot:  # the head dim's pairs outside the rows and the lanes, 16 lanes x a pair on the instruction
+        a_mi, _, a_l, a_r, a_t = sch.get_loops(ab)[-5:]
+        sch.reorder(a_r, a_mi, a_l, a_t)
+        a_lo, a_li = sch.split(a_l, [None, PAIR_LANES])
+        for loop in (a_mi, a_lo):
+            sch.unroll(loop)
+        _zeroed(sch, ab, a_r)
+        sch.compute_at(sch.get_sblock("kp"), head, preserve_unit_loops=True)
+        sch.compute_at(sch.get_sblock("vp"), head)
+    else:
+        loops = sch.get_loops(ab)  # one per block iter under the chunk loop: batch, head, row, chunk, lane, dim
+        a_mi, a_l, a_r = loops[-4], loops[-2], loops[-1]
+    if block > 1 and not dot:
         sch.reorder(a_r, a_mi, a_l)
         sch.unroll(a_mi)
         sch.vectorize(a_l)
@@ -176,7 +218,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         sch.unroll(kt_l)
         sch.compute_at(sch.get_sblock("vp"), head)
         vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
-    elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
+    elif block == 1 and isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, added up
         _, lanes = sch.split(a_r, [None, 8])
         rf = sch.rfactor(lanes, factor_axis=0)
         sch.compute_at(rf, s_c, preserve_unit_loops=True)
@@ -198,6 +240,14 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     # P V: keys outside, a block x (head_dim or lanes) register tile inside.
     pb = sch.get_sblock("o")
     sch.set_scope(pb, 0, "local")
+    if dot:  # the keys' pairs outside, 16 columns x a pair on the instruction
+        p_mi, p_x, p_c, p_q, p_u = sch.get_loops(pb)[-5:]
+        sch.reorder(p_c, p_q, p_mi, p_x, p_u)
+        p_xo, p_xi = sch.split(p_x, [None, PAIR_LANES])
+        for loop in (p_mi, p_xo):
+            sch.unroll(loop)
+        _zeroed(sch, pb, p_c)
+        return tensorized(sch, (a_li, p_xi), "global")
     p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]
     sch.reorder(p_c, p_l, p_mi, p_x)
     sch.unroll(p_mi)
@@ -205,6 +255,12 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.decompose_reduction(pb, p_c)
     func = sch.mod["main"]
     return fast_math(func) if dtype == "float32" else func
+
+
+def _zeroed(sch, block, loop) -> None:
+    """``block``'s accumulators zeroed (vectors) before its reduction ``loop``."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,

@@ -8,7 +8,8 @@ it is.  The first is one pair of x's row broadcast to the 16 lanes.  The kernel 
 projection's loop nest (column tiles in parallel, register tiles of rows x columns, bias and activation in the write
 back) with its innermost 16 columns x 2 K values replaced by the instruction (``tensorize``); over a weight known
 only when it runs (a training step's), each worker packs its column tile's pair panels first.  The weight gradient
-(``weight_grad_bf16``) pairs the positions instead.
+(``weight_grad_bf16``) pairs the positions instead; the fused attention (``attention.attention(dot=True)``) pairs K's
+head dim for Q K^T and V's keys for P V (``tensorized``).
 
 TIR cannot spell the instruction's ``<32 x bfloat>`` operands (TVM widens bfloat16 loads to float32), so a small
 LLVM function does (``LLVM_FUNCTION``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes
@@ -144,7 +145,7 @@ def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
         sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, q: unravel(m, lead) + (q,))
-    return _finished(sch, an, "local" if on_stack else "global")
+    return tensorized(sch, [an], "local" if on_stack else "global")
 
 
 def weight_grad_bf16(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) -> tirx.PrimFunc:
@@ -184,7 +185,7 @@ def weight_grad_bf16(in_types, out_type: TensorType, dim_vars: DimVars, tile: tu
         sch.parallel(sch.get_loops(block)[0])
         if len(lead) > 1:
             sch.transform_layout(block, ("read", read_index(sch, block, operand)), lambda m, c: unravel(m, lead) + (c,))
-    return _finished(sch, an, "global")
+    return tensorized(sch, [an], "global")
 
 
 def _panel(n, panels: int, n_pad: int):
@@ -215,10 +216,11 @@ def _parallel(sch, no, ak) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _finished(sch, columns, weights: str) -> tirx.PrimFunc:
-    """The kernel with its 16 columns x 2 products on the instruction (the weights' panels in memory scope
-    ``weights``), the LLVM function that spells it linked in."""
-    sch.tensorize(columns, _intrin(weights))
+def tensorized(sch, loops, weights: str) -> tirx.PrimFunc:
+    """The kernel with each of ``loops`` (16 lanes x a pair of products) on the instruction (the second operand in
+    memory scope ``weights``), the LLVM function that spells it linked in."""
+    for loop in loops:
+        sch.tensorize(loop, _intrin(weights))
     func = sch.mod["main"]
     linked = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body)
     return fast_math(func.with_body(linked))

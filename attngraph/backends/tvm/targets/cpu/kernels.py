@@ -24,7 +24,8 @@ Kernels (float32 and float64; a float16 or bfloat16 kernel is its float32 twin r
   ``cross_entropy`` (one loss per row): the generic tensor expression scheduled row by row (``rowwise``):
   rows in parallel, every intermediate computed for one row at a time, row sums over a static extent in 8
   vector lanes, float32 ``exp`` as a vectorizable polynomial.
-- ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``); its
+- ``fused_attention``: blocks of query rows against register-tiled key chunks (``attention.py``; in bfloat16 on a
+  CPU with bfloat16 dot products, Q K^T and P V on ``vdpbf16ps``, the decode form widening as other halves do); its
   backward's ops (``attention_lse``, ``attention_grad_q``, ``attention_grad_kv``): blocks of rows against
   every column, nothing of (batch, heads, q_len, k_len) kept (``attention.py``).
 - ``update_slice`` in place (``write_slice``), for caches the executor donates.
@@ -71,11 +72,22 @@ def _dense_linear(spec, dv, tiles):
                  activation=spec.attrs.get("activation", "none"))
 
 
-def _attention(block_of):
+def _attention(block_of, dot: bool = False):
     def build(spec, dv, tiles):
         return attention(spec.attrs, list(spec.in_types), spec.out_type, dv, block=block_of(tiles),
-                         lanes=tiles.attention[1])
+                         lanes=tiles.attention[1], dot=dot)
     return build
+
+
+def _is_bf16_attention(spec, tiles) -> bool:
+    """bfloat16 q, k, v and output on a CPU with bfloat16 dot products, q and k's head dim even (at least two pairs)
+    and v's a multiple of the instruction's 16 lanes."""
+    q, v = spec.in_types[0], spec.in_types[2]
+    d, dv = q.shape[-1], v.shape[-1]
+    return (tiles.bf16_dot is not None and tiles.attention[1] % PANEL_WIDTH == 0
+            and all(str(t.dtype) == "bfloat16" for t in (*spec.in_types[:3], spec.out_type))
+            and isinstance(d, int) and d % BF16_GROUP == 0 and d > BF16_GROUP
+            and isinstance(dv, int) and dv % PANEL_WIDTH == 0)
 
 
 def _swiglu(spec, dv, tile: tuple) -> tirx.PrimFunc:
@@ -148,6 +160,8 @@ KERNELS = KernelTable(
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_packed_dense(spec.in_types)),
     Row("projection with SwiGLU's gate in the write back", ("swiglu_packed",),
         lambda spec, dv, tiles: _swiglu(spec, dv, tiles.dense), dtypes=FLOATS, guard=_is_gated),
+    Row("bfloat16 attention on bfloat16 dot products: blocks of query rows", ("fused_attention",),
+        _attention(lambda tiles: tiles.attention[0], dot=True), dtypes=("bfloat16",), guard=_is_bf16_attention),
     Row("attention: blocks of query rows", ("fused_attention",), _attention(lambda tiles: tiles.attention[0]),
         dtypes=FLOATS, guard=_same_float),
     Row("attention backward: blocks of rows", ("attention_lse", "attention_grad_q", "attention_grad_kv"),
