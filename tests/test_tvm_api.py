@@ -214,12 +214,15 @@ def test_tiles_measured_on_this_cpu_are_used_by_its_builds_only(tmp_path, monkey
         assert tuple(tile) in tile_tuning.CANDIDATES[table.isa][field]
         assert record["gflops"][field][f"{tile[0]}x{tile[1]}"] > 0
     assert "tiles measured here" in CliRunner().invoke(main, ["targets"]).output
-    # a record choosing other tiles: this CPU's builds take them and still match the interpreter
+    # a record choosing other tiles: this CPU's builds take them (not the kernels cached from the measured ones)
+    # and still match the interpreter
+    assert ag.compile("encoder-tiny", target=LLVMTarget()).kernels.library
     other = {"attention": [4, 16], "dense": [2, 32] if table.isa == "avx2" else [8, 32]}
     path = tile_tuning.record_path()
     with open(path, "w") as f:
         json.dump({**record, "tiles": other}, f)
     tuned = LLVMTarget()
+    assert not ag.compile("encoder-tiny", target=tuned).kernels.cached
     assert tuned.tiles == dataclasses.replace(table, attention=(4, 16), dense=tuple(other["dense"]))
     assert tuned.describe()["tiles"]["attention"] == (4, 16)
     assert tile_tuning.measured_tiles() == other

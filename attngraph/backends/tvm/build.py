@@ -110,7 +110,7 @@ def build_kernels(g: Graph, target="llvm", *, progress: Progress | None = None, 
             if sizes:
                 kernels.variants[spec.name] = [(d, spec.name + "__" + "_".join(f"{k}{v}" for k, v in d.items()))
                                                for d in sizes]
-    key = cache.module_key([tuple(s) for s in specs], str(target.tvm_target), extra)
+    key = cache.module_key([tuple(s) for s in specs], target.cache_key(), extra)
     path = cache.lookup(key, target.library_name)
     if path is not None:
         kernels.device = open_or_compile_only(target, path, cache.functions(path), device)

@@ -83,6 +83,10 @@ class Target:
         """What the kernel table's builds read besides the kernel: the target itself by default."""
         return self
 
+    def cache_key(self) -> str:
+        """What besides its kernels decides this target's compiled module (the compile cache's key): the TVM target."""
+        return str(self.tvm_target)
+
     def kernel(self, spec, dv):
         """The hand-written kernel for ``spec`` (a scheduled PrimFunc), or None: the generic lowering
         with ``schedule`` serves it."""

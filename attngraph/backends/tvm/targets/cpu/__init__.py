@@ -53,6 +53,9 @@ class LLVMTarget(Target):
     def kernel_context(self):
         return self.tiles  # the register tiles of this CPU's vector instruction set
 
+    def cache_key(self) -> str:  # the tiles too: ``attngraph tune-tiles`` changes the kernels of later builds
+        return f"{super().cache_key()};tiles={self.tiles}"
+
     # A kernel over float16 or bfloat16 storage is the float32 kernel's twin, retyped (``half.py``), where a row
     # serves only float32; the kernels that move bfloat16 as it is (and the generic schedule) run serially
     # over it (``scalar_bfloat16``).
