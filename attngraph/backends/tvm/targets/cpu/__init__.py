@@ -94,6 +94,9 @@ class LLVMTarget(Target):
             if missing:
                 raise DeviceUnavailable(f"kernels built for CPU {self.cpu} (target llvm:{self.cpu}) use instructions "
                                         f"this CPU lacks: {', '.join(missing)}; build with --target llvm to run them here")
+        if self.tiles.amx and not isa.request_amx():
+            raise DeviceUnavailable("this process was refused AMX state (arch_prctl ARCH_REQ_XCOMP_PERM: Linux 5.16 or "
+                                    "later grants it), which the AMX kernels need; build without ATTNGRAPH_AMX=1")
         return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
     def check_manifest(self, manifest, path):
@@ -119,6 +122,8 @@ class LLVMTarget(Target):
             f"CPU {self.cpu} ({self.tiles.isa} kernels{self._dot_note()})"
 
     def _dot_note(self) -> str:
+        if self.tiles.amx:
+            return ", bfloat16 projections on AMX tiles (ATTNGRAPH_AMX=1: not yet run on a CPU with AMX)"
         return ", bfloat16 projections on vdpbf16ps" if self.tiles.bf16_dot else ""
 
     def describe(self):

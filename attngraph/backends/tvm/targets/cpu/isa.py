@@ -91,6 +91,28 @@ def _cpuinfo_flags() -> frozenset:
     return frozenset(_norm(x) for x in line.partition(":")[2].split())
 
 
+def request_amx() -> bool:
+    """Ask Linux for this process's AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, once per
+    process, inherited by its forks), without which the first tile instruction stops the process; True when granted
+    (or granted before), False where the CPU has no AMX or the kernel refuses."""
+    if "amxtile" not in _cpuinfo_flags():
+        return False
+    return _amx_granted()
+
+
+@functools.lru_cache(maxsize=1)
+def _amx_granted() -> bool:
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    try:
+        return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_name() -> str:
     """This CPU's name as /proc/cpuinfo gives it ("AMD EPYC", "Intel(R) Xeon(R) Platinum 8488C"), or "?"."""
     try:

@@ -41,6 +41,9 @@ from ...lower.elementwise import ACTIVATIONS
 from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
 from ...shapes import DimVars
 from ..table import ROW_OPS, KernelTable, Row
+from .amx import BLOCK as AMX_BLOCK
+from .amx import STEP as AMX_STEP
+from .amx import dense_amx
 from .attention import attention, attention_backward
 from .dot import dense_bf16, weight_grad_bf16
 from .fastmath import fast_math
@@ -117,6 +120,13 @@ def _is_bf16_dot(spec, tiles) -> bool:
             and all(str(t.dtype) == "bfloat16" for t in (*spec.in_types, spec.out_type)))
 
 
+def _is_amx(spec, tiles) -> bool:
+    """A bfloat16 projection over pair panels whose K and N are multiples of 32, where the AMX kernel is on."""
+    w = spec.in_types[1]
+    return (tiles.amx and _is_bf16_dot(spec, tiles) and w.rank == 4 and w.shape[1] * BF16_GROUP % AMX_STEP == 0
+            and spec.out_type.shape[-1] % AMX_BLOCK == 0)
+
+
 def _is_gated(spec, tiles=None) -> bool:
     """``swiglu_packed`` over panels of PANEL_WIDTH whose halves are whole panels each."""
     return _same_float(spec) and _is_packed_dense(spec.in_types) and spec.attrs["n"] % PANEL_WIDTH == 0
@@ -152,6 +162,10 @@ KERNELS = KernelTable(
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _static(spec.out_type.shape)),
     Row("projection with bias and activation", ("linear",), _dense_linear,
         dtypes=FLOATS, guard=lambda spec, tiles: _same_float(spec) and _is_dense(spec.in_types)),
+    Row("bfloat16 projection on AMX tiles (opt-in: not yet run on a CPU with AMX)", ("linear_packed",),
+        lambda spec, dv, tiles: dense_amx(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 3,
+                                          activation=spec.attrs.get("activation", "none")),
+        dtypes=("bfloat16",), guard=_is_amx),
     Row("bfloat16 projection on the CPU's bfloat16 dot products", ("linear_packed",), _bf16_dot(0),
         dtypes=("bfloat16",), guard=_is_bf16_dot),
     Row("projection over packed weight panels", ("linear_packed",),

@@ -43,6 +43,9 @@ class CpuTiles:
     #: the bfloat16 projection on the CPU's bfloat16 dot products (``dot.py``), where it has them: its tiles
     #: (rows, columns) for the main form, a few rows and one row
     bf16_dot: tuple | None = None
+    #: the bfloat16 projection on AMX tiles (``amx.py``): compiled, not yet run on a CPU with AMX, so only where the
+    #: CPU has AMX-BF16 and the user asked for it (``AMX_OPT_IN``)
+    amx: bool = False
 
 
 # AVX2 (16 ymm registers), 1 thread, transformer-base shapes, 1024 rows: 6 x 16 over packed panels ran
@@ -74,10 +77,19 @@ AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), 
 AVX512_BF16 = dataclasses.replace(AVX512, bf16_dot=((4, 64), (2, 64), (1, 64)))
 
 
+#: The environment variable that turns the AMX kernels on (``1``) where the CPU has AMX-BF16
+AMX_OPT_IN = "ATTNGRAPH_AMX"
+
+
 def cpu_tiles(target) -> CpuTiles:
     """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the bfloat16 dot products'
-    where it has ``avx512bf16``), else AVX2's."""
+    where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
+    import os
+
     from tvm.target import codegen
     if target is None or not codegen.target_has_features("avx512f", target):
         return AVX2
-    return AVX512_BF16 if codegen.target_has_features("avx512bf16", target) else AVX512
+    if not codegen.target_has_features("avx512bf16", target):
+        return AVX512
+    amx = os.environ.get(AMX_OPT_IN) == "1" and codegen.target_has_features("amx-bf16", target)
+    return dataclasses.replace(AVX512_BF16, amx=True) if amx else AVX512_BF16

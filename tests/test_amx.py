@@ -1,0 +1,113 @@
+"""The bfloat16 projection on AMX tiles (``targets/cpu/amx.py``), behind ``ATTNGRAPH_AMX=1`` until it has run on a CPU
+with AMX: on every CPU it is built for one that has AMX (``llvm:sapphirerapids``) and its instructions read; where this
+CPU has AMX, it runs against the float64 reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+import attngraph as ag  # noqa: E402
+from attngraph.backends import DeviceUnavailable  # noqa: E402
+from attngraph.backends.tvm.plan import FEW_ROWS, KernelSpec  # noqa: E402
+from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
+from attngraph.backends.tvm.targets import get_target  # noqa: E402
+from attngraph.backends.tvm.targets.cpu import LLVMTarget, isa, kernels  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.tiles import AMX_OPT_IN, AVX512_BF16, cpu_tiles  # noqa: E402
+from attngraph.ir import TensorType as T  # noqa: E402
+from attngraph.ir import dims as D  # noqa: E402
+from attngraph.ir import ops as O  # noqa: E402
+
+BF16 = "bfloat16"
+AMX = dataclasses.replace(AVX512_BF16, amx=True)
+SAPPHIRE = "llvm:sapphirerapids"
+HERE_HAS_AMX = isa.request_amx()
+
+
+def projection(k: int, n: int, bias: bool, activation: str = "none", lead=("batch", "seq")):
+    x = T((*lead, k), BF16)
+    w = O.get("pack_panels").infer([T((k, n), BF16)], {"width": 16, "dtype": None, "interleave": 2})
+    ts = [x, w] + ([T((n,), BF16)] if bias else [])
+    attrs = {**O.get("linear_packed").defaults, "n": n, "activation": activation}
+    return KernelSpec("k", "linear_packed", attrs, tuple(ts), O.get("linear_packed").infer(ts, attrs))
+
+
+def asm_of(func, target=SAPPHIRE) -> str:
+    lib = tvm.compile(tvm.IRModule({"k": func.with_attr("global_symbol", "k")}), target=get_target(target).tvm_target)
+    return lib.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("lead", [("batch", "seq"), ("rows",)])
+def test_compiles_to_tile_instructions_for_a_cpu_that_has_them(lead):
+    # the micro-kernel as built: the tile configuration loaded, C, A and B tiles loaded, 4 tile products per 32 K
+    # values, C stored, the tiles released (K = 64: two steps, which LLVM unrolls)
+    f = kernels.KERNELS.kernel(projection(64, 96, True, "gelu", lead), DimVars(), AMX)
+    assert f is not None and "attngraph_amx_bf16_32x32" in f.script()
+    asm = asm_of(f)
+    counts = {i: asm.count(i) for i in ("ldtilecfg", "tdpbf16ps", "tilestored", "tilerelease")}
+    assert counts["ldtilecfg"] == counts["tilerelease"] == 1 and counts["tilestored"] == 4, counts
+    assert counts["tdpbf16ps"] in (4, 8), counts
+
+
+def test_chosen_only_where_asked_and_the_shape_suits():
+    spec = projection(64, 96, True)
+    assert "attngraph_amx" not in kernels.KERNELS.kernel(spec, DimVars(), AVX512_BF16).script()
+    for other in (projection(48, 96, True), projection(64, 80, True)):  # K or N not a multiple of 32
+        f = kernels.KERNELS.kernel(other, DimVars(), AMX)
+        assert "attngraph_amx" not in f.script() and "attngraph_dpbf16ps" in f.script()
+    few = kernels.KERNELS.forms(spec, DimVars(), AMX)[FEW_ROWS]  # a decode step's rows: the dot-product kernel
+    assert "attngraph_amx" not in few.script() and "attngraph_dpbf16ps" in few.script()
+
+
+def test_opt_in_by_environment_and_cpu(monkeypatch):
+    sapphire = tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})
+    assert not cpu_tiles(sapphire).amx
+    monkeypatch.setenv(AMX_OPT_IN, "1")
+    assert cpu_tiles(sapphire) == AMX
+    assert not cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})).amx  # no AMX there
+    target = LLVMTarget("sapphirerapids")
+    assert "AMX tiles" in target.availability()[2]
+
+
+def test_a_bfloat16_build_lowers_its_projections_onto_tiles(monkeypatch):
+    from attngraph.backends.tvm.build import lower_kernels
+    from attngraph.backends.tvm.plan import plan_kernels
+    monkeypatch.setenv(AMX_OPT_IN, "1")
+    g = ag.compile("encoder-tiny", target=SAPPHIRE, dtype=BF16).graph  # compile-only where this CPU lacks AMX
+    specs, _ = plan_kernels(g)
+    lowered, _ = lower_kernels(g, SAPPHIRE, plan=plan_kernels(g))
+    scripts = [lowered[s.name].script() for s in specs if s.op == "linear_packed"]
+    assert scripts and any("attngraph_amx" in s for s in scripts)
+
+
+def test_refused_where_linux_does_not_grant_the_tile_state(monkeypatch):
+    monkeypatch.setenv(AMX_OPT_IN, "1")
+    monkeypatch.setattr(isa, "missing_here", lambda cpu: [])
+    monkeypatch.setattr(isa, "request_amx", lambda: False)
+    with pytest.raises(DeviceUnavailable, match="refused AMX state"):
+        LLVMTarget("sapphirerapids").open_device(None)
+
+
+@pytest.mark.skipif(not HERE_HAS_AMX, reason="this CPU has no AMX (or Linux refused its state): compile-only here")
+@pytest.mark.parametrize("k,n,bias,activation", [(64, 96, True, "gelu"), (32, 32, False, "none"), (96, 64, True, "relu")])
+def test_kernel_against_float64(k, n, bias, activation):
+    spec = projection(k, n, bias, activation)
+    f = kernels.KERNELS.kernel(spec, DimVars(), AMX)
+    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=get_target("llvm").tvm_target)["k"]
+    rng = np.random.default_rng(k + n)
+    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}, {"batch": 3, "seq": 64}):
+        x = rng.standard_normal((sizes["batch"], sizes["seq"], k)).astype(ml_dtypes.bfloat16)
+        w = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+        args = [x, O.get("pack_panels").ref(w, width=16, interleave=2)]
+        if bias:
+            args.append(rng.standard_normal(n).astype(ml_dtypes.bfloat16))
+        want = O.get("linear").ref(x.astype(np.float64), w.astype(np.float64),
+                                   args[2].astype(np.float64) if bias else None, activation=activation)
+        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
+        fn(*[tvm.runtime.tensor(a) for a in args], out)
+        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
