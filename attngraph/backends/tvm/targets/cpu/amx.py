@@ -37,6 +37,7 @@ BF16, F32 = "bfloat16", "float32"
 #: rows and columns of the micro-kernel's block (2 x 2 tiles of 16 x 16), and K values per step (a tile's 64 bytes)
 BLOCK, STEP = 32, 32
 HELPER = "attngraph_amx_bf16_32x32"
+LOCAL = "local"  # C's scope (a name: a string in an annotation reads as a type to linters)
 
 LLVM_FUNCTION = f"""
 declare void @llvm.x86.ldtilecfg(ptr)
@@ -112,7 +113,7 @@ def _intrin(k: int) -> str:
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((BLOCK, k), BF16, offset_factor=1),
              b: T.Buffer((2, pairs, PANEL_WIDTH, BF16_GROUP), BF16, offset_factor=1),
-             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope="local")):
+             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:BLOCK, 0:2, 0:PANEL_WIDTH], a[0:BLOCK, 0:k], b[0:2, 0:pairs, 0:PANEL_WIDTH, 0:BF16_GROUP])
             T.writes(c[0:BLOCK, 0:2, 0:PANEL_WIDTH])
@@ -125,7 +126,7 @@ def _intrin(k: int) -> str:
     @T.prim_func(s_tir=True)
     def impl(a: T.Buffer((BLOCK, k), BF16, offset_factor=1),
              b: T.Buffer((2, pairs, PANEL_WIDTH, BF16_GROUP), BF16, offset_factor=1),
-             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope="local")):
+             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
             T.reads(c[0:BLOCK, 0:2, 0:PANEL_WIDTH], a[0:BLOCK, 0:k], b[0:2, 0:pairs, 0:PANEL_WIDTH, 0:BF16_GROUP])
             T.writes(c[0:BLOCK, 0:2, 0:PANEL_WIDTH])
