@@ -1,5 +1,5 @@
-"""This machine's float32 peak, measured: ``peak_gflops(threads)``; and its bfloat16 dot-product peak where it has
-AVX512_BF16 (``bf16_peak_gflops``).
+"""This machine's float32 peak, measured: ``peak_gflops(threads)``; its bfloat16 dot-product peak where it has
+AVX512_BF16 (``peak_gflops(bf16=True)``) and its AMX bfloat16 peak where it has AMX (``amx_peak_gflops``).
 
     TVM_NUM_THREADS=2 python bench/peak.py
 
@@ -9,7 +9,9 @@ multiply-add two million times, nothing read from memory.  That is the fused mul
 throughput the cores reach at the clock they run at under load, i.e. the ceiling that a matmul
 kernel's GFLOP/s is quoted against.  Seen here: 198 GFLOP/s on 2 cores of an AVX2 Xeon, about 350 on
 2 cores of an AVX-512 Xeon (Emerald Rapids).  The bfloat16 probe is the same with ``vdpbf16ps`` for the multiply-add
-(32 multiply-adds an instruction, through the LLVM function the kernels use: ``targets/cpu/dot.py``).
+(32 multiply-adds an instruction, through the LLVM function the kernels use: ``targets/cpu/dot.py``).  The AMX probe:
+on each thread, ``tdpbf16ps`` over 4 accumulator tiles (16 x 16 float32 each) from 2 A and 2 B tiles loaded once,
+16 x 16 x 32 multiply-adds an instruction (not yet run: no development machine has had AMX).
 """
 
 from __future__ import annotations
@@ -84,6 +86,81 @@ def peak_gflops(threads: int | None = None, cpu: str | None = None, bf16: bool =
     return best
 
 
+#: ``tdpbf16ps`` on tiles loaded once: 4 tile products an iteration, ``%n`` iterations (the configuration as the AMX
+#: kernel's, ``targets/cpu/amx.py``)
+AMX_PROBE = """
+declare void @llvm.x86.ldtilecfg(ptr)
+declare void @llvm.x86.tilezero(i8 immarg)
+declare void @llvm.x86.tdpbf16ps(i8 immarg, i8 immarg, i8 immarg)
+declare void @llvm.x86.tilerelease()
+define internal void @attngraph_amx_probe(i64 %n) #0 {
+entry:
+  %cfg = alloca [64 x i8], align 64
+  store <64 x i8> zeroinitializer, ptr %cfg, align 64
+  store i8 1, ptr %cfg
+  %colsb = getelementptr i8, ptr %cfg, i64 16
+  store <8 x i16> <i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64>, ptr %colsb, align 1
+  %rows = getelementptr i8, ptr %cfg, i64 48
+  store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows, align 1
+  call void @llvm.x86.ldtilecfg(ptr %cfg)
+  call void @llvm.x86.tilezero(i8 0)
+  call void @llvm.x86.tilezero(i8 1)
+  call void @llvm.x86.tilezero(i8 2)
+  call void @llvm.x86.tilezero(i8 3)
+  call void @llvm.x86.tilezero(i8 4)
+  call void @llvm.x86.tilezero(i8 5)
+  call void @llvm.x86.tilezero(i8 6)
+  call void @llvm.x86.tilezero(i8 7)
+  br label %loop
+loop:
+  %i = phi i64 [ 0, %entry ], [ %i1, %loop ]
+  call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
+  call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)
+  call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)
+  call void @llvm.x86.tdpbf16ps(i8 3, i8 5, i8 7)
+  %i1 = add i64 %i, 1
+  %done = icmp eq i64 %i1, %n
+  br i1 %done, label %exit, label %loop
+exit:
+  call void @llvm.x86.tilerelease()
+  ret void
+}
+attributes #0 = { nounwind "target-features"="+amx-tile,+amx-bf16" }
+"""
+#: multiply-adds of one tile product: 16 rows x 16 columns x 32 K values
+AMX_TILE_PRODUCT = 16 * 16 * 32
+
+
+def _amx_probe(threads: int, iterations: int):
+    """PrimFunc running ``iterations`` rounds of 4 tile products on each of ``threads`` threads."""
+    from tvm import tirx
+    t = tirx.Var("t", "int64")
+    call = tirx.Evaluate(tirx.call_extern("void", "attngraph_amx_probe", tirx.IntImm("int64", iterations)))
+    body = tirx.For(t, tirx.IntImm("int64", 0), tirx.IntImm("int64", threads), tirx.ForKind.PARALLEL, call)
+    body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", AMX_PROBE, body)
+    return tirx.PrimFunc([], body).with_attr("global_symbol", "peak")
+
+
+def amx_peak_gflops(threads: int | None = None, iterations: int = ITERATIONS // 8) -> float:
+    """bfloat16 GFLOP/s of ``threads`` cores doing nothing but AMX tile products (a CPU with AMX-BF16 whose Linux
+    grants the tile state), counting each product and each addition."""
+    import tvm
+
+    from attngraph.backends.tvm.targets import get_target
+    from attngraph.backends.tvm.targets.cpu import isa
+    threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1"))
+    if not isa.request_amx():
+        raise ValueError("this CPU has no AMX, or Linux refused this process the tile state")
+    run = tvm.compile(tvm.IRModule({"peak": _amx_probe(threads, iterations)}), target=get_target("llvm").tvm_target)["peak"]
+    run()
+    best = 0.0
+    for _ in range(9):
+        start = time.perf_counter()
+        run()
+        best = max(best, 2.0 * 4 * AMX_TILE_PRODUCT * iterations * threads / (time.perf_counter() - start) / 1e9)
+    return best
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TVM_NUM_THREADS", "2")
     n = int(os.environ["TVM_NUM_THREADS"])
@@ -94,3 +171,7 @@ if __name__ == "__main__":
           f"{peak_gflops(n):.0f} GFLOP/s")
     if get_target("llvm").tiles.bf16_dot is not None:
         print(f"bfloat16 dot-product peak (vdpbf16ps), {n} threads: {peak_gflops(n, bf16=True):.0f} GFLOP/s")
+    if isa.request_amx():
+        print(f"AMX bfloat16 peak (tdpbf16ps), {n} threads: {amx_peak_gflops(n):.0f} GFLOP/s")
+    else:
+        print("AMX: none on this CPU")

@@ -513,6 +513,8 @@ def transpose_blocks(in_types, out_type: TensorType, dim_vars: DimVars, block: i
     out = lower("transpose", {"perm": tuple(range(out_type.rank - 2)) + (out_type.rank - 1, out_type.rank - 2)},
                 [x], out_type, dim_vars, name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
+    for stage in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:  # a half type's widening and the transpose in
+        sch.compute_inline(stage)                                     # float32: into the copy, not passes of their own
     ob = sch.get_sblock("out")
     *lead, a, b = sch.get_loops(ob)
     ao, ai = sch.split(a, [None, block])
