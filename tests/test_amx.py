@@ -111,3 +111,26 @@ def test_kernel_against_float64(k, n, bias, activation):
         out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
         fn(*[tvm.runtime.tensor(a) for a in args], out)
         np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
+
+
+def _peak_module():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "peak.py")
+    spec = importlib.util.spec_from_file_location("peak", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peak_probe_compiles_for_a_cpu_that_has_amx():
+    # bench/peak.py's AMX probe: 4 tile products an iteration in a loop, the tiles configured and released once
+    peak = _peak_module()
+    lib = tvm.compile(tvm.IRModule({"peak": peak._amx_probe(2, 10)}), target=get_target(SAPPHIRE).tvm_target)
+    asm = lib.mod.inspect_source("asm")
+    assert asm.count("tdpbf16ps") >= 4 and asm.count("ldtilecfg") == 1 and asm.count("tilerelease") == 1
+
+
+@pytest.mark.skipif(not HERE_HAS_AMX, reason="this CPU has no AMX (or Linux refused its state): compile-only here")
+def test_peak_probe_runs():
+    assert _peak_module().amx_peak_gflops(1, iterations=10_000) > 0
