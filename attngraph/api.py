@@ -48,7 +48,7 @@ def _graph_of(model) -> tuple[Graph, object]:
 def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: str = "llvm", opt_level: int = 3,
             seed: int = 0, progress=None, tuning_db: str | None = None, weight_dtype: str | None = None,
             device: str | None = None, checkpoint: bool = False, dtype: str | None = None, disable=(),
-            verify_each: bool = False):
+            verify_each: bool = False, quantize: str | None = None):
     """Optimize ``model`` at ``opt_level`` and compile it for ``target``, in memory: a callable
     ``CompiledModel`` (``model.kernels`` says how it was built); ``target="numpy"``: an ``InterpretedModel``,
     the graph run by the reference interpreter behind the same call (``dtype="float64"``: in float64).  ``params`` default to seeded random
@@ -58,15 +58,16 @@ def compile(model, params: Mapping[str, np.ndarray] | None = None, *, target: st
     own (``"emulator"``: a cuda build on the CUDA source emulator, here, without a GPU); ``checkpoint``: a
     training step recomputes each layer's values in its backward instead of keeping them (``passes.checkpoint``);
     ``dtype="float16"`` or ``"bfloat16"``: the model's weights and activations in that type, its arithmetic in
-    float32 (``passes.precision``); ``disable``, ``verify_each``: see ``passes.optimize``."""
+    float32 (``passes.precision``); ``disable``, ``verify_each``: see ``passes.optimize``; ``quantize="int8"``: the
+    projections in int8 (llvm: weights per column, activations per row, int32 sums; ``targets/cpu/ops.py``)."""
     tgt, dtype, precision = _checked(target, device=device, tuning_db=tuning_db, weight_dtype=weight_dtype,
-                                     dtype=dtype)
+                                     dtype=dtype, quantize=quantize)
     return _compile(*_graph_of(model), params, tgt, opt_level=opt_level, seed=seed, progress=progress,
                     tuning_db=tuning_db, weight_dtype=weight_dtype, device=device, checkpoint=checkpoint, dtype=dtype,
-                    precision=precision, disable=disable, verify_each=verify_each)
+                    precision=precision, disable=disable, verify_each=verify_each, quantize=quantize)
 
 
-def _checked(target: str, *, device, tuning_db, weight_dtype, dtype):
+def _checked(target: str, *, device, tuning_db, weight_dtype, dtype, quantize=None):
     """(the Target or None for the interpreter, the model's dtype, the interpreter's precision or None), the
     options checked against the target before any work."""
     from .backends.interpreter import NUMPY
@@ -75,7 +76,7 @@ def _checked(target: str, *, device, tuning_db, weight_dtype, dtype):
     tgt = None if interpreted else get_target(target)  # an unknown target fails before any work
     if interpreted:
         given = [name for name, value in (("device", device), ("tuning_db", tuning_db)) if value] + \
-            (["weight_dtype"] if weight_dtype not in (None, "float32") else [])
+            (["weight_dtype"] if weight_dtype not in (None, "float32") else []) + (["quantize"] if quantize else [])
         if given:
             raise BuildError(f"target numpy (the interpreter) compiles no kernels: {', '.join(given)} does not apply")
         if dtype == "float64":  # the interpreter's own precision: the oracle's
@@ -91,11 +92,15 @@ def _checked(target: str, *, device, tuning_db, weight_dtype, dtype):
         raise BuildError(f"target {target} cannot build a model in {dtype}"
                          + (f": {tgt.half_dtypes_note}" if tgt.half_dtypes_note else "")
                          + f"; it builds {', '.join(('float32',) + tgt.half_dtypes)}")
+    if quantize and dtype not in (None, "float32"):
+        raise BuildError(f"quantize {quantize} quantizes a float32 model's projections, not a {dtype} one")
+    if not interpreted:
+        tgt.layout_passes(weight_dtype, quantize)  # the target refuses what it cannot build, before any work
     return tgt, dtype, precision if interpreted else None
 
 
 def _compile(graph, module, params, tgt, *, opt_level, seed, progress, tuning_db, weight_dtype, device, checkpoint,
-             dtype, precision, disable=(), verify_each=False):
+             dtype, precision, disable=(), verify_each=False, quantize=None):
     """``compile``'s work once its options are checked: ``tgt`` the Target, or None for the interpreter in
     ``precision``."""
     from .backends.interpreter import InterpretedModel
@@ -114,7 +119,7 @@ def _compile(graph, module, params, tgt, *, opt_level, seed, progress, tuning_db
         graph = to_dtype(graph, dtype)
         params = params_in(params, graph)
     # the level's passes, then the target's layout passes (reported, as every pass)
-    g, report = optimize(graph, opt_level, layout={} if interpreted else tgt.layout_passes(weight_dtype),
+    g, report = optimize(graph, opt_level, layout={} if interpreted else tgt.layout_passes(weight_dtype, quantize),
                          checkpoint=checkpoint, disable=tuple(disable), verify_each=verify_each, seed=seed)
     used = g.params  # a property that walks the graph: once, not per parameter
     params = {k: v for k, v in params.items() if k in used}
@@ -123,13 +128,14 @@ def _compile(graph, module, params, tgt, *, opt_level, seed, progress, tuning_db
     else:
         compiled = compile_graph(g, params, tgt, progress=progress, tuning_db=tuning_db, device=device, layout=False)
     compiled.model_name, compiled.opt_level, compiled.weights_from = graph.name, opt_level, weights_from
+    compiled.quantize = quantize
     compiled.report = report
     return compiled
 
 
 def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | None = None, target: str = "llvm",
           opt_level: int = 3, *, seed: int = 0, progress=None, tuning_db: str | None = None,
-          weight_dtype: str | None = None, dtype: str | None = None) -> dict:
+          weight_dtype: str | None = None, dtype: str | None = None, quantize: str | None = None) -> dict:
     """Optimize and compile ``model`` and write the artifact directory ``out_dir`` (manifest,
     kernels.so, weights.safetensors, graph.json).  Returns the manifest, with the build's timings
     under ``"build"``."""
@@ -141,12 +147,13 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
     from .backends.tvm.stamp import build_stamp, weights_identity
     from .backends.tvm.targets.cpu.tile_tuning import measured_tiles
     start = time.perf_counter()
-    tgt, dtype, _ = _checked(target, device=None, tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
+    tgt, dtype, _ = _checked(target, device=None, tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype,
+                             quantize=quantize)
     with artifact_dir(out_dir):  # held from before the compile: a second build into it fails at once
         graph, module = _graph_of(model)
         options = {"target": target, "opt_level": opt_level, "tuning_db": tuning_db,
                    "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
-                   "tiles": measured_tiles()}  # this CPU's register tiles, where measured (``tune-tiles``)
+                   "quantize": quantize or "none", "tiles": measured_tiles()}  # this CPU's register tiles, where measured (``tune-tiles``)
         stamp = build_stamp(graph, weights_identity(module, params, seed), options)
         manifest = up_to_date(out_dir, stamp)
         if manifest is not None:  # built from the same graph, weights, options, code and CPU: nothing to do
@@ -154,10 +161,11 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
             return manifest
         compiled = _compile(graph, module, params, tgt, opt_level=opt_level, seed=seed, progress=progress,
                             tuning_db=tuning_db, weight_dtype=weight_dtype, device=None, checkpoint=False, dtype=dtype,
-                            precision=None)
+                            precision=None, quantize=quantize)
         kernels = compiled.kernels
         manifest = manifest_of(compiled, kernels, model_name=compiled.model_name, opt_level=opt_level)
         manifest["dtype"] = dtype or "float32"
+        manifest["quantize"] = quantize or "none"
         if stamp is not None:
             manifest["stamp"] = stamp
         manifest = write_artifact(out_dir, compiled, kernels, manifest, held=True)
@@ -193,9 +201,16 @@ class VerifyReport:
     outputs: list[OutputCheck]
     nodes: list[NodeCheck] = field(default_factory=list)
     build: str = ""
+    #: a quantized build's kernels, each run alone on the interpreter's operands (what it is judged by), and its
+    #: outputs against the float32 build's (the quantization's own error, reported)
+    alone: list[NodeCheck] = field(default_factory=list)
+    quantized: str | None = None
+    against_float32: list[OutputCheck] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
+        if self.quantized:  # a value on either side of a rounding step moves by a step: judged kernel by kernel
+            return all(n.check.ok for n in self.alone)
         return all(c.ok for c in self.outputs)
 
     @property
@@ -206,7 +221,7 @@ class VerifyReport:
         """The report as text: build line, one line per output, and the per-node verdict."""
         lines = [self.build] if self.build else []
         lines.append(f"compared with the float64 interpreter at {', '.join(f'{k}={v}' for k, v in self.dims.items())}")
-        lines += [str(c) for c in self.outputs]
+        lines += [c.measured() if self.quantized else str(c) for c in self.outputs]
         if self.nodes:
             bad = self.first_divergence
             worst = max(self.nodes, key=lambda n: n.check.max_rel if np.isfinite(n.check.max_rel) else np.inf)
@@ -221,6 +236,20 @@ class VerifyReport:
                                "nodes' rounding" if bad.alone.ok else "the kernel alone is wrong")
                     lines.append(f"  run alone on the interpreter's operands: max abs error {bad.alone.max_abs:.3g}, "
                                  f"max rel error {bad.alone.max_rel:.3g}: {verdict}")
+        if self.quantized:
+            lines.append(f"{self.quantized}: the outputs are reported, not judged (a value the interpreter's float64 and "
+                         f"the build's float32 round to either side of a quantization step differs by a step, and "
+                         f"carries it on); each kernel is judged alone, on the interpreter's operands")
+            bad = next((n for n in self.alone if not n.check.ok), None)
+            worst = max(self.alone, key=lambda n: n.check.max_rel if np.isfinite(n.check.max_rel) else np.inf,
+                        default=None)
+            if worst is not None:
+                lines.append(f"kernels alone: {len(self.alone)} compared; largest relative error {worst.check.max_rel:.3g} "
+                             f"at %{worst.node} ({worst.op})" + ("" if bad is None else f"; wrong: %{bad.node} = {bad.op} "
+                                                                   f"(kernel {bad.kernel}): {bad.check}"))
+            lines += [f"against the float32 build: {c.measured()}" for c in self.against_float32]
+            lines.append("PASS" if self.ok else "FAIL: a kernel alone differs from the interpreter beyond the tolerance")
+            return "\n".join(lines)
         lines.append("PASS" if self.ok else "FAIL: compiled outputs differ from the interpreter beyond the tolerance")
         return "\n".join(lines)
 
@@ -228,7 +257,7 @@ class VerifyReport:
 def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[str, np.ndarray] | None = None,
            inputs: Mapping[str, np.ndarray] | None = None, dims: Mapping[str, int] | None = None, seed: int = 0,
            per_node: bool = False, progress=None, weight_dtype: str | None = None,
-           device: str | None = None, dtype: str | None = None) -> VerifyReport:
+           device: str | None = None, dtype: str | None = None, quantize: str | None = None) -> VerifyReport:
     """Compile ``model`` (or load an artifact directory) and compare it with the float64 interpreter
     on the same inputs and weights (given, or seeded random at the model's default dims, overridden by
     ``dims``: each a dim of the model's inputs, else ``InputError``).
@@ -248,10 +277,11 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
         compiled = load_artifact(model, device)
         m = compiled.manifest
         name, target, opt_level = m["model"], m["target"], m["opt_level"]
+        quantize = None if m.get("quantize", "none") == "none" else m["quantize"]
         how = f"loaded {model}: {name} for {target} at -O{opt_level}" + (f" on the {device}" if device else "")
     else:
         compiled = compile(model, params, target=target, opt_level=opt_level, seed=seed, progress=progress,
-                           weight_dtype=weight_dtype, device=device, dtype=dtype)
+                           weight_dtype=weight_dtype, device=device, dtype=dtype, quantize=quantize)
         name = compiled.model_name
         k = compiled.kernels
         how = (f"built {name} for {target} at -O{opt_level}: {compiled.kernel_count} kernel calls, "
@@ -268,10 +298,20 @@ def verify(model, *, target: str = "llvm", opt_level: int = 3, params: Mapping[s
     bound = bind_dims(graph.input_types(), inputs)
     got_nodes, want_nodes = {}, {}
     observe_got = (lambda n, v: got_nodes.__setitem__(n.id, v)) if per_node else None
-    observe_want = (lambda n, v: want_nodes.__setitem__(n.id, v)) if per_node else None
+    observe_want = (lambda n, v: want_nodes.__setitem__(n.id, v)) if per_node or quantize else None
     got = compiled(inputs, observe=observe_got)
     want = InterpretedModel(graph, params, "float64")(inputs, observe=observe_want)
-    report = VerifyReport(name, target, opt_level, bound, verify_outputs(got, want), build=how)
+    report = VerifyReport(name, target, opt_level, bound, verify_outputs(got, want), build=how, quantized=quantize)
+    if quantize:
+        for step in compiled.steps:
+            if step.kind == "kernel":
+                n = graph.node(step.node)
+                alone = compiled.run_kernel(step.node, [want_nodes[o] for o in graph.operands(step.node)], bound)
+                report.alone.append(NodeCheck(n.name, n.op, step.kernel, compare(n.name, alone, want_nodes[step.node])))
+        if not (isinstance(model, str) and is_artifact(model)):  # the same model unquantized: the quantization's error
+            wide = compile(model, params, target=target, opt_level=opt_level, seed=seed, weight_dtype=weight_dtype,
+                           device=device, dtype=dtype)(inputs)
+            report.against_float32 = verify_outputs(got, {k: np.asarray(v, np.float64) for k, v in wide.items()})
     if per_node:
         for step in compiled.steps:
             if step.kind != "kernel":

@@ -52,6 +52,11 @@ weight_dtype_option = click.option(
     "--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
     help="Store the projection weights in this dtype (llvm; float16 halves what a decode step reads, computed "
          "in float32; verify then checks the kernels against the same rounded weights).")
+quantize_option = click.option(
+    "--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+    help="int8: the projections quantized (llvm): weights per output column, activations per row at each call, "
+         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it); verify judges each kernel alone and reports the "
+         "error against the float32 build.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 dtype_option = click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
@@ -81,8 +86,10 @@ def device_source(out_dir: str, manifest: dict) -> str:
               help="Also write the generated device source (CUDA C for cuda, WGSL for vulkan) to this file.")
 @weight_dtype_option
 @dtype_option
+@quantize_option
 @user_errors
-def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype, dtype):
+def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db, dump_path, weight_dtype, dtype,
+          quantize):
     """Optimize and compile MODEL into an artifact directory: manifest.json, the kernel library
     (kernels.so; kernels.wgsl.json for vulkan), weights.safetensors, graph.json.  Run it with
     'attngraph run DIR', check it with 'attngraph verify DIR'.  A rebuild of an unchanged DIR (the same model,
@@ -108,7 +115,8 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
-                             tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype)
+                             tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype,
+                             quantize=None if quantize == "none" else quantize)
     b = manifest["build"]
     if b["up_to_date"]:
         click.echo(f"{out_dir} is up to date: {manifest['model']} for {target} at -O{opt_level}, built from the same "
@@ -154,9 +162,11 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
                    "that diverges.")
 @weight_dtype_option
 @dtype_option
+@quantize_option
 @device_option
 @user_errors
-def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, dtype, device):
+def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims, per_node, weight_dtype, dtype, quantize,
+           device):
     """Compile MODEL (or a DIR attngraph train wrote; or load an artifact DIR) and compare its outputs with the
     float64 interpreter on the same inputs and weights: max abs and rel error per output, PASS/FAIL at float32
     rtol 1e-4, atol 1e-5; float16 1e-2, 1e-2 and bfloat16 4e-2, 4e-2, the interpreter rounding each value to
@@ -172,7 +182,7 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     if weights_path and is_artifact(model):
         raise click.BadParameter("an artifact carries its weights; rebuild it to change them", param_hint="--weights")
     if is_artifact(model):
-        artifact_options(model, ["target", "arch", "opt_level", "weight_dtype", "dtype"])
+        artifact_options(model, ["target", "arch", "opt_level", "weight_dtype", "dtype", "quantize"])
     target = target_name(target, arch)
     params = load_weights(weights_path) if weights_path else None
     from .train.trainer import is_training_dir
@@ -186,7 +196,8 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
                             dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress,
-                            weight_dtype=weight_dtype, device=device, dtype=dtype)
+                            weight_dtype=weight_dtype, device=device, dtype=dtype,
+                            quantize=None if quantize == "none" else quantize)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)

@@ -26,6 +26,10 @@ class OutputCheck:
         return (f"{self.name}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g} "
                 f"(tolerance rtol {self.rtol:g}, atol {self.atol:g}): {verdict}{self.note}")
 
+    def measured(self) -> str:
+        """The errors alone, without a verdict (what a quantized build's outputs get: ``api.VerifyReport``)."""
+        return f"{self.name}: max abs error {self.max_abs:.3g}, max rel error {self.max_rel:.3g}{self.note}"
+
 
 def same_nonfinite(got: np.ndarray, want: np.ndarray) -> bool:
     """Whether ``got`` holds the non-finite entries of ``want`` (NaN, +inf, -inf) in the same places and

@@ -21,6 +21,11 @@ drifting speed slows every engine alike: quote the ratios, and repeat what matte
 arithmetic) beside PyTorch eager and torch.compile in it (``module.to(torch.bfloat16)``) and attngraph's float32
 build; ONNX Runtime is left out (its CPU provider has no bfloat16 kernels).  Each engine's error is against PyTorch
 float32, and the half build's time is also given as a share of attngraph float32's.
+
+``--quantize int8``: attngraph's int8 build (``compile(quantize="int8")``: weights per column, activations per row,
+int32 sums) beside ONNX Runtime's ``quantize_dynamic`` (int8 weights) of its fused model, PyTorch's dynamic
+quantization (``torch.ao.quantization.quantize_dynamic`` of its ``nn.Linear`` layers: the attention's projections
+stay float32 there) and attngraph float32; each engine's error is against PyTorch float32.
 """
 
 from __future__ import annotations
@@ -89,9 +94,10 @@ def torch_encoder(params: dict, d: int, heads: int, ff: int, layers: int):
     return enc
 
 
-def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str):
+def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str, quantize: bool = False):
     """An ONNX Runtime session of ``enc`` at this batch and sequence (the exported attention bakes
-    its shapes in), with ORT's transformer fusions applied when its optimizer accepts the model."""
+    its shapes in), with ORT's transformer fusions applied when its optimizer accepts the model; ``quantize``: then
+    quantized by ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations at each call)."""
     import onnxruntime as ort
     import torch
     path = os.path.join(workdir, f"encoder-{batch}x{seq}.onnx")
@@ -111,13 +117,28 @@ def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str):
         path, fused = path + ".opt", "transformers optimizer"
     except Exception as e:  # noqa: BLE001 - plain ORT is still a fair peer; say which one ran
         fused = f"plain (optimizer failed: {type(e).__name__})"
+    if quantize:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        # (the fused model's own ops have no types for the quantizer's shape inference: it is told they are float,
+        # and its warnings about them are kept quiet)
+        import logging
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(path, path + ".int8", weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        finally:
+            logging.getLogger().setLevel(level)
+        path, fused = path + ".int8", fused + ", quantize_dynamic int8"
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), fused
 
 
-def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, dtype: str = "float32") -> list[dict]:
+def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, dtype: str = "float32",
+                quantize: str | None = None) -> list[dict]:
     import torch
 
     from attngraph import api, init_params
@@ -130,14 +151,22 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
     start = time.perf_counter()
     half = dtype != "float32"
     target = f"llvm:{cpu}" if cpu else "llvm"
-    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype if half else None)
-    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 {dtype} build "
+    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype if half else None, quantize=quantize)
+    print(f"\n== {name}: d {d}, heads {heads}, FFN {ff}, {layers} layer(s); attngraph -O3 {quantize or dtype} build "
           f"{time.perf_counter() - start:.1f} s ({len(compiled.kernels.specs)} distinct kernels, "
           f"{compiled.kernel_count} calls{', cached' if compiled.kernels.cached else ''}); {THREADS} threads")
-    base = api.compile(graph, params, target=target, opt_level=3) if half and "attngraph" in engines else None
+    other = half or quantize
+    base = api.compile(graph, params, target=target, opt_level=3) if other and "attngraph" in engines else None
     enc32 = torch_encoder(params, d, heads, ff, layers)
     enc = torch_encoder(params, d, heads, ff, layers).to(getattr(torch, dtype)) if half else enc32
-    imported = imported_encoder(enc32, d, target, dtype if half else None) if IMPORTED in engines else None
+    if quantize:  # PyTorch's dynamic quantization: its nn.Linear layers (the attention's projections stay float32)
+        enc = torch.ao.quantization.quantize_dynamic(torch_encoder(params, d, heads, ff, layers), {torch.nn.Linear},
+                                                     dtype=torch.qint8)
+        # its fused-layer fast path cannot read quantized weights (it fails on them); a layer with a hook takes its
+        # plain forward (one of the conditions PyTorch checks; the global switch is toggled by the export above)
+        for layer in enc.layers:
+            layer.register_forward_pre_hook(lambda module, args: None)
+    imported = imported_encoder(enc32, d, target, dtype if half else None, quantize) if IMPORTED in engines else None
     runners = {}
     with torch.no_grad():
         if "torch.compile" in engines:
@@ -145,7 +174,8 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
         workdir = tempfile.mkdtemp(prefix="bench-ort-")
         rows = []
         for batch, seq in cases:
-            session, ort_kind = ort_session(enc, d, heads, batch, seq, workdir) if "ort" in engines else (None, "")
+            session, ort_kind = ort_session(enc32, d, heads, batch, seq, workdir, bool(quantize)) \
+                if "ort" in engines else (None, "")
             x = np.random.default_rng(1).standard_normal((batch, seq, d)).astype(np.float32)
             want = enc32(torch.from_numpy(x)).numpy()
             xt = torch.from_numpy(x).to(getattr(torch, dtype))  # a half build takes float32 and rounds it itself
@@ -162,7 +192,8 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
             outputs = {"attngraph": lambda: compiled({"x": x})["y"], FLOAT32: lambda: base({"x": x})["y"],
                        "torch": lambda: enc(xt), "torch.compile": lambda: compiled_torch(xt),
                        "ort": lambda: session.run(None, {"x": x})[0], IMPORTED: lambda: imported({"src": x})["output"]}
-            diffs = {e: float(np.abs(as_float32(outputs[e]()) - want).max()) for e in runners if e != "torch" or half}
+            diffs = {e: float(np.abs(as_float32(outputs[e]()) - want).max()) for e in runners
+                     if e != "torch" or other}
             flops = model_flops(d, ff, layers, batch, seq)
             timed = [e for e in engines if e in runners] + ([FLOAT32] if base is not None else [])
             ms = interleaved_ms({e: runners[e] for e in timed}, repeat)
@@ -178,7 +209,7 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
                 ratio += f", imported / DSL {row['imported']:.2f}"
             if base is not None:
                 row["of_float32"] = ms["attngraph"] / ms[FLOAT32]
-                ratio += f", {dtype} / float32 {row['of_float32']:.2f}"
+                ratio += f", {quantize or dtype} / float32 {row['of_float32']:.2f}"
             print(f"batch {batch:2d} seq {seq:4d}: {cells}  {ratio}  "
                   f"[max |diff| vs torch float32: {', '.join(f'{k} {v:.1e}' for k, v in diffs.items())}]"
                   + (f" [ONNX Runtime: {ort_kind}]" if session is not None else ""), flush=True)
@@ -187,7 +218,7 @@ def bench_model(name: str, cases, engines, repeat: int, cpu: str | None = None, 
     return rows
 
 
-def imported_encoder(enc, d: int, target: str, dtype: str | None):
+def imported_encoder(enc, d: int, target: str, dtype: str | None, quantize: str | None = None):
     """``enc`` through ``attngraph.from_torch`` (batch and length symbolic), compiled as the DSL model is."""
     import torch
     from torch.export import Dim
@@ -199,7 +230,7 @@ def imported_encoder(enc, d: int, target: str, dtype: str | None):
                                                                                            1: Dim("seq")}})
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
-    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype)
+    compiled = api.compile(graph, params, target=target, opt_level=3, dtype=dtype, quantize=quantize)
     print(f"imported: torch.nn.TransformerEncoder through torch.export, {compiled.kernel_count} kernel calls")
     return compiled
 
@@ -239,14 +270,21 @@ def hold_torch_to_avx2() -> None:
 @click.option("--repeat", default=5, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Every engine in this type (ONNX Runtime only in float32); a half type adds attngraph float32.")
+@click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "int8"]),
+              help="int8: attngraph's int8 build (compile(quantize='int8')) beside ONNX Runtime's quantize_dynamic "
+                   "and PyTorch's dynamic quantization (torch.compile left out) and attngraph float32.")
 @click.option("--cpu", default=None, metavar="CPU",
               help="Build attngraph for this CPU model (llvm:CPU), e.g. x86-64-v3 for AVX2 kernels on an AVX-512 "
                    "machine; without AVX-512 there, PyTorch's kernels (ATen, MKL, oneDNN, Inductor) are held to "
                    "AVX2 too. ONNX Runtime cannot be held back: it still runs AVX-512.")
-def main(model_names, case_names, engines, repeat, cpu, dtype):
+def main(model_names, case_names, engines, repeat, cpu, dtype, quantize):
     """Benchmark attngraph against PyTorch eager, torch.compile and ONNX Runtime."""
     cases = [tuple(int(v) for v in c.split("x")) for c in case_names] or list(CASES)
-    engines = [e for e in engines.split(",") if e and not (dtype != "float32" and e == "ort")]
+    quantize = None if quantize == "none" else quantize
+    if quantize and dtype != "float32":
+        raise click.BadParameter("--quantize quantizes a float32 model: leave --dtype out")
+    engines = [e for e in engines.split(",") if e and not (dtype != "float32" and e == "ort")
+               and not (quantize and e == "torch.compile")]
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise click.BadParameter(f"unknown engines {sorted(unknown)}; known: {', '.join(ENGINES)}")
@@ -260,7 +298,7 @@ def main(model_names, case_names, engines, repeat, cpu, dtype):
           f"kernels): {peak_gflops(cpu=cpu):.0f} GFLOP/s, measured by bench/peak.py")
     rows = []
     for name in model_names or MODELS:
-        rows += bench_model(name, cases, engines, repeat, cpu, dtype)
+        rows += bench_model(name, cases, engines, repeat, cpu, dtype, quantize)
     ratios = [r["ratio"] for r in rows if r["ratio"]]
     if ratios:
         print(f"\nattngraph / best peer: median {np.median(ratios):.2f}, worst {max(ratios):.2f} "
@@ -270,7 +308,7 @@ def main(model_names, case_names, engines, repeat, cpu, dtype):
         print(f"imported / DSL: median {np.median(imports):.2f}, worst {max(imports):.2f}")
     halves = [r["of_float32"] for r in rows if "of_float32" in r]
     if halves:
-        print(f"attngraph {dtype} / attngraph float32: median {np.median(halves):.2f}, worst {max(halves):.2f}")
+        print(f"attngraph {quantize or dtype} / attngraph float32: median {np.median(halves):.2f}, worst {max(halves):.2f}")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,10 @@ def test_a_bfloat16_build_lowers_its_projections_onto_tiles(monkeypatch):
     from attngraph.backends.tvm.build import lower_kernels
     from attngraph.backends.tvm.plan import plan_kernels
     monkeypatch.setenv(AMX_OPT_IN, "1")
-    g = ag.compile("encoder-tiny", target=SAPPHIRE, dtype=BF16).graph  # compile-only where this CPU lacks AMX
+    target = LLVMTarget("sapphirerapids")  # a target of its own: get_target's keeps the tiles it first saw
+    g = ag.compile("encoder-tiny", target=target, dtype=BF16).graph  # compile-only where this CPU lacks AMX
     specs, _ = plan_kernels(g)
-    lowered, _ = lower_kernels(g, SAPPHIRE, plan=plan_kernels(g))
+    lowered, _ = lower_kernels(g, target, plan=plan_kernels(g))
     scripts = [lowered[s.name].script() for s in specs if s.op == "linear_packed"]
     assert scripts and any("attngraph_amx" in s for s in scripts)
 
@@ -88,9 +89,15 @@ def test_a_bfloat16_build_lowers_its_projections_onto_tiles(monkeypatch):
 def test_refused_where_linux_does_not_grant_the_tile_state(monkeypatch):
     monkeypatch.setenv(AMX_OPT_IN, "1")
     monkeypatch.setattr(isa, "missing_here", lambda cpu: [])
+    monkeypatch.setattr(isa, "missing_cpu_features", lambda info: [])
     monkeypatch.setattr(isa, "request_amx", lambda: False)
     with pytest.raises(DeviceUnavailable, match="refused AMX state"):
         LLVMTarget("sapphirerapids").open_device(None)
+    # an artifact whose manifest says its kernels use AMX, loaded (with TVM's runtime alone, as it may be)
+    manifest = {"target_info": LLVMTarget("sapphirerapids").describe()}
+    assert manifest["target_info"]["tiles"]["amx"]
+    with pytest.raises(DeviceUnavailable, match="refused AMX state"):
+        LLVMTarget().check_manifest(manifest, "art")
 
 
 @pytest.mark.skipif(not HERE_HAS_AMX, reason="this CPU has no AMX (or Linux refused its state): compile-only here")

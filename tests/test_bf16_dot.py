@@ -17,7 +17,7 @@ from attngraph.backends.tvm.plan import FEW_ROWS, ONE_ROW, KernelSpec  # noqa: E
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
 from attngraph.backends.tvm.targets import get_target  # noqa: E402
 from attngraph.backends.tvm.targets.cpu import kernels  # noqa: E402
-from attngraph.backends.tvm.targets.cpu.tiles import AVX512, AVX512_BF16, cpu_tiles  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.tiles import AVX512, AVX512_BF16, AVX512_VNNI, cpu_tiles  # noqa: E402
 from attngraph.ir import TensorType as T  # noqa: E402
 from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
@@ -191,7 +191,7 @@ def test_kernel_chosen_by_the_cpu_feature():
     spec = projection(32, 48, True)
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) is AVX512_BF16
     assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "znver4"})) is AVX512_BF16
-    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})) is AVX512
+    assert cpu_tiles(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})) is AVX512_VNNI  # int8 only
     assert kernel(spec, None, AVX512) is None
     assert kernel(projection(2, 48, True), None, AVX512_BF16) is None
     for form in FORMS.values():

@@ -18,6 +18,8 @@ DTYPES = {
     "bfloat16": "bf16",
     "int64": "i64",
     "int32": "i32",
+    "int8": "i8",  # quantized values (``quantize="int8"``)
+    "uint8": "u8",  # quantized weights stored with an offset (the CPU's unsigned x signed dot products)
     "bool": "bool",
 }
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")

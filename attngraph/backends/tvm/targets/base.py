@@ -106,19 +106,22 @@ class Target:
         import tvm
         return tvm.compile(mod, target=self.tvm_target)
 
-    def layout_passes(self, weight_dtype: str | None = None) -> dict[str, Callable]:
+    def layout_passes(self, weight_dtype: str | None = None, quantize: str | None = None) -> dict[str, Callable]:
         """The graph rewrites this target's kernels read, by name, in order (run by the pass manager after
         the optimization level's passes: reported, ``--verify-each``, ``--print-after``).  Every target's
         attention reads q, k and v in place in a merged projection."""
         if weight_dtype not in (None, "float32"):
             raise BuildError(f"weights stored as {weight_dtype} are supported on the llvm target only, not "
                              f"{self.name!r}")
+        if quantize is not None:
+            raise BuildError(f"quantize {quantize}: quantized projections are built for the llvm target only, not "
+                             f"{self.name!r}")
         return {"read-merged-qkv": read_merged_qkv}
 
-    def layout(self, g, weight_dtype: str | None = None, **options):
+    def layout(self, g, weight_dtype: str | None = None, quantize: str | None = None, **options):
         """``g`` in the layouts this target's kernels read: its ``layout_passes`` run by the pass manager
         (``options``: ``verify_each``, ``print_after``, ``disable``)."""
-        graph, _ = optimize(g, 0, layout=self.layout_passes(weight_dtype), **options)
+        graph, _ = optimize(g, 0, layout=self.layout_passes(weight_dtype, quantize), **options)
         return graph
 
     # -- running --------------------------------------------------------------------------------

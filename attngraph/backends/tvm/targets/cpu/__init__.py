@@ -19,6 +19,8 @@ from .tiles import BF16_GROUP, PANEL_WIDTH, cpu_tiles
 
 #: The dtypes projection weights may be stored in (``weight_dtype``); None keeps the graph's.
 WEIGHT_DTYPES = ("float32", "float16")
+#: What the projections may be quantized to (``quantize``): int8 weights per column, activations per row
+QUANTIZE = ("int8",)
 
 
 class LLVMTarget(Target):
@@ -75,12 +77,17 @@ class LLVMTarget(Target):
         from .schedule import scalar_bfloat16, schedule_generic
         return scalar_bfloat16(schedule_generic(func))
 
-    def layout_passes(self, weight_dtype=None):
+    def layout_passes(self, weight_dtype=None, quantize=None):
         if weight_dtype not in (None, *WEIGHT_DTYPES):
             raise BuildError(f"weight dtype {weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        if quantize not in (None, *QUANTIZE):
+            raise BuildError(f"quantize {quantize!r}: the llvm target quantizes to {', '.join(QUANTIZE)}")
+        if quantize and weight_dtype not in (None, "float32"):
+            raise BuildError(f"quantize {quantize} stores the weights quantized: weight dtype {weight_dtype} does not "
+                             f"apply")
         dtype = None if weight_dtype == "float32" else weight_dtype
         groups = {"bfloat16": BF16_GROUP} if self.tiles.bf16_dot else {}  # the CPU's dot products' operands
-        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups),
+        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups, quantize),
                   "gate-projections": lambda g: gate_projections(g, PANEL_WIDTH)}
         return {**passes, **super().layout_passes()}
 
@@ -94,9 +101,8 @@ class LLVMTarget(Target):
             if missing:
                 raise DeviceUnavailable(f"kernels built for CPU {self.cpu} (target llvm:{self.cpu}) use instructions "
                                         f"this CPU lacks: {', '.join(missing)}; build with --target llvm to run them here")
-        if self.tiles.amx and not isa.request_amx():
-            raise DeviceUnavailable("this process was refused AMX state (arch_prctl ARCH_REQ_XCOMP_PERM: Linux 5.16 or "
-                                    "later grants it), which the AMX kernels need; build without ATTNGRAPH_AMX=1")
+        if compiler_loaded() and self.tiles.amx:  # this process's build (an artifact's manifest says: check_manifest)
+            _tile_state()
         return TVMDevice(tvm.runtime.load_module(path) if path else None, tvm.cpu())
 
     def check_manifest(self, manifest, path):
@@ -106,6 +112,9 @@ class LLVMTarget(Target):
             raise ArtifactError(f"artifact {path!r} was compiled for CPU {info.get('cpu')!r}, whose instructions "
                                 f"{', '.join(missing)} this CPU lacks; rebuild it on this machine "
                                 f"(attngraph build MODEL --target llvm -o DIR)")
+        tiles = info.get("tiles") if isinstance(info, dict) else None
+        if isinstance(tiles, dict) and tiles.get("amx"):
+            _tile_state()
 
     def availability(self):
         if not compiler_loaded():
@@ -131,6 +140,13 @@ class LLVMTarget(Target):
         mattr = [str(a) for a in t.attrs.get("mattr", ())]
         return {"cpu": str(t.mcpu), "mattr": mattr, "features": sorted(isa.isa_features(str(t.mcpu), tuple(mattr))),
                 "kernels": self.tiles.isa, "tiles": dataclasses.asdict(self.tiles)}
+
+
+def _tile_state() -> None:
+    """AMX kernels run only in a process Linux granted the tile state (``isa.request_amx``)."""
+    if not isa.request_amx():
+        raise DeviceUnavailable("this process was refused AMX state (arch_prctl ARCH_REQ_XCOMP_PERM: Linux 5.16 or "
+                                "later grants it), which the AMX kernels need; build without ATTNGRAPH_AMX=1")
 
 
 def make_target(option: str | None, name: str) -> LLVMTarget:

@@ -32,6 +32,7 @@ from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
 from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel
+from .ops import INT8_GROUP
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
@@ -216,11 +217,105 @@ def _parallel(sch, no, ak) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def tensorized(sch, loops, weights: str) -> tirx.PrimFunc:
-    """The kernel with each of ``loops`` (16 lanes x a pair of products) on the instruction (the second operand in
-    memory scope ``weights``), the LLVM function that spells it linked in."""
+def tensorized(sch, loops, weights: str, intrin=None) -> tirx.PrimFunc:
+    """The kernel with each of ``loops`` (16 lanes x a group of products) on the instruction: ``intrin`` (a tensor
+    intrinsic's name), by default bfloat16's with the second operand in memory scope ``weights`` and the LLVM
+    function that spells it linked in."""
     for loop in loops:
-        sch.tensorize(loop, _intrin(weights))
+        sch.tensorize(loop, intrin or _intrin(weights))
     func = sch.mod["main"]
-    linked = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body)
-    return fast_math(func.with_body(linked))
+    if intrin is None:
+        func = func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body))
+    return fast_math(func)
+
+
+# int8 on AVX512_VNNI's ``vpdpbusd``: each of its 16 int32 lanes adds the products of 4 unsigned bytes of one operand
+# with 4 signed bytes of the other.  The weights are the unsigned side (q + 128, in panels of 4 K values:
+# ``ops.quantize_panels``), x's quantized row the signed one (4 bytes broadcast); the offset comes back out as 128 x
+# the row's sum of its quantized values.
+
+INT8, UINT8, I32 = "int8", "uint8", "int32"
+
+
+@functools.cache
+def _intrin_int8() -> str:
+    """The tensor intrinsic: c[i] += sum over j < 4 of a[j] b[i, j] over 16 lanes, a signed and b unsigned bytes."""
+    name = "attngraph_vpdpbusd_16x4"
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((INT8_GROUP,), INT8, offset_factor=1), b: T.Buffer((LANES, INT8_GROUP), UINT8, offset_factor=1),
+             c: T.Buffer((LANES,), I32, offset_factor=1, scope=LOCAL)):
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:INT8_GROUP], b[0:LANES, 0:INT8_GROUP])
+            T.writes(c[0:LANES])
+            for i, k in T.grid(LANES, INT8_GROUP):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    c[vi] = c[vi] + T.Cast(I32, a[vk]) * T.Cast(I32, b[vi, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((INT8_GROUP,), INT8, offset_factor=INT8_GROUP),
+             b: T.Buffer((LANES, INT8_GROUP), UINT8, offset_factor=INT8_GROUP),
+             c: T.Buffer((LANES,), I32, offset_factor=1, scope=LOCAL)):
+        with T.sblock("root"):
+            T.reads(c[0:LANES], a[0:INT8_GROUP], b[0:LANES, 0:INT8_GROUP])
+            T.writes(c[0:LANES])
+            quad = T.decl_buffer((1,), I32, data=a.data, elem_offset=a.elem_offset // INT8_GROUP)
+            quads = T.decl_buffer((LANES,), I32, data=b.data, elem_offset=b.elem_offset // INT8_GROUP)
+            c[T.ramp(T.int64(0), T.int64(1), LANES)] = T.call_llvm_pure_intrin(
+                f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.512", c[T.ramp(T.int64(0), T.int64(1), LANES)],
+                T.reinterpret(f"int8x{4 * LANES}", quads[T.ramp(T.int64(0), T.int64(1), LANES)]),
+                T.reinterpret(f"int8x{4 * LANES}", T.broadcast(quad[0], LANES)))  # LLVM's operands: <64 x i8>
+
+    TensorIntrin.register(name, desc, impl)
+    return name
+
+
+def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
+               tile: tuple) -> tirx.PrimFunc:
+    """``linear_int8``: float32 x (..., K) quantized per row (a pass over x, in parallel), its products with the
+    quantized panels (ceil(N/16), K/4, 16, 4) summed in int32 on ``vpdpbusd`` in register tiles of ``tile`` = (rows,
+    columns) as the bfloat16 kernel's (column tiles in parallel), then rescaled to float32 with the bias and
+    activation as they are written."""
+    from .ops import WEIGHT_OFFSET, te_rows_quantized
+    rows, columns = tile
+    x_t, w_t = in_types[0], in_types[1]
+    lead = dim_vars.shape(x_t.shape[:-1])
+    M = positions(lead)
+    N = out_type.shape[-1]
+    panels, quads, width, group = (int(v) for v in w_t.shape)
+    assert width == LANES and group == INT8_GROUP and columns % LANES == 0, (w_t, tile)
+    K = quads * INT8_GROUP
+    n_pad = (N + columns - 1) // columns * columns
+    X = te.placeholder((M, i64(K)), F32, name="in0")
+    W = te.placeholder((i64(panels), i64(quads), i64(LANES), i64(INT8_GROUP)), UINT8, name="in1")
+    S = te.placeholder((i64(N),), F32, name="in2")
+    B = te.placeholder((i64(N),), F32, name="in3") if bias else None
+    xq, sx = te_rows_quantized(X, "x")
+    r = te.reduce_axis((0, i64(K)), name="r")
+    rs = te.compute((M,), lambda m: te.sum(xq[m, r].astype(I32), axis=r), name="x_sum")
+    k = te.reduce_axis((0, i64(quads)), name="k")
+    kk = te.reduce_axis((0, i64(INT8_GROUP)), name="kk")
+    acc = te.compute((M + (rows - 1), i64(n_pad)), lambda m, n: te.sum(
+        xq[tirx.min(m, M - 1), k * INT8_GROUP + kk].astype(I32)
+        * W[_panel(n, panels, n_pad), k, n % LANES, kk].astype(I32), axis=[k, kk]), name="acc")
+    act = ACTIVATIONS[activation]
+
+    def value(m, n):
+        exact = acc[m, n] - tirx.const(WEIGHT_OFFSET, I32) * rs[m]
+        y = exact.astype(F32) * sx[m] * S[n]
+        return act(y + B[n] if bias else y)
+    out = te.compute((M, i64(N)), value, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([X, W, S] + ([B] if bias else []) + [out]))
+    no, an, ak = _tiled(sch, rows, columns)
+    _parallel(sch, no, ak)
+    for name in ("x_amax", "x_scale", "x_q", "x_sum"):  # the rows quantized once, in parallel, before the products
+        block = sch.get_sblock(name)
+        sch.parallel(sch.get_loops(block)[0])
+    if len(lead) > 1:  # x and the output with their N-D shapes (dims shared with the graph's other kernels)
+        sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
+        block = sch.get_sblock("x_amax")  # x's buffer, which x_q reads too
+        sch.transform_layout(block, ("read", read_index(sch, block, "in0")), lambda m, c: unravel(m, lead) + (c,))
+    return tensorized(sch, [an], "global", _intrin_int8())

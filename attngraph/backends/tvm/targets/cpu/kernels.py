@@ -45,7 +45,7 @@ from .amx import BLOCK as AMX_BLOCK
 from .amx import STEP as AMX_STEP
 from .amx import dense_amx
 from .attention import attention, attention_backward
-from .dot import dense_bf16, weight_grad_bf16
+from .dot import dense_bf16, dense_int8, weight_grad_bf16
 from .fastmath import fast_math
 from .schedule import (MAX_STACK_PANEL_BYTES, has_block, i64, is_reduction, positions, read_index, register_tiles,
                        split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum)
@@ -168,6 +168,11 @@ KERNELS = KernelTable(
         dtypes=("bfloat16",), guard=_is_amx),
     Row("bfloat16 projection on the CPU's bfloat16 dot products", ("linear_packed",), _bf16_dot(0),
         dtypes=("bfloat16",), guard=_is_bf16_dot),
+    Row("int8 projection on the CPU's u8 x s8 dot products", ("linear_int8",),
+        lambda spec, dv, tiles: dense_int8(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 4,
+                                           activation=spec.attrs.get("activation", "none"), tile=tiles.int8_dot),
+        dtypes=("float32",), guard=lambda spec, tiles: tiles.int8_dot is not None and spec.in_types[0].rank >= 2
+        and spec.in_types[1].shape[1] > 1),  # at least two groups of 4 K values (one: the generic lowering)
     Row("projection over packed weight panels", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.dense,
                                                prefetch=tiles.prefetch),

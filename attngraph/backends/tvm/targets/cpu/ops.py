@@ -10,6 +10,7 @@ import numpy as np
 
 from .....ir import ops as O
 from .....ir.fused import ACTIVATIONS, linear
+from .....ir.fused import _activate as activate
 from .....ir.ops import FUSED, LAYOUT, ShapeError, op
 from .....ir.types import TensorType
 from ...lower.registry import lowering
@@ -173,3 +174,171 @@ def _swiglu_packed(c):
         gate = h[i[:-1] + (i[-1] + first,)]
         return gate * tirx.sigmoid(gate) * h[i[:-1] + (i[-1] + n - first,)]
     return te.compute(c.shape, gated, name=c.name)
+
+
+# int8 (``quantize="int8"``): symmetric quantization to [-127, 127], the weights per output column (scales computed
+# once, when the weights are bound), the activations per row (in the kernel, at each call); int32 sums of exact
+# products, one float32 rescale per output.  The arithmetic is defined here once, in float32 whatever the operands'
+# type, so the interpreter (any precision) and the kernels agree on every rounding.
+
+#: the quantized range: [-QMAX, QMAX]
+QMAX = 127
+#: quantized weights are stored as unsigned bytes q + WEIGHT_OFFSET (the CPU's dot products multiply unsigned by
+#: signed bytes: the activations stay signed, and each row's sum of them, times the offset, is taken back out)
+WEIGHT_OFFSET = 128
+#: K values of a column kept together in the quantized panels: the 4 bytes each lane of ``vpdpbusd`` multiplies
+INT8_GROUP = 4
+
+
+def _scales(amax):
+    """float32 scales amax / QMAX."""
+    return (np.asarray(amax, np.float32) / np.float32(QMAX)).astype(np.float32)
+
+
+def _quantized(v, scale):
+    """round(v / scale) (to nearest even), in [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero row or column)."""
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.rint(v / safe)
+    return np.where(scale > 0, np.clip(q, -QMAX, QMAX), 0).astype(np.int8)
+
+
+def _infer_column_scales(types, attrs):
+    (w,) = types
+    if w.rank != 2 or not w.is_float or not all(isinstance(d, int) for d in w.shape):
+        raise ShapeError(f"column_scales needs a 2-D float weight of static shape, got {w}")
+    return TensorType((w.shape[1],), "float32")
+
+
+@op("column_scales", LAYOUT, 1, _infer_column_scales)
+def column_scales(w):
+    """The int8 scale of each column of a (K, N) weight: max |W[:, n]| / 127, float32."""
+    return _scales(np.abs(np.asarray(w, np.float32)).max(axis=0))
+
+
+def _infer_quantize_panels(types, attrs):
+    (w,) = types
+    width = attrs["width"]
+    if w.rank != 2 or not w.is_float or not all(isinstance(d, int) for d in w.shape):
+        raise ShapeError(f"quantize_panels needs a 2-D float weight of static shape, got {w}")
+    k, n = w.shape
+    if not isinstance(width, int) or width < 1 or k % INT8_GROUP:
+        raise ShapeError(f"quantize_panels: a positive width and K a multiple of {INT8_GROUP}, got width {width!r}, "
+                         f"K {k}")
+    return TensorType((-(-n // width), k // INT8_GROUP, width, INT8_GROUP), "uint8")
+
+
+@op("quantize_panels", LAYOUT, 1, _infer_quantize_panels)
+def quantize_panels(w, *, width):
+    """A (K, N) float weight quantized per column (``column_scales``) and stored as q + 128 (uint8) in panels of
+    4 K values, (ceil(N/width), K/4, width, 4) (``pack_panels(interleave=4)``'s layout), the padding columns 0."""
+    w32 = np.asarray(w, np.float32)
+    q = _quantized(w32, column_scales(w32)[None, :]).astype(np.int16) + WEIGHT_OFFSET
+    return pack_panels(q.astype(np.uint8), width=width, interleave=INT8_GROUP)
+
+
+def _infer_linear_int8(types, attrs):
+    if len(types) not in (3, 4):
+        raise ShapeError(f"linear_int8 takes x, quantized panels, scales and an optional bias, got {len(types)} "
+                         f"operands")
+    x, w, s = types[:3]
+    n = attrs["n"]
+    if attrs.get("activation", "none") not in ACTIVATIONS:
+        raise ShapeError(f"unknown activation {attrs['activation']!r}")
+    if w.rank != 4 or str(w.dtype) != "uint8" or w.shape[3] != INT8_GROUP or x.rank < 1 \
+            or x.shape[-1] != w.shape[1] * INT8_GROUP or not isinstance(n, int) \
+            or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
+        raise ShapeError(f"linear_int8 needs x (..., K) and uint8 panels (ceil(n/w), K/4, w, 4) for n={n}, got {x} "
+                         f"and {w}")
+    if s.shape != (n,) or str(s.dtype) != "float32":
+        raise ShapeError(f"linear_int8 scales must be float32 of shape ({n},), got {s}")
+    if x.dtype != "float32":
+        raise ShapeError(f"linear_int8 takes float32 x, got {x}")
+    if len(types) == 4 and types[3].shape != (n,):
+        raise ShapeError(f"linear_int8 bias must have shape ({n},), got {types[3]}")
+    return TensorType(x.shape[:-1] + (n,), x.dtype)
+
+
+def quantized_rows(x):
+    """(q int8, scale float32) of each row of ``x`` (its last axis): scale max |row| / 127, q round(x / scale)."""
+    x32 = np.asarray(x, np.float32)
+    scale = _scales(np.abs(x32).max(axis=-1, keepdims=True))
+    return _quantized(x32, scale), scale
+
+
+@op("linear_int8", FUSED, None, _infer_linear_int8, flops=O.contraction_flops, activation="none", n=None)
+def linear_int8(x, w, scales, b=None, *, activation="none", n=None):
+    """activation(x @ W + b) in int8: x quantized per row (``quantized_rows``), W per column (``quantize_panels``),
+    their products summed exactly in int32, then float32(sum) * x's scale * W's scale [+ b]."""
+    xq, sx = quantized_rows(x)
+    wq = unpacked(w, n).astype(np.int32) - WEIGHT_OFFSET
+    acc = np.matmul(xq.astype(np.int64), wq).astype(np.int32)  # exact: |sum| < 2^31 for K < 2^17
+    y = acc.astype(np.float32) * sx * np.asarray(scales, np.float32)
+    if b is not None:
+        y = y + np.asarray(b, np.float32)
+    return activate(y, activation).astype(np.asarray(x).dtype)
+
+
+def te_quantized(v, scale):
+    """``_quantized`` of one float32 value with its scale, as a TVM expression (int8)."""
+    from tvm import tirx
+    f32 = "float32"
+    safe = tirx.Select(scale > tirx.const(0.0, f32), scale, tirx.const(1.0, f32))
+    q = tirx.max(tirx.min(tirx.nearbyint(v / safe), tirx.const(QMAX, f32)), tirx.const(-QMAX, f32))
+    return tirx.Select(scale > tirx.const(0.0, f32), q, tirx.const(0.0, f32)).astype("int8")
+
+
+def te_scale(amax):
+    from tvm import tirx
+    return amax / tirx.const(QMAX, "float32")
+
+
+@lowering("column_scales")
+def _column_scales(c):
+    from tvm import te, tirx
+    (w,) = c.xs
+    k = te.reduce_axis((0, w.shape[0]), name="k")
+    amax = te.compute(c.shape, lambda j: te.max(tirx.abs(w[k, j].astype("float32")), axis=k), name=f"{c.name}_amax")
+    return te.compute(c.shape, lambda j: te_scale(amax[j]), name=c.name)
+
+
+@lowering("quantize_panels")
+def _quantize_panels(c):
+    from tvm import te, tirx
+    (w,) = c.xs
+    width, n = c.attrs["width"], int(w.shape[1])
+    k = te.reduce_axis((0, w.shape[0]), name="k")
+    amax = te.compute((n,), lambda j: te.max(tirx.abs(w[k, j].astype("float32")), axis=k), name=f"{c.name}_amax")
+
+    def at(p, q, col, j):
+        column = tirx.min(p * width + col, n - 1)
+        v = te_quantized(w[q * INT8_GROUP + j, column].astype("float32"), te_scale(amax[column])).astype("int32")
+        return tirx.Select(p * width + col < n, v + WEIGHT_OFFSET, tirx.const(0, "int32")).astype("uint8")
+    return te.compute(c.shape, at, name=c.name)
+
+
+def te_rows_quantized(x, name: str):
+    """(q, scale) of each row of TE tensor ``x`` (``quantized_rows``): int8 (..., K) and float32 (...)."""
+    from tvm import te, tirx
+    lead, k = tuple(x.shape[:-1]), te.reduce_axis((0, x.shape[-1]), name=f"{name}_k")
+    amax = te.compute(lead, lambda *i: te.max(tirx.abs(x[i + (k,)].astype("float32")), axis=k), name=f"{name}_amax")
+    scale = te.compute(lead, lambda *i: te_scale(amax[i]), name=f"{name}_scale")
+    q = te.compute(tuple(x.shape), lambda *i: te_quantized(x[i].astype("float32"), scale[i[:-1]]), name=f"{name}_q")
+    return q, scale
+
+
+@lowering("linear_int8")
+def _linear_int8(c):
+    from tvm import te
+    x, w, s = c.xs[:3]
+    bias = c.xs[3] if len(c.xs) == 4 else None
+    xq, sx = te_rows_quantized(x, c.name)
+    k = te.reduce_axis((0, x.shape[-1]), name="k")
+    acc = te.compute(c.shape, lambda *i: te.sum(xq[i[:-1] + (k,)].astype("int32") * (
+        _panel_at(w, k, i[-1]).astype("int32") - WEIGHT_OFFSET), axis=k), name=f"{c.name}_acc")
+    from ...lower.elementwise import ACTIVATIONS as EXPRS
+    act = EXPRS[c.attrs["activation"]]
+
+    def value(*i):
+        y = acc[i].astype("float32") * sx[i[:-1]] * s[i[-1]]
+        return act(y + bias[i[-1]] if bias is not None else y)
+    return te.compute(c.shape, value, name=c.name)

@@ -43,6 +43,9 @@ class CpuTiles:
     #: the bfloat16 projection on the CPU's bfloat16 dot products (``dot.py``), where it has them: its tiles
     #: (rows, columns) for the main form, a few rows and one row
     bf16_dot: tuple | None = None
+    #: the int8 projection on the CPU's u8 x s8 dot products (``dot.dense_int8``, AVX512_VNNI's ``vpdpbusd``), where
+    #: it has them: its tile (rows, columns)
+    int8_dot: tuple | None = None
     #: the bfloat16 projection on AMX tiles (``amx.py``): compiled, not yet run on a CPU with AMX, so only where the
     #: CPU has AMX-BF16 and the user asked for it (``AMX_OPT_IN``)
     amx: bool = False
@@ -74,7 +77,10 @@ AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), 
 # AVX512_BF16 (``vdpbf16ps``, 32 multiply-adds per instruction), 2 cores of a Zen 4: 4 x 64 (16 zmm accumulators)
 # ran the BERT-size projection (128 x 768 x 768) at 230 GFLOP/s on one thread, the float32 kernel's 114, PyTorch's
 # bfloat16 (oneDNN) 187; at 1 row 1 x 64 was fastest, at 2, 5 and 6 rows 2 x 64.
-AVX512_BF16 = dataclasses.replace(AVX512, bf16_dot=((4, 64), (2, 64), (1, 64)))
+# AVX512_VNNI (``vpdpbusd``, 64 byte multiply-adds per instruction): the bfloat16 kernel's loop nest and tile, 4 x 64
+# int32 accumulators (a CPU with AVX512_BF16 has VNNI too).
+AVX512_VNNI = dataclasses.replace(AVX512, int8_dot=(4, 64))
+AVX512_BF16 = dataclasses.replace(AVX512_VNNI, bf16_dot=((4, 64), (2, 64), (1, 64)))
 
 
 #: The environment variable that turns the AMX kernels on (``1``) where the CPU has AMX-BF16
@@ -82,14 +88,14 @@ AMX_OPT_IN = "ATTNGRAPH_AMX"
 
 
 def cpu_tiles(target) -> CpuTiles:
-    """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the bfloat16 dot products'
-    where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
+    """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the int8 dot products' where
+    it has ``avx512vnni``, the bfloat16 ones' where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
     import os
 
     from tvm.target import codegen
     if target is None or not codegen.target_has_features("avx512f", target):
         return AVX2
     if not codegen.target_has_features("avx512bf16", target):
-        return AVX512
+        return AVX512_VNNI if codegen.target_has_features("avx512vnni", target) else AVX512
     amx = os.environ.get(AMX_OPT_IN) == "1" and codegen.target_has_features("amx-bf16", target)
     return dataclasses.replace(AVX512_BF16, amx=True) if amx else AVX512_BF16
