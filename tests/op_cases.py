@@ -112,7 +112,13 @@ CASES = [
     ("linear_packed", {"n": 20, "activation": "relu"}, [X, T(2, 8, 16), T(20)]),
     ("swiglu_packed", {"n": 16}, [X, T(2, 8, 16), T(32)]),
     ("swiglu_packed", {"n": 16, "gate": 1}, [X, T(2, 8, 16)]),
+    # and its int8 ones (a weight's scales and quantized panels; the projection over them)
+    ("column_scales", {}, [T(8, 20)]),
+    ("quantize_panels", {"width": 16}, [T(8, 20)]),
+    ("linear_int8", {"n": 20, "activation": "relu"}, [X, T(2, 2, 16, 4, dtype="uint8"), T(20), T(20)]),
 ]
+#: the 8-bit integer types of quantized values (which WGSL cannot store)
+BYTES = ("int8", "uint8")
 
 
 def case_id(case):
@@ -135,6 +141,9 @@ def operand(t: TensorType, op: str, sizes: dict, rng) -> np.ndarray:
         if op == "dropout":  # a step's seed
             return np.array(rng.integers(0, 2 ** 31))
         return rng.integers(0, 3, shape)
+    if t.dtype in BYTES:
+        info = np.iinfo(t.dtype)
+        return rng.integers(info.min, info.max + 1, shape).astype(t.dtype)
     x = rng.standard_normal(shape).astype(t.dtype)
     return np.abs(x) + 0.1 if op in ("log", "sqrt", "rsqrt", "pow") else x
 

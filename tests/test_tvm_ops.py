@@ -22,7 +22,7 @@ from attngraph.backends.tvm.shapes import DimVars, scalar_dims
 from attngraph.ir import ops as O
 from attngraph.numerics import compare
 
-from op_cases import CASES, SIZES, case_id, case_operands
+from op_cases import BYTES, CASES, SIZES, case_id, case_operands
 
 TARGET = get_target("llvm")
 
@@ -95,7 +95,8 @@ def test_every_elementwise_op_can_be_a_fused_step():
 
 
 def _device_cases(target):
-    """(module functions, [(case, spec, forms)]) of every case the ``target`` can hold (vulkan: no float64)."""
+    """(module functions, [(case, spec, forms)]) of every case the ``target`` can hold (vulkan: no float64, no
+    8-bit integers)."""
     from attngraph.backends.tvm.build import finish
     dv = DimVars()
     funcs, cases = {}, []
@@ -104,7 +105,7 @@ def _device_cases(target):
         opdef = O.get(op)
         attrs = {**opdef.defaults, **attrs}
         out_type = opdef.infer(list(types), attrs)
-        if target.family == "vulkan" and "float64" in {t.dtype for t in list(types) + [out_type]}:
+        if target.family == "vulkan" and {"float64", *BYTES} & {t.dtype for t in list(types) + [out_type]}:
             continue
         spec = KernelSpec(f"c{i}_{op}", op, attrs, tuple(types), out_type)
         funcs[spec.name] = kernel_func(spec, dv, target)
