@@ -46,7 +46,7 @@ def _probe(threads: int, width: int, bf16: bool = False):
             v = tirx.Ramp(i64(r * dot.LANES), i64(1), dot.LANES)
             pair = tirx.Broadcast(tirx.const(0x35803580, "int32"), dot.LANES)
             ones = tirx.Broadcast(tirx.const(0x3F803F80, "int32"), dot.LANES)
-            return tirx.BufferStore(acc, tirx.call_pure_extern(f"float32x{dot.LANES}", dot.HELPER,
+            return tirx.BufferStore(acc, tirx.call_pure_extern(f"float32x{dot.LANES}", dot.BF16_DOT.helper,
                                                                tirx.BufferLoad(acc, [v]), ones, pair), [v])
         fma = tirx.SeqStmt([dots(r) for r in range(width // dot.LANES)])
     loop = tirx.For(it, i64(0), i64(ITERATIONS), tirx.ForKind.SERIAL, fma)
@@ -54,7 +54,7 @@ def _probe(threads: int, width: int, bf16: bool = False):
     body = tirx.For(t, i64(0), i64(threads), tirx.ForKind.PARALLEL,
                     tirx.SeqStmt([tirx.AllocBuffer(acc), init, loop, store]))
     if bf16:
-        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot.LLVM_FUNCTION, body)
+        body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot.BF16_DOT.llvm, body)
     return tirx.PrimFunc([out], body).with_attr("global_symbol", "peak")
 
 
@@ -86,23 +86,15 @@ def peak_gflops(threads: int | None = None, cpu: str | None = None, bf16: bool =
     return best
 
 
-#: ``tdpbf16ps`` on tiles loaded once: 4 tile products an iteration, ``%n`` iterations (the configuration as the AMX
-#: kernel's, ``targets/cpu/amx.py``)
+#: ``tdpbf16ps`` on tiles loaded once: 4 tile products an iteration, ``%n`` iterations, after the tile configuration
+#: and the tile products of the AMX kernel (``targets/cpu/amx.py``: ``{configure}``, ``{products}``)
 AMX_PROBE = """
 declare void @llvm.x86.ldtilecfg(ptr)
 declare void @llvm.x86.tilezero(i8 immarg)
 declare void @llvm.x86.tdpbf16ps(i8 immarg, i8 immarg, i8 immarg)
 declare void @llvm.x86.tilerelease()
-define internal void @attngraph_amx_probe(i64 %n) #0 {
-entry:
-  %cfg = alloca [64 x i8], align 64
-  store <64 x i8> zeroinitializer, ptr %cfg, align 64
-  store i8 1, ptr %cfg
-  %colsb = getelementptr i8, ptr %cfg, i64 16
-  store <8 x i16> <i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64>, ptr %colsb, align 1
-  %rows = getelementptr i8, ptr %cfg, i64 48
-  store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows, align 1
-  call void @llvm.x86.ldtilecfg(ptr %cfg)
+define internal void @attngraph_amx_probe(i64 %n) #0 {{
+entry:{configure}
   call void @llvm.x86.tilezero(i8 0)
   call void @llvm.x86.tilezero(i8 1)
   call void @llvm.x86.tilezero(i8 2)
@@ -113,19 +105,15 @@ entry:
   call void @llvm.x86.tilezero(i8 7)
   br label %loop
 loop:
-  %i = phi i64 [ 0, %entry ], [ %i1, %loop ]
-  call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
-  call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)
-  call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)
-  call void @llvm.x86.tdpbf16ps(i8 3, i8 5, i8 7)
+  %i = phi i64 [ 0, %entry ], [ %i1, %loop ]{products}
   %i1 = add i64 %i, 1
   %done = icmp eq i64 %i1, %n
   br i1 %done, label %exit, label %loop
 exit:
   call void @llvm.x86.tilerelease()
   ret void
-}
-attributes #0 = { nounwind "target-features"="+amx-tile,+amx-bf16" }
+}}
+attributes #0 = {{ nounwind "target-features"="+amx-tile,+amx-bf16" }}
 """
 #: multiply-adds of one tile product: 16 rows x 16 columns x 32 K values
 AMX_TILE_PRODUCT = 16 * 16 * 32
@@ -134,10 +122,13 @@ AMX_TILE_PRODUCT = 16 * 16 * 32
 def _amx_probe(threads: int, iterations: int):
     """PrimFunc running ``iterations`` rounds of 4 tile products on each of ``threads`` threads."""
     from tvm import tirx
+
+    from attngraph.backends.tvm.targets.cpu import amx
     t = tirx.Var("t", "int64")
     call = tirx.Evaluate(tirx.call_extern("void", "attngraph_amx_probe", tirx.IntImm("int64", iterations)))
     body = tirx.For(t, tirx.IntImm("int64", 0), tirx.IntImm("int64", threads), tirx.ForKind.PARALLEL, call)
-    body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", AMX_PROBE, body)
+    probe = AMX_PROBE.format(configure=amx.CONFIGURE, products=amx.PRODUCTS)
+    body = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", probe, body)
     return tirx.PrimFunc([], body).with_attr("global_symbol", "peak")
 
 

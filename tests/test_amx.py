@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import ml_dtypes
-import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
@@ -20,7 +18,6 @@ from attngraph.backends.tvm.targets import get_target  # noqa: E402
 from attngraph.backends.tvm.targets.cpu import LLVMTarget, isa, kernels  # noqa: E402
 from attngraph.backends.tvm.targets.cpu.tiles import AMX_OPT_IN, AVX512_BF16, cpu_tiles  # noqa: E402
 from attngraph.ir import TensorType as T  # noqa: E402
-from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
 
 BF16 = "bfloat16"
@@ -103,21 +100,10 @@ def test_refused_where_linux_does_not_grant_the_tile_state(monkeypatch):
 @pytest.mark.skipif(not HERE_HAS_AMX, reason="this CPU has no AMX (or Linux refused its state): compile-only here")
 @pytest.mark.parametrize("k,n,bias,activation", [(64, 96, True, "gelu"), (32, 32, False, "none"), (96, 64, True, "relu")])
 def test_kernel_against_float64(k, n, bias, activation):
+    from test_bf16_dot import check_projection
     spec = projection(k, n, bias, activation)
-    f = kernels.KERNELS.kernel(spec, DimVars(), AMX)
-    fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=get_target("llvm").tvm_target)["k"]
-    rng = np.random.default_rng(k + n)
-    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}, {"batch": 3, "seq": 64}):
-        x = rng.standard_normal((sizes["batch"], sizes["seq"], k)).astype(ml_dtypes.bfloat16)
-        w = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
-        args = [x, O.get("pack_panels").ref(w, width=16, interleave=2)]
-        if bias:
-            args.append(rng.standard_normal(n).astype(ml_dtypes.bfloat16))
-        want = O.get("linear").ref(x.astype(np.float64), w.astype(np.float64),
-                                   args[2].astype(np.float64) if bias else None, activation=activation)
-        out = tvm.runtime.empty(tuple(D.evaluate(d, sizes) for d in spec.out_type.shape), BF16, tvm.cpu())
-        fn(*[tvm.runtime.tensor(a) for a in args], out)
-        np.testing.assert_allclose(out.numpy().astype(np.float64), want, rtol=8e-3, atol=1e-3, err_msg=f"{sizes}")
+    check_projection(kernels.KERNELS.kernel(spec, DimVars(), AMX), spec, k, n, bias, activation,
+                     ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}, {"batch": 3, "seq": 64}))
 
 
 def _peak_module():

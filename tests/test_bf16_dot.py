@@ -57,9 +57,15 @@ def test_kernel_against_float64(form, k, n, bias, activation):
     spec = projection(k, n, bias, activation)
     f = kernel(spec, FORMS[form], HERE.tiles)
     assert f is not None and "attngraph_dpbf16ps" in f.script(), "not the dot-product kernel"
+    check_projection(f, spec, k, n, bias, activation)
+
+
+def check_projection(f, spec, k, n, bias, activation, sizes_list=({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7},
+                                                                  {"batch": 1, "seq": 45})):
+    """Kernel ``f`` of bfloat16 projection ``spec`` (x (batch, seq, k) @ pair panels of k x n) against float64."""
     fn = tvm.compile(tvm.IRModule({"k": f.with_attr("global_symbol", "k")}), target=HERE.tvm_target)["k"]
     rng = np.random.default_rng(k + n)
-    for sizes in ({"batch": 1, "seq": 1}, {"batch": 2, "seq": 7}, {"batch": 1, "seq": 45}):
+    for sizes in sizes_list:
         x = rng.standard_normal((sizes["batch"], sizes["seq"], k)).astype(ml_dtypes.bfloat16)
         w = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
         args = [x, O.get("pack_panels").ref(w, width=16, interleave=2)]

@@ -39,6 +39,26 @@ BLOCK, STEP = 32, 32
 HELPER = "attngraph_amx_bf16_32x32"
 LOCAL = "local"  # C's scope (a name: a string in an annotation reads as a type to linters)
 
+#: LLVM IR that loads the tile configuration every AMX function here uses (palette 1; tiles 0-7 of 16 rows of 64
+#: bytes), as the first lines of its entry block
+CONFIGURE = """
+  %cfg = alloca [64 x i8], align 64
+  store <64 x i8> zeroinitializer, ptr %cfg, align 64
+  store i8 1, ptr %cfg                                   ; palette 1
+  %colsb = getelementptr i8, ptr %cfg, i64 16            ; bytes per row of tiles 0-7: 64
+  store <8 x i16> <i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64>, ptr %colsb, align 1
+  %rows = getelementptr i8, ptr %cfg, i64 48             ; rows of tiles 0-7: 16
+  store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows, align 1
+  call void @llvm.x86.ldtilecfg(ptr %cfg)
+"""
+
+#: the 2 x 2 tile products of a step: C tiles 0-3 += A tiles 4-5 x B tiles 6-7
+PRODUCTS = """
+  call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
+  call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)
+  call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)
+  call void @llvm.x86.tdpbf16ps(i8 3, i8 5, i8 7)"""
+
 LLVM_FUNCTION = f"""
 declare void @llvm.x86.ldtilecfg(ptr)
 declare void @llvm.x86.tileloadd64(i8 immarg, ptr, i64)
@@ -49,16 +69,7 @@ declare void @llvm.x86.tilerelease()
 ; c: 32 x 32 float32 (row stride 128 bytes), c += a @ b; a: 32 rows of K bfloat16, row stride %astride bytes;
 ; b: two pair panels of K / 2 rows of 64 bytes, the second %bnext bytes after the first; %steps = K / 32
 define internal void @{HELPER}(ptr %c, ptr %a, i64 %astride, ptr %b, i64 %bnext, i64 %steps) #0 {{
-entry:
-  %cfg = alloca [64 x i8], align 64
-  call void @llvm.memset.p0.i64(ptr align 64 %cfg, i8 0, i64 64, i1 false)
-  store i8 1, ptr %cfg                                   ; palette 1
-  %colsb = getelementptr i8, ptr %cfg, i64 16            ; bytes per row of tiles 0-7: 64
-  store <8 x i16> <i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64, i16 64>, ptr %colsb, align 1
-  %rows = getelementptr i8, ptr %cfg, i64 48             ; rows of tiles 0-7: 16
-  store <8 x i8> <i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16, i8 16>, ptr %rows, align 1
-  call void @llvm.x86.ldtilecfg(ptr %cfg)
-  ; C tiles 0-3: rows 0-15 / 16-31 x columns 0-15 / 16-31
+entry:{CONFIGURE}  ; C tiles 0-3: rows 0-15 / 16-31 x columns 0-15 / 16-31
   %c1 = getelementptr i8, ptr %c, i64 64
   %c2 = getelementptr i8, ptr %c, i64 2048
   %c3 = getelementptr i8, ptr %c, i64 2112
@@ -80,11 +91,7 @@ loop:
   call void @llvm.x86.tileloadd64(i8 4, ptr %ra, i64 %astride)
   call void @llvm.x86.tileloadd64(i8 5, ptr %ra16, i64 %astride)
   call void @llvm.x86.tileloadd64(i8 6, ptr %rb0, i64 64)
-  call void @llvm.x86.tileloadd64(i8 7, ptr %rb1, i64 64)
-  call void @llvm.x86.tdpbf16ps(i8 0, i8 4, i8 6)
-  call void @llvm.x86.tdpbf16ps(i8 1, i8 4, i8 7)
-  call void @llvm.x86.tdpbf16ps(i8 2, i8 5, i8 6)
-  call void @llvm.x86.tdpbf16ps(i8 3, i8 5, i8 7)
+  call void @llvm.x86.tileloadd64(i8 7, ptr %rb1, i64 64){PRODUCTS}
   %k1 = add i64 %k, 1
   %done = icmp eq i64 %k1, %steps
   br i1 %done, label %exit, label %loop
@@ -96,7 +103,6 @@ exit:
   call void @llvm.x86.tilerelease()
   ret void
 }}
-declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
 attributes #0 = {{ nounwind "target-features"="+amx-tile,+amx-bf16" }}
 """
 

@@ -1,29 +1,32 @@
-"""bfloat16 products on the CPU's bfloat16 dot-product instruction, AVX512_BF16's ``vdpbf16ps`` (Zen 4, Cooper Lake,
-Sapphire Rapids and later): each of its 16 float32 lanes adds the products of one pair of bfloat16 values of each
-operand, so one instruction does 32 multiply-adds where a float32 FMA does 16.
+"""Products on the CPU's dot-product instructions (``DotInstruction``, one table row each): AVX512_BF16's
+``vdpbf16ps`` (Zen 4, Cooper Lake, Sapphire Rapids and later), whose 16 float32 lanes each add the products of a pair
+of bfloat16 values, 32 multiply-adds where a float32 FMA does 16; and AVX512_VNNI's ``vpdpbusd`` (Zen 4, Ice Lake and
+later), whose 16 int32 lanes each add the products of 4 unsigned bytes by 4 signed ones (the int8 projection).
 
-The weights are packed once, when they are bound, in panels whose K values go in pairs (``pack_panels(interleave=2)``:
-(ceil(N/16), K/2, 16, 2)): one 64-byte row of a panel is the 16 columns' pairs, the instruction's second operand as
-it is.  The first is one pair of x's row broadcast to the 16 lanes.  The kernel (``dense_bf16``) is the dense
-projection's loop nest (column tiles in parallel, register tiles of rows x columns, bias and activation in the write
-back) with its innermost 16 columns x 2 K values replaced by the instruction (``tensorize``); over a weight known
-only when it runs (a training step's), each worker packs its column tile's pair panels first.  The weight gradient
-(``weight_grad_bf16``) pairs the positions instead; the fused attention (``attention.attention(dot=True)``) pairs K's
-head dim for Q K^T and V's keys for P V (``tensorized``).
+The weights are packed once, when they are bound, in panels whose K values go in groups (``pack_panels(interleave=2)``:
+(ceil(N/16), K/2, 16, 2); ``ops.quantize_panels``: (ceil(N/16), K/4, 16, 4)): one 64-byte row of a panel is the 16
+columns' groups, the instruction's weight operand as it is; the other is one group of x's row broadcast to the 16
+lanes.  The kernel (``dense_bf16``, ``dense_int8``) is the dense projection's loop nest (column tiles in parallel,
+register tiles of rows x columns, bias and activation in the write back) with its innermost 16 columns x a group
+replaced by the instruction (``tensorize``); over a weight known only when it runs (a training step's), each worker
+packs its column tile's pair panels first.  The weight gradient (``weight_grad_bf16``) pairs the positions instead;
+the fused attention (``attention.attention(dot=True)``) pairs K's head dim for Q K^T and V's keys for P V.
 
-TIR cannot spell the instruction's ``<32 x bfloat>`` operands (TVM widens bfloat16 loads to float32), so a small
-LLVM function does (``LLVM_FUNCTION``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes
-the operands as ``<16 x i32>`` (the kernel reads the bfloat16 buffers through int32 views of them) and bitcasts them.
-Compiling it for a CPU without AVX512_BF16 stops the process inside LLVM, so the kernel rows ask for it only where
-the tiles say the CPU has it (``tiles.bf16_dot``: ``tiles.cpu_tiles`` asks LLVM whether the target has it).
+TIR cannot spell the instructions' ``<32 x bfloat>`` and ``<64 x i8>`` operands, so a small LLVM function does each
+(``DotInstruction.llvm``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes the
+operands as ``<16 x i32>`` (the kernel reads the buffers through int32 views of them) and bitcasts them.  The kernel
+rows ask for an instruction only where the tiles say the CPU has it (``tiles.bf16_dot``, ``tiles.int8_dot``:
+``tiles.cpu_tiles`` asks LLVM whether the target has the feature).
 
-Numerics: each lane adds its two products to the accumulator in turn, each rounded to float32 (exactly as a float32
-FMA loop over bfloat16 values would, but for the order of the K loop), and the instruction flushes denormals.
+Numerics: bfloat16: each lane adds its two products to the accumulator in turn, each rounded to float32 (exactly as
+a float32 FMA loop over bfloat16 values would, but for the order of the K loop), and the instruction flushes
+denormals; int8: exact int32 sums.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 from tvm import s_tir, te, tirx
 
@@ -31,65 +34,88 @@ from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel
 from .ops import INT8_GROUP
+from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
 BF16, F32 = "bfloat16", "float32"
 LOCAL = "local"  # the accumulators' scope (a name: a string in an annotation reads as a type to linters)
-HELPER = "attngraph_dpbf16ps"
-_INTRIN = "attngraph_dpbf16ps_16x2"
 
-LLVM_FUNCTION = f"""
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
-define internal <16 x float> @{HELPER}(<16 x float> %c, <16 x i32> %a, <16 x i32> %b) #0 {{
-  %x = bitcast <16 x i32> %a to <32 x bfloat>
-  %y = bitcast <16 x i32> %b to <32 x bfloat>
-  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %c, <32 x bfloat> %x, <32 x bfloat> %y)
-  ret <16 x float> %r
+
+@dataclass(frozen=True)
+class DotInstruction:
+    """One of the CPU's dot-product instructions: each of its 16 lanes adds ``group`` products of x's values (one
+    group, broadcast) and the weights' (the lane's column), accumulated in ``acc``.  TIR cannot spell their LLVM
+    operands (``<32 x bfloat>``, ``<64 x i8>``), so each is an LLVM function (``llvm``) named ``helper`` taking
+    ``<16 x i32>`` views, linked into the kernels that use it (``pragma_import_llvm``) and inlined."""
+    helper: str
+    group: int
+    x: str
+    w: str
+    acc: str
+    llvm: str
+
+
+def _helper(name: str, acc: str, operand: str, intrinsic: str, feature: str, weights_first: bool) -> str:
+    """The LLVM function ``name``(c, x, w) of the ``<16 x i32>`` views: ``intrinsic`` on them as ``operand`` vectors
+    (w before x where the instruction wants the weights' operand first)."""
+    first, second = ("%w", "%x") if weights_first else ("%x", "%w")
+    return f"""
+declare <16 x {acc}> @{intrinsic}(<16 x {acc}>, {operand}, {operand})
+define internal <16 x {acc}> @{name}(<16 x {acc}> %c, <16 x i32> %xi, <16 x i32> %wi) #0 {{
+  %x = bitcast <16 x i32> %xi to {operand}
+  %w = bitcast <16 x i32> %wi to {operand}
+  %r = call <16 x {acc}> @{intrinsic}(<16 x {acc}> %c, {operand} {first}, {operand} {second})
+  ret <16 x {acc}> %r
 }}
-attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx512f,+avx512bf16" }}
+attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx512f,+{feature}" }}
 """
 
 
+#: ``vdpbf16ps`` (AVX512_BF16): pairs of bfloat16, float32 sums
+BF16_DOT = DotInstruction("attngraph_dpbf16ps", BF16_GROUP, BF16, BF16, F32, _helper(
+    "attngraph_dpbf16ps", "float", "<32 x bfloat>", "llvm.x86.avx512bf16.dpbf16ps.512", "avx512bf16", False))
+#: ``vpdpbusd`` (AVX512_VNNI): groups of 4 bytes, the weights' unsigned (its first operand), x's signed; int32 sums
+INT8_DOT = DotInstruction("attngraph_vpdpbusd", INT8_GROUP, "int8", "uint8", "int32", _helper(
+    "attngraph_vpdpbusd", "i32", "<64 x i8>", "llvm.x86.avx512.vpdpbusd.512", "avx512vnni", True))
+
+
 @functools.cache
-def _intrin(weights: str = "global") -> str:
-    """The tensor intrinsic: c[i] += a[0] b[i, 0] + a[1] b[i, 1] over 16 lanes, b in memory scope ``weights`` (the
-    bound panels', or a worker's own packed ones on its stack: "local"); registered once each."""
-    name = f"{_INTRIN}_{weights}"
+def _intrin(dot: DotInstruction = BF16_DOT, weights: str = "global") -> str:
+    """The tensor intrinsic of ``dot``: c[i] += sum over j of x[j] w[i, j] over 16 lanes, w in memory scope
+    ``weights`` (the bound panels', or a worker's own packed ones on its stack: "local"); registered once each."""
+    name = f"{dot.helper}_16x{dot.group}_{weights}"
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
+    g, acc = dot.group, dot.acc
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=1),
-             b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=1, scope=weights),
-             c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
+    def desc(a: T.Buffer((g,), dot.x, offset_factor=1), b: T.Buffer((LANES, g), dot.w, offset_factor=1, scope=weights),
+             c: T.Buffer((LANES,), acc, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
+            T.reads(c[0:LANES], a[0:g], b[0:LANES, 0:g])
             T.writes(c[0:LANES])
-            for i, k in T.grid(LANES, BF16_GROUP):
+            for i, k in T.grid(LANES, g):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.Cast(F32, a[vk]) * T.Cast(F32, b[vi, vk])
+                    c[vi] = c[vi] + T.Cast(acc, a[vk]) * T.Cast(acc, b[vi, vk])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((BF16_GROUP,), BF16, offset_factor=BF16_GROUP),
-             b: T.Buffer((LANES, BF16_GROUP), BF16, offset_factor=BF16_GROUP, scope=weights),
-             c: T.Buffer((LANES,), F32, offset_factor=1, scope=LOCAL)):
+    def impl(a: T.Buffer((g,), dot.x, offset_factor=g), b: T.Buffer((LANES, g), dot.w, offset_factor=g, scope=weights),
+             c: T.Buffer((LANES,), acc, offset_factor=1, scope=LOCAL)):
         with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:BF16_GROUP], b[0:LANES, 0:BF16_GROUP])
+            T.reads(c[0:LANES], a[0:g], b[0:LANES, 0:g])
             T.writes(c[0:LANES])
-            pair = T.decl_buffer((1,), "int32", data=a.data, elem_offset=a.elem_offset // BF16_GROUP)
-            pairs = T.decl_buffer((LANES,), "int32", data=b.data, elem_offset=b.elem_offset // BF16_GROUP)
+            group = T.decl_buffer((1,), "int32", data=a.data, elem_offset=a.elem_offset // g)
+            groups = T.decl_buffer((LANES,), "int32", data=b.data, elem_offset=b.elem_offset // g)
             # (the ramps inline: a ramp bound to a name would be a local buffer, its loads gathers)
             c[T.ramp(T.int64(0), T.int64(1), LANES)] = T.call_pure_extern(
-                f"float32x{LANES}", HELPER, c[T.ramp(T.int64(0), T.int64(1), LANES)],
-                T.broadcast(pair[0], LANES), pairs[T.ramp(T.int64(0), T.int64(1), LANES)])
+                f"{acc}x{LANES}", dot.helper, c[T.ramp(T.int64(0), T.int64(1), LANES)],
+                T.broadcast(group[0], LANES), groups[T.ramp(T.int64(0), T.int64(1), LANES)])
 
     TensorIntrin.register(name, desc, impl)
     return name
-
 
 
 def dense_bf16(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
@@ -217,16 +243,13 @@ def _parallel(sch, no, ak) -> None:
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def tensorized(sch, loops, weights: str, intrin=None) -> tirx.PrimFunc:
-    """The kernel with each of ``loops`` (16 lanes x a group of products) on the instruction: ``intrin`` (a tensor
-    intrinsic's name), by default bfloat16's with the second operand in memory scope ``weights`` and the LLVM
-    function that spells it linked in."""
+def tensorized(sch, loops, weights: str, dot: DotInstruction = BF16_DOT) -> tirx.PrimFunc:
+    """The kernel with each of ``loops`` (16 lanes x a group of products) on ``dot`` (its second operand in memory
+    scope ``weights``), the LLVM function that spells it linked in."""
     for loop in loops:
-        sch.tensorize(loop, intrin or _intrin(weights))
+        sch.tensorize(loop, _intrin(dot, weights))
     func = sch.mod["main"]
-    if intrin is None:
-        func = func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body))
-    return fast_math(func)
+    return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot.llvm, func.body)))
 
 
 # int8 on AVX512_VNNI's ``vpdpbusd``: each of its 16 int32 lanes adds the products of 4 unsigned bytes of one operand
@@ -234,43 +257,7 @@ def tensorized(sch, loops, weights: str, intrin=None) -> tirx.PrimFunc:
 # ``ops.quantize_panels``), x's quantized row the signed one (4 bytes broadcast); the offset comes back out as 128 x
 # the row's sum of its quantized values.
 
-INT8, UINT8, I32 = "int8", "uint8", "int32"
-
-
-@functools.cache
-def _intrin_int8() -> str:
-    """The tensor intrinsic: c[i] += sum over j < 4 of a[j] b[i, j] over 16 lanes, a signed and b unsigned bytes."""
-    name = "attngraph_vpdpbusd_16x4"
-    from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
-
-    @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((INT8_GROUP,), INT8, offset_factor=1), b: T.Buffer((LANES, INT8_GROUP), UINT8, offset_factor=1),
-             c: T.Buffer((LANES,), I32, offset_factor=1, scope=LOCAL)):
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:INT8_GROUP], b[0:LANES, 0:INT8_GROUP])
-            T.writes(c[0:LANES])
-            for i, k in T.grid(LANES, INT8_GROUP):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    c[vi] = c[vi] + T.Cast(I32, a[vk]) * T.Cast(I32, b[vi, vk])
-
-    @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((INT8_GROUP,), INT8, offset_factor=INT8_GROUP),
-             b: T.Buffer((LANES, INT8_GROUP), UINT8, offset_factor=INT8_GROUP),
-             c: T.Buffer((LANES,), I32, offset_factor=1, scope=LOCAL)):
-        with T.sblock("root"):
-            T.reads(c[0:LANES], a[0:INT8_GROUP], b[0:LANES, 0:INT8_GROUP])
-            T.writes(c[0:LANES])
-            quad = T.decl_buffer((1,), I32, data=a.data, elem_offset=a.elem_offset // INT8_GROUP)
-            quads = T.decl_buffer((LANES,), I32, data=b.data, elem_offset=b.elem_offset // INT8_GROUP)
-            c[T.ramp(T.int64(0), T.int64(1), LANES)] = T.call_llvm_pure_intrin(
-                f"int32x{LANES}", "llvm.x86.avx512.vpdpbusd.512", c[T.ramp(T.int64(0), T.int64(1), LANES)],
-                T.reinterpret(f"int8x{4 * LANES}", quads[T.ramp(T.int64(0), T.int64(1), LANES)]),
-                T.reinterpret(f"int8x{4 * LANES}", T.broadcast(quad[0], LANES)))  # LLVM's operands: <64 x i8>
-
-    TensorIntrin.register(name, desc, impl)
-    return name
+UINT8, I32 = "uint8", "int32"
 
 
 def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
@@ -318,4 +305,4 @@ def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
         sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         block = sch.get_sblock("x_amax")  # x's buffer, which x_q reads too
         sch.transform_layout(block, ("read", read_index(sch, block, "in0")), lambda m, c: unravel(m, lead) + (c,))
-    return tensorized(sch, [an], "global", _intrin_int8())
+    return tensorized(sch, [an], "global", INT8_DOT)
