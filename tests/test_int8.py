@@ -133,6 +133,7 @@ def test_kernel_chosen_by_the_cpu_feature():
     for tiles in (AVX512, AVX2):  # no VNNI: the generic lowering
         assert kernels.KERNELS.kernel(spec, DimVars(), tiles) is None
     assert kernels.KERNELS.kernel(projection(4, 48, True), DimVars(), AVX512_VNNI) is None  # one group of K: too
+    assert "int8 on vpdpbusd" in get_target("llvm:icelake-server").availability()[2]
     target = get_target("llvm:icelake-server")  # whatever this CPU: LLVM emits vpdpbusd for one with AVX512_VNNI
     assert target.tiles is AVX512_VNNI or target.tiles.int8_dot
     lib = tvm.compile(tvm.IRModule({"k": kernels.KERNELS.kernel(spec, DimVars(), target.tiles).with_attr(

@@ -131,9 +131,15 @@ class LLVMTarget(Target):
             f"CPU {self.cpu} ({self.tiles.isa} kernels{self._dot_note()})"
 
     def _dot_note(self) -> str:
+        """The dot-product kernels this CPU's builds take (``tiles``): "" where none."""
+        notes = []
         if self.tiles.amx:
-            return ", bfloat16 projections on AMX tiles (ATTNGRAPH_AMX=1: not yet run on a CPU with AMX)"
-        return ", bfloat16 projections on vdpbf16ps" if self.tiles.bf16_dot else ""
+            notes.append("bfloat16 projections on AMX tiles (ATTNGRAPH_AMX=1: not yet run on a CPU with AMX)")
+        elif self.tiles.bf16_dot:
+            notes.append("bfloat16 projections on vdpbf16ps")
+        if self.tiles.int8_dot:
+            notes.append("int8 on vpdpbusd")
+        return "".join(f", {n}" for n in notes)
 
     def describe(self):
         t = self.tvm_target
