@@ -153,7 +153,8 @@ def build(model, params: Mapping[str, np.ndarray] | None = None, out_dir: str | 
         graph, module = _graph_of(model)
         options = {"target": target, "opt_level": opt_level, "tuning_db": tuning_db,
                    "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
-                   "quantize": quantize or "none", "tiles": measured_tiles()}  # this CPU's register tiles, where measured (``tune-tiles``)
+                   "quantize": quantize or "none",
+                   "tiles": measured_tiles()}  # this CPU's register tiles, where measured (``tune-tiles``)
         stamp = build_stamp(graph, weights_identity(module, params, seed), options)
         manifest = up_to_date(out_dir, stamp)
         if manifest is not None:  # built from the same graph, weights, options, code and CPU: nothing to do

@@ -114,5 +114,6 @@ def artifact_options(path: str, names, manifest_file: str = "manifest.json") -> 
                         f"not to a built one: rebuild it with the option, or leave the option out",
                  same_as={"target": manifest.get("target"), "opt_level": manifest.get("opt_level"),
                           "weight_dtype": manifest.get("weight_dtype"), "cache_len": manifest.get("cache_len"),
-                          "dtype": manifest.get("dtype", "float32"), "quantize": manifest.get("quantize", "none"),
+                          "dtype": manifest.get("dtype", "float32"),
+                          "quantize": None if manifest.get("quantize", "none") == "none" else manifest["quantize"],
                           "arch": info.get("arch") if isinstance(info, dict) else None})

@@ -6,6 +6,7 @@ import click
 import numpy as np
 
 from .cli_common import user_errors
+from .commands_tvm import quantize_option
 
 
 @click.command()
@@ -20,8 +21,7 @@ from .cli_common import user_errors
 @click.option("--max-length", type=int, default=None,
               help="Truncate sentences to this many tokens (default: the model's, 256 for minilm-l6).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-              help="int8: the projections quantized (llvm; embeddings within about cosine 0.99 of float32's).")
+@quantize_option
 @click.option("-o", "--output", "output_path", type=click.Path(dir_okay=False),
               help="Write the embeddings, (sentences, dim) float32, to this .npy.")
 @user_errors
@@ -38,7 +38,7 @@ def embed(sentences, model, file_, target, opt_level, max_length, batch_size, qu
     if not sentences:
         raise click.UsageError("give sentences to embed as arguments or with --file")
     encoder = SentenceEncoder.from_pretrained(model, target=target, opt_level=opt_level, max_length=max_length,
-                                              quantize=None if quantize == "none" else quantize)
+                                              quantize=quantize)
     tokens = encoder.tokenize(sentences)
     for i in tokens.truncated:
         click.echo(f"note: sentence {i} truncated to {encoder.max_length} tokens", err=True)

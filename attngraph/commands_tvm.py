@@ -54,9 +54,10 @@ weight_dtype_option = click.option(
          "in float32; verify then checks the kernels against the same rounded weights).")
 quantize_option = click.option(
     "--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+    callback=lambda ctx, param, value: None if value == "none" else value,  # the API's None
     help="int8: the projections quantized (llvm): weights per output column, activations per row at each call, "
-         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it); verify judges each kernel alone and reports the "
-         "error against the float32 build.")
+         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it); verify then judges each kernel alone and "
+         "reports the error against the float32 build.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 dtype_option = click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
@@ -115,8 +116,7 @@ def build(model, target, arch, opt_level, out_dir, weights_path, seed, tuning_db
     params = load_weights(weights_path) if weights_path else None
     with Progress() as progress:
         manifest = api.build(model, params, out_dir, target, opt_level, seed=seed, progress=progress,
-                             tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype,
-                             quantize=None if quantize == "none" else quantize)
+                             tuning_db=tuning_db, weight_dtype=weight_dtype, dtype=dtype, quantize=quantize)
     b = manifest["build"]
     if b["up_to_date"]:
         click.echo(f"{out_dir} is up to date: {manifest['model']} for {target} at -O{opt_level}, built from the same "
@@ -196,8 +196,7 @@ def verify(model, target, arch, opt_level, inputs_path, weights_path, seed, dims
     with Progress() as progress:
         report = api.verify(model, target=target, opt_level=opt_level, params=params, inputs=inputs,
                             dims=parse_dims(dims), seed=seed, per_node=per_node, progress=progress,
-                            weight_dtype=weight_dtype, device=device, dtype=dtype,
-                            quantize=None if quantize == "none" else quantize)
+                            weight_dtype=weight_dtype, device=device, dtype=dtype, quantize=quantize)
     click.echo(report.format())
     if not report.ok:
         raise SystemExit(1)

@@ -29,8 +29,8 @@ from tvm import s_tir, te, tirx
 from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
-from .fastmath import fast_math
-from .schedule import i64, positions, read_index, unravel
+from .dot import linked
+from .schedule import i64, positions, read_index, unravel, zeroed
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 BF16, F32 = "bfloat16", "float32"
@@ -115,11 +115,13 @@ def _intrin(k: int) -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
     pairs = k // BF16_GROUP
+    # the operands of both functions: x's block, two pair panels, the block's float32 C
+    A = T.Buffer((BLOCK, k), BF16, offset_factor=1)
+    B = T.Buffer((2, pairs, PANEL_WIDTH, BF16_GROUP), BF16, offset_factor=1)
+    C = T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope=LOCAL)
 
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((BLOCK, k), BF16, offset_factor=1),
-             b: T.Buffer((2, pairs, PANEL_WIDTH, BF16_GROUP), BF16, offset_factor=1),
-             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope=LOCAL)):
+    def desc(a: A, b: B, c: C):
         with T.sblock("root"):
             T.reads(c[0:BLOCK, 0:2, 0:PANEL_WIDTH], a[0:BLOCK, 0:k], b[0:2, 0:pairs, 0:PANEL_WIDTH, 0:BF16_GROUP])
             T.writes(c[0:BLOCK, 0:2, 0:PANEL_WIDTH])
@@ -130,9 +132,7 @@ def _intrin(k: int) -> str:
                         F32, b[vp, vq, vl, vj])
 
     @T.prim_func(s_tir=True)
-    def impl(a: T.Buffer((BLOCK, k), BF16, offset_factor=1),
-             b: T.Buffer((2, pairs, PANEL_WIDTH, BF16_GROUP), BF16, offset_factor=1),
-             c: T.Buffer((BLOCK, 2, PANEL_WIDTH), F32, offset_factor=1, scope=LOCAL)):
+    def impl(a: A, b: B, c: C):
         with T.sblock("root"):
             T.reads(c[0:BLOCK, 0:2, 0:PANEL_WIDTH], a[0:BLOCK, 0:k], b[0:2, 0:pairs, 0:PANEL_WIDTH, 0:BF16_GROUP])
             T.writes(c[0:BLOCK, 0:2, 0:PANEL_WIDTH])
@@ -180,12 +180,9 @@ def dense_amx(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, 
     xb = sch.get_sblock("xa")
     sch.compute_at(xb, mo)  # the row block's x, once for every pair of panels
     sch.vectorize(sch.get_loops(xb)[-1])
-    init = sch.decompose_reduction(ab, sch.get_loops(ab)[-5])
-    sch.vectorize(sch.get_loops(init)[-1])
+    zeroed(sch, ab, sch.get_loops(ab)[-5])
     if len(lead) > 1:  # x and the output with their N-D shapes (dims shared with the graph's other kernels)
         sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         sch.transform_layout(xb, ("read", read_index(sch, xb, "in0")), lambda m, k: unravel(m, lead) + (k,))
     sch.tensorize(sch.get_loops(sch.get_sblock("acc_update"))[-5], _intrin(K))
-    func = sch.mod["main"]
-    linked = tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", LLVM_FUNCTION, func.body)
-    return fast_math(func.with_body(linked))
+    return linked(sch.mod["main"], LLVM_FUNCTION)

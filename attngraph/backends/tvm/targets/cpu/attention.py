@@ -28,7 +28,7 @@ from ...shapes import DimVars
 from .fastmath import fast_math
 from .dot import BF16, F32, tensorized
 from .dot import LANES as PAIR_LANES
-from .schedule import i64, vectorize_static
+from .schedule import i64, vectorize_static, zeroed
 from .tiles import BF16_GROUP
 
 #: Query rows per block and keys per vector chunk (16 float32 = two AVX2 registers): the AVX2 tiles;
@@ -79,9 +79,10 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         return tirx.min(c * lanes + lane, last_k)
 
     if dot:  # K in pair panels once per head: (chunks, d / 2, lanes, 2), the pairs along the head dim
-        kp = te.compute((b, h, chunks, i64(int(d) // BF16_GROUP), i64(lanes), i64(BF16_GROUP)), lambda i, j, c, r, lane, t:
-                        k_at(i, j, key(c, lane), r * BF16_GROUP + t), name="kp")
-        r, t = te.reduce_axis((0, i64(int(d) // BF16_GROUP)), name="r"), te.reduce_axis((0, i64(BF16_GROUP)), name="t")
+        pairs = i64(int(d) // BF16_GROUP)
+        kp = te.compute((b, h, chunks, pairs, i64(lanes), i64(BF16_GROUP)),
+                        lambda i, j, c, r, lane, t: k_at(i, j, key(c, lane), r * BF16_GROUP + t), name="kp")
+        r, t = te.reduce_axis((0, pairs), name="r"), te.reduce_axis((0, i64(BF16_GROUP)), name="t")
         acc = te.compute((b, h, rows, chunks, i64(lanes)), lambda i, j, m, c, lane: te.sum(
             q_at(i, j, row(m), r * BF16_GROUP + t).astype(F32) * kp[i, j, c, r, lane, t].astype(F32), axis=[r, t]),
             name="acc")
@@ -196,39 +197,39 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         a_lo, a_li = sch.split(a_l, [None, PAIR_LANES])
         for loop in (a_mi, a_lo):
             sch.unroll(loop)
-        _zeroed(sch, ab, a_r)
+        zeroed(sch, ab, a_r)
         sch.compute_at(sch.get_sblock("kp"), head, preserve_unit_loops=True)
         sch.compute_at(sch.get_sblock("vp"), head)
     else:
         loops = sch.get_loops(ab)  # one per block iter under the chunk loop: batch, head, row, chunk, lane, dim
         a_mi, a_l, a_r = loops[-4], loops[-2], loops[-1]
-    if block > 1 and not dot:
-        sch.reorder(a_r, a_mi, a_l)
-        sch.unroll(a_mi)
-        sch.vectorize(a_l)
-        sch.decompose_reduction(ab, a_r)
-        sch.compute_at(sch.get_sblock("kt"), head, preserve_unit_loops=True)  # one chunk (few keys): its loop stays
-        # A chunk of keys at a time, all of its head dim: the chunk's rows stay in L1 while they are
-        # transposed (head dim outside re-read every key once per head-dim element: 3-9% slower, batch 8).
-        # The lanes unrolled as scalar copies: vectorized, each lane's clamped address was computed
-        # in int64 vector lanes and extracted one by one (the transpose was 17% of the kernel at
-        # S 128; unrolled, the kernel is 6-20% faster at S 77-512).
-        kt_r, kt_c, kt_l = sch.get_loops(sch.get_sblock("kt"))[-3:]
-        sch.reorder(kt_c, kt_r, kt_l)
-        sch.unroll(kt_l)
-        sch.compute_at(sch.get_sblock("vp"), head)
-        vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
-    elif block == 1 and isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, added up
-        _, lanes = sch.split(a_r, [None, 8])
-        rf = sch.rfactor(lanes, factor_axis=0)
-        sch.compute_at(rf, s_c, preserve_unit_loops=True)
-        sch.set_scope(rf, 0, "local")
-        # compute_at made one loop per block iter: the 8 partial sums, (unit loops), keys, reduction
-        loops = sch.get_loops(rf)
-        r_ri, r_l, r_ro = loops[-7], loops[-2], loops[-1]
-        sch.reorder(r_l, r_ro, r_ri)
-        sch.vectorize(r_ri)
-        sch.decompose_reduction(rf, r_ro)
+        if block > 1:
+            sch.reorder(a_r, a_mi, a_l)
+            sch.unroll(a_mi)
+            sch.vectorize(a_l)
+            sch.decompose_reduction(ab, a_r)
+            sch.compute_at(sch.get_sblock("kt"), head, preserve_unit_loops=True)  # one chunk (few keys): its loop stays
+            # A chunk of keys at a time, all of its head dim: the chunk's rows stay in L1 while they are
+            # transposed (head dim outside re-read every key once per head-dim element: 3-9% slower, batch 8).
+            # The lanes unrolled as scalar copies: vectorized, each lane's clamped address was computed
+            # in int64 vector lanes and extracted one by one (the transpose was 17% of the kernel at
+            # S 128; unrolled, the kernel is 6-20% faster at S 77-512).
+            kt_r, kt_c, kt_l = sch.get_loops(sch.get_sblock("kt"))[-3:]
+            sch.reorder(kt_c, kt_r, kt_l)
+            sch.unroll(kt_l)
+            sch.compute_at(sch.get_sblock("vp"), head)
+            vectorize_static(sch, sch.get_loops(sch.get_sblock("vp"))[-1])
+        elif isinstance(d, tirx.IntImm) and d.value % 8 == 0:  # 8 partial sums in a vector, then added up
+            _, lanes = sch.split(a_r, [None, 8])
+            rf = sch.rfactor(lanes, factor_axis=0)
+            sch.compute_at(rf, s_c, preserve_unit_loops=True)
+            sch.set_scope(rf, 0, "local")
+            # compute_at made one loop per block iter: the 8 partial sums, (unit loops), keys, reduction
+            loops = sch.get_loops(rf)
+            r_ri, r_l, r_ro = loops[-7], loops[-2], loops[-1]
+            sch.reorder(r_l, r_ro, r_ri)
+            sch.vectorize(r_ri)
+            sch.decompose_reduction(rf, r_ro)
     eb = sch.get_sblock("e")
     sch.vectorize(sch.get_loops(eb)[-1])
     for name in ("mx_lanes", "sm_lanes"):  # rows, lanes, chunks -> rows, chunks, lanes (vector)
@@ -246,7 +247,7 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
         p_xo, p_xi = sch.split(p_x, [None, PAIR_LANES])
         for loop in (p_mi, p_xo):
             sch.unroll(loop)
-        _zeroed(sch, pb, p_c)
+        zeroed(sch, pb, p_c)
         return tensorized(sch, (a_li, p_xi), "global")
     p_mi, p_x, p_c, p_l = sch.get_loops(pb)[-4:]
     sch.reorder(p_c, p_l, p_mi, p_x)
@@ -255,12 +256,6 @@ def attention(attrs: dict, in_types: list[TensorType], out_type: TensorType, dim
     sch.decompose_reduction(pb, p_c)
     func = sch.mod["main"]
     return fast_math(func) if dtype == "float32" else func
-
-
-def _zeroed(sch, block, loop) -> None:
-    """``block``'s accumulators zeroed (vectors) before its reduction ``loop``."""
-    init = sch.decompose_reduction(block, loop)
-    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def attention_backward(op: str, attrs: dict, in_types: list[TensorType], out_type: TensorType, dim_vars: DimVars,

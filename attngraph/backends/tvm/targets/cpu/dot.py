@@ -34,12 +34,12 @@ from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .ops import INT8_GROUP
-from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel
+from .ops import INT8_GROUP, WEIGHT_OFFSET, te_rows_quantized
+from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel, zeroed
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
 LANES = PANEL_WIDTH  # float32 lanes of a zmm register: one panel's columns
-BF16, F32 = "bfloat16", "float32"
+BF16, F32, INT8, UINT8, I32 = "bfloat16", "float32", "int8", "uint8", "int32"
 LOCAL = "local"  # the accumulators' scope (a name: a string in an annotation reads as a type to linters)
 
 
@@ -77,7 +77,7 @@ attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx512f,+{
 BF16_DOT = DotInstruction("attngraph_dpbf16ps", BF16_GROUP, BF16, BF16, F32, _helper(
     "attngraph_dpbf16ps", "float", "<32 x bfloat>", "llvm.x86.avx512bf16.dpbf16ps.512", "avx512bf16", False))
 #: ``vpdpbusd`` (AVX512_VNNI): groups of 4 bytes, the weights' unsigned (its first operand), x's signed; int32 sums
-INT8_DOT = DotInstruction("attngraph_vpdpbusd", INT8_GROUP, "int8", "uint8", "int32", _helper(
+INT8_DOT = DotInstruction("attngraph_vpdpbusd", INT8_GROUP, INT8, UINT8, I32, _helper(
     "attngraph_vpdpbusd", "i32", "<64 x i8>", "llvm.x86.avx512.vpdpbusd.512", "avx512vnni", True))
 
 
@@ -239,8 +239,7 @@ def _tiled(sch, rows: int, columns: int):
 def _parallel(sch, no, ak) -> None:
     """The column tiles in parallel, each accumulator zeroed (a vector) before its pairs' loop."""
     sch.parallel(no)
-    init = sch.decompose_reduction(sch.get_sblock("acc"), ak)
-    sch.vectorize(sch.get_loops(init)[-1])
+    zeroed(sch, sch.get_sblock("acc"), ak)
 
 
 def tensorized(sch, loops, weights: str, dot: DotInstruction = BF16_DOT) -> tirx.PrimFunc:
@@ -248,16 +247,19 @@ def tensorized(sch, loops, weights: str, dot: DotInstruction = BF16_DOT) -> tirx
     scope ``weights``), the LLVM function that spells it linked in."""
     for loop in loops:
         sch.tensorize(loop, _intrin(dot, weights))
-    func = sch.mod["main"]
-    return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", dot.llvm, func.body)))
+    return linked(sch.mod["main"], dot.llvm)
+
+
+def linked(func, llvm: str) -> tirx.PrimFunc:
+    """Kernel ``func`` with the LLVM IR ``llvm`` (the functions its calls name) linked into its module, and its
+    float32 exp and erf made vectorizable (``fast_math``)."""
+    return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", llvm, func.body)))
 
 
 # int8 on AVX512_VNNI's ``vpdpbusd``: each of its 16 int32 lanes adds the products of 4 unsigned bytes of one operand
 # with 4 signed bytes of the other.  The weights are the unsigned side (q + 128, in panels of 4 K values:
 # ``ops.quantize_panels``), x's quantized row the signed one (4 bytes broadcast); the offset comes back out as 128 x
 # the row's sum of its quantized values.
-
-UINT8, I32 = "uint8", "int32"
 
 
 def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
@@ -266,7 +268,6 @@ def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool,
     quantized panels (ceil(N/16), K/4, 16, 4) summed in int32 on ``vpdpbusd`` in register tiles of ``tile`` = (rows,
     columns) as the bfloat16 kernel's (column tiles in parallel), then rescaled to float32 with the bias and
     activation as they are written."""
-    from .ops import WEIGHT_OFFSET, te_rows_quantized
     rows, columns = tile
     x_t, w_t = in_types[0], in_types[1]
     lead = dim_vars.shape(x_t.shape[:-1])

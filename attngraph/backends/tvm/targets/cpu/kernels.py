@@ -48,7 +48,7 @@ from .attention import attention, attention_backward
 from .dot import dense_bf16, dense_int8, weight_grad_bf16
 from .fastmath import fast_math
 from .schedule import (MAX_STACK_PANEL_BYTES, has_block, i64, is_reduction, positions, read_index, register_tiles,
-                       split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum)
+                       split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum, zeroed)
 from .tiles import BF16_GROUP, PANEL_WIDTH, TILE_M, TILE_N
 
 FLOATS = ("float32", "float64")
@@ -344,8 +344,7 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
             sch.set_scope(pb, 0, "local")
     sch.vectorize(ni)
     sch.parallel(no)
-    init = sch.decompose_reduction(ab, ak)  # last: needs the update loops already scheduled
-    sch.vectorize(sch.get_loops(init)[-1])
+    zeroed(sch, ab, ak)
     if len(lead) > 1:
         # Give x and the output their N-D shapes (dims shared with the graph's other kernels).
         sch.transform_layout(ob, ("write", 0), lambda m, n: unravel(m, lead) + (n,))
@@ -445,8 +444,7 @@ def weight_grad(in_types, out_type: TensorType, dim_vars: DimVars, tile: tuple) 
         sch.compute_at(pb, jo)
         sch.vectorize(sch.get_loops(pb)[-1])
     sch.parallel(jo)
-    init = sch.decompose_reduction(ab, ak)
-    sch.vectorize(sch.get_loops(init)[-1])
+    zeroed(sch, ab, ak)
     if len(lead) > 1:
         ub = sch.get_sblock("acc_update")
         sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, c: unravel(m, lead) + (c,))

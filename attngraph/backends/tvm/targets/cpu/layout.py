@@ -41,7 +41,7 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
             continue
         if quantize == "int8":
             if str(g.node(x).type.dtype) == "float32" and wt.shape[0] % ops.INT8_GROUP == 0:
-                _quantized(g, nid, x, w, bias, width, packed)
+                _to_int8(g, nid, x, w, bias, width, packed)
                 matches += 1
                 continue
             misses.append(f"%{n.name}: not quantized (int8 takes float32 x and K a multiple of {ops.INT8_GROUP}, got "
@@ -62,7 +62,7 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
     return matches, misses
 
 
-def _quantized(g: Graph, nid: int, x: int, w: int, bias: list, width: int, packed: dict) -> None:
+def _to_int8(g: Graph, nid: int, x: int, w: int, bias: list, width: int, packed: dict) -> None:
     """Node ``nid`` (x @ W [+ b]) -> ``linear_int8``, W's quantized panels and scales shared by its other products."""
     if (w, "int8") not in packed:
         meta = dict(g.node(w).meta)

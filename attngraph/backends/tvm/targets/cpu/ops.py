@@ -292,13 +292,17 @@ def te_scale(amax):
     return amax / tirx.const(QMAX, "float32")
 
 
+def te_column_scales(w, name: str):
+    """``column_scales`` of TE tensor ``w`` (K, N): float32 (N,)."""
+    from tvm import te, tirx
+    k = te.reduce_axis((0, w.shape[0]), name=f"{name}_k")
+    amax = te.compute((w.shape[1],), lambda j: te.max(tirx.abs(w[k, j].astype("float32")), axis=k), name=f"{name}_amax")
+    return te.compute((w.shape[1],), lambda j: te_scale(amax[j]), name=name)
+
+
 @lowering("column_scales")
 def _column_scales(c):
-    from tvm import te, tirx
-    (w,) = c.xs
-    k = te.reduce_axis((0, w.shape[0]), name="k")
-    amax = te.compute(c.shape, lambda j: te.max(tirx.abs(w[k, j].astype("float32")), axis=k), name=f"{c.name}_amax")
-    return te.compute(c.shape, lambda j: te_scale(amax[j]), name=c.name)
+    return te_column_scales(c.xs[0], c.name)
 
 
 @lowering("quantize_panels")
@@ -306,12 +310,11 @@ def _quantize_panels(c):
     from tvm import te, tirx
     (w,) = c.xs
     width, n = c.attrs["width"], int(w.shape[1])
-    k = te.reduce_axis((0, w.shape[0]), name="k")
-    amax = te.compute((n,), lambda j: te.max(tirx.abs(w[k, j].astype("float32")), axis=k), name=f"{c.name}_amax")
+    scales = te_column_scales(w, f"{c.name}_scales")
 
     def at(p, q, col, j):
         column = tirx.min(p * width + col, n - 1)
-        v = te_quantized(w[q * INT8_GROUP + j, column].astype("float32"), te_scale(amax[column])).astype("int32")
+        v = te_quantized(w[q * INT8_GROUP + j, column].astype("float32"), scales[column]).astype("int32")
         return tirx.Select(p * width + col < n, v + WEIGHT_OFFSET, tirx.const(0, "int32")).astype("uint8")
     return te.compute(c.shape, at, name=c.name)
 
@@ -329,13 +332,14 @@ def te_rows_quantized(x, name: str):
 @lowering("linear_int8")
 def _linear_int8(c):
     from tvm import te
+
+    from ...lower.elementwise import ACTIVATIONS as EXPRS
     x, w, s = c.xs[:3]
     bias = c.xs[3] if len(c.xs) == 4 else None
     xq, sx = te_rows_quantized(x, c.name)
     k = te.reduce_axis((0, x.shape[-1]), name="k")
     acc = te.compute(c.shape, lambda *i: te.sum(xq[i[:-1] + (k,)].astype("int32") * (
         _panel_at(w, k, i[-1]).astype("int32") - WEIGHT_OFFSET), axis=k), name=f"{c.name}_acc")
-    from ...lower.elementwise import ACTIVATIONS as EXPRS
     act = EXPRS[c.attrs["activation"]]
 
     def value(*i):

@@ -190,6 +190,14 @@ def scalar_bfloat16(func: tirx.PrimFunc) -> tirx.PrimFunc:
 MAX_STACK_PANEL_BYTES = 256 * 1024
 
 
+def zeroed(sch, block, loop) -> None:
+    """``block``'s reduction split into its accumulators' zeroing, placed before ``loop`` (the reduction's outer
+    loop), and the update; the zeroing's innermost loop vectorized (decompose last: it needs the update's loops
+    already scheduled)."""
+    init = sch.decompose_reduction(block, loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def i64(v: int):
     """``v`` as an int64 constant (the kernels index in int64, like the graph's dims)."""
     return tirx.IntImm("int64", v)

@@ -89,7 +89,8 @@ AMX_OPT_IN = "ATTNGRAPH_AMX"
 
 def cpu_tiles(target) -> CpuTiles:
     """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the int8 dot products' where
-    it has ``avx512vnni``, the bfloat16 ones' where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
+    it has ``avx512vnni``, the bfloat16 ones' where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and
+    ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
     import os
 
     from tvm.target import codegen
