@@ -12,6 +12,7 @@ import click
 from . import models
 from . import cli_common
 from .cli_common import artifact_options, check_target, reject_given
+from .commands_tvm import quantize_option
 from .generate import (
     CompiledStepper,
     DecoderInfo,
@@ -109,9 +110,10 @@ def check_request(module, sources, beam: int, max_len: int, cache_len: int | Non
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="The model's weights, activations and caches in this type, its arithmetic in float32 (as "
                    "attngraph build --dtype); with --target numpy the interpreter rounds each value the same way.")
+@quantize_option
 @user_errors
 def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nbest, target, cache_len,
-             save_dir, weights_path, seed, weight_dtype, dtype):
+             save_dir, weights_path, seed, weight_dtype, dtype, quantize):
     """Generate from MODEL (a model, a DIR of compiled entries from --save, or a DIR that attngraph train wrote:
     then --input is text and so is the output) for each --input."""
     from .train.data import decode as words
@@ -128,7 +130,8 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
         if weights_path:
             raise click.BadParameter("compiled entries carry their weights; rebuild them to change them",
                                      param_hint="--weights")
-        artifact_options(model, ["target", "cache_len", "weight_dtype", "dtype", "seed", "save_dir"], MANIFEST)
+        artifact_options(model, ["target", "cache_len", "weight_dtype", "dtype", "quantize", "seed", "save_dir"],
+                         MANIFEST)
         stepper = CompiledStepper(model)
     else:
         if tokenizer is None:
@@ -139,16 +142,17 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
         if target == "numpy":
             reject_given(["save_dir"], "--save keeps the compiled entries: it needs a compile target "
                                        "(--target llvm, cuda or vulkan)")
-            if weight_dtype != "float32":
-                raise click.BadParameter("--weight-dtype applies to a compile target, not numpy",
-                                         param_hint="--weight-dtype")
+            for name, value, default in (("weight-dtype", weight_dtype, "float32"), ("quantize", quantize, None)):
+                if value != default:
+                    raise click.BadParameter(f"--{name} applies to a compile target, not numpy",
+                                             param_hint=f"--{name}")
         if save_dir:
             CompiledStepper.build(module, params, save_dir, target, cache_len=cache_len, weight_dtype=weight_dtype,
-                                  dtype=dtype)
+                                  dtype=dtype, quantize=quantize)
             stepper = CompiledStepper(save_dir)
         else:
             stepper = compile_entries(module, params, target, cache_len=cache_len, weight_dtype=weight_dtype,
-                                      dtype=dtype)
+                                      dtype=dtype, quantize=quantize)
     ready = time.perf_counter()
     if beam == 1:
         results = [[h] for h in greedy_search(stepper, sources, max_len, eos_id=eos, bos_id=bos_id, alpha=alpha)]

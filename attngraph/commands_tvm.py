@@ -56,8 +56,8 @@ quantize_option = click.option(
     "--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
     callback=lambda ctx, param, value: None if value == "none" else value,  # the API's None
     help="int8: the projections quantized (llvm): weights per output column, activations per row at each call, "
-         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it); verify then judges each kernel alone and "
-         "reports the error against the float32 build.")
+         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it, else vpmaddwd); verify then judges each kernel "
+         "alone and reports the error against the float32 build.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 dtype_option = click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,

@@ -234,17 +234,17 @@ def trace_entries(model, cache_len: int | None = None) -> dict[str, Graph]:
 
 def compile_entries(model, params: Mapping[str, np.ndarray], target: str = "numpy", *, cache_len: int | None = None,
                     opt_level: int = 3, dtype: str | None = None, weight_dtype: str | None = None,
-                    device: str | None = None) -> EntryStepper:
+                    device: str | None = None, quantize: str | None = None) -> EntryStepper:
     """A stepper over ``model``'s entries, each compiled in memory by ``attngraph.compile`` for ``target`` (numpy:
     the reference interpreter; ``dtype="float64"`` there: the float64 oracle of the compiled steppers), with
     caches of ``cache_len`` positions.  ``dtype``: float16 or bfloat16, the model (its caches and encoder memory
-    too) in that type; ``weight_dtype``, ``device``: see ``attngraph.compile``.  ``stepper.models`` are the
-    compiled entries."""
+    too) in that type; ``weight_dtype``, ``device``, ``quantize``: see ``attngraph.compile``.  ``stepper.models``
+    are the compiled entries."""
     from .api import compile
     graphs = trace_entries(model, cache_len)
     info = DecoderInfo.from_model(model, graphs["decode_step"], graphs.get("encode_entry"))
     compiled = {m: compile(g, {k: params[k] for k in g.params}, target=target, opt_level=opt_level, dtype=dtype,
-                           weight_dtype=weight_dtype, device=device) for m, g in graphs.items()}
+                           weight_dtype=weight_dtype, device=device, quantize=quantize) for m, g in graphs.items()}
     return EntryStepper(info, compiled, dtype or "float32")
 
 
@@ -268,10 +268,12 @@ class CompiledStepper(EntryStepper):
 
     @staticmethod
     def build(model, params: Mapping[str, np.ndarray], out_dir: str, target: str = "llvm", opt_level: int = 3,
-              cache_len: int | None = None, weight_dtype: str | None = None, dtype: str | None = None) -> dict:
+              cache_len: int | None = None, weight_dtype: str | None = None, dtype: str | None = None,
+              quantize: str | None = None) -> dict:
         """Build every entry of ``model`` into ``out_dir/<entry>/``; returns the manifest written.
         ``weight_dtype="float16"`` stores the projection weights in half precision (llvm); ``dtype``: the
-        model in float16 or bfloat16 (``attngraph.compile``), its caches and encoder memory in that type."""
+        model in float16 or bfloat16 (``attngraph.compile``), its caches and encoder memory in that type;
+        ``quantize="int8"``: the projections in int8 (llvm)."""
         from . import files
         from .api import build
         from .backends.tvm.artifact import writing
@@ -282,9 +284,10 @@ class CompiledStepper(EntryStepper):
         with writing(out_dir, own.__contains__, is_generation_dir, "a directory of generation entries"):
             for name, g in graphs.items():
                 build(g, {k: params[k] for k in g.params}, os.path.join(out_dir, name), target=target,
-                      opt_level=opt_level, weight_dtype=weight_dtype, dtype=dtype)
+                      opt_level=opt_level, weight_dtype=weight_dtype, dtype=dtype, quantize=quantize)
             manifest = {"format": FORMAT, "target": target, "opt_level": opt_level, "entries": sorted(graphs),
                         "weight_dtype": weight_dtype or "float32", "dtype": dtype or "float32",
+                        "quantize": quantize or "none",
                         "cache_len": info.cache_len, "decoder": info.to_json()}
             files.write_file(out_dir, MANIFEST, json.dumps(manifest, indent=1).encode())
         return manifest

@@ -23,7 +23,8 @@ build; ONNX Runtime is left out (its CPU provider has no bfloat16 kernels).  Eac
 float32, and the half build's time is also given as a share of attngraph float32's.
 
 ``--quantize int8``: attngraph's int8 build (``compile(quantize="int8")``: weights per column, activations per row,
-int32 sums) beside ONNX Runtime's ``quantize_dynamic`` (int8 weights) of its fused model, PyTorch's dynamic
+int32 sums) beside ONNX Runtime's ``quantize_dynamic`` (int8 weights; 7-bit on a CPU without VNNI, as its
+documentation advises: ``reduce_range``) of its fused model, PyTorch's dynamic
 quantization (``torch.ao.quantization.quantize_dynamic`` of its ``nn.Linear`` layers: the attention's projections
 stay float32 there) and attngraph float32; each engine's error is against PyTorch float32.
 """
@@ -94,6 +95,14 @@ def torch_encoder(params: dict, d: int, heads: int, ff: int, layers: int):
     return enc
 
 
+def _has_vnni() -> bool:
+    """Whether this CPU has VNNI (AVX512_VNNI or AVX-VNNI).  Without it ONNX Runtime's int8 kernels multiply unsigned
+    by signed bytes with vpmaddubsw, whose 16-bit pair sums saturate: its documentation advises 7-bit weights there
+    (``reduce_range``), and the default's error was 10-16x attngraph's (0.8-1.4 against PyTorch float32, Zen 3)."""
+    from attngraph.backends.tvm.targets.cpu.isa import _cpuinfo_flags
+    return bool({"avx512vnni", "avxvnni"} & _cpuinfo_flags())
+
+
 def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str, quantize: bool = False):
     """An ONNX Runtime session of ``enc`` at this batch and sequence (the exported attention bakes
     its shapes in), with ORT's transformer fusions applied when its optimizer accepts the model; ``quantize``: then
@@ -126,11 +135,12 @@ def ort_session(enc, d: int, heads: int, batch: int, seq: int, workdir: str, qua
         level = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)
         try:
-            quantize_dynamic(path, path + ".int8", weight_type=QuantType.QInt8,
+            quantize_dynamic(path, path + ".int8", weight_type=QuantType.QInt8, reduce_range=not _has_vnni(),
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         finally:
             logging.getLogger().setLevel(level)
-        path, fused = path + ".int8", fused + ", quantize_dynamic int8"
+        path, fused = path + ".int8", fused + ", quantize_dynamic int8" + ("" if _has_vnni() else
+                                                                        " with 7-bit weights (reduce_range: no VNNI)")
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = THREADS, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

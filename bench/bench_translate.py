@@ -1,7 +1,7 @@
 """Translation decoding, end to end: attngraph against CTranslate2 on the same transformer-base weights.
 
     python bench/bench_translate.py [--threads 2] [--batch 1 8 32] [--beam 1 4] [--src-len 32]
-                                    [--tgt-len 32] [--repeat 3] [--no-variable]
+                                    [--tgt-len 32] [--repeat 3] [--no-variable] [--quantize int8]
 
 Needs ``pip install ctranslate2``.  One model, random weights (seed 0), written into a CTranslate2 model through
 its spec API (``ct2_model.py``); its log-probs are checked against attngraph's interpreter first.
@@ -13,6 +13,11 @@ its spec API (``ct2_model.py``); its log-probs are checked against attngraph's i
   row, shifting the last norm's bias towards it, aligning it with a position's encoding), so this run measures
   the padding and the longer caches; finished hypotheses leaving the batch are tested, not timed here.
   Length penalty 0 (both rank by the sum of log-probs).
+
+``--quantize int8``: both engines in int8 (attngraph's entries built with ``quantize="int8"``, CTranslate2 with
+``compute_type="int8"``: both quantize the weights per output channel and the activations per row), each engine's
+error printed first: the max abs difference of its log-probs from the float32 interpreter's over the same pairs
+(CTranslate2's ``score_batch``; attngraph's decode steps fed the target tokens).  The tokens may then differ.
 
 Both engines get the same sources and threads; each case runs both, interleaved in rounds, and prints the
 medians, ms per generated position, the ratio attngraph / CTranslate2 (below 1: attngraph faster) and whether
@@ -41,6 +46,8 @@ def parse_args():
     p.add_argument("--repeat", type=int, default=3, help="rounds per case (median taken)")
     p.add_argument("--no-variable", action="store_true", help="skip the run with variable lengths and EOS")
     p.add_argument("--model", default="transformer-base")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8: both engines' projections in int8")
     return p.parse_args()
 
 
@@ -83,13 +90,16 @@ class Copy:
         return 2 * self.src.numel() * 4 / seconds
 
 
-def step_bytes(model, params, rows: int, src_len: int, position: int) -> int:
+def step_bytes(model, params, rows: int, src_len: int, position: int, matrix_bytes: int = 4) -> int:
     """Bytes a decode step at ``position`` must read: the decoder's weights (the output projection included,
-    the cross-attention K/V projections excluded: they run once per source), every layer's cross K/V of
-    ``src_len`` positions and self-attention K/V of ``position + 1``, for ``rows`` rows."""
-    weights = sum(v.nbytes for k, v in params.items()
+    the cross-attention K/V projections excluded: they run once per source; ``matrix_bytes`` per value of a 2-D
+    weight: 1 in int8), every layer's cross K/V of ``src_len`` positions and self-attention K/V of ``position + 1``,
+    for ``rows`` rows."""
+    def nbytes(v):
+        return v.size * (matrix_bytes if v.ndim == 2 else v.itemsize)
+    weights = sum(nbytes(v) for k, v in params.items()
                   if k.startswith("decoder.") and ".cross_attn.k_proj" not in k and ".cross_attn.v_proj" not in k)
-    weights += params["src_embed.weight"].nbytes  # the (shared) output projection
+    weights += nbytes(params["src_embed.weight"])  # the (shared) output projection
     layers, d = len(model.decoder.layers), model.d_model
     return weights + 4 * rows * layers * 2 * d * (src_len + position + 1)
 
@@ -105,8 +115,8 @@ class Attngraph:
 
 
 class CTranslate2:
-    def __init__(self, path, threads):
-        self.translator = ctranslate2.Translator(path, device="cpu", compute_type="float32", intra_threads=threads)
+    def __init__(self, path, threads, compute_type="float32"):
+        self.translator = ctranslate2.Translator(path, device="cpu", compute_type=compute_type, intra_threads=threads)
 
     def translate(self, sources, beam, max_len, eos):
         out = self.translator.translate_batch([to_tokens(s) for s in sources], beam_size=beam,
@@ -115,20 +125,33 @@ class CTranslate2:
         return [to_ids(r.hypotheses[0]) for r in out]
 
 
-def check_scores(model, params, path, threads):
-    """CTranslate2's per-token log-probs of a few pairs equal the interpreter's (float32)."""
+def scored_pairs(model, params):
+    """(sources, targets, the float32 interpreter's log-prob of each target token and EOS) of a few pairs."""
     rng = np.random.default_rng(3)
     src, tgt = rng.integers(4, model.src_vocab, (2, 9)), rng.integers(4, model.tgt_vocab, (2, 5))
-    scores = ctranslate2.Translator(path, intra_threads=threads).score_batch(
-        [to_tokens(s) for s in src], [to_tokens(t) for t in tgt])
     g = ag.trace(model)
     out = ag.reference.run(g, {"src": src, "tgt": np.concatenate([np.full((2, 1), BOS), tgt], 1)},
                            {k: params[k] for k in g.params})["log_probs"]
-    want = np.take_along_axis(out, np.concatenate([tgt, np.full((2, 1), EOS)], 1)[..., None], -1)[..., 0]
-    err = max(float(np.abs(np.asarray(s.log_probs) - w).max()) for s, w in zip(scores, want))
-    if err > 1e-4:
-        raise SystemExit(f"CTranslate2's log-probs differ from attngraph's interpreter by {err:.3g}")
-    return err
+    return src, tgt, np.take_along_axis(out, np.concatenate([tgt, np.full((2, 1), EOS)], 1)[..., None], -1)[..., 0]
+
+
+def ct2_error(pairs, path, threads, compute_type="float32"):
+    """The max abs difference of CTranslate2's per-token log-probs of ``pairs`` from the interpreter's."""
+    src, tgt, want = pairs
+    scores = ctranslate2.Translator(path, intra_threads=threads, compute_type=compute_type).score_batch(
+        [to_tokens(s) for s in src], [to_tokens(t) for t in tgt])
+    return max(float(np.abs(np.asarray(s.log_probs) - w).max()) for s, w in zip(scores, want))
+
+
+def stepper_error(pairs, stepper):
+    """The same for attngraph's decode steps fed BOS and the target tokens."""
+    src, tgt, want = pairs
+    state, got = stepper.encode(src), []
+    for pos, tokens in enumerate(np.concatenate([np.full((len(tgt), 1), BOS), tgt], 1).T):
+        log_probs, state = stepper.step(tokens[:, None], pos, state)
+        got.append(log_probs)
+    ids = np.concatenate([tgt, np.full((len(tgt), 1), EOS)], 1)
+    return float(np.abs(np.take_along_axis(np.stack(got, 1), ids[..., None], -1)[..., 0] - want).max())
 
 
 def run_case(engines, sources, beam, max_len, eos, repeat):
@@ -147,17 +170,28 @@ def run_case(engines, sources, beam, max_len, eos, repeat):
 def main():
     model = ag.models.get(ARGS.model)
     params = ag.init_params(model, seed=0)
-    print(f"{ARGS.model}, float32, {ARGS.threads} threads, {cpu_name()}; ctranslate2 {ctranslate2.__version__}", flush=True)
+    quantize = None if ARGS.quantize == "none" else ARGS.quantize
+    compute_type = quantize or "float32"
+    print(f"{ARGS.model}, {compute_type}, {ARGS.threads} threads, {cpu_name()}; ctranslate2 {ctranslate2.__version__}",
+          flush=True)
     work = tempfile.mkdtemp(prefix="bench-translate-")
     variable = not ARGS.no_variable
     ct2_dir = write_model(model, params, os.path.join(work, "ct2"))
-    err = check_scores(model, params, ct2_dir, ARGS.threads)
+    pairs = scored_pairs(model, params)
+    err = ct2_error(pairs, ct2_dir, ARGS.threads)
+    if err > 1e-4:
+        raise SystemExit(f"CTranslate2's float32 log-probs differ from attngraph's interpreter by {err:.3g}")
     start = time.perf_counter()
     ours = os.path.join(work, "attngraph")
-    G.CompiledStepper.build(model, params, ours, "llvm")
-    print(f"CTranslate2 log-probs within {err:.2g} of the interpreter; attngraph entries built in "
+    G.CompiledStepper.build(model, params, ours, "llvm", quantize=quantize)
+    print(f"CTranslate2 float32 log-probs within {err:.2g} of the interpreter; attngraph entries built in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
-    engines = {"attngraph": Attngraph(G.CompiledStepper(ours)), "ctranslate2": CTranslate2(ct2_dir, ARGS.threads)}
+    engines = {"attngraph": Attngraph(G.CompiledStepper(ours)),
+               "ctranslate2": CTranslate2(ct2_dir, ARGS.threads, compute_type)}
+    if quantize:
+        print(f"{compute_type} log-probs against the float32 interpreter's (max abs): attngraph "
+              f"{stepper_error(pairs, engines['attngraph'].stepper):.2g}, CTranslate2 "
+              f"{ct2_error(pairs, ct2_dir, ARGS.threads, compute_type):.2g}", flush=True)
     copy = Copy(ARGS.threads)
     print(f"copy bandwidth {copy.bandwidth(min(copy.seconds() for _ in range(7))) / 1e9:.1f} GB/s (best of 7)\n",
           flush=True)
@@ -190,7 +224,7 @@ def main():
     # This machine's bandwidth drifts (a shared host): the step and the copy alternate, 20 rounds of a copy and
     # five steps, and each round's ratio is taken; the median round is printed.
     position = ARGS.tgt_len // 2
-    nbytes = step_bytes(model, params, 1, ARGS.src_len, position)
+    nbytes = step_bytes(model, params, 1, ARGS.src_len, position, 1 if quantize else 4)
     stepper = engines["attngraph"].stepper
     state = stepper.encode(rng.integers(4, model.src_vocab, (1, ARGS.src_len)))
     token = np.array([[5]])

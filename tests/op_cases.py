@@ -116,6 +116,8 @@ CASES = [
     ("column_scales", {}, [T(8, 20)]),
     ("quantize_panels", {"width": 16}, [T(8, 20)]),
     ("linear_int8", {"n": 20, "activation": "relu"}, [X, T(2, 2, 16, 4, dtype="uint8"), T(20), T(20)]),
+    ("quantize_panels", {"width": 16, "interleave": 2}, [T(8, 20)]),  # in pairs: vpmaddwd's layout
+    ("linear_int8", {"n": 20, "activation": "none"}, [X, T(2, 4, 16, 2, dtype="int8"), T(20)]),
 ]
 #: the 8-bit integer types of quantized values (which WGSL cannot store)
 BYTES = ("int8", "uint8")

@@ -3,6 +3,8 @@ straightforward searches over full-prefix interpreter runs, bad inputs, the CLI,
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -478,6 +480,32 @@ def test_compiled_steps_with_float16_weights(tmp_path):
         la, a = compiled.step(np.array(tokens)[:, None], pos, a)
         lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
         assert np.abs(la - lb).max() < 1e-2, f"position {pos}"  # float16's rounding of the weights
+
+
+def test_compiled_steps_in_int8(tmp_path):
+    """``generate --quantize int8``: the entries' projections in int8 (the weights per column, the rows at each
+    step); the log-probs near float64's (the quantization's error, not the arithmetic's: each kernel is checked
+    against the same quantized arithmetic in test_int8), the search runs, and the saved entries are int8."""
+    pytest.importorskip("tvm")
+    model = tiny("seq2seq")
+    params = params_of(model)
+    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, quantize="int8")
+    assert manifest["quantize"] == "int8"
+    compiled = G.CompiledStepper(str(tmp_path))
+    for entry in manifest["entries"]:
+        assert json.loads((tmp_path / entry / "manifest.json").read_text())["quantize"] == "int8", entry
+    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
+    src = np.array([[3, 4, 5], [6, 7, 0]])
+    a, b = compiled.encode(src), oracle.encode(src)
+    for pos, tokens in enumerate([[3, 5], [4, 6], [9, 1]]):
+        la, a = compiled.step(np.array(tokens)[:, None], pos, a)
+        lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
+        assert 0 < np.abs(la - lb).max() < 0.1, f"position {pos}"
+    assert len(G.beam_search(compiled, [[3, 4, 5]], 2, 6)[0]) == 2
+    runner = CliRunner()
+    for option, ok in ((["--quantize", "int8"], True), (["--quantize", "none"], False)):
+        r = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", *option])
+        assert (r.exit_code == 0) == ok, (option, r.output)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

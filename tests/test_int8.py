@@ -1,6 +1,6 @@
 """int8 projections (``quantize="int8"``): the ops' meaning (``targets/cpu/ops.py``), their lowerings and the CPU's
-u8 x s8 dot-product kernel (``dot.dense_int8``: AVX512_VNNI's ``vpdpbusd``) against it, the pass that quantizes a
-model's projections, and verify, build and the command line with ``--quantize int8``."""
+integer dot-product kernels (``dot.dense_int8``: AVX512_VNNI's ``vpdpbusd``, else ``vpmaddwd``) against it, the pass
+that quantizes a model's projections, and verify, build and the command line with ``--quantize int8``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ tvm = pytest.importorskip("tvm")
 
 import attngraph as ag  # noqa: E402
 from attngraph.backends.tvm.kernel import finish, generic_func  # noqa: E402
-from attngraph.backends.tvm.plan import KernelSpec  # noqa: E402
+from attngraph.backends.tvm.plan import FEW_ROWS, ONE_ROW, KernelSpec  # noqa: E402
 from attngraph.backends.tvm.shapes import DimVars  # noqa: E402
 from attngraph.backends.tvm.targets import get_target  # noqa: E402
 from attngraph.backends.tvm.targets.cpu import kernels  # noqa: E402
 from attngraph.backends.tvm.targets.cpu import ops as cpu_ops  # noqa: E402
+from attngraph.backends.tvm.targets.cpu.dot import INT8_INSTRUCTIONS  # noqa: E402
 from attngraph.backends.tvm.targets.cpu.tiles import AVX2, AVX512, AVX512_BF16, AVX512_VNNI  # noqa: E402
 from attngraph.cli import main  # noqa: E402
 from attngraph.backends import BuildError  # noqa: E402
@@ -28,8 +29,9 @@ from attngraph.ir import dims as D  # noqa: E402
 from attngraph.ir import ops as O  # noqa: E402
 
 HERE = get_target("llvm")
-needs_vnni = pytest.mark.skipif(HERE.tiles.int8_dot is None,
-                                reason="this CPU has no AVX512_VNNI (the kernel compile-only here)")
+#: the int8 kernels' tiles and whether this CPU runs them (each is compiled for its own CPU in
+#: ``test_kernel_chosen_by_the_cpu_feature``)
+RUNS = {AVX2: True, AVX512: HERE.tiles.isa == "avx512", AVX512_VNNI: HERE.tiles.int8_instruction == "vpdpbusd"}
 
 
 def spec_of(op, attrs, in_types):
@@ -37,8 +39,8 @@ def spec_of(op, attrs, in_types):
     return KernelSpec("k", op, attrs, tuple(in_types), O.get(op).infer(list(in_types), attrs))
 
 
-def projection(k: int, n: int, bias: bool, activation: str = "none", lead=("batch", "seq")):
-    w = O.get("quantize_panels").infer([T((k, n), "float32")], {"width": 16})
+def projection(k: int, n: int, bias: bool, activation: str = "none", lead=("batch", "seq"), interleave: int = 4):
+    w = O.get("quantize_panels").infer([T((k, n), "float32")], {"width": 16, "interleave": interleave})
     ts = [T((*lead, k), "float32"), w, T((n,), "float32")] + ([T((n,), "float32")] if bias else [])
     return spec_of("linear_int8", {"n": n, "activation": activation}, ts)
 
@@ -65,7 +67,7 @@ def test_the_quantized_arithmetic():
     s, p = cpu_ops.column_scales(w), cpu_ops.quantize_panels(w, width=16)
     assert s.dtype == np.float32 and s[1] == 0 and np.allclose(s, np.abs(w).max(axis=0) / 127)
     assert p.shape == (3, 6, 16, 4) and p.dtype == np.uint8
-    q = cpu_ops.unpacked(p, 40).astype(np.int32) - cpu_ops.WEIGHT_OFFSET
+    q = cpu_ops.unpacked(p, 40).astype(np.int32) - 128  # stored as q + 128
     np.testing.assert_array_equal(q, np.where(s > 0, np.rint(w / np.where(s > 0, s, 1)), 0))  # to nearest even
     assert np.abs(q).max() == 127 and (q[:, 1] == 0).all()
     # x per row; the int32 sums exact, one float32 rescale; a row of zeros gives the bias alone
@@ -79,46 +81,70 @@ def test_the_quantized_arithmetic():
     np.testing.assert_array_equal(y[0, 2], b)
     # and near the float32 product: within the two quantization steps' error
     np.testing.assert_allclose(y, x @ w + b, atol=0.05 * np.abs(x @ w).max())
-    with pytest.raises(O.ShapeError, match="K a multiple of 4"):
-        O.get("quantize_panels").infer([T((6, 40), "float32")], {"width": 16})
+    # in pairs (vpmaddwd's layout): the same values as signed bytes, the same result
+    pairs = cpu_ops.quantize_panels(w, width=16, interleave=2)
+    assert pairs.shape == (3, 12, 16, 2) and pairs.dtype == np.int8
+    np.testing.assert_array_equal(cpu_ops.unpacked(pairs, 40), q)
+    np.testing.assert_array_equal(cpu_ops.linear_int8(x, pairs, s, b, n=40), y)
+    for k, interleave in ((6, 4), (5, 2), (6, 3)):
+        with pytest.raises(O.ShapeError, match="K a multiple of it"):
+            O.get("quantize_panels").infer([T((k, 40), "float32")], {"width": 16, "interleave": interleave})
+    with pytest.raises(O.ShapeError, match="uint8 for g 4, int8 for g 2"):  # panels in another layout's dtype
+        O.get("linear_int8").infer([T((3, 24), "float32"), T((3, 12, 16, 2), "uint8"), T((40,), "float32")],
+                                   {"n": 40, "activation": "none"})
     with pytest.raises(O.ShapeError, match="float32 x"):
         O.get("linear_int8").infer([T((3, 24), "float16"), T((3, 6, 16, 4), "uint8"), T((40,), "float32")],
                                    {"n": 40, "activation": "none"})
 
 
-def test_generic_lowerings_match_the_meaning():
+@pytest.mark.parametrize("interleave", [4, 2])
+def test_generic_lowerings_match_the_meaning(interleave):
     w = weights(24, 40)
     dv = DimVars()
-    for op, attrs, want in (("column_scales", {}, cpu_ops.column_scales(w)),
-                            ("quantize_panels", {"width": 16}, cpu_ops.quantize_panels(w, width=16))):
-        spec = spec_of(op, attrs, [T((24, 40), "float32")])
+    attrs = {"width": 16, "interleave": interleave}
+    for op, op_attrs, want in (("column_scales", {}, cpu_ops.column_scales(w)),
+                               ("quantize_panels", attrs, cpu_ops.quantize_panels(w, **attrs))):
+        spec = spec_of(op, op_attrs, [T((24, 40), "float32")])
         np.testing.assert_array_equal(run(compiled(finish(generic_func(spec, dv, HERE), spec, dv)), spec, [w], {}),
                                       want)
-    spec = projection(24, 40, True, "relu")
+    spec = projection(24, 40, True, "relu", interleave=interleave)
     fn = compiled(finish(generic_func(spec, dv, HERE), spec, dv))
     x = np.random.default_rng(2).standard_normal((2, 7, 24)).astype(np.float32)
-    args = [x, cpu_ops.quantize_panels(w, width=16), cpu_ops.column_scales(w), np.ones(40, np.float32)]
+    args = [x, cpu_ops.quantize_panels(w, **attrs), cpu_ops.column_scales(w), np.ones(40, np.float32)]
     want = cpu_ops.linear_int8(*args, n=40, activation="relu")
     np.testing.assert_allclose(run(fn, spec, args, {"batch": 2, "seq": 7}), want, rtol=1e-5, atol=1e-5)
 
 
-@needs_vnni
+@pytest.mark.parametrize("tiles", [AVX2, AVX512, AVX512_VNNI], ids=lambda t: f"{t.isa}-{t.int8_instruction}")
 @pytest.mark.parametrize("k,n,bias,activation,lead", [
     (24, 70, True, "gelu", ("batch", "seq")), (64, 32, False, "none", ("batch", "seq")),
     (8, 16, True, "relu", ("rows",)), (128, 130, False, "none", ("batch", "seq"))])
-def test_kernel_against_the_meaning(k, n, bias, activation, lead):
-    # 70 and 130 columns: not whole 64-column tiles; 1 to 45 rows: not whole row tiles; K = 8: two groups
-    spec = projection(k, n, bias, activation, lead)
-    f = kernels.KERNELS.kernel(spec, DimVars(), HERE.tiles)
-    assert f is not None and "vpdpbusd" in f.script(), "not the dot-product kernel"
-    fn = compiled(finish(f, spec, DimVars()))
+def test_kernel_against_the_meaning(tiles, k, n, bias, activation, lead):
+    # 70 and 130 columns: not whole column tiles; 1 to 45 rows: not whole row tiles; K = 8: two groups of 4
+    if not RUNS[tiles]:
+        pytest.skip(f"this CPU cannot run the {tiles.isa} {tiles.int8_instruction} kernel (compiled in "
+                    f"test_kernel_chosen_by_the_cpu_feature)")
+    dot = INT8_INSTRUCTIONS[tiles.int8_instruction]
+    spec = projection(k, n, bias, activation, lead, interleave=dot.group)
+    forms = {"main": kernels.KERNELS.kernel(spec, DimVars(), tiles), **kernels.KERNELS.forms(spec, DimVars(), tiles)}
+    assert set(forms) == {"main", FEW_ROWS} | ({ONE_ROW} if tiles.int8_dot[2] else set()), forms.keys()
+    for form, f in forms.items():
+        assert dot.helper in f.script(), f"{form}: not the dot-product kernel"
+        check_kernel(compiled(finish(f, spec, DimVars())), spec, k, n, bias, activation, FORM_SIZES[form], dot.group)
+
+
+#: the rows each form of a kernel is run at (the executor calls the few rows' form at up to 8, one row's at 1)
+ONE, FEW, MANY = {"batch": 1, "seq": 1, "rows": 1}, {"batch": 2, "seq": 3, "rows": 6}, {"batch": 1, "seq": 45, "rows": 45}
+FORM_SIZES = {ONE_ROW: [ONE], FEW_ROWS: [ONE, FEW], "main": [ONE, {"batch": 2, "seq": 7, "rows": 14}, MANY]}
+
+
+def check_kernel(fn, spec, k, n, bias, activation, cases, interleave):
     w = weights(k, n, k + n)
     rng = np.random.default_rng(k)
-    for sizes in ({"batch": 1, "seq": 1, "rows": 1}, {"batch": 2, "seq": 7, "rows": 14}, {"batch": 1, "seq": 45,
-                                                                                         "rows": 45}):
+    for sizes in cases:
         x = (rng.standard_normal(tuple(D.evaluate(d, sizes) for d in spec.in_types[0].shape)) * 3).astype(np.float32)
         x.reshape(-1, k)[0] = 0  # a row of zeros
-        args = [x, cpu_ops.quantize_panels(w, width=16), cpu_ops.column_scales(w)]
+        args = [x, cpu_ops.quantize_panels(w, width=16, interleave=interleave), cpu_ops.column_scales(w)]
         if bias:
             args.append(rng.standard_normal(n).astype(np.float32))
         want = cpu_ops.linear_int8(*args, n=n, activation=activation)
@@ -127,18 +153,23 @@ def test_kernel_against_the_meaning(k, n, bias, activation, lead):
 
 
 def test_kernel_chosen_by_the_cpu_feature():
-    spec = projection(64, 48, True)
-    assert "vpdpbusd" in kernels.KERNELS.kernel(spec, DimVars(), AVX512_VNNI).script()
-    assert "vpdpbusd" in kernels.KERNELS.kernel(spec, DimVars(), AVX512_BF16).script()
-    for tiles in (AVX512, AVX2):  # no VNNI: the generic lowering
-        assert kernels.KERNELS.kernel(spec, DimVars(), tiles) is None
-    assert kernels.KERNELS.kernel(projection(4, 48, True), DimVars(), AVX512_VNNI) is None  # one group of K: too
-    assert "int8 on vpdpbusd" in get_target("llvm:icelake-server").availability()[2]
-    target = get_target("llvm:icelake-server")  # whatever this CPU: LLVM emits vpdpbusd for one with AVX512_VNNI
-    assert target.tiles is AVX512_VNNI or target.tiles.int8_dot
-    lib = tvm.compile(tvm.IRModule({"k": kernels.KERNELS.kernel(spec, DimVars(), target.tiles).with_attr(
-        "global_symbol", "k")}), target=target.tvm_target)
-    assert "vpdpbusd" in lib.mod.inspect_source("asm")
+    quads, pairs = projection(64, 48, True), projection(64, 48, True, interleave=2)
+    for tiles, spec, helper in ((AVX512_VNNI, quads, "vpdpbusd"), (AVX512_BF16, quads, "vpdpbusd"),
+                                (AVX512, pairs, "pmaddwd"), (AVX2, pairs, "pmaddwd")):
+        assert f"attngraph_{helper}" in kernels.KERNELS.kernel(spec, DimVars(), tiles).script()
+    for tiles, spec in ((AVX2, quads), (AVX512_VNNI, pairs),  # panels in another instruction's layout: generic
+                        (AVX512_VNNI, projection(4, 48, True)), (AVX2, projection(2, 48, True, interleave=2))):
+        assert kernels.KERNELS.kernel(spec, DimVars(), tiles) is None  # (or one group of K: too few)
+    # whatever this CPU, LLVM emits each instruction for a CPU that has it
+    for cpu, tiles, spec, instruction in (("icelake-server", AVX512_VNNI, quads, "vpdpbusd"),
+                                          ("x86-64-v3", AVX2, pairs, "vpmaddwd"),
+                                          ("x86-64-v4", AVX512, pairs, "vpmaddwd")):
+        target = get_target(f"llvm:{cpu}")
+        assert f"int8 on {instruction}" in target.availability()[2]
+        assert target.tiles == tiles or target.tiles.int8_instruction == instruction
+        lib = tvm.compile(tvm.IRModule({"k": kernels.KERNELS.kernel(spec, DimVars(), target.tiles).with_attr(
+            "global_symbol", "k")}), target=target.tvm_target)
+        assert instruction in lib.mod.inspect_source("asm")
 
 
 def test_the_pass_quantizes_every_float32_projection():
@@ -159,11 +190,8 @@ def test_a_wrong_kernel_fails_verify(monkeypatch):
     monkeypatch.setenv("ATTNGRAPH_CACHE", "off")
     right = kernels.dense_int8
     monkeypatch.setattr(kernels, "dense_int8", lambda *a, **kw: right(*a, **{**kw, "activation": "relu"}))
-    report = ag.verify("encoder-tiny", quantize="int8", target=get_target("llvm") if HERE.tiles.int8_dot else "llvm")
-    if HERE.tiles.int8_dot:
-        assert not report.ok and "wrong: %" in report.format(), report.format()
-    else:  # no VNNI kernel to break: the generic lowering, right
-        assert report.ok
+    report = ag.verify("encoder-tiny", quantize="int8", target=get_target("llvm"))
+    assert not report.ok and "wrong: %" in report.format(), report.format()
 
 
 def test_options_refused_where_they_cannot_apply():

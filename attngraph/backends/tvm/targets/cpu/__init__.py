@@ -87,6 +87,9 @@ class LLVMTarget(Target):
                              f"apply")
         dtype = None if weight_dtype == "float32" else weight_dtype
         groups = {"bfloat16": BF16_GROUP} if self.tiles.bf16_dot else {}  # the CPU's dot products' operands
+        if self.tiles.int8_dot:
+            from .dot import INT8_INSTRUCTIONS  # (TVM's compiler: not needed to load and run an artifact)
+            groups["int8"] = INT8_INSTRUCTIONS[self.tiles.int8_instruction].group
         passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups, quantize),
                   "gate-projections": lambda g: gate_projections(g, PANEL_WIDTH)}
         return {**passes, **super().layout_passes()}
@@ -138,7 +141,7 @@ class LLVMTarget(Target):
         elif self.tiles.bf16_dot:
             notes.append("bfloat16 projections on vdpbf16ps")
         if self.tiles.int8_dot:
-            notes.append("int8 on vpdpbusd")
+            notes.append(f"int8 on {self.tiles.int8_instruction}")
         return "".join(f", {n}" for n in notes)
 
     def describe(self):

@@ -1,7 +1,8 @@
 """Products on the CPU's dot-product instructions (``DotInstruction``, one table row each): AVX512_BF16's
 ``vdpbf16ps`` (Zen 4, Cooper Lake, Sapphire Rapids and later), whose 16 float32 lanes each add the products of a pair
 of bfloat16 values, 32 multiply-adds where a float32 FMA does 16; and AVX512_VNNI's ``vpdpbusd`` (Zen 4, Ice Lake and
-later), whose 16 int32 lanes each add the products of 4 unsigned bytes by 4 signed ones (the int8 projection).
+later), whose 16 int32 lanes each add the products of 4 unsigned bytes by 4 signed ones (the int8 projection), or on
+a CPU without it ``vpmaddwd`` (AVX2), whose int32 lanes each add the products of a pair of 16-bit values.
 
 The weights are packed once, when they are bound, in panels whose K values go in groups (``pack_panels(interleave=2)``:
 (ceil(N/16), K/2, 16, 2); ``ops.quantize_panels``: (ceil(N/16), K/4, 16, 4)): one 64-byte row of a panel is the 16
@@ -28,13 +29,14 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import tvm
 from tvm import s_tir, te, tirx
 
 from .....ir import TensorType
 from ...lower.elementwise import ACTIVATIONS
 from ...shapes import DimVars
 from .fastmath import fast_math
-from .ops import INT8_GROUP, WEIGHT_OFFSET, te_rows_quantized
+from .ops import INT8_STORAGE, te_rows_quantized
 from .schedule import MAX_STACK_PANEL_BYTES, i64, positions, read_index, register_tiles, unravel, zeroed
 from .tiles import BF16_GROUP, PANEL_WIDTH
 
@@ -77,8 +79,42 @@ attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx512f,+{
 BF16_DOT = DotInstruction("attngraph_dpbf16ps", BF16_GROUP, BF16, BF16, F32, _helper(
     "attngraph_dpbf16ps", "float", "<32 x bfloat>", "llvm.x86.avx512bf16.dpbf16ps.512", "avx512bf16", False))
 #: ``vpdpbusd`` (AVX512_VNNI): groups of 4 bytes, the weights' unsigned (its first operand), x's signed; int32 sums
-INT8_DOT = DotInstruction("attngraph_vpdpbusd", INT8_GROUP, INT8, UINT8, I32, _helper(
+INT8_DOT = DotInstruction("attngraph_vpdpbusd", 4, INT8, UINT8, I32, _helper(
     "attngraph_vpdpbusd", "i32", "<64 x i8>", "llvm.x86.avx512.vpdpbusd.512", "avx512vnni", True))
+
+
+def _pairs_helper(name: str) -> str:
+    """The LLVM function ``name``(c, x, w) adding to c's 16 int32 lanes the products of a pair of x's int16 values
+    (broadcast: one i32) with each lane's pair of signed bytes of w, sign-extended to 16 bits: ``vpmaddwd`` on each
+    half (written as the even and odd products instead, LLVM 20 multiplies in 32 bits)."""
+    lo = ", ".join(f"i32 {i}" for i in range(16))
+    hi = ", ".join(f"i32 {i}" for i in range(16, 32))
+    return f"""
+declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
+define internal <16 x i32> @{name}(<16 x i32> %c, <16 x i32> %xi, <16 x i16> %wi) #0 {{
+  %x = bitcast <16 x i32> %xi to <32 x i16>
+  %wb = bitcast <16 x i16> %wi to <32 x i8>
+  %w = sext <32 x i8> %wb to <32 x i16>
+  %x0 = shufflevector <32 x i16> %x, <32 x i16> poison, <16 x i32> <{lo}>
+  %x1 = shufflevector <32 x i16> %x, <32 x i16> poison, <16 x i32> <{hi}>
+  %w0 = shufflevector <32 x i16> %w, <32 x i16> poison, <16 x i32> <{lo}>
+  %w1 = shufflevector <32 x i16> %w, <32 x i16> poison, <16 x i32> <{hi}>
+  %p0 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %x0, <16 x i16> %w0)
+  %p1 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %x1, <16 x i16> %w1)
+  %p = shufflevector <8 x i32> %p0, <8 x i32> %p1, <16 x i32> <{lo}>
+  %r = add <16 x i32> %c, %p
+  ret <16 x i32> %r
+}}
+attributes #0 = {{ alwaysinline nounwind readnone "target-features"="+avx2" }}
+"""
+
+
+#: ``vpmaddwd`` (AVX2; AVX-512 BW): pairs of signed 16-bit values, the weights stored as signed bytes and widened as
+#: they are read, x's quantized row kept as int16; int32 sums
+INT8_PAIRS = DotInstruction("attngraph_pmaddwd", 2, "int16", INT8, I32, _pairs_helper("attngraph_pmaddwd"))
+
+#: the int8 projection's instruction by the name the tiles give (``tiles.int8_instruction``)
+INT8_INSTRUCTIONS = {"vpdpbusd": INT8_DOT, "vpmaddwd": INT8_PAIRS}
 
 
 @functools.cache
@@ -89,6 +125,7 @@ def _intrin(dot: DotInstruction = BF16_DOT, weights: str = "global") -> str:
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
     g, acc = dot.group, dot.acc
+    lane = f"int{g * tvm.DataType(dot.w).bits}"  # a lane's group of weights as one integer (x's group: always 32 bits)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.Buffer((g,), dot.x, offset_factor=1), b: T.Buffer((LANES, g), dot.w, offset_factor=1, scope=weights),
@@ -108,7 +145,7 @@ def _intrin(dot: DotInstruction = BF16_DOT, weights: str = "global") -> str:
             T.reads(c[0:LANES], a[0:g], b[0:LANES, 0:g])
             T.writes(c[0:LANES])
             group = T.decl_buffer((1,), "int32", data=a.data, elem_offset=a.elem_offset // g)
-            groups = T.decl_buffer((LANES,), "int32", data=b.data, elem_offset=b.elem_offset // g)
+            groups = T.decl_buffer((LANES,), lane, data=b.data, elem_offset=b.elem_offset // g)
             # (the ramps inline: a ramp bound to a name would be a local buffer, its loads gathers)
             c[T.ramp(T.int64(0), T.int64(1), LANES)] = T.call_pure_extern(
                 f"{acc}x{LANES}", dot.helper, c[T.ramp(T.int64(0), T.int64(1), LANES)],
@@ -256,54 +293,58 @@ def linked(func, llvm: str) -> tirx.PrimFunc:
     return fast_math(func.with_body(tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm", llvm, func.body)))
 
 
-# int8 on AVX512_VNNI's ``vpdpbusd``: each of its 16 int32 lanes adds the products of 4 unsigned bytes of one operand
-# with 4 signed bytes of the other.  The weights are the unsigned side (q + 128, in panels of 4 K values:
-# ``ops.quantize_panels``), x's quantized row the signed one (4 bytes broadcast); the offset comes back out as 128 x
-# the row's sum of its quantized values.
+# int8 on the CPU's integer dot products (``INT8_INSTRUCTIONS``): AVX512_VNNI's ``vpdpbusd``, whose 16 int32 lanes each
+# add the products of 4 unsigned bytes of one operand with 4 signed bytes of the other: the weights are the unsigned
+# side (q + 128, in panels of 4 K values: ``ops.quantize_panels``), x's quantized row the signed one (4 bytes
+# broadcast), and the offset comes back out as 128 x the row's sum of its quantized values; or, without VNNI,
+# ``vpmaddwd`` on pairs of 16-bit values (the weights signed bytes in panels of 2 K values, widened as they are read;
+# x's row quantized to int16), half the products per instruction.
 
 
 def dense_int8(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, activation: str,
-               tile: tuple) -> tirx.PrimFunc:
+               tile: tuple, dot: DotInstruction = INT8_DOT) -> tirx.PrimFunc:
     """``linear_int8``: float32 x (..., K) quantized per row (a pass over x, in parallel), its products with the
-    quantized panels (ceil(N/16), K/4, 16, 4) summed in int32 on ``vpdpbusd`` in register tiles of ``tile`` = (rows,
-    columns) as the bfloat16 kernel's (column tiles in parallel), then rescaled to float32 with the bias and
+    quantized panels (ceil(N/16), K/g, 16, g) summed in int32 on ``dot`` (g its group) in register tiles of ``tile``
+    = (rows, columns) as the bfloat16 kernel's (column tiles in parallel), then rescaled to float32 with the bias and
     activation as they are written."""
     rows, columns = tile
     x_t, w_t = in_types[0], in_types[1]
     lead = dim_vars.shape(x_t.shape[:-1])
     M = positions(lead)
     N = out_type.shape[-1]
-    panels, quads, width, group = (int(v) for v in w_t.shape)
-    assert width == LANES and group == INT8_GROUP and columns % LANES == 0, (w_t, tile)
-    K = quads * INT8_GROUP
+    panels, groups, width, group = (int(v) for v in w_t.shape)
+    stored, offset = INT8_STORAGE[group]
+    assert width == LANES and group == dot.group and stored == dot.w and columns % LANES == 0, (w_t, tile, dot)
+    K = groups * group
     n_pad = (N + columns - 1) // columns * columns
     X = te.placeholder((M, i64(K)), F32, name="in0")
-    W = te.placeholder((i64(panels), i64(quads), i64(LANES), i64(INT8_GROUP)), UINT8, name="in1")
+    W = te.placeholder((i64(panels), i64(groups), i64(LANES), i64(group)), stored, name="in1")
     S = te.placeholder((i64(N),), F32, name="in2")
     B = te.placeholder((i64(N),), F32, name="in3") if bias else None
-    xq, sx = te_rows_quantized(X, "x")
-    r = te.reduce_axis((0, i64(K)), name="r")
-    rs = te.compute((M,), lambda m: te.sum(xq[m, r].astype(I32), axis=r), name="x_sum")
-    k = te.reduce_axis((0, i64(quads)), name="k")
-    kk = te.reduce_axis((0, i64(INT8_GROUP)), name="kk")
+    xq, sx = te_rows_quantized(X, "x", dot.x)
+    if offset:
+        r = te.reduce_axis((0, i64(K)), name="r")
+        rs = te.compute((M,), lambda m: te.sum(xq[m, r].astype(I32), axis=r), name="x_sum")
+    k = te.reduce_axis((0, i64(groups)), name="k")
+    kk = te.reduce_axis((0, i64(group)), name="kk")
     acc = te.compute((M + (rows - 1), i64(n_pad)), lambda m, n: te.sum(
-        xq[tirx.min(m, M - 1), k * INT8_GROUP + kk].astype(I32)
+        xq[tirx.min(m, M - 1), k * group + kk].astype(I32)
         * W[_panel(n, panels, n_pad), k, n % LANES, kk].astype(I32), axis=[k, kk]), name="acc")
     act = ACTIVATIONS[activation]
 
     def value(m, n):
-        exact = acc[m, n] - tirx.const(WEIGHT_OFFSET, I32) * rs[m]
+        exact = acc[m, n] - tirx.const(offset, I32) * rs[m] if offset else acc[m, n]
         y = exact.astype(F32) * sx[m] * S[n]
         return act(y + B[n] if bias else y)
     out = te.compute((M, i64(N)), value, name="out")
     sch = s_tir.Schedule(te.create_prim_func([X, W, S] + ([B] if bias else []) + [out]))
     no, an, ak = _tiled(sch, rows, columns)
     _parallel(sch, no, ak)
-    for name in ("x_amax", "x_scale", "x_q", "x_sum"):  # the rows quantized once, in parallel, before the products
-        block = sch.get_sblock(name)
+    for name in ("x_amax", "x_scale", "x_q") + (("x_sum",) if offset else ()):  # the rows quantized once, in
+        block = sch.get_sblock(name)                                             # parallel, before the products
         sch.parallel(sch.get_loops(block)[0])
     if len(lead) > 1:  # x and the output with their N-D shapes (dims shared with the graph's other kernels)
         sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda m, n: unravel(m, lead) + (n,))
         block = sch.get_sblock("x_amax")  # x's buffer, which x_q reads too
         sch.transform_layout(block, ("read", read_index(sch, block, "in0")), lambda m, c: unravel(m, lead) + (c,))
-    return tensorized(sch, [an], "global", INT8_DOT)
+    return tensorized(sch, [an], "global", dot)

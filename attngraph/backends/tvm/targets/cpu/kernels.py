@@ -45,7 +45,7 @@ from .amx import BLOCK as AMX_BLOCK
 from .amx import STEP as AMX_STEP
 from .amx import dense_amx
 from .attention import attention, attention_backward
-from .dot import dense_bf16, dense_int8, weight_grad_bf16
+from .dot import INT8_INSTRUCTIONS, dense_bf16, dense_int8, weight_grad_bf16
 from .fastmath import fast_math
 from .schedule import (MAX_STACK_PANEL_BYTES, has_block, i64, is_reduction, positions, read_index, register_tiles,
                        split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum, zeroed)
@@ -127,6 +127,24 @@ def _is_amx(spec, tiles) -> bool:
             and spec.out_type.shape[-1] % AMX_BLOCK == 0)
 
 
+def _int8_dot(form: int):
+    """The int8 projection on the CPU's integer dot products (``dot.dense_int8``) with the tile of ``form`` (0 main,
+    1 a few rows, 2 one row)."""
+    def build(spec, dv, tiles):
+        return dense_int8(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 4,
+                          activation=spec.attrs.get("activation", "none"), tile=tiles.int8_dot[form],
+                          dot=INT8_INSTRUCTIONS[tiles.int8_instruction])
+    return build
+
+
+def _is_int8_dot(spec, tiles) -> bool:
+    """``linear_int8`` over panels in the layout of the CPU's instruction (``tiles.int8_instruction``), x with
+    leading dims and at least two groups of K (one: the generic lowering)."""
+    w = spec.in_types[1]
+    return tiles.int8_dot is not None and spec.in_types[0].rank >= 2 and w.shape[1] > 1 \
+        and w.shape[3] == INT8_INSTRUCTIONS[tiles.int8_instruction].group
+
+
 def _is_gated(spec, tiles=None) -> bool:
     """``swiglu_packed`` over panels of PANEL_WIDTH whose halves are whole panels each."""
     return _same_float(spec) and _is_packed_dense(spec.in_types) and spec.attrs["n"] % PANEL_WIDTH == 0
@@ -168,11 +186,8 @@ KERNELS = KernelTable(
         dtypes=("bfloat16",), guard=_is_amx),
     Row("bfloat16 projection on the CPU's bfloat16 dot products", ("linear_packed",), _bf16_dot(0),
         dtypes=("bfloat16",), guard=_is_bf16_dot),
-    Row("int8 projection on the CPU's u8 x s8 dot products", ("linear_int8",),
-        lambda spec, dv, tiles: dense_int8(list(spec.in_types), spec.out_type, dv, bias=len(spec.in_types) == 4,
-                                           activation=spec.attrs.get("activation", "none"), tile=tiles.int8_dot),
-        dtypes=("float32",), guard=lambda spec, tiles: tiles.int8_dot is not None and spec.in_types[0].rank >= 2
-        and spec.in_types[1].shape[1] > 1),  # at least two groups of 4 K values (one: the generic lowering)
+    Row("int8 projection on the CPU's integer dot products", ("linear_int8",), _int8_dot(0),
+        dtypes=("float32",), guard=_is_int8_dot),
     Row("projection over packed weight panels", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.dense,
                                                prefetch=tiles.prefetch),
@@ -202,6 +217,11 @@ KERNELS = KernelTable(
         dtypes=FLOATS, guard=lambda spec, tiles: _is_packed_dense(spec.in_types), form=FEW_ROWS),
     Row("bfloat16 projection on dot products: one row", ("linear_packed",), _bf16_dot(2),
         dtypes=("bfloat16",), guard=_is_bf16_dot, form=ONE_ROW),
+    Row("int8 projection on integer dot products: a few rows", ("linear_int8",), _int8_dot(1),
+        dtypes=("float32",), guard=_is_int8_dot, form=FEW_ROWS),
+    Row("int8 projection on integer dot products: one row", ("linear_int8",), _int8_dot(2),
+        dtypes=("float32",), guard=lambda spec, tiles: _is_int8_dot(spec, tiles) and bool(tiles.int8_dot[2]),
+        form=ONE_ROW),
     Row("projection: one row", ("linear_packed",),
         lambda spec, dv, tiles: _packed_linear(spec.attrs, list(spec.in_types), spec.out_type, dv, tiles.one_row),
         dtypes=FLOATS, guard=lambda spec, tiles: bool(tiles.one_row) and _is_packed_dense(spec.in_types),

@@ -22,10 +22,10 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
     """``linear(x, W, b)`` and ``matmul(x, W)`` with a weights-only 2-D ``W`` ->
     ``linear_packed(x, pack_panels(W), b; n=N)``, the panels stored as ``dtype`` if given (float16:
     half the bytes to read, computed in x's dtype).  ``groups``: {dtype: group} of the CPU's dot products (bfloat16:
-    2); a product whose x and panels are of such a dtype gets panels of K values in groups of that many
-    (``pack_panels(interleave=)``), where K divides into them.  ``quantize="int8"``: a float32 product ->
-    ``linear_int8(x, quantize_panels(W), column_scales(W), b)`` instead (``ops.py``), where K is a multiple of 4.
-    Returns (matches, misses) like the other rules."""
+    2; "int8": the quantized panels'); a product whose x and panels are of such a dtype gets panels of K values in
+    groups of that many (``pack_panels(interleave=)``), where K divides into them.  ``quantize="int8"``: a float32
+    product -> ``linear_int8(x, quantize_panels(W), column_scales(W), b)`` instead (``ops.py``), where K is a
+    multiple of the group.  Returns (matches, misses) like the other rules."""
     constant = weights_only(g)
     packed: dict[tuple, int] = {}  # (W, group) -> its panels, shared by every product reading W in that layout
     matches, misses = 0, []
@@ -40,11 +40,12 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
                 misses.append(f"%{n.name}: its weight is not known at bind time; packed per call")
             continue
         if quantize == "int8":
-            if str(g.node(x).type.dtype) == "float32" and wt.shape[0] % ops.INT8_GROUP == 0:
-                _to_int8(g, nid, x, w, bias, width, packed)
+            group = (groups or {}).get("int8", ops.INT8_GROUP)
+            if str(g.node(x).type.dtype) == "float32" and wt.shape[0] % group == 0:
+                _to_int8(g, nid, x, w, bias, width, group, packed)
                 matches += 1
                 continue
-            misses.append(f"%{n.name}: not quantized (int8 takes float32 x and K a multiple of {ops.INT8_GROUP}, got "
+            misses.append(f"%{n.name}: not quantized (int8 takes float32 x and K a multiple of {group}, got "
                           f"{g.node(x).type} and K={wt.shape[0]})")
         stored = dtype or str(wt.dtype)
         group = (groups or {}).get(stored, 1) if str(g.node(x).type.dtype) == stored else 1
@@ -62,11 +63,13 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
     return matches, misses
 
 
-def _to_int8(g: Graph, nid: int, x: int, w: int, bias: list, width: int, packed: dict) -> None:
-    """Node ``nid`` (x @ W [+ b]) -> ``linear_int8``, W's quantized panels and scales shared by its other products."""
+def _to_int8(g: Graph, nid: int, x: int, w: int, bias: list, width: int, group: int, packed: dict) -> None:
+    """Node ``nid`` (x @ W [+ b]) -> ``linear_int8``, W's quantized panels (in groups of ``group`` K values) and
+    scales shared by its other products."""
     if (w, "int8") not in packed:
         meta = dict(g.node(w).meta)
-        packed[w, "int8"] = (g.add("quantize_panels", [w], {"width": width}, name=f"{g.node(w).name}_int8", meta=meta),
+        packed[w, "int8"] = (g.add("quantize_panels", [w], {"width": width, "interleave": group},
+                                   name=f"{g.node(w).name}_int8", meta=meta),
                              g.add("column_scales", [w], {}, name=f"{g.node(w).name}_scales", meta=meta))
     n = g.node(nid)
     attrs = {"activation": n.attrs.get("activation", "none"), "n": g.node(w).type.shape[1]}

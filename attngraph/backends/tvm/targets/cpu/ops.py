@@ -183,10 +183,14 @@ def _swiglu_packed(c):
 
 #: the quantized range: [-QMAX, QMAX]
 QMAX = 127
-#: quantized weights are stored as unsigned bytes q + WEIGHT_OFFSET (the CPU's dot products multiply unsigned by
-#: signed bytes: the activations stay signed, and each row's sum of them, times the offset, is taken back out)
-WEIGHT_OFFSET = 128
-#: K values of a column kept together in the quantized panels: the 4 bytes each lane of ``vpdpbusd`` multiplies
+#: How quantized weights are stored, by the K values of a column their panels keep together (the group each lane of
+#: the CPU's integer dot product multiplies): (dtype, offset), each value stored as q + offset.
+INT8_STORAGE = {
+    4: ("uint8", 128),  # vpdpbusd (VNNI) multiplies 4 unsigned bytes (the weights') by 4 signed ones (x's): x stays
+                        # signed, and each row's sum of its quantized values, times the offset, is taken back out
+    2: ("int8", 0),     # vpmaddwd (AVX2, AVX-512) multiplies pairs of signed 16-bit values: the bytes sign-extended
+}
+#: the group of the panels where the CPU has no integer dot-product kernel (the generic lowering reads any)
 INT8_GROUP = 4
 
 
@@ -217,23 +221,32 @@ def column_scales(w):
 
 def _infer_quantize_panels(types, attrs):
     (w,) = types
-    width = attrs["width"]
+    width, group = attrs["width"], attrs["interleave"]
     if w.rank != 2 or not w.is_float or not all(isinstance(d, int) for d in w.shape):
         raise ShapeError(f"quantize_panels needs a 2-D float weight of static shape, got {w}")
     k, n = w.shape
-    if not isinstance(width, int) or width < 1 or k % INT8_GROUP:
-        raise ShapeError(f"quantize_panels: a positive width and K a multiple of {INT8_GROUP}, got width {width!r}, "
-                         f"K {k}")
-    return TensorType((-(-n // width), k // INT8_GROUP, width, INT8_GROUP), "uint8")
+    if not isinstance(width, int) or width < 1 or group not in INT8_STORAGE or k % group:
+        raise ShapeError(f"quantize_panels: a positive width, an interleave in {sorted(INT8_STORAGE)} and K a multiple "
+                         f"of it, got width {width!r}, interleave {group!r}, K {k}")
+    return TensorType((-(-n // width), k // group, width, group), INT8_STORAGE[group][0])
 
 
-@op("quantize_panels", LAYOUT, 1, _infer_quantize_panels)
-def quantize_panels(w, *, width):
-    """A (K, N) float weight quantized per column (``column_scales``) and stored as q + 128 (uint8) in panels of
-    4 K values, (ceil(N/width), K/4, width, 4) (``pack_panels(interleave=4)``'s layout), the padding columns 0."""
+@op("quantize_panels", LAYOUT, 1, _infer_quantize_panels, interleave=INT8_GROUP)
+def quantize_panels(w, *, width, interleave=INT8_GROUP):
+    """A (K, N) float weight quantized per column (``column_scales``) and stored as q + offset in panels of
+    ``interleave`` K values (``INT8_STORAGE``: 4: uint8 q + 128; 2: int8 q), (ceil(N/width), K/interleave, width,
+    interleave) (``pack_panels(interleave=)``'s layout), the padding columns 0."""
+    group = interleave
+    dtype, offset = INT8_STORAGE[group]
     w32 = np.asarray(w, np.float32)
-    q = _quantized(w32, column_scales(w32)[None, :]).astype(np.int16) + WEIGHT_OFFSET
-    return pack_panels(q.astype(np.uint8), width=width, interleave=INT8_GROUP)
+    q = _quantized(w32, column_scales(w32)[None, :]).astype(np.int16) + offset
+    return pack_panels(q.astype(dtype), width=width, interleave=group)
+
+
+def stored_int8(panels) -> np.ndarray:
+    """The quantized values (int32) of quantized panels (``quantize_panels``), still in panels."""
+    offset = INT8_STORAGE[panels.shape[3]][1]
+    return np.asarray(panels).astype(np.int32) - offset
 
 
 def _infer_linear_int8(types, attrs):
@@ -244,11 +257,11 @@ def _infer_linear_int8(types, attrs):
     n = attrs["n"]
     if attrs.get("activation", "none") not in ACTIVATIONS:
         raise ShapeError(f"unknown activation {attrs['activation']!r}")
-    if w.rank != 4 or str(w.dtype) != "uint8" or w.shape[3] != INT8_GROUP or x.rank < 1 \
-            or x.shape[-1] != w.shape[1] * INT8_GROUP or not isinstance(n, int) \
+    if w.rank != 4 or INT8_STORAGE.get(w.shape[3], (None,))[0] != str(w.dtype) or x.rank < 1 \
+            or x.shape[-1] != w.shape[1] * w.shape[3] or not isinstance(n, int) \
             or not (w.shape[0] - 1) * w.shape[2] < n <= w.shape[0] * w.shape[2]:
-        raise ShapeError(f"linear_int8 needs x (..., K) and uint8 panels (ceil(n/w), K/4, w, 4) for n={n}, got {x} "
-                         f"and {w}")
+        raise ShapeError(f"linear_int8 needs x (..., K) and quantized panels (ceil(n/w), K/g, w, g) for n={n} (uint8 "
+                         f"for g 4, int8 for g 2), got {x} and {w}")
     if s.shape != (n,) or str(s.dtype) != "float32":
         raise ShapeError(f"linear_int8 scales must be float32 of shape ({n},), got {s}")
     if x.dtype != "float32":
@@ -270,7 +283,7 @@ def linear_int8(x, w, scales, b=None, *, activation="none", n=None):
     """activation(x @ W + b) in int8: x quantized per row (``quantized_rows``), W per column (``quantize_panels``),
     their products summed exactly in int32, then float32(sum) * x's scale * W's scale [+ b]."""
     xq, sx = quantized_rows(x)
-    wq = unpacked(w, n).astype(np.int32) - WEIGHT_OFFSET
+    wq = unpacked(stored_int8(w), n)
     acc = np.matmul(xq.astype(np.int64), wq).astype(np.int32)  # exact: |sum| < 2^31 for K < 2^17
     y = acc.astype(np.float32) * sx * np.asarray(scales, np.float32)
     if b is not None:
@@ -309,23 +322,26 @@ def _column_scales(c):
 def _quantize_panels(c):
     from tvm import te, tirx
     (w,) = c.xs
-    width, n = c.attrs["width"], int(w.shape[1])
+    width, group, n = c.attrs["width"], c.attrs["interleave"], int(w.shape[1])
+    dtype, offset = INT8_STORAGE[group]
     scales = te_column_scales(w, f"{c.name}_scales")
 
     def at(p, q, col, j):
         column = tirx.min(p * width + col, n - 1)
-        v = te_quantized(w[q * INT8_GROUP + j, column].astype("float32"), scales[column]).astype("int32")
-        return tirx.Select(p * width + col < n, v + WEIGHT_OFFSET, tirx.const(0, "int32")).astype("uint8")
+        v = te_quantized(w[q * group + j, column].astype("float32"), scales[column]).astype("int32")
+        return tirx.Select(p * width + col < n, v + offset, tirx.const(0, "int32")).astype(dtype)
     return te.compute(c.shape, at, name=c.name)
 
 
-def te_rows_quantized(x, name: str):
-    """(q, scale) of each row of TE tensor ``x`` (``quantized_rows``): int8 (..., K) and float32 (...)."""
+def te_rows_quantized(x, name: str, dtype: str = "int8"):
+    """(q, scale) of each row of TE tensor ``x`` (``quantized_rows``): q (..., K) as ``dtype`` (int8, or int16 for a
+    kernel that multiplies 16-bit values) and the float32 scale (...)."""
     from tvm import te, tirx
     lead, k = tuple(x.shape[:-1]), te.reduce_axis((0, x.shape[-1]), name=f"{name}_k")
     amax = te.compute(lead, lambda *i: te.max(tirx.abs(x[i + (k,)].astype("float32")), axis=k), name=f"{name}_amax")
     scale = te.compute(lead, lambda *i: te_scale(amax[i]), name=f"{name}_scale")
-    q = te.compute(tuple(x.shape), lambda *i: te_quantized(x[i].astype("float32"), scale[i[:-1]]), name=f"{name}_q")
+    q = te.compute(tuple(x.shape), lambda *i: te_quantized(x[i].astype("float32"), scale[i[:-1]]).astype(dtype),
+                   name=f"{name}_q")
     return q, scale
 
 
@@ -338,8 +354,9 @@ def _linear_int8(c):
     bias = c.xs[3] if len(c.xs) == 4 else None
     xq, sx = te_rows_quantized(x, c.name)
     k = te.reduce_axis((0, x.shape[-1]), name="k")
+    offset = INT8_STORAGE[int(w.shape[3])][1]
     acc = te.compute(c.shape, lambda *i: te.sum(xq[i[:-1] + (k,)].astype("int32") * (
-        _panel_at(w, k, i[-1]).astype("int32") - WEIGHT_OFFSET), axis=k), name=f"{c.name}_acc")
+        _panel_at(w, k, i[-1]).astype("int32") - offset), axis=k), name=f"{c.name}_acc")
     act = EXPRS[c.attrs["activation"]]
 
     def value(*i):

@@ -43,9 +43,11 @@ class CpuTiles:
     #: the bfloat16 projection on the CPU's bfloat16 dot products (``dot.py``), where it has them: its tiles
     #: (rows, columns) for the main form, a few rows and one row
     bf16_dot: tuple | None = None
-    #: the int8 projection on the CPU's u8 x s8 dot products (``dot.dense_int8``, AVX512_VNNI's ``vpdpbusd``), where
-    #: it has them: its tile (rows, columns)
+    #: the int8 projection on the CPU's integer dot products (``dot.dense_int8``): its tiles (rows, columns) for the
+    #: main form, a few rows and one row (None: the few rows' form serves it), and the instruction
+    #: (``dot.INT8_INSTRUCTIONS``): AVX512_VNNI's ``vpdpbusd`` where the CPU has it, else ``vpmaddwd``
     int8_dot: tuple | None = None
+    int8_instruction: str = "vpmaddwd"
     #: the bfloat16 projection on AMX tiles (``amx.py``): compiled, not yet run on a CPU with AMX, so only where the
     #: CPU has AMX-BF16 and the user asked for it (``AMX_OPT_IN``)
     amx: bool = False
@@ -60,7 +62,13 @@ class CpuTiles:
 # The weight gradient (512 positions; K x N of 256 x 1024, 1024 x 256, 512 x 512, 256 x 768; 2 threads, Zen 4):
 # AVX2 6 x 16 at 99-109 GFLOP/s (85-93% of the AVX2 peak), 4 x 16, 8 x 16 and 3 x 32 83-102; AVX-512 4 x 64
 # at 207-214 (88-91%), 16 x 16 183-214, 8 x 32 189-202, 12 x 16 and 6 x 32 171-200.
-AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True, weight_grad=(6, 16))
+# int8 on vpmaddwd (2 cores of a Zen 3, 2 threads; K x N of 512 x 2048, 2048 x 512, 768 x 768, 512 x 37000): at 128
+# rows 6 x 16 (12 ymm accumulators) 1.3-1.9x faster than the float32 kernel, 4 x 16 and 2 x 32 within noise of it,
+# 3 x 32, 1 x 32 and 1 x 64 up to 1.3x slower; at 8 rows 2 x 32 (and 4 x 16) 1.1-1.7x faster than 6 x 16; at one row
+# 1 x 64 fastest (the 512 x 37000 output projection in 0.31 ms, 62 GB/s, against 0.48 for 2 x 32 and 2.1 for the
+# float32 few-rows kernel).
+AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), prefetch=True, weight_grad=(6, 16),
+                int8_dot=((6, 16), (2, 32), (1, 64)))
 # AVX-512 (32 zmm registers of 16 lanes), 2 threads on a Xeon (Emerald Rapids): 4 x 64 ran at 305-335
 # GFLOP/s on the transformer-base and BERT-size projections against 190-200 for the AVX2 tile (whose 6
 # zmm accumulators cannot hide the FMA latency); 6 x 64 within 3% of it, 6 x 32 and 8 x 32 8-15%
@@ -71,7 +79,8 @@ AVX2 = CpuTiles("avx2", dense=(6, 16), few_rows=(2, 32), attention=(6, 16), pref
 # accumulators are stored at every prefetch (10-15% slower warm, no gain cold).
 # On 2 cores of a Zen 4 (``attngraph tune-tiles``, best of 7 rounds): these tiles again within 3%, but the attention,
 # where 8 x 16 ran at 182 GFLOP/s against 176 for 8 x 32 (S 128 and 512, head dim 64).
-AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64), weight_grad=(4, 64))
+AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), one_row=(1, 64), weight_grad=(4, 64),
+                  int8_dot=((4, 64), (2, 64), (1, 64)))
 
 
 # AVX512_BF16 (``vdpbf16ps``, 32 multiply-adds per instruction), 2 cores of a Zen 4: 4 x 64 (16 zmm accumulators)
@@ -79,7 +88,7 @@ AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), 
 # bfloat16 (oneDNN) 187; at 1 row 1 x 64 was fastest, at 2, 5 and 6 rows 2 x 64.
 # AVX512_VNNI (``vpdpbusd``, 64 byte multiply-adds per instruction): the bfloat16 kernel's loop nest and tile, 4 x 64
 # int32 accumulators (a CPU with AVX512_BF16 has VNNI too).
-AVX512_VNNI = dataclasses.replace(AVX512, int8_dot=(4, 64))
+AVX512_VNNI = dataclasses.replace(AVX512, int8_instruction="vpdpbusd")
 AVX512_BF16 = dataclasses.replace(AVX512_VNNI, bf16_dot=((4, 64), (2, 64), (1, 64)))
 
 
