@@ -31,7 +31,8 @@ from attngraph.ir import ops as O  # noqa: E402
 HERE = get_target("llvm")
 #: the int8 kernels' tiles and whether this CPU runs them (each is compiled for its own CPU in
 #: ``test_kernel_chosen_by_the_cpu_feature``)
-RUNS = {AVX2: True, AVX512: HERE.tiles.isa == "avx512", AVX512_VNNI: HERE.tiles.int8_instruction == "vpdpbusd"}
+RUNS = {AVX2: HERE.tiles.int8_dot is not None, AVX512: HERE.tiles.isa == "avx512",
+        AVX512_VNNI: HERE.tiles.int8_instruction == "vpdpbusd"}
 
 
 def spec_of(op, attrs, in_types):
@@ -120,7 +121,8 @@ def test_generic_lowerings_match_the_meaning(interleave):
     (24, 70, True, "gelu", ("batch", "seq")), (64, 32, False, "none", ("batch", "seq")),
     (8, 16, True, "relu", ("rows",)), (128, 130, False, "none", ("batch", "seq"))])
 def test_kernel_against_the_meaning(tiles, k, n, bias, activation, lead):
-    # 70 and 130 columns: not whole column tiles; 1 to 45 rows: not whole row tiles; K = 8: two groups of 4
+    # 70 and 130 columns: not whole column tiles; 1 to 45 rows: not whole row tiles; K = 8: two groups of 4 (four
+    # pairs)
     if not RUNS[tiles]:
         pytest.skip(f"this CPU cannot run the {tiles.isa} {tiles.int8_instruction} kernel (compiled in "
                     f"test_kernel_chosen_by_the_cpu_feature)")
@@ -157,6 +159,7 @@ def test_kernel_chosen_by_the_cpu_feature():
     for tiles, spec, helper in ((AVX512_VNNI, quads, "vpdpbusd"), (AVX512_BF16, quads, "vpdpbusd"),
                                 (AVX512, pairs, "pmaddwd"), (AVX2, pairs, "pmaddwd")):
         assert f"attngraph_{helper}" in kernels.KERNELS.kernel(spec, DimVars(), tiles).script()
+    assert get_target("llvm:x86-64-v2").tiles.int8_dot is None  # no AVX2: no int8 kernel
     for tiles, spec in ((AVX2, quads), (AVX512_VNNI, pairs),  # panels in another instruction's layout: generic
                         (AVX512_VNNI, projection(4, 48, True)), (AVX2, projection(2, 48, True, interleave=2))):
         assert kernels.KERNELS.kernel(spec, DimVars(), tiles) is None  # (or one group of K: too few)

@@ -87,10 +87,11 @@ class LLVMTarget(Target):
                              f"apply")
         dtype = None if weight_dtype == "float32" else weight_dtype
         groups = {"bfloat16": BF16_GROUP} if self.tiles.bf16_dot else {}  # the CPU's dot products' operands
+        int8_group = {}
         if self.tiles.int8_dot:
             from .dot import INT8_INSTRUCTIONS  # (TVM's compiler: not needed to load and run an artifact)
-            groups["int8"] = INT8_INSTRUCTIONS[self.tiles.int8_instruction].group
-        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups, quantize),
+            int8_group = {"int8_group": INT8_INSTRUCTIONS[self.tiles.int8_instruction].group}
+        passes = {"pack-weights": lambda g: pack_weights(g, PANEL_WIDTH, dtype, groups, quantize, **int8_group),
                   "gate-projections": lambda g: gate_projections(g, PANEL_WIDTH)}
         return {**passes, **super().layout_passes()}
 

@@ -5,7 +5,7 @@ later), whose 16 int32 lanes each add the products of 4 unsigned bytes by 4 sign
 a CPU without it ``vpmaddwd`` (AVX2), whose int32 lanes each add the products of a pair of 16-bit values.
 
 The weights are packed once, when they are bound, in panels whose K values go in groups (``pack_panels(interleave=2)``:
-(ceil(N/16), K/2, 16, 2); ``ops.quantize_panels``: (ceil(N/16), K/4, 16, 4)): one 64-byte row of a panel is the 16
+(ceil(N/16), K/2, 16, 2); ``ops.quantize_panels``: (ceil(N/16), K/g, 16, g), g 4 or 2): one row of a panel is the 16
 columns' groups, the instruction's weight operand as it is; the other is one group of x's row broadcast to the 16
 lanes.  The kernel (``dense_bf16``, ``dense_int8``) is the dense projection's loop nest (column tiles in parallel,
 register tiles of rows x columns, bias and activation in the write back) with its innermost 16 columns x a group
@@ -15,7 +15,8 @@ the fused attention (``attention.attention(dot=True)``) pairs K's head dim for Q
 
 TIR cannot spell the instructions' ``<32 x bfloat>`` and ``<64 x i8>`` operands, so a small LLVM function does each
 (``DotInstruction.llvm``), linked into the kernel's module (``pragma_import_llvm``) and inlined: it takes the
-operands as ``<16 x i32>`` (the kernel reads the buffers through int32 views of them) and bitcasts them.  The kernel
+operands as 16 integers, one per lane (the kernel reads the buffers through integer views of them: ``<16 x i32>``,
+or ``<16 x i16>`` for pairs of bytes) and bitcasts them.  The kernel
 rows ask for an instruction only where the tiles say the CPU has it (``tiles.bf16_dot``, ``tiles.int8_dot``:
 ``tiles.cpu_tiles`` asks LLVM whether the target has the feature).
 
@@ -86,7 +87,8 @@ INT8_DOT = DotInstruction("attngraph_vpdpbusd", 4, INT8, UINT8, I32, _helper(
 def _pairs_helper(name: str) -> str:
     """The LLVM function ``name``(c, x, w) adding to c's 16 int32 lanes the products of a pair of x's int16 values
     (broadcast: one i32) with each lane's pair of signed bytes of w, sign-extended to 16 bits: ``vpmaddwd`` on each
-    half (written as the even and odd products instead, LLVM 20 multiplies in 32 bits)."""
+    half, by its intrinsic (the same sums written as even and odd products of sign-extended values, LLVM 20
+    multiplies in 32 bits: ``vpmulld``)."""
     lo = ", ".join(f"i32 {i}" for i in range(16))
     hi = ", ".join(f"i32 {i}" for i in range(16, 32))
     return f"""

@@ -21,8 +21,10 @@ def halves(spec) -> dict[int, str]:
 
 
 #: Operands a kernel reads in a half type itself, by op: the packed weights, which the projections widen once per
-#: column tile of many rows (``kernels.dense``) rather than at each use.
-READ_AS_STORED = {"linear_packed": (1,), "swiglu_packed": (1,)}
+#: column tile of many rows, and x, which they widen in one pass before the products (``kernels.dense``), rather
+#: than at each use (bfloat16's scalar widening of x at each use ran the projections at half the float32 kernel's
+#: speed on a Zen 3, which has no bfloat16 instructions).
+READ_AS_STORED = {"linear_packed": (0, 1), "swiglu_packed": (0, 1)}
 
 
 def float32_twin(spec):

@@ -36,6 +36,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from .....ir import TensorType
+from .....ir.types import HALF_DTYPES
 from ...lower import lower
 from ...lower.elementwise import ACTIVATIONS
 from ...plan import FEW_ROWS, IN_PLACE, ONE_ROW
@@ -47,6 +48,7 @@ from .amx import dense_amx
 from .attention import attention, attention_backward
 from .dot import INT8_INSTRUCTIONS, dense_bf16, dense_int8, weight_grad_bf16
 from .fastmath import fast_math
+from .half import READ_AS_STORED
 from .schedule import (MAX_STACK_PANEL_BYTES, has_block, i64, is_reduction, positions, read_index, register_tiles,
                        split_row_reduction, unravel, vectorize_static, vectorize_weighted_sum, zeroed)
 from .tiles import BF16_GROUP, PANEL_WIDTH, TILE_M, TILE_N
@@ -59,10 +61,12 @@ def _static(shape) -> bool:
 
 
 def _same_float(spec, tiles=None) -> bool:
-    """A float kernel over operands of its own type (``linear_packed`` may read narrower weight panels)."""
+    """A float kernel over operands of its own type (the projections over packed panels may read narrower panels,
+    and x in a half type: ``half.READ_AS_STORED``)."""
     t = spec.in_types
-    return t[0].dtype == spec.out_type.dtype and (len(t) < 2 or t[1].dtype == spec.out_type.dtype
-                                                  or spec.op in ("linear_packed", "swiglu_packed"))
+    narrower = spec.op in READ_AS_STORED
+    return (t[0].dtype == spec.out_type.dtype or narrower and str(t[0].dtype) in HALF_DTYPES) \
+        and (len(t) < 2 or t[1].dtype == spec.out_type.dtype or narrower)
 
 
 def _on_last_axis(spec, tiles=None) -> bool:
@@ -283,7 +287,9 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     n_pad = (N + tile_n - 1) // tile_n * tile_n  # whole register tiles; reads past the last panel are clamped
     m_pad = M + (tile_m - 1)  # room for the last, partial row tile
     # Flat 2-D views for the compute; the parameters get their N-D shapes back at the end.
-    X = te.placeholder((M, i64(K)), dtype, name="in0")
+    X = xs = te.placeholder((M, i64(K)), x_t.dtype, name="in0")
+    if x_t.dtype != dtype:  # half-precision x (float16, bfloat16): widened once, a pass over it before the products,
+        xs = te.compute((M, i64(K)), lambda m, kk: X[m, kk].astype(dtype), name="x_wide")  # rather than at each use
     halves = 2 if gated else 1
     B = te.placeholder((i64(halves * N),), dtype, name="in2") if bias else None
     # Narrower panels (float16, bfloat16) read by many rows are widened once per column tile, into a float32 copy
@@ -308,9 +314,9 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
         def w_half(h, n):
             return panel[h * i64(panels) + tirx.min(n // TILE_N, i64(panels - 1)), k, n % TILE_N].astype(dtype)
         acc = te.compute((m_pad, i64(2), i64(n_pad)),
-                         lambda m, h, n: te.sum(X[tirx.min(m, M - 1), k] * w_half(h, n), axis=k), name="acc")
+                         lambda m, h, n: te.sum(xs[tirx.min(m, M - 1), k] * w_half(h, n), axis=k), name="acc")
     else:
-        acc = te.compute((m_pad, i64(n_pad)), lambda m, n: te.sum(X[tirx.min(m, M - 1), k] * w_at(n), axis=k),
+        acc = te.compute((m_pad, i64(n_pad)), lambda m, n: te.sum(xs[tirx.min(m, M - 1), k] * w_at(n), axis=k),
                          name="acc")
     act = ACTIVATIONS[activation]
     if gated:
@@ -365,11 +371,16 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     sch.vectorize(ni)
     sch.parallel(no)
     zeroed(sch, ab, ak)
+    reads_x = sch.get_sblock("acc_update")
+    if xs is not X:
+        reads_x = sch.get_sblock("x_wide")
+        rows, cols = sch.get_loops(reads_x)
+        sch.parallel(rows)
+        sch.vectorize(sch.split(cols, [None, TILE_N])[1]) if K % TILE_N == 0 else None
     if len(lead) > 1:
         # Give x and the output their N-D shapes (dims shared with the graph's other kernels).
         sch.transform_layout(ob, ("write", 0), lambda m, n: unravel(m, lead) + (n,))
-        ub = sch.get_sblock("acc_update")
-        sch.transform_layout(ub, ("read", read_index(sch, ub, "in0")), lambda m, k: unravel(m, lead) + (k,))
+        sch.transform_layout(reads_x, ("read", read_index(sch, reads_x, "in0")), lambda m, k: unravel(m, lead) + (k,))
     func = sch.mod["main"]
     if prefetch:
         ub = sch.get_sblock("acc_update")

@@ -18,14 +18,15 @@ def _static_2d(t) -> bool:
 
 
 def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, groups: dict | None = None,
-                 quantize: str | None = None):
+                 quantize: str | None = None, int8_group: int = ops.INT8_GROUP):
     """``linear(x, W, b)`` and ``matmul(x, W)`` with a weights-only 2-D ``W`` ->
     ``linear_packed(x, pack_panels(W), b; n=N)``, the panels stored as ``dtype`` if given (float16:
     half the bytes to read, computed in x's dtype).  ``groups``: {dtype: group} of the CPU's dot products (bfloat16:
-    2; "int8": the quantized panels'); a product whose x and panels are of such a dtype gets panels of K values in
-    groups of that many (``pack_panels(interleave=)``), where K divides into them.  ``quantize="int8"``: a float32
-    product -> ``linear_int8(x, quantize_panels(W), column_scales(W), b)`` instead (``ops.py``), where K is a
-    multiple of the group.  Returns (matches, misses) like the other rules."""
+    2); a product whose x and panels are of such a dtype gets panels of K values in groups of that many
+    (``pack_panels(interleave=)``), where K divides into them.  ``quantize="int8"``: a float32 product ->
+    ``linear_int8(x, quantize_panels(W), column_scales(W), b)`` instead (``ops.py``), the panels in groups of
+    ``int8_group`` K values (the CPU's integer dot product's), where K divides into them.  Returns (matches, misses)
+    like the other rules."""
     constant = weights_only(g)
     packed: dict[tuple, int] = {}  # (W, group) -> its panels, shared by every product reading W in that layout
     matches, misses = 0, []
@@ -40,12 +41,11 @@ def pack_weights(g: Graph, width: int = PANEL_WIDTH, dtype: str | None = None, g
                 misses.append(f"%{n.name}: its weight is not known at bind time; packed per call")
             continue
         if quantize == "int8":
-            group = (groups or {}).get("int8", ops.INT8_GROUP)
-            if str(g.node(x).type.dtype) == "float32" and wt.shape[0] % group == 0:
-                _to_int8(g, nid, x, w, bias, width, group, packed)
+            if str(g.node(x).type.dtype) == "float32" and wt.shape[0] % int8_group == 0:
+                _to_int8(g, nid, x, w, bias, width, int8_group, packed)
                 matches += 1
                 continue
-            misses.append(f"%{n.name}: not quantized (int8 takes float32 x and K a multiple of {group}, got "
+            misses.append(f"%{n.name}: not quantized (int8 takes float32 x and K a multiple of {int8_group}, got "
                           f"{g.node(x).type} and K={wt.shape[0]})")
         stored = dtype or str(wt.dtype)
         group = (groups or {}).get(stored, 1) if str(g.node(x).type.dtype) == stored else 1

@@ -90,6 +90,9 @@ AVX512 = CpuTiles("avx512", dense=(4, 64), few_rows=(2, 64), attention=(8, 32), 
 # int32 accumulators (a CPU with AVX512_BF16 has VNNI too).
 AVX512_VNNI = dataclasses.replace(AVX512, int8_instruction="vpdpbusd")
 AVX512_BF16 = dataclasses.replace(AVX512_VNNI, bf16_dot=((4, 64), (2, 64), (1, 64)))
+# A CPU without AVX2 (llvm:x86-64, x86-64-v2): the AVX2 tiles for the float32 kernels, which LLVM compiles for its
+# vectors, but no integer dot products (vpmaddwd on 256 bits is AVX2's).
+PRE_AVX2 = dataclasses.replace(AVX2, int8_dot=None)
 
 
 #: The environment variable that turns the AMX kernels on (``1``) where the CPU has AMX-BF16
@@ -97,14 +100,14 @@ AMX_OPT_IN = "ATTNGRAPH_AMX"
 
 
 def cpu_tiles(target) -> CpuTiles:
-    """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (with the int8 dot products' where
-    it has ``avx512vnni``, the bfloat16 ones' where it has ``avx512bf16``, and AMX's where it has ``amx-bf16`` and
-    ``ATTNGRAPH_AMX=1`` asks), else AVX2's."""
+    """The register tiles for ``target``'s CPU: AVX-512's where it has ``avx512f`` (the int8 products on
+    ``vpdpbusd`` where it has ``avx512vnni``, else on ``vpmaddwd``; the bfloat16 ones' where it has ``avx512bf16``,
+    and AMX's where it has ``amx-bf16`` and ``ATTNGRAPH_AMX=1`` asks), else AVX2's (without AVX2: no int8 kernel)."""
     import os
 
     from tvm.target import codegen
     if target is None or not codegen.target_has_features("avx512f", target):
-        return AVX2
+        return AVX2 if target is None or codegen.target_has_features("avx2", target) else PRE_AVX2
     if not codegen.target_has_features("avx512bf16", target):
         return AVX512_VNNI if codegen.target_has_features("avx512vnni", target) else AVX512
     amx = os.environ.get(AMX_OPT_IN) == "1" and codegen.target_has_features("amx-bf16", target)
