@@ -117,3 +117,12 @@ def artifact_options(path: str, names, manifest_file: str = "manifest.json") -> 
                           "dtype": manifest.get("dtype", "float32"),
                           "quantize": None if manifest.get("quantize", "none") == "none" else manifest["quantize"],
                           "arch": info.get("arch") if isinstance(info, dict) else None})
+
+
+#: ``--quantize`` of the commands that compile (build, verify, generate, embed)
+quantize_option = click.option(
+    "--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+    callback=lambda ctx, param, value: None if value == "none" else value,  # the API's None
+    help="int8: the projections quantized (llvm): weights per output column, activations per row at each call, "
+         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it, else vpmaddwd); verify then judges each kernel "
+         "alone and reports the error against the float32 build.")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 import numpy as np
 
-from .cli_common import user_errors
-from .commands_tvm import quantize_option
+from .cli_common import quantize_option, user_errors
 
 
 @click.command()

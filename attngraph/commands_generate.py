@@ -11,8 +11,7 @@ import click
 
 from . import models
 from . import cli_common
-from .cli_common import artifact_options, check_target, reject_given
-from .commands_tvm import quantize_option
+from .cli_common import artifact_options, check_target, quantize_option, reject_given
 from .generate import (
     CompiledStepper,
     DecoderInfo,

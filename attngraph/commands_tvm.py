@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from .backends import is_artifact
-from .cli_common import artifact_options, parse_dims, user_errors
+from .cli_common import artifact_options, parse_dims, quantize_option, user_errors
 
 
 def _mib(nbytes: int) -> str:
@@ -52,12 +52,6 @@ weight_dtype_option = click.option(
     "--weight-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
     help="Store the projection weights in this dtype (llvm; float16 halves what a decode step reads, computed "
          "in float32; verify then checks the kernels against the same rounded weights).")
-quantize_option = click.option(
-    "--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-    callback=lambda ctx, param, value: None if value == "none" else value,  # the API's None
-    help="int8: the projections quantized (llvm): weights per output column, activations per row at each call, "
-         "int32 sums (AVX512_VNNI's vpdpbusd where the CPU has it, else vpmaddwd); verify then judges each kernel "
-         "alone and reports the error against the float32 build.")
 seed_option = click.option("--seed", default=0, show_default=True, help="Seed for random weights and inputs.")
 dtype_option = click.option(
     "--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
