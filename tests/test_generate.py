@@ -3,8 +3,6 @@ straightforward searches over full-prefix interpreter runs, bad inputs, the CLI,
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -467,45 +465,33 @@ def test_compiled_state_stays_on_the_device_and_caches_update_in_place():
         step({"tokens": np.array([[1], [2]]), "pos": np.int64(0), **zeros}, keep=["nope"])
 
 
-def test_compiled_steps_with_float16_weights(tmp_path):
+@pytest.mark.parametrize("kind,option,tolerance", [
+    ("gpt", {"weight_dtype": "float16"}, 1e-2),  # float16's rounding of the weights
+    # int8 (``generate --quantize int8``): the projections' weights per column, the rows at each step; the
+    # quantization's error, not the arithmetic's (each kernel is checked against the same quantized arithmetic in
+    # test_int8)
+    ("seq2seq", {"quantize": "int8"}, 0.1)])
+def test_compiled_steps_with_narrower_weights(tmp_path, kind, option, tolerance):
     pytest.importorskip("tvm")
-    model = tiny("gpt")
+    model = tiny(kind)
     params = params_of(model)
-    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, weight_dtype="float16")
-    assert manifest["weight_dtype"] == "float16"
+    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, **option)
+    (name, value), = option.items()
+    assert manifest[name] == value
     compiled = G.CompiledStepper(str(tmp_path))
     oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
-    a, b = compiled.encode(np.array([[3, 4], [5, 6]])), oracle.encode(np.array([[3, 4], [5, 6]]))
-    for pos, tokens in enumerate([[3, 5], [4, 6], [9, 1]]):
-        la, a = compiled.step(np.array(tokens)[:, None], pos, a)
-        lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
-        assert np.abs(la - lb).max() < 1e-2, f"position {pos}"  # float16's rounding of the weights
-
-
-def test_compiled_steps_in_int8(tmp_path):
-    """``generate --quantize int8``: the entries' projections in int8 (the weights per column, the rows at each
-    step); the log-probs near float64's (the quantization's error, not the arithmetic's: each kernel is checked
-    against the same quantized arithmetic in test_int8), the search runs, and the saved entries are int8."""
-    pytest.importorskip("tvm")
-    model = tiny("seq2seq")
-    params = params_of(model)
-    manifest = G.CompiledStepper.build(model, params, str(tmp_path), "llvm", cache_len=8, quantize="int8")
-    assert manifest["quantize"] == "int8"
-    compiled = G.CompiledStepper(str(tmp_path))
-    for entry in manifest["entries"]:
-        assert json.loads((tmp_path / entry / "manifest.json").read_text())["quantize"] == "int8", entry
-    oracle = G.InterpreterStepper(model, params, cache_len=8, dtype="float64")
-    src = np.array([[3, 4, 5], [6, 7, 0]])
+    src = np.array([[3, 4], [5, 6]] if kind == "gpt" else [[3, 4, 5], [6, 7, 0]])
     a, b = compiled.encode(src), oracle.encode(src)
     for pos, tokens in enumerate([[3, 5], [4, 6], [9, 1]]):
         la, a = compiled.step(np.array(tokens)[:, None], pos, a)
         lb, b = oracle.step(np.array(tokens)[:, None], pos, b)
-        assert 0 < np.abs(la - lb).max() < 0.1, f"position {pos}"
-    assert len(G.beam_search(compiled, [[3, 4, 5]], 2, 6)[0]) == 2
-    runner = CliRunner()
-    for option, ok in ((["--quantize", "int8"], True), (["--quantize", "none"], False)):
-        r = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", *option])
-        assert (r.exit_code == 0) == ok, (option, r.output)
+        assert 0 < np.abs(la - lb).max() < tolerance, f"position {pos}"
+    assert len(G.beam_search(compiled, src[:1].tolist(), 2, 6)[0]) == 2
+    flag, other = (("--quantize", "none") if name == "quantize" else ("--weight-dtype", "float32"))
+    runner = CliRunner()  # the saved entries as the CLI's MODEL: the option repeated, or not at all; not another
+    for given, ok in (([f"--{name.replace('_', '-')}", value], True), ([], True), ([flag, other], False)):
+        r = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", *given])
+        assert (r.exit_code == 0) == ok, (given, r.output)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
