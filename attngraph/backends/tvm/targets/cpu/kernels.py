@@ -372,11 +372,14 @@ def dense(in_types, out_type: TensorType, dim_vars: DimVars, *, bias: bool, acti
     sch.parallel(no)
     zeroed(sch, ab, ak)
     reads_x = sch.get_sblock("acc_update")
-    if xs is not X:
+    if xs is not X and tile_m <= 2:  # a decode step's few rows: widened at each use (no pass over 1-8 rows)
+        sch.compute_inline(sch.get_sblock("x_wide"))
+    elif xs is not X:
         reads_x = sch.get_sblock("x_wide")
         rows, cols = sch.get_loops(reads_x)
         sch.parallel(rows)
-        sch.vectorize(sch.split(cols, [None, TILE_N])[1]) if K % TILE_N == 0 else None
+        if K % TILE_N == 0:
+            sch.vectorize(sch.split(cols, [None, TILE_N])[1])
     if len(lead) > 1:
         # Give x and the output their N-D shapes (dims shared with the graph's other kernels).
         sch.transform_layout(ob, ("write", 0), lambda m, n: unravel(m, lead) + (n,))
