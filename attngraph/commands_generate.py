@@ -141,10 +141,8 @@ def generate(model, inputs, beam, max_len, eos_id, bos_id, alpha, early_stop, nb
         if target == "numpy":
             reject_given(["save_dir"], "--save keeps the compiled entries: it needs a compile target "
                                        "(--target llvm, cuda or vulkan)")
-            for name, value, default in (("weight-dtype", weight_dtype, "float32"), ("quantize", quantize, None)):
-                if value != default:
-                    raise click.BadParameter(f"--{name} applies to a compile target, not numpy",
-                                             param_hint=f"--{name}")
+            reject_given(["weight_dtype", "quantize"], "this option applies to a compile target (--target llvm), "
+                                                       "not numpy", same_as={"weight_dtype": "float32", "quantize": None})
         if save_dir:
             CompiledStepper.build(module, params, save_dir, target, cache_len=cache_len, weight_dtype=weight_dtype,
                                   dtype=dtype, quantize=quantize)

@@ -492,6 +492,9 @@ def test_compiled_steps_with_narrower_weights(tmp_path, kind, option, tolerance)
     for given, ok in (([f"--{name.replace('_', '-')}", value], True), ([], True), ([flag, other], False)):
         r = runner.invoke(generate_command, [str(tmp_path), "--input", "3 4", "--max-len", "3", *given])
         assert (r.exit_code == 0) == ok, (given, r.output)
+    option_flag = [f"--{name.replace('_', '-')}", value]  # the interpreter (target numpy) compiles nothing
+    r = runner.invoke(generate_command, ["transformer-tiny", "--input", "3 4", "--max-len", "3", *option_flag])
+    assert r.exit_code == 2 and "applies to a compile target" in r.output, r.output
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
